@@ -1,0 +1,1 @@
+"""Entry points: `python -m jobs.rerank`, `jobs.hard_negatives`, `jobs.index_quality`, `jobs.benchmark`."""

@@ -1,0 +1,1 @@
+"""Batch reranking of large query-candidate tables with neural cross-encoders."""
