@@ -1,0 +1,56 @@
+"""Local paths and object-storage URIs, resolved once through fsspec.
+
+Credentials and endpoints come from the standard places: the AWS environment variables (including
+`AWS_ENDPOINT_URL` for S3-compatible stores such as MinIO, read by botocore), the usual credential
+files, or a job's `storage_options` config. They are passed to the filesystem and never logged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+from typing import Any
+
+import fsspec
+import pyarrow.fs as pafs
+
+from pipeline.errors import InputError
+
+
+def url_to_fs(uri: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """`s3://bucket/x` -> (s3fs filesystem, "bucket/x"); a plain path -> (local filesystem, absolute path)."""
+    options = dict(storage_options or {})
+    if "://" not in uri:
+        uri = os.path.abspath(os.path.expanduser(uri))
+    elif uri.startswith("s3://") and "endpoint_url" not in options and os.environ.get("AWS_ENDPOINT_URL"):
+        # botocore reads AWS_ENDPOINT_URL itself; passing it explicitly also covers older botocore releases.
+        options["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
+    try:
+        return fsspec.core.url_to_fs(uri, **options)
+    except (ImportError, ValueError) as e:
+        raise InputError(f"cannot open {uri.split('://')[0]}:// URIs: {e}") from None
+
+
+def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> pafs.FileSystem:
+    """The pyarrow view of an fsspec filesystem, for pyarrow.dataset and Ray Data readers/writers."""
+    if fs.protocol in ("file", ("file", "local"), "local") or "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        return pafs.LocalFileSystem()
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
+def join(path: str, *parts: str) -> str:
+    return posixpath.join(path, *parts)
+
+
+def write_json(fs: fsspec.AbstractFileSystem, path: str, payload: Any) -> None:
+    """Write JSON so that readers never see half a file: write a sibling temp object, then move it."""
+    tmp = path + ".tmp"
+    with fs.open(tmp, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=True, default=str)
+    fs.mv(tmp, path)
+
+
+def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
+    with fs.open(path, "r") as f:
+        return json.load(f)
