@@ -1,0 +1,82 @@
+"""The shared table helpers (sizing, sampling, TREC qrels) and the numpy BM25 first stage."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from pipeline import schema
+from pipeline.datasets import read_trec_qrels, sample_queries, take_pairs, trec_dl, write_trec_qrels
+from pipeline.datasets.bm25 import BM25, analyze
+from pipeline.errors import InputError
+
+
+@pytest.fixture(scope="module")
+def dl19(shared_data):
+    return trec_dl(2019, shared_data)
+
+
+def test_take_pairs_cuts_and_tiles_with_unique_keys(dl19):
+    pairs, _ = dl19
+    assert take_pairs(pairs, 10).equals(pairs.slice(0, 10))
+    tiled = take_pairs(pairs, 10_000)
+    assert tiled.num_rows == 10_000 and tiled.schema == pairs.schema
+    keys = pc.binary_join_element_wise(tiled[schema.QUERY_ID], tiled[schema.DOC_ID], "\t")
+    assert len(pc.unique(keys)) == 10_000
+    assert tiled[schema.QUERY_ID][4300].as_py() == pairs[schema.QUERY_ID][0].as_py() + "#1"
+    assert tiled[schema.DOCUMENT][8600 + 5].as_py() == pairs[schema.DOCUMENT][5].as_py()
+    with pytest.raises(InputError, match="at least 1"):
+        take_pairs(pairs, 0)
+
+
+def test_sample_queries_keeps_whole_queries_and_their_qrels(dl19):
+    pairs, qrels = dl19
+    sampled, sampled_qrels = sample_queries(pairs, qrels, 5, seed=7)
+    assert len(pc.unique(sampled[schema.QUERY_ID])) == 5 and sampled.num_rows == 500
+    assert set(sampled_qrels[schema.QUERY_ID].to_pylist()) == set(sampled[schema.QUERY_ID].to_pylist())
+    again, _ = sample_queries(pairs, qrels, 5, seed=7)
+    other, _ = sample_queries(pairs, qrels, 5, seed=8)
+    assert sampled.equals(again) and not sampled.equals(other)
+    assert sample_queries(pairs, qrels, None)[0] is pairs
+
+
+def test_trec_qrels_round_trip(shared_data, dl19):
+    _, qrels = dl19
+    text = io.StringIO()
+    write_trec_qrels(qrels, text)
+    lines = text.getvalue().splitlines()
+    assert len(lines) == 9260 and lines[0].split()[1] == "0"
+    path = shared_data / "trec-dl" / "qrels.dl19-passage.txt"
+    assert read_trec_qrels(path).equals(qrels)
+
+
+def test_bad_qrels_line_names_file_and_line(tmp_path):
+    path = tmp_path / "qrels.txt"
+    path.write_text("1 0 d1 1\n1 d2 0\n")
+    with pytest.raises(InputError, match=r"qrels.txt:2: .*4 fields"):
+        read_trec_qrels(path)
+
+
+def test_bm25_matches_lucene_formula_by_hand():
+    docs = ["the cat sat on the mat", "a dog and a cat", "dogs chase cats all day long in the park"]
+    index = BM25(docs, k1=0.9, b=0.4)
+    assert analyze(docs[0]) == ["cat", "sat", "mat"]  # "the", "on" are Lucene stop words
+    # "cat": df = 2 of N = 3; lengths after analysis 3, 2, 7 -> avgdl 4.
+    idf = math.log(1 + (3 - 2 + 0.5) / (2 + 0.5))
+    expected = [idf * 1 * 1.9 / (1 + 0.9 * (0.6 + 0.4 * dl / 4)) for dl in (3, 2)]
+    scores = index.scores("Cat!")
+    assert scores[0] == pytest.approx(expected[0], rel=1e-12) and scores[1] == pytest.approx(expected[1], rel=1e-12)
+    assert scores[2] == 0.0  # "cats" is not "cat": no stemming
+    hits, hit_scores = index.search("cat", k=10)
+    assert hits.tolist() == [1, 0] and hit_scores.tolist() == sorted(hit_scores.tolist(), reverse=True)
+
+
+def test_bm25_breaks_ties_by_document_order():
+    index = BM25(["alpha beta", "gamma", "alpha beta", "alpha beta"])
+    hits, _ = index.search("alpha", k=2)
+    assert hits.tolist() == [0, 2]
+    assert index.search("unknown words", k=5)[0].size == 0
