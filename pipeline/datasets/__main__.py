@@ -9,7 +9,6 @@ or object-storage URIs. Converter arguments go through `--set`, e.g.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 from typing import Sequence
 
@@ -19,7 +18,7 @@ import pyarrow.parquet as pq
 from pipeline import schema
 from pipeline.cli import run_main
 from pipeline.config import parse_overrides
-from pipeline.datasets import COLLECTIONS, WORKLOADS, sample_queries, write_trec_qrels
+from pipeline.datasets import COLLECTIONS, WORKLOADS, check_arguments, sample_queries, write_trec_qrels
 from pipeline.errors import InputError
 from pipeline.storage import arrow_filesystem, url_to_fs
 
@@ -39,16 +38,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _arguments(function, overrides: Sequence[str], name: str) -> dict:
-    """`--set` values as keyword arguments, checked against the converter's signature."""
-    kwargs = parse_overrides(overrides)
-    known = [p for p in inspect.signature(function).parameters if p not in ("data_dir", "n_pairs")]
-    unknown = sorted(set(kwargs) - set(known))
-    if unknown:
-        raise InputError(f"{name} has no argument {', '.join(unknown)}; its arguments are: {', '.join(known)}")
-    return kwargs
-
-
 def _write_parquet(table, uri: str) -> None:
     fs, path = url_to_fs(uri)
     fs.makedirs(fs._parent(path), exist_ok=True)
@@ -57,18 +46,18 @@ def _write_parquet(table, uri: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    arguments = parse_overrides(args.overrides)
+    function = check_arguments(args.name, arguments)
     if args.name in WORKLOADS:
         if args.qrels_output or args.max_queries is not None:
             raise InputError(f"{args.name} is a benchmark workload: it has no qrels and takes --n-pairs, "
                              "not --qrels-output or --max-queries; use a collection name for evaluation data")
-        function = WORKLOADS[args.name]
-        pairs, qrels = function(data_dir=args.data_dir, n_pairs=args.n_pairs, **_arguments(function, args.overrides, args.name)), None
+        pairs, qrels = function(data_dir=args.data_dir, n_pairs=args.n_pairs, **arguments), None
     else:
         if args.n_pairs is not None:
             raise InputError(f"{args.name} is a collection: size it with --max-queries (whole queries keep their "
                              "qrels), not --n-pairs")
-        function = COLLECTIONS[args.name]
-        pairs, qrels = function(data_dir=args.data_dir, **_arguments(function, args.overrides, args.name))
+        pairs, qrels = function(data_dir=args.data_dir, **arguments)
         pairs, qrels = sample_queries(pairs, qrels, args.max_queries, args.seed)
     _write_parquet(pairs, args.output)
     if args.qrels_output:

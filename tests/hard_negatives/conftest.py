@@ -38,3 +38,38 @@ def dl19(shared_data) -> tuple[pa.Table, pa.Table]:
     """(scored candidates, qrels): the 4,300 DL19 pairs with `score` = BM25 as float32, and the NIST qrels."""
     pairs, qrels = trec_dl(2019, shared_data)
     return pairs.append_column(schema.SCORE, pa.array(bm25_scores(pairs), pa.float32())), qrels
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory, dl19) -> dict[str, str]:
+    """Two tiny random-weight BERT checkpoints (2 layers, hidden 32) with a WordPiece vocabulary trained here on
+    the DL19 texts: {"cross_encoder": dir of a BertForSequenceClassification (1 label), "bi_encoder": dir of a
+    BertModel}. Built locally because nothing can be downloaded; seeded, so the weights are the same every run."""
+    import torch
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizerFast
+
+    candidates, _ = dl19
+    texts = list(dict.fromkeys(candidates[schema.QUERY].to_pylist() + candidates[schema.DOCUMENT].to_pylist()))
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    wordpiece = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    wordpiece.normalizer = normalizers.BertNormalizer(lowercase=True)
+    wordpiece.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    wordpiece.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=3000, special_tokens=specials,
+                                                                   show_progress=False))
+    cls, sep = wordpiece.token_to_id("[CLS]"), wordpiece.token_to_id("[SEP]")
+    wordpiece.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    tokenizer = BertTokenizerFast(tokenizer_object=wordpiece, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                  sep_token="[SEP]", mask_token="[MASK]", model_max_length=512)
+    config = BertConfig(vocab_size=wordpiece.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=512, num_labels=1,
+                        initializer_range=0.5)  # wide weights: scores spread out instead of all near one value
+    root = tmp_path_factory.mktemp("tiny_bert")
+    paths = {}
+    torch.manual_seed(0)
+    for name, model_class in (("cross_encoder", BertForSequenceClassification), ("bi_encoder", BertModel)):
+        paths[name] = str(root / name)
+        model_class(config).save_pretrained(paths[name])
+        tokenizer.save_pretrained(paths[name])
+    return paths

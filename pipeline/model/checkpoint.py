@@ -1,0 +1,246 @@
+"""Checkpoint loading: strict, safe, no remote code.
+
+Three layouts are recognised from the *weight names* (not from `architectures`: jina's config says
+`XLMRobertaForSequenceClassification` and has no `model_type`, yet its weights use flash-attention's names):
+
+| layout         | example checkpoint                          | recognised by                    |
+|----------------|---------------------------------------------|----------------------------------|
+| `jina_flash`   | jinaai/jina-reranker-v2-base-multilingual   | `roberta.encoder.layers.N.mixer.Wqkv` |
+| `xlm_roberta`  | BAAI/bge-reranker-v2-m3                     | `roberta.encoder.layer.N.attention.self.query` |
+| `bert`         | cross-encoder/ms-marco-MiniLM-L6-v2         | `bert.encoder.layer.N.attention.self.query` |
+
+Renames are data (`Layout.renames`, first matching pattern wins); the transformers layouts' separate
+query/key/value projections are fused into `Wqkv` rows in q, k, v order, exactly as jina's checkpoint
+stores them. Missing or unexpected keys and shape mismatches are errors that name the key. Weights load
+from safetensors; a pickle `.bin` is refused unless the caller opts in, and even then it is read with
+`torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.errors import CheckpointError
+from pipeline.model.modeling import CrossEncoderModel, ModelConfig
+
+logger = logging.getLogger(__name__)
+
+DUMMY_MARKER = "rerank_pipeline_dummy"  # config.json key set by `dummy.py`: the weights are random
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    marker: str                            # regex matched against weight names to recognise the layout
+    renames: tuple[tuple[str, str], ...]   # (checkpoint-name regex, our name); first match wins
+    ignored: tuple[str, ...] = ()          # regexes of weights that exist in such checkpoints but are unused
+    fuse_qkv: bool = False
+    roberta_positions: bool = True         # positions start at padding_idx + 1 (RoBERTa) or 0 (BERT)
+
+
+def _transformers_layer_renames(prefix: str) -> tuple[tuple[str, str], ...]:
+    layer = rf"^{prefix}\.encoder\.layer\.(\d+)\."
+    return (
+        (layer + r"attention\.self\.(query|key|value)\.", r"layers.\1.mixer.\2."),
+        (layer + r"attention\.output\.dense\.", r"layers.\1.mixer.out_proj."),
+        (layer + r"attention\.output\.LayerNorm\.", r"layers.\1.norm1."),
+        (layer + r"intermediate\.dense\.", r"layers.\1.mlp.fc1."),
+        (layer + r"output\.dense\.", r"layers.\1.mlp.fc2."),
+        (layer + r"output\.LayerNorm\.", r"layers.\1.norm2."),
+        (rf"^{prefix}\.embeddings\.LayerNorm\.", "emb_ln."),
+        (rf"^{prefix}\.embeddings\.", "embeddings."),
+    )
+
+
+LAYOUTS: dict[str, Layout] = {
+    "jina_flash": Layout(
+        name="jina_flash",
+        marker=r"^roberta\.encoder\.layers\.\d+\.mixer\.Wqkv\.weight$",
+        renames=(
+            (r"^roberta\.embeddings\.", "embeddings."),
+            (r"^roberta\.emb_ln\.", "emb_ln."),
+            (r"^roberta\.encoder\.layers\.(\d+)\.", r"layers.\1."),
+            (r"^classifier\.", "head."),
+        ),
+        ignored=(r"^roberta\.pooler\.",),
+    ),
+    "xlm_roberta": Layout(
+        name="xlm_roberta",
+        marker=r"^roberta\.encoder\.layer\.\d+\.attention\.self\.query\.weight$",
+        renames=_transformers_layer_renames("roberta") + ((r"^classifier\.", "head."),),
+        ignored=(r"^roberta\.embeddings\.position_ids$", r"^roberta\.pooler\."),
+        fuse_qkv=True,
+    ),
+    "bert": Layout(
+        name="bert",
+        marker=r"^bert\.encoder\.layer\.\d+\.attention\.self\.query\.weight$",
+        renames=_transformers_layer_renames("bert") + (
+            (r"^bert\.pooler\.dense\.", "head.dense."),
+            (r"^classifier\.", "head.out_proj."),
+        ),
+        ignored=(r"^bert\.embeddings\.position_ids$",),
+        fuse_qkv=True,
+        roberta_positions=False,
+    ),
+}
+
+
+def detect_layout(names: list[str]) -> Layout:
+    for layout in LAYOUTS.values():
+        if any(re.match(layout.marker, n) for n in names):
+            return layout
+    sample = ", ".join(sorted(names)[:5])
+    raise CheckpointError(
+        f"unknown checkpoint layout (weights start with: {sample}, ...); supported: jina-reranker-v2 "
+        "(flash layout), XLM-RoBERTa and BERT sequence classification as saved by transformers")
+
+
+def convert_state_dict(state: dict[str, torch.Tensor], layout: Layout) -> dict[str, torch.Tensor]:
+    """Checkpoint names -> our names, dropping known-unused weights; an unrecognised name is an error."""
+    out: dict[str, torch.Tensor] = {}
+    unexpected = []
+    for name, tensor in state.items():
+        if any(re.match(p, name) for p in layout.ignored):
+            continue
+        for pattern, replacement in layout.renames:
+            if re.match(pattern, name):
+                out[re.sub(pattern, replacement, name)] = tensor
+                break
+        else:
+            unexpected.append(name)
+    if unexpected:
+        raise CheckpointError(f"unexpected weight(s) for the {layout.name} layout: {', '.join(sorted(unexpected)[:5])}")
+    if layout.fuse_qkv:
+        for q_name in [n for n in out if ".mixer.query." in n]:
+            names = [q_name.replace(".query.", f".{p}.") for p in ("query", "key", "value")]
+            absent = [n for n in names if n not in out]
+            if absent:
+                raise CheckpointError(f"checkpoint lacks {absent[0]} (needed to fuse query, key, value)")
+            out[q_name.replace(".query.", ".Wqkv.")] = torch.cat([out.pop(n) for n in names], dim=0)
+    return out
+
+
+def model_config_from_json(config: dict, layout: Layout) -> ModelConfig:
+    def need(key):
+        if key not in config:
+            raise CheckpointError(f"config.json lacks `{key}`")
+        return config[key]
+
+    if config.get("position_embedding_type", "absolute") != "absolute":
+        raise CheckpointError(f"position_embedding_type={config['position_embedding_type']!r} is not supported "
+                              "(only absolute positions, as in XLM-RoBERTa and BERT)")
+    acts = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh"}
+    if config.get("hidden_act", "gelu") not in acts:
+        raise CheckpointError(f"hidden_act={config['hidden_act']!r} is not supported; supported: {sorted(acts)}")
+    num_labels = len(config["id2label"]) if config.get("id2label") else config.get("num_labels", 1)
+    if num_labels != 1:
+        raise CheckpointError(f"the checkpoint has {num_labels} labels; a reranker has exactly one relevance logit")
+    pad = int(config.get("pad_token_id", 1 if layout.roberta_positions else 0))
+    return ModelConfig(
+        vocab_size=need("vocab_size"), hidden_size=need("hidden_size"),
+        num_hidden_layers=need("num_hidden_layers"), num_attention_heads=need("num_attention_heads"),
+        intermediate_size=need("intermediate_size"), max_position_embeddings=need("max_position_embeddings"),
+        type_vocab_size=config.get("type_vocab_size", 2), layer_norm_eps=config.get("layer_norm_eps", 1e-12),
+        pad_token_id=pad, position_offset=pad + 1 if layout.roberta_positions else 0,
+        hidden_act=acts[config.get("hidden_act", "gelu")], num_labels=1,
+    )
+
+
+def resolve_checkpoint(name_or_path: str, revision: str | None = None) -> tuple[str, str]:
+    """A local directory, or a hub id downloaded (and cached) by huggingface_hub. Returns (directory, revision)."""
+    expanded = os.path.expanduser(name_or_path)
+    looks_local = os.path.isabs(expanded) or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1
+    if os.path.isdir(expanded):
+        return expanded, revision or f"local:{fingerprint(expanded)}"
+    if looks_local or os.path.exists(expanded):
+        raise CheckpointError(f"checkpoint directory {name_or_path!r} not found (or not a directory)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        directory = snapshot_download(
+            repo_id=name_or_path, revision=revision,
+            allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"],
+        )
+    except Exception as e:  # offline, unknown repo, gated repo: all need the same advice
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"could not fetch {name_or_path!r} from the Hugging Face hub and it is not in the local cache "
+            f"({first}); on an offline machine pass a local checkpoint directory to --model "
+            "(or `dummy:<architecture>` for a random-weight smoke run)") from None
+    return directory, os.path.basename(os.path.normpath(directory))
+
+
+def fingerprint(directory: str) -> str:
+    """A cheap content id for a local checkpoint: weight file names, sizes and safetensors headers."""
+    digest = hashlib.sha256()
+    for path in sorted(glob.glob(os.path.join(directory, "*.safetensors")) + [os.path.join(directory, "config.json")]):
+        if not os.path.isfile(path):
+            continue
+        digest.update(os.path.basename(path).encode())
+        digest.update(str(os.path.getsize(path)).encode())
+        with open(path, "rb") as f:
+            digest.update(f.read(1 << 16))
+    return digest.hexdigest()[:12]
+
+
+def read_weights(directory: str, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
+    if files:
+        state: dict[str, torch.Tensor] = {}
+        for path in files:
+            state.update(load_file(path))
+        return state
+    pickles = sorted(glob.glob(os.path.join(directory, "*.bin")))
+    if not pickles:
+        raise CheckpointError(f"no weights in {directory!r}: expected model.safetensors")
+    if not allow_pickle:
+        raise CheckpointError(
+            f"{directory!r} only has pickle weights ({os.path.basename(pickles[0])}); pickles can run code when "
+            "loaded. Convert them to safetensors, or pass allow_pickle=True if you trust the file")
+    state = {}
+    for path in pickles:
+        state.update(torch.load(path, map_location="cpu", weights_only=True))
+    return state
+
+
+def read_config(directory: str) -> dict:
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{directory!r} has no config.json; is it a model checkpoint directory?")
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_model(directory: str, allow_pickle: bool = False) -> tuple[CrossEncoderModel, Layout, dict]:
+    """Build the model from a checkpoint directory, checking every key and shape. Returns (model, layout, config.json)."""
+    raw_config = read_config(directory)
+    state = read_weights(directory, allow_pickle)
+    layout = detect_layout(list(state))
+    converted = convert_state_dict(state, layout)
+    config = model_config_from_json(raw_config, layout)
+    with torch.device("meta"):
+        model = CrossEncoderModel(config)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    missing = sorted(set(expected) - set(converted))
+    if missing:
+        raise CheckpointError(f"checkpoint lacks weight(s) for the {layout.name} layout: {', '.join(missing[:5])}")
+    extra = sorted(set(converted) - set(expected))
+    if extra:
+        raise CheckpointError(f"unexpected weight(s) for a {config.num_hidden_layers}-layer model: {', '.join(extra[:5])}")
+    for name, shape in expected.items():
+        if tuple(converted[name].shape) != shape:
+            raise CheckpointError(f"weight {name} has shape {tuple(converted[name].shape)}, the config implies {shape}")
+    model.load_state_dict(converted, assign=True)
+    if raw_config.get(DUMMY_MARKER):
+        logger.warning("RANDOM WEIGHTS: %s is a dummy checkpoint; its scores mean nothing", directory)
+    return model.eval(), layout, raw_config

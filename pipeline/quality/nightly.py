@@ -1,0 +1,170 @@
+"""One night of index quality, end to end: read -> measure -> compare -> report -> record.
+
+    run (+ qrels) --------------------> judged measures of the first-stage order      (overall)
+    run + reranker scores ------------> label-free measures, reranker as judge        (judge/...)
+    run + reranker scores + qrels ----> judged measures of the reranker's order       (reranked/...)
+    tonight's per-query + history ----> deltas, paired test, alerts
+    all of it ------------------------> metrics.json, per_query.parquet, report.html; then the history row
+
+Reranker scores come from the rerank pipeline (the job's `--model`) or from a score column already in the
+run (`input.judge_score_column`). Every measure is better when higher.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.config import config_hash, redact
+from pipeline.errors import InputError
+from pipeline.quality.compare import compare_nights
+from pipeline.quality.config import IndexQualityConfig
+from pipeline.quality.history import NIGHT, History
+from pipeline.quality.label_free import RERANKER_RANK, label_free_measures, rank_both, score_summary
+from pipeline.quality.metrics import evaluate, means
+from pipeline.quality.report import NightReport, write_report
+from pipeline.quality.run_input import JUDGE_SCORE, load_run
+from pipeline.quality.segments import query_segments, segment_means
+from pipeline.schema import DOC_ID, FIRST_STAGE_RANK, QUERY_ID, SCORE
+from pipeline.storage import join, url_to_fs
+from pipeline.trec import read_qrels
+
+log = logging.getLogger(__name__)
+
+RERANKED_PREFIX = "reranked/"
+REJECTED_PARQUET = "rejected.parquet"
+GAIN_NOTE = ("judge/nDCG gains: sigmoid(reranker score) as the probability of relevance; ideal ranking = the "
+             "reranker's order of the same candidates")
+
+
+def _prefixed(table: pa.Table, prefix: str) -> pa.Table:
+    return table.rename_columns([c if c == QUERY_ID else prefix + c for c in table.column_names])
+
+
+def _outer_join(tables: list[pa.Table]) -> pa.Table:
+    joined = tables[0]
+    for table in tables[1:]:
+        joined = joined.join(table, keys=QUERY_ID, join_type="full outer")
+    return joined.sort_by(QUERY_ID)
+
+
+def _judge_table(run_pairs: pa.Table, reranker_scores: pa.Table | None) -> tuple[pa.Table | None, int]:
+    """(query_id, doc_id, first_stage_rank, score = the judge's) and how many run pairs lack a judge score."""
+    if reranker_scores is not None:
+        scores = reranker_scores.select([QUERY_ID, DOC_ID, SCORE]).cast(
+            pa.schema([(QUERY_ID, pa.string()), (DOC_ID, pa.string()), (SCORE, pa.float64())]))
+        table = run_pairs.select([QUERY_ID, DOC_ID, FIRST_STAGE_RANK]).join(scores, keys=[QUERY_ID, DOC_ID])
+    elif JUDGE_SCORE in run_pairs.column_names:
+        table = run_pairs.select([QUERY_ID, DOC_ID, FIRST_STAGE_RANK, JUDGE_SCORE]).rename_columns(
+            [QUERY_ID, DOC_ID, FIRST_STAGE_RANK, SCORE])
+    else:
+        return None, 0
+    table = table.filter(pc.invert(pc.is_nan(pc.fill_null(table[SCORE], float("nan")))))
+    return table, run_pairs.num_rows - table.num_rows
+
+
+def evaluate_night(
+    config: IndexQualityConfig,
+    run: str,
+    output: str,
+    qrels: str | None = None,
+    history: str | None = None,
+    reranker_scores: pa.Table | None = None,
+) -> NightReport:
+    """Measure tonight's run, compare with the previous night in `history`, write the report and the history row.
+
+    reranker_scores: (query_id, doc_id, score) from the rerank pipeline, or None. Returns the NightReport
+    (its `alerts` are the lines the job prints).
+    """
+    options = config.storage_options
+    night = config.night_or_today()
+    loaded = load_run(run, options, config.input.score_column, config.input.rank_column,
+                      config.input.judge_score_column, keep_columns=config.segment_columns)
+    pairs = loaded.pairs
+    segments = query_segments(pairs, config.segment_columns)
+    log.info("run %s: %d pairs over %d queries (%d rows rejected), first-stage order from `%s`",
+             run, pairs.num_rows, segments.num_rows, loaded.rejected.num_rows, loaded.order_column)
+
+    qrels_table = read_qrels(qrels, options) if qrels else None
+    judge, unjudged_pairs = _judge_table(pairs, reranker_scores)
+    if qrels_table is None and judge is None:
+        raise InputError("nothing to measure: pass --qrels for judged measures, and/or --model (or "
+                         "input.judge_score_column) for label-free measures")
+
+    m = config.metrics
+    per_query_parts, overall, reranked, label_free, summary, judge_pairs = [], {}, {}, {}, None, None
+    if qrels_table is not None:
+        labelled = evaluate(pairs, qrels_table, m.measures, m.relevance_level, m.complete_queries)
+        overall = means(labelled)
+        per_query_parts.append(labelled)
+    if judge is not None:
+        lf = config.label_free
+        judged = label_free_measures(judge, lf.cutoffs, lf.rbo_p, lf.rbo_depth, lf.held, lf.score_is_logit)
+        label_free = means(judged)
+        per_query_parts.append(judged)
+        summary = score_summary(judge[SCORE])
+        judge_pairs = rank_both(judge).select([FIRST_STAGE_RANK, RERANKER_RANK, SCORE])
+        if qrels_table is not None:
+            by_reranker = _prefixed(
+                evaluate(judge, qrels_table, m.measures, m.relevance_level, m.complete_queries), RERANKED_PREFIX)
+            reranked = means(by_reranker)
+            per_query_parts.append(by_reranker)
+    measures_per_query = _outer_join(per_query_parts)
+    per_query = measures_per_query.join(segments, keys=QUERY_ID, join_type="left outer").sort_by(QUERY_ID)
+
+    store = History(history, options) if history else None
+    previous_night = store.previous_night(night) if store else None
+    previous = store.read_per_query(previous_night) if previous_night else None
+    comparisons, previous_segments = [], {}
+    if previous is not None:
+        a = config.alerts
+        comparisons = compare_nights(measures_per_query, previous, a.max_drop, a.default_max_drop, a.alpha,
+                                     a.permutations, a.seed)
+        kept = [c for c in config.segment_columns if c in previous.column_names]
+        if kept:
+            previous_measures = previous.select(
+                [c for c in previous.column_names if c not in config.segment_columns])
+            previous_segments = segment_means(previous_measures, previous.select([QUERY_ID, *kept]), kept)
+    alerts = [c.alert_line() for c in comparisons if c.alert]
+
+    all_means = {**overall, **reranked, **label_free}
+    facts = {
+        "qrels": qrels,
+        "history": history,
+        "num_queries": segments.num_rows,
+        "num_pairs": pairs.num_rows,
+        "num_evaluated_queries": measures_per_query.num_rows,
+        "rejected_rows": loaded.rejected.num_rows,
+        "pairs_without_reranker_score": unjudged_pairs if judge is not None else None,
+        "first_stage_order_column": loaded.order_column,
+        "relevance_level": m.relevance_level,
+        "complete_queries": m.complete_queries,
+        "config_hash": config_hash(config),
+        "config": redact(config.model_dump(mode="json")),
+    }
+    if judge is not None:
+        facts["label_free_gains"] = GAIN_NOTE
+    row = {NIGHT: night, "written_at": dt.datetime.now(dt.timezone.utc), "run": run,
+           "num_queries": segments.num_rows, "config_hash": facts["config_hash"], **all_means}
+    names = list(all_means)
+    report = NightReport(
+        night=night, run=run, overall=overall, per_query=per_query, reranked=reranked, label_free=label_free,
+        score_summary=summary, segments=segment_means(measures_per_query, segments, config.segment_columns),
+        previous_segments=previous_segments, previous_night=previous_night, comparisons=comparisons,
+        alerts=alerts, history=store.with_row(row) if store else pa.Table.from_pylist([row]),
+        judge_pairs=judge_pairs, extra=facts,
+        trend_measures=[t for t in config.report.trend_measures if t in all_means] or names[:2],
+        segment_measure=config.report.segment_measure if config.report.segment_measure in all_means
+        else (names[0] if names else None),
+    )
+    write_report(report, output, options)
+    if loaded.rejected.num_rows:
+        fs, root = url_to_fs(output, options)
+        pq.write_table(loaded.rejected, join(root, REJECTED_PARQUET), filesystem=fs)
+    if store:
+        store.append(row, per_query)
+    return report
