@@ -193,17 +193,19 @@ def _measure_table(report: NightReport) -> str:
 
 
 def _segment_table(report: NightReport) -> str:
+    """One table per segment column: a row per measure, a column per segment value."""
     parts = []
     for column, values in report.segments.items():
+        names = list(values)
         measures = [m for m in next(iter(values.values()), {}) if m != "num_queries"]
-        head = "".join(f"<th>{html.escape(m)}</th>" for m in measures)
+        head = "".join(f"<th>{html.escape(v)}</th>" for v in names)
+        count = "".join(f"<td>{values[v]['num_queries']}</td>" for v in names)
         rows = "".join(
-            f"<tr><td>{html.escape(v)}</td><td>{stats['num_queries']}</td>"
-            + "".join(f"<td>{_fmt(stats.get(m))}</td>" for m in measures) + "</tr>"
-            for v, stats in values.items()
+            f"<tr><td>{html.escape(m)}</td>" + "".join(f"<td>{_fmt(values[v].get(m))}</td>" for v in names) + "</tr>"
+            for m in measures
         )
-        parts.append(f"<h3>By {html.escape(column)}</h3><table><tr><th>{html.escape(column)}</th>"
-                     f"<th>queries</th>{head}</tr>{rows}</table>")
+        parts.append(f"<h3>By {html.escape(column)}</h3><div class=\"wide\"><table><tr><th>measure</th>{head}</tr>"
+                     f"<tr><td>queries</td>{count}</tr>{rows}</table></div>")
     return "".join(parts)
 
 
@@ -212,7 +214,7 @@ body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1000px;ma
 table{border-collapse:collapse;margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
 td:first-child,th:first-child{text-align:left}tr.alert td{background:#fde2e1}
 .alerts li{color:#a31515;font-weight:600}.caveat{background:#fff6dd;border-left:4px solid #e0a800;padding:0.6em 1em}
-figure{margin:1em 0}figcaption{font-weight:600;margin-bottom:0.3em}img{max-width:100%}.missing{color:#777}
+figure{margin:1em 0}.wide{overflow-x:auto}figcaption{font-weight:600;margin-bottom:0.3em}img{max-width:100%}.missing{color:#777}
 """
 
 
