@@ -31,11 +31,14 @@ def models(tiny_bert):
     import torch
     from sentence_transformers import CrossEncoder, SentenceTransformer
 
-    torch.manual_seed(0)
+    # One thread: batch-of-one calls on a tiny model are ~40x slower when two threads spin on a busy 2-core box.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     bi_encoder = SentenceTransformer(tiny_bert["bi_encoder"], device="cpu")
     # Identity activation: raw logits, as our reranker returns them (sigmoid would be the library's default).
     cross_encoder = CrossEncoder(tiny_bert["cross_encoder"], device="cpu", activation_fn=torch.nn.Identity())
-    return bi_encoder, cross_encoder
+    yield bi_encoder, cross_encoder
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
