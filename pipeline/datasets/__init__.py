@@ -15,8 +15,7 @@ from pipeline.datasets.cosqa import cosqa
 from pipeline.datasets.noveleval import noveleval
 from pipeline.datasets.registry import COLLECTIONS, check_arguments, load_collection
 from pipeline.datasets.spider import spider
-from pipeline.datasets.tables import (default_data_dir, read_trec_qrels, sample_queries, take_pairs,
-                                      write_trec_qrels)
+from pipeline.datasets.tables import default_data_dir, sample_queries, take_pairs
 from pipeline.datasets.trec_dl import trec_dl
 from pipeline.datasets.vaswani import vaswani
 from pipeline.datasets.workloads import WORKLOADS, dl19, long, multilingual
@@ -24,5 +23,5 @@ from pipeline.datasets.xquad_r import xquad_r
 
 __all__ = [
     "COLLECTIONS", "WORKLOADS", "bfcl", "check_arguments", "cosqa", "default_data_dir", "dl19", "load_collection",
-    "long", "multilingual", "noveleval", "read_trec_qrels", "sample_queries", "spider", "take_pairs", "trec_dl", "vaswani", "write_trec_qrels", "xquad_r",
+    "long", "multilingual", "noveleval", "sample_queries", "spider", "take_pairs", "trec_dl", "vaswani", "xquad_r",
 ]

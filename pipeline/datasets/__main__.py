@@ -1,4 +1,4 @@
-"""`python -m pipeline.datasets NAME --output pairs.parquet [--qrels-output qrels.parquet|qrels.txt]`
+"""`python -m pipeline.datasets NAME --output pairs.parquet [--qrels-output qrels.txt|qrels.parquet]`
 
 Writes a collection (`trec_dl`, `noveleval`, `vaswani`, `xquad_r`, `bfcl`, `spider`, `cosqa`) or a benchmark
 workload (`dl19`, `long`, `multilingual`) as Parquet in the rerank job's long format. Outputs may be local paths
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import posixpath
 from typing import Sequence
 
 import pyarrow.compute as pc
@@ -18,9 +19,10 @@ import pyarrow.parquet as pq
 from pipeline import schema
 from pipeline.cli import run_main
 from pipeline.config import parse_overrides
-from pipeline.datasets import COLLECTIONS, WORKLOADS, check_arguments, sample_queries, write_trec_qrels
+from pipeline.datasets import COLLECTIONS, WORKLOADS, check_arguments, sample_queries
 from pipeline.errors import InputError
 from pipeline.storage import arrow_filesystem, url_to_fs
+from pipeline.trec import write_qrels
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("name", choices=sorted(COLLECTIONS) + sorted(WORKLOADS))
     parser.add_argument("--output", required=True, help="Parquet file for the pairs (path or URI)")
     parser.add_argument("--qrels-output", default=None,
-                        help="qrels file (collections only): .txt writes TREC qrels, anything else Parquet")
+                        help="qrels file (collections only): .parquet writes Parquet, anything else TREC qrels text")
     parser.add_argument("--data-dir", default=None, help="the shared data folder (default: $SHARED_DATA or ../shared/data)")
     parser.add_argument("--max-queries", type=int, default=None, help="collections: keep this many queries, sampled with --seed")
     parser.add_argument("--n-pairs", type=int, default=None, help="workloads: exactly this many pairs (cut or tiled)")
@@ -40,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _write_parquet(table, uri: str) -> None:
     fs, path = url_to_fs(uri)
-    fs.makedirs(fs._parent(path), exist_ok=True)
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
     pq.write_table(table, path, filesystem=arrow_filesystem(fs))
 
 
@@ -61,12 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         pairs, qrels = sample_queries(pairs, qrels, args.max_queries, args.seed)
     _write_parquet(pairs, args.output)
     if args.qrels_output:
-        if args.qrels_output.endswith(".txt"):
-            fs, path = url_to_fs(args.qrels_output)
-            with fs.open(path, "w") as f:
-                write_trec_qrels(qrels, f)
-        else:
-            _write_parquet(qrels, args.qrels_output)
+        write_qrels(qrels, args.qrels_output)
     summary = {"name": args.name, "pairs": pairs.num_rows, "queries": len(pc.unique(pairs[schema.QUERY_ID])),
                "output": args.output}
     if qrels is not None:

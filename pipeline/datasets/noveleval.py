@@ -13,8 +13,9 @@ import os
 import pyarrow as pa
 
 from pipeline import schema
-from pipeline.datasets.tables import collection_dir, only_queries, pairs_table, read_trec_qrels
+from pipeline.datasets.tables import collection_dir, only_queries, pairs_table
 from pipeline.errors import InputError
+from pipeline.trec import read_qrels
 
 
 def _read_tsv(path) -> dict[str, str]:
@@ -27,7 +28,7 @@ def noveleval(data_dir: str | os.PathLike | None = None) -> tuple[pa.Table, pa.T
     """(pairs, qrels): 21 queries x 20 candidates = 420 pairs, every pair judged."""
     folder = collection_dir(data_dir, "noveleval", ["queries.tsv", "corpus.tsv", "qrels.txt"])
     queries, corpus = _read_tsv(folder / "queries.tsv"), _read_tsv(folder / "corpus.tsv")
-    qrels = read_trec_qrels(folder / "qrels.txt")
+    qrels = read_qrels(str(folder / "qrels.txt"))
     judged: dict[str, list[str]] = {}
     for qid, did in zip(qrels[schema.QUERY_ID].to_pylist(), qrels[schema.DOC_ID].to_pylist()):
         judged.setdefault(qid, []).append(did)

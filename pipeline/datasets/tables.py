@@ -6,6 +6,8 @@ pairs (long format, one row per (query, candidate)):
 qrels (one row per judgement):
     query_id: string, doc_id: string, label: int32 (graded or binary; unjudged pairs are simply absent)
 
+TREC qrels text is read and written by `pipeline.trec` (`read_qrels`, `write_qrels`).
+
 `first_stage_score` keeps the source's float64 precision: trec_eval breaks ties on the run's scores, and
 rounding to float32 would create ties the published figures do not have.
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable, Sequence, TextIO
+from typing import Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -22,6 +24,7 @@ import pyarrow.compute as pc
 
 from pipeline import schema
 from pipeline.errors import InputError
+from pipeline.trec import QRELS_SCHEMA
 
 PAIRS_SCHEMA = pa.schema([
     (schema.QUERY_ID, pa.string()),
@@ -30,7 +33,6 @@ PAIRS_SCHEMA = pa.schema([
     (schema.DOCUMENT, pa.string()),
 ])
 FIRST_STAGE_FIELDS = [pa.field(schema.FIRST_STAGE_RANK, pa.int32()), pa.field(schema.FIRST_STAGE_SCORE, pa.float64())]
-QRELS_SCHEMA = pa.schema([(schema.QUERY_ID, pa.string()), (schema.DOC_ID, pa.string()), (schema.LABEL, pa.int32())])
 
 # Separates a replica number from the original query id when a workload is tiled past its source size.
 REPLICA_SEPARATOR = "#"
@@ -68,29 +70,6 @@ def pairs_table(columns: dict[str, Iterable], extra_types: dict[str, pa.DataType
 def qrels_table(query_ids: Iterable, doc_ids: Iterable, labels: Iterable) -> pa.Table:
     return pa.table([pa.array(list(query_ids), pa.string()), pa.array(list(doc_ids), pa.string()),
                      pa.array(list(labels), pa.int32())], schema=QRELS_SCHEMA)
-
-
-def read_trec_qrels(path: str | os.PathLike) -> pa.Table:
-    """TREC qrels text (`qid iteration docno label`, whitespace-separated) -> qrels table, in file order."""
-    query_ids, doc_ids, labels = [], [], []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, 1):
-            fields = line.split()
-            if not fields:
-                continue
-            if len(fields) != 4:
-                raise InputError(f"{path}:{line_number}: a TREC qrels line has 4 fields "
-                                 f"(qid iteration docno label), got {len(fields)}")
-            query_ids.append(fields[0])
-            doc_ids.append(fields[2])
-            labels.append(int(fields[3]))
-    return qrels_table(query_ids, doc_ids, labels)
-
-
-def write_trec_qrels(qrels: pa.Table, f: TextIO) -> None:
-    """Write a qrels table to an open text file as TREC qrels (`qid 0 docno label`)."""
-    for qid, did, label in zip(*(qrels[c].to_pylist() for c in QRELS_SCHEMA.names)):
-        f.write(f"{qid} 0 {did} {label}\n")
 
 
 def only_queries(qrels: pa.Table, pairs: pa.Table) -> pa.Table:

@@ -14,8 +14,9 @@ import os
 import pyarrow as pa
 
 from pipeline import schema
-from pipeline.datasets.tables import collection_dir, only_queries, pairs_table, read_trec_qrels
+from pipeline.datasets.tables import collection_dir, only_queries, pairs_table
 from pipeline.errors import InputError
+from pipeline.trec import read_qrels
 
 YEARS = {2019: "dl19", 2020: "dl20"}
 
@@ -41,4 +42,4 @@ def trec_dl(year: int = 2019, data_dir: str | os.PathLike | None = None) -> tupl
             columns[schema.FIRST_STAGE_RANK].append(hit["rank"])
             columns[schema.FIRST_STAGE_SCORE].append(hit["score"])
     pairs = pairs_table(columns)
-    return pairs, only_queries(read_trec_qrels(folder / qrels_file), pairs)
+    return pairs, only_queries(read_qrels(str(folder / qrels_file)), pairs)

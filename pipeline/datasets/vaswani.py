@@ -18,8 +18,9 @@ import pyarrow as pa
 
 from pipeline import schema
 from pipeline.datasets.bm25 import BM25
-from pipeline.datasets.tables import collection_dir, only_queries, pairs_table, read_trec_qrels
+from pipeline.datasets.tables import collection_dir, only_queries, pairs_table
 from pipeline.errors import InputError
+from pipeline.trec import read_qrels
 
 _DOC = re.compile(r"<DOC>\s*<DOCNO>\s*(.*?)\s*</DOCNO>(.*?)</DOC>", re.S)
 _TOPIC = re.compile(r"<top>\s*<num>\s*(.*?)\s*</num>\s*<title>(.*?)</title>\s*</top>", re.S)
@@ -60,4 +61,4 @@ def vaswani(data_dir: str | os.PathLike | None = None, depth: int = 100) -> tupl
         columns[schema.FIRST_STAGE_RANK] += range(1, len(hits) + 1)
         columns[schema.FIRST_STAGE_SCORE] += scores.tolist()
     pairs = pairs_table(columns)
-    return pairs, only_queries(read_trec_qrels(folder / "qrels"), pairs)
+    return pairs, only_queries(read_qrels(str(folder / "qrels")), pairs)

@@ -14,9 +14,9 @@ import pytest
 from pipeline import schema
 from pipeline.datasets import bfcl, cosqa, noveleval, spider, trec_dl, vaswani, xquad_r
 from pipeline.datasets.spider import create_table_statements
-from pipeline.datasets.tables import QRELS_SCHEMA
 from pipeline.datasets.xquad_r import LANGUAGES
 from pipeline.errors import InputError
+from pipeline.trec import QRELS_SCHEMA
 
 
 def _queries(table: pa.Table) -> int:

@@ -1,18 +1,17 @@
-"""The shared table helpers (sizing, sampling, TREC qrels) and the numpy BM25 first stage."""
+"""The shared table helpers (sizing, sampling, qrels scope) and the numpy BM25 first stage."""
 
 from __future__ import annotations
 
-import io
 import math
 
-import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
 from pipeline import schema
-from pipeline.datasets import read_trec_qrels, sample_queries, take_pairs, trec_dl, write_trec_qrels
+from pipeline.datasets import sample_queries, take_pairs, trec_dl
 from pipeline.datasets.bm25 import BM25, analyze
 from pipeline.errors import InputError
+from pipeline.trec import read_qrels
 
 
 @pytest.fixture(scope="module")
@@ -44,21 +43,10 @@ def test_sample_queries_keeps_whole_queries_and_their_qrels(dl19):
     assert sample_queries(pairs, qrels, None)[0] is pairs
 
 
-def test_trec_qrels_round_trip(shared_data, dl19):
+def test_dl19_qrels_are_the_whole_official_file(shared_data, dl19):
     _, qrels = dl19
-    text = io.StringIO()
-    write_trec_qrels(qrels, text)
-    lines = text.getvalue().splitlines()
-    assert len(lines) == 9260 and lines[0].split()[1] == "0"
-    path = shared_data / "trec-dl" / "qrels.dl19-passage.txt"
-    assert read_trec_qrels(path).equals(qrels)
-
-
-def test_bad_qrels_line_names_file_and_line(tmp_path):
-    path = tmp_path / "qrels.txt"
-    path.write_text("1 0 d1 1\n1 d2 0\n")
-    with pytest.raises(InputError, match=r"qrels.txt:2: .*4 fields"):
-        read_trec_qrels(path)
+    assert qrels.num_rows == 9260  # every judgement, not only the candidates': nDCG's ideal ranking needs them
+    assert read_qrels(str(shared_data / "trec-dl" / "qrels.dl19-passage.txt")).equals(qrels)
 
 
 def test_bm25_matches_lucene_formula_by_hand():

@@ -12,10 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import schema
-from pipeline.datasets import dl19, long, multilingual, read_trec_qrels
+from pipeline.datasets import dl19, long, multilingual
 from pipeline.datasets.__main__ import main
 from pipeline.datasets.workloads import describe, estimate_tokens
 from pipeline.errors import InputError
+from pipeline.trec import read_qrels
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -59,7 +60,7 @@ def test_cli_writes_pairs_and_qrels(shared_data, tmp_path, capsys):
     pairs_path, qrels_path = tmp_path / "out" / "spider.parquet", tmp_path / "qrels.txt"
     assert main(["spider", "--data-dir", str(shared_data), "--max-queries", "30", "--output", str(pairs_path),
                  "--qrels-output", str(qrels_path)]) == 0
-    pairs, qrels = pq.read_table(pairs_path), read_trec_qrels(qrels_path)
+    pairs, qrels = pq.read_table(pairs_path), read_qrels(str(qrels_path))
     assert len(pc.unique(pairs[schema.QUERY_ID])) == 30 and qrels.num_rows == pairs.num_rows
     assert '"queries": 30' in capsys.readouterr().out
 
