@@ -29,6 +29,7 @@ NIGHT = "night"
 class History:
     def __init__(self, uri: str, storage_options: dict | None = None):
         self.uri = uri
+        self.storage_options = storage_options
         self.fs, self.root = url_to_fs(uri, storage_options)
 
     @property

@@ -48,17 +48,19 @@ def judge_gain(score: np.ndarray, score_is_logit: bool = True) -> np.ndarray:
     return np.clip(score, 0.0, 1.0)
 
 
+def _require_columns(table: pa.Table) -> None:
+    missing = [c for c in (QUERY_ID, DOC_ID, FIRST_STAGE_RANK, SCORE) if c not in table.column_names]
+    if missing:
+        raise InputError(f"label-free measures need columns {missing}; columns are {table.column_names}")
+
+
 def rank_both(table: pa.Table) -> pa.Table:
     """(query_id, doc_id, first_stage_rank, score, ...) -> same plus `reranker_rank`, sorted by (query, reranker_rank).
 
     The retriever's ranks are renumbered 1..n per query in their own order (ties by doc_id descending), so a
     run cut or filtered upstream still has gap-free ranks.
     """
-    missing = [c for c in (QUERY_ID, DOC_ID, FIRST_STAGE_RANK, SCORE) if c not in table.column_names]
-    if missing:
-        raise InputError(
-            f"label-free measures need columns {missing}; columns are {table.column_names}"
-        )
+    _require_columns(table)
     keyed = table.append_column(_RETRIEVER_KEY, pc.negate(table[FIRST_STAGE_RANK].cast(pa.float64())))
     by_retriever = rank_by_score(keyed, score_column=_RETRIEVER_KEY, rank_column=FIRST_STAGE_RANK)
     both = rank_by_score(by_retriever, score_column=SCORE, rank_column=RERANKER_RANK)
@@ -102,6 +104,7 @@ def label_free_measures(
     """
     if not 0.0 < rbo_p < 1.0:
         raise InputError(f"rbo_p must be in (0, 1), got {rbo_p}")
+    _require_columns(table)
     ranked = rank_both(table.select([QUERY_ID, DOC_ID, FIRST_STAGE_RANK, SCORE]))
     qidx, _, query_ids = query_groups(ranked[QUERY_ID])
     num_queries = len(query_ids)

@@ -155,7 +155,7 @@ def evaluate_night(
         night=night, run=run, overall=overall, per_query=per_query, reranked=reranked, label_free=label_free,
         score_summary=summary, segments=segment_means(measures_per_query, segments, config.segment_columns),
         previous_segments=previous_segments, previous_night=previous_night, comparisons=comparisons,
-        alerts=alerts, history=store.with_row(row) if store else pa.Table.from_pylist([row]),
+        alerts=alerts, history=store.with_row(row) if store else None,
         judge_pairs=judge_pairs, extra=facts,
         trend_measures=[t for t in config.report.trend_measures if t in all_means] or names[:2],
         segment_measure=config.report.segment_measure if config.report.segment_measure in all_means
