@@ -146,11 +146,13 @@ def read_run(uri: str, storage_options: dict | None = None) -> pa.Table:
                     f"run {uri!r} line {number}: expected 6 fields `qid Q0 docno rank score tag`, got {len(fields)}"
                 )
             try:
-                rank, score = int(fields[3]), float(fields[4])
+                rank = int(fields[3])
             except ValueError:
-                raise InputError(
-                    f"run {uri!r} line {number}: rank {fields[3]!r} must be an integer and score {fields[4]!r} a number"
-                ) from None
+                raise InputError(f"run {uri!r} line {number}: rank {fields[3]!r} is not an integer") from None
+            try:
+                score = float(fields[4])
+            except ValueError:
+                raise InputError(f"run {uri!r} line {number}: score {fields[4]!r} is not a number") from None
             qids.append(fields[0])
             docs.append(fields[2])
             ranks.append(rank)

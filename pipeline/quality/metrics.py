@@ -125,15 +125,13 @@ def judge_run(
     run = run.select([QUERY_ID, DOC_ID, SCORE])
     qrels = qrels.select([QUERY_ID, DOC_ID, LABEL])
     qrels_queries = pc.unique(qrels[QUERY_ID])
-    if complete_queries:
-        universe = qrels_queries
-    else:
-        universe = pc.unique(run[QUERY_ID]).filter(pc.is_in(pc.unique(run[QUERY_ID]), qrels_queries))
+    run_queries = pc.unique(run[QUERY_ID])
+    universe = qrels_queries if complete_queries else run_queries.filter(pc.is_in(run_queries, qrels_queries))
     universe = universe.take(pc.sort_indices(universe))
     if len(universe) == 0 or not pc.any(pc.is_in(run[QUERY_ID], universe)).as_py():
         raise InputError(
             f"no query of the run has judgements in the qrels (run query ids like "
-            f"{pc.unique(run[QUERY_ID])[:3].to_pylist()}, qrels query ids like {qrels_queries[:3].to_pylist()}); "
+            f"{run_queries[:3].to_pylist()}, qrels query ids like {qrels_queries[:3].to_pylist()}); "
             "check that both use the same query ids"
         )
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -21,7 +22,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import config_hash, redact
 from pipeline.errors import InputError
-from pipeline.quality.compare import compare_nights
+from pipeline.quality.compare import Comparison, compare_nights
 from pipeline.quality.config import IndexQualityConfig
 from pipeline.quality.history import NIGHT, History
 from pipeline.quality.label_free import RERANKER_RANK, label_free_measures, rank_both, score_summary
@@ -67,6 +68,74 @@ def _judge_table(run_pairs: pa.Table, reranker_scores: pa.Table | None) -> tuple
     return table, run_pairs.num_rows - table.num_rows
 
 
+@dataclass
+class Measured:
+    """Tonight's measures: per query (query_id, <measure>: float64 ...) and their means, by family."""
+
+    per_query: pa.Table
+    overall: dict[str, float] = field(default_factory=dict)     # judged, first-stage order
+    reranked: dict[str, float] = field(default_factory=dict)    # judged, reranker's order (reranked/...)
+    label_free: dict[str, float] = field(default_factory=dict)  # reranker as judge (judge/...)
+    score_summary: dict | None = None
+    judge_pairs: pa.Table | None = None  # (first_stage_rank, reranker_rank, score) for the report's plots
+
+    @property
+    def means(self) -> dict[str, float]:
+        return {**self.overall, **self.reranked, **self.label_free}
+
+
+def measure(config: IndexQualityConfig, pairs: pa.Table, qrels: pa.Table | None, judge: pa.Table | None) -> Measured:
+    """Every measure the inputs allow. pairs: load_run's; judge: (query_id, doc_id, first_stage_rank, score)."""
+    m, lf = config.metrics, config.label_free
+    parts, result = [], Measured(per_query=pa.table({}))
+    if qrels is not None:
+        labelled = evaluate(pairs, qrels, m.measures, m.relevance_level, m.complete_queries)
+        result.overall = means(labelled)
+        parts.append(labelled)
+    if judge is not None:
+        judged = label_free_measures(judge, lf.cutoffs, lf.rbo_p, lf.rbo_depth, lf.held, lf.score_is_logit)
+        result.label_free = means(judged)
+        parts.append(judged)
+        result.score_summary = score_summary(judge[SCORE])
+        result.judge_pairs = rank_both(judge).select([FIRST_STAGE_RANK, RERANKER_RANK, SCORE])
+        if qrels is not None:  # "what reranking would add": the same judged measures on the reranker's order
+            by_reranker = _prefixed(evaluate(judge, qrels, m.measures, m.relevance_level, m.complete_queries),
+                                    RERANKED_PREFIX)
+            result.reranked = means(by_reranker)
+            parts.append(by_reranker)
+    result.per_query = _outer_join(parts)
+    return result
+
+
+def compare_with_previous(
+    config: IndexQualityConfig, store: History | None, night: str, per_query: pa.Table
+) -> tuple[str | None, list[Comparison], dict]:
+    """(previous night, comparisons, the previous night's segment means) from the history; empty without one."""
+    previous_night = store.previous_night(night) if store else None
+    previous = store.read_per_query(previous_night) if previous_night else None
+    if previous is None:
+        return previous_night, [], {}
+    a = config.alerts
+    comparisons = compare_nights(per_query, previous, a.max_drop, a.default_max_drop, a.alpha, a.permutations, a.seed)
+    kept = [c for c in config.segment_columns if c in previous.column_names]
+    previous_segments = {}
+    if kept:
+        measures_only = previous.drop_columns([c for c in config.segment_columns if c in previous.column_names])
+        previous_segments = segment_means(measures_only, previous.select([QUERY_ID, *kept]), kept)
+    return previous_night, comparisons, previous_segments
+
+
+def _report_measures(config: IndexQualityConfig, measured: list[str]) -> tuple[list[str], str | None]:
+    """(trend measures, segment measure) for the plots: the configured ones, else the first measures."""
+    report = config.report
+    for name in [*report.trend_measures, *([report.segment_measure] if report.segment_measure else [])]:
+        if name not in measured:
+            log.warning("report measure %r was not measured tonight (measured: %s); using the defaults", name, measured)
+    trend = [t for t in report.trend_measures if t in measured] or measured[:2]
+    segment = report.segment_measure if report.segment_measure in measured else (measured[0] if measured else None)
+    return trend, segment
+
+
 def evaluate_night(
     config: IndexQualityConfig,
     run: str,
@@ -88,78 +157,43 @@ def evaluate_night(
     segments = query_segments(pairs, config.segment_columns)
     log.info("run %s: %d pairs over %d queries (%d rows rejected), first-stage order from `%s`",
              run, pairs.num_rows, segments.num_rows, loaded.rejected.num_rows, loaded.order_column)
-
     qrels_table = read_qrels(qrels, options) if qrels else None
     judge, unjudged_pairs = _judge_table(pairs, reranker_scores)
     if qrels_table is None and judge is None:
         raise InputError("nothing to measure: pass --qrels for judged measures, and/or --model (or "
                          "input.judge_score_column) for label-free measures")
 
-    m = config.metrics
-    per_query_parts, overall, reranked, label_free, summary, judge_pairs = [], {}, {}, {}, None, None
-    if qrels_table is not None:
-        labelled = evaluate(pairs, qrels_table, m.measures, m.relevance_level, m.complete_queries)
-        overall = means(labelled)
-        per_query_parts.append(labelled)
-    if judge is not None:
-        lf = config.label_free
-        judged = label_free_measures(judge, lf.cutoffs, lf.rbo_p, lf.rbo_depth, lf.held, lf.score_is_logit)
-        label_free = means(judged)
-        per_query_parts.append(judged)
-        summary = score_summary(judge[SCORE])
-        judge_pairs = rank_both(judge).select([FIRST_STAGE_RANK, RERANKER_RANK, SCORE])
-        if qrels_table is not None:
-            by_reranker = _prefixed(
-                evaluate(judge, qrels_table, m.measures, m.relevance_level, m.complete_queries), RERANKED_PREFIX)
-            reranked = means(by_reranker)
-            per_query_parts.append(by_reranker)
-    measures_per_query = _outer_join(per_query_parts)
-    per_query = measures_per_query.join(segments, keys=QUERY_ID, join_type="left outer").sort_by(QUERY_ID)
-
+    measured = measure(config, pairs, qrels_table, judge)
     store = History(history, options) if history else None
-    previous_night = store.previous_night(night) if store else None
-    previous = store.read_per_query(previous_night) if previous_night else None
-    comparisons, previous_segments = [], {}
-    if previous is not None:
-        a = config.alerts
-        comparisons = compare_nights(measures_per_query, previous, a.max_drop, a.default_max_drop, a.alpha,
-                                     a.permutations, a.seed)
-        kept = [c for c in config.segment_columns if c in previous.column_names]
-        if kept:
-            previous_measures = previous.select(
-                [c for c in previous.column_names if c not in config.segment_columns])
-            previous_segments = segment_means(previous_measures, previous.select([QUERY_ID, *kept]), kept)
-    alerts = [c.alert_line() for c in comparisons if c.alert]
+    previous_night, comparisons, previous_segments = compare_with_previous(config, store, night, measured.per_query)
+    per_query = measured.per_query.join(segments, keys=QUERY_ID, join_type="left outer").sort_by(QUERY_ID)
 
-    all_means = {**overall, **reranked, **label_free}
     facts = {
         "qrels": qrels,
         "history": history,
         "num_queries": segments.num_rows,
         "num_pairs": pairs.num_rows,
-        "num_evaluated_queries": measures_per_query.num_rows,
+        "num_evaluated_queries": measured.per_query.num_rows,
         "rejected_rows": loaded.rejected.num_rows,
         "pairs_without_reranker_score": unjudged_pairs if judge is not None else None,
         "first_stage_order_column": loaded.order_column,
-        "relevance_level": m.relevance_level,
-        "complete_queries": m.complete_queries,
+        "relevance_level": config.metrics.relevance_level,
+        "complete_queries": config.metrics.complete_queries,
+        "label_free_gains": GAIN_NOTE if judge is not None else None,
         "config_hash": config_hash(config),
         "config": redact(config.model_dump(mode="json")),
     }
-    if judge is not None:
-        facts["label_free_gains"] = GAIN_NOTE
     row = {NIGHT: night, "written_at": dt.datetime.now(dt.timezone.utc), "run": run,
-           "num_queries": segments.num_rows, "config_hash": facts["config_hash"], **all_means}
-    names = list(all_means)
+           "num_queries": segments.num_rows, "config_hash": facts["config_hash"], **measured.means}
+    trend_measures, segment_measure = _report_measures(config, list(measured.means))
     report = NightReport(
-        night=night, run=run, overall=overall, per_query=per_query, reranked=reranked, label_free=label_free,
-        score_summary=summary, segments=segment_means(measures_per_query, segments, config.segment_columns),
+        night=night, run=run, overall=measured.overall, per_query=per_query, reranked=measured.reranked,
+        label_free=measured.label_free, score_summary=measured.score_summary,
+        segments=segment_means(measured.per_query, segments, config.segment_columns),
         previous_segments=previous_segments, previous_night=previous_night, comparisons=comparisons,
-        alerts=alerts, history=store.with_row(row) if store else None,
-        judge_pairs=judge_pairs, extra=facts,
-        trend_measures=[t for t in config.report.trend_measures if t in all_means] or names[:2],
-        segment_measure=config.report.segment_measure if config.report.segment_measure in all_means
-        else (names[0] if names else None),
+        alerts=[c.alert_line() for c in comparisons if c.alert],
+        history=store.with_row(row) if store else None, judge_pairs=measured.judge_pairs, extra=facts,
+        trend_measures=trend_measures, segment_measure=segment_measure,
     )
     write_report(report, output, options)
     if loaded.rejected.num_rows:

@@ -32,35 +32,24 @@ def test_ids_stay_strings_comments_and_blank_lines_skipped(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "text, message",
+    "read, text, message",
     [
-        ("1 Q0 d1 1 0.5 tag\n1 Q0 d2 1\n", "line 2: expected 6 fields"),
-        ("1 Q0 d1 x 0.5 tag\n", "line 1: rank 'x' must be an integer"),
-        ("1 Q0 d1 1 high tag\n", "line 1: rank '1' must be an integer and score 'high' a number"),
-        ("1 Q0 d1 1 0.5 t\n1 Q0 d1 2 0.4 t\n", "lists document 'd1' for query '1' more than once"),
+        (read_run, "1 Q0 d1 1 0.5 tag\n1 Q0 d2 1\n", "line 2: expected 6 fields"),
+        (read_run, "1 Q0 d1 x 0.5 tag\n", "line 1: rank 'x' is not an integer"),
+        (read_run, "1 Q0 d1 1 high tag\n", "line 1: score 'high' is not a number"),
+        (read_run, "1 Q0 d1 1 0.5 t\n1 Q0 d1 2 0.4 t\n", "lists document 'd1' for query '1' more than once"),
+        (read_qrels, "1 0 d1 1\n1 0 d2\n", "line 2: expected 4 fields"),
+        (read_qrels, "1 0 d1 yes\n", "line 1: label 'yes' is not an integer"),
+        (read_qrels, "1 0 d1 1\n1 0 d1 0\n", "lists document 'd1' for query '1' more than once"),
+        (read_qrels, "# only a comment\n", "holds no judgements"),
     ],
 )
-def test_malformed_run_lines_name_file_and_line(tmp_path, text, message):
-    path = tmp_path / "bad.run"
+def test_malformed_files_are_errors_naming_file_and_line(tmp_path, read, text, message):
+    path = tmp_path / "bad.txt"
     path.write_text(text)
     with pytest.raises(InputError, match=message) as info:
-        read_run(str(path))
+        read(str(path))
     assert str(path) in str(info.value)
-
-
-@pytest.mark.parametrize(
-    "text, message",
-    [
-        ("1 0 d1 1\n1 0 d2\n", "line 2: expected 4 fields"),
-        ("1 0 d1 yes\n", "line 1: label 'yes' is not an integer"),
-        ("", "holds no judgements"),
-    ],
-)
-def test_malformed_qrels_name_file_and_line(tmp_path, text, message):
-    path = tmp_path / "bad.qrels"
-    path.write_text(text)
-    with pytest.raises(InputError, match=message):
-        read_qrels(str(path))
 
 
 def test_missing_file_says_so(tmp_path):
