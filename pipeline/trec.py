@@ -59,10 +59,14 @@ def _lines(uri: str, storage_options: dict | None) -> Iterator[tuple[int, list[s
     except FileNotFoundError:
         raise InputError(f"{uri!r} not found") from None
     with f:
-        for number, line in enumerate(f, start=1):
-            fields = line.split()
-            if fields and not fields[0].startswith("#"):
-                yield number, fields
+        try:
+            for number, line in enumerate(f, start=1):
+                fields = line.split()
+                if fields and not fields[0].startswith("#"):
+                    yield number, fields
+        except UnicodeDecodeError:
+            # Decoding runs ahead in blocks, so the line number would be a guess: name the file only.
+            raise InputError(f"{uri!r} is not UTF-8 text; is it a binary file?") from None
 
 
 def _read_parquet(
@@ -71,7 +75,12 @@ def _read_parquet(
 ) -> pa.Table:
     """The `required` (and present `optional`) columns of a Parquet file or dataset, cast to their types."""
     fs, path = url_to_fs(uri, storage_options)
-    table = pq.read_table(path, filesystem=fs)
+    try:
+        table = pq.read_table(path, filesystem=fs)
+    except FileNotFoundError:
+        raise InputError(f"{uri!r} not found") from None
+    except pa.ArrowInvalid as e:
+        raise InputError(f"{what} {uri!r} is not readable Parquet: {e}") from None
     missing = [name for name in required if name not in table.column_names]
     if missing:
         raise InputError(

@@ -52,9 +52,17 @@ def test_malformed_files_are_errors_naming_file_and_line(tmp_path, read, text, m
     assert str(path) in str(info.value)
 
 
-def test_missing_file_says_so(tmp_path):
+@pytest.mark.parametrize("name", ["nope.txt", "nope.parquet"])
+def test_missing_file_says_so(tmp_path, name):
     with pytest.raises(InputError, match="not found"):
-        read_run(str(tmp_path / "nope.txt"))
+        read_run(str(tmp_path / name))
+
+
+def test_binary_file_is_refused(tmp_path):
+    path = tmp_path / "run.bin"
+    path.write_bytes(b"1 Q0 d 1 0.5 t\n\xff\xfe\x00garbage\n")
+    with pytest.raises(InputError, match="is not UTF-8 text"):
+        read_run(str(path))
 
 
 @pytest.mark.parametrize("suffix", ["txt", "parquet"])
