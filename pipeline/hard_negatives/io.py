@@ -54,6 +54,29 @@ def read_candidates(uri: str, storage_options: dict | None = None) -> pa.Table:
     return table
 
 
+def read_ranked(uri: str, storage_options: dict | None = None) -> pa.Table:
+    """The rerank job's `ranked/` Parquet (query_id, doc_id, score, rank, carried columns) -> its id and score."""
+    fs, path = url_to_fs(uri, storage_options)
+    table = pq.read_table(path, filesystem=fs, columns=[schema.QUERY_ID, schema.DOC_ID, schema.SCORE])
+    return table.cast(pa.schema([(schema.QUERY_ID, pa.string()), (schema.DOC_ID, pa.string()),
+                                 (schema.SCORE, pa.float32())]))
+
+
+def attach_scores(candidates: pa.Table, ranked: pa.Table) -> tuple[pa.Table, int]:
+    """The input's rows (texts, first-stage columns) with the reranker's `score`, joined by (query_id, doc_id).
+
+    Returns (scored, unscored): input pairs the rerank did not score (its rejected/ table says why) are left
+    out of `scored` and counted in `unscored`, so the stats can report them.
+    """
+    ids = {schema.QUERY_ID: pa.string(), schema.DOC_ID: pa.string()}
+    left = candidates.drop_columns([c for c in (schema.SCORE, schema.RANK) if c in candidates.column_names])
+    for name, dtype in ids.items():
+        left = left.set_column(left.schema.get_field_index(name), name, left[name].cast(dtype))
+    right = ranked.select([schema.QUERY_ID, schema.DOC_ID, schema.SCORE])
+    scored = left.join(right, keys=list(ids), join_type="inner")
+    return scored, candidates.num_rows - scored.num_rows
+
+
 def with_run_metadata(table: pa.Table, run: dict) -> pa.Table:
     return table.replace_schema_metadata({METADATA_KEY: json.dumps(run, sort_keys=True).encode()})
 
@@ -63,11 +86,11 @@ def read_run_metadata(parquet_schema: pa.Schema) -> dict:
 
 
 def write_outputs(output: str, canonical: pa.Table, texts: pa.Table, config: HardNegativesConfig,
-                  run: dict, qrels: pa.Table | None = None) -> dict:
+                  run: dict, qrels: pa.Table | None = None, unscored: int | None = None) -> dict:
     """Write the canonical table, the configured projections and stats.json (last); return the stats.
 
     run: what produced the data (model, revision, dtype, seed, config, config_hash), stored in the Parquet
-    metadata and in stats.json.
+    metadata and in stats.json. unscored: input pairs the rerank did not score (stats `unscored_pairs`).
     """
     fs, root = url_to_fs(output, config.storage_options)
     fs.makedirs(root, exist_ok=True)
@@ -96,6 +119,8 @@ def write_outputs(output: str, canonical: pa.Table, texts: pa.Table, config: Har
                     f.write(json.dumps(record, ensure_ascii=False) + "\n")
             counts["flagembedding_lines"] = len(records)
     stats["projections"] = counts
+    if unscored is not None:
+        stats["unscored_pairs"] = unscored
     stats["run"] = run
     write_json(fs, join(root, STATS), stats)
     return stats

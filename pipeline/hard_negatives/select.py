@@ -49,6 +49,7 @@ from pipeline import schema
 from pipeline.errors import InputError
 from pipeline.hard_negatives import dedup
 from pipeline.hard_negatives.config import SelectionConfig
+from pipeline.quality.ranking import query_groups
 
 log = logging.getLogger(__name__)
 
@@ -105,13 +106,9 @@ def select_negatives(candidates: pa.Table, config: SelectionConfig, qrels: pa.Ta
     if n == 0:
         return CANONICAL_SCHEMA.empty_table()
 
-    query_ids = table[schema.QUERY_ID].to_pylist()
-    doc_ids = table[schema.DOC_ID].to_pylist()
     score = table[schema.SCORE].to_numpy()  # float32, (n,)
-    # Rows are sorted by query, so each query is a contiguous run starting at `starts`.
-    ids = np.array(query_ids, dtype=object)
-    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])  # (num_queries,)
-    group = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, n]))  # (n,) query index, non-decreasing
+    # Rows are sorted by query: group (n,) = the query's index, starts (num_queries,) = its first row.
+    group, starts, _ = query_groups(table[schema.QUERY_ID])
     sizes = np.diff(np.r_[starts, n])
 
     label = table[schema.LABEL]
@@ -168,7 +165,8 @@ def select_negatives(candidates: pa.Table, config: SelectionConfig, qrels: pa.Ta
     if config.sampling == "top":
         order_key = np.arange(n, dtype=np.uint64)  # rows are already hardest-first within each query
     else:
-        order_key = np.fromiter((sample_order_key(config.seed, q, d) for q, d in zip(query_ids, doc_ids)),
+        pairs = zip(table[schema.QUERY_ID].to_pylist(), table[schema.DOC_ID].to_pylist())
+        order_key = np.fromiter((sample_order_key(config.seed, q, d) for q, d in pairs),
                                 dtype=np.uint64, count=n)
     keep = _take_per_query(survivor, order_key, group, starts, quota)
     reason_code[survivor & ~keep] = DROP_REASONS.index(NOT_SAMPLED)

@@ -6,9 +6,8 @@ import pyarrow as pa
 import pytest
 
 from pipeline import schema
-from pipeline.config import load_config
-from pipeline.errors import ConfigError, InputError
-from pipeline.hard_negatives.config import HardNegativesConfig, SelectionConfig
+from pipeline.errors import InputError
+from pipeline.hard_negatives.config import SelectionConfig
 from pipeline.hard_negatives.select import CANONICAL_SCHEMA, DROP_REASON, KEEP, select_negatives
 from pipeline.hard_negatives.stats import compute_stats
 
@@ -111,12 +110,3 @@ def test_a_rank_window_needs_first_stage_ranks():
     assert select_negatives(table, SelectionConfig())[KEEP].to_pylist() == [False, True]
     with pytest.raises(InputError, match="first_stage_rank"):
         select_negatives(table, SelectionConfig(range_min=1))
-
-
-def test_config_errors_name_the_key():
-    with pytest.raises(ConfigError, match="range_max"):
-        load_config(HardNegativesConfig, overrides=["selection.range_min=10", "selection.range_max=5"])
-    with pytest.raises(ConfigError, match="unknown config key `selection.num_negative`"):
-        load_config(HardNegativesConfig, overrides=["selection.num_negative=5"])
-    with pytest.raises(ConfigError, match="selection.sampling"):
-        load_config(HardNegativesConfig, overrides=["selection.sampling=hardest"])
