@@ -29,8 +29,25 @@ from pipeline.storage import join
 log = logging.getLogger("jobs.index_quality")
 
 
+def _drop_options(parser: argparse.ArgumentParser, *dests: str) -> None:
+    """Remove options `base_parser` adds that this job does not offer (argparse has no public way)."""
+    for action in [a for a in parser._actions if a.dest in dests]:
+        parser._remove_action(action)
+        for group in parser._action_groups:
+            if action in group._group_actions:
+                group._group_actions.remove(action)
+        for option in action.option_strings:
+            del parser._option_string_actions[option]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = base_parser("index_quality", __doc__.split("\n\n")[0], model_required=False)
+    # --model/--dtype (rerank the run for label-free measures) need the rerank pipeline's entry point,
+    # pipeline.rerank_job.run_rerank, which does not exist yet: until then the job does not offer them, rather
+    # than accept a model it would ignore. A run that already carries reranker scores gets the same measures
+    # with `--set input.judge_score_column=<column>`.
+    _drop_options(parser, "model", "dtype")
+    parser.description, parser.formatter_class = __doc__, argparse.RawDescriptionHelpFormatter
     parser.add_argument("--run", required=True, help="first-stage results: TREC run file or Parquet (see above)")
     parser.add_argument("--output", required=True, help="output folder (local path or s3://...)")
     parser.add_argument("--qrels", default=None, help="TREC qrels text or Parquet (query_id, doc_id, label)")

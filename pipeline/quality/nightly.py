@@ -6,8 +6,9 @@
     tonight's per-query + history ----> deltas, paired test, alerts
     all of it ------------------------> metrics.json, per_query.parquet, report.html; then the history row
 
-Reranker scores come from the rerank pipeline (the job's `--model`) or from a score column already in the
-run (`input.judge_score_column`). Every measure is better when higher.
+Reranker scores come from a score column already in the run (`input.judge_score_column`, e.g. the rerank
+job's output) or from the caller (`reranker_scores`, for the rerank pipeline run on the fly once the job
+offers `--model`). Every measure is better when higher.
 """
 
 from __future__ import annotations
@@ -160,8 +161,8 @@ def evaluate_night(
     qrels_table = read_qrels(qrels, options) if qrels else None
     judge, unjudged_pairs = _judge_table(pairs, reranker_scores)
     if qrels_table is None and judge is None:
-        raise InputError("nothing to measure: pass --qrels for judged measures, and/or --model (or "
-                         "input.judge_score_column) for label-free measures")
+        raise InputError("nothing to measure: pass --qrels for judged measures, and/or a run carrying reranker "
+                         "scores with `--set input.judge_score_column=<column>` for label-free measures")
 
     measured = measure(config, pairs, qrels_table, judge)
     store = History(history, options) if history else None

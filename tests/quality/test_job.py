@@ -152,3 +152,10 @@ def test_command_line_exit_codes(shared_data, tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [f"error: {str(tmp_path / 'missing.txt')!r} not found"]
+
+
+def test_model_is_not_offered_until_the_rerank_pipeline_exists(tmp_path, capsys):
+    # pipeline.rerank_job.run_rerank is not there yet; a --model the job would ignore must be refused.
+    with pytest.raises(SystemExit) as info:
+        main(["--run", "r", "--output", str(tmp_path), "--model", "dummy:tiny"])
+    assert info.value.code == 2 and "unrecognized arguments: --model" in capsys.readouterr().err
