@@ -17,3 +17,34 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         raise RuntimeError(f"real data not found at {SHARED_DATA}; set SHARED_DATA to the shared/data folder")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 API server (moto in server mode) on 127.0.0.1, a random free port, for the whole session."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+S3_KEY, S3_SECRET = "testing-key", "s3cr3t-never-logged"
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint, monkeypatch, request) -> tuple[str, dict]:
+    """A fresh bucket: ("s3://<bucket>", storage_options for s3fs)."""
+    import re
+
+    import s3fs
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", S3_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", S3_SECRET)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    options = {"endpoint_url": s3_endpoint, "key": S3_KEY, "secret": S3_SECRET}
+    bucket = ("t-" + re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()))[:50].strip("-")
+    s3fs.S3FileSystem(**options).mkdir(bucket)
+    return f"s3://{bucket}", options

@@ -244,3 +244,32 @@ def load_model(directory: str, allow_pickle: bool = False) -> tuple[CrossEncoder
     if raw_config.get(DUMMY_MARKER):
         logger.warning("RANDOM WEIGHTS: %s is a dummy checkpoint; its scores mean nothing", directory)
     return model.eval(), layout, raw_config
+
+
+def inspect_checkpoint(directory: str) -> tuple[Layout, ModelConfig]:
+    """Layout and config of a checkpoint without loading its weights (safetensors headers only)."""
+    from safetensors import safe_open
+
+    files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
+    names: list[str] = []
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            names.extend(f.keys())
+    if not names:
+        read_weights(directory, allow_pickle=True)  # raises the "no weights" error when there are none
+        names = list(torch.load(sorted(glob.glob(os.path.join(directory, "*.bin")))[0], map_location="meta",
+                                weights_only=True))
+    layout = detect_layout(names)
+    return layout, model_config_from_json(read_config(directory), layout)
+
+
+def resolve_model_directory(name_or_path: str, revision: str | None = None) -> tuple[str, str]:
+    """(directory, revision) for a local dir, a hub id, or `dummy:<architecture>` (built once and cached)."""
+    if name_or_path.startswith("dummy:"):
+        from pipeline.model.dummy import dummy_checkpoint
+
+        try:
+            return dummy_checkpoint(name_or_path.split(":", 1)[1]), revision or "random-weights"
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+    return resolve_checkpoint(name_or_path, revision)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import CheckpointError
-from pipeline.model.checkpoint import DUMMY_MARKER, load_model, resolve_checkpoint
+from pipeline.model.checkpoint import DUMMY_MARKER, load_model, resolve_model_directory
 from pipeline.model.modeling import CrossEncoderModel, select_attention_backend
 from pipeline.model.packing import PackedBatch, pack, token_budget_batches
 from pipeline.model.tokenization import PairTokenizer
@@ -86,16 +86,7 @@ class CrossEncoder:
                         allow_pickle: bool = False, attention_backend: str | None = None,
                         max_chars_per_token: int | None = None) -> "CrossEncoder":
         """A local directory, a Hugging Face hub id, or `dummy:<architecture>` (random weights, see dummy.py)."""
-        if name_or_path.startswith("dummy:"):
-            from pipeline.model.dummy import dummy_checkpoint
-
-            try:
-                directory = dummy_checkpoint(name_or_path.split(":", 1)[1])
-            except ValueError as e:
-                raise CheckpointError(str(e)) from None
-            revision = revision or "random-weights"
-        else:
-            directory, revision = resolve_checkpoint(name_or_path, revision)
+        directory, revision = resolve_model_directory(name_or_path, revision)
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         model, layout, raw_config = load_model(directory, allow_pickle=allow_pickle)

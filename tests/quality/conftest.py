@@ -1,9 +1,8 @@
 """Fixtures of the index-quality tests: the real TREC DL 2019 candidates as the rerank job's Parquet input,
-and a real S3 server (moto in server mode on loopback) for object-storage outputs and history."""
+(the S3 server fixtures live in tests/conftest.py)."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
@@ -40,29 +39,3 @@ def dl19_long(shared_data: Path, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("dl19") / "dl19_long.parquet"
     pq.write_table(table, path)
     return path
-
-
-@pytest.fixture(scope="session")
-def s3_endpoint():
-    """A moto S3 server on 127.0.0.1 (a random free port) for the whole session."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def s3_bucket(s3_endpoint, monkeypatch, request) -> tuple[str, dict]:
-    """A fresh bucket: ("s3://<bucket>", storage_options for s3fs)."""
-    import s3fs
-
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        monkeypatch.setenv(name, "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    options = {"endpoint_url": s3_endpoint, "key": "testing", "secret": "testing"}
-    bucket = ("quality-" + re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()))[:50].strip("-")
-    s3fs.S3FileSystem(**options).mkdir(bucket)
-    return f"s3://{bucket}", options

@@ -1,0 +1,31 @@
+"""python -m jobs.rerank --input URI --output URI --model NAME_OR_PATH [--dtype ...] [--config FILE] [--set k=v ...]
+
+Scores every (query, document) pair of a Parquet table with a cross-encoder on Ray Data and writes the
+pairs ranked per query, the rejected rows with their reasons, and summary.json (last) under --output.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Sequence
+
+from pipeline.cli import base_parser, run_main, setup_logging
+from pipeline.config import load_config
+from pipeline.rerank_config import RerankConfig
+from pipeline.rerank_job import run_rerank
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = base_parser("python -m jobs.rerank", __doc__.splitlines()[2], model_required=False)
+    parser.add_argument("--input", required=True, help="Parquet file, folder or glob: local path or s3://, gs://, file://")
+    parser.add_argument("--output", required=True, help="output folder: local path or object-storage URI")
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    config = load_config(RerankConfig, args.config, args.overrides, model=args.model, dtype=args.dtype)
+    summary = run_rerank(config, args.input, args.output)
+    print(json.dumps({k: summary[k] for k in ("input_rows", "scored_rows", "rejected_rows", "pairs_per_s")}))
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

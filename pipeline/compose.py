@@ -1,0 +1,70 @@
+"""The rerank pipeline on Ray Data, read top to bottom like its data-flow diagram.
+
+Fault tolerance is Ray Data's own: its actor pools restart a dead actor and retry its tasks
+(max_restarts=-1, max_task_retries=-1 by default); exactly-once output is ours (see rerank_job.py).
+
+    shards -> read + validate -> tokenize (CPU actors) -> score (GPU or CPU actors) -> write staging
+    buckets -> rank -> write ranked/
+
+Stages are plain classes (pipeline/stages/); this module only says where each runs and how many.
+"""
+
+from __future__ import annotations
+
+import ray
+from ray.data import ActorPoolStrategy
+
+from pipeline.rerank_config import RerankConfig
+from pipeline.stages.rank import RankBucket
+from pipeline.stages.read import ReadShard, Shard
+from pipeline.stages.score import ScoreStage
+from pipeline.stages.tokenize import TokenizeStage
+from pipeline.stages.validate import InputLayout
+from pipeline.stages.write import WriteScored
+
+# Reading and writing are I/O: a fraction of a CPU each, so they never starve the tokenizer or scorer.
+IO_CPUS = 0.25
+
+
+def scorer_pool(config: RerankConfig) -> tuple[int, dict]:
+    """Fixed pool size and per-actor resources: one actor per GPU (all start together), else CPU actors."""
+    s = config.scorer
+    gpus = ray.cluster_resources().get("GPU", 0) if s.device in ("auto", "cuda") else 0
+    if gpus:
+        size = s.num_actors or max(1, int(gpus // s.num_gpus_per_actor))
+        return size, {"num_gpus": s.num_gpus_per_actor, "num_cpus": s.num_cpus}
+    return s.num_actors or 1, {"num_cpus": s.num_cpus}
+
+
+def scoring_dataset(shards: list[Shard], layout: InputLayout, config: RerankConfig, input_uri: str,
+                    work_uri: str, num_buckets: int) -> ray.data.Dataset:
+    """Yields one report row per staging file written (see stages/write.py)."""
+    size, resources = scorer_pool(config)
+    ds = ray.data.from_items([s.to_item() for s in shards], override_num_blocks=len(shards))
+    ds = ds.map_batches(ReadShard, fn_constructor_kwargs=dict(layout=layout, storage_options=config.storage_options,
+                                                             uri=input_uri),
+                        batch_size=1, batch_format="pyarrow", compute=ActorPoolStrategy(size=1), num_cpus=IO_CPUS)
+    ds = ds.map_batches(TokenizeStage, fn_constructor_kwargs=dict(model=config.model, revision=config.revision,
+                                                                 config=config.tokenizer),
+                        batch_size=config.tokenizer.batch_size, batch_format="pyarrow",
+                        compute=ActorPoolStrategy(size=config.tokenizer.num_actors), num_cpus=config.tokenizer.num_cpus)
+    ds = ds.map_batches(ScoreStage, fn_constructor_kwargs=dict(
+                            model=config.model, revision=config.revision, dtype=config.dtype, config=config.scorer,
+                            scorers_uri=f"{work_uri}/scorers", storage_options=config.storage_options),
+                        batch_size=config.scorer.batch_size, batch_format="pyarrow",
+                        compute=ActorPoolStrategy(size=size,
+                                                  max_tasks_in_flight_per_actor=config.scorer.max_tasks_in_flight_per_actor),
+                        **resources)
+    return ds.map_batches(WriteScored, fn_constructor_kwargs=dict(work_uri=work_uri, storage_options=config.storage_options,
+                                                                 num_buckets=num_buckets, grouped=layout.grouped),
+                          batch_size=None, batch_format="pyarrow", compute=ActorPoolStrategy(size=1), num_cpus=IO_CPUS)
+
+
+def ranking_dataset(buckets: list[dict], config: RerankConfig, output_uri: str, rejected_schema) -> ray.data.Dataset:
+    """Yields one report row per bucket ranked."""
+    ds = ray.data.from_items(buckets, override_num_blocks=len(buckets))
+    return ds.map_batches(RankBucket, fn_constructor_kwargs=dict(output_uri=output_uri,
+                                                                storage_options=config.storage_options,
+                                                                top_k=config.output.top_k,
+                                                                rejected_schema=rejected_schema),
+                          batch_size=1, batch_format="pyarrow", compute=ActorPoolStrategy(size=1), num_cpus=IO_CPUS)

@@ -1,0 +1,63 @@
+"""Settings of the rerank job (and of every job that reranks through it): defaults here, YAML in configs/."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field
+
+from pipeline.config import StrictModel
+
+
+class InputConfig(StrictModel):
+    format: Literal["auto", "long", "grouped"] = "auto"  # auto: grouped if the candidates column exists
+    query_id_column: str = "query_id"
+    query_column: str = "query"
+    doc_id_column: str = "doc_id"
+    document_column: str = "document"
+    candidates_column: str = "candidates"  # grouped format: list<struct<doc_id, document, ...>>
+    # Input files are cut into shards of about this many rows (whole Parquet row groups). A shard is the
+    # unit of resume: a rerun skips shards whose manifest was written.
+    rows_per_shard: int = Field(100_000, ge=1)
+
+
+class TokenizerConfig(StrictModel):
+    max_length: int = Field(1024, ge=8)              # jina-reranker-v2's limit; capped by the model's positions
+    max_chars_per_token: int = Field(32, ge=1)       # texts are cut to max_length * this before tokenizing
+    long_documents: Literal["truncate", "windows"] = "truncate"  # windows: jina's rerank() chunking, max over windows
+    max_query_length: int = Field(512, ge=1)         # windows mode only
+    overlap: int = Field(80, ge=0)                   # windows mode only
+    num_actors: int = Field(1, ge=1)
+    num_cpus: float = Field(0.5, gt=0)
+    batch_size: int = Field(1024, ge=1)              # rows handed to one tokenizer call
+
+
+class ScorerConfig(StrictModel):
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when the cluster has GPUs
+    # Actors in the fixed-size pool. None: one per GPU in the cluster (num_gpus_per_actor each), or 1 on CPU.
+    num_actors: Optional[int] = Field(None, ge=1)
+    num_gpus_per_actor: float = Field(1.0, gt=0, le=8)  # fractional for small models
+    num_cpus: float = Field(1.0, gt=0)               # per actor; on a CPU-only machine the actor's compute share
+    torch_threads: Optional[int] = Field(None, ge=1)  # CPU scoring threads per actor (None: torch's default)
+    max_tokens_per_batch: Optional[int] = Field(None, ge=16)  # None: the engine's default for the device
+    max_tasks_in_flight_per_actor: int = Field(2, ge=1)  # >= 2 so the next batch is ready when one finishes
+    batch_size: int = Field(2048, ge=1)              # rows handed to one scorer call (not a micro-batch)
+
+
+class OutputConfig(StrictModel):
+    top_k: Optional[int] = Field(None, ge=1)         # keep only the best k per query in ranked/
+    rows_per_bucket: int = Field(1_000_000, ge=1)    # long input: ranking buckets by hash(query_id)
+
+
+class RerankConfig(StrictModel):
+    model: str = "jinaai/jina-reranker-v2-base-multilingual"
+    revision: Optional[str] = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    allow_pickle: bool = False
+    input: InputConfig = InputConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    scorer: ScorerConfig = ScorerConfig()
+    output: OutputConfig = OutputConfig()
+    storage_options: dict = {}                       # passed to fsspec (s3fs: key, secret, endpoint_url...)
+    ray_address: Optional[str] = None                # None: connect to RAY_ADDRESS or start a local Ray
+    progress_interval_s: float = Field(5.0, gt=0)

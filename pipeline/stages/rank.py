@@ -1,0 +1,97 @@
+"""Rank one bucket: every row of the queries hashed to it, read back from the staging files.
+
+In order: drop exact repeats of a (row, window) (a retried task may have written a batch twice), keep
+each row's best window (jina's max over windows), reject repeated (query_id, doc_id) pairs (the first
+in input order is kept), rank within each query by score descending with ties broken by doc_id
+ascending, keep the best `top_k`, and write `ranked/part-BBBBB.parquet` (plus the duplicates to
+`rejected/`). Files are written to a temporary name and moved, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline import schema as S
+from pipeline.stages.read import ROW, SHARD
+from pipeline.storage import join, url_to_fs
+
+DUPLICATE = "duplicate (query_id, doc_id)"
+
+
+def _first_per_key(table: pa.Table, keys: list[str]) -> np.ndarray:
+    """Boolean mask of the first row of each run of equal `keys` in an already sorted table."""
+    n = table.num_rows
+    first = np.ones(n, dtype=bool)
+    if n > 1:
+        same = np.ones(n - 1, dtype=bool)
+        for key in keys:
+            col = table.column(key)
+            same &= pc.fill_null(pc.equal(col.slice(1), col.slice(0, n - 1)), False).to_numpy(zero_copy_only=False)
+        first[1:] = ~same
+    return first
+
+
+def rank_rows(table: pa.Table, top_k: int | None) -> tuple[pa.Table, pa.Table, int]:
+    """(ranked rows, duplicate rows, number of distinct scored pairs before top_k) from a bucket's rows."""
+    table = table.sort_by([(ROW, "ascending"), (S.WINDOW, "ascending")])
+    table = table.filter(pa.array(_first_per_key(table, [ROW, S.WINDOW])))
+    best = table.group_by(ROW).aggregate([(S.SCORE, "max")]).rename_columns([ROW, "_best"])
+    table = table.filter(pc.equal(table.column(S.WINDOW), 0)).join(best, ROW).sort_by([(ROW, "ascending")])
+    table = table.set_column(table.schema.get_field_index(S.SCORE), S.SCORE, table.column("_best").cast(pa.float32()))
+    by_pair = table.sort_by([(S.QUERY_ID, "ascending"), (S.DOC_ID, "ascending"), (ROW, "ascending")])
+    first = _first_per_key(by_pair, [S.QUERY_ID, S.DOC_ID])
+    duplicates, table = by_pair.filter(pa.array(~first)), by_pair.filter(pa.array(first))
+    table = table.sort_by([(S.QUERY_ID, "ascending"), (S.SCORE, "descending"), (S.DOC_ID, "ascending")])
+    starts = _first_per_key(table, [S.QUERY_ID])
+    position = np.arange(table.num_rows)
+    group_start = np.maximum.accumulate(np.where(starts, position, 0))
+    rank = (position - group_start + 1).astype(np.int32)
+    table = table.append_column(S.RANK, pa.array(rank))
+    scored = table.num_rows
+    if top_k is not None:
+        table = table.filter(pa.array(rank <= top_k))
+    internal = [ROW, SHARD, S.WINDOW, S.NUM_TOKENS, "_best"]
+    table = table.drop_columns([c for c in internal if c in table.column_names])
+    front = [S.QUERY_ID, S.DOC_ID, S.SCORE, S.RANK]
+    table = table.select(front + [c for c in table.column_names if c not in front])
+    return table, duplicates, scored
+
+
+class RankBucket:
+    def __init__(self, output_uri: str, storage_options: dict, top_k: int | None, rejected_schema: pa.Schema):
+        self.fs, self.root = url_to_fs(output_uri, storage_options)
+        self.top_k = top_k
+        self.rejected_schema = rejected_schema
+
+    def _write_atomic(self, table: pa.Table, path: str) -> None:
+        tmp = path + ".tmp"
+        with self.fs.open(tmp, "wb") as f:
+            pq.write_table(table, f)
+        self.fs.mv(tmp, path)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        reports = []
+        for item in batch.to_pylist():
+            tables = []
+            for path in item["files"]:
+                with self.fs.open(path, "rb") as f:
+                    tables.append(pq.read_table(f))
+            rows = pa.concat_tables(tables, promote_options="default")
+            ranked, duplicates, scored = rank_rows(rows, self.top_k)
+            self.fs.makedirs(join(self.root, "ranked"), exist_ok=True)
+            self._write_atomic(ranked, join(self.root, "ranked", f"part-{item['bucket']:05d}.parquet"))
+            if duplicates.num_rows:
+                dup = pa.table({f.name: (duplicates.column(f.name).cast(f.type) if f.name in duplicates.column_names
+                                         else pa.nulls(duplicates.num_rows, f.type)) for f in self.rejected_schema},
+                               schema=self.rejected_schema)
+                dup = dup.set_column(dup.schema.get_field_index(S.REASON), S.REASON,
+                                     pa.array([DUPLICATE] * dup.num_rows, pa.string()))
+                self.fs.makedirs(join(self.root, "rejected"), exist_ok=True)
+                self._write_atomic(dup, join(self.root, "rejected", f"duplicates-{item['bucket']:05d}.parquet"))
+            reports.append({"bucket": item["bucket"], "scored": scored, "written": ranked.num_rows,
+                            "duplicates": duplicates.num_rows})
+        return pa.Table.from_pylist(reports, schema=pa.schema([("bucket", pa.int64()), ("scored", pa.int64()),
+                                                               ("written", pa.int64()), ("duplicates", pa.int64())]))

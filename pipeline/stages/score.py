@@ -1,0 +1,60 @@
+"""Score token lists with the cross-encoder on an accelerator (or CPU) actor.
+
+Adds:  score float32 (raw logit; null for rejected rows). Drops the token lists: downstream needs none.
+The actor cuts its own micro-batches by a token budget (`max_tokens_per_batch`) over the length-sorted
+rows it receives; Ray's `batch_size` only sets how many rows arrive per call.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from pipeline import schema as S
+from pipeline.model import CrossEncoder
+from pipeline.rerank_config import ScorerConfig
+from pipeline.stages.tokenize import list_to_numpy
+from pipeline.storage import join, url_to_fs
+
+# Chaos hook for the reliability test: when set to a path that does not exist yet, the first actor to
+# receive a batch creates it and dies mid-batch (a real process exit, as an OOM kill would be).
+FAULT_ENV = "RERANK_FAULT_KILL_SCORER_ONCE"
+
+
+class ScoreStage:
+    def __init__(self, model: str, revision: str | None, dtype: str, config: ScorerConfig,
+                 scorers_uri: str, storage_options: dict):
+        if config.torch_threads:
+            torch.set_num_threads(config.torch_threads)
+        device = "cuda" if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()) else "cpu"
+        self.encoder = CrossEncoder.from_pretrained(model, device=device, dtype=dtype, revision=revision)
+        self.max_tokens = config.max_tokens_per_batch
+        # Record what really ran (dtype, kernel, device) for the job's summary.
+        fs, path = url_to_fs(scorers_uri, storage_options)
+        fs.makedirs(path, exist_ok=True)
+        info = self.encoder.describe() | {"torch_threads": torch.get_num_threads(), "pid": os.getpid()}
+        with fs.open(join(path, f"{uuid.uuid4().hex}.json"), "w") as f:
+            json.dump(info, f)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        marker = os.environ.get(FAULT_ENV)
+        if marker and not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(1)
+        valid = pc.is_null(batch.column(S.REASON)).to_numpy(zero_copy_only=False)
+        index = np.flatnonzero(valid)
+        ids = list_to_numpy(batch.column(S.INPUT_IDS))
+        types = list_to_numpy(batch.column(S.TOKEN_TYPE_IDS)) if S.TOKEN_TYPE_IDS in batch.column_names else None
+        logits = self.encoder.score_tokens([ids[i] for i in index],
+                                           None if types is None else [types[i] for i in index],
+                                           max_tokens_per_batch=self.max_tokens)
+        score = np.zeros(batch.num_rows, dtype=np.float32)
+        score[index] = logits
+        out = batch.drop_columns([c for c in (S.INPUT_IDS, S.TOKEN_TYPE_IDS) if c in batch.column_names])
+        return out.append_column(S.SCORE, pa.array(score, mask=~valid))

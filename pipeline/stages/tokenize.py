@@ -1,0 +1,95 @@
+"""Tokenize pairs on CPU actors into unpadded token lists, sorted by length within the batch.
+
+Adds:  input_ids list<int32>, token_type_ids list<int8> (BERT only), num_tokens int32, window int32.
+Valid rows lose their texts here (set to null): from now on only token ids travel. Rejected rows keep
+theirs for `rejected/`. In `windows` mode a long document becomes several rows (window 0, 1, ...) that
+share its `_row`; the ranking stage keeps the best window (jina's rerank semantics).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline import schema as S
+from pipeline.model.checkpoint import inspect_checkpoint, resolve_model_directory
+from pipeline.model.tokenization import PairTokenizer
+from pipeline.rerank_config import TokenizerConfig
+
+
+def list_column(arrays: list[np.ndarray], value_type: pa.DataType) -> pa.Array:
+    """list<value_type> from numpy arrays, built from one flat buffer and offsets (no per-row objects)."""
+    lengths = np.fromiter((len(a) for a in arrays), dtype=np.int32, count=len(arrays))
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = np.concatenate(arrays) if arrays else np.zeros(0)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=value_type))
+
+
+def list_to_numpy(column: pa.ChunkedArray | pa.Array) -> list[np.ndarray]:
+    """The inverse of `list_column`: zero-copy numpy views, one per row."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    offsets = arr.offsets.to_numpy()
+    values = arr.values.to_numpy(zero_copy_only=False)
+    return [values[offsets[i]:offsets[i + 1]] for i in range(len(arr))]
+
+
+class TokenizeStage:
+    def __init__(self, model: str, revision: str | None, config: TokenizerConfig):
+        directory, _ = resolve_model_directory(model, revision)
+        _, model_config = inspect_checkpoint(directory)
+        self.return_token_types = model_config.type_vocab_size > 1
+        self.tokenizer = PairTokenizer.from_dir(directory, return_token_types=self.return_token_types,
+                                                max_chars_per_token=config.max_chars_per_token)
+        self.config = config
+        self.max_length = min(config.max_length, model_config.max_tokens_per_sequence)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        valid = pc.is_null(batch.column(S.REASON)).to_numpy(zero_copy_only=False)
+        valid_index = np.flatnonzero(valid)
+        queries = batch.column(S.QUERY).take(valid_index).to_pylist()
+        documents = batch.column(S.DOCUMENT).take(valid_index).to_pylist()
+        if self.config.long_documents == "windows":
+            ids, types, source, window = self._windows(queries, documents)
+            source = valid_index[source]
+        else:
+            ids, types = self.tokenizer.encode_pairs(queries, documents, self.max_length)
+            source, window = valid_index, np.zeros(len(valid_index), dtype=np.int32)
+        rejected_index = np.flatnonzero(~valid)
+        # Longest first: the scorer's micro-batches then hold similar lengths.
+        lengths = np.fromiter((len(x) for x in ids), dtype=np.int32, count=len(ids))
+        order = np.argsort(-lengths, kind="stable")
+        take = np.concatenate([source[order], rejected_index]).astype(np.int64)
+        out = batch.take(pa.array(take))
+        n_rejected = len(rejected_index)
+        empty = [np.zeros(0, np.int32)] * n_rejected
+        keep_text = pa.array(np.concatenate([np.zeros(len(order), bool), np.ones(n_rejected, bool)]))
+        for name in (S.QUERY, S.DOCUMENT):
+            col = out.column(name)
+            out = out.set_column(out.schema.get_field_index(name), name,
+                                 pc.if_else(keep_text, col, pa.nulls(len(col), pa.string())))
+        out = out.append_column(S.INPUT_IDS, list_column([ids[i] for i in order] + empty, pa.int32()))
+        if self.return_token_types:
+            out = out.append_column(S.TOKEN_TYPE_IDS, list_column(
+                [types[i] for i in order] + [np.zeros(0, np.int8)] * n_rejected, pa.int8()))
+        out = out.append_column(S.NUM_TOKENS, pa.array(np.concatenate([lengths[order], np.zeros(n_rejected, np.int32)])))
+        return out.append_column(S.WINDOW, pa.array(np.concatenate([window[order], np.zeros(n_rejected, np.int32)])))
+
+    def _windows(self, queries, documents):
+        ids, types, source, window = [], [], [], []
+        by_query: dict[str, list[int]] = {}
+        for i, q in enumerate(queries):
+            by_query.setdefault(q, []).append(i)
+        for q, rows in by_query.items():
+            w_ids, w_types, owners = self.tokenizer.windows(
+                q, [documents[i] for i in rows], self.max_length, self.config.max_query_length, self.config.overlap)
+            counter: dict[int, int] = {}
+            for k, owner in enumerate(owners):
+                ids.append(w_ids[k])
+                types.append(w_types[k] if w_types is not None else None)
+                source.append(rows[owner])
+                window.append(counter.get(owner, 0))
+                counter[owner] = counter.get(owner, 0) + 1
+        return ids, (types if self.return_token_types else None), np.asarray(source, dtype=np.int64), \
+            np.asarray(window, dtype=np.int32)

@@ -1,0 +1,223 @@
+"""Input validation: table-level problems stop the job before any work; row-level ones reject the row.
+
+Table level (driver, from Parquet schemas alone): a missing column, a text column that is not text, an id
+column that is neither integer nor string, a grouped `candidates` column without doc_id/document fields.
+Each is an `InputError` that names the column and the config key to set.
+
+Row level (`row_reasons`, in the read stage): null or empty query, null or empty document, missing ids,
+a grouped query with no candidates. Duplicate (query_id, doc_id) pairs are found later, when a query's
+rows meet in the ranking stage. Rejected rows keep their input columns and get a `reason`.
+
+Ids may be strings or integers; when input files disagree (ints in one, strings in another) every id is
+read as a string, so one query never splits into two.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline import schema as S
+from pipeline.errors import InputError
+from pipeline.rerank_config import InputConfig
+
+# Input columns renamed on the way in, so the reranker's own `score` and `rank` do not overwrite them.
+FIRST_STAGE_RENAMES = {S.SCORE: S.FIRST_STAGE_SCORE, S.RANK: S.FIRST_STAGE_RANK}
+NO_CANDIDATES = "query has no candidates"
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+def _id_type(column: str, types: set[pa.DataType], key: str) -> pa.DataType:
+    if all(pa.types.is_integer(t) for t in types):
+        return pa.int64()
+    if all(pa.types.is_integer(t) or _is_text(t) or pa.types.is_null(t) for t in types):
+        return pa.string()
+    found = ", ".join(sorted(str(t) for t in types))
+    raise InputError(f"id column `{column}` has type {found}; ids must be integers or strings "
+                     f"(cast the column, or point `{key}` at another column)")
+
+
+@dataclass
+class InputLayout:
+    """What the input looks like, decided once on the driver from every file's schema."""
+
+    grouped: bool
+    config: InputConfig
+    query_id_type: pa.DataType
+    doc_id_type: pa.DataType
+    carried: list[pa.Field] = field(default_factory=list)        # query-level extra columns, output names
+    candidate_carried: list[pa.Field] = field(default_factory=list)  # grouped: extra candidate struct fields
+
+    @property
+    def candidates(self) -> str:
+        return self.config.candidates_column
+
+    @property
+    def read_columns(self) -> list[str]:
+        c = self.config
+        base = [c.query_id_column, c.query_column]
+        base += [c.candidates_column] if self.grouped else [c.doc_id_column, c.document_column]
+        return base + [self._source_name(f.name) for f in self.carried]
+
+    def _source_name(self, out_name: str) -> str:
+        for src, dst in FIRST_STAGE_RENAMES.items():
+            if out_name == dst and getattr(self, "_renamed", {}).get(dst) == src:
+                return src
+        return out_name
+
+    @property
+    def pair_schema(self) -> pa.Schema:
+        """Long-format rows after normalization (before stage bookkeeping columns)."""
+        return pa.schema([
+            pa.field(S.QUERY_ID, self.query_id_type), pa.field(S.QUERY, pa.string()),
+            pa.field(S.DOC_ID, self.doc_id_type), pa.field(S.DOCUMENT, pa.string()),
+            *self.carried, *self.candidate_carried,
+        ])
+
+    @property
+    def carried_names(self) -> list[str]:
+        return [f.name for f in self.carried] + [f.name for f in self.candidate_carried]
+
+    def empty_rows(self) -> pa.Table:
+        schema = self.pair_schema.append(pa.field("_shard", pa.int32())).append(pa.field("_row", pa.int64()))
+        return schema.append(pa.field(S.REASON, pa.string())).empty_table()
+
+    @classmethod
+    def from_schemas(cls, schemas: list[pa.Schema], config: InputConfig) -> "InputLayout":
+        c = config
+        names = set().union(*(s.names for s in schemas))
+        grouped = c.format == "grouped" or (c.format == "auto" and c.candidates_column in names)
+        required = [c.query_id_column, c.query_column] + (
+            [c.candidates_column] if grouped else [c.doc_id_column, c.document_column])
+        keys = {c.query_id_column: "input.query_id_column", c.query_column: "input.query_column",
+                c.doc_id_column: "input.doc_id_column", c.document_column: "input.document_column",
+                c.candidates_column: "input.candidates_column"}
+        for i, s in enumerate(schemas):
+            for col in required:
+                if col not in s.names:
+                    raise InputError(f"column `{col}` not found in input file {i + 1}; columns are {s.names}; "
+                                     f"set `{keys[col]}` to the right name")
+
+        def types(col):
+            return {s.field(col).type for s in schemas if col in s.names}
+
+        for col in [c.query_column] + ([] if grouped else [c.document_column]):
+            bad = [t for t in types(col) if not (_is_text(t) or pa.types.is_null(t))]
+            if bad:
+                raise InputError(f"text column `{col}` has type {bad[0]}, not string; cast it to string "
+                                 f"or set `{keys[col]}` to the text column")
+        query_id_type = _id_type(c.query_id_column, types(c.query_id_column), keys[c.query_id_column])
+        candidate_carried: list[pa.Field] = []
+        if grouped:
+            doc_id_types, doc_types, extra = set(), set(), {}
+            for t in types(c.candidates_column):
+                if not (pa.types.is_list(t) or pa.types.is_large_list(t)) or not pa.types.is_struct(t.value_type):
+                    raise InputError(f"`{c.candidates_column}` has type {t}; grouped input needs "
+                                     "list<struct<doc_id, document, ...>>")
+                struct = t.value_type
+                for need in (c.doc_id_column, c.document_column):
+                    if struct.get_field_index(need) < 0:
+                        raise InputError(f"`{c.candidates_column}` structs lack the field `{need}`; fields are "
+                                         f"{[f.name for f in struct]}")
+                doc_id_types.add(struct.field(c.doc_id_column).type)
+                doc_types.add(struct.field(c.document_column).type)
+                for f in struct:
+                    if f.name not in (c.doc_id_column, c.document_column):
+                        extra[f.name] = f
+            if any(not (_is_text(t) or pa.types.is_null(t)) for t in doc_types):
+                raise InputError(f"candidate field `{c.document_column}` is not text ({doc_types}); cast it to string")
+            doc_id_type = _id_type(c.doc_id_column, doc_id_types, keys[c.doc_id_column])
+            candidate_carried = [pa.field(FIRST_STAGE_RENAMES.get(n, n), f.type) for n, f in extra.items()]
+        else:
+            doc_id_type = _id_type(c.doc_id_column, types(c.doc_id_column), keys[c.doc_id_column])
+
+        skip = set(required)
+        others: dict[str, list[pa.DataType]] = {}
+        for s in schemas:
+            for f in s:
+                if f.name not in skip:
+                    others.setdefault(f.name, []).append(f.type)
+        carried, renamed = [], {}
+        for name, ts in others.items():
+            try:
+                unified = pa.unify_schemas([pa.schema([pa.field(name, t)]) for t in ts],
+                                           promote_options="permissive").field(name).type
+            except (pa.ArrowInvalid, pa.ArrowTypeError):
+                raise InputError(f"column `{name}` has different types across input files ({sorted(map(str, ts))}); "
+                                 "make them agree") from None
+            out = FIRST_STAGE_RENAMES.get(name, name)
+            if out != name:
+                if out in others:
+                    out = name  # the input already has first_stage_*: keep both under their own names
+                else:
+                    renamed[out] = name
+            carried.append(pa.field(out, unified))
+        names_out = [f.name for f in carried] + [f.name for f in candidate_carried]
+        reserved = {S.SCORE, S.RANK, S.REASON, S.QUERY_ID, S.DOC_ID, S.QUERY, S.DOCUMENT}
+        clash = [n for n in names_out if n in reserved or n.startswith("_")]
+        if clash:
+            raise InputError(f"input column(s) {clash} collide with output columns; rename them")
+        layout = cls(grouped, config, query_id_type, doc_id_type, carried, candidate_carried)
+        layout._renamed = renamed
+        return layout
+
+    def normalize(self, table: pa.Table) -> pa.Table:
+        """Raw input rows -> long-format pair rows with canonical names and types (grouped input exploded)."""
+        c = self.config
+        columns = {f.name: (table.column(self._source_name(f.name)).cast(f.type)
+                            if self._source_name(f.name) in table.column_names else pa.nulls(table.num_rows, f.type))
+                   for f in self.carried}
+        query_id = table.column(c.query_id_column).cast(self.query_id_type)
+        query = table.column(c.query_column).cast(pa.string())
+        if not self.grouped:
+            out = {S.QUERY_ID: query_id, S.QUERY: query,
+                   S.DOC_ID: table.column(c.doc_id_column).cast(self.doc_id_type),
+                   S.DOCUMENT: table.column(c.document_column).cast(pa.string()), **columns}
+            return pa.table(out, schema=self.pair_schema.remove_metadata())
+        # Grouped: one row per candidate; a query with no candidates keeps one row (rejected later).
+        lists = table.column(c.candidates_column).combine_chunks()
+        lengths = pc.fill_null(pc.list_value_length(lists), 0)
+        empty = pc.equal(lengths, 0)
+        # Give empty lists one null element so the explode keeps the query.
+        struct_type = lists.type.value_type
+        filled = pa.array([v if v else [None] for v in lists.to_pylist()], type=pa.list_(struct_type))
+        parent = pc.list_parent_indices(filled)
+        flat = pc.list_flatten(filled)
+        out = {S.QUERY_ID: query_id.take(parent), S.QUERY: query.take(parent),
+               S.DOC_ID: pc.struct_field(flat, c.doc_id_column).cast(self.doc_id_type),
+               S.DOCUMENT: pc.struct_field(flat, c.document_column).cast(pa.string())}
+        for f in self.carried:
+            out[f.name] = columns[f.name].take(parent)
+        inverse = {v: k for k, v in FIRST_STAGE_RENAMES.items()}
+        for f in self.candidate_carried:
+            src = f.name if struct_type.get_field_index(f.name) >= 0 else inverse.get(f.name, f.name)
+            out[f.name] = (pc.struct_field(flat, src).cast(f.type) if struct_type.get_field_index(src) >= 0
+                           else pa.nulls(len(flat), f.type))
+        result = pa.table(out, schema=self.pair_schema.remove_metadata())
+        no_candidates = empty.take(parent)
+        return result.append_column("_no_candidates", no_candidates)
+
+
+def row_reasons(table: pa.Table) -> pa.Array:
+    """Why each row cannot be scored (null where it can), first failing check wins."""
+    n = table.num_rows
+    no_candidates = table.column("_no_candidates") if "_no_candidates" in table.column_names else pa.array([False] * n)
+    query, document = table.column(S.QUERY), table.column(S.DOCUMENT)
+    checks = [
+        (no_candidates, NO_CANDIDATES),
+        (pc.is_null(table.column(S.QUERY_ID)), "missing query_id"),
+        (pc.is_null(table.column(S.DOC_ID)), "missing doc_id"),
+        (pc.is_null(query), "query is null"),
+        (pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(pc.fill_null(query, "x"))), 0), "empty query"),
+        (pc.is_null(document), "document is null"),
+        (pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(pc.fill_null(document, "x"))), 0), "empty document"),
+    ]
+    reason = pa.nulls(n, pa.string())
+    for mask, text in reversed(checks):
+        reason = pc.if_else(pc.fill_null(mask, False), pa.scalar(text), reason)
+    return reason.combine_chunks() if isinstance(reason, pa.ChunkedArray) else reason

@@ -1,0 +1,80 @@
+"""Write scored rows into ranking buckets, and rejected rows aside, as staging files; report what was written.
+
+Scored rows lose their texts (already null) and go to
+    <work>/scored/shard-SSSSS/bBBBB-<digest>.parquet
+where the bucket is hash(query_id) for long input (so a query's rows meet in one bucket: a shuffle through
+storage of (query_id, doc_id, score, carried columns), never of texts) or the shard itself for grouped
+input (a query's candidates never leave their shard: no shuffle at all). Rejected rows go to
+    <work>/scored/shard-SSSSS/rejected-<digest>.parquet
+The digest is a hash of the rows' keys, so a retried task rewrites the same file instead of adding one.
+Each call returns one report row per file; the driver commits a shard (its manifest) once the reports
+account for every one of its rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline import schema as S
+from pipeline.stages.read import ROW, SHARD
+from pipeline.storage import join, url_to_fs
+
+REPORT_SCHEMA = pa.schema([
+    ("shard", pa.int32()), ("kind", pa.string()), ("path", pa.string()), ("bucket", pa.int32()),
+    ("pairs", pa.int64()), ("rows", pa.int64()), ("tokens", pa.int64()),
+])
+
+
+def bucket_of(query_ids: pa.Array, num_buckets: int) -> np.ndarray:
+    """A stable bucket per query id (the same in every process and on every machine)."""
+    unique = pc.unique(query_ids)
+    buckets = np.array([int.from_bytes(hashlib.blake2b(str(v).encode(), digest_size=8).digest(), "little") % num_buckets
+                        for v in unique.to_pylist()], dtype=np.int32)
+    return buckets[pc.index_in(query_ids, unique).to_numpy(zero_copy_only=False)]
+
+
+class WriteScored:
+    def __init__(self, work_uri: str, storage_options: dict, num_buckets: int, grouped: bool):
+        self.fs, self.root = url_to_fs(work_uri, storage_options)
+        self.num_buckets = num_buckets
+        self.grouped = grouped
+
+    def _write(self, table: pa.Table, shard: int, name: str) -> str:
+        keys = table.column(ROW).to_numpy()
+        window = table.column(S.WINDOW).to_numpy() if S.WINDOW in table.column_names else np.zeros(0)
+        digest = hashlib.blake2b(np.sort(keys).tobytes() + np.sort(window).tobytes(), digest_size=8).hexdigest()
+        path = join(self.root, "scored", f"shard-{shard:05d}", f"{name}-{digest}.parquet")
+        self.fs.makedirs(join(self.root, "scored", f"shard-{shard:05d}"), exist_ok=True)
+        with self.fs.open(path, "wb") as f:
+            pq.write_table(table, f)
+        return path
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        reports = []
+        shards = batch.column(SHARD).to_numpy()
+        for shard in np.unique(shards):
+            part = batch.filter(pa.array(shards == shard))
+            mask = pc.is_valid(part.column(S.REASON))
+            rejected = part.filter(mask).drop_columns([c for c in (S.INPUT_IDS, S.TOKEN_TYPE_IDS, S.NUM_TOKENS,
+                                                                      S.WINDOW, S.SCORE) if c in part.column_names])
+            if rejected.num_rows:
+                path = self._write(rejected.append_column(S.WINDOW, pa.array(np.zeros(rejected.num_rows, np.int32))),
+                                   int(shard), "rejected")
+                reports.append((int(shard), "rejected", path, -1, rejected.num_rows, rejected.num_rows, 0))
+            scored = part.filter(pc.invert(mask)).drop_columns([S.QUERY, S.DOCUMENT, S.REASON])
+            if not scored.num_rows:
+                continue
+            buckets = (np.full(scored.num_rows, shard, dtype=np.int32) if self.grouped
+                       else bucket_of(scored.column(S.QUERY_ID).combine_chunks(), self.num_buckets))
+            for bucket in np.unique(buckets):
+                rows = scored.filter(pa.array(buckets == bucket))
+                path = self._write(rows, int(shard), f"b{int(bucket):05d}")
+                pairs = int(pc.sum(pc.equal(rows.column(S.WINDOW), 0)).as_py() or 0)
+                tokens = int(pc.sum(rows.column(S.NUM_TOKENS)).as_py() or 0)
+                reports.append((int(shard), "scored", path, int(bucket), pairs, rows.num_rows, tokens))
+        return pa.table(list(zip(*reports)) if reports else [[] for _ in REPORT_SCHEMA], schema=REPORT_SCHEMA)
