@@ -17,9 +17,10 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipeline.config import StrictModel
+from pipeline.rerank_config import RerankConfig
 
 Sampling = Literal["top", "random"]
 Projection = Literal["triplet", "n-tuple", "flagembedding"]
@@ -88,5 +89,21 @@ class HardNegativesConfig(StrictModel):
 
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
     projections: ProjectionsConfig = Field(default_factory=ProjectionsConfig)
+    # The rerank job's settings, used as they are (--model and --dtype set rerank.model and rerank.dtype).
+    rerank: RerankConfig = Field(default_factory=RerankConfig)
     # fsspec options for --input/--positives/--output URIs (credentials, endpoint_url); never logged.
     storage_options: dict = Field(default_factory=dict)
+
+    @field_validator("rerank")
+    @classmethod
+    def _rerank_scores_every_candidate(cls, rerank: RerankConfig) -> RerankConfig:
+        if rerank.output.top_k is not None:
+            raise ValueError("rerank.output.top_k must stay unset: every candidate needs its score (a positive "
+                             "ranked below k would go unseen); limit candidates with selection.range_max")
+        if rerank.storage_options:
+            raise ValueError("set storage_options at the top level; the rerank step uses the same options")
+        return rerank
+
+    def rerank_config(self) -> RerankConfig:
+        """The rerank step's settings, with this job's storage options."""
+        return self.rerank.model_copy(update={"storage_options": self.storage_options})

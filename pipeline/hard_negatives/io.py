@@ -1,6 +1,11 @@
-"""Reading the job's candidates and writing its outputs (any fsspec URI: local paths, s3://...).
+"""Reading the reranked candidates back with their texts, and writing the outputs (local paths, s3://...).
+
+Input: the rerank job's `ranked/` (scores, first-stage and other carried columns) joined by (query_id, doc_id)
+with the texts of --input, which are read by the rerank job's own read stage (same formats, same settings).
 
 Output layout under --output (stats.json is written last: its presence means the run finished):
+    rerank/                            the rerank job's output (ranked/, rejected/, summary.json); a rerun
+                                       with other selection settings reuses it instead of scoring again
     candidates/part-00000.parquet      the canonical table (pipeline.hard_negatives.select), with the run's
                                        parameters, seed, model and revision in the Parquet metadata key
                                        `hard_negatives` (JSON)
@@ -17,7 +22,9 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import schema
@@ -25,6 +32,9 @@ from pipeline.errors import InputError
 from pipeline.hard_negatives import projections as proj
 from pipeline.hard_negatives.config import HardNegativesConfig
 from pipeline.hard_negatives.stats import compute_stats
+from pipeline.rerank_config import RerankConfig
+from pipeline.stages.read import ReadShard, list_input_files, plan_shards
+from pipeline.stages.validate import InputLayout
 from pipeline.storage import join, url_to_fs, write_json
 
 METADATA_KEY = b"hard_negatives"
@@ -33,48 +43,61 @@ STATS = "stats.json"
 PART = "part-00000.parquet"
 
 
-def read_candidates(uri: str, storage_options: dict | None = None) -> pa.Table:
-    """Long-format Parquet (a file or a dataset folder) -> the selection's input columns.
+def read_texts(input_uri: str, rerank: RerankConfig) -> pa.Table:
+    """The input's texts, read as the rerank job reads them (long or grouped Parquet, its column settings).
 
-    The first stage's `rank` and `score` are renamed `first_stage_rank` and `first_stage_score` (unless those
-    exist already), so they cannot be mistaken for the reranker's score.
+    -> (query_id: string, query: string, doc_id: string, document: string), one row per (query_id, doc_id)
+    that the rerank scores: rows it rejects (empty text, missing id) are left out, and a repeated pair keeps
+    its first row in input order, as the rerank's ranking stage does.
     """
-    fs, path = url_to_fs(uri, storage_options)
-    if not fs.exists(path):
-        raise InputError(f"input {uri!r} not found")
-    table = pq.read_table(path, filesystem=fs)
-    renames = {schema.RANK: schema.FIRST_STAGE_RANK, schema.SCORE: schema.FIRST_STAGE_SCORE}
-    names = [renames[n] if n in renames and renames[n] not in table.column_names else n for n in table.column_names]
-    table = table.rename_columns(names)
-    required = [schema.QUERY_ID, schema.QUERY, schema.DOC_ID, schema.DOCUMENT]
-    missing = [c for c in required if c not in table.column_names]
-    if missing:
-        raise InputError(f"input {uri!r} lacks column(s) {missing}; columns are {table.column_names}; "
-                         f"hard-negative mining needs {required} and the first stage's rank")
-    return table
+    fs, files = list_input_files(input_uri, rerank.storage_options)
+    layout = input_layout(fs, files, rerank)
+    names = [schema.QUERY_ID, schema.QUERY, schema.DOC_ID, schema.DOCUMENT]
+    reader = ReadShard(layout, rerank.storage_options, input_uri)
+    shards = plan_shards(fs, files, layout, rerank.input.rows_per_shard)
+    tables = [reader.read(shard) for shard in shards]
+    texts = pa.concat_tables(tables) if tables else layout.empty_rows()
+    texts = texts.filter(pc.is_null(texts[schema.REASON]))
+    texts = pa.table({name: texts[name].cast(pa.string()) for name in names})
+    order = pa.array(np.arange(texts.num_rows, dtype=np.int64))
+    first = texts.append_column("_order", order).group_by([schema.QUERY_ID, schema.DOC_ID]).aggregate(
+        [("_order", "min")])
+    return texts.take(np.sort(first["_order_min"].to_numpy()))
+
+
+def input_layout(fs, files: list[str], rerank: RerankConfig) -> InputLayout:
+    """The rerank job's view of the input's columns, from the Parquet schemas alone (no data read)."""
+    schemas = []
+    for path in files:
+        try:
+            with fs.open(path, "rb") as f:
+                schemas.append(pq.read_schema(f))
+        except (pa.ArrowInvalid, OSError) as e:
+            raise InputError(f"cannot read {path} as Parquet: {str(e).splitlines()[0]}") from None
+    return InputLayout.from_schemas(schemas, rerank.input)
 
 
 def read_ranked(uri: str, storage_options: dict | None = None) -> pa.Table:
-    """The rerank job's `ranked/` Parquet (query_id, doc_id, score, rank, carried columns) -> its id and score."""
+    """The rerank job's `ranked/` Parquet (query_id, doc_id, score, rank, carried columns such as
+    first_stage_rank, first_stage_score, label), with string ids and the score as float32."""
     fs, path = url_to_fs(uri, storage_options)
-    table = pq.read_table(path, filesystem=fs, columns=[schema.QUERY_ID, schema.DOC_ID, schema.SCORE])
-    return table.cast(pa.schema([(schema.QUERY_ID, pa.string()), (schema.DOC_ID, pa.string()),
-                                 (schema.SCORE, pa.float32())]))
+    table = pq.read_table(path, filesystem=fs)
+    for name, dtype in ((schema.QUERY_ID, pa.string()), (schema.DOC_ID, pa.string()), (schema.SCORE, pa.float32())):
+        table = table.set_column(table.schema.get_field_index(name), name, table[name].cast(dtype))
+    return table
 
 
-def attach_scores(candidates: pa.Table, ranked: pa.Table) -> tuple[pa.Table, int]:
-    """The input's rows (texts, first-stage columns) with the reranker's `score`, joined by (query_id, doc_id).
+def join_texts(ranked: pa.Table, texts: pa.Table) -> pa.Table:
+    """The reranker's rows with their query and document texts, joined by (query_id, doc_id).
 
-    Returns (scored, unscored): input pairs the rerank did not score (its rejected/ table says why) are left
-    out of `scored` and counted in `unscored`, so the stats can report them.
+    Both sides must hold the same pairs; they differ only when the input changed after rerank/ was written.
     """
-    ids = {schema.QUERY_ID: pa.string(), schema.DOC_ID: pa.string()}
-    left = candidates.drop_columns([c for c in (schema.SCORE, schema.RANK) if c in candidates.column_names])
-    for name, dtype in ids.items():
-        left = left.set_column(left.schema.get_field_index(name), name, left[name].cast(dtype))
-    right = ranked.select([schema.QUERY_ID, schema.DOC_ID, schema.SCORE])
-    scored = left.join(right, keys=list(ids), join_type="inner")
-    return scored, candidates.num_rows - scored.num_rows
+    scored = ranked.join(texts, keys=[schema.QUERY_ID, schema.DOC_ID], join_type="inner")
+    if scored.num_rows != ranked.num_rows or scored.num_rows != texts.num_rows:
+        raise InputError(f"the input holds {texts.num_rows:,} scorable pairs but the rerank scored "
+                         f"{ranked.num_rows:,} ({scored.num_rows:,} in common): the input changed after its "
+                         "rerank/ folder was written; delete <output>/rerank to score it again")
+    return scored
 
 
 def with_run_metadata(table: pa.Table, run: dict) -> pa.Table:

@@ -27,3 +27,15 @@ def test_config_errors_name_the_key():
         load_config(HardNegativesConfig, overrides=["selection.num_negative=5"])
     with pytest.raises(ConfigError, match="selection.sampling"):
         load_config(HardNegativesConfig, overrides=["selection.sampling=hardest"])
+
+
+def test_the_rerank_step_must_score_every_candidate_with_the_jobs_storage_options():
+    with pytest.raises(ConfigError, match="config key `rerank`.*top_k must stay unset"):
+        load_config(HardNegativesConfig, overrides=["rerank.output.top_k=10"])
+    with pytest.raises(ConfigError, match="storage_options at the top level"):
+        load_config(HardNegativesConfig, overrides=["rerank.storage_options.endpoint_url=http://127.0.0.1:9"])
+    config = load_config(HardNegativesConfig, overrides=["storage_options.endpoint_url=http://127.0.0.1:9"],
+                         rerank__model="dummy:tiny", rerank__dtype="float32")
+    rerank = config.rerank_config()
+    assert (rerank.model, rerank.dtype, rerank.storage_options) == ("dummy:tiny", "float32",
+                                                                    {"endpoint_url": "http://127.0.0.1:9"})

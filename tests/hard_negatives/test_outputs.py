@@ -8,19 +8,15 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from pipeline import schema
 from pipeline.hard_negatives.config import HardNegativesConfig
-from pipeline.errors import InputError
-from pipeline.hard_negatives.io import attach_scores, read_candidates, read_ranked, read_run_metadata, write_outputs
+from pipeline.hard_negatives.io import read_run_metadata, write_outputs
 from pipeline.hard_negatives.select import DROP_REASON, DROP_REASONS, IS_POSITIVE, KEEP, select_negatives
 from pipeline.hard_negatives.stats import format_summary
 from pipeline.storage import url_to_fs
-# The S3 server fixtures live with the index-quality tests; imported so both use one moto server.
-from tests.quality.conftest import s3_bucket, s3_endpoint  # noqa: F401
 
 
 def job_config(**selection) -> HardNegativesConfig:
@@ -148,29 +144,3 @@ def test_outputs_on_s3(dl19, s3_bucket):
     table = pq.read_table(f"{root}/candidates", filesystem=fs)
     assert table.num_rows == stats["rows"] and sum(table[KEEP].to_pylist()) == stats["kept_negatives"]
 
-
-def test_reading_the_input_and_joining_the_rerankers_scores(dl19, tmp_path):
-    """The input as a user gives it (first stage's `rank`/`score`), the rerank's ranked/ table missing two pairs."""
-    candidates, _ = dl19
-    user_input = candidates.drop_columns([schema.SCORE]).rename_columns(
-        [{schema.FIRST_STAGE_RANK: "rank", schema.FIRST_STAGE_SCORE: "score"}.get(n, n)
-         for n in candidates.column_names if n != schema.SCORE])
-    pq.write_table(user_input, tmp_path / "input.parquet")
-    ranked = candidates.select([schema.QUERY_ID, schema.DOC_ID, schema.SCORE]).slice(2)
-    (tmp_path / "ranked").mkdir()
-    pq.write_table(ranked.append_column("rank", pa.array(np.arange(ranked.num_rows, dtype=np.int32))),
-                   tmp_path / "ranked" / "part-0.parquet")
-
-    read = read_candidates(str(tmp_path / "input.parquet"))
-    assert read.select([schema.FIRST_STAGE_RANK, schema.FIRST_STAGE_SCORE]).equals(
-        candidates.select([schema.FIRST_STAGE_RANK, schema.FIRST_STAGE_SCORE]))
-    scored, unscored = attach_scores(read, read_ranked(str(tmp_path / "ranked")))
-    assert unscored == 2 and scored.num_rows == candidates.num_rows - 2
-    key = [(schema.QUERY_ID, "ascending"), (schema.DOC_ID, "ascending")]
-    assert scored.select(candidates.column_names).sort_by(key).equals(candidates.slice(2).sort_by(key))
-
-    with pytest.raises(InputError, match="lacks column"):
-        pq.write_table(user_input.drop_columns([schema.DOCUMENT]), tmp_path / "bad.parquet")
-        read_candidates(str(tmp_path / "bad.parquet"))
-    with pytest.raises(InputError, match="not found"):
-        read_candidates(str(tmp_path / "missing.parquet"))
