@@ -47,7 +47,8 @@ def scoring_dataset(shards: list[Shard], layout: InputLayout, config: RerankConf
     ds = ds.map_batches(TokenizeStage, fn_constructor_kwargs=dict(model=config.model, revision=config.revision,
                                                                  config=config.tokenizer),
                         batch_size=config.tokenizer.batch_size, batch_format="pyarrow",
-                        compute=ActorPoolStrategy(size=config.tokenizer.num_actors), num_cpus=config.tokenizer.num_cpus)
+                        compute=ActorPoolStrategy(size=config.tokenizer.num_actors), num_cpus=config.tokenizer.num_cpus,
+                        label_selector=config.tokenizer.label_selector)
     ds = ds.map_batches(ScoreStage, fn_constructor_kwargs=dict(
                             model=config.model, revision=config.revision, dtype=config.dtype, config=config.scorer,
                             scorers_uri=f"{work_uri}/scorers", storage_options=config.storage_options),

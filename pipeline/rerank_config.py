@@ -30,6 +30,9 @@ class TokenizerConfig(StrictModel):
     num_actors: int = Field(1, ge=1)
     num_cpus: float = Field(0.5, gt=0)
     batch_size: int = Field(1024, ge=1)              # rows handed to one tokenizer call
+    # Ray node labels the tokenizer actors must run on, e.g. {"ray.io/node-group": "cpu-tokenizers"} on
+    # KubeRay, to keep CPU work off the GPU nodes. None: anywhere.
+    label_selector: Optional[dict[str, str]] = None
 
 
 class ScorerConfig(StrictModel):
@@ -59,5 +62,14 @@ class RerankConfig(StrictModel):
     scorer: ScorerConfig = ScorerConfig()
     output: OutputConfig = OutputConfig()
     storage_options: dict = {}                       # passed to fsspec (s3fs: key, secret, endpoint_url...)
-    ray_address: Optional[str] = None                # None: connect to RAY_ADDRESS or start a local Ray
+    ray_address: Optional[str] = None                # None: RAY_ADDRESS if set, else a fresh local Ray; "auto": the running cluster
     progress_interval_s: float = Field(5.0, gt=0)
+
+    def result_settings(self) -> dict:
+        """The settings that change what the job writes; a resumed run must match them. Hand-off batch
+        sizes, actor counts, the token budget and where Ray runs change only speed, so they may differ."""
+        return self.model_dump(mode="json", include={
+            "model": True, "revision": True, "dtype": True, "input": True,
+            "tokenizer": {"max_length", "max_chars_per_token", "long_documents", "max_query_length", "overlap"},
+            "output": True,
+        })

@@ -19,7 +19,10 @@ still counts each pair once.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import posixpath
 import time
 from datetime import datetime, timezone
@@ -28,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import schema as S
-from pipeline.config import config_hash, redact
+from pipeline.config import redact
 from pipeline.errors import InputError, PipelineError
 from pipeline.model.checkpoint import inspect_checkpoint, resolve_model_directory
 from pipeline.rerank_config import RerankConfig
@@ -75,8 +78,12 @@ def check_model(config: RerankConfig) -> dict:
             "max_length": min(config.tokenizer.max_length, model_config.max_tokens_per_sequence)}
 
 
+def _settings_hash(config: RerankConfig) -> str:
+    return hashlib.sha256(json.dumps(config.result_settings(), sort_keys=True).encode()).hexdigest()[:16]
+
+
 def _job_identity(config: RerankConfig, files: list[str], fs) -> dict:
-    return {"config_hash": config_hash(config),
+    return {"config_hash": _settings_hash(config),
             "input": [{"path": p, "size": fs.size(p)} for p in files]}
 
 
@@ -84,7 +91,10 @@ def _ensure_ray(config: RerankConfig) -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=config.ray_address, ignore_reinit_error=True, log_to_driver=False,
+        # RAY_ADDRESS is set by `ray job submit` and on cluster nodes; otherwise start a fresh local Ray rather
+        # than attach to whatever cluster this machine ran last.
+        address = config.ray_address or os.environ.get("RAY_ADDRESS") or "local"
+        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False,
                  include_dashboard=False, logging_level=logging.WARNING)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
@@ -133,8 +143,8 @@ def run_rerank(config: RerankConfig, input_uri: str, output_uri: str) -> dict:
 
     manifests_dir = join(work, "manifests")
     out_fs.makedirs(manifests_dir, exist_ok=True)
-    committed = {int(posixpath.basename(p)[6:11]) for p in out_fs.ls(manifests_dir, detail=False)
-                 if posixpath.basename(p).startswith("shard-") and p.endswith(".json")}
+    # glob, not ls: object stores have no folders, an empty prefix simply lists nothing.
+    committed = {int(posixpath.basename(p)[6:11]) for p in out_fs.glob(join(manifests_dir, "shard-*.json"))}
     pending = [s for s in shards if s.shard not in committed]
     for shard in pending:  # staging files of a shard that never committed were written before a crash
         stale = join(work, "scored", f"shard-{shard.shard:05d}")
@@ -229,10 +239,7 @@ def run_rerank(config: RerankConfig, input_uri: str, output_uri: str) -> dict:
     if scored_rows + rejected_rows != total_pairs:
         raise PipelineError(f"row accounting failed: {total_pairs} input pairs but {scored_rows} scored + "
                             f"{rejected_rows} rejected; the output in {output_uri} is left incomplete")
-    scorers = []
-    scorers_dir = join(work, "scorers")
-    if out_fs.exists(scorers_dir):
-        scorers = [read_json(out_fs, p) for p in out_fs.ls(scorers_dir, detail=False) if p.endswith(".json")]
+    scorers = [read_json(out_fs, p) for p in out_fs.glob(join(work, "scorers", "*.json"))]
     engine = scorers[0] if scorers else {}
     total_tokens = sum(m["tokens"] for m in manifests)
     elapsed = time.monotonic() - t0
@@ -255,7 +262,7 @@ def run_rerank(config: RerankConfig, input_uri: str, output_uri: str) -> dict:
         "random_weights": bool(engine.get("random_weights", config.model.startswith("dummy:"))),
         "max_length": model["max_length"], "long_documents": config.tokenizer.long_documents,
         "top_k": config.output.top_k,
-        "config_hash": config_hash(config), "config": redact(config.model_dump(mode="json")),
+        "config_hash": _settings_hash(config), "config": redact(config.model_dump(mode="json")),
         "start_time": start_time, "end_time": _now(),
     }
     if summary["random_weights"]:
