@@ -1,0 +1,26 @@
+"""The README's offline command runs as written (the online one differs only in --model)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_commands_are_the_ci_commands_and_the_offline_run_works(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
+    main_cmd, test_cmd = blocks[0].strip(), blocks[1].strip()
+    assert "python -m jobs.rerank --input examples/skincare.parquet" in main_cmd
+    assert test_cmd in (ROOT / ".ci" / "run").read_text()
+    offline = next(b.strip() for b in blocks if "--model dummy:tiny" in b and "jobs.rerank" in b)
+    args = offline.split()
+    args[args.index("--output") + 1] = str(tmp_path / "out")
+    result = subprocess.run([sys.executable, *args[1:]], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["input_rows"] == summary["scored_rows"] == 10 and summary["random_weights"] is True
