@@ -1,11 +1,13 @@
 """Nightly index quality: judged and label-free measures, the trend over nights, alerts, a report.
 
-    python -m jobs.index_quality --run URI --output URI [--qrels URI] [--history URI]
+    python -m jobs.index_quality --run URI --output URI [--qrels URI] [--model NAME_OR_PATH] [--history URI]
                                  [--config configs/index_quality.yaml] [--set key=value ...]
 
 --run      first-stage results: a TREC run file (`qid Q0 docno rank score tag`) or the rerank job's Parquet
            input (long or grouped format, with first_stage_rank / first_stage_score, or rank / score)
 --qrels    TREC qrels text or Parquet (query_id, doc_id, label), graded or binary
+--model    rerank the run with the rerank job (into <output>/rerank/) for the label-free measures and
+           "what reranking would add"; the run must then be the Parquet input with query and document texts
 --history  a folder (local or s3://) holding history.parquet and each night's per-query values;
            tonight's row is appended (a rerun of the same night replaces it)
 --output   folder for metrics.json, per_query.parquet, report.html (and rejected.parquet if any row was)
@@ -20,33 +22,25 @@ import argparse
 import logging
 from typing import Sequence
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from pipeline.cli import base_parser, run_main, setup_logging
-from pipeline.config import load_config
+from pipeline.config import build_config, load_config
+from pipeline.errors import InputError
+from pipeline.rerank_config import RerankConfig
+from pipeline.rerank_job import run_rerank
+from pipeline.schema import DOC_ID, QUERY_ID, SCORE
+from pipeline.trec import is_parquet
 from pipeline.quality.config import IndexQualityConfig
 from pipeline.quality.nightly import evaluate_night
-from pipeline.storage import join
+from pipeline.storage import join, url_to_fs
 
 log = logging.getLogger("jobs.index_quality")
 
 
-def _drop_options(parser: argparse.ArgumentParser, *dests: str) -> None:
-    """Remove options `base_parser` adds that this job does not offer (argparse has no public way)."""
-    for action in [a for a in parser._actions if a.dest in dests]:
-        parser._remove_action(action)
-        for group in parser._action_groups:
-            if action in group._group_actions:
-                group._group_actions.remove(action)
-        for option in action.option_strings:
-            del parser._option_string_actions[option]
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = base_parser("index_quality", __doc__.split("\n\n")[0], model_required=False)
-    # --model/--dtype (rerank the run for label-free measures) need the rerank pipeline's entry point,
-    # pipeline.rerank_job.run_rerank, which does not exist yet: until then the job does not offer them, rather
-    # than accept a model it would ignore. A run that already carries reranker scores gets the same measures
-    # with `--set input.judge_score_column=<column>`.
-    _drop_options(parser, "model", "dtype")
     parser.description, parser.formatter_class = __doc__, argparse.RawDescriptionHelpFormatter
     parser.add_argument("--run", required=True, help="first-stage results: TREC run file or Parquet (see above)")
     parser.add_argument("--output", required=True, help="output folder (local path or s3://...)")
@@ -55,11 +49,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def rerank_scores(args: argparse.Namespace, config: IndexQualityConfig) -> pa.Table:
+    """Rerank the run through the rerank job and read back (query_id, doc_id, score), ids as strings."""
+    if not is_parquet(args.run, config.storage_options):
+        raise InputError("--model needs the run as the rerank job's Parquet input (query and document texts); "
+                         "a TREC run file has no texts")
+    rerank_config = build_config(RerankConfig, {"model": args.model, "dtype": args.dtype or "auto",
+                                                "storage_options": config.storage_options})
+    target = join(args.output, "rerank")
+    run_rerank(rerank_config, args.run, target)
+    fs, root = url_to_fs(target, config.storage_options)
+    tables = []
+    for path in sorted(fs.glob(join(root, "ranked", "*.parquet"))):
+        with fs.open(path, "rb") as f:
+            tables.append(pq.read_table(f, columns=[QUERY_ID, DOC_ID, SCORE]))
+    ranked = pa.concat_tables(tables)
+    return pa.table({QUERY_ID: ranked[QUERY_ID].cast(pa.string()), DOC_ID: ranked[DOC_ID].cast(pa.string()),
+                     SCORE: ranked[SCORE]})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     config = load_config(IndexQualityConfig, args.config, args.overrides)
-    report = evaluate_night(config, run=args.run, output=args.output, qrels=args.qrels, history=args.history)
+    scores = rerank_scores(args, config) if args.model else None
+    report = evaluate_night(config, run=args.run, output=args.output, qrels=args.qrels, history=args.history,
+                            reranker_scores=scores)
     for name, value in report.all_means().items():
         log.info("%-28s %.4f", name, value)
     log.info("report: %s", join(args.output, "report.html"))

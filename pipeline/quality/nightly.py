@@ -161,8 +161,8 @@ def evaluate_night(
     qrels_table = read_qrels(qrels, options) if qrels else None
     judge, unjudged_pairs = _judge_table(pairs, reranker_scores)
     if qrels_table is None and judge is None:
-        raise InputError("nothing to measure: pass --qrels for judged measures, and/or a run carrying reranker "
-                         "scores with `--set input.judge_score_column=<column>` for label-free measures")
+        raise InputError("nothing to measure: pass --qrels for judged measures, and/or --model (or a run carrying "
+                         "reranker scores with `--set input.judge_score_column=<column>`) for label-free measures")
 
     measured = measure(config, pairs, qrels_table, judge)
     store = History(history, options) if history else None

@@ -154,8 +154,16 @@ def test_command_line_exit_codes(shared_data, tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [f"error: {str(tmp_path / 'missing.txt')!r} not found"]
 
 
-def test_model_is_not_offered_until_the_rerank_pipeline_exists(tmp_path, capsys):
-    # pipeline.rerank_job.run_rerank is not there yet; a --model the job would ignore must be refused.
-    with pytest.raises(SystemExit) as info:
-        main(["--run", "r", "--output", str(tmp_path), "--model", "dummy:tiny"])
-    assert info.value.code == 2 and "unrecognized arguments: --model" in capsys.readouterr().err
+def test_model_reranks_the_run_through_the_rerank_job(dl19_long, dl19_qrels, tmp_path):
+    """--model: the run is reranked by the rerank job; label-free and reranked measures appear."""
+    output = tmp_path / "night"
+    code = main(["--run", str(dl19_long), "--output", str(output), "--qrels", str(dl19_qrels),
+                 "--model", "dummy:tiny", "--dtype", "float32", "--set", "metrics.relevance_level=2"])
+    assert code == 0
+    rerank_summary = json.loads((output / "rerank" / "summary.json").read_text())
+    assert rerank_summary["scored_rows"] == 4300 and rerank_summary["random_weights"] is True
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["overall"]["nDCG@10"] == pytest.approx(0.5058, abs=1e-4)  # the first stage itself
+    assert {"judge/nDCG@10", "judge/Overlap@10"} <= set(metrics["label_free"]["measures"])
+    assert metrics["label_free"]["score_summary"]["count"] == 4300
+    assert "reranked/nDCG@10" in metrics["reranked"]
