@@ -234,7 +234,8 @@ def render_html(report: NightReport) -> str:
         pairs = report.judge_pairs
         scores = plot_score_histogram(pairs["score"].to_numpy().astype(float))
         agreement = plot_agreement(pairs["first_stage_rank"].to_numpy(), pairs["reranker_rank"].to_numpy())
-    no_judge = "No reranker scores tonight: set input.judge_score_column to the run's reranker score column."
+    no_judge = ("No reranker scores tonight: pass --model to rerank the run, or set input.judge_score_column "
+                "to the run's reranker score column.")
     alerts = ("<ul class=\"alerts\">" + "".join(f"<li>{html.escape(a)}</li>" for a in report.alerts) + "</ul>"
               if report.alerts else "<p>No alerts.</p>")
     facts = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{_fmt(v)}</td></tr>"
