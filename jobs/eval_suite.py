@@ -28,7 +28,7 @@ from pydantic import Field, field_validator, model_validator
 
 from pipeline import schema
 from pipeline.cli import base_parser, run_main, setup_logging
-from pipeline.config import StrictModel, _merge, build_config, config_hash, parse_overrides, read_yaml, redact
+from pipeline.config import StrictModel, merge_dicts, build_config, config_hash, parse_overrides, read_yaml, redact
 from pipeline.datasets import COLLECTIONS, check_arguments, load_collection, sample_queries
 from pipeline.errors import ConfigError, InputError
 from pipeline.model import CrossEncoder
@@ -104,8 +104,8 @@ def load_suite_config(config_dir: str | Path = CONFIG_DIR, path: str | None = No
     by_order = sorted(data["collections"], key=lambda name: (data["collections"][name].get("order", 0), name))
     data["collections"] = {name: data["collections"][name] for name in by_order}
     if path:
-        data = _merge(data, read_yaml(path))
-    data = _merge(data, parse_overrides(overrides))
+        data = merge_dicts(data, read_yaml(path))
+    data = merge_dicts(data, parse_overrides(overrides))
     if collections:
         unknown = [c for c in collections if c not in data["collections"]]
         if unknown:

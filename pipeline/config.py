@@ -57,11 +57,12 @@ def parse_overrides(overrides: Iterable[str]) -> dict:
     return data
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def merge_dicts(base: dict, extra: dict) -> dict:
+    """`extra` laid over `base`, section by section (nested dicts merge, other values replace)."""
     out = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge_dicts(out[key], value)
         else:
             out[key] = value
     return out
@@ -104,7 +105,7 @@ def build_config(cls: type[C], data: dict) -> C:
 def load_config(cls: type[C], path: str | None = None, overrides: Iterable[str] = (), **explicit: Any) -> C:
     """Defaults from `cls`, then the YAML file, then `--set` overrides, then explicit CLI flags (not None)."""
     data = read_yaml(path) if path else {}
-    data = _merge(data, parse_overrides(overrides))
+    data = merge_dicts(data, parse_overrides(overrides))
     for dotted, value in explicit.items():
         if value is not None:
             _set_nested(data, dotted.replace("__", "."), value)
