@@ -41,7 +41,7 @@ class ScorerConfig(StrictModel):
     num_actors: Optional[int] = Field(None, ge=1)
     num_gpus_per_actor: float = Field(1.0, gt=0, le=8)  # fractional for small models
     num_cpus: float = Field(1.0, gt=0)               # per actor; on a CPU-only machine the actor's compute share
-    torch_threads: Optional[int] = Field(None, ge=1)  # CPU scoring threads per actor (None: torch's default)
+    torch_threads: Optional[int] = Field(None, ge=1)  # CPU scoring threads per actor (None: every core)
     max_tokens_per_batch: Optional[int] = Field(None, ge=16)  # None: the engine's default for the device
     max_tasks_in_flight_per_actor: int = Field(2, ge=1)  # >= 2 so the next batch is ready when one finishes
     batch_size: int = Field(2048, ge=1)              # rows handed to one scorer call (not a micro-batch)

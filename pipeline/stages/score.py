@@ -30,9 +30,12 @@ FAULT_ENV = "RERANK_FAULT_KILL_SCORER_ONCE"
 class ScoreStage:
     def __init__(self, model: str, revision: str | None, dtype: str, config: ScorerConfig,
                  scorers_uri: str, storage_options: dict):
-        if config.torch_threads:
-            torch.set_num_threads(config.torch_threads)
         device = "cuda" if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()) else "cpu"
+        # Ray sets OMP_NUM_THREADS to the actor's num_cpus (1), which would leave cores idle while scoring is
+        # the bottleneck; on CPU the scorer takes every core unless told otherwise (tokenizing is cheap next to it).
+        threads = config.torch_threads or (os.cpu_count() if device == "cpu" else None)
+        if threads:
+            torch.set_num_threads(threads)
         self.encoder = CrossEncoder.from_pretrained(model, device=device, dtype=dtype, revision=revision)
         self.max_tokens = config.max_tokens_per_batch
         # Record what really ran (dtype, kernel, device) for the job's summary.
