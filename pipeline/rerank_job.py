@@ -78,12 +78,13 @@ def check_model(config: RerankConfig) -> dict:
             "max_length": min(config.tokenizer.max_length, model_config.max_tokens_per_sequence)}
 
 
-def _settings_hash(config: RerankConfig) -> str:
+def settings_hash(config: RerankConfig) -> str:
+    """summary.json's `config_hash`: a hash of `RerankConfig.result_settings()` (what changes the output)."""
     return hashlib.sha256(json.dumps(config.result_settings(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _job_identity(config: RerankConfig, files: list[str], fs) -> dict:
-    return {"config_hash": _settings_hash(config),
+    return {"config_hash": settings_hash(config),
             "input": [{"path": p, "size": fs.size(p)} for p in files]}
 
 
@@ -262,7 +263,7 @@ def run_rerank(config: RerankConfig, input_uri: str, output_uri: str) -> dict:
         "random_weights": bool(engine.get("random_weights", config.model.startswith("dummy:"))),
         "max_length": model["max_length"], "long_documents": config.tokenizer.long_documents,
         "top_k": config.output.top_k,
-        "config_hash": _settings_hash(config), "config": redact(config.model_dump(mode="json")),
+        "config_hash": settings_hash(config), "config": redact(config.model_dump(mode="json")),
         "start_time": start_time, "end_time": _now(),
     }
     if summary["random_weights"]:
