@@ -52,6 +52,7 @@ class InputLayout:
     doc_id_type: pa.DataType
     carried: list[pa.Field] = field(default_factory=list)        # query-level extra columns, output names
     candidate_carried: list[pa.Field] = field(default_factory=list)  # grouped: extra candidate struct fields
+    renamed: dict[str, str] = field(default_factory=dict)        # output name -> input name (score, rank)
 
     @property
     def candidates(self) -> str:
@@ -65,10 +66,7 @@ class InputLayout:
         return base + [self._source_name(f.name) for f in self.carried]
 
     def _source_name(self, out_name: str) -> str:
-        for src, dst in FIRST_STAGE_RENAMES.items():
-            if out_name == dst and getattr(self, "_renamed", {}).get(dst) == src:
-                return src
-        return out_name
+        return self.renamed.get(out_name, out_name)
 
     @property
     def pair_schema(self) -> pa.Schema:
@@ -162,9 +160,7 @@ class InputLayout:
         clash = [n for n in names_out if n in reserved or n.startswith("_")]
         if clash:
             raise InputError(f"input column(s) {clash} collide with output columns; rename them")
-        layout = cls(grouped, config, query_id_type, doc_id_type, carried, candidate_carried)
-        layout._renamed = renamed
-        return layout
+        return cls(grouped, config, query_id_type, doc_id_type, carried, candidate_carried, renamed)
 
     def normalize(self, table: pa.Table) -> pa.Table:
         """Raw input rows -> long-format pair rows with canonical names and types (grouped input exploded)."""
