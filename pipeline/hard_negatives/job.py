@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 
 import pyarrow as pa
+from pydantic import ValidationError
 
 from pipeline import schema
 from pipeline.config import config_hash, redact
@@ -22,6 +23,7 @@ from pipeline.errors import InputError
 from pipeline.hard_negatives import io
 from pipeline.hard_negatives.config import HardNegativesConfig
 from pipeline.hard_negatives.select import select_negatives
+from pipeline.rerank_config import RerankConfig
 from pipeline.rerank_job import run_rerank
 from pipeline.stages.read import list_input_files
 from pipeline.storage import join, read_json, url_to_fs
@@ -46,13 +48,22 @@ def read_positives(config: HardNegativesConfig, input_uri: str, positives_uri: s
 
 
 def check_reusable_scores(config: HardNegativesConfig, output_uri: str) -> None:
-    """A finished rerank/ from other rerank settings (another model, say) must not be reused silently."""
-    rerank = config.rerank_config()
+    """A finished rerank/ written with other result-changing settings (another model, say) is refused: the
+    rerank job returns a finished output as it is, so reusing it silently would mix in other scores."""
     fs, root = url_to_fs(join(output_uri, RERANK), config.storage_options)
     summary_path = join(root, "summary.json")
-    if fs.exists(summary_path) and read_json(fs, summary_path).get("config_hash") != config_hash(rerank):
-        raise InputError(f"{join(output_uri, RERANK)} holds scores from other rerank settings (model "
-                         f"{read_json(fs, summary_path).get('model')!r}); use another --output, or delete that "
+    if not fs.exists(summary_path):
+        return
+    previous = read_json(fs, summary_path).get("config", {})
+    try:  # storage options are redacted in the summary and never change results
+        earlier = RerankConfig.model_validate({**previous, "storage_options": {}}).result_settings()
+    except ValidationError:
+        earlier = {}
+    now = config.rerank_config().result_settings()
+    if earlier != now:
+        changed = sorted(k for k in set(earlier) | set(now) if earlier.get(k) != now.get(k))
+        raise InputError(f"{join(output_uri, RERANK)} holds scores from other rerank settings ({', '.join(changed)} "
+                         f"differ; model there: {previous.get('model')!r}); use another --output, or delete that "
                          "folder to score again")
 
 
