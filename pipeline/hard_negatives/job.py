@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 
 import pyarrow as pa
-from pydantic import ValidationError
 
 from pipeline import schema
 from pipeline.config import config_hash, redact
@@ -23,8 +22,7 @@ from pipeline.errors import InputError
 from pipeline.hard_negatives import io
 from pipeline.hard_negatives.config import HardNegativesConfig
 from pipeline.hard_negatives.select import select_negatives
-from pipeline.rerank_config import RerankConfig
-from pipeline.rerank_job import run_rerank
+from pipeline.rerank_job import run_rerank, settings_hash
 from pipeline.stages.read import list_input_files
 from pipeline.storage import join, read_json, url_to_fs
 from pipeline.trec import read_qrels
@@ -54,17 +52,10 @@ def check_reusable_scores(config: HardNegativesConfig, output_uri: str) -> None:
     summary_path = join(root, "summary.json")
     if not fs.exists(summary_path):
         return
-    previous = read_json(fs, summary_path).get("config", {})
-    try:  # storage options are redacted in the summary and never change results
-        earlier = RerankConfig.model_validate({**previous, "storage_options": {}}).result_settings()
-    except ValidationError:
-        earlier = {}
-    now = config.rerank_config().result_settings()
-    if earlier != now:
-        changed = sorted(k for k in set(earlier) | set(now) if earlier.get(k) != now.get(k))
-        raise InputError(f"{join(output_uri, RERANK)} holds scores from other rerank settings ({', '.join(changed)} "
-                         f"differ; model there: {previous.get('model')!r}); use another --output, or delete that "
-                         "folder to score again")
+    previous = read_json(fs, summary_path)
+    if previous.get("config_hash") != settings_hash(config.rerank_config()):
+        raise InputError(f"{join(output_uri, RERANK)} holds scores from other rerank settings (model there: "
+                         f"{previous.get('model')!r}); use another --output, or delete that folder to score again")
 
 
 def run_hard_negatives(config: HardNegativesConfig, input_uri: str, positives_uri: str | None,
