@@ -35,7 +35,7 @@ from pipeline.config import redact
 from pipeline.errors import InputError, PipelineError
 from pipeline.model.checkpoint import inspect_checkpoint, resolve_model_directory
 from pipeline.rerank_config import RerankConfig
-from pipeline.stages.read import list_input_files, plan_shards
+from pipeline.stages.read import list_input_files, plan_shards, read_schemas
 from pipeline.stages.validate import InputLayout
 from pipeline.storage import join, read_json, url_to_fs, write_json
 
@@ -113,14 +113,7 @@ def run_rerank(config: RerankConfig, input_uri: str, output_uri: str) -> dict:
 
     # -- everything that can be wrong with the input or the model is found here, before any work --------
     in_fs, files = list_input_files(input_uri, config.storage_options)
-    schemas = []
-    for path in files:
-        try:
-            with in_fs.open(path, "rb") as f:
-                schemas.append(pq.read_schema(f))
-        except (pa.ArrowInvalid, OSError) as e:
-            raise InputError(f"cannot read {path} as Parquet: {str(e).splitlines()[0]}") from None
-    layout = InputLayout.from_schemas(schemas, config.input)
+    layout = InputLayout.from_schemas(read_schemas(in_fs, files), config.input)
     model = check_model(config)
     shards = plan_shards(in_fs, files, layout, config.input.rows_per_shard)
     total_pairs = sum(s.num_pairs for s in shards)

@@ -33,7 +33,7 @@ from pipeline.hard_negatives import projections as proj
 from pipeline.hard_negatives.config import HardNegativesConfig
 from pipeline.hard_negatives.stats import compute_stats
 from pipeline.rerank_config import RerankConfig
-from pipeline.stages.read import ReadShard, list_input_files, plan_shards
+from pipeline.stages.read import ReadShard, list_input_files, plan_shards, read_schemas
 from pipeline.stages.validate import InputLayout
 from pipeline.storage import join, url_to_fs, write_json
 
@@ -67,14 +67,7 @@ def read_texts(input_uri: str, rerank: RerankConfig) -> pa.Table:
 
 def input_layout(fs, files: list[str], rerank: RerankConfig) -> InputLayout:
     """The rerank job's view of the input's columns, from the Parquet schemas alone (no data read)."""
-    schemas = []
-    for path in files:
-        try:
-            with fs.open(path, "rb") as f:
-                schemas.append(pq.read_schema(f))
-        except (pa.ArrowInvalid, OSError) as e:
-            raise InputError(f"cannot read {path} as Parquet: {str(e).splitlines()[0]}") from None
-    return InputLayout.from_schemas(schemas, rerank.input)
+    return InputLayout.from_schemas(read_schemas(fs, files), rerank.input)
 
 
 def read_ranked(uri: str, storage_options: dict | None = None) -> pa.Table:

@@ -20,7 +20,6 @@ import pyarrow.parquet as pq
 
 from pipeline import schema as S
 from pipeline.errors import InputError
-from pipeline.rerank_config import InputConfig
 from pipeline.stages.validate import InputLayout, row_reasons
 from pipeline.storage import url_to_fs
 
@@ -61,6 +60,18 @@ def list_input_files(uri: str, storage_options: dict) -> tuple[object, list[str]
             raise InputError(f"input {uri!r} not found; pass a Parquet file, a folder of them or a glob")
         files = matches
     return fs, files
+
+
+def read_schemas(fs, files: list[str]) -> list[pa.Schema]:
+    """Every input file's Parquet schema (footers only), or an InputError naming the unreadable file."""
+    schemas = []
+    for path in files:
+        try:
+            with fs.open(path, "rb") as f:
+                schemas.append(pq.read_schema(f))
+        except (pa.ArrowInvalid, OSError) as e:
+            raise InputError(f"cannot read {path} as Parquet: {str(e).splitlines()[0]}") from None
+    return schemas
 
 
 def plan_shards(fs, files: list[str], layout: InputLayout, rows_per_shard: int) -> list[Shard]:

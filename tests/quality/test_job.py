@@ -97,7 +97,7 @@ def test_label_free_only_without_qrels(dl19_long, tmp_path):
 
 def test_output_and_history_on_s3(dl19_long, dl19_qrels, s3_bucket):
     uri, options = s3_bucket
-    storage = [f"--set", f"storage_options.endpoint_url={options['endpoint_url']}",
+    storage = ["--set", f"storage_options.endpoint_url={options['endpoint_url']}",
                "--set", "storage_options.key=testing", "--set", "storage_options.secret=testing"]
     for night in ("2024-05-01", "2024-05-02", "2024-05-02"):
         assert main(["--run", str(dl19_long), "--qrels", str(dl19_qrels), "--output", f"{uri}/out/{night}",
