@@ -37,7 +37,7 @@ def scorer_pool(config: RerankConfig) -> tuple[int, dict]:
 
 
 def scoring_dataset(shards: list[Shard], layout: InputLayout, config: RerankConfig, input_uri: str,
-                    work_uri: str, num_buckets: int) -> ray.data.Dataset:
+                    work_uri: str, num_buckets: int, rank_per_shard: bool) -> ray.data.Dataset:
     """Yields one report row per staging file written (see stages/write.py)."""
     size, resources = scorer_pool(config)
     ds = ray.data.from_items([s.to_item() for s in shards], override_num_blocks=len(shards))
@@ -57,7 +57,7 @@ def scoring_dataset(shards: list[Shard], layout: InputLayout, config: RerankConf
                                                   max_tasks_in_flight_per_actor=config.scorer.max_tasks_in_flight_per_actor),
                         **resources)
     return ds.map_batches(WriteScored, fn_constructor_kwargs=dict(work_uri=work_uri, storage_options=config.storage_options,
-                                                                 num_buckets=num_buckets, grouped=layout.grouped),
+                                                                 num_buckets=num_buckets, bucket_by_shard=rank_per_shard),
                           batch_size=None, batch_format="pyarrow", compute=ActorPoolStrategy(size=1), num_cpus=IO_CPUS)
 
 

@@ -35,7 +35,7 @@ from pipeline.config import redact
 from pipeline.errors import InputError, PipelineError
 from pipeline.model.checkpoint import inspect_checkpoint, resolve_model_directory
 from pipeline.rerank_config import RerankConfig
-from pipeline.stages.read import list_input_files, plan_shards, read_schemas
+from pipeline.stages.read import list_input_files, plan_shards, query_ids_unique, read_schemas
 from pipeline.stages.validate import InputLayout
 from pipeline.storage import join, read_json, url_to_fs, write_json
 
@@ -102,28 +102,66 @@ def _ensure_ray(config: RerankConfig) -> None:
     ctx.print_on_execution_start = False
 
 
+def _check_cluster(config: RerankConfig, protocol: str) -> None:
+    """What the cluster must offer before any work: GPUs if asked for, shared storage if several nodes."""
+    import ray
+
+    if config.scorer.device == "cuda" and not ray.cluster_resources().get("GPU"):
+        raise InputError("scorer.device is cuda but the Ray cluster has no GPU; use scorer.device=auto or cpu, "
+                         "or wait for GPU workers to join")
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1 and protocol in ("", "file://", "local://"):
+        raise InputError(f"a {len(nodes)}-node cluster cannot share a local --output; use object storage "
+                         "(s3://, gs://) or a path every node mounts via a shared-filesystem URI")
+
+
+def _worker_errors(batches):
+    """Re-raise a PipelineError raised inside a Ray worker as itself (one line), not a Ray traceback."""
+    from ray.exceptions import RayTaskError
+
+    try:
+        yield from batches
+    except RayTaskError as e:
+        cause = e.cause if isinstance(getattr(e, "cause", None), PipelineError) else None
+        if cause is None:
+            raise
+        raise type(cause)(str(cause)) from None
+
+
 def run_rerank(config: RerankConfig, input_uri: str, output_uri: str) -> dict:
     """Rerank `input_uri` into `output_uri`; returns the summary (also written to summary.json)."""
     start_time, t0 = _now(), time.monotonic()
     out_fs, out_root = url_to_fs(output_uri, config.storage_options)
+    protocol = output_uri.split("://")[0] + "://" if "://" in output_uri else ""
+    output_uri = protocol + out_root  # absolute: workers resolve it the same way wherever they run
     summary_path = join(out_root, "summary.json")
+    work = join(out_root, "_work")
     if out_fs.exists(summary_path):
+        previous = read_json(out_fs, summary_path)
+        if previous.get("config_hash") != settings_hash(config):
+            raise InputError(f"{output_uri} already holds a finished run with other settings (model "
+                             f"{previous.get('model')!r}); use another --output, or delete it to run again")
+        if out_fs.exists(work):  # a crash after the summary, before the staging was removed
+            out_fs.rm(work, recursive=True)
         logger.info("%s is already complete (summary.json exists); nothing to do", output_uri)
-        return read_json(out_fs, summary_path)
+        return previous
 
     # -- everything that can be wrong with the input or the model is found here, before any work --------
     in_fs, files = list_input_files(input_uri, config.storage_options)
-    layout = InputLayout.from_schemas(read_schemas(in_fs, files), config.input)
+    layout = InputLayout.from_schemas(read_schemas(in_fs, files), config.input, files=files)
     model = check_model(config)
     shards = plan_shards(in_fs, files, layout, config.input.rows_per_shard)
     total_pairs = sum(s.num_pairs for s in shards)
     grouped = layout.grouped
-    num_buckets = len(shards) if grouped else max(1, -(-total_pairs // config.output.rows_per_bucket))
-    protocol = output_uri.split("://")[0] + "://" if "://" in output_uri else ""
-    work = join(out_root, "_work")
-    work_uri = protocol + work if protocol else work
+    # Grouped input ranks each shard on its own (no shuffle) only if no query id spans two rows.
+    rank_per_shard = grouped and query_ids_unique(in_fs, files, config.input.query_id_column)
+    if grouped and not rank_per_shard:
+        logger.info("grouped input repeats query ids across rows: ranking by hash(query_id) buckets instead")
+    num_buckets = len(shards) if rank_per_shard else max(1, -(-total_pairs // config.output.rows_per_bucket))
+    work_uri = protocol + work
 
-    identity = _job_identity(config, files, in_fs) | {"num_buckets": num_buckets, "shards": len(shards)}
+    identity = _job_identity(config, files, in_fs) | {"num_buckets": num_buckets, "shards": len(shards),
+                                                       "rank_per_shard": rank_per_shard}
     identity_path = join(work, "job.json")
     if out_fs.exists(identity_path):
         previous = read_json(out_fs, identity_path)
@@ -138,7 +176,8 @@ def run_rerank(config: RerankConfig, input_uri: str, output_uri: str) -> dict:
     manifests_dir = join(work, "manifests")
     out_fs.makedirs(manifests_dir, exist_ok=True)
     # glob, not ls: object stores have no folders, an empty prefix simply lists nothing.
-    committed = {int(posixpath.basename(p)[6:11]) for p in out_fs.glob(join(manifests_dir, "shard-*.json"))}
+    committed = {int(posixpath.basename(p)[len("shard-"):-len(".json")])
+                 for p in out_fs.glob(join(manifests_dir, "shard-*.json"))}
     pending = [s for s in shards if s.shard not in committed]
     for shard in pending:  # staging files of a shard that never committed were written before a crash
         stale = join(work, "scored", f"shard-{shard.shard:05d}")
@@ -149,6 +188,7 @@ def run_rerank(config: RerankConfig, input_uri: str, output_uri: str) -> dict:
                 config.model, model["layout"])
 
     _ensure_ray(config)
+    _check_cluster(config, protocol)
     from pipeline.compose import ranking_dataset, scoring_dataset
 
     # -- phase 1: score ---------------------------------------------------------------------------------
@@ -158,9 +198,10 @@ def run_rerank(config: RerankConfig, input_uri: str, output_uri: str) -> dict:
     new_pairs, new_tokens = 0, 0
     if pending:
         by_id = {s.shard: s for s in pending}
-        seen: dict[int, dict] = {s.shard: {"pairs": 0, "rejected": 0, "tokens": 0, "files": {}} for s in pending}
-        ds = scoring_dataset(pending, layout, config, input_uri, work_uri, num_buckets)
-        for report in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        seen: dict[int, dict] = {s.shard: {"pairs": 0, "rejected": 0, "tokens": 0, "windows": 0, "windows_expected": 0,
+                                           "files": {}} for s in pending}
+        ds = scoring_dataset(pending, layout, config, input_uri, work_uri, num_buckets, rank_per_shard)
+        for report in _worker_errors(ds.iter_batches(batch_size=None, batch_format="pyarrow")):
             for row in report.to_pylist():
                 state = seen[row["shard"]]
                 if row["path"] in state["files"]:
@@ -171,10 +212,14 @@ def run_rerank(config: RerankConfig, input_uri: str, output_uri: str) -> dict:
                 else:
                     state["pairs"] += row["pairs"]
                     state["tokens"] += row["tokens"]
+                    state["windows"] += row["rows"]
+                    state["windows_expected"] += row["windows_expected"]
                 progress.add(row["pairs"] if row["kind"] == "scored" else 0,
                              row["pairs"] if row["kind"] == "rejected" else 0)
                 shard = by_id[row["shard"]]
-                if state["pairs"] + state["rejected"] >= shard.num_pairs and "committed" not in state:
+                complete = (state["pairs"] + state["rejected"] >= shard.num_pairs
+                            and state["windows"] >= state["windows_expected"])  # a row's windows may arrive late
+                if complete and "committed" not in state:
                     state["committed"] = True
                     write_json(out_fs, join(manifests_dir, f"shard-{shard.shard:05d}.json"), {
                         "shard": shard.shard, "pairs": state["pairs"], "rejected": state["rejected"],
@@ -204,8 +249,8 @@ def run_rerank(config: RerankConfig, input_uri: str, output_uri: str) -> dict:
             bucket_reports[b] = read_json(out_fs, marker)
     todo = [{"bucket": b, "files": files_} for b, files_ in sorted(bucket_files.items()) if b not in bucket_reports]
     if todo:
-        for report in ranking_dataset(todo, config, output_uri, _rejected_schema(layout)).iter_batches(
-                batch_size=None, batch_format="pyarrow"):
+        for report in _worker_errors(ranking_dataset(todo, config, output_uri, _rejected_schema(layout)).iter_batches(
+                batch_size=None, batch_format="pyarrow")):
             for row in report.to_pylist():
                 write_json(out_fs, join(ranked_dir, f"bucket-{row['bucket']:05d}.json"), row)
                 bucket_reports[row["bucket"]] = row

@@ -14,7 +14,7 @@ import torch
 
 from pipeline.errors import CheckpointError
 from pipeline.model.checkpoint import DUMMY_MARKER, load_model, resolve_model_directory
-from pipeline.model.modeling import CrossEncoderModel, select_attention_backend
+from pipeline.model.modeling import CrossEncoderModel, select_attention_backend, select_linear_kernel
 from pipeline.model.packing import PackedBatch, pack, token_budget_batches
 from pipeline.model.tokenization import PairTokenizer
 
@@ -77,6 +77,7 @@ class CrossEncoder:
         self.dtype = dtype
         self.is_dummy = is_dummy
         self.model.attention_backend = select_attention_backend(device, dtype, prefer=attention_backend)
+        self.model.linear_kernel = select_linear_kernel(device, dtype)
         self.max_length = model.config.max_tokens_per_sequence
         self.max_tokens_per_batch = DEFAULT_MAX_TOKENS.get(device.type, 8192)
 
@@ -107,7 +108,8 @@ class CrossEncoder:
         return {
             "model": self.name, "revision": self.revision, "layout": self.layout,
             "dtype": str(self.dtype).replace("torch.", ""), "device": str(self.device),
-            "attention_backend": self.model.attention_backend, "random_weights": self.is_dummy,
+            "attention_backend": self.model.attention_backend, "linear_kernel": self.model.linear_kernel,
+            "random_weights": self.is_dummy,
             "num_parameters": sum(p.numel() for p in self.model.parameters()),
         }
 

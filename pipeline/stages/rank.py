@@ -53,7 +53,7 @@ def rank_rows(table: pa.Table, top_k: int | None) -> tuple[pa.Table, pa.Table, i
     scored = table.num_rows
     if top_k is not None:
         table = table.filter(pa.array(rank <= top_k))
-    internal = [ROW, SHARD, S.WINDOW, S.NUM_TOKENS, "_best"]
+    internal = [ROW, SHARD, S.WINDOW, S.NUM_TOKENS, "num_windows", "_best"]
     table = table.drop_columns([c for c in internal if c in table.column_names])
     front = [S.QUERY_ID, S.DOC_ID, S.SCORE, S.RANK]
     table = table.select(front + [c for c in table.column_names if c not in front])

@@ -75,19 +75,24 @@ def read_schemas(fs, files: list[str]) -> list[pa.Schema]:
 
 
 def plan_shards(fs, files: list[str], layout: InputLayout, rows_per_shard: int) -> list[Shard]:
-    """Whole row groups per shard, about `rows_per_shard` rows each, numbered in file order."""
+    """Whole row groups per shard, about `rows_per_shard` pairs each, numbered in file order; empty row
+    groups are skipped. For grouped input only the candidates' doc ids are read, to count pairs."""
     shards: list[Shard] = []
+    doc_ids = f"{layout.candidates}.list.element.{layout.config.doc_id_column}"
     for path in files:
         with fs.open(path, "rb") as f:
             pf = pq.ParquetFile(f)
             groups, rows, pairs = [], 0, 0
             for g in range(pf.metadata.num_row_groups):
                 n = pf.metadata.row_group(g).num_rows
+                if n == 0:
+                    continue
                 p = n
                 if layout.grouped:
-                    lists = pf.read_row_group(g, columns=[layout.candidates]).column(0)
-                    p = int(pc.sum(pc.max_element_wise(pc.fill_null(pc.list_value_length(lists), 0), 1)).as_py() or 0)
-                if groups and rows + n > rows_per_shard:
+                    lists = pf.read_row_group(g, columns=[doc_ids]).column(0)
+                    # A query without candidates still yields one (rejected) row.
+                    p = int(pc.sum(pc.max_element_wise(pc.fill_null(pc.list_value_length(lists), 0), 1)).as_py())
+                if groups and pairs + p > rows_per_shard:
                     shards.append(Shard(len(shards), path, tuple(groups), rows, pairs))
                     groups, rows, pairs = [], 0, 0
                 groups.append(g)
@@ -96,6 +101,16 @@ def plan_shards(fs, files: list[str], layout: InputLayout, rows_per_shard: int) 
             if groups:
                 shards.append(Shard(len(shards), path, tuple(groups), rows, pairs))
     return shards
+
+
+def query_ids_unique(fs, files: list[str], column: str) -> bool:
+    """Grouped input: does every query id stand in one row only? (Reads the id column alone.)"""
+    ids = []
+    for path in files:
+        with fs.open(path, "rb") as f:
+            ids.append(pq.read_table(f, columns=[column]).column(0).cast(pa.string()))
+    column_ids = pa.chunked_array([c for t in ids for c in t.chunks], type=pa.string())
+    return pc.count_distinct(column_ids, mode="all").as_py() == len(column_ids)
 
 
 class ReadShard:

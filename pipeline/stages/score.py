@@ -32,8 +32,9 @@ class ScoreStage:
                  scorers_uri: str, storage_options: dict):
         device = "cuda" if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()) else "cpu"
         # Ray sets OMP_NUM_THREADS to the actor's num_cpus (1), which would leave cores idle while scoring is
-        # the bottleneck; on CPU the scorer takes every core unless told otherwise (tokenizing is cheap next to it).
-        threads = config.torch_threads or (os.cpu_count() if device == "cpu" else None)
+        # the bottleneck; on CPU the scorer takes every core it may run on unless told otherwise (tokenizing is cheap next to it);
+        # set scorer.torch_threads when several CPU scorer actors share a node.
+        threads = config.torch_threads or (len(os.sched_getaffinity(0)) if device == "cpu" else None)
         if threads:
             torch.set_num_threads(threads)
         self.encoder = CrossEncoder.from_pretrained(model, device=device, dtype=dtype, revision=revision)

@@ -1,6 +1,7 @@
 """Tokenize pairs on CPU actors into unpadded token lists, sorted by length within the batch.
 
-Adds:  input_ids list<int32>, token_type_ids list<int8> (BERT only), num_tokens int32, window int32.
+Adds:  input_ids list<int32>, token_type_ids list<int8> (BERT only), num_tokens int32, window int32,
+       num_windows int32 (windows of the row's document; the driver checks all of them were written).
 Valid rows lose their texts here (set to null): from now on only token ids travel. Rejected rows keep
 theirs for `rejected/`. In `windows` mode a long document becomes several rows (window 0, 1, ...) that
 share its `_row`; the ranking stage keeps the best window (jina's rerank semantics).
@@ -16,6 +17,8 @@ from pipeline import schema as S
 from pipeline.model.checkpoint import inspect_checkpoint, resolve_model_directory
 from pipeline.model.tokenization import PairTokenizer
 from pipeline.rerank_config import TokenizerConfig
+
+NUM_WINDOWS = "num_windows"
 
 
 def list_column(arrays: list[np.ndarray], value_type: pa.DataType) -> pa.Array:
@@ -74,7 +77,10 @@ class TokenizeStage:
             out = out.append_column(S.TOKEN_TYPE_IDS, list_column(
                 [types[i] for i in order] + [np.zeros(0, np.int8)] * n_rejected, pa.int8()))
         out = out.append_column(S.NUM_TOKENS, pa.array(np.concatenate([lengths[order], np.zeros(n_rejected, np.int32)])))
-        return out.append_column(S.WINDOW, pa.array(np.concatenate([window[order], np.zeros(n_rejected, np.int32)])))
+        out = out.append_column(S.WINDOW, pa.array(np.concatenate([window[order], np.zeros(n_rejected, np.int32)])))
+        per_row = np.bincount(source, minlength=batch.num_rows).astype(np.int32)
+        return out.append_column(NUM_WINDOWS, pa.array(np.concatenate([per_row[source[order]],
+                                                                         np.zeros(n_rejected, np.int32)])))
 
     def _windows(self, queries, documents):
         ids, types, source, window = [], [], [], []

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -86,7 +87,8 @@ class InputLayout:
         return schema.append(pa.field(S.REASON, pa.string())).empty_table()
 
     @classmethod
-    def from_schemas(cls, schemas: list[pa.Schema], config: InputConfig) -> "InputLayout":
+    def from_schemas(cls, schemas: list[pa.Schema], config: InputConfig, files: list[str] | None = None
+                     ) -> "InputLayout":
         c = config
         names = set().union(*(s.names for s in schemas))
         grouped = c.format == "grouped" or (c.format == "auto" and c.candidates_column in names)
@@ -98,7 +100,8 @@ class InputLayout:
         for i, s in enumerate(schemas):
             for col in required:
                 if col not in s.names:
-                    raise InputError(f"column `{col}` not found in input file {i + 1}; columns are {s.names}; "
+                    where = files[i] if files else f"input file {i + 1}"
+                    raise InputError(f"column `{col}` not found in {where}; columns are {s.names}; "
                                      f"set `{keys[col]}` to the right name")
 
         def types(col):
@@ -202,7 +205,8 @@ class InputLayout:
 def row_reasons(table: pa.Table) -> pa.Array:
     """Why each row cannot be scored (null where it can), first failing check wins."""
     n = table.num_rows
-    no_candidates = table.column("_no_candidates") if "_no_candidates" in table.column_names else pa.array([False] * n)
+    no_candidates = (table.column("_no_candidates") if "_no_candidates" in table.column_names
+                     else pa.array(np.zeros(n, dtype=bool)))
     query, document = table.column(S.QUERY), table.column(S.DOCUMENT)
     checks = [
         (no_candidates, NO_CANDIDATES),

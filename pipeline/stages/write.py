@@ -4,11 +4,12 @@ Scored rows lose their texts (already null) and go to
     <work>/scored/shard-SSSSS/bBBBB-<digest>.parquet
 where the bucket is hash(query_id) for long input (so a query's rows meet in one bucket: a shuffle through
 storage of (query_id, doc_id, score, carried columns), never of texts) or the shard itself for grouped
-input (a query's candidates never leave their shard: no shuffle at all). Rejected rows go to
+input whose query ids are unique (a query never leaves its shard: no shuffle at all). Rejected rows go to
     <work>/scored/shard-SSSSS/rejected-<digest>.parquet
 The digest is a hash of the rows' keys, so a retried task rewrites the same file instead of adding one.
 Each call returns one report row per file; the driver commits a shard (its manifest) once the reports
-account for every one of its rows.
+account for every one of its rows and, in windows mode, every window of them (a row's windows may travel
+in different batches).
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ import pyarrow.parquet as pq
 
 from pipeline import schema as S
 from pipeline.stages.read import ROW, SHARD
+from pipeline.stages.tokenize import NUM_WINDOWS
 from pipeline.storage import join, url_to_fs
 
 REPORT_SCHEMA = pa.schema([
     ("shard", pa.int32()), ("kind", pa.string()), ("path", pa.string()), ("bucket", pa.int32()),
-    ("pairs", pa.int64()), ("rows", pa.int64()), ("tokens", pa.int64()),
+    ("pairs", pa.int64()), ("rows", pa.int64()), ("tokens", pa.int64()), ("windows_expected", pa.int64()),
 ])
 
 
@@ -39,10 +41,10 @@ def bucket_of(query_ids: pa.Array, num_buckets: int) -> np.ndarray:
 
 
 class WriteScored:
-    def __init__(self, work_uri: str, storage_options: dict, num_buckets: int, grouped: bool):
+    def __init__(self, work_uri: str, storage_options: dict, num_buckets: int, bucket_by_shard: bool):
         self.fs, self.root = url_to_fs(work_uri, storage_options)
         self.num_buckets = num_buckets
-        self.grouped = grouped
+        self.bucket_by_shard = bucket_by_shard
 
     def _write(self, table: pa.Table, shard: int, name: str) -> str:
         keys = table.column(ROW).to_numpy()
@@ -61,20 +63,23 @@ class WriteScored:
             part = batch.filter(pa.array(shards == shard))
             mask = pc.is_valid(part.column(S.REASON))
             rejected = part.filter(mask).drop_columns([c for c in (S.INPUT_IDS, S.TOKEN_TYPE_IDS, S.NUM_TOKENS,
-                                                                      S.WINDOW, S.SCORE) if c in part.column_names])
+                                                                      S.WINDOW, NUM_WINDOWS, S.SCORE)
+                                                       if c in part.column_names])
             if rejected.num_rows:
                 path = self._write(rejected.append_column(S.WINDOW, pa.array(np.zeros(rejected.num_rows, np.int32))),
                                    int(shard), "rejected")
-                reports.append((int(shard), "rejected", path, -1, rejected.num_rows, rejected.num_rows, 0))
+                reports.append((int(shard), "rejected", path, -1, rejected.num_rows, rejected.num_rows, 0, 0))
             scored = part.filter(pc.invert(mask)).drop_columns([S.QUERY, S.DOCUMENT, S.REASON])
             if not scored.num_rows:
                 continue
-            buckets = (np.full(scored.num_rows, shard, dtype=np.int32) if self.grouped
+            buckets = (np.full(scored.num_rows, shard, dtype=np.int32) if self.bucket_by_shard
                        else bucket_of(scored.column(S.QUERY_ID).combine_chunks(), self.num_buckets))
             for bucket in np.unique(buckets):
                 rows = scored.filter(pa.array(buckets == bucket))
                 path = self._write(rows, int(shard), f"b{int(bucket):05d}")
-                pairs = int(pc.sum(pc.equal(rows.column(S.WINDOW), 0)).as_py() or 0)
+                first = pc.equal(rows.column(S.WINDOW), 0)
+                pairs = int(pc.sum(first).as_py() or 0)
                 tokens = int(pc.sum(rows.column(S.NUM_TOKENS)).as_py() or 0)
-                reports.append((int(shard), "scored", path, int(bucket), pairs, rows.num_rows, tokens))
+                expected = int(pc.sum(rows.column(NUM_WINDOWS).filter(first)).as_py() or 0)
+                reports.append((int(shard), "scored", path, int(bucket), pairs, rows.num_rows, tokens, expected))
         return pa.table(list(zip(*reports)) if reports else [[] for _ in REPORT_SCHEMA], schema=REPORT_SCHEMA)

@@ -155,3 +155,66 @@ def test_bad_input_matrix_every_row_ranked_or_rejected(ray_local, dl19_rows, tmp
     # Rejected rows keep their input columns.
     null_doc = rejected.filter(pa.compute.equal(rejected.column(S.REASON), "document is null")).to_pylist()[0]
     assert null_doc["doc_id"] == "n2" and null_doc["query"] == "ok"
+
+
+def test_windows_split_across_blocks_are_all_counted(ray_local, dl19_rows, engine, tmp_path):
+    """A row's windows may travel in different blocks; the shard commits only once all are written."""
+    import ray
+
+    docs = [" ".join(r["document"] for r in dl19_rows[i:i + 3]) for i in range(0, 24, 3)]
+    table = pa.table({"query_id": ["q"] * len(docs), "query": [dl19_rows[0]["query"]] * len(docs),
+                      "doc_id": [f"d{i}" for i in range(len(docs))], "document": docs})
+    pq.write_table(table, tmp_path / "in.parquet")
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.target_max_block_size
+    ctx.target_max_block_size = 2200  # force Ray to split the tokenizer's output into tiny blocks
+    try:
+        config = _config(tokenizer__long_documents="windows", tokenizer__max_length=64,
+                         tokenizer__max_query_length=16, tokenizer__overlap=8, scorer__batch_size=2)
+        run_rerank(config, str(tmp_path / "in.parquet"), str(tmp_path / "out"))
+    finally:
+        ctx.target_max_block_size = saved
+    ranked = read_dir(tmp_path / "out" / "ranked")
+    got = dict(zip(ranked.column(S.DOC_ID).to_pylist(), ranked.column(S.SCORE).to_pylist()))
+    expected = engine.rerank(dl19_rows[0]["query"], docs, max_length=64, max_query_length=16, overlap=8)
+    for r in expected:
+        assert 1 / (1 + math.exp(-got[f"d{r['index']}"])) == pytest.approx(r["relevance_score"], abs=1e-5)
+
+
+def test_grouped_query_repeated_across_rows_is_ranked_once(ray_local, tmp_path):
+    rows = [{"query_id": "q", "query": "cats", "candidates": [{"doc_id": "d1", "document": "a cat"},
+                                                              {"doc_id": "d2", "document": "a dog"}]},
+            {"query_id": "q", "query": "cats", "candidates": [{"doc_id": "d1", "document": "a cat"},
+                                                              {"doc_id": "d3", "document": "a cow"}]}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "g.parquet", row_group_size=1)
+    summary = run_rerank(_config(input__rows_per_shard=1), str(tmp_path / "g.parquet"), str(tmp_path / "out"))
+    ranked = read_dir(tmp_path / "out" / "ranked")
+    assert sorted(ranked.column(S.RANK).to_pylist()) == [1, 2, 3]
+    assert summary["rejected_by_reason"] == {"duplicate (query_id, doc_id)": 1}
+    _check_reconciles(tmp_path / "out", 4)
+
+
+def test_empty_row_groups_and_files_are_skipped(ray_local, dl19_rows, tmp_path):
+    schema = pa.schema([("query_id", pa.string()), ("query", pa.string()), ("doc_id", pa.string()),
+                        ("document", pa.string())])
+    pq.write_table(schema.empty_table(), tmp_path / "a_empty.parquet")
+    rows = [{k: str(r[k]) for k in ("query_id", "query", "doc_id", "document")} for r in dl19_rows[:30]]
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp_path / "b.parquet")
+    summary = run_rerank(_config(), str(tmp_path), str(tmp_path / "out"))
+    assert summary["scored_rows"] == 30 and summary["shards"] == 1
+    _check_reconciles(tmp_path / "out", 30)
+
+
+def test_finished_output_with_other_settings_is_refused(ray_local, dl19_rows, tmp_path):
+    from pipeline.errors import InputError
+
+    rows = [{k: str(r[k]) for k in ("query_id", "query", "doc_id", "document")} for r in dl19_rows[:20]]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "in.parquet")
+    first = run_rerank(_config(), str(tmp_path / "in.parquet"), str(tmp_path / "out"))
+    again = run_rerank(_config(scorer__batch_size=7), str(tmp_path / "in.parquet"), str(tmp_path / "out"))
+    assert again == first  # same result settings: nothing to do
+    with pytest.raises(InputError, match="other settings"):
+        run_rerank(_config(output__top_k=3), str(tmp_path / "in.parquet"), str(tmp_path / "out"))
+    with pytest.raises(InputError, match="no GPU"):
+        run_rerank(_config(scorer__device="cuda"), str(tmp_path / "in.parquet"), str(tmp_path / "out2"))
+    assert not (tmp_path / "out2" / "ranked").exists()
