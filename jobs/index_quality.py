@@ -8,6 +8,8 @@
 --qrels    TREC qrels text or Parquet (query_id, doc_id, label), graded or binary
 --model    rerank the run with the rerank job (into <output>/rerank/) for the label-free measures and
            "what reranking would add"; the run must then be the Parquet input with query and document texts
+--texts    with --model and a TREC run file: a Parquet table (query_id, query, doc_id, document) holding the
+           texts of the run's pairs; pairs without texts get no reranker score (counted in metrics.json)
 --history  a folder (local or s3://) holding history.parquet and each night's per-query values;
            tonight's row is appended (a rerun of the same night replaces it)
 --output   folder for metrics.json, per_query.parquet, report.html (and rejected.parquet if any row was)
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import posixpath
 from typing import Sequence
 
 import pyarrow as pa
@@ -30,11 +33,11 @@ from pipeline.config import build_config, load_config
 from pipeline.errors import InputError
 from pipeline.rerank_config import RerankConfig
 from pipeline.rerank_job import run_rerank
-from pipeline.schema import DOC_ID, QUERY_ID, SCORE
-from pipeline.trec import is_parquet
+from pipeline.schema import DOC_ID, DOCUMENT, QUERY, QUERY_ID, RANK, SCORE
+from pipeline.trec import is_parquet, read_run
 from pipeline.quality.config import IndexQualityConfig
 from pipeline.quality.nightly import evaluate_night
-from pipeline.storage import join, url_to_fs
+from pipeline.storage import arrow_filesystem, join, url_to_fs
 
 log = logging.getLogger("jobs.index_quality")
 
@@ -46,18 +49,45 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, help="output folder (local path or s3://...)")
     parser.add_argument("--qrels", default=None, help="TREC qrels text or Parquet (query_id, doc_id, label)")
     parser.add_argument("--history", default=None, help="history folder (local path or s3://...)")
+    parser.add_argument("--texts", default=None,
+                        help="with --model and a TREC run: Parquet of query_id, query, doc_id, document for its pairs")
     return parser
+
+
+def _write_run_with_texts(run_uri: str, texts_uri: str, target: str, options: dict) -> None:
+    """A TREC run joined with its texts, written as the rerank job's long-format input."""
+    run = read_run(run_uri, options).select([QUERY_ID, DOC_ID, RANK, SCORE])
+    fs, path = url_to_fs(texts_uri, options)
+    try:
+        texts = pq.read_table(path, filesystem=arrow_filesystem(fs), columns=[QUERY_ID, QUERY, DOC_ID, DOCUMENT])
+    except (pa.ArrowInvalid, KeyError, OSError) as e:
+        raise InputError(f"--texts {texts_uri!r} must be Parquet with query_id, query, doc_id, document "
+                         f"({str(e).splitlines()[0]})") from None
+    texts = pa.table({QUERY_ID: texts[QUERY_ID].cast(pa.string()), QUERY: texts[QUERY],
+                      DOC_ID: texts[DOC_ID].cast(pa.string()), DOCUMENT: texts[DOCUMENT]})
+    joined = run.join(texts, keys=[QUERY_ID, DOC_ID], join_type="inner")
+    if joined.num_rows == 0:
+        raise InputError(f"--texts {texts_uri!r} holds no text for any (query_id, doc_id) of the run")
+    out_fs, out_path = url_to_fs(target, options)
+    out_fs.makedirs(posixpath.dirname(out_path), exist_ok=True)
+    with out_fs.open(out_path, "wb") as f:
+        pq.write_table(joined, f)
 
 
 def rerank_scores(args: argparse.Namespace, config: IndexQualityConfig) -> pa.Table:
     """Rerank the run through the rerank job and read back (query_id, doc_id, score), ids as strings."""
-    if not is_parquet(args.run, config.storage_options):
-        raise InputError("--model needs the run as the rerank job's Parquet input (query and document texts); "
-                         "a TREC run file has no texts")
+    options = config.storage_options
+    rerank_input = args.run
+    if not is_parquet(args.run, options):
+        if not args.texts:
+            raise InputError("--model needs texts: pass the run as the rerank job's Parquet input, or add "
+                             "--texts with a Parquet table of query_id, query, doc_id, document")
+        rerank_input = join(args.output, "rerank_input.parquet")
+        _write_run_with_texts(args.run, args.texts, rerank_input, options)
     rerank_config = build_config(RerankConfig, {"model": args.model, "dtype": args.dtype or "auto",
-                                                "storage_options": config.storage_options})
+                                                "storage_options": options})
     target = join(args.output, "rerank")
-    run_rerank(rerank_config, args.run, target)
+    run_rerank(rerank_config, rerank_input, target)
     fs, root = url_to_fs(target, config.storage_options)
     tables = []
     for path in sorted(fs.glob(join(root, "ranked", "*.parquet"))):

@@ -167,3 +167,21 @@ def test_model_reranks_the_run_through_the_rerank_job(dl19_long, dl19_qrels, tmp
     assert {"judge/nDCG@10", "judge/Overlap@10"} <= set(metrics["label_free"]["measures"])
     assert metrics["label_free"]["score_summary"]["count"] == 4300
     assert "reranked/nDCG@10" in metrics["reranked"]
+
+
+def test_trec_run_with_texts_and_model(dl19_long, dl19_qrels, shared_data, tmp_path):
+    """A TREC run file has no texts: --texts supplies them, pairs of the run without text stay unscored."""
+    texts = pq.read_table(dl19_long, columns=["query_id", "query", "doc_id", "document"])
+    pq.write_table(texts.slice(0, 1000), tmp_path / "texts.parquet")
+    output = tmp_path / "night"
+    code = main(["--run", str(shared_data / "trec-dl" / "runs" / "BM25_dl19.txt"), "--output", str(output),
+                 "--qrels", str(dl19_qrels), "--model", "dummy:tiny", "--texts", str(tmp_path / "texts.parquet"),
+                 "--set", "metrics.relevance_level=2"])
+    assert code == 0
+    assert json.loads((output / "rerank" / "summary.json").read_text())["input_rows"] == 1000
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["overall"]["nDCG@10"] == pytest.approx(0.5058, abs=1e-4)
+    assert metrics["pairs_without_reranker_score"] > 0
+    with pytest.raises(InputError, match="--texts"):
+        main(["--run", str(shared_data / "trec-dl" / "runs" / "BM25_dl19.txt"), "--output", str(tmp_path / "x"),
+              "--model", "dummy:tiny"])
