@@ -140,11 +140,12 @@ def _sdpa_equal_length_runs(q, k, v, cu_seqlens, seqlens, cls_only, scale):
     A run of m sequences of n tokens is a contiguous (m * n) slice of the packed tokens, so it views as
     (m, heads, n, head_dim) without a gather, and no padding, mask or scatter exists. Length-sorted
     micro-batches (what `score_tokens` sends) make runs as long as the data allows; in any other order the
-    runs are single sequences, still exact. Measured on a 2-core AVX512-BF16 CPU, bf16, per layer of a
-    jina-base-sized model: DL19-like batches (90 sequences of 40-160 tokens) 44 ms here against 59-175 ms
-    for the padded groups below (gathers and scatters cost more than the padding they remove), long
-    batches (12 of 300-1000 tokens) the same as the groups. SDPA must get 4-D inputs: with 3-D ones torch
-    2.13 falls back to its math kernel, ~3x slower.
+    runs are single sequences, still exact. Measured on a 2-core AMD EPYC (AVX512-BF16), bf16, whole
+    jina-base forward, 4,096-token micro-batches, interleaved best of 3: DL19 601 -> 645 GFLOP/s and long
+    449 -> 481 against the padded groups below (their gathers, masks and scatters cost more than the
+    padding they remove). SDPA must get 4-D inputs: with 3-D ones torch 2.13 takes its math kernel, ~3x
+    slower. Attention is then ~15% of a DL19 forward and ~45% of a long one (SDPA's flash kernel for CPU
+    runs at ~170 GFLOP/s against ~850 for the GEMMs).
     """
     out = torch.empty_like(q)
     starts = cu_seqlens[:-1].tolist()
@@ -249,11 +250,13 @@ def _onednn_linear_works(dtype: torch.dtype) -> bool:
 def select_linear_kernel(device: torch.device, dtype: torch.dtype, prefer: str | None = None) -> str:
     """oneDNN's fused linear on CPU when this build has it, aten elsewhere; log the choice once.
 
-    Measured on a 2-core AMD EPYC (Zen 5, AVX512-BF16), jina-base MLP + Wqkv at 2,048-8,192 tokens:
-    fusing bias + GELU into fc1 and the residual add into fc2 / out_proj saves one or two passes over
-    (tokens, 3072) activations, 20-30% of the MLP's time in bf16; in fp32 oneDNN's GEMM runs ~1.8x faster
-    than the MKL one F.linear calls (MKL's fast paths are Intel-only). Results differ from aten's only in
-    float rounding (GELU applied before the bf16 rounding of fc1's output; checked by the parity tests).
+    Measured on a 2-core AMD EPYC (Zen 5, AVX512-BF16): fusing bias + GELU into fc1 and the residual add
+    into fc2 / out_proj saves passes over (tokens, 3,072) activations; whole jina-base forward in bf16,
+    4,096-token micro-batches, interleaved best of 3: DL19 645 -> 725 GFLOP/s, long 481 -> 522. In fp32
+    oneDNN's GEMM runs ~1.8x faster than the MKL one F.linear calls here (MKL's fast paths are Intel-only).
+    After this, GEMMs and attention take ~98% of a forward: nothing is left for torch.compile to fuse.
+    Results differ from aten's only in float rounding (GELU applied before fc1's output is rounded to
+    bf16; checked by the parity tests).
     """
     if prefer is not None:
         choice, why = prefer, "requested"
