@@ -1,0 +1,72 @@
+"""Side-by-side reranking throughput: sentence-transformers, transformers and our engine, same weights, same data.
+
+    python -m jobs.benchmark [--workloads dl19,long,multilingual] [--models jina-reranker-v2-base,bge-reranker-v2-m3]
+                             [--contenders st-default,st-best,hf-padded,hf-sorted,engine] [--n-pairs N]
+                             [--output results/benchmark-cpu.json] [--config FILE] [--set key=value ...]
+
+Every contender loads the same random-weight checkpoint (the real model's shape, a tokenizer trained on the
+workloads' text; `RERANKER_CHECKPOINT=<dir>` benchmarks a real checkpoint instead) and scores the same
+pairs in a process of its own. Per contender and workload: pairs/s, real tokens/s, padding efficiency,
+peak RSS, MFU (model FLOPs/s over the peak GEMM FLOP/s of its dtype, measured in the same run), and the
+engine's speedup over it. Writes the JSON report to --output and prints a markdown table.
+Defaults (pairs per workload etc.): `pipeline/benchmark/config.py`. Targets are reported, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import posixpath
+from typing import Sequence
+
+from pipeline.benchmark.config import BenchmarkConfig
+from pipeline.benchmark.report import markdown_table
+from pipeline.benchmark.runner import run_benchmark
+from pipeline.cli import run_main, setup_logging
+from pipeline.config import load_config
+from pipeline.storage import url_to_fs, write_json
+
+log = logging.getLogger("jobs.benchmark")
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="benchmark", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workloads", type=_names, default=None, help="comma-separated: dl19,long,multilingual")
+    parser.add_argument("--models", type=_names, default=None,
+                        help="comma-separated dummy architectures: jina-reranker-v2-base,bge-reranker-v2-m3,...")
+    parser.add_argument("--contenders", type=_names, default=None,
+                        help="comma-separated: st-default,st-best,hf-padded,hf-sorted,engine,engine-fp32")
+    parser.add_argument("--n-pairs", type=int, default=None,
+                        help="pairs per workload for every workload (float32 contenders score a fraction of them)")
+    parser.add_argument("--output", default="results/benchmark-cpu.json", help="JSON report (local path or s3://...)")
+    parser.add_argument("--config", default=None, help="YAML config file (keys: pipeline/benchmark/config.py)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config key, e.g. --set tune_batch_sizes=[16,32] (repeatable)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    explicit = {key: value for key, value in (("workloads", args.workloads), ("models", args.models),
+                                              ("contenders", args.contenders)) if value is not None}
+    config = load_config(BenchmarkConfig, args.config, args.overrides, **explicit)
+    if args.n_pairs is not None:
+        config.n_pairs = {w: args.n_pairs for w in config.workloads}
+    report = run_benchmark(config)
+    fs, path = url_to_fs(args.output)
+    fs.makedirs(posixpath.dirname(path) or ".", exist_ok=True)
+    write_json(fs, path, report)
+    print(markdown_table(report))
+    log.info("report: %s", args.output)
+    return 1 if report["errors"] else 0
+
+
+if __name__ == "__main__":
+    run_main(main)

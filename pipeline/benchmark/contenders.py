@@ -1,0 +1,300 @@
+"""The contenders: every way of scoring (query, document) pairs that the benchmark puts side by side.
+
+Each contender loads the same checkpoint directory, tokenizes with the same tokenizer (its
+`tokenizer.json`), truncates at the same `max_length`, and returns raw logits in input order. What it is
+timed on starts with the pairs as Python strings and ends with the logits: tokenization is included for
+everyone, model loading for no one.
+
+| name            | what it is                                                                  | dtype    |
+|-----------------|-----------------------------------------------------------------------------|----------|
+| `st-default`    | sentence-transformers `CrossEncoder(dir).predict(pairs)`, documented defaults (batch 32) | as stored (float32) |
+| `st-best`       | the same in bfloat16, batch size tuned on the workload (best of `st_batch_sizes`)        | bfloat16 |
+| `hf-padded`     | transformers `AutoModelForSequenceClassification`, padded batches in input order         | bfloat16 |
+| `hf-sorted`     | the same, pairs sorted by token length first (FlagEmbedding's reranker does this)         | bfloat16 |
+| `engine`        | ours, in process: `CrossEncoder.from_pretrained(dir).compute_score(pairs)`               | bfloat16 |
+| `engine-fp32`   | ours in float32 (to compare with `st-default` at equal precision)                        | float32  |
+| `ray-job`       | the whole Ray rerank job (`pipeline.rerank_job.run_rerank`), Parquet in -> Parquet out    | bfloat16 |
+
+sentence-transformers sorts pairs by character length before batching; the transformers contenders use
+the model's default attention (SDPA). Tokens are counted where each contender's model sees them (a
+forward pre-hook), so padding efficiency is measured, not modelled.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+Pairs = Sequence[tuple[str, str]]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Scored:
+    """One timed pass of a contender over a list of pairs."""
+
+    logits: np.ndarray            # (n,) float32, input order
+    seconds: float                # strings in -> logits out
+    real_tokens: int              # tokens of the pairs themselves
+    processed_tokens: int         # tokens that went through the Linear layers (padding included)
+    dtype: str
+    settings: dict = field(default_factory=dict)
+
+
+class TokenCounter:
+    """Counts real and processed tokens at a transformers model's encoder (a pre-hook; no change to the model).
+
+    The hook sits on `base_model` (the encoder the classification model calls as a module): sentence-
+    transformers calls the top model's `.forward` directly, which skips hooks on the top model itself.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.real = 0
+        self.processed = 0
+        self.handle = getattr(model, "base_model", model).register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        mask = kwargs.get("attention_mask")
+        self.processed += int(input_ids.numel())
+        self.real += int(mask.sum()) if mask is not None else int(input_ids.numel())
+
+    def reset(self) -> None:
+        self.real = self.processed = 0
+
+
+def _timed(fn: Callable[[], np.ndarray]) -> tuple[np.ndarray, float]:
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+# -- sentence-transformers ---------------------------------------------------------------------------------
+
+
+class SentenceTransformersContender:
+    """`sentence_transformers.CrossEncoder.predict`; `dtype=None` keeps its default (the checkpoint's dtype)."""
+
+    def __init__(self, directory: str, max_length: int, dtype: str | None, device: str = "cpu"):
+        from sentence_transformers import CrossEncoder
+        from transformers import PreTrainedModel
+
+        kwargs = {} if dtype is None else {"model_kwargs": {"dtype": DTYPES[dtype]}}
+        self.model = CrossEncoder(directory, max_length=max_length, device=device, **kwargs)
+        inner = next(m for m in self.model.modules() if isinstance(m, PreTrainedModel))
+        self.dtype = str(next(inner.parameters()).dtype).replace("torch.", "")
+        self.counter = TokenCounter(inner)
+
+    def score(self, pairs: Pairs, batch_size: int = 32) -> Scored:
+        self.counter.reset()
+        logits, seconds = _timed(lambda: self.model.predict(
+            list(pairs), batch_size=batch_size, show_progress_bar=False, activation_fn=torch.nn.Identity()))
+        return Scored(np.asarray(logits, dtype=np.float32).reshape(-1), seconds, self.counter.real,
+                      self.counter.processed, self.dtype, {"batch_size": batch_size})
+
+
+# -- transformers ------------------------------------------------------------------------------------------
+
+
+class TransformersContender:
+    """`AutoModelForSequenceClassification` on padded batches, in input order or sorted by token length."""
+
+    def __init__(self, directory: str, max_length: int, dtype: str, length_sorted: bool, device: str = "cpu"):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(directory)
+        self.model = AutoModelForSequenceClassification.from_pretrained(directory, dtype=DTYPES[dtype]).to(device).eval()
+        self.device = device
+        self.max_length = max_length
+        self.length_sorted = length_sorted
+        self.dtype = dtype
+        self.counter = TokenCounter(self.model)
+
+    @torch.inference_mode()
+    def _forward(self, features) -> np.ndarray:
+        features = {k: v.to(self.device) for k, v in features.items()}
+        return self.model(**features).logits[:, 0].float().cpu().numpy()
+
+    def _input_order(self, pairs: Pairs, batch_size: int) -> np.ndarray:
+        """What most scripts do: tokenize each slice of `batch_size` pairs, pad to its longest, run."""
+        out = []
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start:start + batch_size]
+            features = self.tokenizer([q for q, _ in chunk], [d for _, d in chunk], padding=True, truncation=True,
+                                      max_length=self.max_length, return_tensors="pt")
+            out.append(self._forward(features))
+        return np.concatenate(out)
+
+    def _sorted(self, pairs: Pairs, batch_size: int) -> np.ndarray:
+        """FlagEmbedding's reranker: tokenize everything, sort by token count (longest first), pad per batch."""
+        encoded = self.tokenizer([q for q, _ in pairs], [d for _, d in pairs], truncation=True,
+                                 max_length=self.max_length)
+        rows = [{k: encoded[k][i] for k in encoded} for i in range(len(pairs))]
+        order = np.argsort([-len(r["input_ids"]) for r in rows], kind="stable")
+        logits = np.empty(len(pairs), dtype=np.float32)
+        for start in range(0, len(order), batch_size):
+            index = order[start:start + batch_size]
+            features = self.tokenizer.pad([rows[i] for i in index], return_tensors="pt")
+            logits[index] = self._forward(features)
+        return logits
+
+    def score(self, pairs: Pairs, batch_size: int = 32) -> Scored:
+        pairs = list(pairs)
+        self.counter.reset()
+        run = self._sorted if self.length_sorted else self._input_order
+        logits, seconds = _timed(lambda: run(pairs, batch_size))
+        return Scored(logits, seconds, self.counter.real, self.counter.processed, self.dtype,
+                      {"batch_size": batch_size, "length_sorted": self.length_sorted,
+                       "attention": self.model.config._attn_implementation})
+
+
+# -- our engine --------------------------------------------------------------------------------------------
+
+
+class EngineContender:
+    """`pipeline.model.CrossEncoder.compute_score`, in process."""
+
+    def __init__(self, directory: str, max_length: int, dtype: str, device: str = "cpu",
+                 max_tokens_per_batch: int | None = None):
+        from pipeline.model import CrossEncoder
+
+        self.model = CrossEncoder.from_pretrained(directory, device=device, dtype=dtype)
+        self.max_length = max_length
+        self.max_tokens_per_batch = max_tokens_per_batch
+        self.dtype = dtype
+        self.processed = 0
+        self.model.model.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args):
+        self.processed += int(args[0].numel())
+
+    def score(self, pairs: Pairs, batch_size: int | None = None) -> Scored:
+        self.processed = 0
+        logits, seconds = _timed(lambda: np.asarray(self.model.compute_score(
+            list(pairs), max_length=self.max_length, return_logits=True,
+            max_tokens_per_batch=self.max_tokens_per_batch), dtype=np.float32).reshape(-1))
+        # Packed: every processed token is a real token of a pair.
+        return Scored(logits, seconds, self.processed, self.processed, self.dtype,
+                      {"max_tokens_per_batch": self.max_tokens_per_batch or self.model.max_tokens_per_batch,
+                       "attention_backend": self.model.model.attention_backend})
+
+
+# -- the whole Ray job -------------------------------------------------------------------------------------
+
+
+class RayJobContender:
+    """`pipeline.rerank_job.run_rerank` end to end: Parquet in -> Ray Data (read, tokenize, score, write,
+    rank) -> Parquet out, in this process as the driver, at the job's default settings plus `overrides`.
+
+    Timed: the whole call, Ray's start and the actors' model loading included (the job pays them on every
+    run); `job_pairs_per_s` is the job's own scoring-phase rate from summary.json. Query ids are the query
+    texts' hashes (the job ranks per query), doc ids the row numbers; scores come back by row number.
+    """
+
+    def __init__(self, directory: str, max_length: int, dtype: str, device: str = "cpu",
+                 overrides: Sequence[str] = ()):
+        from pipeline.model.tokenization import PairTokenizer
+
+        self.directory, self.max_length, self.dtype, self.device = directory, max_length, dtype, device
+        self.overrides = list(overrides)
+        self.tokenizer = PairTokenizer.from_dir(directory, return_token_types=False)
+
+    def score(self, pairs: Pairs, batch_size: int | None = None) -> Scored:
+        import hashlib
+        import tempfile
+
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from pipeline import schema
+        from pipeline.config import load_config
+        from pipeline.rerank_config import RerankConfig
+        from pipeline.rerank_job import run_rerank
+
+        pairs = list(pairs)
+        ids, _ = self.tokenizer.encode_pairs([q for q, _ in pairs], [d for _, d in pairs], self.max_length)
+        tokens = sum(len(x) for x in ids)
+        config = load_config(RerankConfig, None, self.overrides, model=self.directory, dtype=self.dtype)
+        config.tokenizer.max_length = self.max_length
+        config.scorer.device = "cuda" if self.device.startswith("cuda") else "cpu"
+        with tempfile.TemporaryDirectory(prefix="benchmark-ray-job-") as tmp:
+            table = pa.table({
+                schema.QUERY_ID: [hashlib.sha1(q.encode()).hexdigest()[:16] for q, _ in pairs],
+                schema.QUERY: [q for q, _ in pairs],
+                schema.DOC_ID: [str(i) for i in range(len(pairs))],
+                schema.DOCUMENT: [d for _, d in pairs],
+            })
+            pq.write_table(table, f"{tmp}/input.parquet")
+            start = time.perf_counter()
+            summary = run_rerank(config, f"{tmp}/input.parquet", f"{tmp}/output")
+            seconds = time.perf_counter() - start
+            ranked = pq.read_table(f"{tmp}/output/ranked", columns=[schema.DOC_ID, schema.SCORE])
+        logits = np.full(len(pairs), np.nan, dtype=np.float32)
+        logits[np.asarray(ranked[schema.DOC_ID].to_pylist(), dtype=np.int64)] = ranked[schema.SCORE].to_numpy()
+        return Scored(logits, seconds, tokens, tokens, self.dtype,
+                      {"overrides": self.overrides, "job_pairs_per_s": summary.get("pairs_per_s"),
+                       "job_seconds": summary.get("seconds"), "scored_rows": summary.get("scored_rows"),
+                       "rejected_rows": summary.get("rejected_rows"), "job_tokens": summary.get("tokens")})
+
+
+# -- the registry ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Contender:
+    name: str
+    description: str
+    library: str               # sentence-transformers | transformers | engine | ray-job
+    dtype: str | None          # default compute dtype; None: the library's default (the checkpoint's dtype)
+    length_sorted: bool = False
+    tuned_batch_size: bool = False  # batch size picked per workload from `st_batch_sizes`
+
+    @property
+    def full_precision(self) -> bool:
+        """float32 contenders are slow on CPU: they get the capped pair count."""
+        return self.dtype in (None, "float32")
+
+
+CONTENDERS: dict[str, Contender] = {c.name: c for c in [
+    Contender("st-default", "sentence-transformers CrossEncoder.predict, documented defaults (batch 32)",
+              "sentence-transformers", None),
+    Contender("st-best", "sentence-transformers CrossEncoder.predict, bf16, batch size tuned",
+              "sentence-transformers", "bfloat16", tuned_batch_size=True),
+    Contender("hf-padded", "transformers AutoModelForSequenceClassification, padded batches in input order",
+              "transformers", "bfloat16"),
+    Contender("hf-sorted", "transformers AutoModelForSequenceClassification, length-sorted batches (FlagEmbedding)",
+              "transformers", "bfloat16", length_sorted=True),
+    Contender("engine", "our engine, compute_score in process (packed, token-budget micro-batches)", "engine",
+              "bfloat16"),
+    Contender("engine-fp32", "our engine in float32", "engine", "float32"),
+    Contender("ray-job", "the whole Ray rerank job, Parquet in -> ranked Parquet out (Ray start included)",
+              "ray-job", "bfloat16"),
+]}
+
+
+def load_contender(name: str, directory: str, *, max_length: int, device: str = "cpu", dtype: str | None = None,
+                   max_tokens_per_batch: int | None = None, ray_job_overrides: Sequence[str] = ()):
+    """An object with `score(pairs, batch_size) -> Scored`; `dtype` overrides the contender's default."""
+    spec = CONTENDERS[name]
+    dtype = dtype or spec.dtype
+    if spec.library == "sentence-transformers":
+        return SentenceTransformersContender(directory, max_length, dtype, device)
+    if spec.library == "transformers":
+        return TransformersContender(directory, max_length, dtype, spec.length_sorted, device)
+    if spec.library == "ray-job":
+        return RayJobContender(directory, max_length, dtype, device, ray_job_overrides)
+    return EngineContender(directory, max_length, dtype, device, max_tokens_per_batch)
+
+
+def tune_batch_size(contender, pairs: Pairs, batch_sizes: Sequence[int]) -> tuple[int, dict[int, float]]:
+    """The batch size with the most pairs/s on `pairs` (a sample of the workload), and every size's pairs/s."""
+    speeds = {}
+    for size in batch_sizes:
+        run = contender.score(pairs, batch_size=size)
+        speeds[size] = len(pairs) / run.seconds
+    return max(speeds, key=speeds.get), speeds

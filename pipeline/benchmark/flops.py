@@ -1,0 +1,106 @@
+"""Model FLOPs of a cross-encoder forward pass, and the machine's peak GEMM FLOP/s to divide them by.
+
+MFU = (model FLOPs of the pairs scored / seconds) / peak GEMM FLOP/s of the same dtype on the same machine.
+
+Model FLOPs are the multiply-adds (x2) the *score* needs, counted on real tokens only, identical for every
+contender, so padding, recomputation and the last layer's unneeded rows count as waste, never as work:
+
+    per layer l < L, per sequence of n real tokens (hidden h, FFN f):
+        linear   n * 2 * (h*3h + h*h + 2*h*f)         # Wqkv, out_proj, fc1, fc2
+        attention       4 * n^2 * h                   # QK^T and (softmax)V, all heads together
+    last layer (only the first token feeds the head):
+        linear   n * 2 * (2*h*h)                       # keys and values of every token
+               + 1 * 2 * (h*h + h*h + 2*h*f)           # query, out_proj and the MLP of the first token
+        attention       4 * n * h                      # one query row against n keys
+    head: 2 * (h*h + h*num_labels)
+
+Embedding lookups, LayerNorm, GELU, softmax and residual adds are left out (not GEMMs; < 1% of the
+FLOPs at these sizes). A contender that runs the whole last layer or pads does more arithmetic than this,
+and that shows as a lower MFU: the figure says how much of the machine went into the answer.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int
+    layers: int
+    intermediate: int
+    num_labels: int = 1
+
+    @classmethod
+    def from_config(cls, config: dict) -> "Shape":
+        """From a transformers-style config.json dict."""
+        return cls(config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"],
+                   config.get("num_labels", len(config.get("id2label", {0: 0}))))
+
+
+def model_flops(shape: Shape, seqlens: Sequence[int] | np.ndarray) -> float:
+    """FLOPs to score sequences of the given real token counts (formula in the module docstring)."""
+    n = np.asarray(seqlens, dtype=np.float64)
+    h, f, layers = shape.hidden, shape.intermediate, shape.layers
+    full_layer = n.sum() * 2 * (4 * h * h + 2 * h * f) + 4 * h * (n ** 2).sum()
+    last_layer = n.sum() * 2 * (2 * h * h) + len(n) * 2 * (2 * h * h + 2 * h * f) + 4 * h * n.sum()
+    head = len(n) * 2 * (h * h + h * shape.num_labels)
+    return float((layers - 1) * full_layer + last_layer + head)
+
+
+def gemm_shapes(shape: Shape, tokens: int = 4096) -> list[tuple[int, int, int]]:
+    """(m, k, n) of the model's own Linear layers at `tokens` rows, plus a square one."""
+    h, f = shape.hidden, shape.intermediate
+    return [(tokens, h, 3 * h), (tokens, h, f), (tokens, f, h), (2048, 2048, 2048)]
+
+
+def _gemm_kernels(device: str, dtype: torch.dtype) -> dict:
+    """The GEMM implementations a contender can reach: aten's F.linear (MKL for fp32 on CPU, oneDNN for
+    bf16) and, on CPU, oneDNN's linear (what our engine and torch.compile call). On AMD CPUs MKL's fp32
+    GEMM is ~half of oneDNN's, so a peak from F.linear alone would flatter every fp32 MFU."""
+    kernels = {"F.linear": torch.nn.functional.linear}
+    op = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+    if device == "cpu" and op is not None and torch.backends.mkldnn.is_available():
+        kernels["onednn_linear"] = lambda x, w, b: op(x, w, b, "none", [], "")
+    return kernels
+
+
+def peak_gemm_flops(dtype: torch.dtype, shapes: Sequence[tuple[int, int, int]], seconds_per_shape: float = 1.0,
+                    device: str = "cpu") -> dict:
+    """The best FLOP/s a linear layer (weights (n, k), bias on) reaches on any of `shapes` with any kernel.
+
+    Linear layers are the GEMMs every contender runs, so this is the ceiling they all run under. Each
+    (shape, kernel) is timed for about `seconds_per_shape`; its best repetition counts (GEMM time only).
+    """
+    results = {}
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    for m, k, n in shapes:
+        x = torch.randn(m, k, generator=generator).to(device, dtype)
+        w = torch.randn(n, k, generator=generator).to(device, dtype)
+        b = torch.randn(n, generator=generator).to(device, dtype)
+        for name, kernel in _gemm_kernels(device, dtype).items():
+            try:
+                kernel(x, w, b)
+            except (RuntimeError, NotImplementedError):
+                continue  # this kernel does not take this dtype here
+            best, spent = float("inf"), 0.0
+            while spent < seconds_per_shape:
+                _sync(device)
+                start = time.perf_counter()
+                kernel(x, w, b)
+                _sync(device)
+                elapsed = time.perf_counter() - start
+                best, spent = min(best, elapsed), spent + elapsed
+            results[f"{name} {m}x{k}x{n}"] = 2.0 * m * k * n / best
+    return {"flops_per_s": max(results.values()), "by_kernel_and_shape": results,
+            "dtype": str(dtype).replace("torch.", "")}
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()

@@ -1,0 +1,42 @@
+"""The benchmark report as a short markdown table (what the job prints and the README shows)."""
+
+from __future__ import annotations
+
+
+def _num(value, fmt: str) -> str:
+    return "n/a" if value is None else format(value, fmt)
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def markdown_table(report: dict) -> str:
+    """One row per (model, workload, contender); `engine x` = engine pairs/s over the row's (> 1: engine faster);
+    `CPU share` = CPU time the contender's process got over wall time x threads (< 100%: the machine was shared)."""
+    lines = [
+        "| model | workload | contender | dtype | pairs | pairs/s | real tokens/s | padding eff. | MFU | peak RSS (MB) "
+        "| CPU share | engine x |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["runs"]:
+        lines.append(
+            f"| {r['model']} | {r['workload']} | {r['contender']} | {r['dtype']} | {r['n_pairs']} "
+            f"| {r['pairs_per_s']:.2f} | {r['real_tokens_per_s']:.0f} | {r['padding_efficiency']:.2f} "
+            f"| {_pct(r['mfu'])} | {_num(r['peak_rss_mb'], '.0f')} | {_pct(r.get('cpu_share'))} "
+            f"| {_num(r.get('engine_speedup'), '.2f')} |")
+    peaks = [f"{model}: bf16 {p['bfloat16']['flops_per_s'] / 1e9:.0f} GFLOP/s, fp32 {p['float32']['flops_per_s'] / 1e9:.0f} GFLOP/s"
+             for model, p in report.get("peak_gemm", {}).items()]
+    machine = report["machine"]
+    lines += ["", f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}; "
+                  f"load average {machine['load_average_before']:.1f} before, {machine.get('load_average_after', 0):.1f} after.",
+              "Peak GEMM (best of F.linear and oneDNN linear over the model's shapes, before/after the run): " + "; ".join(peaks) + "."]
+    if report.get("targets"):
+        lines += ["", "| target | model | value | goal | met |", "|---|---|---:|---:|---|"]
+        for t in report["targets"]:
+            value = f"{100 * t['value']:.1f}%" if "MFU" in t["name"] else f"{t['value']:.2f}x"
+            goal = f"{100 * t['target']:.0f}%" if "MFU" in t["name"] else f"{t['target']:.0f}x"
+            lines.append(f"| {t['name']} | {t['model']} | {value} | {goal} | {'yes' if t['met'] else 'no'} |")
+    for e in report.get("errors", []):
+        lines.append(f"\nERROR {e['model']} / {e['contender']}: {e['message']}")
+    return "\n".join(lines)

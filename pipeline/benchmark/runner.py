@@ -1,0 +1,212 @@
+"""The side-by-side benchmark: every contender on every model and workload, one worker process each.
+
+    report = run_benchmark(config, scores_dir)   # the JSON the job writes (layout below)
+
+For each model: the shared checkpoint (`checkpoints.py`), then one worker per contender (`worker.py`),
+which scores every workload. Peak GEMM FLOP/s (both dtypes) is measured before the first worker and after
+the last, so drift over the run shows; MFU divides by the higher of the two (the conservative choice).
+
+Report layout:
+    machine: {cpu, cores, torch, threads, load_average_before/after, ...}
+    peak_gemm: {bfloat16: {flops_per_s, before, after}, float32: {...}}
+    runs: [{model, workload, contender, dtype, n_pairs, seconds, pairs_per_s, real_tokens_per_s,
+            padding_efficiency, model_flops, mfu, peak_rss_mb, engine_speedup (engine pairs/s over this row's),
+            max_abs_logit_diff_vs_engine, cpu_share, settings, ...}]
+    targets: [{model, name, value, target, met}]
+    errors: [{model, contender, message}]
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+
+import numpy as np
+import torch
+
+from pipeline.benchmark.checkpoints import REAL_CHECKPOINT_ENV, benchmark_checkpoint
+from pipeline.benchmark.config import BenchmarkConfig
+from pipeline.benchmark.contenders import CONTENDERS
+from pipeline.benchmark.flops import Shape, gemm_shapes, model_flops, peak_gemm_flops
+from pipeline.benchmark.machine import load_average, machine_info
+from pipeline.benchmark.workloads import workload_pairs
+
+logger = logging.getLogger(__name__)
+
+REFERENCE = "engine"
+JINA_BASE_FLOPS_PER_TOKEN = 2 * (4 * 768 * 768 + 2 * 768 * 3072) * 12
+
+
+def _shape(directory: str) -> Shape:
+    with open(os.path.join(directory, "config.json")) as f:
+        return Shape.from_config(json.load(f))
+
+
+def pairs_for(config: BenchmarkConfig, workload: str, shape: Shape) -> int:
+    n = config.n_pairs.get(workload, 256)
+    if config.scale_pairs_by_model_size:
+        per_token = 2 * (4 * shape.hidden ** 2 + 2 * shape.hidden * shape.intermediate) * shape.layers
+        n = max(8, round(n * min(1.0, JINA_BASE_FLOPS_PER_TOKEN / per_token)))
+    return n
+
+
+def run_worker(spec: dict, timeout_s: float) -> dict:
+    """One worker process; its JSON, or an {"error": ...} naming what went wrong."""
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path, out_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "out.json")
+        with open(spec_path, "w") as f:
+            json.dump(spec, f)
+        try:
+            proc = subprocess.run([sys.executable, "-m", "pipeline.benchmark.worker", spec_path, out_path],
+                                  capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return {"error": f"worker ran past worker_timeout_s={timeout_s:.0f}s; lower n_pairs"}
+        if proc.returncode != 0 or not os.path.isfile(out_path):
+            tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+            return {"error": f"worker exited with {proc.returncode}: {tail}"}
+        with open(out_path) as f:
+            return json.load(f)
+
+
+def measure_peaks(shape: Shape, seconds: float, device: str) -> dict[str, dict]:
+    return {name: peak_gemm_flops(dtype, gemm_shapes(shape), seconds, device)
+            for name, dtype in (("bfloat16", torch.bfloat16), ("float32", torch.float32))}
+
+
+def _figures(result: dict, shape: Shape, seqlens: np.ndarray) -> dict:
+    n = result["n_pairs"]
+    flops = model_flops(shape, seqlens[:n])
+    seconds = result["seconds"]
+    return {
+        "pairs_per_s": n / seconds,
+        "real_tokens_per_s": result["real_tokens"] / seconds,
+        "padding_efficiency": result["real_tokens"] / result["processed_tokens"],
+        "model_flops": flops,
+        "model_flops_per_s": flops / seconds,
+    }
+
+
+def _real_seqlens(directory: str, pairs: list[tuple[str, str]], max_length: int) -> np.ndarray:
+    """Token count of each pair as every contender sees it (our tokenizer = the checkpoint's, tested equal)."""
+    from pipeline.model.tokenization import PairTokenizer
+
+    tokenizer = PairTokenizer.from_dir(directory, return_token_types=False)
+    ids, _ = tokenizer.encode_pairs([q for q, _ in pairs], [d for _, d in pairs], max_length)
+    return np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+
+
+def _targets(runs: list[dict], model: str) -> list[dict]:
+    """The issue's CPU targets, reported (never asserted): speedups on dl19, engine MFU on dl19 and long."""
+    by = {(r["workload"], r["contender"]): r for r in runs if r["model"] == model}
+    targets = []
+    for contender, goal in (("st-best", 2.0), ("st-default", 6.0)):
+        engine, other = by.get(("dl19", REFERENCE)), by.get(("dl19", contender))
+        if engine and other:
+            value = engine["pairs_per_s"] / other["pairs_per_s"]
+            targets.append({"model": model, "name": f"engine / {contender} pairs/s on dl19", "value": value,
+                            "target": goal, "met": value >= goal})
+    for workload in ("dl19", "long"):
+        engine = by.get((workload, REFERENCE))
+        if engine:
+            targets.append({"model": model, "name": f"engine MFU on {workload}", "value": engine["mfu"],
+                            "target": 0.5, "met": engine["mfu"] >= 0.5})
+    return targets
+
+
+def run_benchmark(config: BenchmarkConfig, scores_dir: str | None = None) -> dict:
+    """Run every (model, contender) worker; return the report (layout in the module docstring)."""
+    started = time.time()
+    report: dict = {"config": config.model_dump(), "machine": machine_info(), "runs": [], "targets": [],
+                    "errors": [], "peak_gemm": {}}
+    report["machine"]["load_average_before"] = load_average()
+    real = os.environ.get(REAL_CHECKPOINT_ENV)
+    models = [real] if real else config.models
+    own_scores = scores_dir is None
+    scores_dir = scores_dir or tempfile.mkdtemp(prefix="benchmark-scores-")
+    for model in models:
+        directory = benchmark_checkpoint(model, config.data_dir, tokenizer_vocab=config.tokenizer_vocab)
+        shape = _shape(directory)
+        logger.info("%s: %s (hidden %d, %d layers, FFN %d)", model, directory, shape.hidden, shape.layers,
+                    shape.intermediate)
+        peaks_before = measure_peaks(shape, config.peak_seconds_per_shape, config.device)
+        workloads = {w: pairs_for(config, w, shape) for w in config.workloads}
+        seqlens = {w: _real_seqlens(directory, workload_pairs(w, n, directory, config.data_dir), config.max_length)
+                   for w, n in workloads.items()}
+        model_runs, engine_scores = [], {}
+        # The engine first: every other contender's scores are compared with its scores.
+        order = sorted(config.contenders, key=lambda c: c != REFERENCE)
+        for name in order:
+            contender = CONTENDERS[name]
+            fraction = config.full_precision_pairs_fraction if contender.full_precision else 1.0
+            spec = {
+                "contender": name, "directory": directory, "device": config.device, "max_length": config.max_length,
+                "workloads": [{"name": w, "n_pairs": max(1, round(n * fraction))} for w, n in workloads.items()],
+                "data_dir": config.data_dir, "batch_size": None if contender.library == "engine" else config.batch_size,
+                "tune_batch_sizes": config.tune_batch_sizes, "tune_pairs": config.tune_pairs,
+                "warmup_pairs": config.warmup_pairs, "max_tokens_per_batch": config.max_tokens_per_batch,
+                "ray_job_overrides": config.ray_job_overrides,
+                "scores_dir": os.path.join(scores_dir, os.path.basename(directory)),
+            }
+            os.makedirs(spec["scores_dir"], exist_ok=True)
+            load_before = load_average()
+            logger.info("%s / %s: %s", model, name, ", ".join(f"{w['name']} x {w['n_pairs']}" for w in spec["workloads"]))
+            out = run_worker(spec, config.worker_timeout_s)
+            if "error" in out:
+                logger.error("%s / %s failed: %s", model, name, out["error"])
+                report["errors"].append({"model": model, "contender": name, "message": out["error"]})
+                continue
+            for result in out["results"]:
+                row = {"model": model, "workload": result["workload"], "contender": name,
+                       "description": contender.description, "dtype": result["dtype"], "n_pairs": result["n_pairs"],
+                       "seconds": result["seconds"], "real_tokens": result["real_tokens"],
+                       "processed_tokens": result["processed_tokens"], "peak_rss_mb": result["peak_rss_mb"],
+                       "peak_rss_note": result["peak_rss_note"],
+                       "rss_after_load_mb": out["rss_after_load_mb"], "load_seconds": out["load_seconds"],
+                       "settings": result["settings"], "cpu_share": result["cpu_share"], "load_average_before": load_before,
+                       "load_average_after": load_average()}
+                if "tuning" in result:
+                    row["tuning"] = result["tuning"]
+                row.update(_figures(result, shape, seqlens[result["workload"]]))
+                scores = np.load(result["scores_file"])
+                if name == REFERENCE:
+                    engine_scores[result["workload"]] = scores
+                elif result["workload"] in engine_scores:
+                    reference = engine_scores[result["workload"]][:len(scores)]
+                    row["max_abs_logit_diff_vs_engine"] = float(np.max(np.abs(scores - reference)))
+                model_runs.append(row)
+                logger.info("  %-12s %-10s %8.2f pairs/s  padding eff %.2f  %.0f GFLOP/s", result["workload"], name,
+                            row["pairs_per_s"], row["padding_efficiency"], row["model_flops_per_s"] / 1e9)
+        peaks_after = measure_peaks(shape, config.peak_seconds_per_shape, config.device)
+        # MFU against the higher of the two peaks (before and after the contenders): the conservative figure.
+        peaks = {dtype: {"flops_per_s": max(peaks_before[dtype]["flops_per_s"], peaks_after[dtype]["flops_per_s"]),
+                         "before": peaks_before[dtype], "after": peaks_after[dtype]} for dtype in peaks_before}
+        for row in model_runs:
+            row["mfu"] = row["model_flops_per_s"] / peaks[row["dtype"]]["flops_per_s"] if row["dtype"] in peaks \
+                else None
+        _add_speedups(model_runs)
+        report["runs"] += model_runs
+        report["peak_gemm"][model] = peaks
+        report["targets"] += _targets(model_runs, model)
+        report.setdefault("models", {})[model] = {"directory": directory, "shape": asdict(shape),
+                                                  "workload_pairs": workloads,
+                                                  "mean_tokens_per_pair": {w: float(s.mean()) for w, s in seqlens.items()}}
+    report["machine"]["load_average_after"] = load_average()
+    report["seconds"] = time.time() - started
+    if own_scores:
+        shutil.rmtree(scores_dir, ignore_errors=True)
+    return report
+
+
+def _add_speedups(runs: list[dict]) -> None:
+    """engine_speedup: the engine's pairs/s over the row's (same model, same workload); > 1 = engine faster."""
+    engine = {r["workload"]: r["pairs_per_s"] for r in runs if r["contender"] == REFERENCE}
+    for row in runs:
+        if row["workload"] in engine:
+            row["engine_speedup"] = engine[row["workload"]] / row["pairs_per_s"]

@@ -1,0 +1,176 @@
+"""One contender, one model, in a fresh process: `python -m pipeline.benchmark.worker SPEC.json OUT.json`.
+
+A process of its own per contender keeps the measurements apart: each starts with an empty heap, its
+thread pools to itself, and its memory high-water mark its own. Peak memory is the kernel's VmHWM (peak
+resident set size) of this process, reset (`/proc/self/clear_refs` = 5) after the model is loaded and the
+workload is read, so it covers the scoring of one workload: the loaded weights plus everything scoring
+allocates. The time of a pass covers strings in -> logits out.
+
+SPEC (JSON): {"contender", "directory", "device", "max_length", "workloads": [{"name", "n_pairs"}],
+              "data_dir", "batch_size", "tune_batch_sizes", "tune_pairs", "warmup_pairs",
+              "max_tokens_per_batch", "dtype", "scores_dir"}
+OUT (JSON):  {"contender", "dtype", "load_seconds", "rss_after_load_mb", "results": [per workload]}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import resource
+import sys
+import threading
+import time
+
+import numpy as np
+import torch
+
+from pipeline.benchmark.contenders import CONTENDERS, load_contender, tune_batch_size
+from pipeline.benchmark.workloads import workload_pairs
+
+
+def rss_high_water_mb() -> float:
+    """Peak resident set size of this process since start or the last `reset_rss_high_water` (MiB)."""
+    with open("/proc/self/status") as f:
+        return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1)) / 1024
+
+
+def rss_now_mb() -> float:
+    with open("/proc/self/status") as f:
+        return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1)) / 1024
+
+
+def reset_rss_high_water() -> bool:
+    """Linux >= 4.0: writing 5 to clear_refs resets VmHWM to the current RSS. False where not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class ProcessTreeRss:
+    """Peak of the summed RSS of this process and all its descendants, sampled every `interval` seconds.
+
+    For the Ray job, whose work runs in processes Ray starts (raylet, workers, actors): VmHWM of the driver
+    alone would miss them. Shared pages (Ray's object store) count once per process that maps them, so
+    this overstates a little; a sampled peak can miss a spike shorter than `interval`.
+    """
+
+    def __init__(self, interval: float = 0.25):
+        self.interval, self.peak_mb = interval, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _tree_rss_mb(root: int) -> float:
+        parents: dict[int, int] = {}
+        rss: dict[int, int] = {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+                with open(f"/proc/{entry}/statm") as f:
+                    resident_pages = int(f.read().split()[1])
+            except OSError:
+                continue  # the process ended while we looked
+            parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+            rss[int(entry)] = resident_pages
+        total, stack = 0, [root]
+        children: dict[int, list[int]] = {}
+        for pid, ppid in parents.items():
+            children.setdefault(ppid, []).append(pid)
+        while stack:
+            pid = stack.pop()
+            total += rss.get(pid, 0)
+            stack += children.get(pid, [])
+        return total * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_mb = max(self.peak_mb, self._tree_rss_mb(os.getpid()))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "ProcessTreeRss":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run(spec: dict) -> dict:
+    name = spec["contender"]
+    contender_spec = CONTENDERS[name]
+    start = time.perf_counter()
+    contender = load_contender(name, spec["directory"], max_length=spec["max_length"], device=spec["device"],
+                               dtype=spec.get("dtype"), max_tokens_per_batch=spec.get("max_tokens_per_batch"),
+                               ray_job_overrides=spec.get("ray_job_overrides", ()))
+    load_seconds = time.perf_counter() - start
+    out = {"contender": name, "dtype": contender.dtype, "load_seconds": load_seconds,
+           "rss_after_load_mb": rss_now_mb(), "results": []}
+    for workload in spec["workloads"]:
+        pairs = workload_pairs(workload["name"], workload["n_pairs"], spec["directory"], spec.get("data_dir"))
+        whole_job = contender_spec.library == "ray-job"
+        if not whole_job:  # the job's cold start (Ray, actors, model loading) is part of what it is timed on
+            # Warm-up (not timed): first-call costs (kernel selection, JIT, allocator growth) are not throughput.
+            contender.score(pairs[:spec.get("warmup_pairs", 8)], batch_size=spec.get("batch_size") or 32)
+        result: dict = {"workload": workload["name"], "n_pairs": len(pairs)}
+        batch_size = spec.get("batch_size")
+        if contender_spec.tuned_batch_size:
+            # At most half the pairs: tuning must not cost more than the measurement.
+            sample = pairs[:max(1, min(spec["tune_pairs"], len(pairs) // 2))]
+            batch_size, speeds = tune_batch_size(contender, sample, spec["tune_batch_sizes"])
+            result["tuning"] = {"pairs": len(sample), "pairs_per_s_by_batch_size": speeds}
+        reset = reset_rss_high_water()
+        cpu_before = _cpu_seconds()
+        # The sampler scans /proc four times a second: only where VmHWM cannot see the work.
+        with ProcessTreeRss() if whole_job else contextlib.nullcontext() as tree:
+            scored = contender.score(pairs, batch_size=batch_size)
+        cpu_seconds = _cpu_seconds() - cpu_before
+        if scored.processed_tokens <= 0 or len(scored.logits) != len(pairs) or np.isnan(scored.logits).any():
+            raise RuntimeError(f"{name} on {workload['name']}: {len(scored.logits)} scores for {len(pairs)} pairs, "
+                               f"{scored.processed_tokens} tokens counted; the token counter or the contender is broken")
+        if whole_job:
+            peak, note = tree.peak_mb, "sum of RSS over the driver and every Ray process, sampled every 0.25 s"
+        else:
+            peak, note = (rss_high_water_mb(), "VmHWM while scoring (weights included)") if reset else \
+                (None, "not measured: /proc/self/clear_refs not writable")
+        result.update({
+            "seconds": scored.seconds, "real_tokens": scored.real_tokens, "processed_tokens": scored.processed_tokens,
+            "dtype": scored.dtype, "settings": scored.settings, "peak_rss_mb": peak, "peak_rss_note": note,
+            # CPU seconds this process got per wall second per torch thread: ~1 when the machine was its own,
+            # lower when other processes took cores (the figures are then pessimistic). Not for the Ray job,
+            # whose work runs in other processes.
+            "cpu_share": None if whole_job else cpu_seconds / (scored.seconds * torch.get_num_threads()),
+        })
+        if spec.get("scores_dir"):
+            path = os.path.join(spec["scores_dir"], f"{name}-{workload['name']}.npy")
+            np.save(path, scored.logits)
+            result["scores_file"] = path
+        out["results"].append(result)
+    return out
+
+
+def main(argv: list[str]) -> int:
+    spec_path, out_path = argv
+    with open(spec_path) as f:
+        spec = json.load(f)
+    result = run(spec)
+    with open(out_path, "w") as f:
+        json.dump(result, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
