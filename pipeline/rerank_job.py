@@ -109,10 +109,10 @@ def _check_cluster(config: RerankConfig, protocol: str) -> None:
     if config.scorer.device == "cuda" and not ray.cluster_resources().get("GPU"):
         raise InputError("scorer.device is cuda but the Ray cluster has no GPU; use scorer.device=auto or cpu, "
                          "or wait for GPU workers to join")
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if len(nodes) > 1 and protocol in ("", "file://", "local://"):
-        raise InputError(f"a {len(nodes)}-node cluster cannot share a local --output; use object storage "
-                         "(s3://, gs://) or a path every node mounts via a shared-filesystem URI")
+    hosts = {n.get("NodeManagerAddress") for n in ray.nodes() if n.get("Alive")}
+    if len(hosts) > 1 and protocol in ("", "file://", "local://"):
+        raise InputError(f"a cluster of {len(hosts)} machines cannot share a local --output; use object storage "
+                         "(s3://, gs://) or a shared filesystem's URI")
 
 
 def _worker_errors(batches):
