@@ -14,7 +14,8 @@ import torch
 
 from pipeline.errors import CheckpointError
 from pipeline.model.checkpoint import DUMMY_MARKER, load_model, resolve_model_directory
-from pipeline.model.modeling import CrossEncoderModel, select_attention_backend, select_linear_kernel
+from pipeline.model.modeling import (ONEDNN_FUSED, CrossEncoderModel, PackedWeights, select_attention_backend,
+                                     select_linear_kernel)
 from pipeline.model.packing import PackedBatch, pack, token_budget_batches
 from pipeline.model.tokenization import PairTokenizer
 
@@ -22,11 +23,12 @@ logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# Tokens per micro-batch. CPU, measured (python -m jobs.benchmark's engine on a jina-base-sized model, bf16,
-# 2-core AMD EPYC Zen 5 with AVX512-BF16, best of 3 interleaved passes): DL19 pairs (~98 tokens) reach
-# 570 / 588 / 614 / 571 GFLOP/s at budgets of 1,024 / 2,048 / 4,096 / 8,192 tokens; the long workload
-# (~760 tokens) 499 / 498 / 473 / 475 at 2,048 / 4,096 / 8,192 / 16,384. 4,096 rows keep the GEMMs
-# efficient while the activations (4,096 x 3,072 bf16 = 24 MB for fc1) stay near the L3 cache (32 MB).
+# Tokens per micro-batch. CPU, measured (the engine on the jina-base-sized benchmark checkpoint, bf16, 2-core
+# AMD EPYC Zen 5 with AVX512-BF16, best of 2-3 interleaved passes): DL19 pairs (~98 tokens) reach
+# 712 / 725 / 674 GFLOP/s at budgets of 2,048 / 4,096 / 8,192 tokens; the long workload (~735 tokens)
+# 517 / 526 / 503 (the machine's peak bf16 GEMM: ~925). 4,096 rows keep the GEMMs efficient while the
+# activations (4,096 x 3,072 bf16 = 24 MB for fc1) stay near the L3 cache (32 MB); it is also the batch
+# size oneDNN's packed weights are laid out for (`PackedWeights`).
 # CUDA: not measured yet (scripts/gpu_check.py); 65,536 fills a large GPU with short pairs.
 # Threads: torch's default, one per core. Measured on the same machine, DL19: 347 GFLOP/s with 1 thread,
 # 589 with 2.
@@ -87,6 +89,8 @@ class CrossEncoder:
         self.model.linear_kernel = select_linear_kernel(device, dtype)
         self.max_length = model.config.max_tokens_per_sequence
         self.max_tokens_per_batch = DEFAULT_MAX_TOKENS.get(device.type, 4096)
+        if self.model.linear_kernel == ONEDNN_FUSED:
+            self.model.packed_weights = PackedWeights(self.max_tokens_per_batch)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, device: str | torch.device | None = None,
