@@ -41,7 +41,7 @@ from pipeline.benchmark.checkpoints import benchmark_checkpoint  # noqa: E402
 from pipeline.benchmark.contenders import load_contender, tune_batch_size  # noqa: E402
 from pipeline.benchmark.machine import machine_info  # noqa: E402
 from pipeline.benchmark.flops import Shape, gemm_shapes, model_flops, peak_gemm_flops  # noqa: E402
-from pipeline.benchmark.workloads import workload_pairs  # noqa: E402
+from pipeline.benchmark.workloads import pair_token_counts, workload_pairs  # noqa: E402
 from pipeline.model import CrossEncoder  # noqa: E402
 
 FULL = {"pairs": {"dl19": 4300, "long": 930}, "full_precision_fraction": 0.25, "parity_pairs": 64,
@@ -156,7 +156,7 @@ def measure_contender(label: str, name: str, dtype: str | None, directory: str, 
         sync(device)
         scored = contender.score(pairs, batch_size=batch_size)
         sync(device)
-        seqlens = np.asarray(_seqlens(directory, pairs))
+        seqlens = pair_token_counts(directory, pairs, 1024)
         flops = model_flops(shape, seqlens)
         peak = peaks.get(scored.dtype, {}).get("flops_per_s", float("nan"))
         rows.append({
@@ -172,18 +172,6 @@ def measure_contender(label: str, name: str, dtype: str | None, directory: str, 
     del contender
     free(device)
     return rows
-
-
-_SEQLEN_CACHE: dict = {}
-
-
-def _seqlens(directory: str, pairs) -> list[int]:
-    from pipeline.model.tokenization import PairTokenizer
-
-    if directory not in _SEQLEN_CACHE:
-        _SEQLEN_CACHE[directory] = PairTokenizer.from_dir(directory, return_token_types=False)
-    ids, _ = _SEQLEN_CACHE[directory].encode_pairs([q for q, _ in pairs], [d for _, d in pairs], 1024)
-    return [len(x) for x in ids]
 
 
 def check_scorer_stage(directory: str, pairs, device: str) -> dict:

@@ -3,12 +3,12 @@
 Each contender loads the same checkpoint directory, tokenizes with the same tokenizer (its
 `tokenizer.json`), truncates at the same `max_length`, and returns raw logits in input order. What it is
 timed on starts with the pairs as Python strings and ends with the logits: tokenization is included for
-everyone, model loading for no one.
+everyone, model loading for no one but the Ray job (which loads the model in its actors on every run).
 
 | name            | what it is                                                                  | dtype    |
 |-----------------|-----------------------------------------------------------------------------|----------|
-| `st-default`    | sentence-transformers `CrossEncoder(dir).predict(pairs)`, documented defaults (batch 32) | as stored (float32) |
-| `st-best`       | the same in bfloat16, batch size tuned on the workload (best of `st_batch_sizes`)        | bfloat16 |
+| `st-default`    | sentence-transformers `CrossEncoder(dir).predict(pairs)`, documented defaults (batch 32) | float32 (as stored) |
+| `st-best`       | the same in bfloat16, batch size tuned on the workload (best of `tune_batch_sizes`)      | bfloat16 |
 | `hf-padded`     | transformers `AutoModelForSequenceClassification`, padded batches in input order         | bfloat16 |
 | `hf-sorted`     | the same, pairs sorted by token length first (FlagEmbedding's reranker does this)         | bfloat16 |
 | `engine`        | ours, in process: `CrossEncoder.from_pretrained(dir).compute_score(pairs)`               | bfloat16 |
@@ -198,11 +198,8 @@ class RayJobContender:
 
     def __init__(self, directory: str, max_length: int, dtype: str, device: str = "cpu",
                  overrides: Sequence[str] = ()):
-        from pipeline.model.tokenization import PairTokenizer
-
         self.directory, self.max_length, self.dtype, self.device = directory, max_length, dtype, device
         self.overrides = list(overrides)
-        self.tokenizer = PairTokenizer.from_dir(directory, return_token_types=False)
 
     def score(self, pairs: Pairs, batch_size: int | None = None) -> Scored:
         import hashlib
@@ -216,9 +213,10 @@ class RayJobContender:
         from pipeline.rerank_config import RerankConfig
         from pipeline.rerank_job import run_rerank
 
+        from pipeline.benchmark.workloads import pair_token_counts
+
         pairs = list(pairs)
-        ids, _ = self.tokenizer.encode_pairs([q for q, _ in pairs], [d for _, d in pairs], self.max_length)
-        tokens = sum(len(x) for x in ids)
+        tokens = int(pair_token_counts(self.directory, pairs, self.max_length).sum())
         config = load_config(RerankConfig, None, self.overrides, model=self.directory, dtype=self.dtype)
         config.tokenizer.max_length = self.max_length
         config.scorer.device = "cuda" if self.device.startswith("cuda") else "cpu"

@@ -37,6 +37,11 @@ def markdown_table(report: dict) -> str:
             value = f"{100 * t['value']:.1f}%" if "MFU" in t["name"] else f"{t['value']:.2f}x"
             goal = f"{100 * t['target']:.0f}%" if "MFU" in t["name"] else f"{t['target']:.0f}x"
             lines.append(f"| {t['name']} | {t['model']} | {value} | {goal} | {'yes' if t['met'] else 'no'} |")
+    if report.get("cross_model"):
+        first = report["cross_model"][0]["engine_on"]
+        shown = [c for c in report["cross_model"] if c["versus"].split(" on ")[0] in ("engine", "st-default", "st-best")]
+        lines += ["", f"Engine on {first}, its pairs/s over: "
+                  + "; ".join(f"{c['versus']} ({c['workload']}) {c['ratio']:.1f}x" for c in shown) + "."]
     for e in report.get("errors", []):
         lines.append(f"\nERROR {e['model']} / {e['contender']}: {e['message']}")
     return "\n".join(lines)

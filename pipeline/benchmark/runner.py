@@ -1,6 +1,6 @@
 """The side-by-side benchmark: every contender on every model and workload, one worker process each.
 
-    report = run_benchmark(config, scores_dir)   # the JSON the job writes (layout below)
+    report = run_benchmark(config)   # the JSON the job writes (layout below)
 
 For each model: the shared checkpoint (`checkpoints.py`), then one worker per contender (`worker.py`),
 which scores every workload. Peak GEMM FLOP/s (both dtypes) is measured before the first worker and after
@@ -8,11 +8,13 @@ the last, so drift over the run shows; MFU divides by the higher of the two (the
 
 Report layout:
     machine: {cpu, cores, torch, threads, load_average_before/after, ...}
-    peak_gemm: {bfloat16: {flops_per_s, before, after}, float32: {...}}
+    peak_gemm: {model: {bfloat16: {flops_per_s, before, after}, float32: {...}}}
     runs: [{model, workload, contender, dtype, n_pairs, seconds, pairs_per_s, real_tokens_per_s,
             padding_efficiency, model_flops, mfu, peak_rss_mb, engine_speedup (engine pairs/s over this row's),
             max_abs_logit_diff_vs_engine, cpu_share, settings, ...}]
     targets: [{model, name, value, target, met}]
+    cross_model: [{workload, engine_on, versus, ratio}]   (the engine on the first model vs the others')
+    models: {model: {directory, shape, workload_pairs, mean_tokens_per_pair}}
     errors: [{model, contender, message}]
 """
 
@@ -36,7 +38,7 @@ from pipeline.benchmark.config import BenchmarkConfig
 from pipeline.benchmark.contenders import CONTENDERS
 from pipeline.benchmark.flops import Shape, gemm_shapes, model_flops, peak_gemm_flops
 from pipeline.benchmark.machine import load_average, machine_info
-from pipeline.benchmark.workloads import workload_pairs
+from pipeline.benchmark.workloads import pair_token_counts, workload_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -93,15 +95,6 @@ def _figures(result: dict, shape: Shape, seqlens: np.ndarray) -> dict:
     }
 
 
-def _real_seqlens(directory: str, pairs: list[tuple[str, str]], max_length: int) -> np.ndarray:
-    """Token count of each pair as every contender sees it (our tokenizer = the checkpoint's, tested equal)."""
-    from pipeline.model.tokenization import PairTokenizer
-
-    tokenizer = PairTokenizer.from_dir(directory, return_token_types=False)
-    ids, _ = tokenizer.encode_pairs([q for q, _ in pairs], [d for _, d in pairs], max_length)
-    return np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-
-
 def _targets(runs: list[dict], model: str) -> list[dict]:
     """The issue's CPU targets, reported (never asserted): speedups on dl19, engine MFU on dl19 and long."""
     by = {(r["workload"], r["contender"]): r for r in runs if r["model"] == model}
@@ -120,88 +113,114 @@ def _targets(runs: list[dict], model: str) -> list[dict]:
     return targets
 
 
-def run_benchmark(config: BenchmarkConfig, scores_dir: str | None = None) -> dict:
-    """Run every (model, contender) worker; return the report (layout in the module docstring)."""
+def _worker_spec(config: BenchmarkConfig, name: str, directory: str, workloads: dict[str, int],
+                 scores_dir: str) -> dict:
+    contender = CONTENDERS[name]
+    fraction = config.full_precision_pairs_fraction if contender.full_precision else 1.0
+    return {
+        "contender": name, "directory": directory, "device": config.device, "max_length": config.max_length,
+        "workloads": [{"name": w, "n_pairs": max(1, round(n * fraction))} for w, n in workloads.items()],
+        "data_dir": config.data_dir, "batch_size": None if contender.library == "engine" else config.batch_size,
+        "tune_batch_sizes": config.tune_batch_sizes, "tune_pairs": config.tune_pairs,
+        "warmup_pairs": config.warmup_pairs, "max_tokens_per_batch": config.max_tokens_per_batch,
+        "ray_job_overrides": config.ray_job_overrides, "scores_dir": scores_dir,
+    }
+
+
+def _row(model: str, name: str, out: dict, result: dict, load_before: float) -> dict:
+    keys = ("workload", "dtype", "n_pairs", "seconds", "real_tokens", "processed_tokens", "peak_rss_mb",
+            "peak_rss_note", "settings", "cpu_share", "tuning")
+    return {"model": model, "contender": name, "description": CONTENDERS[name].description,
+            **{k: result[k] for k in keys if k in result},
+            "rss_after_load_mb": out["rss_after_load_mb"], "load_seconds": out["load_seconds"],
+            "load_average_before": load_before, "load_average_after": load_average()}
+
+
+def benchmark_model(config: BenchmarkConfig, model: str, scores_dir: str) -> dict:
+    """Every contender on one model: {"runs", "peak_gemm", "info", "errors"}."""
+    directory = benchmark_checkpoint(model, config.data_dir, tokenizer_vocab=config.tokenizer_vocab)
+    shape = _shape(directory)
+    logger.info("%s: %s (hidden %d, %d layers, FFN %d)", model, directory, shape.hidden, shape.layers,
+                shape.intermediate)
+    peaks_before = measure_peaks(shape, config.peak_seconds_per_shape, config.device)
+    workloads = {w: pairs_for(config, w, shape) for w in config.workloads}
+    seqlens = {w: pair_token_counts(directory, workload_pairs(w, n, directory, config.data_dir), config.max_length)
+               for w, n in workloads.items()}
+    scores_dir = os.path.join(scores_dir, os.path.basename(directory))
+    os.makedirs(scores_dir, exist_ok=True)
+    runs, errors, engine_scores = [], [], {}
+    # The engine first: every other contender's scores are compared with its scores.
+    for name in sorted(config.contenders, key=lambda c: c != REFERENCE):
+        spec = _worker_spec(config, name, directory, workloads, scores_dir)
+        logger.info("%s / %s: %s", model, name, ", ".join(f"{w['name']} x {w['n_pairs']}" for w in spec["workloads"]))
+        load_before = load_average()
+        out = run_worker(spec, config.worker_timeout_s)
+        if "error" in out:
+            logger.error("%s / %s failed: %s", model, name, out["error"])
+            errors.append({"model": model, "contender": name, "message": out["error"]})
+            continue
+        for result in out["results"]:
+            row = _row(model, name, out, result, load_before)
+            row.update(_figures(result, shape, seqlens[result["workload"]]))
+            scores = np.load(result["scores_file"])
+            if name == REFERENCE:
+                engine_scores[result["workload"]] = scores
+            elif result["workload"] in engine_scores:
+                reference = engine_scores[result["workload"]][:len(scores)]
+                row["max_abs_logit_diff_vs_engine"] = float(np.max(np.abs(scores - reference)))
+            runs.append(row)
+            logger.info("  %-12s %-10s %8.2f pairs/s  padding eff %.2f  %.0f GFLOP/s", row["workload"], name,
+                        row["pairs_per_s"], row["padding_efficiency"], row["model_flops_per_s"] / 1e9)
+    peaks_after = measure_peaks(shape, config.peak_seconds_per_shape, config.device)
+    # MFU against the higher of the two peaks (before and after the contenders): the conservative figure.
+    peaks = {dtype: {"flops_per_s": max(peaks_before[dtype]["flops_per_s"], peaks_after[dtype]["flops_per_s"]),
+                     "before": peaks_before[dtype], "after": peaks_after[dtype]} for dtype in peaks_before}
+    for row in runs:
+        row["mfu"] = row["model_flops_per_s"] / peaks[row["dtype"]]["flops_per_s"] if row["dtype"] in peaks else None
+    _add_speedups(runs)
+    info = {"directory": directory, "shape": asdict(shape), "workload_pairs": workloads,
+            "mean_tokens_per_pair": {w: float(s.mean()) for w, s in seqlens.items()}}
+    return {"runs": runs, "peak_gemm": peaks, "info": info, "errors": errors}
+
+
+def run_benchmark(config: BenchmarkConfig) -> dict:
+    """Every (model, contender) worker; the report (layout in the module docstring)."""
     started = time.time()
     report: dict = {"config": config.model_dump(), "machine": machine_info(), "runs": [], "targets": [],
-                    "errors": [], "peak_gemm": {}}
+                    "errors": [], "peak_gemm": {}, "models": {}}
     report["machine"]["load_average_before"] = load_average()
     real = os.environ.get(REAL_CHECKPOINT_ENV)
     models = [real] if real else config.models
-    own_scores = scores_dir is None
-    scores_dir = scores_dir or tempfile.mkdtemp(prefix="benchmark-scores-")
-    for model in models:
-        directory = benchmark_checkpoint(model, config.data_dir, tokenizer_vocab=config.tokenizer_vocab)
-        shape = _shape(directory)
-        logger.info("%s: %s (hidden %d, %d layers, FFN %d)", model, directory, shape.hidden, shape.layers,
-                    shape.intermediate)
-        peaks_before = measure_peaks(shape, config.peak_seconds_per_shape, config.device)
-        workloads = {w: pairs_for(config, w, shape) for w in config.workloads}
-        seqlens = {w: _real_seqlens(directory, workload_pairs(w, n, directory, config.data_dir), config.max_length)
-                   for w, n in workloads.items()}
-        model_runs, engine_scores = [], {}
-        # The engine first: every other contender's scores are compared with its scores.
-        order = sorted(config.contenders, key=lambda c: c != REFERENCE)
-        for name in order:
-            contender = CONTENDERS[name]
-            fraction = config.full_precision_pairs_fraction if contender.full_precision else 1.0
-            spec = {
-                "contender": name, "directory": directory, "device": config.device, "max_length": config.max_length,
-                "workloads": [{"name": w, "n_pairs": max(1, round(n * fraction))} for w, n in workloads.items()],
-                "data_dir": config.data_dir, "batch_size": None if contender.library == "engine" else config.batch_size,
-                "tune_batch_sizes": config.tune_batch_sizes, "tune_pairs": config.tune_pairs,
-                "warmup_pairs": config.warmup_pairs, "max_tokens_per_batch": config.max_tokens_per_batch,
-                "ray_job_overrides": config.ray_job_overrides,
-                "scores_dir": os.path.join(scores_dir, os.path.basename(directory)),
-            }
-            os.makedirs(spec["scores_dir"], exist_ok=True)
-            load_before = load_average()
-            logger.info("%s / %s: %s", model, name, ", ".join(f"{w['name']} x {w['n_pairs']}" for w in spec["workloads"]))
-            out = run_worker(spec, config.worker_timeout_s)
-            if "error" in out:
-                logger.error("%s / %s failed: %s", model, name, out["error"])
-                report["errors"].append({"model": model, "contender": name, "message": out["error"]})
-                continue
-            for result in out["results"]:
-                row = {"model": model, "workload": result["workload"], "contender": name,
-                       "description": contender.description, "dtype": result["dtype"], "n_pairs": result["n_pairs"],
-                       "seconds": result["seconds"], "real_tokens": result["real_tokens"],
-                       "processed_tokens": result["processed_tokens"], "peak_rss_mb": result["peak_rss_mb"],
-                       "peak_rss_note": result["peak_rss_note"],
-                       "rss_after_load_mb": out["rss_after_load_mb"], "load_seconds": out["load_seconds"],
-                       "settings": result["settings"], "cpu_share": result["cpu_share"], "load_average_before": load_before,
-                       "load_average_after": load_average()}
-                if "tuning" in result:
-                    row["tuning"] = result["tuning"]
-                row.update(_figures(result, shape, seqlens[result["workload"]]))
-                scores = np.load(result["scores_file"])
-                if name == REFERENCE:
-                    engine_scores[result["workload"]] = scores
-                elif result["workload"] in engine_scores:
-                    reference = engine_scores[result["workload"]][:len(scores)]
-                    row["max_abs_logit_diff_vs_engine"] = float(np.max(np.abs(scores - reference)))
-                model_runs.append(row)
-                logger.info("  %-12s %-10s %8.2f pairs/s  padding eff %.2f  %.0f GFLOP/s", result["workload"], name,
-                            row["pairs_per_s"], row["padding_efficiency"], row["model_flops_per_s"] / 1e9)
-        peaks_after = measure_peaks(shape, config.peak_seconds_per_shape, config.device)
-        # MFU against the higher of the two peaks (before and after the contenders): the conservative figure.
-        peaks = {dtype: {"flops_per_s": max(peaks_before[dtype]["flops_per_s"], peaks_after[dtype]["flops_per_s"]),
-                         "before": peaks_before[dtype], "after": peaks_after[dtype]} for dtype in peaks_before}
-        for row in model_runs:
-            row["mfu"] = row["model_flops_per_s"] / peaks[row["dtype"]]["flops_per_s"] if row["dtype"] in peaks \
-                else None
-        _add_speedups(model_runs)
-        report["runs"] += model_runs
-        report["peak_gemm"][model] = peaks
-        report["targets"] += _targets(model_runs, model)
-        report.setdefault("models", {})[model] = {"directory": directory, "shape": asdict(shape),
-                                                  "workload_pairs": workloads,
-                                                  "mean_tokens_per_pair": {w: float(s.mean()) for w, s in seqlens.items()}}
+    scores_dir = tempfile.mkdtemp(prefix="benchmark-scores-")
+    try:
+        for model in models:
+            result = benchmark_model(config, model, scores_dir)
+            report["runs"] += result["runs"]
+            report["errors"] += result["errors"]
+            report["peak_gemm"][model] = result["peak_gemm"]
+            report["models"][model] = result["info"]
+            report["targets"] += _targets(result["runs"], model)
+    finally:
+        shutil.rmtree(scores_dir, ignore_errors=True)
+    report["cross_model"] = _cross_model(report["runs"], models)
     report["machine"]["load_average_after"] = load_average()
     report["seconds"] = time.time() - started
-    if own_scores:
-        shutil.rmtree(scores_dir, ignore_errors=True)
     return report
+
+
+def _cross_model(runs: list[dict], models: list[str]) -> list[dict]:
+    """The seed's kind of claim ("N x more documents than bge-reranker-v2-m3"): the engine on the first
+    model against every contender on each other model, per workload (pairs/s over pairs/s)."""
+    if len(models) < 2:
+        return []
+    by = {(r["model"], r["workload"], r["contender"]): r["pairs_per_s"] for r in runs}
+    ratios = []
+    for (model, workload, contender), speed in by.items():
+        engine = by.get((models[0], workload, REFERENCE))
+        if model != models[0] and engine:
+            ratios.append({"workload": workload, "engine_on": models[0], "versus": f"{contender} on {model}",
+                           "ratio": engine / speed})
+    return ratios
 
 
 def _add_speedups(runs: list[dict]) -> None:

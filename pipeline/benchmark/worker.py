@@ -128,8 +128,8 @@ def run(spec: dict) -> dict:
         result: dict = {"workload": workload["name"], "n_pairs": len(pairs)}
         batch_size = spec.get("batch_size")
         if contender_spec.tuned_batch_size:
-            # At most half the pairs: tuning must not cost more than the measurement.
-            sample = pairs[:max(1, min(spec["tune_pairs"], len(pairs) // 2))]
+            # At most a quarter of the pairs per size: tuning must not cost more than the measurement.
+            sample = pairs[:max(1, min(spec["tune_pairs"], len(pairs) // 4))]
             batch_size, speeds = tune_batch_size(contender, sample, spec["tune_batch_sizes"])
             result["tuning"] = {"pairs": len(sample), "pairs_per_s_by_batch_size": speeds}
         reset = reset_rss_high_water()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 
+import numpy as np
 from tokenizers import Tokenizer
 
 from pipeline import schema
@@ -22,6 +23,20 @@ def _token_counter(directory: str):
     tokenizer = Tokenizer.from_file(os.path.join(directory, "tokenizer.json"))
     tokenizer.no_truncation()
     return lambda text: len(tokenizer.encode(text, add_special_tokens=False).ids)
+
+
+@lru_cache(maxsize=4)
+def _pair_tokenizer(directory: str):
+    from pipeline.model.tokenization import PairTokenizer
+
+    return PairTokenizer.from_dir(directory, return_token_types=False)
+
+
+def pair_token_counts(directory: str, pairs: list[tuple[str, str]], max_length: int) -> np.ndarray:
+    """(n,) int64: tokens of each pair as every contender sees it (the checkpoint's tokenizer, truncated at
+    `max_length`; our PairTokenizer is tested equal to transformers' on these files)."""
+    ids, _ = _pair_tokenizer(directory).encode_pairs([q for q, _ in pairs], [d for _, d in pairs], max_length)
+    return np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
 
 
 def workload_pairs(name: str, n_pairs: int, directory: str, data_dir: str | None = None) -> list[tuple[str, str]]:

@@ -1,5 +1,5 @@
-"""The benchmark job end to end on a tiny checkpoint and a few dozen real pairs: every contender's figures
-are there and sane. No timing is asserted (the machine's load decides those); what is asserted is what
+"""The benchmark job end to end on a tiny checkpoint and a few dozen real pairs: every default contender's
+figures are there and sane (engine-fp32 is the engine in another dtype, left out to save a worker). No timing is asserted (the machine's load decides those); what is asserted is what
 a broken benchmark would get wrong: token counts, padding, score alignment, the JSON's layout."""
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ import pytest
 
 from jobs import benchmark
 from pipeline.benchmark.checkpoints import REAL_CHECKPOINT_ENV, tokenizer_corpus
+from pipeline.benchmark.config import DEFAULT_CONTENDERS
 from pipeline.benchmark.contenders import CONTENDERS
 from pipeline.model.dummy import ARCHITECTURES, build_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
-N_PAIRS = 24
+N_PAIRS = 16
 WORKLOADS = ["dl19", "long", "multilingual"]
 FIELDS = ["pairs_per_s", "real_tokens_per_s", "padding_efficiency", "mfu", "model_flops", "peak_rss_mb",
           "seconds", "n_pairs", "dtype", "real_tokens", "processed_tokens", "engine_speedup"]
@@ -41,10 +42,10 @@ def report(tiny_checkpoint, shared_data, tmp_path_factory):
     mp.setenv("SHARED_DATA", str(shared_data))
     try:
         code = benchmark.main([
-            "--workloads", ",".join(WORKLOADS), "--contenders", ",".join(CONTENDERS), "--n-pairs", str(N_PAIRS),
+            "--workloads", ",".join(WORKLOADS), "--n-pairs", str(N_PAIRS),
             "--output", str(output), "--set", "tune_batch_sizes=[8,16]", "--set", "tune_pairs=16",
             "--set", "peak_seconds_per_shape=0.05", "--set", "scale_pairs_by_model_size=false",
-            "--set", "max_tokens_per_batch=512"])
+            "--set", "max_tokens_per_batch=512", "--set", "full_precision_pairs_fraction=0.25"])
     finally:
         mp.undo()
     assert code == 0
@@ -54,7 +55,7 @@ def report(tiny_checkpoint, shared_data, tmp_path_factory):
 def test_every_contender_has_sane_figures(report):
     assert report["errors"] == []
     runs = {(r["workload"], r["contender"]): r for r in report["runs"]}
-    assert set(runs) == {(w, c) for w in WORKLOADS for c in CONTENDERS}
+    assert set(runs) == {(w, c) for w in WORKLOADS for c in DEFAULT_CONTENDERS}
     for (workload, contender), r in runs.items():
         missing = [f for f in FIELDS if f not in r]
         assert not missing, f"{workload}/{contender} lacks {missing}"
@@ -97,7 +98,7 @@ def test_report_has_machine_peaks_targets_and_a_table(report, capsys):
     from pipeline.benchmark.report import markdown_table
 
     table = markdown_table(report)
-    assert all(f"| {c} |" in table for c in CONTENDERS)
+    assert all(f"| {c} |" in table for c in DEFAULT_CONTENDERS)
 
 
 def test_unknown_contender_is_a_config_error(capsys):
