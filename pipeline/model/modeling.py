@@ -1,6 +1,6 @@
 """The cross-encoder, inference only, on packed (unpadded) sequences.
 
-One file, top to bottom: config -> attention backends -> embeddings -> layer -> encoder -> head.
+One file, top to bottom: config -> attention backends -> linear kernels -> embeddings -> layer -> encoder -> head.
 It covers the three checkpoint families we load (see `checkpoint.py`): jina-reranker-v2 (XLM-RoBERTa in
 flash-attention's layout), stock XLM-RoBERTa sequence classification (bge-reranker-v2-m3) and BERT
 sequence classification (cross-encoder/ms-marco-MiniLM-L6-v2). They share one post-norm transformer;
