@@ -8,7 +8,8 @@ Every contender loads the same random-weight checkpoint (the real model's shape,
 workloads' text; `RERANKER_CHECKPOINT=<dir>` benchmarks a real checkpoint instead) and scores the same
 pairs in a process of its own. Per contender and workload: pairs/s, real tokens/s, padding efficiency,
 peak RSS, MFU (model FLOPs/s over the peak GEMM FLOP/s of its dtype, measured in the same run), and the
-engine's speedup over it. Writes the JSON report to --output and prints a markdown table.
+engine's speedup over it. Writes the JSON report to --output, the markdown table beside it (.md), and
+prints the table.
 Defaults (pairs per workload etc.): `pipeline/benchmark/config.py`. Targets are reported, never asserted.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import posixpath
+import sys
 from typing import Sequence
 
 from pipeline.benchmark.config import BenchmarkConfig
@@ -63,8 +65,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     fs, path = url_to_fs(args.output)
     fs.makedirs(posixpath.dirname(path) or ".", exist_ok=True)
     write_json(fs, path, report)
-    print(markdown_table(report))
-    log.info("report: %s", args.output)
+    table = markdown_table(report)
+    table_path = (path[:-5] if path.endswith(".json") else path) + ".md"
+    with fs.open(table_path, "w") as f:
+        f.write(f"Command: python -m jobs.benchmark {' '.join(argv if argv is not None else sys.argv[1:])}\n\n"
+                f"{table}\n")
+    print(table)
+    log.info("report: %s (table: %s)", args.output, table_path)
     return 1 if report["errors"] else 0
 
 

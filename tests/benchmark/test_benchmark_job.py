@@ -49,6 +49,7 @@ def report(tiny_checkpoint, shared_data, tmp_path_factory):
     finally:
         mp.undo()
     assert code == 0
+    assert "| engine |" in output.with_suffix(".md").read_text()  # the table beside the JSON
     return json.loads(output.read_text())
 
 
