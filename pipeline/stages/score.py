@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 import torch
 
 from pipeline import schema as S
+from pipeline.heap import release_free_heap
 from pipeline.model import CrossEncoder
 from pipeline.rerank_config import ScorerConfig
 from pipeline.stages.tokenize import list_to_numpy
@@ -61,4 +62,6 @@ class ScoreStage:
         score = np.zeros(batch.num_rows, dtype=np.float32)
         score[index] = logits
         out = batch.drop_columns([c for c in (S.INPUT_IDS, S.TOKEN_TYPE_IDS) if c in batch.column_names])
+        # The actor lives for the whole job: without this its heap grows with every batch (see heap.py).
+        release_free_heap()
         return out.append_column(S.SCORE, pa.array(score, mask=~valid))
