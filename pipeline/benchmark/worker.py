@@ -20,13 +20,13 @@ import os
 import re
 import resource
 import sys
-import threading
 import time
 
 import numpy as np
 import torch
 
 from pipeline.benchmark.contenders import CONTENDERS, load_contender, tune_batch_size
+from pipeline.benchmark.process_memory import ProcessTreeMemory
 from pipeline.benchmark.workloads import workload_pairs
 
 
@@ -49,59 +49,6 @@ def reset_rss_high_water() -> bool:
         return True
     except OSError:
         return False
-
-
-class ProcessTreeRss:
-    """Peak of the summed RSS of this process and all its descendants, sampled every `interval` seconds.
-
-    For the Ray job, whose work runs in processes Ray starts (raylet, workers, actors): VmHWM of the driver
-    alone would miss them. Shared pages (Ray's object store) count once per process that maps them, so
-    this overstates a little; a sampled peak can miss a spike shorter than `interval`.
-    """
-
-    def __init__(self, interval: float = 0.25):
-        self.interval, self.peak_mb = interval, 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    @staticmethod
-    def _tree_rss_mb(root: int) -> float:
-        parents: dict[int, int] = {}
-        rss: dict[int, int] = {}
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    stat = f.read()
-                with open(f"/proc/{entry}/statm") as f:
-                    resident_pages = int(f.read().split()[1])
-            except OSError:
-                continue  # the process ended while we looked
-            parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
-            rss[int(entry)] = resident_pages
-        total, stack = 0, [root]
-        children: dict[int, list[int]] = {}
-        for pid, ppid in parents.items():
-            children.setdefault(ppid, []).append(pid)
-        while stack:
-            pid = stack.pop()
-            total += rss.get(pid, 0)
-            stack += children.get(pid, [])
-        return total * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak_mb = max(self.peak_mb, self._tree_rss_mb(os.getpid()))
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> "ProcessTreeRss":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def _cpu_seconds() -> float:
@@ -134,15 +81,18 @@ def run(spec: dict) -> dict:
             result["tuning"] = {"pairs": len(sample), "pairs_per_s_by_batch_size": speeds}
         reset = reset_rss_high_water()
         cpu_before = _cpu_seconds()
-        # The sampler scans /proc four times a second: only where VmHWM cannot see the work.
-        with ProcessTreeRss() if whole_job else contextlib.nullcontext() as tree:
+        # The sampler scans /proc four times a second: only where VmHWM cannot see the work. RSS only: PSS
+        # costs ~70 ms of CPU per sample on a Ray job (smaps_rollup walks page tables), which would slow the
+        # job it measures; the memory benchmark (jobs.benchmark_memory) samples PSS.
+        with ProcessTreeMemory(with_pss=False) if whole_job else contextlib.nullcontext() as tree:
             scored = contender.score(pairs, batch_size=batch_size)
         cpu_seconds = _cpu_seconds() - cpu_before
         if scored.processed_tokens <= 0 or len(scored.logits) != len(pairs) or np.isnan(scored.logits).any():
             raise RuntimeError(f"{name} on {workload['name']}: {len(scored.logits)} scores for {len(pairs)} pairs, "
                                f"{scored.processed_tokens} tokens counted; the token counter or the contender is broken")
         if whole_job:
-            peak, note = tree.peak_mb, "sum of RSS over the driver and every Ray process, sampled every 0.25 s"
+            peak, note = tree.peak_rss_mb, ("sum of RSS over the driver and every Ray process (shared pages "
+                                            "counted per process), sampled every 0.25 s")
         else:
             peak, note = (rss_high_water_mb(), "VmHWM while scoring (weights included)") if reset else \
                 (None, "not measured: /proc/self/clear_refs not writable")

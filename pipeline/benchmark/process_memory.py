@@ -1,0 +1,110 @@
+"""Memory of a whole process tree (a job's driver plus every process it started), sampled from /proc.
+
+A Ray job's work runs in processes Ray starts (gcs, raylet, workers, actors), so the driver's own VmHWM
+misses most of it. Two sums over the tree, per sample:
+- `rss_mb`: resident set sizes added up. Pages shared between processes (Ray's object store in /dev/shm,
+  mapped by the raylet and by every worker that reads from it; shared libraries) count once per process,
+  so this overstates.
+- `pss_mb`: proportional set sizes (`/proc/PID/smaps_rollup`, Linux >= 4.14): a shared page counts
+  1/n in each of the n processes mapping it, so the sum is the memory the tree really holds. None where
+  the kernel does not offer it.
+A sampled peak can miss a spike shorter than the interval.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+
+def _read_int_field(text: str, key: str) -> int | None:
+    start = text.find(key)
+    if start < 0:
+        return None
+    return int(text[start + len(key):].split(None, 1)[0])
+
+
+def tree_pids(root: int) -> list[int]:
+    """`root` and all its live descendants (a snapshot of /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue  # the process ended while we looked
+        # The command name may hold spaces and parentheses: fields after the last ')' are safe to split.
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    pids, stack = [], [root]
+    while stack:
+        pid = stack.pop()
+        pids.append(pid)
+        stack += children.get(pid, [])
+    return pids
+
+
+def tree_memory_mb(root: int, with_pss: bool = True) -> dict:
+    """{"rss_mb", "pss_mb" (None when unavailable or not asked), "processes"} of `root`'s tree, now."""
+    page_kb = os.sysconf("SC_PAGE_SIZE") / 1024
+    rss_kb, pss_kb, count = 0.0, 0 if with_pss else None, 0
+    for pid in tree_pids(root):
+        try:
+            with open(f"/proc/{pid}/statm") as f:
+                resident_pages = int(f.read().split()[1])
+            if pss_kb is not None:
+                with open(f"/proc/{pid}/smaps_rollup") as f:
+                    pss = _read_int_field(f.read(), "\nPss:")
+                pss_kb = None if pss is None else pss_kb + pss
+        except FileNotFoundError:
+            if not os.path.exists(f"/proc/{pid}"):
+                continue  # ended while we looked
+            pss_kb = None  # no smaps_rollup on this kernel
+        except (ProcessLookupError, PermissionError):
+            continue
+        rss_kb += resident_pages * page_kb
+        count += 1
+    return {"rss_mb": rss_kb / 1024, "pss_mb": None if pss_kb is None else pss_kb / 1024, "processes": count}
+
+
+class ProcessTreeMemory:
+    """Samples `tree_memory_mb(root)` every `interval` seconds on a thread while the block runs.
+
+    `peak_rss_mb` / `peak_pss_mb`: the largest sums seen; `timeline`: [(seconds since start, rss_mb,
+    pss_mb, processes)], every sample, for plotting memory against progress. `root` defaults to this process.
+    """
+
+    def __init__(self, root: int | None = None, interval: float = 0.25, with_pss: bool = True):
+        self.root = os.getpid() if root is None else root
+        self.interval, self.with_pss = interval, with_pss
+        self.peak_rss_mb, self.peak_pss_mb = 0.0, None
+        self.timeline: list[tuple[float, float, float | None, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._start = 0.0
+
+    def sample(self) -> dict:
+        now = tree_memory_mb(self.root, self.with_pss)
+        self.peak_rss_mb = max(self.peak_rss_mb, now["rss_mb"])
+        if now["pss_mb"] is not None:
+            self.peak_pss_mb = max(self.peak_pss_mb or 0.0, now["pss_mb"])
+        self.timeline.append((round(time.monotonic() - self._start, 2), round(now["rss_mb"], 1),
+                              None if now["pss_mb"] is None else round(now["pss_mb"], 1), now["processes"]))
+        return now
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "ProcessTreeMemory":
+        self._start = time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
