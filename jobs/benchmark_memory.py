@@ -1,0 +1,77 @@
+"""Does the rerank job stream with bounded memory? Its whole process tree's peak at growing input sizes.
+
+    python -m jobs.benchmark_memory [--pairs 100000,1000000] [--model dummy:tiny]
+                                    [--output results/memory-cpu.json] [--work-dir DIR] [--set key=value ...]
+
+Each size runs `python -m jobs.rerank` once on DL19's pairs repeated to that size, a fresh local Ray each
+time; the driver, Ray's processes and every actor are sampled from /proc once a second (PSS summed: shared
+pages such as the object store counted once). Reports the peak per size and the largest size's peak over
+the smallest's (streaming: <= 1.1x), as JSON and a markdown table beside it. `--set` goes to the rerank
+job (e.g. --set scorer.max_tokens_per_batch=8192). Every run must account for every input row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import posixpath
+import sys
+import tempfile
+from typing import Sequence
+
+from pipeline.benchmark.streaming_memory import markdown, run_streaming_memory
+from pipeline.cli import run_main, setup_logging
+from pipeline.errors import InputError
+from pipeline.storage import url_to_fs, write_json
+
+log = logging.getLogger("jobs.benchmark_memory")
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(x.replace("_", "")) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--pairs takes comma-separated pair counts, e.g. 100000,1000000; got {text!r}")
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"--pairs needs positive pair counts; got {text!r}")
+    return sizes
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m jobs.benchmark_memory", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairs", type=_sizes, default=[100_000, 1_000_000], help="input sizes, comma-separated")
+    parser.add_argument("--model", default="dummy:tiny", help="checkpoint the rerank job loads (default: dummy:tiny)")
+    parser.add_argument("--output", default="results/memory-cpu.json", help="JSON report (local path or s3://...)")
+    parser.add_argument("--work-dir", default=None, help="where inputs and outputs go (default: a temporary folder)")
+    parser.add_argument("--data-dir", default=None, help="the shared data folder (default: SHARED_DATA or ../shared/data)")
+    parser.add_argument("--interval", type=float, default=1.0, help="seconds between memory samples")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a rerank job setting, e.g. scorer.num_actors=2 (repeatable)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    if args.interval <= 0:
+        raise InputError("--interval must be a positive number of seconds")
+    with tempfile.TemporaryDirectory(prefix="benchmark-memory-") as tmp:
+        report = run_streaming_memory(args.pairs, args.model, args.work_dir or tmp, args.overrides,
+                                      data_dir=args.data_dir, interval_s=args.interval,
+                                      keep_outputs=args.work_dir is not None)
+    command = "python -m jobs.benchmark_memory " + " ".join(argv if argv is not None else sys.argv[1:])
+    report["command"] = command
+    fs, path = url_to_fs(args.output)
+    fs.makedirs(posixpath.dirname(path) or ".", exist_ok=True)
+    write_json(fs, path, report)
+    table = markdown(report)
+    with fs.open((path[:-5] if path.endswith(".json") else path) + ".md", "w") as f:
+        f.write(f"Command: {command}\n\n{table}\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,152 @@
+"""Does the rerank job stream? Its whole memory at growing input sizes (100k and 1M pairs by default).
+
+Each size is one ordinary run of `python -m jobs.rerank` in a process of its own (a fresh local Ray),
+on an input built from the DL19 pairs repeated (each repeat gets its own query and doc ids, so every
+query still has its ~100 candidates and the ranking stage sees as many queries as a real log would).
+While it runs, the job's whole process tree - the driver, Ray's gcs and raylet, every worker and actor -
+is sampled from /proc (`process_memory.py`): proportional set size summed (shared pages such as Ray's
+object store counted once), and resident set size summed (shared pages counted per process).
+
+Streaming means the peak does not grow with the input: the report gives the peak at each size and the
+ratio of the largest input's peak to the smallest's (goal: <= 1.1). Every run is also checked to have
+accounted for every row (input rows = scored + rejected) - a fast run that dropped rows is not a result.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline import schema
+from pipeline.benchmark.machine import load_average, machine_info
+from pipeline.benchmark.process_memory import ProcessTreeMemory
+from pipeline.datasets import dl19
+
+log = logging.getLogger("benchmark.memory")
+
+# Peak of the largest input over the smallest's: above this the job is not streaming.
+FLAT_RATIO_GOAL = 1.1
+
+
+def write_repeated_pairs(path: str, n_pairs: int, data_dir: str | None = None, row_group_size: int = 50_000) -> dict:
+    """Write `n_pairs` rows (query_id, query, doc_id, document) to one Parquet file: DL19's 4,300 pairs,
+    repeated with ids suffixed `~<repeat>`. Written a row group at a time, so this process stays small too."""
+    base = dl19(data_dir).select([schema.QUERY_ID, schema.QUERY, schema.DOC_ID, schema.DOCUMENT])
+    base = base.cast(pa.schema([(name, pa.string()) for name in base.column_names]))
+    out_schema = base.schema
+    written = 0
+    with pq.ParquetWriter(path, out_schema) as writer:
+        while written < n_pairs:
+            take = min(row_group_size, n_pairs - written)
+            rows = (np.arange(written, written + take) % base.num_rows).astype(np.int64)
+            repeat = (np.arange(written, written + take) // base.num_rows).astype(str)
+            chunk = base.take(pa.array(rows))
+            suffix = pa.array(np.char.add("~", repeat))
+            chunk = chunk.set_column(0, schema.QUERY_ID, pc.binary_join_element_wise(chunk[schema.QUERY_ID], suffix, ""))
+            chunk = chunk.set_column(2, schema.DOC_ID, pc.binary_join_element_wise(chunk[schema.DOC_ID], suffix, ""))
+            writer.write_table(chunk, row_group_size=row_group_size)
+            written += take
+    return {"path": path, "rows": written, "bytes": os.path.getsize(path), "distinct_pairs": base.num_rows}
+
+
+def _downsample(timeline: list, max_points: int) -> list:
+    """At most `max_points` samples, always keeping the peak PSS sample and the last one."""
+    if len(timeline) <= max_points:
+        return timeline
+    keep = set(np.linspace(0, len(timeline) - 1, max_points - 1).astype(int).tolist())
+    keep.add(max(range(len(timeline)), key=lambda i: timeline[i][2] or timeline[i][1]))
+    return [timeline[i] for i in sorted(keep)]
+
+
+def run_size(n_pairs: int, model: str, work_dir: str, overrides: list[str], data_dir: str | None,
+             interval_s: float, timeout_s: float) -> dict:
+    """One rerank job over `n_pairs` pairs, its process tree sampled; the job's summary and the peaks."""
+    os.makedirs(work_dir, exist_ok=True)
+    input_info = write_repeated_pairs(os.path.join(work_dir, "input.parquet"), n_pairs, data_dir)
+    output = os.path.join(work_dir, "output")
+    command = [sys.executable, "-m", "jobs.rerank", "--input", input_info["path"], "--output", output,
+               "--model", model]
+    for item in overrides:
+        command += ["--set", item]
+    log_path = os.path.join(work_dir, "job.log")
+    log.info("%s pairs: %s (log: %s)", f"{n_pairs:,}", " ".join(command[1:]), log_path)
+    start = time.perf_counter()
+    with open(log_path, "w") as job_log:
+        process = subprocess.Popen(command, stdout=job_log, stderr=subprocess.STDOUT)
+        with ProcessTreeMemory(root=process.pid, interval=interval_s, with_pss=True) as tree:
+            try:
+                code = process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+                code = None
+    seconds = time.perf_counter() - start
+    if code != 0:
+        with open(log_path) as f:
+            tail = f.read()[-2000:]
+        raise RuntimeError(f"the rerank job on {n_pairs:,} pairs " +
+                           ("timed out" if code is None else f"exited with {code}") + f"; its log ends:\n{tail}")
+    with open(os.path.join(output, "summary.json")) as f:
+        summary = json.load(f)
+    accounted = summary["scored_rows"] + summary["rejected_rows"]
+    if summary["input_rows"] != n_pairs or accounted != n_pairs:
+        raise RuntimeError(f"{n_pairs:,} pairs in, but the job's summary says input {summary['input_rows']:,}, "
+                           f"scored {summary['scored_rows']:,} + rejected {summary['rejected_rows']:,}")
+    return {
+        "n_pairs": n_pairs, "input": input_info, "command": " ".join(command[1:]),
+        "seconds": seconds, "pairs_per_s": n_pairs / seconds, "job_pairs_per_s": summary.get("pairs_per_s"),
+        "scored_rows": summary["scored_rows"], "rejected_rows": summary["rejected_rows"],
+        "peak_pss_mb": tree.peak_pss_mb, "peak_rss_sum_mb": tree.peak_rss_mb,
+        "max_processes": max((s[3] for s in tree.timeline), default=0), "samples": len(tree.timeline),
+        "timeline": _downsample(tree.timeline, 400),
+    }
+
+
+def run_streaming_memory(sizes: list[int], model: str, work_dir: str, overrides: list[str] = (),
+                         data_dir: str | None = None, interval_s: float = 1.0, timeout_s: float = 3600.0,
+                         keep_outputs: bool = False) -> dict:
+    """Runs every size (smallest first) and reports the peaks and the flatness ratio."""
+    runs = []
+    for n in sorted(sizes):
+        run_dir = os.path.join(work_dir, f"pairs-{n}")
+        runs.append(run_size(n, model, run_dir, list(overrides), data_dir, interval_s, timeout_s))
+        log.info("%s pairs: %.0f s, %.0f pairs/s, peak PSS %.0f MB, peak RSS sum %.0f MB", f"{n:,}",
+                 runs[-1]["seconds"], runs[-1]["pairs_per_s"], runs[-1]["peak_pss_mb"] or float("nan"),
+                 runs[-1]["peak_rss_sum_mb"])
+        if not keep_outputs:
+            import shutil
+
+            shutil.rmtree(run_dir, ignore_errors=True)
+    metric = "peak_pss_mb" if all(r["peak_pss_mb"] is not None for r in runs) else "peak_rss_sum_mb"
+    ratio = runs[-1][metric] / runs[0][metric] if len(runs) > 1 else None
+    return {
+        "machine": machine_info(), "load_average_after": load_average(), "model": model, "overrides": list(overrides), "interval_s": interval_s,
+        "runs": runs, "flatness": {"metric": metric, "smallest": runs[0]["n_pairs"], "largest": runs[-1]["n_pairs"],
+                                    "ratio": ratio, "goal": FLAT_RATIO_GOAL,
+                                    "met": None if ratio is None else ratio <= FLAT_RATIO_GOAL},
+    }
+
+
+def markdown(report: dict) -> str:
+    lines = ["| pairs | seconds | pairs/s | peak PSS, whole job (MB) | peak RSS summed (MB) | processes |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for r in report["runs"]:
+        pss = "n/a" if r["peak_pss_mb"] is None else f"{r['peak_pss_mb']:.0f}"
+        lines.append(f"| {r['n_pairs']:,} | {r['seconds']:.0f} | {r['pairs_per_s']:.0f} | {pss} | "
+                     f"{r['peak_rss_sum_mb']:.0f} | {r['max_processes']} |")
+    flat = report["flatness"]
+    if flat["ratio"] is not None:
+        lines += ["", f"Peak ({flat['metric']}) at {flat['largest']:,} pairs / at {flat['smallest']:,} pairs: "
+                      f"{flat['ratio']:.2f}x (goal <= {flat['goal']}x: {'met' if flat['met'] else 'not met'})."]
+    m = report["machine"]
+    lines += ["", f"Model: {report['model']}; machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}."]
+    return "\n".join(lines)
