@@ -37,7 +37,7 @@ from pipeline.model.checkpoint import inspect_checkpoint, resolve_model_director
 from pipeline.rerank_config import RerankConfig
 from pipeline.stages.read import list_input_files, plan_shards, query_ids_unique, read_schemas
 from pipeline.stages.validate import InputLayout
-from pipeline.storage import join, read_json, url_to_fs, write_json
+from pipeline.storage import join, read_json, read_jsons, url_to_fs, write_json
 
 logger = logging.getLogger("rerank")
 
@@ -234,7 +234,7 @@ def run_rerank(config: RerankConfig, input_uri: str, output_uri: str) -> dict:
     score_seconds = time.monotonic() - t_score
 
     # -- phase 2: rank ----------------------------------------------------------------------------------
-    manifests = [read_json(out_fs, join(manifests_dir, f"shard-{s.shard:05d}.json")) for s in shards]
+    manifests = read_jsons(out_fs, [join(manifests_dir, f"shard-{s.shard:05d}.json") for s in shards])
     bucket_files: dict[int, list[str]] = {}
     for m in manifests:
         for f in m["files"]:
@@ -242,11 +242,9 @@ def run_rerank(config: RerankConfig, input_uri: str, output_uri: str) -> dict:
                 bucket_files.setdefault(f["bucket"], []).append(f["path"])
     ranked_dir = join(work, "ranked")
     out_fs.makedirs(ranked_dir, exist_ok=True)
-    bucket_reports = {}
-    for b in bucket_files:
-        marker = join(ranked_dir, f"bucket-{b:05d}.json")
-        if out_fs.exists(marker):
-            bucket_reports[b] = read_json(out_fs, marker)
+    # One listing, not one existence check per bucket (a round trip each on object storage).
+    markers = sorted(out_fs.glob(join(ranked_dir, "bucket-*.json")))
+    bucket_reports = {r["bucket"]: r for r in read_jsons(out_fs, markers) if r["bucket"] in bucket_files}
     todo = [{"bucket": b, "files": files_} for b, files_ in sorted(bucket_files.items()) if b not in bucket_reports]
     if todo:
         for report in _worker_errors(ranking_dataset(todo, config, output_uri, _rejected_schema(layout)).iter_batches(
@@ -278,7 +276,7 @@ def run_rerank(config: RerankConfig, input_uri: str, output_uri: str) -> dict:
     if scored_rows + rejected_rows != total_pairs:
         raise PipelineError(f"row accounting failed: {total_pairs} input pairs but {scored_rows} scored + "
                             f"{rejected_rows} rejected; the output in {output_uri} is left incomplete")
-    scorers = [read_json(out_fs, p) for p in out_fs.glob(join(work, "scorers", "*.json"))]
+    scorers = read_jsons(out_fs, out_fs.glob(join(work, "scorers", "*.json")))
     engine = scorers[0] if scorers else {}
     total_tokens = sum(m["tokens"] for m in manifests)
     elapsed = time.monotonic() - t0
@@ -292,8 +290,10 @@ def run_rerank(config: RerankConfig, input_uri: str, output_uri: str) -> dict:
         "pairs_per_s": round(new_pairs / score_seconds, 2) if score_seconds > 0 and new_pairs else None,
         "tokens_per_s": round(new_tokens / score_seconds, 1) if score_seconds > 0 and new_tokens else None,
         "seconds": round(elapsed, 2),
-        # Packed sequences: every layer sees real tokens only (by construction, not measured per batch).
-        "padding_efficiency": 1.0,
+        # Dense layers always run on packed tokens; attention is padding-free with the varlen kernels and with
+        # SDPA on CPU (runs of equal length). Only SDPA on a GPU pads inside length groups, not counted: null.
+        "padding_efficiency": None if any(s["attention_backend"] == "sdpa_length_grouped" and s["device"] != "cpu"
+                                          for s in scorers) else 1.0,
         "model": config.model, "revision": model["revision"], "layout": model["layout"],
         "dtype": sorted({s["dtype"] for s in scorers}) if scorers else None,
         "attention_backend": sorted({s["attention_backend"] for s in scorers}) if scorers else None,

@@ -54,3 +54,14 @@ def write_json(fs: fsspec.AbstractFileSystem, path: str, payload: Any) -> None:
 def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
     with fs.open(path, "r") as f:
         return json.load(f)
+
+
+def read_jsons(fs: fsspec.AbstractFileSystem, paths: list[str], max_workers: int = 32) -> list[Any]:
+    """`read_json` of every path, in order, `max_workers` at a time: on object storage each read is a round
+    trip of tens of milliseconds, so a driver reading 100,000 shard manifests one by one would wait an hour."""
+    if len(paths) <= 1:
+        return [read_json(fs, p) for p in paths]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(max_workers, len(paths))) as pool:
+        return list(pool.map(lambda p: read_json(fs, p), paths))
