@@ -22,10 +22,6 @@ from pipeline.stages.tokenize import TokenizeStage
 from pipeline.stages.validate import InputLayout
 from pipeline.stages.write import WriteScored
 
-# Reading and writing are I/O: a fraction of a CPU each, so they never starve the tokenizer or scorer.
-IO_CPUS = 0.25
-
-
 def scorer_pool(config: RerankConfig) -> tuple[int, dict]:
     """Fixed pool size and per-actor resources: one actor per GPU (all start together), else CPU actors."""
     s = config.scorer
@@ -43,7 +39,8 @@ def scoring_dataset(shards: list[Shard], layout: InputLayout, config: RerankConf
     ds = ray.data.from_items([s.to_item() for s in shards], override_num_blocks=len(shards))
     ds = ds.map_batches(ReadShard, fn_constructor_kwargs=dict(layout=layout, storage_options=config.storage_options,
                                                              uri=input_uri),
-                        batch_size=1, batch_format="pyarrow", compute=ActorPoolStrategy(size=1), num_cpus=IO_CPUS)
+                        batch_size=1, batch_format="pyarrow", compute=ActorPoolStrategy(size=config.io.num_actors),
+                        num_cpus=config.io.num_cpus)
     ds = ds.map_batches(TokenizeStage, fn_constructor_kwargs=dict(model=config.model, revision=config.revision,
                                                                  config=config.tokenizer),
                         batch_size=config.tokenizer.batch_size, batch_format="pyarrow",
@@ -58,7 +55,8 @@ def scoring_dataset(shards: list[Shard], layout: InputLayout, config: RerankConf
                         **resources)
     return ds.map_batches(WriteScored, fn_constructor_kwargs=dict(work_uri=work_uri, storage_options=config.storage_options,
                                                                  num_buckets=num_buckets, bucket_by_shard=rank_per_shard),
-                          batch_size=None, batch_format="pyarrow", compute=ActorPoolStrategy(size=1), num_cpus=IO_CPUS)
+                          batch_size=None, batch_format="pyarrow", compute=ActorPoolStrategy(size=config.io.num_actors),
+                          num_cpus=config.io.num_cpus)
 
 
 def ranking_dataset(buckets: list[dict], config: RerankConfig, output_uri: str, rejected_schema) -> ray.data.Dataset:
@@ -68,4 +66,5 @@ def ranking_dataset(buckets: list[dict], config: RerankConfig, output_uri: str, 
                                                                 storage_options=config.storage_options,
                                                                 top_k=config.output.top_k,
                                                                 rejected_schema=rejected_schema),
-                          batch_size=1, batch_format="pyarrow", compute=ActorPoolStrategy(size=1), num_cpus=IO_CPUS)
+                          batch_size=1, batch_format="pyarrow", compute=ActorPoolStrategy(size=config.io.num_actors),
+                          num_cpus=config.io.num_cpus)

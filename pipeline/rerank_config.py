@@ -47,6 +47,14 @@ class ScorerConfig(StrictModel):
     batch_size: int = Field(2048, ge=1)              # rows handed to one scorer call (not a micro-batch)
 
 
+class IoConfig(StrictModel):
+    """The storage-bound stages: reading shards, writing staging files, ranking buckets (one pool each)."""
+    # Actors per pool. One keeps up with a CPU scorer or a few GPUs; with many GPUs the single writer
+    # becomes the queue (each scorer call's rows are a Parquet write), so give it more.
+    num_actors: int = Field(1, ge=1)
+    num_cpus: float = Field(0.25, gt=0)              # per actor: I/O waits, so a fraction of a core
+
+
 class OutputConfig(StrictModel):
     top_k: Optional[int] = Field(None, ge=1)         # keep only the best k per query in ranked/
     rows_per_bucket: int = Field(1_000_000, ge=1)    # long input: ranking buckets by hash(query_id)
@@ -60,6 +68,7 @@ class RerankConfig(StrictModel):
     input: InputConfig = InputConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
     scorer: ScorerConfig = ScorerConfig()
+    io: IoConfig = IoConfig()
     output: OutputConfig = OutputConfig()
     storage_options: dict = {}                       # passed to fsspec (s3fs: key, secret, endpoint_url...)
     ray_address: Optional[str] = None                # None: RAY_ADDRESS if set, else a fresh local Ray; "auto": the running cluster

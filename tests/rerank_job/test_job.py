@@ -62,9 +62,12 @@ def engine():
 
 def test_dl19_long_format_every_pair_once_with_engine_scores(ray_local, dl19_long, dl19_rows, engine, tmp_path):
     output = tmp_path / "out"
-    summary = run_rerank(_config(), str(dl19_long), str(output))
+    # Two actors in each storage-bound pool and five ranking buckets: parallel readers, writers and rankers
+    # must still give each pair exactly once.
+    summary = run_rerank(_config(io__num_actors=2, io__num_cpus=0.1, output__rows_per_bucket=1000),
+                         str(dl19_long), str(output))
     _check_reconciles(output, 4300)
-    assert summary["rejected_rows"] == 0 and summary["shards"] == 5
+    assert summary["rejected_rows"] == 0 and summary["shards"] == 5 and summary["ranking_buckets"] == 5
     assert summary["random_weights"] is True and summary["attention_backend"] == ["sdpa_length_grouped"]
     assert summary["pairs_per_s"] > 0 and summary["tokens_per_s"] > 0
     ranked = read_dir(output / "ranked")
