@@ -34,8 +34,9 @@ def markdown_table(report: dict) -> str:
     if report.get("targets"):
         lines += ["", "| target | model | value | goal | met |", "|---|---|---:|---:|---|"]
         for t in report["targets"]:
-            value = f"{100 * t['value']:.1f}%" if "MFU" in t["name"] else f"{t['value']:.2f}x"
-            goal = f"{100 * t['target']:.0f}%" if "MFU" in t["name"] else f"{t['target']:.0f}x"
+            percent = t.get("unit", "percent" if "MFU" in t["name"] else "ratio") == "percent"
+            value = f"{100 * t['value']:.1f}%" if percent else f"{t['value']:.2f}x"
+            goal = f"{100 * t['target']:.0f}%" if percent else f"{t['target']:.0f}x"
             lines.append(f"| {t['name']} | {t['model']} | {value} | {goal} | {'yes' if t['met'] else 'no'} |")
     if report.get("cross_model"):
         first = report["cross_model"][0]["engine_on"]

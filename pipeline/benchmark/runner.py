@@ -95,8 +95,12 @@ def _figures(result: dict, shape: Shape, seqlens: np.ndarray) -> dict:
     }
 
 
+RAY_JOB_TARGET_PAIRS = 20_000
+
+
 def _targets(runs: list[dict], model: str) -> list[dict]:
-    """The issue's CPU targets, reported (never asserted): speedups on dl19, engine MFU on dl19 and long."""
+    """The issue's CPU targets, reported (never asserted): speedups on dl19, engine MFU on dl19 and long,
+    and the Ray job's share of the engine's pairs/s on runs of 20,000+ pairs."""
     by = {(r["workload"], r["contender"]): r for r in runs if r["model"] == model}
     targets = []
     for contender, goal in (("st-best", 2.0), ("st-default", 6.0)):
@@ -109,7 +113,14 @@ def _targets(runs: list[dict], model: str) -> list[dict]:
         engine = by.get((workload, REFERENCE))
         if engine:
             targets.append({"model": model, "name": f"engine MFU on {workload}", "value": engine["mfu"],
-                            "target": 0.5, "met": engine["mfu"] >= 0.5})
+                            "target": 0.5, "met": engine["mfu"] >= 0.5, "unit": "percent"})
+    # The whole job's pipeline overhead counts at 20,000+ pairs (below that, Ray's start-up dominates).
+    for (workload, contender), job in sorted(by.items()):
+        engine = by.get((workload, REFERENCE))
+        if contender == "ray-job" and engine and job["n_pairs"] >= RAY_JOB_TARGET_PAIRS:
+            value = job["pairs_per_s"] / engine["pairs_per_s"]
+            targets.append({"model": model, "name": f"ray-job / engine pairs/s on {workload} ({job['n_pairs']:,} pairs)",
+                            "value": value, "target": 0.8, "met": value >= 0.8, "unit": "percent"})
     return targets
 
 
