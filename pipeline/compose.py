@@ -11,6 +11,8 @@ Stages are plain classes (pipeline/stages/); this module only says where each ru
 
 from __future__ import annotations
 
+import contextlib
+
 import ray
 from ray.data import ActorPoolStrategy
 
@@ -21,6 +23,28 @@ from pipeline.stages.score import ScoreStage
 from pipeline.stages.tokenize import TokenizeStage
 from pipeline.stages.validate import InputLayout
 from pipeline.stages.write import WriteScored
+
+# Ray Data merges a task's outputs into blocks of up to DataContext.target_max_block_size (128 MiB by
+# default) and a downstream task gets whole blocks. Our rows are small once tokenized (a DL19 pair is
+# ~0.5 KB of token ids, a scored row ~60 bytes), so at the default a 100,000-row shard travelled as one
+# block: the scorer started only after the whole shard was tokenized, the writer and the driver's progress
+# only after it was all scored, and every stage held a shard in memory at once. 2 MiB blocks are a few
+# thousand rows: the stages overlap within a shard and what is in flight stays small whatever the input's
+# size. Writes are then regrouped by rows (io.rows_per_write) so small blocks do not mean small files.
+BLOCK_BYTES = 2 * 2**20
+
+
+@contextlib.contextmanager
+def _small_blocks():
+    """A dataset created inside keeps BLOCK_BYTES (Ray copies the context into it); the caller's own
+    DataContext is left as it was."""
+    ctx = ray.data.DataContext.get_current()
+    before, ctx.target_max_block_size = ctx.target_max_block_size, BLOCK_BYTES
+    try:
+        yield
+    finally:
+        ctx.target_max_block_size = before
+
 
 def scorer_pool(config: RerankConfig) -> tuple[int, dict]:
     """Fixed pool size and per-actor resources: one actor per GPU (all start together), else CPU actors."""
@@ -36,7 +60,8 @@ def scoring_dataset(shards: list[Shard], layout: InputLayout, config: RerankConf
                     work_uri: str, num_buckets: int, rank_per_shard: bool) -> ray.data.Dataset:
     """Yields one report row per staging file written (see stages/write.py)."""
     size, resources = scorer_pool(config)
-    ds = ray.data.from_items([s.to_item() for s in shards], override_num_blocks=len(shards))
+    with _small_blocks():
+        ds = ray.data.from_items([s.to_item() for s in shards], override_num_blocks=len(shards))
     ds = ds.map_batches(ReadShard, fn_constructor_kwargs=dict(layout=layout, storage_options=config.storage_options,
                                                              uri=input_uri),
                         batch_size=1, batch_format="pyarrow", compute=ActorPoolStrategy(size=config.io.num_actors),
@@ -55,13 +80,14 @@ def scoring_dataset(shards: list[Shard], layout: InputLayout, config: RerankConf
                         **resources)
     return ds.map_batches(WriteScored, fn_constructor_kwargs=dict(work_uri=work_uri, storage_options=config.storage_options,
                                                                  num_buckets=num_buckets, bucket_by_shard=rank_per_shard),
-                          batch_size=None, batch_format="pyarrow", compute=ActorPoolStrategy(size=config.io.num_actors),
+                          batch_size=config.io.rows_per_write, batch_format="pyarrow", compute=ActorPoolStrategy(size=config.io.num_actors),
                           num_cpus=config.io.num_cpus)
 
 
 def ranking_dataset(buckets: list[dict], config: RerankConfig, output_uri: str, rejected_schema) -> ray.data.Dataset:
     """Yields one report row per bucket ranked."""
-    ds = ray.data.from_items(buckets, override_num_blocks=len(buckets))
+    with _small_blocks():
+        ds = ray.data.from_items(buckets, override_num_blocks=len(buckets))
     return ds.map_batches(RankBucket, fn_constructor_kwargs=dict(output_uri=output_uri,
                                                                 storage_options=config.storage_options,
                                                                 top_k=config.output.top_k,

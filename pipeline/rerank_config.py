@@ -53,6 +53,10 @@ class IoConfig(StrictModel):
     # becomes the queue (each scorer call's rows are a Parquet write), so give it more.
     num_actors: int = Field(1, ge=1)
     num_cpus: float = Field(0.25, gt=0)              # per actor: I/O waits, so a fraction of a core
+    # Scored rows the writer gathers before writing staging files. Each write makes one file per (shard,
+    # ranking bucket) it touches, so small writes multiply files (and PUTs, manifest entries, ranking reads);
+    # progress is also reported per write. Stages upstream stream in small blocks whatever this is.
+    rows_per_write: int = Field(100_000, ge=1)
 
 
 class OutputConfig(StrictModel):

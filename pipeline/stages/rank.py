@@ -9,6 +9,8 @@ ascending, keep the best `top_k`, and write `ranked/part-BBBBB.parquet` (plus th
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -72,14 +74,21 @@ class RankBucket:
             pq.write_table(table, f)
         self.fs.mv(tmp, path)
 
+    def _read(self, path: str) -> pa.Table:
+        with self.fs.open(path, "rb") as f:
+            return pq.read_table(f)
+
+    def _read_all(self, paths: list[str]) -> list[pa.Table]:
+        """A bucket's staging files, read 16 at a time: on object storage each is a round trip."""
+        if len(paths) <= 1:
+            return [self._read(p) for p in paths]
+        with ThreadPoolExecutor(max_workers=min(16, len(paths))) as pool:
+            return list(pool.map(self._read, paths))
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         reports = []
         for item in batch.to_pylist():
-            tables = []
-            for path in item["files"]:
-                with self.fs.open(path, "rb") as f:
-                    tables.append(pq.read_table(f))
-            rows = pa.concat_tables(tables, promote_options="default")
+            rows = pa.concat_tables(self._read_all(item["files"]), promote_options="default")
             ranked, duplicates, scored = rank_rows(rows, self.top_k)
             self.fs.makedirs(join(self.root, "ranked"), exist_ok=True)
             self._write_atomic(ranked, join(self.root, "ranked", f"part-{item['bucket']:05d}.parquet"))

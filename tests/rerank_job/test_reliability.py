@@ -30,7 +30,8 @@ def _ranked_keys(output: Path) -> list:
 def test_resume_after_the_driver_is_killed(dl19_long, tmp_path):
     output = tmp_path / "out"
     args = [sys.executable, "-m", *JOB, "--input", str(dl19_long), "--output", str(output), "--model", "dummy:tiny",
-            "--set", "input.rows_per_shard=500", "--set", "tokenizer.batch_size=100", "--set", "scorer.batch_size=100"]
+            "--set", "input.rows_per_shard=500", "--set", "tokenizer.batch_size=100", "--set", "scorer.batch_size=100",
+            "--set", "io.rows_per_write=100"]
     proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     manifests = output / "_work" / "manifests"
