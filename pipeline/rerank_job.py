@@ -113,6 +113,22 @@ def _check_cluster(config: RerankConfig, protocol: str) -> None:
     if len(hosts) > 1 and protocol in ("", "file://", "local://"):
         raise InputError(f"a cluster of {len(hosts)} machines cannot share a local --output; use object storage "
                          "(s3://, gs://) or a shared filesystem's URI")
+    # The scoring phase's actor pools are fixed-size and all start together: if their CPUs exceed the
+    # cluster's, Ray Data waits for resources forever. A Ray of this machine alone cannot grow; a remote
+    # cluster may autoscale, so there it is a warning.
+    from pipeline.compose import scorer_pool
+
+    size, resources = scorer_pool(config)
+    asks = {"tokenizer": config.tokenizer.num_actors * config.tokenizer.num_cpus,
+            "scorer": size * resources["num_cpus"], "io (read + write)": 2 * config.io.num_actors * config.io.num_cpus}
+    have = ray.cluster_resources().get("CPU", 0)
+    if sum(asks.values()) > have + 1e-9:
+        message = (f"the scoring phase asks for {sum(asks.values()):g} CPUs (" +
+                   ", ".join(f"{k} {v:g}" for k, v in asks.items()) + f") but the Ray cluster has {have:g}; lower "
+                   "tokenizer.num_actors / tokenizer.num_cpus, io.num_actors / io.num_cpus or scorer.num_cpus")
+        if len(hosts) == 1 and not (config.ray_address or os.environ.get("RAY_ADDRESS")):
+            raise InputError(message)
+        logger.warning("%s (waiting for the autoscaler, if any)", message)
 
 
 def _worker_errors(batches):

@@ -12,6 +12,7 @@ import pytest
 
 from pipeline import schema as S
 from pipeline.config import build_config
+from pipeline.errors import InputError
 from pipeline.model import CrossEncoder
 from pipeline.rerank_config import RerankConfig
 from pipeline.rerank_job import run_rerank
@@ -221,3 +222,10 @@ def test_finished_output_with_other_settings_is_refused(ray_local, dl19_rows, tm
     with pytest.raises(InputError, match="no GPU"):
         run_rerank(_config(scorer__device="cuda"), str(tmp_path / "in.parquet"), str(tmp_path / "out2"))
     assert not (tmp_path / "out2" / "ranked").exists()
+
+
+def test_actor_pools_larger_than_the_machine_are_refused_before_work(ray_local, dl19_long, tmp_path):
+    # 4 tokenizers x 0.5 CPU + the scorer's 1 + 0.5 of I/O on a 2-CPU Ray: the fixed pools would wait forever.
+    with pytest.raises(InputError, match=r"asks for 3.5 CPUs .* tokenizer.num_actors"):
+        run_rerank(_config(tokenizer__num_actors=4), str(dl19_long), str(tmp_path / "out"))
+    assert not (tmp_path / "out" / "ranked").exists()
