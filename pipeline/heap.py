@@ -4,7 +4,7 @@ Why: a long-running CPU scorer allocates activations of a different size for eve
 keeps freed chunks in its arenas, fragmented, and the process's resident memory creeps up batch after
 batch although nothing is alive (measured on this project's 2-core CPU, jina-sized model, bf16: RSS
 1.0 -> 1.9 GB over 1,500 DL19 pairs; with a trim after each scorer call it stayed at 1.4 GB and
-throughput did not move, the call costs about a millisecond). Capping arenas instead
+throughput did not move; a call took ~2 ms on that heap). Capping arenas instead
 (MALLOC_MMAP_THRESHOLD_, a smaller oneDNN primitive cache) also flattened it but cost 23% throughput.
 On CUDA the activations live in PyTorch's caching allocator, not here; the trim is then just cheap.
 No-op where libc is not glibc (musl, macOS).

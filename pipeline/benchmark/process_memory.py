@@ -47,26 +47,36 @@ def tree_pids(root: int) -> list[int]:
     return pids
 
 
+def _resident_kb(pid: int, page_kb: float) -> float | None:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * page_kb
+    except (OSError, IndexError, ValueError):
+        return None  # ended while we looked (or the pid now belongs to a process we may not read)
+
+
+def _pss_kb(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            return _read_int_field(f.read(), "\nPss:")
+    except OSError:
+        return None
+
+
 def tree_memory_mb(root: int, with_pss: bool = True) -> dict:
-    """{"rss_mb", "pss_mb" (None when unavailable or not asked), "processes"} of `root`'s tree, now."""
+    """{"rss_mb", "pss_mb", "processes"} of `root`'s tree, now. `pss_mb` is None when not asked for or when
+    a live process of the tree had no readable smaps_rollup (a partial sum would look like a real one)."""
     page_kb = os.sysconf("SC_PAGE_SIZE") / 1024
     rss_kb, pss_kb, count = 0.0, 0 if with_pss else None, 0
     for pid in tree_pids(root):
-        try:
-            with open(f"/proc/{pid}/statm") as f:
-                resident_pages = int(f.read().split()[1])
-            if pss_kb is not None:
-                with open(f"/proc/{pid}/smaps_rollup") as f:
-                    pss = _read_int_field(f.read(), "\nPss:")
-                pss_kb = None if pss is None else pss_kb + pss
-        except FileNotFoundError:
-            if not os.path.exists(f"/proc/{pid}"):
-                continue  # ended while we looked
-            pss_kb = None  # no smaps_rollup on this kernel
-        except (ProcessLookupError, PermissionError):
+        resident = _resident_kb(pid, page_kb)
+        if resident is None:
             continue
-        rss_kb += resident_pages * page_kb
+        rss_kb += resident
         count += 1
+        if pss_kb is not None:
+            pss = _pss_kb(pid)
+            pss_kb = None if pss is None else pss_kb + pss
     return {"rss_mb": rss_kb / 1024, "pss_mb": None if pss_kb is None else pss_kb / 1024, "processes": count}
 
 

@@ -7,9 +7,13 @@ While it runs, the job's whole process tree - the driver, Ray's gcs and raylet, 
 is sampled from /proc (`process_memory.py`): proportional set size summed (shared pages such as Ray's
 object store counted once), and resident set size summed (shared pages counted per process).
 
-Streaming means the peak does not grow with the input: the report gives the peak at each size and the
-ratio of the largest input's peak to the smallest's (goal: <= 1.1). Every run is also checked to have
-accounted for every row (input rows = scored + rejected) - a fast run that dropped rows is not a result.
+Streaming means the peak is set by the job's settings, not by the input's size: blocks in flight
+(compose.BLOCK_BYTES), a shard being read (input.rows_per_shard), a write (io.rows_per_write) and a ranking
+bucket (output.rows_per_bucket: all of a bucket's scored rows - ids and scores, no texts - are ranked in
+memory at once; at the defaults one bucket holds up to 1M rows). The report gives the peak at each size
+and the ratio of the largest input's peak to the smallest's (goal: <= 1.1). Every run is checked to have
+accounted for every row (input rows = scored + rejected) and to have run on a Ray of its own (its
+processes were seen): a fast run that dropped rows, or memory sampled on the wrong machine, is not a result.
 """
 
 from __future__ import annotations
@@ -30,11 +34,14 @@ from pipeline import schema
 from pipeline.benchmark.machine import load_average, machine_info
 from pipeline.benchmark.process_memory import ProcessTreeMemory
 from pipeline.datasets import dl19
+from pipeline.errors import InputError
 
 log = logging.getLogger("benchmark.memory")
 
 # Peak of the largest input over the smallest's: above this the job is not streaming.
 FLAT_RATIO_GOAL = 1.1
+# Driver, gcs, raylet and the job's actors: fewer under the driver means Ray ran somewhere else.
+MIN_JOB_PROCESSES = 4
 
 
 def write_repeated_pairs(path: str, n_pairs: int, data_dir: str | None = None, row_group_size: int = 50_000) -> dict:
@@ -75,13 +82,15 @@ def run_size(n_pairs: int, model: str, work_dir: str, overrides: list[str], data
     output = os.path.join(work_dir, "output")
     command = [sys.executable, "-m", "jobs.rerank", "--input", input_info["path"], "--output", output,
                "--model", model]
+    # A fresh local Ray, child of the job's driver, so that the sampled tree holds all of the job's work.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     for item in overrides:
         command += ["--set", item]
     log_path = os.path.join(work_dir, "job.log")
     log.info("%s pairs: %s (log: %s)", f"{n_pairs:,}", " ".join(command[1:]), log_path)
     start = time.perf_counter()
     with open(log_path, "w") as job_log:
-        process = subprocess.Popen(command, stdout=job_log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, stdout=job_log, stderr=subprocess.STDOUT, env=env)
         with ProcessTreeMemory(root=process.pid, interval=interval_s, with_pss=True) as tree:
             try:
                 code = process.wait(timeout=timeout_s)
@@ -101,12 +110,16 @@ def run_size(n_pairs: int, model: str, work_dir: str, overrides: list[str], data
     if summary["input_rows"] != n_pairs or accounted != n_pairs:
         raise RuntimeError(f"{n_pairs:,} pairs in, but the job's summary says input {summary['input_rows']:,}, "
                            f"scored {summary['scored_rows']:,} + rejected {summary['rejected_rows']:,}")
+    max_processes = max((s[3] for s in tree.timeline), default=0)
+    if max_processes < MIN_JOB_PROCESSES:
+        raise RuntimeError(f"only {max_processes} processes seen under the job's driver: its Ray ran elsewhere, "
+                           "so its memory was not measured; unset RAY_ADDRESS and ray_address")
     return {
         "n_pairs": n_pairs, "input": input_info, "command": " ".join(command[1:]),
         "seconds": seconds, "pairs_per_s": n_pairs / seconds, "job_pairs_per_s": summary.get("pairs_per_s"),
         "scored_rows": summary["scored_rows"], "rejected_rows": summary["rejected_rows"],
         "peak_pss_mb": tree.peak_pss_mb, "peak_rss_sum_mb": tree.peak_rss_mb,
-        "max_processes": max((s[3] for s in tree.timeline), default=0), "samples": len(tree.timeline),
+        "max_processes": max_processes, "samples": len(tree.timeline),
         "timeline": _downsample(tree.timeline, 400),
     }
 
@@ -115,6 +128,8 @@ def run_streaming_memory(sizes: list[int], model: str, work_dir: str, overrides:
                          data_dir: str | None = None, interval_s: float = 1.0, timeout_s: float = 3600.0,
                          keep_outputs: bool = False) -> dict:
     """Runs every size (smallest first) and reports the peaks and the flatness ratio."""
+    if any(item.split("=", 1)[0].strip() == "ray_address" for item in overrides):
+        raise InputError("the memory benchmark starts a Ray of its own for each run; drop --set ray_address")
     runs = []
     for n in sorted(sizes):
         run_dir = os.path.join(work_dir, f"pairs-{n}")

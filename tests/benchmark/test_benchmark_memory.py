@@ -17,6 +17,7 @@ import pytest
 from jobs import benchmark_memory
 from pipeline.benchmark.process_memory import ProcessTreeMemory, tree_memory_mb, tree_pids
 from pipeline.benchmark.streaming_memory import _downsample, write_repeated_pairs
+from pipeline.errors import InputError
 from pipeline.model.dummy import ARCHITECTURES, build_checkpoint
 
 CHILD = "import sys, time; block = bytearray(200 * 2**20); block[::4096] = b'x' * len(block[::4096]); " \
@@ -24,23 +25,23 @@ CHILD = "import sys, time; block = bytearray(200 * 2**20); block[::4096] = b'x' 
 
 
 def test_the_tree_sampler_counts_a_child_process():
-    before = tree_memory_mb(os.getpid())
     child = subprocess.Popen([sys.executable, "-c", CHILD], stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline().strip() == "ready"
         assert child.pid in tree_pids(os.getpid())
+        alone = tree_memory_mb(child.pid)
         with ProcessTreeMemory(interval=0.05) as tree:
             tree.sample()
-        after = tree_memory_mb(os.getpid())
+        whole = tree_memory_mb(os.getpid())
     finally:
         child.kill()
         child.wait()
-    # The child touched 200 MB: both sums see it, PSS never exceeds RSS.
-    assert after["rss_mb"] - before["rss_mb"] > 150
-    assert after["pss_mb"] - before["pss_mb"] > 150
-    assert after["pss_mb"] <= after["rss_mb"]
-    assert after["processes"] == before["processes"] + 1
-    assert tree.peak_rss_mb > 150 and tree.timeline and tree.timeline[-1][3] >= 2
+    # The child touched 200 MB: both its sums see it, PSS never exceeds RSS, and the tree rooted here
+    # (this process and whatever else it runs) holds at least the child.
+    assert alone["processes"] == 1
+    assert 200 <= alone["pss_mb"] <= alone["rss_mb"] < 400
+    assert whole["processes"] >= 2 and whole["rss_mb"] >= alone["rss_mb"] + 10
+    assert tree.peak_rss_mb >= alone["rss_mb"] and tree.timeline[-1][3] >= 2
 
 
 def test_downsample_keeps_the_peak_and_the_end():
@@ -77,15 +78,14 @@ def test_the_job_reports_every_size(tiny_model, shared_data, tmp_path):
     runs = report["runs"]
     assert [r["n_pairs"] for r in runs] == [2000, 6000]  # smallest first
     for r in runs:
-        assert r["scored_rows"] + r["rejected_rows"] == r["n_pairs"]
         # Driver + gcs + raylet + at least the scorer and tokenizer actors were seen.
         assert r["max_processes"] >= 5
         assert 100 < r["peak_pss_mb"] <= r["peak_rss_sum_mb"]
         assert r["samples"] >= 3 and len(r["timeline"]) == r["samples"]
-        assert max(p[2] for p in r["timeline"]) == pytest.approx(r["peak_pss_mb"], abs=0.1)
-    flat = report["flatness"]
-    assert flat["metric"] == "peak_pss_mb"
-    assert flat["ratio"] == pytest.approx(runs[1]["peak_pss_mb"] / runs[0]["peak_pss_mb"])
+        times = [p[0] for p in r["timeline"]]
+        assert times == sorted(times) and times[-1] <= r["seconds"]
+        assert max(p[2] for p in r["timeline"] if p[2] is not None) == pytest.approx(r["peak_pss_mb"], abs=0.1)
+    assert report["flatness"]["metric"] == "peak_pss_mb" and report["flatness"]["largest"] == 6000
     table = output.with_suffix(".md").read_text()
     assert "| 6,000 |" in table and "--pairs 6000,2000" in table
 
@@ -95,3 +95,9 @@ def test_bad_sizes_are_refused_before_any_work(capsys):
         benchmark_memory.main(["--pairs", "100k"])
     assert exit_info.value.code == 2
     assert "comma-separated pair counts" in capsys.readouterr().err
+
+
+def test_an_outside_ray_is_refused(tmp_path):
+    with pytest.raises(InputError, match="Ray of its own"):
+        benchmark_memory.main(["--pairs", "10", "--output", str(tmp_path / "m.json"),
+                               "--set", "ray_address=auto"])
