@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import posixpath
 import sys
 from typing import Sequence
 
 from pipeline.benchmark.config import BenchmarkConfig
-from pipeline.benchmark.report import markdown_table
+from pipeline.benchmark.report import markdown_table, write_report
 from pipeline.benchmark.runner import run_benchmark
 from pipeline.cli import run_main, setup_logging
 from pipeline.config import load_config
-from pipeline.storage import url_to_fs, write_json
 
 log = logging.getLogger("jobs.benchmark")
 
@@ -62,14 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.n_pairs is not None:
         config.n_pairs = {w: args.n_pairs for w in config.workloads}
     report = run_benchmark(config)
-    fs, path = url_to_fs(args.output)
-    fs.makedirs(posixpath.dirname(path) or ".", exist_ok=True)
-    write_json(fs, path, report)
     table = markdown_table(report)
-    table_path = (path[:-5] if path.endswith(".json") else path) + ".md"
-    with fs.open(table_path, "w") as f:
-        f.write(f"Command: python -m jobs.benchmark {' '.join(argv if argv is not None else sys.argv[1:])}\n\n"
-                f"{table}\n")
+    table_path = write_report(args.output, report, table,
+                              "python -m jobs.benchmark " + " ".join(argv if argv is not None else sys.argv[1:]))
     print(table)
     log.info("report: %s (table: %s)", args.output, table_path)
     return 1 if report["errors"] else 0

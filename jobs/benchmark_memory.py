@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import posixpath
 import sys
 import tempfile
 from typing import Sequence
 
+from pipeline.benchmark.report import write_report
 from pipeline.benchmark.streaming_memory import markdown, run_streaming_memory
 from pipeline.cli import run_main, setup_logging
 from pipeline.errors import InputError
-from pipeline.storage import url_to_fs, write_json
 
 log = logging.getLogger("jobs.benchmark_memory")
 
@@ -61,14 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = run_streaming_memory(args.pairs, args.model, args.work_dir or tmp, args.overrides,
                                       data_dir=args.data_dir, interval_s=args.interval,
                                       keep_outputs=args.work_dir is not None)
-    command = "python -m jobs.benchmark_memory " + " ".join(argv if argv is not None else sys.argv[1:])
-    report["command"] = command
-    fs, path = url_to_fs(args.output)
-    fs.makedirs(posixpath.dirname(path) or ".", exist_ok=True)
-    write_json(fs, path, report)
+    report["command"] = "python -m jobs.benchmark_memory " + " ".join(argv if argv is not None else sys.argv[1:])
     table = markdown(report)
-    with fs.open((path[:-5] if path.endswith(".json") else path) + ".md", "w") as f:
-        f.write(f"Command: {command}\n\n{table}\n")
+    write_report(args.output, report, table, report["command"])
     print(table)
     return 0
 

@@ -2,6 +2,22 @@
 
 from __future__ import annotations
 
+import posixpath
+
+from pipeline.storage import url_to_fs, write_json
+
+
+def write_report(output: str, report: dict, table: str, command: str) -> str:
+    """The JSON report at `output` (local path or URI) and the markdown table beside it (.md), headed by
+    the command that produced them. Returns the table's path."""
+    fs, path = url_to_fs(output)
+    fs.makedirs(posixpath.dirname(path) or ".", exist_ok=True)
+    write_json(fs, path, report)
+    table_path = (path[:-5] if path.endswith(".json") else path) + ".md"
+    with fs.open(table_path, "w") as f:
+        f.write(f"Command: {command}\n\n{table}\n")
+    return table_path
+
 
 def _num(value, fmt: str) -> str:
     return "n/a" if value is None else format(value, fmt)
