@@ -35,15 +35,19 @@ BLOCK_BYTES = 2 * 2**20
 
 
 @contextlib.contextmanager
-def _small_blocks():
-    """A dataset created inside keeps BLOCK_BYTES (Ray copies the context into it); the caller's own
-    DataContext is left as it was."""
+def _streaming(config: RerankConfig):
+    """Datasets created inside keep BLOCK_BYTES blocks and an object-store limit of `io.in_flight_mb`
+    (Ray copies the current DataContext into a new dataset); the caller's own DataContext is left as it was."""
+    from ray.data import ExecutionResources
+
     ctx = ray.data.DataContext.get_current()
-    before, ctx.target_max_block_size = ctx.target_max_block_size, BLOCK_BYTES
+    blocks, limits = ctx.target_max_block_size, ctx.execution_options.resource_limits
+    ctx.target_max_block_size = BLOCK_BYTES
+    ctx.execution_options.resource_limits = ExecutionResources(object_store_memory=config.io.in_flight_mb * 2**20)
     try:
         yield
     finally:
-        ctx.target_max_block_size = before
+        ctx.target_max_block_size, ctx.execution_options.resource_limits = blocks, limits
 
 
 def scorer_pool(config: RerankConfig) -> tuple[int, dict]:
@@ -60,7 +64,7 @@ def scoring_dataset(shards: list[Shard], layout: InputLayout, config: RerankConf
                     work_uri: str, num_buckets: int, rank_per_shard: bool) -> ray.data.Dataset:
     """Yields one report row per staging file written (see stages/write.py)."""
     size, resources = scorer_pool(config)
-    with _small_blocks():
+    with _streaming(config):
         ds = ray.data.from_items([s.to_item() for s in shards], override_num_blocks=len(shards))
     ds = ds.map_batches(ReadShard, fn_constructor_kwargs=dict(layout=layout, storage_options=config.storage_options,
                                                              uri=input_uri),
@@ -86,7 +90,7 @@ def scoring_dataset(shards: list[Shard], layout: InputLayout, config: RerankConf
 
 def ranking_dataset(buckets: list[dict], config: RerankConfig, output_uri: str, rejected_schema) -> ray.data.Dataset:
     """Yields one report row per bucket ranked."""
-    with _small_blocks():
+    with _streaming(config):
         ds = ray.data.from_items(buckets, override_num_blocks=len(buckets))
     return ds.map_batches(RankBucket, fn_constructor_kwargs=dict(output_uri=output_uri,
                                                                 storage_options=config.storage_options,
