@@ -105,6 +105,10 @@ class ProcessTreeMemory:
                               None if now["pss_mb"] is None else round(now["pss_mb"], 1), now["processes"]))
         return now
 
+    def elapsed(self) -> float:
+        """Seconds since sampling started, on the timeline's clock."""
+        return time.monotonic() - self._start
+
     def _run(self) -> None:
         while not self._stop.is_set():
             self.sample()

@@ -72,7 +72,8 @@ def test_the_job_reports_every_size(tiny_model, shared_data, tmp_path):
     output = tmp_path / "memory.json"
     code = benchmark_memory.main(["--pairs", "6000,2000", "--model", tiny_model, "--output", str(output),
                                   "--data-dir", str(shared_data), "--interval", "0.5",
-                                  "--set", "input.rows_per_shard=1000"])
+                                  "--set", "input.rows_per_shard=1000", "--set", "io.rows_per_write=1000",
+                                  "--set", "progress_interval_s=0.1"])
     assert code == 0
     report = json.loads(output.read_text())
     runs = report["runs"]
@@ -85,7 +86,17 @@ def test_the_job_reports_every_size(tiny_model, shared_data, tmp_path):
         times = [p[0] for p in r["timeline"]]
         assert times == sorted(times) and times[-1] <= r["seconds"]
         assert max(p[2] for p in r["timeline"] if p[2] is not None) == pytest.approx(r["peak_pss_mb"], abs=0.1)
-    assert report["flatness"]["metric"] == "peak_pss_mb" and report["flatness"]["largest"] == 6000
+    # The job's progress lines were followed: pairs only go up, to all of them; the peak so far never falls.
+    progress = runs[1]["running_peak"]
+    pairs = [p["pairs"] for p in progress]
+    assert len(pairs) >= 3 and pairs == sorted(pairs) and pairs[-1] == 6000
+    peaks = [p["peak_pss_mb"] for p in progress]
+    assert peaks == sorted(peaks) and peaks[-1] <= runs[1]["peak_pss_mb"]
+    flat = report["flatness"]
+    assert flat["metric"] == "peak_pss_mb" and flat["largest"] == 6000
+    within = flat["within_largest"]
+    assert within["peak_at_smallest_mb"] == next(p["peak_pss_mb"] for p in progress if p["pairs"] >= 2000)
+    assert within["ratio"] >= 1.0
     table = output.with_suffix(".md").read_text()
     assert "| 6,000 |" in table and "--pairs 6000,2000" in table
 
