@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-from typing import Any
+from typing import Any, Callable
 
 import fsspec
 import pyarrow.fs as pafs
@@ -56,12 +56,17 @@ def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
         return json.load(f)
 
 
-def read_jsons(fs: fsspec.AbstractFileSystem, paths: list[str], max_workers: int = 32) -> list[Any]:
-    """`read_json` of every path, in order, `max_workers` at a time: on object storage each read is a round
+def map_paths(read: Callable[[str], Any], paths: list[str], max_workers: int = 32) -> list[Any]:
+    """`read(path)` for every path, in order, `max_workers` at a time: on object storage each read is a round
     trip of tens of milliseconds, so a driver reading 100,000 shard manifests one by one would wait an hour."""
     if len(paths) <= 1:
-        return [read_json(fs, p) for p in paths]
+        return [read(p) for p in paths]
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=min(max_workers, len(paths))) as pool:
-        return list(pool.map(lambda p: read_json(fs, p), paths))
+        return list(pool.map(read, paths))
+
+
+def read_jsons(fs: fsspec.AbstractFileSystem, paths: list[str]) -> list[Any]:
+    """`read_json` of every path, in order, in parallel (`map_paths`)."""
+    return map_paths(lambda p: read_json(fs, p), paths)

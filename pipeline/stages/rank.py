@@ -9,8 +9,6 @@ ascending, keep the best `top_k`, and write `ranked/part-BBBBB.parquet` (plus th
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -18,7 +16,7 @@ import pyarrow.parquet as pq
 
 from pipeline import schema as S
 from pipeline.stages.read import ROW, SHARD
-from pipeline.storage import join, url_to_fs
+from pipeline.storage import join, map_paths, url_to_fs
 
 DUPLICATE = "duplicate (query_id, doc_id)"
 
@@ -78,17 +76,11 @@ class RankBucket:
         with self.fs.open(path, "rb") as f:
             return pq.read_table(f)
 
-    def _read_all(self, paths: list[str]) -> list[pa.Table]:
-        """A bucket's staging files, read 16 at a time: on object storage each is a round trip."""
-        if len(paths) <= 1:
-            return [self._read(p) for p in paths]
-        with ThreadPoolExecutor(max_workers=min(16, len(paths))) as pool:
-            return list(pool.map(self._read, paths))
-
     def __call__(self, batch: pa.Table) -> pa.Table:
         reports = []
         for item in batch.to_pylist():
-            rows = pa.concat_tables(self._read_all(item["files"]), promote_options="default")
+            # A bucket's staging files, read 16 at a time: on object storage each is a round trip.
+            rows = pa.concat_tables(map_paths(self._read, item["files"], max_workers=16), promote_options="default")
             ranked, duplicates, scored = rank_rows(rows, self.top_k)
             self.fs.makedirs(join(self.root, "ranked"), exist_ok=True)
             self._write_atomic(ranked, join(self.root, "ranked", f"part-{item['bucket']:05d}.parquet"))
