@@ -91,7 +91,7 @@ def test_the_job_reports_every_size(tiny_model, shared_data, tmp_path):
     pairs = [p["pairs"] for p in progress]
     assert len(pairs) >= 3 and pairs == sorted(pairs) and pairs[-1] == 6000
     peaks = [p["peak_pss_mb"] for p in progress]
-    assert peaks == sorted(peaks) and peaks[-1] <= runs[1]["peak_pss_mb"]
+    assert peaks == sorted(peaks) and peaks[-1] <= runs[1]["peak_pss_mb"] + 0.05  # timeline values are rounded to 0.1
     flat = report["flatness"]
     assert flat["metric"] == "peak_pss_mb" and flat["largest"] == 6000
     within = flat["within_largest"]
