@@ -28,7 +28,7 @@ from pipeline.quality.config import IndexQualityConfig
 from pipeline.quality.history import NIGHT, History
 from pipeline.quality.label_free import RERANKER_RANK, label_free_measures, rank_both, score_summary
 from pipeline.quality.metrics import evaluate, means
-from pipeline.quality.report import NightReport, write_report
+from pipeline.quality.report import RERANKED_PREFIX, NightReport, write_report
 from pipeline.quality.run_input import JUDGE_SCORE, load_run
 from pipeline.quality.segments import query_segments, segment_means
 from pipeline.schema import DOC_ID, FIRST_STAGE_RANK, QUERY_ID, SCORE
@@ -37,7 +37,6 @@ from pipeline.trec import read_qrels
 
 log = logging.getLogger(__name__)
 
-RERANKED_PREFIX = "reranked/"
 REJECTED_PARQUET = "rejected.parquet"
 GAIN_NOTE = ("judge/nDCG gains: sigmoid(reranker score) as the probability of relevance; ideal ranking = the "
              "reranker's order of the same candidates")
@@ -110,12 +109,12 @@ def measure(config: IndexQualityConfig, pairs: pa.Table, qrels: pa.Table | None,
 
 def compare_with_previous(
     config: IndexQualityConfig, store: History | None, night: str, per_query: pa.Table
-) -> tuple[str | None, list[Comparison], dict]:
-    """(previous night, comparisons, the previous night's segment means) from the history; empty without one."""
+) -> tuple[str | None, list[Comparison], dict, pa.Table | None]:
+    """(previous night, comparisons, its segment means, its per-query table) from the history; empty without one."""
     previous_night = store.previous_night(night) if store else None
     previous = store.read_per_query(previous_night) if previous_night else None
     if previous is None:
-        return previous_night, [], {}
+        return previous_night, [], {}, None
     a = config.alerts
     comparisons = compare_nights(per_query, previous, a.max_drop, a.default_max_drop, a.alpha, a.permutations, a.seed)
     kept = [c for c in config.segment_columns if c in previous.column_names]
@@ -123,7 +122,7 @@ def compare_with_previous(
     if kept:
         measures_only = previous.drop_columns([c for c in config.segment_columns if c in previous.column_names])
         previous_segments = segment_means(measures_only, previous.select([QUERY_ID, *kept]), kept)
-    return previous_night, comparisons, previous_segments
+    return previous_night, comparisons, previous_segments, previous
 
 
 def _report_measures(config: IndexQualityConfig, measured: list[str]) -> tuple[list[str], str | None]:
@@ -166,7 +165,8 @@ def evaluate_night(
 
     measured = measure(config, pairs, qrels_table, judge)
     store = History(history, options) if history else None
-    previous_night, comparisons, previous_segments = compare_with_previous(config, store, night, measured.per_query)
+    previous_night, comparisons, previous_segments, previous_per_query = compare_with_previous(
+        config, store, night, measured.per_query)
     per_query = measured.per_query.join(segments, keys=QUERY_ID, join_type="left outer").sort_by(QUERY_ID)
 
     facts = {
@@ -194,7 +194,7 @@ def evaluate_night(
         previous_segments=previous_segments, previous_night=previous_night, comparisons=comparisons,
         alerts=[c.alert_line() for c in comparisons if c.alert],
         history=store.with_row(row) if store else None, judge_pairs=measured.judge_pairs, extra=facts,
-        trend_measures=trend_measures, segment_measure=segment_measure,
+        trend_measures=trend_measures, segment_measure=segment_measure, previous_per_query=previous_per_query,
     )
     write_report(report, output, options)
     if loaded.rejected.num_rows:
