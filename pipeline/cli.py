@@ -1,46 +1,130 @@
-"""What every job's command line shares: `--config`, `--set`, `--model`, `--dtype`, one-line errors."""
+"""What every job's command line shares: `--config`, `--set`, `--model`, `--dtype`, logging, one-line errors.
+
+Whatever goes wrong ends in one `error: ...` line on stderr and an exit code (see pipeline/errors.py):
+a bad argument is reported like a bad config value, library faults are translated by `faults.explain`,
+and anything unrecognised is one line too, with its traceback only under `-v`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import re
 import sys
+import traceback
 from typing import Callable, Sequence
 
-from pipeline.errors import PipelineError
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.faults import explain
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEFAULT_MODEL = "jinaai/jina-reranker-v2-base-multilingual"
+INTERNAL_ERROR_EXIT = 4
+
+# Our own loggers; every other library's logger stays at WARNING unless -vv.
+OWN_LOGGERS = ("rerank", "pipeline", "jobs", "hard_negatives", "benchmark")
 
 
-def base_parser(prog: str, description: str, *, model_required: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+class JobArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are `ConfigError`s: the same one line as a bad config value."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{message} (see `{self.prog} --help`)")
+
+
+def base_parser(prog: str, description: str, *, model_required: bool = True,
+                formatter_class=argparse.HelpFormatter) -> JobArgumentParser:
+    parser = JobArgumentParser(prog=prog, description=description, formatter_class=formatter_class)
     parser.add_argument("--model", required=model_required, default=None,
-                        help="local checkpoint directory, Hugging Face hub id, or dummy:<architecture>")
+                        help="local checkpoint directory, Hugging Face hub id, or dummy:<architecture>" +
+                        ("" if model_required else f" (default: the config's model, {DEFAULT_MODEL})"))
     parser.add_argument("--dtype", choices=DTYPES, default=None,
                         help="compute dtype (default auto: bf16 on CUDA and on CPUs with bf16 matrix units)")
     parser.add_argument("--config", default=None, help="YAML config file (see configs/)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config key, e.g. --set scorer.max_tokens_per_batch=8192 (repeatable)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="-v: this project's debug logging; -vv: every library's too (credentials redacted)")
     return parser
 
 
-def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+class RedactSecrets(logging.Filter):
+    """Masks credentials in every log record: the values of the credential environment variables and of any
+    secret passed in storage options, and the signature parts of signed requests (botocore's debug lines)."""
+
+    PATTERNS = [
+        (re.compile(r"(Credential=)[^/,\s'\"]+"), r"\1<redacted>"),
+        (re.compile(r"(Signature=)[0-9a-fA-F]+"), r"\1<redacted>"),
+        (re.compile(r"((?:X-Amz-Security-Token|x-amz-security-token|Authorization|authorization)['\"]?\s*[:=]\s*['\"]?)"
+                    r"[^'\",}\s]+(?:[^'\",}]*)"), r"\1<redacted>"),
+        (re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{12,}\b"), "<redacted>"),
+    ]
+    ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HF_TOKEN",
+           "GOOGLE_APPLICATION_CREDENTIALS")
+    extra_secrets: set[str] = set()
+
+    @classmethod
+    def add_secret(cls, value) -> None:
+        if isinstance(value, str) and len(value) >= 4:
+            cls.extra_secrets.add(value)
+
+    def redact(self, text: str) -> str:
+        for value in {os.environ.get(k) for k in self.ENV} | self.extra_secrets:
+            if value and len(value) >= 4:
+                text = text.replace(value, "<redacted>")
+        for pattern, replacement in self.PATTERNS:
+            text = pattern.sub(replacement, text)
+        return text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = self.redact(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
+
+
+def setup_logging(verbose: int | bool = 0) -> None:
+    """INFO for our loggers; -v: DEBUG for ours; -vv: DEBUG for every library. Other libraries stay at WARNING
+    otherwise (botocore's debug lines alone would print request signatures dozens of times a second)."""
+    verbose = int(verbose)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+    handler.addFilter(RedactSecrets())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose >= 1 else logging.INFO)
+
+
+def _verbose(argv: Sequence[str] | None) -> bool:
+    args = sys.argv[1:] if argv is None else list(argv)
+    return any(a in ("-v", "--verbose") or re.fullmatch(r"-v+", a) for a in args)
 
 
 def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> None:
-    """Run a job's main; a `PipelineError` becomes one line on stderr and exit code 2."""
+    """Run a job's main; every failure becomes one `error:` line on stderr and its exit code."""
     try:
         code = main(argv)
-    except PipelineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except SystemExit:
+        raise  # --help, or a job's own exit status
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        print("error: interrupted; rerun the same command to resume", file=sys.stderr)
         sys.exit(130)
+    except BaseException as e:  # noqa: BLE001 - the one place every failure is turned into one line
+        error = e if isinstance(e, PipelineError) else explain(e)
+        if error is not None:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(error.exit_code)
+        if _verbose(argv):
+            traceback.print_exc()
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"error: unexpected {type(e).__name__}{': ' + first[:300] if first else ''} (a bug: please report "
+              "it with the output of the same command run with -v; an unfinished output resumes on a rerun)",
+              file=sys.stderr)
+        sys.exit(INTERNAL_ERROR_EXIT)
     sys.exit(code or 0)

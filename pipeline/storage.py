@@ -43,12 +43,43 @@ def join(path: str, *parts: str) -> str:
     return posixpath.join(path, *parts)
 
 
-def write_json(fs: fsspec.AbstractFileSystem, path: str, payload: Any) -> None:
-    """Write JSON so that readers never see half a file: write a sibling temp object, then move it."""
+def atomic_write(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """`write(file)` into a sibling temp object, then move it to `path`: readers never see half a file, and a
+    failed write (a full disk, a vanished endpoint) leaves no file under the final name and no temp behind."""
     tmp = path + ".tmp"
-    with fs.open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True, default=str)
-    fs.mv(tmp, path)
+    try:
+        with fs.open(tmp, mode) as f:
+            write(f)
+        fs.mv(tmp, path)
+    except BaseException:
+        try:
+            if fs.exists(tmp):
+                fs.rm(tmp)
+        except Exception:  # the cleanup may fail for the same reason the write did; a rerun ignores *.tmp
+            pass
+        raise
+
+
+def write_json(fs: fsspec.AbstractFileSystem, path: str, payload: Any) -> None:
+    """JSON written atomically (`atomic_write`)."""
+    atomic_write(fs, path, lambda f: json.dump(payload, f, indent=2, sort_keys=True, default=str), mode="w")
+
+
+def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
+    """Write `path` only if it does not exist; False if it does. Mode "xb" is atomic on local disks (O_EXCL)
+    and on S3 (s3fs sends a conditional PUT, `If-None-Match: *`). Filesystems that do not know "xb" fall back
+    to check-then-write, which two writers racing within one round trip can both pass."""
+    try:
+        with fs.open(path, "xb") as f:
+            f.write(data)
+        return True
+    except FileExistsError:
+        return False
+    except (ValueError, NotImplementedError):
+        if fs.exists(path):
+            return False
+        fs.pipe_file(path, data)
+        return True
 
 
 def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
