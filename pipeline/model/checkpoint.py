@@ -191,6 +191,17 @@ def fingerprint(directory: str) -> str:
     return digest.hexdigest()[:12]
 
 
+def _pickle_files(directory: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(directory, "*.bin")))
+
+
+def _refuse_pickles(directory: str, pickles: list[str]) -> None:
+    raise CheckpointError(
+        f"{directory!r} only has pickle weights ({os.path.basename(pickles[0])}); pickles can run code when "
+        "loaded. Convert them to safetensors, or set allow_pickle=true (`--set allow_pickle=true`) if you "
+        "trust the file")
+
+
 def read_weights(directory: str, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -198,19 +209,30 @@ def read_weights(directory: str, allow_pickle: bool = False) -> dict[str, torch.
     if files:
         state: dict[str, torch.Tensor] = {}
         for path in files:
-            state.update(load_file(path))
+            try:
+                state.update(load_file(path))
+            except Exception as e:  # SafetensorError, OSError: a truncated download or another format
+                raise _unreadable(path, e) from None
         return state
-    pickles = sorted(glob.glob(os.path.join(directory, "*.bin")))
+    pickles = _pickle_files(directory)
     if not pickles:
         raise CheckpointError(f"no weights in {directory!r}: expected model.safetensors")
     if not allow_pickle:
-        raise CheckpointError(
-            f"{directory!r} only has pickle weights ({os.path.basename(pickles[0])}); pickles can run code when "
-            "loaded. Convert them to safetensors, or pass allow_pickle=True if you trust the file")
+        _refuse_pickles(directory, pickles)
     state = {}
     for path in pickles:
-        state.update(torch.load(path, map_location="cpu", weights_only=True))
+        try:
+            state.update(torch.load(path, map_location="cpu", weights_only=True))
+        except Exception as e:  # torch's own message advises weights_only=False: never pass that on
+            raise CheckpointError(f"{path} cannot be read as plain tensors ({type(e).__name__}); it may hold "
+                                  "code or be corrupt. Convert the checkpoint to safetensors") from None
     return state
+
+
+def _unreadable(path: str, error: Exception) -> CheckpointError:
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return CheckpointError(f"{path} is not a readable safetensors file ({first}); download or convert the "
+                           "checkpoint again")
 
 
 def read_config(directory: str) -> dict:
@@ -246,21 +268,32 @@ def load_model(directory: str, allow_pickle: bool = False) -> tuple[CrossEncoder
     return model.eval(), layout, raw_config
 
 
-def inspect_checkpoint(directory: str) -> tuple[Layout, ModelConfig]:
-    """Layout and config of a checkpoint without loading its weights (safetensors headers only)."""
+def inspect_checkpoint(directory: str, allow_pickle: bool = False) -> tuple[Layout | None, ModelConfig]:
+    """Layout and config of a checkpoint without loading its weights: safetensors headers only, and for a
+    pickle-only checkpoint the file names alone (it is never unpickled here, on the driver). The layout of a
+    pickle checkpoint is None: the scorers find it when they load the weights."""
     from safetensors import safe_open
 
     files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
     names: list[str] = []
     for path in files:
-        with safe_open(path, framework="pt") as f:
-            names.extend(f.keys())
-    if not names:
-        read_weights(directory, allow_pickle=True)  # raises the "no weights" error when there are none
-        names = list(torch.load(sorted(glob.glob(os.path.join(directory, "*.bin")))[0], map_location="meta",
-                                weights_only=True))
-    layout = detect_layout(names)
-    return layout, model_config_from_json(read_config(directory), layout)
+        try:
+            with safe_open(path, framework="pt") as f:
+                names.extend(f.keys())
+        except Exception as e:
+            raise _unreadable(path, e) from None
+    raw_config = read_config(directory)
+    if files:
+        layout = detect_layout(names)
+        return layout, model_config_from_json(raw_config, layout)
+    pickles = _pickle_files(directory)
+    if not pickles:
+        raise CheckpointError(f"no weights in {directory!r}: expected model.safetensors")
+    if not allow_pickle:
+        _refuse_pickles(directory, pickles)
+    # Only the position numbering matters before the weights are read (it bounds max_length).
+    positions = LAYOUTS["bert" if raw_config.get("model_type") == "bert" else "xlm_roberta"]
+    return None, model_config_from_json(raw_config, positions)
 
 
 def resolve_model_directory(name_or_path: str, revision: str | None = None) -> tuple[str, str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from typing import Callable, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -30,7 +31,10 @@ FAULT_ENV = "RERANK_FAULT_KILL_SCORER_ONCE"
 
 class ScoreStage:
     def __init__(self, model: str, revision: str | None, dtype: str, config: ScorerConfig,
-                 scorers_uri: str, storage_options: dict):
+                 scorers_uri: str, storage_options: dict, allow_pickle: bool = False,
+                 on_scored: Optional[Callable[[int, int], None]] = None):
+        """`on_scored(pairs, rejected)` is called after each batch (progress); `allow_pickle` lets a pickle-only
+        checkpoint load (the job's opt-in, checked on the driver)."""
         device = "cuda" if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()) else "cpu"
         # Ray sets OMP_NUM_THREADS to the actor's num_cpus (1), which would leave cores idle while scoring is
         # the bottleneck; on CPU the scorer takes every core it may run on unless told otherwise (tokenizing is cheap next to it);
@@ -38,7 +42,9 @@ class ScoreStage:
         threads = config.torch_threads or (len(os.sched_getaffinity(0)) if device == "cpu" else None)
         if threads:
             torch.set_num_threads(threads)
-        self.encoder = CrossEncoder.from_pretrained(model, device=device, dtype=dtype, revision=revision)
+        self.encoder = CrossEncoder.from_pretrained(model, device=device, dtype=dtype, revision=revision,
+                                                    allow_pickle=allow_pickle)
+        self.on_scored = on_scored
         self.max_tokens = config.max_tokens_per_batch
         # Record what really ran (dtype, kernel, device) for the job's summary.
         fs, path = url_to_fs(scorers_uri, storage_options)
@@ -62,6 +68,10 @@ class ScoreStage:
         score = np.zeros(batch.num_rows, dtype=np.float32)
         score[index] = logits
         out = batch.drop_columns([c for c in (S.INPUT_IDS, S.TOKEN_TYPE_IDS) if c in batch.column_names])
+        if self.on_scored is not None:
+            first = (pc.equal(batch.column(S.WINDOW), 0).to_numpy(zero_copy_only=False) if S.WINDOW in batch.column_names
+                     else np.ones(batch.num_rows, dtype=bool))  # a pair's later windows are not more pairs
+            self.on_scored(int((valid & first).sum()), int((~valid & first).sum()))
         # The actor lives for the whole job: without this its heap grows with every batch (see heap.py).
         release_free_heap()
         return out.append_column(S.SCORE, pa.array(score, mask=~valid))

@@ -41,7 +41,8 @@ def list_to_numpy(column: pa.ChunkedArray | pa.Array) -> list[np.ndarray]:
 class TokenizeStage:
     def __init__(self, model: str, revision: str | None, config: TokenizerConfig):
         directory, _ = resolve_model_directory(model, revision)
-        _, model_config = inspect_checkpoint(directory)
+        # Headers and config.json only (never unpickles): whether pickles may load is the scorer's question.
+        _, model_config = inspect_checkpoint(directory, allow_pickle=True)
         self.return_token_types = model_config.type_vocab_size > 1
         self.tokenizer = PairTokenizer.from_dir(directory, return_token_types=self.return_token_types,
                                                 max_chars_per_token=config.max_chars_per_token)
