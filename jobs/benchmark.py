@@ -23,7 +23,7 @@ from typing import Sequence
 from pipeline.benchmark.config import BenchmarkConfig
 from pipeline.benchmark.report import markdown_table, write_report
 from pipeline.benchmark.runner import run_benchmark
-from pipeline.cli import run_main, setup_logging
+from pipeline.cli import JobArgumentParser, run_main, setup_logging
 from pipeline.config import load_config
 
 log = logging.getLogger("jobs.benchmark")
@@ -34,8 +34,8 @@ def _names(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="benchmark", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = JobArgumentParser(prog="python -m jobs.benchmark", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", type=_names, default=None, help="comma-separated: dl19,long,multilingual")
     parser.add_argument("--models", type=_names, default=None,
                         help="comma-separated dummy architectures: jina-reranker-v2-base,bge-reranker-v2-m3,...")

@@ -20,7 +20,7 @@ from typing import Sequence
 
 from pipeline.benchmark.report import write_report
 from pipeline.benchmark.streaming_memory import markdown, run_streaming_memory
-from pipeline.cli import run_main, setup_logging
+from pipeline.cli import JobArgumentParser, run_main, setup_logging
 from pipeline.errors import InputError
 
 log = logging.getLogger("jobs.benchmark_memory")
@@ -37,8 +37,8 @@ def _sizes(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m jobs.benchmark_memory", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = JobArgumentParser(prog="python -m jobs.benchmark_memory", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=_sizes, default=[100_000, 1_000_000], help="input sizes, comma-separated")
     parser.add_argument("--model", default="dummy:tiny", help="checkpoint the rerank job loads (default: dummy:tiny)")
     parser.add_argument("--output", default="results/memory-cpu.json", help="JSON report (local path or s3://...)")

@@ -1,4 +1,5 @@
-"""The seed's evaluation table for one model: every collection in configs/eval/, reranked by the engine.
+"""How well a reranker ranks, per task: text retrieval (TREC DL 2019/2020, nDCG@10), multilingual QA (XQuAD-R,
+R@10), function calling (BFCL, R@3), SQL table schemas (Spider, R@3) and code search (CoSQA, RR@10).
 
     python -m jobs.eval_suite --model NAME_OR_PATH [--dtype ...] [--collections trec_dl19,bfcl]
                               [--max-queries N] [--output results.json] [--config-dir configs/eval]
@@ -155,7 +156,7 @@ def evaluate_collection(encoder: CrossEncoder, config: CollectionConfig, scoring
 
 
 def format_table(model: str, results: dict[str, dict]) -> str:
-    """The seed's kind of table: one row per collection, the first stage beside the model where there is one."""
+    """One row per collection, the first stage beside the model where there is one (the release post's table)."""
     header = ["collection", "measure", "queries", "pairs", "first stage", model, "pairs/s"]
     rows = []
     for result in results.values():
@@ -170,7 +171,7 @@ def format_table(model: str, results: dict[str, dict]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = base_parser("eval_suite", __doc__.split("\n\n")[0])
+    parser = base_parser("python -m jobs.eval_suite", " ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--collections", default=None, type=lambda s: [c for c in s.split(",") if c],
                         help="comma-separated collection names (config file stems); default: all")
     parser.add_argument("--max-queries", type=int, default=None, help="score a seeded sample of N queries per collection")

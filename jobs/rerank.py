@@ -16,7 +16,10 @@ from pipeline.rerank_job import run_rerank
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = base_parser("python -m jobs.rerank", __doc__.splitlines()[2], model_required=False)
+    parser = base_parser("python -m jobs.rerank", " ".join(__doc__.split("\n\n")[1].split()), model_required=False)
+    parser.epilog = ("Exit status: 0 done (or already complete); 2 bad input, config, checkpoint or output location; "
+                     "3 infrastructure fault (storage unreachable, disk full): fix it and rerun to resume; "
+                     "4 unexpected error (run with -v for the traceback). Every failure is one `error:` line.")
     parser.add_argument("--input", required=True, help="Parquet file, folder or glob: local path or s3://, gs://, file://")
     parser.add_argument("--output", required=True, help="output folder: local path or object-storage URI")
     args = parser.parse_args(argv)

@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import schema
-from pipeline.cli import run_main
+from pipeline.cli import JobArgumentParser, run_main
 from pipeline.config import parse_overrides
 from pipeline.datasets import COLLECTIONS, WORKLOADS, check_arguments, sample_queries
 from pipeline.errors import InputError
@@ -26,7 +26,7 @@ from pipeline.trec import write_qrels
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.datasets", description=__doc__.split("\n\n")[1])
+    parser = JobArgumentParser(prog="python -m pipeline.datasets", description=__doc__.split("\n\n")[1])
     parser.add_argument("name", choices=sorted(COLLECTIONS) + sorted(WORKLOADS))
     parser.add_argument("--output", required=True, help="Parquet file for the pairs (path or URI)")
     parser.add_argument("--qrels-output", default=None,
