@@ -19,6 +19,10 @@ class InputConfig(StrictModel):
     # Input files are cut into shards of about this many rows (whole Parquet row groups). A shard is the
     # unit of resume: a rerun skips shards whose manifest was written.
     rows_per_shard: int = Field(100_000, ge=1)
+    # A row group whose data pages cannot be decoded (corrupt compressed data, bad page header, failed page
+    # checksum) while its footer reads fine. fail: the job stops with one line naming the file. reject: the
+    # row group's rows go to rejected/ with reason `unreadable_file` (counted from the Parquet metadata).
+    on_unreadable: Literal["fail", "reject"] = "fail"
 
 
 class TokenizerConfig(StrictModel):

@@ -263,7 +263,7 @@ def run_rerank(config: RerankConfig, input_uri: str, output_uri: str) -> dict:
     bucket_reports = {r["bucket"]: r for r in read_jsons(out_fs, markers) if r["bucket"] in bucket_files}
     todo = [{"bucket": b, "files": files_} for b, files_ in sorted(bucket_files.items()) if b not in bucket_reports]
     if todo:
-        for report in _worker_errors(ranking_dataset(todo, config, output_uri, _rejected_schema(layout)).iter_batches(
+        for report in _worker_errors(ranking_dataset(todo, config, output_uri, _rejected_schema(layout), shards, layout, input_uri).iter_batches(
                 batch_size=None, batch_format="pyarrow")):
             for row in report.to_pylist():
                 write_json(out_fs, join(ranked_dir, f"bucket-{row['bucket']:05d}.json"), row)

@@ -5,6 +5,11 @@ each row's best window (jina's max over windows), reject repeated (query_id, doc
 in input order is kept), rank within each query by score descending with ties broken by doc_id
 ascending, keep the best `top_k`, and write `ranked/part-BBBBB.parquet` (plus the duplicates to
 `rejected/`). Files are written to a temporary name and moved, so a reader never sees half a file.
+
+Duplicates keep their input columns, like every rejected row, although texts never travel this far (only
+ids and scores are staged): their `_row` key names the shard and the row within it, so the ranker re-reads
+exactly those rows from their row groups of the input (`ReadShard.read_rows`) and checks that their ids
+still match. Duplicates are rare, so this costs a few row-group reads per bucket, written as they arrive.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import schema as S
-from pipeline.stages.read import ROW, SHARD
+from pipeline.errors import InputError
+from pipeline.stages.read import ROW, SHARD, ReadShard, Shard
+from pipeline.stages.validate import InputLayout
 from pipeline.storage import join, map_paths, url_to_fs
 
 DUPLICATE = "duplicate (query_id, doc_id)"
@@ -61,10 +68,13 @@ def rank_rows(table: pa.Table, top_k: int | None) -> tuple[pa.Table, pa.Table, i
 
 
 class RankBucket:
-    def __init__(self, output_uri: str, storage_options: dict, top_k: int | None, rejected_schema: pa.Schema):
+    def __init__(self, output_uri: str, storage_options: dict, top_k: int | None, rejected_schema: pa.Schema,
+                 shards: list[dict], layout: InputLayout, input_uri: str):
         self.fs, self.root = url_to_fs(output_uri, storage_options)
         self.top_k = top_k
         self.rejected_schema = rejected_schema
+        self.shards = {int(item["shard"]): Shard.from_item(item) for item in shards}  # the whole plan, by number
+        self.reader = ReadShard(layout, storage_options, input_uri)
 
     def _write_atomic(self, table: pa.Table, path: str) -> None:
         tmp = path + ".tmp"
@@ -76,6 +86,29 @@ class RankBucket:
         with self.fs.open(path, "rb") as f:
             return pq.read_table(f)
 
+    def _write_duplicates(self, duplicates: pa.Table, path: str) -> None:
+        """The duplicates' input rows, re-read from the input by their `_row` keys, as rejected rows."""
+        duplicates = duplicates.sort_by([(ROW, "ascending")])
+        keys = duplicates.column(ROW).to_numpy()
+        shard_of, index = keys >> 32, keys & 0xFFFFFFFF
+        names = [f.name for f in self.rejected_schema]
+        reason = self.rejected_schema.get_field_index(S.REASON)
+        tmp, done = path + ".tmp", 0
+        with self.fs.open(tmp, "wb") as f, pq.ParquetWriter(f, self.rejected_schema) as writer:
+            for number in np.unique(shard_of):
+                shard = self.shards[int(number)]
+                for rows in self.reader.read_rows(shard, index[shard_of == number]):
+                    staged = duplicates.slice(done, rows.num_rows)
+                    for key in (S.QUERY_ID, S.DOC_ID):
+                        if not rows.column(key).equals(staged.column(key)):
+                            raise InputError(f"{shard.path} changed while the job ran (its rows no longer hold the "
+                                             "ids that were scored); rerun with a new --output")
+                    done += rows.num_rows
+                    rows = rows.select(names).cast(self.rejected_schema)
+                    writer.write_table(rows.set_column(reason, S.REASON, pa.array([DUPLICATE] * rows.num_rows,
+                                                                                   pa.string())))
+        self.fs.mv(tmp, path)
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         reports = []
         for item in batch.to_pylist():
@@ -85,13 +118,8 @@ class RankBucket:
             self.fs.makedirs(join(self.root, "ranked"), exist_ok=True)
             self._write_atomic(ranked, join(self.root, "ranked", f"part-{item['bucket']:05d}.parquet"))
             if duplicates.num_rows:
-                dup = pa.table({f.name: (duplicates.column(f.name).cast(f.type) if f.name in duplicates.column_names
-                                         else pa.nulls(duplicates.num_rows, f.type)) for f in self.rejected_schema},
-                               schema=self.rejected_schema)
-                dup = dup.set_column(dup.schema.get_field_index(S.REASON), S.REASON,
-                                     pa.array([DUPLICATE] * dup.num_rows, pa.string()))
                 self.fs.makedirs(join(self.root, "rejected"), exist_ok=True)
-                self._write_atomic(dup, join(self.root, "rejected", f"duplicates-{item['bucket']:05d}.parquet"))
+                self._write_duplicates(duplicates, join(self.root, "rejected", f"duplicates-{item['bucket']:05d}.parquet"))
             reports.append({"bucket": item["bucket"], "scored": scored, "written": ranked.num_rows,
                             "duplicates": duplicates.num_rows})
         return pa.Table.from_pylist(reports, schema=pa.schema([("bucket", pa.int64()), ("scored", pa.int64()),

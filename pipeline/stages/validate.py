@@ -5,8 +5,17 @@ column that is neither integer nor string, a grouped `candidates` column without
 Each is an `InputError` that names the column and the config key to set.
 
 Row level (`row_reasons`, in the read stage): null or empty query, null or empty document, missing ids,
-a grouped query with no candidates. Duplicate (query_id, doc_id) pairs are found later, when a query's
-rows meet in the ranking stage. Rejected rows keep their input columns and get a `reason`.
+a grouped query with no candidates, text that is not UTF-8. Duplicate (query_id, doc_id) pairs are found
+later, when a query's rows meet in the ranking stage. Rejected rows keep their input columns and get a `reason`.
+
+Invalid UTF-8 (`invalid_utf8`): Parquet does not check that a string column holds UTF-8, so a file written by
+a tool that skipped validation reads fine and fails only when a kernel or Python decodes the bytes. Every
+string column of a row (query, document, string ids, carried string columns, a grouped candidate's string
+fields) is checked after normalization; a row with invalid bytes in any of them is rejected with reason
+`invalid_utf8`, the rest of its batch goes on. In `rejected/`, the offending values hold the input bytes
+decoded with U+FFFD for each invalid sequence (Python's `errors="replace"`): a string column cannot hold the
+raw bytes, and this keeps the row readable and findable by its other columns. Nested carried columns (lists,
+structs) are not checked.
 
 Ids may be strings or integers; when input files disagree (ints in one, strings in another) every id is
 read as a string, so one query never splits into two.
@@ -27,6 +36,11 @@ from pipeline.rerank_config import InputConfig
 # Input columns renamed on the way in, so the reranker's own `score` and `rank` do not overwrite them.
 FIRST_STAGE_RENAMES = {S.SCORE: S.FIRST_STAGE_SCORE, S.RANK: S.FIRST_STAGE_RANK}
 NO_CANDIDATES = "query has no candidates"
+INVALID_UTF8 = "invalid_utf8"
+UNREADABLE_FILE = "unreadable_file"  # set by the read stage (input.on_unreadable=reject), see read.py
+# Rows validated per call when looking for invalid UTF-8: a block that validates as a whole is clean; only a
+# failing block is checked row by row.
+UTF8_BLOCK = 1024
 
 
 def _is_text(t: pa.DataType) -> bool:
@@ -178,15 +192,19 @@ class InputLayout:
                    S.DOC_ID: table.column(c.doc_id_column).cast(self.doc_id_type),
                    S.DOCUMENT: table.column(c.document_column).cast(pa.string()), **columns}
             return pa.table(out, schema=self.pair_schema.remove_metadata())
-        # Grouped: one row per candidate; a query with no candidates keeps one row (rejected later).
+        # Grouped: one row per candidate; a query with no candidates keeps one row (rejected later), a null
+        # candidate in its place. Arrow kernels only: Python objects would decode (and choke on) every text.
         lists = table.column(c.candidates_column).combine_chunks()
-        lengths = pc.fill_null(pc.list_value_length(lists), 0)
-        empty = pc.equal(lengths, 0)
-        # Give empty lists one null element so the explode keeps the query.
         struct_type = lists.type.value_type
-        filled = pa.array([v if v else [None] for v in lists.to_pylist()], type=pa.list_(struct_type))
-        parent = pc.list_parent_indices(filled)
-        flat = pc.list_flatten(filled)
+        lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False)
+        empty_rows = np.flatnonzero(lengths == 0)
+        values = pc.list_flatten(lists)
+        parents = np.concatenate([pc.list_parent_indices(lists).to_numpy(zero_copy_only=False), empty_rows])
+        order = np.argsort(parents, kind="stable")  # back to row order, candidates in list order
+        take = np.concatenate([np.arange(len(values)), np.full(len(empty_rows), -1)])[order]
+        flat = values.take(pa.array(take, mask=take < 0))
+        parent = pa.array(parents[order])
+        empty = pa.array(lengths == 0)
         out = {S.QUERY_ID: query_id.take(parent), S.QUERY: query.take(parent),
                S.DOC_ID: pc.struct_field(flat, c.doc_id_column).cast(self.doc_id_type),
                S.DOCUMENT: pc.struct_field(flat, c.document_column).cast(pa.string())}
@@ -202,14 +220,69 @@ class InputLayout:
         return result.append_column("_no_candidates", no_candidates)
 
 
-def row_reasons(table: pa.Table) -> pa.Array:
-    """Why each row cannot be scored (null where it can), first failing check wins."""
+def _binary(t: pa.DataType) -> pa.DataType:
+    return pa.large_binary() if pa.types.is_large_string(t) else pa.binary_view() if pa.types.is_string_view(t) \
+        else pa.binary()
+
+
+def _is_utf8(values: pa.Array) -> bool:
+    try:
+        values.validate(full=True)  # full validation checks every string's UTF-8
+    except pa.ArrowInvalid:
+        return False
+    return True
+
+
+def invalid_utf8(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """(n,) bool: the rows of a string column whose bytes are not valid UTF-8 (null rows are valid).
+
+    pyarrow has no per-row UTF-8 check (no `utf8_is_valid` kernel), so blocks of UTF8_BLOCK rows are validated
+    whole and only a failing block row by row: clean data costs one pass over its bytes.
+    """
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    out = [np.zeros(len(chunk), dtype=bool) for chunk in chunks]
+    for chunk, bad in zip(chunks, out):
+        if _is_utf8(chunk):
+            continue
+        for start in range(0, len(chunk), UTF8_BLOCK):
+            block = chunk.slice(start, UTF8_BLOCK)
+            if not _is_utf8(block):
+                bad[start:start + len(block)] = [not _is_utf8(block.slice(i, 1)) for i in range(len(block))]
+    return np.concatenate(out) if out else np.zeros(0, dtype=bool)
+
+
+def repair_utf8(table: pa.Table) -> tuple[pa.Table, np.ndarray]:
+    """(table with every invalid UTF-8 value of its top-level string columns decoded with U+FFFD replacement
+    characters, (n,) bool mask of the rows that had one): the rows to reject as `invalid_utf8`."""
+    rows = np.zeros(table.num_rows, dtype=bool)
+    for i, f in enumerate(table.schema):
+        if not _is_text(f.type):
+            continue
+        bad = invalid_utf8(table.column(i))
+        if not bad.any():
+            continue
+        rows |= bad
+        column = table.column(i).combine_chunks()
+        index = pa.array(np.flatnonzero(bad))
+        raw = column.take(index).view(_binary(f.type)).to_pylist()
+        work = pa.large_string() if pa.types.is_string_view(f.type) else f.type  # replace_with_mask lacks views
+        fixed = pa.array([b.decode("utf-8", errors="replace") for b in raw], work)
+        repaired = pc.replace_with_mask(column.cast(work), pa.array(bad), fixed).cast(f.type)
+        table = table.set_column(i, f, repaired)
+    return table, rows
+
+
+def row_reasons(table: pa.Table, invalid_utf8_rows: np.ndarray | None = None) -> pa.Array:
+    """Why each row cannot be scored (null where it can), first failing check wins. The texts must be valid
+    UTF-8 by now (`repair_utf8`); `invalid_utf8_rows` is its mask."""
     n = table.num_rows
     no_candidates = (table.column("_no_candidates") if "_no_candidates" in table.column_names
                      else pa.array(np.zeros(n, dtype=bool)))
+    bad_utf8 = pa.array(np.zeros(n, dtype=bool) if invalid_utf8_rows is None else invalid_utf8_rows)
     query, document = table.column(S.QUERY), table.column(S.DOCUMENT)
     checks = [
         (no_candidates, NO_CANDIDATES),
+        (bad_utf8, INVALID_UTF8),
         (pc.is_null(table.column(S.QUERY_ID)), "missing query_id"),
         (pc.is_null(table.column(S.DOC_ID)), "missing doc_id"),
         (pc.is_null(query), "query is null"),
