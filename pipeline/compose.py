@@ -12,10 +12,12 @@ Stages are plain classes (pipeline/stages/); this module only says where each ru
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import ray
 from ray.data import ActorPoolStrategy
 
+from pipeline.progress import report_to
 from pipeline.rerank_config import RerankConfig
 from pipeline.stages.rank import RankBucket
 from pipeline.stages.read import ReadShard, Shard
@@ -61,8 +63,9 @@ def scorer_pool(config: RerankConfig) -> tuple[int, dict]:
 
 
 def scoring_dataset(shards: list[Shard], layout: InputLayout, config: RerankConfig, input_uri: str,
-                    work_uri: str, num_buckets: int, rank_per_shard: bool) -> ray.data.Dataset:
-    """Yields one report row per staging file written (see stages/write.py)."""
+                    work_uri: str, num_buckets: int, rank_per_shard: bool, progress_counter=None) -> ray.data.Dataset:
+    """Yields one report row per staging file written (see stages/write.py). Scorers report each batch to
+    `progress_counter` (a `progress.ScoreCounter` actor), if given."""
     size, resources = scorer_pool(config)
     with _streaming(config):
         ds = ray.data.from_items([s.to_item() for s in shards], override_num_blocks=len(shards))
@@ -77,7 +80,9 @@ def scoring_dataset(shards: list[Shard], layout: InputLayout, config: RerankConf
                         label_selector=config.tokenizer.label_selector)
     ds = ds.map_batches(ScoreStage, fn_constructor_kwargs=dict(
                             model=config.model, revision=config.revision, dtype=config.dtype, config=config.scorer,
-                            scorers_uri=f"{work_uri}/scorers", storage_options=config.storage_options),
+                            scorers_uri=f"{work_uri}/scorers", storage_options=config.storage_options,
+                            allow_pickle=config.allow_pickle,
+                            on_scored=None if progress_counter is None else functools.partial(report_to, progress_counter)),
                         batch_size=config.scorer.batch_size, batch_format="pyarrow",
                         compute=ActorPoolStrategy(size=size,
                                                   max_tasks_in_flight_per_actor=config.scorer.max_tasks_in_flight_per_actor),

@@ -67,6 +67,11 @@ class IoConfig(StrictModel):
     # pairs, 3.2 GB after 100k of 1M. 256 MB is over a minute of tokens for a CPU scorer; with many GPUs
     # give ~256 MB per scorer.
     in_flight_mb: int = Field(256, ge=16)
+    # The output's single-writer lease (`_lease.json`): its holder refreshes it every lease_heartbeat_s; a
+    # lease silent for lease_timeout_s is taken over by the next run (at once when its holder ran on the same
+    # machine and is gone). Raise the timeout if the driver may stall longer (a paused VM).
+    lease_heartbeat_s: float = Field(10.0, gt=0)
+    lease_timeout_s: float = Field(120.0, gt=0)
 
 
 class OutputConfig(StrictModel):

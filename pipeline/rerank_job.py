@@ -25,45 +25,30 @@ import logging
 import os
 import posixpath
 import time
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import schema as S
 from pipeline.config import redact
-from pipeline.errors import InputError, PipelineError
+from pipeline.errors import InputError, OutputError, PipelineError
+from pipeline.faults import explain
+from pipeline.lease import OutputLease
 from pipeline.model.checkpoint import inspect_checkpoint, resolve_model_directory
+from pipeline.progress import Progress
 from pipeline.rerank_config import RerankConfig
-from pipeline.stages.read import list_input_files, plan_shards, query_ids_unique, read_schemas
+from pipeline.stages.read import Shard, list_input_files, plan_shards, query_ids_unique, read_schemas
 from pipeline.stages.validate import InputLayout
-from pipeline.storage import join, read_json, read_jsons, url_to_fs, write_json
+from pipeline.storage import atomic_write, join, map_paths, read_json, read_jsons, url_to_fs, write_json
 
 logger = logging.getLogger("rerank")
 
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-class Progress:
-    """Pairs done / total and pairs per second, printed every few seconds (Ray's block bars are off)."""
-
-    def __init__(self, total: int, done: int, interval: float):
-        self.total, self.done, self.rejected, self.interval = total, done, 0, interval
-        self.start = self.last = time.monotonic()
-        self.new = 0
-
-    def add(self, pairs: int, rejected: int) -> None:
-        self.done += pairs + rejected
-        self.new += pairs + rejected
-        self.rejected += rejected
-        now = time.monotonic()
-        if now - self.last >= self.interval or self.done >= self.total:
-            self.last = now
-            rate = self.new / max(now - self.start, 1e-9)
-            logger.info("scored %s/%s pairs (%.1f%%), %.0f pairs/s, %s rejected", f"{self.done:,}",
-                        f"{self.total:,}", 100 * self.done / max(self.total, 1), rate, f"{self.rejected:,}")
 
 
 def _rejected_schema(layout: InputLayout) -> pa.Schema:
@@ -73,8 +58,8 @@ def _rejected_schema(layout: InputLayout) -> pa.Schema:
 def check_model(config: RerankConfig) -> dict:
     """Resolve the checkpoint and read its layout before any work starts (weights are loaded by the actors)."""
     directory, revision = resolve_model_directory(config.model, config.revision)
-    layout, model_config = inspect_checkpoint(directory)
-    return {"directory": directory, "revision": revision, "layout": layout.name,
+    layout, model_config = inspect_checkpoint(directory, allow_pickle=config.allow_pickle)
+    return {"directory": directory, "revision": revision, "layout": layout.name if layout else None,
             "max_length": min(config.tokenizer.max_length, model_config.max_tokens_per_sequence)}
 
 
@@ -83,9 +68,38 @@ def settings_hash(config: RerankConfig) -> str:
     return hashlib.sha256(json.dumps(config.result_settings(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _job_identity(config: RerankConfig, files: list[str], fs) -> dict:
-    return {"config_hash": settings_hash(config),
-            "input": [{"path": p, "size": fs.size(p)} for p in files]}
+def input_fingerprint(fs, files: list[str]) -> dict:
+    """What identifies the input without reading it: every file's path, size and version (ETag on object
+    storage, modification time on disks), from the listing. Any rewrite of a file changes it."""
+    def version(path: str) -> list:
+        info = fs.info(path)
+        tag = next((info[k] for k in ("ETag", "etag", "md5Hash", "generation", "mtime", "LastModified", "updated",
+                                      "last_modified") if info.get(k) is not None), None)
+        return [path, int(info.get("size") or 0), str(tag)]
+
+    listing = map_paths(version, files)
+    digest = hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
+    return {"files": len(files), "bytes": sum(v[1] for v in listing), "sha256": digest}
+
+
+def _describe_input(uri: str | None, fingerprint: dict | None) -> str:
+    if not fingerprint:
+        return f"{uri or 'an unknown input'} (no input fingerprint recorded)"
+    return f"{uri} ({fingerprint['files']} file(s), {fingerprint['bytes']:,} bytes, fingerprint {fingerprint['sha256']})"
+
+
+def _prepare_output(fs, root: str, uri: str) -> None:
+    """The output folder exists and is a folder, or one line saying why it cannot be."""
+    try:
+        if fs.isfile(root):
+            raise OutputError(f"--output {uri} is a file; pass a folder (it is created if absent)")
+        fs.makedirs(root, exist_ok=True)
+    except OSError as e:
+        known = explain(e)
+        if known is not None and not isinstance(known, OutputError):
+            raise known from None
+        raise OutputError(f"cannot create --output {uri} ({e.strerror or type(e).__name__}); choose a folder this "
+                          "job can write") from None
 
 
 def _ensure_ray(config: RerankConfig) -> None:
@@ -100,6 +114,18 @@ def _ensure_ray(config: RerankConfig) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    _quiet_ray_data_console()
+
+
+def _quiet_ray_data_console() -> None:
+    """Ray Data prints each worker failure's full stack trace on the console; the job reports the fault in
+    one line instead (`faults.explain`). Its log file in the Ray session folder keeps everything, and -v
+    brings the console lines back."""
+    if logger.isEnabledFor(logging.DEBUG):
+        return
+    for handler in logging.getLogger("ray.data").handlers:
+        if not isinstance(handler, logging.FileHandler) and "File" not in type(handler).__name__:
+            handler.setLevel(logging.CRITICAL)
 
 
 def _check_cluster(config: RerankConfig, protocol: str) -> None:
@@ -131,17 +157,111 @@ def _check_cluster(config: RerankConfig, protocol: str) -> None:
         logger.warning("%s (waiting for the autoscaler, if any)", message)
 
 
-def _worker_errors(batches):
-    """Re-raise a PipelineError raised inside a Ray worker as itself (one line), not a Ray traceback."""
-    from ray.exceptions import RayTaskError
-
+def _worker_errors(batches, lease: OutputLease | None = None):
+    """Re-raise a fault inside a Ray worker as one line (`faults.explain`), not a Ray traceback; stop when the
+    output's lease was lost to another run."""
     try:
-        yield from batches
-    except RayTaskError as e:
-        cause = e.cause if isinstance(getattr(e, "cause", None), PipelineError) else None
-        if cause is None:
+        for batch in batches:
+            if lease is not None:
+                lease.check()
+            yield batch
+    except PipelineError:
+        raise
+    except Exception as e:
+        known = explain(e)
+        if known is None:
             raise
-        raise type(cause)(str(cause)) from None
+        raise known from None
+
+
+@dataclass
+class RunPlan:
+    """What one run works on, decided on the driver before any work: small (paths, counts, shard plan), never data."""
+
+    config: RerankConfig
+    input_uri: str
+    output_uri: str            # absolute, with its protocol: workers resolve it the same way wherever they run
+    out_fs: Any
+    out_root: str
+    files: list[str]
+    fingerprint: dict          # input_fingerprint(files)
+    layout: InputLayout
+    model: dict                # check_model()
+    shards: list[Shard]
+    rank_per_shard: bool       # grouped input whose query ids are unique: a shard is its own ranking bucket
+    num_buckets: int
+    committed: set[int] = field(default_factory=set)  # shards whose manifest an earlier run wrote
+
+    @property
+    def protocol(self) -> str:
+        return self.output_uri.split("://")[0] + "://" if "://" in self.output_uri else ""
+
+    @property
+    def work(self) -> str:
+        return join(self.out_root, "_work")
+
+    @property
+    def work_uri(self) -> str:
+        return self.protocol + self.work
+
+    @property
+    def manifests_dir(self) -> str:
+        return join(self.work, "manifests")
+
+    def manifest(self, shard: int) -> str:
+        return join(self.manifests_dir, f"shard-{shard:05d}.json")
+
+    @property
+    def total_pairs(self) -> int:
+        return sum(s.num_pairs for s in self.shards)
+
+    @property
+    def pending(self) -> list[Shard]:
+        return [s for s in self.shards if s.shard not in self.committed]
+
+    def identity(self) -> dict:
+        """What a resumed run must share with the run that started the output."""
+        return {"config_hash": settings_hash(self.config), "input_fingerprint": self.fingerprint,
+                "num_buckets": self.num_buckets, "shards": len(self.shards), "rank_per_shard": self.rank_per_shard}
+
+
+class ShardCommits:
+    """The commit state machine of the scoring phase: write reports arrive in any order, possibly repeated (a
+    task Ray retried rewrites the same file), and a shard is complete once reports account for every one of its
+    rows and, in windows mode, every window of them (a row's windows may arrive in different reports)."""
+
+    def __init__(self, pending: list[Shard]):
+        self.shards = {s.shard: s for s in pending}
+        self.state = {s.shard: {"pairs": 0, "rejected": 0, "tokens": 0, "windows": 0, "windows_expected": 0,
+                                "files": {}} for s in pending}
+        self.done: set[int] = set()
+
+    def add(self, report: dict) -> dict | None:
+        """Count one write report; returns the shard's manifest when this report completes it."""
+        state = self.state[report["shard"]]
+        if report["path"] in state["files"]:
+            return None
+        state["files"][report["path"]] = report
+        if report["kind"] == "rejected":
+            state["rejected"] += report["pairs"]
+        else:
+            state["pairs"] += report["pairs"]
+            state["tokens"] += report["tokens"]
+            state["windows"] += report["rows"]
+            state["windows_expected"] += report["windows_expected"]
+        shard = self.shards[report["shard"]]
+        if (shard.shard in self.done or state["pairs"] + state["rejected"] < shard.num_pairs
+                or state["windows"] < state["windows_expected"]):
+            return None
+        self.done.add(shard.shard)
+        return {"shard": shard.shard, "pairs": state["pairs"], "rejected": state["rejected"],
+                "tokens": state["tokens"], "files": list(state["files"].values())}
+
+    def check_complete(self) -> None:
+        for shard, state in self.state.items():
+            if shard not in self.done:
+                raise PipelineError(f"shard {shard} finished with {state['pairs'] + state['rejected']} of "
+                                    f"{self.shards[shard].num_pairs} rows accounted for; rerun to retry it")
 
 
 def run_rerank(config: RerankConfig, input_uri: str, output_uri: str) -> dict:
@@ -149,160 +269,189 @@ def run_rerank(config: RerankConfig, input_uri: str, output_uri: str) -> dict:
     start_time, t0 = _now(), time.monotonic()
     out_fs, out_root = url_to_fs(output_uri, config.storage_options)
     protocol = output_uri.split("://")[0] + "://" if "://" in output_uri else ""
-    output_uri = protocol + out_root  # absolute: workers resolve it the same way wherever they run
-    summary_path = join(out_root, "summary.json")
-    work = join(out_root, "_work")
-    if out_fs.exists(summary_path):
-        previous = read_json(out_fs, summary_path)
-        if previous.get("config_hash") != settings_hash(config):
-            raise InputError(f"{output_uri} already holds a finished run with other settings (model "
-                             f"{previous.get('model')!r}); use another --output, or delete it to run again")
-        if out_fs.exists(work):  # a crash after the summary, before the staging was removed
-            out_fs.rm(work, recursive=True)
-        logger.info("%s is already complete (summary.json exists); nothing to do", output_uri)
+    output_uri = protocol + out_root
+    in_fs, files = list_input_files(input_uri, config.storage_options)
+    fingerprint = input_fingerprint(in_fs, files)
+    previous = _finished_run(config, out_fs, out_root, output_uri, input_uri, fingerprint)
+    if previous is not None:
         return previous
 
-    # -- everything that can be wrong with the input or the model is found here, before any work --------
-    in_fs, files = list_input_files(input_uri, config.storage_options)
+    _prepare_output(out_fs, out_root, output_uri)
+    with OutputLease(out_fs, out_root, output_uri, heartbeat_s=config.io.lease_heartbeat_s,
+                     timeout_s=config.io.lease_timeout_s) as lease:
+        if out_fs.exists(join(out_root, "summary.json")):
+            raise OutputError(f"{output_uri} was completed by another run just now; rerun to see its result")
+        plan = _plan(config, input_uri, output_uri, out_fs, out_root, in_fs, files, fingerprint)
+        _ensure_ray(config)
+        _check_cluster(config, plan.protocol)
+        t_score = time.monotonic()
+        new_pairs, new_rejected, new_tokens = _score(plan, lease)
+        score_seconds = time.monotonic() - t_score
+        manifests = read_jsons(out_fs, [plan.manifest(s.shard) for s in plan.shards])
+        bucket_reports = _rank(plan, manifests, lease)
+        return _commit(plan, manifests, bucket_reports, lease, new_pairs + new_rejected, new_tokens, score_seconds,
+                       start_time, t0)
+
+
+def _finished_run(config, out_fs, out_root, output_uri, input_uri, fingerprint) -> dict | None:
+    """The summary of a finished run of the same settings and input, None if there is none; any other finished
+    run is refused rather than reported as this run's result."""
+    summary_path = join(out_root, "summary.json")
+    if not out_fs.exists(summary_path):
+        return None
+    previous = read_json(out_fs, summary_path)
+    if previous.get("config_hash") != settings_hash(config):
+        raise OutputError(f"{output_uri} already holds a finished run with other settings (model "
+                          f"{previous.get('model')!r}); use another --output, or delete it to run again")
+    if previous.get("input_fingerprint") != fingerprint:
+        raise OutputError(f"{output_uri} already holds a finished run of another input: it ranked "
+                          f"{_describe_input(previous.get('input_uri'), previous.get('input_fingerprint'))}, this "
+                          f"run's input is {_describe_input(input_uri, fingerprint)}; use another --output, "
+                          "or delete it to run again")
+    if out_fs.exists(join(out_root, "_work")):  # a crash after the summary, before the staging was removed
+        out_fs.rm(join(out_root, "_work"), recursive=True)
+    logger.info("%s is already complete (summary.json exists, same settings and input); nothing to do", output_uri)
+    return previous
+
+
+def _plan(config, input_uri, output_uri, out_fs, out_root, in_fs, files, fingerprint) -> RunPlan:
+    """Everything that can be wrong with the input or the model is found here, before any work; then the
+    shard plan, checked against an unfinished run's, whose committed shards are kept."""
     layout = InputLayout.from_schemas(read_schemas(in_fs, files), config.input, files=files)
     model = check_model(config)
     shards = plan_shards(in_fs, files, layout, config.input.rows_per_shard)
     total_pairs = sum(s.num_pairs for s in shards)
-    grouped = layout.grouped
     # Grouped input ranks each shard on its own (no shuffle) only if no query id spans two rows.
-    rank_per_shard = grouped and query_ids_unique(in_fs, files, config.input.query_id_column)
-    if grouped and not rank_per_shard:
+    rank_per_shard = layout.grouped and query_ids_unique(in_fs, files, config.input.query_id_column)
+    if layout.grouped and not rank_per_shard:
         logger.info("grouped input repeats query ids across rows: ranking by hash(query_id) buckets instead")
     num_buckets = len(shards) if rank_per_shard else max(1, -(-total_pairs // config.output.rows_per_bucket))
-    work_uri = protocol + work
+    plan = RunPlan(config, input_uri, output_uri, out_fs, out_root, files, fingerprint, layout, model, shards,
+                   rank_per_shard, num_buckets)
 
-    identity = _job_identity(config, files, in_fs) | {"num_buckets": num_buckets, "shards": len(shards),
-                                                       "rank_per_shard": rank_per_shard}
-    identity_path = join(work, "job.json")
+    identity_path = join(plan.work, "job.json")
     if out_fs.exists(identity_path):
-        previous = read_json(out_fs, identity_path)
-        if previous != identity:
-            raise InputError(f"{output_uri} holds an unfinished run with other settings or input; "
-                             "use another --output, or delete it to start over")
+        if read_json(out_fs, identity_path) != plan.identity():
+            raise OutputError(f"{output_uri} holds an unfinished run with other settings or input; "
+                              "use another --output, or delete it to start over")
         logger.info("resuming the unfinished run in %s", output_uri)
     else:
-        out_fs.makedirs(work, exist_ok=True)
-        write_json(out_fs, identity_path, identity)
-
-    manifests_dir = join(work, "manifests")
-    out_fs.makedirs(manifests_dir, exist_ok=True)
+        out_fs.makedirs(plan.work, exist_ok=True)
+        write_json(out_fs, identity_path, plan.identity())
+    out_fs.makedirs(plan.manifests_dir, exist_ok=True)
     # glob, not ls: object stores have no folders, an empty prefix simply lists nothing.
-    committed = {int(posixpath.basename(p)[len("shard-"):-len(".json")])
-                 for p in out_fs.glob(join(manifests_dir, "shard-*.json"))}
-    pending = [s for s in shards if s.shard not in committed]
-    for shard in pending:  # staging files of a shard that never committed were written before a crash
-        stale = join(work, "scored", f"shard-{shard.shard:05d}")
+    plan.committed = {int(posixpath.basename(p)[len("shard-"):-len(".json")])
+                      for p in out_fs.glob(join(plan.manifests_dir, "shard-*.json"))}
+    for shard in plan.pending:  # staging files of a shard that never committed were written before a crash
+        stale = join(plan.work, "scored", f"shard-{shard.shard:05d}")
         if out_fs.exists(stale):
             out_fs.rm(stale, recursive=True)
     logger.info("%s pairs in %d shard(s) (%s input); %d already done, %d to score; model %s (%s layout)",
-                f"{total_pairs:,}", len(shards), "grouped" if grouped else "long", len(committed), len(pending),
-                config.model, model["layout"])
+                f"{total_pairs:,}", len(shards), "grouped" if layout.grouped else "long", len(plan.committed),
+                len(plan.pending), config.model, model["layout"] or "read by the scorers")
+    return plan
 
-    _ensure_ray(config)
-    _check_cluster(config, protocol)
-    from pipeline.compose import ranking_dataset, scoring_dataset
 
-    # -- phase 1: score ---------------------------------------------------------------------------------
-    done_before = sum(s.num_pairs for s in shards if s.shard in committed)
-    progress = Progress(total_pairs, done_before, config.progress_interval_s)
-    t_score = time.monotonic()
-    new_pairs, new_tokens = 0, 0
-    if pending:
-        by_id = {s.shard: s for s in pending}
-        seen: dict[int, dict] = {s.shard: {"pairs": 0, "rejected": 0, "tokens": 0, "windows": 0, "windows_expected": 0,
-                                           "files": {}} for s in pending}
-        ds = scoring_dataset(pending, layout, config, input_uri, work_uri, num_buckets, rank_per_shard)
-        for report in _worker_errors(ds.iter_batches(batch_size=None, batch_format="pyarrow")):
+def _score(plan: RunPlan, lease: OutputLease) -> tuple[int, int, int]:
+    """Phase 1: score the pending shards, writing each shard's manifest once its rows are all accounted for.
+    Returns this run's (scored pairs, rejected rows, tokens)."""
+    from pipeline.compose import scoring_dataset
+
+    pending = plan.pending
+    if not pending:
+        return 0, 0, 0
+    progress = Progress(plan.total_pairs, plan.total_pairs - sum(s.num_pairs for s in pending),
+                        plan.config.progress_interval_s)
+    commits = ShardCommits(pending)
+    pairs = rejected = tokens = 0
+    try:
+        ds = scoring_dataset(pending, plan.layout, plan.config, plan.input_uri, plan.work_uri, plan.num_buckets,
+                             plan.rank_per_shard, progress_counter=progress.counter)
+        for report in _worker_errors(ds.iter_batches(batch_size=None, batch_format="pyarrow"), lease):
             for row in report.to_pylist():
-                state = seen[row["shard"]]
-                if row["path"] in state["files"]:
-                    continue  # a retried task rewrote the same file
-                state["files"][row["path"]] = row
-                if row["kind"] == "rejected":
-                    state["rejected"] += row["pairs"]
-                else:
-                    state["pairs"] += row["pairs"]
-                    state["tokens"] += row["tokens"]
-                    state["windows"] += row["rows"]
-                    state["windows_expected"] += row["windows_expected"]
-                progress.add(row["pairs"] if row["kind"] == "scored" else 0,
-                             row["pairs"] if row["kind"] == "rejected" else 0)
-                shard = by_id[row["shard"]]
-                complete = (state["pairs"] + state["rejected"] >= shard.num_pairs
-                            and state["windows"] >= state["windows_expected"])  # a row's windows may arrive late
-                if complete and "committed" not in state:
-                    state["committed"] = True
-                    write_json(out_fs, join(manifests_dir, f"shard-{shard.shard:05d}.json"), {
-                        "shard": shard.shard, "pairs": state["pairs"], "rejected": state["rejected"],
-                        "tokens": state["tokens"], "files": list(state["files"].values())})
-                    new_pairs += state["pairs"] + state["rejected"]
-                    new_tokens += state["tokens"]
-        incomplete = [s for s, st in seen.items() if "committed" not in st]
-        if incomplete:
-            st = seen[incomplete[0]]
-            raise PipelineError(f"shard {incomplete[0]} finished with {st['pairs'] + st['rejected']} of "
-                                f"{by_id[incomplete[0]].num_pairs} rows accounted for; rerun to retry it")
-    score_seconds = time.monotonic() - t_score
+                manifest = commits.add(row)
+                if manifest is not None:
+                    write_json(plan.out_fs, plan.manifest(manifest["shard"]), manifest)
+                    pairs, rejected, tokens = (pairs + manifest["pairs"], rejected + manifest["rejected"],
+                                               tokens + manifest["tokens"])
+        commits.check_complete()
+    except BaseException:
+        progress.close()
+        raise
+    progress.finish(pairs, rejected)
+    return pairs, rejected, tokens
 
-    # -- phase 2: rank ----------------------------------------------------------------------------------
-    manifests = read_jsons(out_fs, [join(manifests_dir, f"shard-{s.shard:05d}.json") for s in shards])
+
+def _rank(plan: RunPlan, manifests: list[dict], lease: OutputLease) -> dict[int, dict]:
+    """Phase 2: rank every bucket that has no done-marker yet. Returns every bucket's report."""
+    from pipeline.compose import ranking_dataset
+
     bucket_files: dict[int, list[str]] = {}
     for m in manifests:
         for f in m["files"]:
             if f["kind"] == "scored":
                 bucket_files.setdefault(f["bucket"], []).append(f["path"])
-    ranked_dir = join(work, "ranked")
-    out_fs.makedirs(ranked_dir, exist_ok=True)
+    ranked_dir = join(plan.work, "ranked")
+    plan.out_fs.makedirs(ranked_dir, exist_ok=True)
     # One listing, not one existence check per bucket (a round trip each on object storage).
-    markers = sorted(out_fs.glob(join(ranked_dir, "bucket-*.json")))
-    bucket_reports = {r["bucket"]: r for r in read_jsons(out_fs, markers) if r["bucket"] in bucket_files}
+    markers = sorted(plan.out_fs.glob(join(ranked_dir, "bucket-*.json")))
+    bucket_reports = {r["bucket"]: r for r in read_jsons(plan.out_fs, markers) if r["bucket"] in bucket_files}
     todo = [{"bucket": b, "files": files_} for b, files_ in sorted(bucket_files.items()) if b not in bucket_reports]
     if todo:
-        for report in _worker_errors(ranking_dataset(todo, config, output_uri, _rejected_schema(layout), shards, layout, input_uri).iter_batches(
-                batch_size=None, batch_format="pyarrow")):
+        ds = ranking_dataset(todo, plan.config, plan.output_uri, _rejected_schema(plan.layout), plan.shards,
+                             plan.layout, plan.input_uri)
+        for report in _worker_errors(ds.iter_batches(batch_size=None, batch_format="pyarrow"), lease):
             for row in report.to_pylist():
-                write_json(out_fs, join(ranked_dir, f"bucket-{row['bucket']:05d}.json"), row)
+                write_json(plan.out_fs, join(ranked_dir, f"bucket-{row['bucket']:05d}.json"), row)
                 bucket_reports[row["bucket"]] = row
+    return bucket_reports
 
-    # -- commit: rejected rows out of staging, counts reconciled, summary last ---------------------------
-    rejected_dir = join(out_root, "rejected")
-    out_fs.makedirs(rejected_dir, exist_ok=True)
+
+def _move_rejected(plan: RunPlan, manifests: list[dict]) -> dict[str, int]:
+    """Rejected rows from staging to rejected/ (an empty table if none); returns rejected rows by reason."""
+    fs, rejected_dir = plan.out_fs, join(plan.out_root, "rejected")
+    fs.makedirs(rejected_dir, exist_ok=True)
+    schema = _rejected_schema(plan.layout)
     reasons: dict[str, int] = {}
     for m in manifests:
         for k, f in enumerate(x for x in m["files"] if x["kind"] == "rejected"):
-            with out_fs.open(f["path"], "rb") as fh:
+            with fs.open(f["path"], "rb") as fh:
                 table = pq.read_table(fh)
             for reason in table.column(S.REASON).to_pylist():
                 reasons[reason] = reasons.get(reason, 0) + 1
-            table = table.select(_rejected_schema(layout).names)
-            target = join(rejected_dir, f"shard-{m['shard']:05d}-{k:03d}.parquet")
-            with out_fs.open(target + ".tmp", "wb") as fh:
-                pq.write_table(table, fh)
-            out_fs.mv(target + ".tmp", target)
+            table = table.select(schema.names)
+            atomic_write(fs, join(rejected_dir, f"shard-{m['shard']:05d}-{k:03d}.parquet"),
+                         lambda fh, t=table: pq.write_table(t, fh))
+    if not fs.glob(join(rejected_dir, "*.parquet")):
+        # Nothing rejected: an empty table with the schema, so that readers of rejected/*.parquet find a file.
+        atomic_write(fs, join(rejected_dir, "part-empty.parquet"), lambda fh: pq.write_table(schema.empty_table(), fh))
+    return reasons
+
+
+def _commit(plan: RunPlan, manifests, bucket_reports, lease, new_pairs, new_tokens, score_seconds, start_time,
+            t0) -> dict:
+    """Rejected rows out of staging, counts reconciled, summary.json last, staging removed."""
+    config, fs = plan.config, plan.out_fs
+    reasons = _move_rejected(plan, manifests)
     duplicates = sum(r["duplicates"] for r in bucket_reports.values())
     if duplicates:
         reasons["duplicate (query_id, doc_id)"] = duplicates
     scored_rows = sum(r["scored"] for r in bucket_reports.values())
     rejected_rows = sum(reasons.values())
-    if scored_rows + rejected_rows != total_pairs:
-        raise PipelineError(f"row accounting failed: {total_pairs} input pairs but {scored_rows} scored + "
-                            f"{rejected_rows} rejected; the output in {output_uri} is left incomplete")
-    scorers = read_jsons(out_fs, out_fs.glob(join(work, "scorers", "*.json")))
+    if scored_rows + rejected_rows != plan.total_pairs:
+        raise PipelineError(f"row accounting failed: {plan.total_pairs} input pairs but {scored_rows} scored + "
+                            f"{rejected_rows} rejected; the output in {plan.output_uri} is left incomplete")
+    scorers = read_jsons(fs, fs.glob(join(plan.work, "scorers", "*.json")))
     engine = scorers[0] if scorers else {}
-    total_tokens = sum(m["tokens"] for m in manifests)
     elapsed = time.monotonic() - t0
     summary = {
-        "input_rows": total_pairs, "scored_rows": scored_rows, "rejected_rows": rejected_rows,
+        "input_rows": plan.total_pairs, "scored_rows": scored_rows, "rejected_rows": rejected_rows,
         "ranked_rows_written": sum(r["written"] for r in bucket_reports.values()),
         "rejected_by_reason": dict(sorted(reasons.items())),
-        "input_format": "grouped" if grouped else "long", "input_files": len(files),
-        "shards": len(shards), "shards_resumed": len(committed), "ranking_buckets": num_buckets,
-        "pairs_this_run": new_pairs, "tokens": total_tokens,
+        "input_uri": plan.input_uri, "input_fingerprint": plan.fingerprint,
+        "input_format": "grouped" if plan.layout.grouped else "long", "input_files": len(plan.files),
+        "shards": len(plan.shards), "shards_resumed": len(plan.committed), "ranking_buckets": plan.num_buckets,
+        "pairs_this_run": new_pairs, "tokens": sum(m["tokens"] for m in manifests),
         "pairs_per_s": round(new_pairs / score_seconds, 2) if score_seconds > 0 and new_pairs else None,
         "tokens_per_s": round(new_tokens / score_seconds, 1) if score_seconds > 0 and new_tokens else None,
         "seconds": round(elapsed, 2),
@@ -310,21 +459,22 @@ def run_rerank(config: RerankConfig, input_uri: str, output_uri: str) -> dict:
         # SDPA on CPU (runs of equal length). Only SDPA on a GPU pads inside length groups, not counted: null.
         "padding_efficiency": None if any(s["attention_backend"] == "sdpa_length_grouped" and s["device"] != "cpu"
                                           for s in scorers) else 1.0,
-        "model": config.model, "revision": model["revision"], "layout": model["layout"],
+        "model": config.model, "revision": plan.model["revision"],
+        "layout": plan.model["layout"] or (sorted({s["layout"] for s in scorers})[0] if scorers else None),
         "dtype": sorted({s["dtype"] for s in scorers}) if scorers else None,
         "attention_backend": sorted({s["attention_backend"] for s in scorers}) if scorers else None,
         "device": sorted({s["device"] for s in scorers}) if scorers else None,
         "random_weights": bool(engine.get("random_weights", config.model.startswith("dummy:"))),
-        "max_length": model["max_length"], "long_documents": config.tokenizer.long_documents,
+        "max_length": plan.model["max_length"], "long_documents": config.tokenizer.long_documents,
         "top_k": config.output.top_k,
         "config_hash": settings_hash(config), "config": redact(config.model_dump(mode="json")),
         "start_time": start_time, "end_time": _now(),
     }
     if summary["random_weights"]:
         logger.warning("RANDOM WEIGHTS: %s is a dummy model; these scores mean nothing", config.model)
-    write_json(out_fs, summary_path, summary)
-    out_fs.rm(work, recursive=True)
+    lease.check()  # never publish a summary over another run's files
+    write_json(fs, join(plan.out_root, "summary.json"), summary)
+    fs.rm(plan.work, recursive=True)
     logger.info("done: %s scored, %s rejected in %.1fs -> %s", f"{scored_rows:,}", f"{rejected_rows:,}", elapsed,
-                output_uri)
+                plan.output_uri)
     return summary
-

@@ -1,0 +1,46 @@
+"""The scoring phase's commit state machine, without Ray: reports in any order, repeated, windows late."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.errors import PipelineError
+from pipeline.rerank_job import ShardCommits
+from pipeline.stages.read import Shard
+
+
+def report(shard: int, path: str, kind: str = "scored", pairs: int = 0, rows: int | None = None, tokens: int = 0,
+           windows_expected: int | None = None) -> dict:
+    rows = pairs if rows is None else rows
+    return {"shard": shard, "kind": kind, "path": path, "bucket": 0 if kind == "scored" else -1, "pairs": pairs,
+            "rows": rows, "tokens": tokens, "windows_expected": rows if windows_expected is None else windows_expected}
+
+
+def test_a_shard_commits_once_all_its_rows_are_reported_in_any_order():
+    commits = ShardCommits([Shard(0, "a.parquet", (0,), 10, 10, (10,)), Shard(1, "a.parquet", (1,), 5, 5, (5,))])
+    assert commits.add(report(1, "s1-a", pairs=3, tokens=30)) is None
+    assert commits.add(report(0, "s0-rej", kind="rejected", pairs=2)) is None
+    assert commits.add(report(0, "s0-a", pairs=8, tokens=80)) == {
+        "shard": 0, "pairs": 8, "rejected": 2, "tokens": 80,
+        "files": [report(0, "s0-rej", kind="rejected", pairs=2), report(0, "s0-a", pairs=8, tokens=80)]}
+    with pytest.raises(PipelineError, match="shard 1 finished with 3 of 5 rows"):
+        commits.check_complete()
+    manifest = commits.add(report(1, "s1-b", pairs=2, tokens=20))
+    assert manifest["pairs"] == 5 and manifest["tokens"] == 50
+    commits.check_complete()
+
+
+def test_a_retried_report_counts_once_and_a_committed_shard_never_commits_again():
+    commits = ShardCommits([Shard(0, "a.parquet", (0,), 4, 4, (4,))])
+    assert commits.add(report(0, "same-file", pairs=2)) is None
+    assert commits.add(report(0, "same-file", pairs=2)) is None  # a retried task rewrote the same file
+    assert commits.add(report(0, "other", pairs=2))["pairs"] == 4
+    assert commits.add(report(0, "late-duplicate-batch", pairs=2)) is None
+
+
+def test_windows_that_arrive_late_hold_the_commit_back():
+    # Two pairs with three windows each; the first report carries both pairs' first windows only.
+    commits = ShardCommits([Shard(0, "a.parquet", (0,), 2, 2, (2,))])
+    assert commits.add(report(0, "w0", pairs=2, rows=2, windows_expected=6)) is None
+    assert commits.add(report(0, "w1", pairs=0, rows=3, windows_expected=0)) is None
+    assert commits.add(report(0, "w2", pairs=0, rows=1, windows_expected=0))["pairs"] == 2
