@@ -94,9 +94,10 @@ def scoring_dataset(shards: list[Shard], layout: InputLayout, config: RerankConf
 
 
 def ranking_dataset(buckets: list[dict], config: RerankConfig, output_uri: str, rejected_schema,
-                    shards: list[Shard], layout: InputLayout, input_uri: str) -> ray.data.Dataset:
+                    shards: list[Shard], layout: InputLayout, input_uri: str,
+                    file_metadata: dict | None = None) -> ray.data.Dataset:
     """Yields one report row per bucket ranked. `shards` is the whole plan: a duplicate pair's input row is
-    re-read from its shard, committed in this run or an earlier one."""
+    re-read from its shard, committed in this run or an earlier one. `file_metadata` goes on every file."""
     with _streaming(config):
         ds = ray.data.from_items(buckets, override_num_blocks=len(buckets))
     return ds.map_batches(RankBucket, fn_constructor_kwargs=dict(output_uri=output_uri,
@@ -104,6 +105,7 @@ def ranking_dataset(buckets: list[dict], config: RerankConfig, output_uri: str, 
                                                                 top_k=config.output.top_k,
                                                                 rejected_schema=rejected_schema,
                                                                 shards=[s.to_item() for s in shards],
-                                                                layout=layout, input_uri=input_uri),
+                                                                layout=layout, input_uri=input_uri,
+                                                                file_metadata=file_metadata),
                           batch_size=1, batch_format="pyarrow", compute=ActorPoolStrategy(size=config.io.num_actors),
                           num_cpus=config.io.num_cpus)

@@ -51,8 +51,31 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _rejected_schema(layout: InputLayout) -> pa.Schema:
-    return layout.pair_schema.append(pa.field(S.REASON, pa.string()))
+def _rejected_schema(layout: InputLayout, metadata: dict | None = None) -> pa.Schema:
+    return layout.pair_schema.append(pa.field(S.REASON, pa.string())).with_metadata(metadata)
+
+
+def _job_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("rerank-pipeline")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+def output_metadata(config: RerankConfig, model: dict, scorers: list[dict]) -> dict[str, str]:
+    """Parquet key-value metadata on every file under ranked/ and rejected/: a file copied out of an output
+    still says what produced it (and that a smoke run's scores are random). No timestamps: a rerun of the same
+    job writes the same bytes."""
+    return {
+        "rerank.model": config.model, "rerank.revision": str(model["revision"]),
+        "rerank.dtype": ",".join(sorted({s["dtype"] for s in scorers})) or str(config.dtype),
+        "rerank.random_weights": json.dumps(any(s.get("random_weights") for s in scorers)
+                                            or config.model.startswith("dummy:")),
+        "rerank.config_hash": settings_hash(config), "rerank.job_version": _job_version(),
+        "rerank.score": "raw logit (float32); sigmoid gives jina's compute_score",
+    }
 
 
 def check_model(config: RerankConfig) -> dict:
@@ -398,8 +421,9 @@ def _rank(plan: RunPlan, manifests: list[dict], lease: OutputLease) -> dict[int,
     bucket_reports = {r["bucket"]: r for r in read_jsons(plan.out_fs, markers) if r["bucket"] in bucket_files}
     todo = [{"bucket": b, "files": files_} for b, files_ in sorted(bucket_files.items()) if b not in bucket_reports]
     if todo:
-        ds = ranking_dataset(todo, plan.config, plan.output_uri, _rejected_schema(plan.layout), plan.shards,
-                             plan.layout, plan.input_uri)
+        metadata = output_metadata(plan.config, plan.model, _scorers(plan))
+        ds = ranking_dataset(todo, plan.config, plan.output_uri, _rejected_schema(plan.layout, metadata), plan.shards,
+                             plan.layout, plan.input_uri, file_metadata=metadata)
         for report in _worker_errors(ds.iter_batches(batch_size=None, batch_format="pyarrow"), lease):
             for row in report.to_pylist():
                 write_json(plan.out_fs, join(ranked_dir, f"bucket-{row['bucket']:05d}.json"), row)
@@ -407,11 +431,16 @@ def _rank(plan: RunPlan, manifests: list[dict], lease: OutputLease) -> dict[int,
     return bucket_reports
 
 
-def _move_rejected(plan: RunPlan, manifests: list[dict]) -> dict[str, int]:
+def _scorers(plan: RunPlan) -> list[dict]:
+    """What each scorer actor recorded about the model it ran (dtype, kernel, device), this run or earlier."""
+    return read_jsons(plan.out_fs, plan.out_fs.glob(join(plan.work, "scorers", "*.json")))
+
+
+def _move_rejected(plan: RunPlan, manifests: list[dict], scorers: list[dict]) -> dict[str, int]:
     """Rejected rows from staging to rejected/ (an empty table if none); returns rejected rows by reason."""
     fs, rejected_dir = plan.out_fs, join(plan.out_root, "rejected")
     fs.makedirs(rejected_dir, exist_ok=True)
-    schema = _rejected_schema(plan.layout)
+    schema = _rejected_schema(plan.layout, output_metadata(plan.config, plan.model, scorers))
     reasons: dict[str, int] = {}
     for m in manifests:
         for k, f in enumerate(x for x in m["files"] if x["kind"] == "rejected"):
@@ -419,7 +448,7 @@ def _move_rejected(plan: RunPlan, manifests: list[dict]) -> dict[str, int]:
                 table = pq.read_table(fh)
             for reason in table.column(S.REASON).to_pylist():
                 reasons[reason] = reasons.get(reason, 0) + 1
-            table = table.select(schema.names)
+            table = table.select(schema.names).replace_schema_metadata(schema.metadata)
             atomic_write(fs, join(rejected_dir, f"shard-{m['shard']:05d}-{k:03d}.parquet"),
                          lambda fh, t=table: pq.write_table(t, fh))
     if not fs.glob(join(rejected_dir, "*.parquet")):
@@ -432,7 +461,8 @@ def _commit(plan: RunPlan, manifests, bucket_reports, lease, new_pairs, new_toke
             t0) -> dict:
     """Rejected rows out of staging, counts reconciled, summary.json last, staging removed."""
     config, fs = plan.config, plan.out_fs
-    reasons = _move_rejected(plan, manifests)
+    scorers = _scorers(plan)
+    reasons = _move_rejected(plan, manifests, scorers)
     duplicates = sum(r["duplicates"] for r in bucket_reports.values())
     if duplicates:
         reasons["duplicate (query_id, doc_id)"] = duplicates
@@ -441,7 +471,6 @@ def _commit(plan: RunPlan, manifests, bucket_reports, lease, new_pairs, new_toke
     if scored_rows + rejected_rows != plan.total_pairs:
         raise PipelineError(f"row accounting failed: {plan.total_pairs} input pairs but {scored_rows} scored + "
                             f"{rejected_rows} rejected; the output in {plan.output_uri} is left incomplete")
-    scorers = read_jsons(fs, fs.glob(join(plan.work, "scorers", "*.json")))
     engine = scorers[0] if scorers else {}
     elapsed = time.monotonic() - t0
     summary = {

@@ -23,7 +23,7 @@ from pipeline import schema as S
 from pipeline.errors import InputError
 from pipeline.stages.read import ROW, SHARD, ReadShard, Shard
 from pipeline.stages.validate import InputLayout
-from pipeline.storage import join, map_paths, url_to_fs
+from pipeline.storage import atomic_write, join, map_paths, url_to_fs
 
 DUPLICATE = "duplicate (query_id, doc_id)"
 
@@ -69,18 +69,18 @@ def rank_rows(table: pa.Table, top_k: int | None) -> tuple[pa.Table, pa.Table, i
 
 class RankBucket:
     def __init__(self, output_uri: str, storage_options: dict, top_k: int | None, rejected_schema: pa.Schema,
-                 shards: list[dict], layout: InputLayout, input_uri: str):
+                 shards: list[dict], layout: InputLayout, input_uri: str, file_metadata: dict | None = None):
+        """`file_metadata`: Parquet key-value metadata written on every ranked file (what produced it)."""
         self.fs, self.root = url_to_fs(output_uri, storage_options)
+        self.file_metadata = file_metadata or {}
         self.top_k = top_k
         self.rejected_schema = rejected_schema
         self.shards = {int(item["shard"]): Shard.from_item(item) for item in shards}  # the whole plan, by number
         self.reader = ReadShard(layout, storage_options, input_uri)
 
     def _write_atomic(self, table: pa.Table, path: str) -> None:
-        tmp = path + ".tmp"
-        with self.fs.open(tmp, "wb") as f:
-            pq.write_table(table, f)
-        self.fs.mv(tmp, path)
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **self.file_metadata})
+        atomic_write(self.fs, path, lambda f: pq.write_table(table, f))
 
     def _read(self, path: str) -> pa.Table:
         with self.fs.open(path, "rb") as f:
