@@ -17,8 +17,11 @@ class InputConfig(StrictModel):
     document_column: str = "document"
     candidates_column: str = "candidates"  # grouped format: list<struct<doc_id, document, ...>>
     # Input files are cut into shards of about this many rows (whole Parquet row groups). A shard is the
-    # unit of resume: a rerun skips shards whose manifest was written.
-    rows_per_shard: int = Field(100_000, ge=1)
+    # unit of resume: a rerun skips shards whose manifest was written, and a crash loses at most the shards in
+    # flight. 20,000 pairs is ~8 minutes of the base model on 2 CPU cores (42 pairs/s measured for the whole
+    # job on an AMD EPYC, results/benchmark-cpu-ray-job-20k.md); a GPU commits as much sooner as it is faster
+    # (GPU throughput not measured yet). A shard costs one manifest, so smaller is cheap.
+    rows_per_shard: int = Field(20_000, ge=1)
     # A row group whose data pages cannot be decoded (corrupt compressed data, bad page header, failed page
     # checksum) while its footer reads fine. fail: the job stops with one line naming the file. reject: the
     # row group's rows go to rejected/ with reason `unreadable_file` (counted from the Parquet metadata).
@@ -59,8 +62,8 @@ class IoConfig(StrictModel):
     num_cpus: float = Field(0.25, gt=0)              # per actor: I/O waits, so a fraction of a core
     # Scored rows the writer gathers before writing staging files. Each write makes one file per (shard,
     # ranking bucket) it touches, so small writes multiply files (and PUTs, manifest entries, ranking reads);
-    # progress is also reported per write. Stages upstream stream in small blocks whatever this is.
-    rows_per_write: int = Field(100_000, ge=1)
+    # a shard commits with the write that completes it. Stages upstream stream in small blocks whatever this is.
+    rows_per_write: int = Field(20_000, ge=1)
     # Object-store memory for blocks between the stages (Ray Data's resource limit). Without it Ray Data
     # lets the cheap stages (read, tokenize) run ahead of the scorer by a fraction of the whole object
     # store, and memory grows with the input: measured with the tiny model, whole-job PSS 2.7 GB at 100k
