@@ -10,6 +10,7 @@ column chunk's pages of a real file (its footer stays intact).
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -368,8 +369,19 @@ def test_duplicates_keep_their_input_columns_grouped(ray_local, tmp_path):
              reason="duplicate (query_id, doc_id)")]
 
 
+@pytest.fixture
+def own_logging():
+    """The job's `main` installs its own log handler on the root logger (bound to the stderr pytest captures,
+    closed after the test): put back what was there."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
 @pytest.mark.slow
-def test_corrupt_file_stops_the_job_with_one_line(ray_local, dl19_rows, tmp_path, capfd):
+def test_corrupt_file_stops_the_job_with_one_line(ray_local, dl19_rows, tmp_path, capfd, own_logging):
     from jobs.rerank import main
     from pipeline.cli import run_main
 
