@@ -119,7 +119,8 @@ class RankBucket:
             self._write_atomic(ranked, join(self.root, "ranked", f"part-{item['bucket']:05d}.parquet"))
             if duplicates.num_rows:
                 self.fs.makedirs(join(self.root, "rejected"), exist_ok=True)
-                self._write_duplicates(duplicates, join(self.root, "rejected", f"duplicates-{item['bucket']:05d}.parquet"))
+                path = join(self.root, "rejected", f"duplicates-{item['bucket']:05d}.parquet")
+                self._write_duplicates(duplicates, path)
             reports.append({"bucket": item["bucket"], "scored": scored, "written": ranked.num_rows,
                             "duplicates": duplicates.num_rows})
         return pa.Table.from_pylist(reports, schema=pa.schema([("bucket", pa.int64()), ("scored", pa.int64()),
