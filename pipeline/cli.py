@@ -85,11 +85,24 @@ class RedactSecrets(logging.Filter):
         return True
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time of the record (like logging's last-resort handler), so a
+    job run in-process by a caller that swaps stderr (a notebook, a test) never writes to a closed stream."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
 def setup_logging(verbose: int | bool = 0) -> None:
     """INFO for our loggers; -v: DEBUG for ours; -vv: DEBUG for every library. Other libraries stay at WARNING
     otherwise (botocore's debug lines alone would print request signatures dozens of times a second)."""
     verbose = int(verbose)
-    handler = logging.StreamHandler()
+    handler = _CurrentStderr()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
     handler.addFilter(RedactSecrets())
     root = logging.getLogger()

@@ -80,6 +80,10 @@ class IoConfig(StrictModel):
 class OutputConfig(StrictModel):
     top_k: Optional[int] = Field(None, ge=1)         # keep only the best k per query in ranked/
     rows_per_bucket: int = Field(1_000_000, ge=1)    # long input: ranking buckets by hash(query_id)
+    # Carry each pair's query and document texts through to ranked/ (columns `query`, `document`), for
+    # consumers that need them beside the scores (hard negatives). Off by default: texts are otherwise
+    # dropped after tokenizing, so only token ids cross the scorer and ids cross the ranking shuffle.
+    carry_texts: bool = False
 
 
 class RerankConfig(StrictModel):
@@ -100,7 +104,11 @@ class RerankConfig(StrictModel):
         """The settings that change what the job writes; a resumed run must match them. Hand-off batch
         sizes, actor counts, the token budget and where Ray runs change only speed, so they may differ."""
         return self.model_dump(mode="json", include={
-            "model": True, "revision": True, "dtype": True, "input": True,
+            # on_unreadable is left out: a run that stopped on an unreadable file (fail) committed no shard
+            # holding its rows, so the same output may resume with reject.
+            "model": True, "revision": True, "dtype": True,
+            "input": {"format", "query_id_column", "query_column", "doc_id_column", "document_column",
+                      "candidates_column", "rows_per_shard"},
             "tokenizer": {"max_length", "max_chars_per_token", "long_documents", "max_query_length", "overlap"},
             "output": True,
         })

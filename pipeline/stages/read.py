@@ -70,7 +70,14 @@ _NOT_DATA = (FileNotFoundError, PermissionError, ConnectionError, TimeoutError, 
 
 
 def _undecodable(error: Exception) -> bool:
-    return isinstance(error, (OSError, pa.ArrowException)) and not isinstance(error, _NOT_DATA)
+    # Arrow's own decode failures are plain OSErrors without an errno; a network or disk fault from the
+    # filesystem below carries one (or is a subclass: aiohttp's ClientOSError), and must stay a fault of the
+    # storage (exit 3, resumable), never become rows rejected as unreadable.
+    from pipeline.faults import explain
+
+    if isinstance(error, _NOT_DATA) or explain(error) is not None:
+        return False
+    return isinstance(error, pa.ArrowException) or (type(error) is OSError and error.errno is None)
 
 
 def _unreadable(layout: InputLayout, path: str, group: int, error: Exception) -> None:
