@@ -29,10 +29,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.cli import base_parser, run_main, setup_logging
-from pipeline.config import build_config, load_config
+from pipeline.config import load_config
 from pipeline.errors import InputError
-from pipeline.rerank_config import RerankConfig
-from pipeline.rerank_job import run_rerank
+from pipeline.rerank_api import rerank
 from pipeline.schema import DOC_ID, DOCUMENT, QUERY, QUERY_ID, RANK, SCORE
 from pipeline.trec import is_parquet, read_run
 from pipeline.quality.config import IndexQualityConfig
@@ -84,24 +83,22 @@ def rerank_scores(args: argparse.Namespace, config: IndexQualityConfig) -> pa.Ta
                              "--texts with a Parquet table of query_id, query, doc_id, document")
         rerank_input = join(args.output, "rerank_input.parquet")
         _write_run_with_texts(args.run, args.texts, rerank_input, options)
-    rerank_config = build_config(RerankConfig, {"model": args.model, "dtype": args.dtype or "auto",
-                                                "storage_options": options})
-    target = join(args.output, "rerank")
-    run_rerank(rerank_config, rerank_input, target)
-    fs, root = url_to_fs(target, config.storage_options)
-    tables = []
-    for path in sorted(fs.glob(join(root, "ranked", "*.parquet"))):
-        with fs.open(path, "rb") as f:
-            tables.append(pq.read_table(f, columns=[QUERY_ID, DOC_ID, SCORE]))
-    ranked = pa.concat_tables(tables)
-    return pa.table({QUERY_ID: ranked[QUERY_ID].cast(pa.string()), DOC_ID: ranked[DOC_ID].cast(pa.string()),
-                     SCORE: ranked[SCORE]})
+    result = rerank(config.rerank_config(), rerank_input, join(args.output, "rerank"))
+    # Only (query_id, doc_id, score) is read back, part by part; texts never reach this process.
+    columns = [QUERY_ID, DOC_ID, SCORE]
+    batches = [pa.table({QUERY_ID: b.column(QUERY_ID).cast(pa.string()), DOC_ID: b.column(DOC_ID).cast(pa.string()),
+                         SCORE: b.column(SCORE)}) for b in result.iter_batches(columns)]
+    if not batches:
+        return pa.table({QUERY_ID: pa.array([], pa.string()), DOC_ID: pa.array([], pa.string()),
+                         SCORE: pa.array([], pa.float32())})
+    return pa.concat_tables(batches)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    config = load_config(IndexQualityConfig, args.config, args.overrides)
+    config = load_config(IndexQualityConfig, args.config, args.overrides, rerank__model=args.model,
+                         rerank__dtype=args.dtype)
     scores = rerank_scores(args, config) if args.model else None
     report = evaluate_night(config, run=args.run, output=args.output, qrels=args.qrels, history=args.history,
                             reranker_scores=scores)

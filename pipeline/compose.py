@@ -74,7 +74,8 @@ def scoring_dataset(shards: list[Shard], layout: InputLayout, config: RerankConf
                         batch_size=1, batch_format="pyarrow", compute=ActorPoolStrategy(size=config.io.num_actors),
                         num_cpus=config.io.num_cpus)
     ds = ds.map_batches(TokenizeStage, fn_constructor_kwargs=dict(model=config.model, revision=config.revision,
-                                                                 config=config.tokenizer),
+                                                                 config=config.tokenizer,
+                                                                 keep_texts=config.output.carry_texts),
                         batch_size=config.tokenizer.batch_size, batch_format="pyarrow",
                         compute=ActorPoolStrategy(size=config.tokenizer.num_actors), num_cpus=config.tokenizer.num_cpus,
                         label_selector=config.tokenizer.label_selector)
@@ -88,7 +89,8 @@ def scoring_dataset(shards: list[Shard], layout: InputLayout, config: RerankConf
                                                   max_tasks_in_flight_per_actor=config.scorer.max_tasks_in_flight_per_actor),
                         **resources)
     return ds.map_batches(WriteScored, fn_constructor_kwargs=dict(work_uri=work_uri, storage_options=config.storage_options,
-                                                                 num_buckets=num_buckets, bucket_by_shard=rank_per_shard),
+                                                                 num_buckets=num_buckets, bucket_by_shard=rank_per_shard,
+                                                                 keep_texts=config.output.carry_texts),
                           batch_size=config.io.rows_per_write, batch_format="pyarrow", compute=ActorPoolStrategy(size=config.io.num_actors),
                           num_cpus=config.io.num_cpus)
 

@@ -13,7 +13,7 @@ everyone, model loading for no one but the Ray job (which loads the model in its
 | `hf-sorted`     | the same, pairs sorted by token length first (FlagEmbedding's reranker does this)         | bfloat16 |
 | `engine`        | ours, in process: `CrossEncoder.from_pretrained(dir).compute_score(pairs)`               | bfloat16 |
 | `engine-fp32`   | ours in float32 (to compare with `st-default` at equal precision)                        | float32  |
-| `ray-job`       | the whole Ray rerank job (`pipeline.rerank_job.run_rerank`), Parquet in -> Parquet out    | bfloat16 |
+| `ray-job`       | the whole Ray rerank job (`pipeline.rerank_api.rerank`), Parquet in -> Parquet out        | bfloat16 |
 
 sentence-transformers sorts pairs by character length before batching; the transformers contenders use
 the model's default attention (SDPA). Tokens are counted where each contender's model sees them (a
@@ -188,7 +188,7 @@ class EngineContender:
 
 
 class RayJobContender:
-    """`pipeline.rerank_job.run_rerank` end to end: Parquet in -> Ray Data (read, tokenize, score, write,
+    """`pipeline.rerank_api.rerank` end to end: Parquet in -> Ray Data (read, tokenize, score, write,
     rank) -> Parquet out, in this process as the driver, at the job's default settings plus `overrides`.
 
     Timed: the whole call, Ray's start and the actors' model loading included (the job pays them on every
@@ -211,7 +211,7 @@ class RayJobContender:
         from pipeline import schema
         from pipeline.config import load_config
         from pipeline.rerank_config import RerankConfig
-        from pipeline.rerank_job import run_rerank
+        from pipeline.rerank_api import rerank
 
         from pipeline.benchmark.workloads import pair_token_counts
 
@@ -229,11 +229,13 @@ class RayJobContender:
             })
             pq.write_table(table, f"{tmp}/input.parquet")
             start = time.perf_counter()
-            summary = run_rerank(config, f"{tmp}/input.parquet", f"{tmp}/output")
+            result = rerank(config, f"{tmp}/input.parquet", f"{tmp}/output")
             seconds = time.perf_counter() - start
-            ranked = pq.read_table(f"{tmp}/output/ranked", columns=[schema.DOC_ID, schema.SCORE])
-        logits = np.full(len(pairs), np.nan, dtype=np.float32)
-        logits[np.asarray(ranked[schema.DOC_ID].to_pylist(), dtype=np.int64)] = ranked[schema.SCORE].to_numpy()
+            summary = result.summary
+            logits = np.full(len(pairs), np.nan, dtype=np.float32)
+            for batch in result.iter_batches([schema.DOC_ID, schema.SCORE]):
+                rows = np.asarray(batch.column(schema.DOC_ID).to_pylist(), dtype=np.int64)
+                logits[rows] = batch.column(schema.SCORE).to_numpy(zero_copy_only=False)
         return Scored(logits, seconds, tokens, tokens, self.dtype,
                       {"overrides": self.overrides, "job_pairs_per_s": summary.get("pairs_per_s"),
                        "job_seconds": summary.get("seconds"), "scored_rows": summary.get("scored_rows"),

@@ -9,6 +9,7 @@ from pydantic import Field, field_validator
 from pipeline.config import StrictModel
 from pipeline.errors import InputError
 from pipeline.quality.metrics import parse_measure
+from pipeline.rerank_config import RerankConfig
 
 
 class InputConfig(StrictModel):
@@ -66,6 +67,23 @@ class IndexQualityConfig(StrictModel):
     label_free: LabelFreeConfig = Field(default_factory=LabelFreeConfig)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    # The rerank job's settings for `--model` runs, used as they are (--model and --dtype set rerank.model
+    # and rerank.dtype): the same keys, defaults and checks as configs/rerank_*.yaml.
+    rerank: RerankConfig = Field(default_factory=RerankConfig)
+
+    @field_validator("rerank")
+    @classmethod
+    def _rerank_scores_every_candidate(cls, rerank: RerankConfig) -> RerankConfig:
+        if rerank.output.top_k is not None:
+            raise ValueError("rerank.output.top_k must stay unset: the label-free measures need every candidate's "
+                             "score (an unscored pair counts as unjudged)")
+        if rerank.storage_options:
+            raise ValueError("set storage_options at the top level; the rerank step uses the same options")
+        return rerank
+
+    def rerank_config(self) -> RerankConfig:
+        """The rerank step's settings, with this job's storage options."""
+        return self.rerank.model_copy(update={"storage_options": self.storage_options})
 
     def night_or_today(self) -> str:
         return (self.night or dt.datetime.now(dt.timezone.utc).date()).isoformat()

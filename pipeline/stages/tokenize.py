@@ -2,9 +2,10 @@
 
 Adds:  input_ids list<int32>, token_type_ids list<int8> (BERT only), num_tokens int32, window int32,
        num_windows int32 (windows of the row's document; the driver checks all of them were written).
-Valid rows lose their texts here (set to null): from now on only token ids travel. Rejected rows keep
-theirs for `rejected/`. In `windows` mode a long document becomes several rows (window 0, 1, ...) that
-share its `_row`; the ranking stage keeps the best window (jina's rerank semantics).
+Valid rows lose their texts here (set to null): from now on only token ids travel, unless
+`output.carry_texts` asks for them in ranked/. Rejected rows keep theirs for `rejected/`. In `windows`
+mode a long document becomes several rows (window 0, 1, ...) that share its `_row`; the ranking stage
+keeps the best window (jina's rerank semantics).
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def list_to_numpy(column: pa.ChunkedArray | pa.Array) -> list[np.ndarray]:
 
 
 class TokenizeStage:
-    def __init__(self, model: str, revision: str | None, config: TokenizerConfig):
+    def __init__(self, model: str, revision: str | None, config: TokenizerConfig, keep_texts: bool = False):
+        """keep_texts: leave valid rows' texts in place (`output.carry_texts`) instead of nulling them."""
         directory, _ = resolve_model_directory(model, revision)
         # Headers and config.json only (never unpickles): whether pickles may load is the scorer's question.
         _, model_config = inspect_checkpoint(directory, allow_pickle=True)
@@ -47,6 +49,7 @@ class TokenizeStage:
         self.tokenizer = PairTokenizer.from_dir(directory, return_token_types=self.return_token_types,
                                                 max_chars_per_token=config.max_chars_per_token)
         self.config = config
+        self.keep_texts = keep_texts
         self.max_length = min(config.max_length, model_config.max_tokens_per_sequence)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -68,7 +71,7 @@ class TokenizeStage:
         out = batch.take(pa.array(take))
         n_rejected = len(rejected_index)
         empty = [np.zeros(0, np.int32)] * n_rejected
-        keep_text = pa.array(np.concatenate([np.zeros(len(order), bool), np.ones(n_rejected, bool)]))
+        keep_text = pa.array(np.concatenate([np.full(len(order), self.keep_texts, bool), np.ones(n_rejected, bool)]))
         for name in (S.QUERY, S.DOCUMENT):
             col = out.column(name)
             out = out.set_column(out.schema.get_field_index(name), name,

@@ -1,10 +1,11 @@
 """Write scored rows into ranking buckets, and rejected rows aside, as staging files; report what was written.
 
-Scored rows lose their texts (already null) and go to
+Scored rows lose their texts (already null; kept with `output.carry_texts`) and go to
     <work>/scored/shard-SSSSS/bBBBB-<digest>.parquet
 where the bucket is hash(query_id) for long input (so a query's rows meet in one bucket: a shuffle through
-storage of (query_id, doc_id, score, carried columns), never of texts) or the shard itself for grouped
-input whose query ids are unique (a query never leaves its shard: no shuffle at all). Rejected rows go to
+storage of (query_id, doc_id, score, carried columns), never of texts unless `output.carry_texts`) or the
+shard itself for grouped input whose query ids are unique (a query never leaves its shard: no shuffle at
+all). Rejected rows go to
     <work>/scored/shard-SSSSS/rejected-<digest>.parquet
 The digest is a hash of the rows' keys, so a retried task rewrites the same file instead of adding one.
 Each call returns one report row per file; the driver commits a shard (its manifest) once the reports
@@ -41,8 +42,11 @@ def bucket_of(query_ids: pa.Array, num_buckets: int) -> np.ndarray:
 
 
 class WriteScored:
-    def __init__(self, work_uri: str, storage_options: dict, num_buckets: int, bucket_by_shard: bool):
+    def __init__(self, work_uri: str, storage_options: dict, num_buckets: int, bucket_by_shard: bool,
+                 keep_texts: bool = False):
+        """keep_texts: scored rows keep their query and document (`output.carry_texts`)."""
         self.fs, self.root = url_to_fs(work_uri, storage_options)
+        self.keep_texts = keep_texts
         self.num_buckets = num_buckets
         self.bucket_by_shard = bucket_by_shard
 
@@ -69,7 +73,8 @@ class WriteScored:
                 path = self._write(rejected.append_column(S.WINDOW, pa.array(np.zeros(rejected.num_rows, np.int32))),
                                    int(shard), "rejected")
                 reports.append((int(shard), "rejected", path, -1, rejected.num_rows, rejected.num_rows, 0, 0))
-            scored = part.filter(pc.invert(mask)).drop_columns([S.QUERY, S.DOCUMENT, S.REASON])
+            scored = part.filter(pc.invert(mask)).drop_columns(
+                [S.REASON] if self.keep_texts else [S.QUERY, S.DOCUMENT, S.REASON])
             if not scored.num_rows:
                 continue
             buckets = (np.full(scored.num_rows, shard, dtype=np.int32) if self.bucket_by_shard
