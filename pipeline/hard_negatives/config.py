@@ -84,11 +84,27 @@ class ProjectionsConfig(StrictModel):
     scores: Literal["none", "margin", "scores"] = "none"
 
 
+class WorkersConfig(StrictModel):
+    """The actors that select per ranking bucket and then write the output parts (one pool each)."""
+
+    num_actors: int = Field(default=1, ge=1)
+    num_cpus: float = Field(default=0.5, gt=0)  # per actor
+
+
+class OutputConfig(StrictModel):
+    # Rows of the canonical table per output part (about: a part holds the queries hashed to it). The number
+    # of parts comes from the scored rows alone, never from the rerank's buckets or the actors, so the files
+    # are the same bytes however the work was spread.
+    rows_per_part: int = Field(default=1_000_000, ge=1)
+
+
 class HardNegativesConfig(StrictModel):
     """The job's settings (`configs/hard_negatives.yaml` is the documented example)."""
 
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
     projections: ProjectionsConfig = Field(default_factory=ProjectionsConfig)
+    workers: WorkersConfig = Field(default_factory=WorkersConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
     # The rerank job's settings, used as they are (--model and --dtype set rerank.model and rerank.dtype).
     rerank: RerankConfig = Field(default_factory=RerankConfig)
     # fsspec options for --input/--positives/--output URIs (credentials, endpoint_url); never logged.
@@ -104,6 +120,18 @@ class HardNegativesConfig(StrictModel):
             raise ValueError("set storage_options at the top level; the rerank step uses the same options")
         return rerank
 
+    def result_settings(self) -> dict:
+        """The settings that change what the job writes (in every file's metadata and stats.json's `run`):
+        actor counts, batch sizes, how the rerank buckets its ranking and where the data lives change only
+        speed, so they are left out and the files stay the same bytes however the work was spread."""
+        settings = self.model_dump(mode="json", exclude={"workers", "rerank", "storage_options"})
+        rerank = self.rerank_config().result_settings()
+        rerank["output"].pop("rows_per_bucket")
+        return {**settings, "rerank": rerank}
+
     def rerank_config(self) -> RerankConfig:
-        """The rerank step's settings, with this job's storage options."""
-        return self.rerank.model_copy(update={"storage_options": self.storage_options})
+        """The rerank step's settings, with this job's storage options. Texts are carried to ranked/ (the
+        projections and the duplicate-of-positive rule need them), so the input is read once, by the rerank."""
+        return self.rerank.model_copy(update={
+            "storage_options": self.storage_options,
+            "output": self.rerank.output.model_copy(update={"carry_texts": True})})

@@ -1,9 +1,10 @@
 """The hard-negative job's driver: check inputs, rerank through the rerank job, select, write.
 
     positives (qrels, or the input's label column) checked first, before any scoring
-    -> run_rerank(input -> <output>/rerank/)        the rerank pipeline and engine, unchanged
-    -> ranked/ read back + the input's texts         joined by (query_id, doc_id)
-    -> select_negatives -> canonical table, projections, stats.json (last)
+    -> rerank(input -> <output>/rerank/)            the rerank pipeline and engine, texts carried to ranked/
+    -> per ranked part (whole queries), on actors: select_negatives + training rows -> fragments by output part
+    -> per output part, on actors: fragments merged in query order -> candidates/, triplet/, n-tuple/, flagembedding/
+    -> stats.json (last), reduced here from each bucket's small stats piece
 
 <output>/rerank/ is the rerank job's own output, so its resume applies: an interrupted run continues where it
 stopped, and a rerun with other selection or projection settings reuses the scores (it never rescores
@@ -12,24 +13,32 @@ with the same rerank settings; other rerank settings are refused, so scores neve
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 
 import pyarrow as pa
 
 from pipeline import schema
-from pipeline.config import config_hash, redact
+from pipeline.config import redact
 from pipeline.errors import InputError
-from pipeline.hard_negatives import io
+from pipeline.hard_negatives import buckets, io
 from pipeline.hard_negatives.config import HardNegativesConfig
-from pipeline.hard_negatives.select import select_negatives
-from pipeline.rerank_job import run_rerank, settings_hash
+from pipeline.hard_negatives.stats import reduce_stats
+from pipeline.rerank_api import RerankResult, ensure_ray, rerank, worker_errors
+from pipeline.rerank_job import settings_hash
 from pipeline.stages.read import list_input_files
-from pipeline.storage import join, read_json, url_to_fs
+from pipeline.storage import join, read_json, url_to_fs, write_json
 from pipeline.trec import read_qrels
 
 log = logging.getLogger("hard_negatives")
 
 RERANK = "rerank"
+WORK = "_work"  # fragments of the output parts while the actors write them; removed before stats.json
+
+
+def hash_settings(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(redact(settings), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def read_positives(config: HardNegativesConfig, input_uri: str, positives_uri: str | None) -> pa.Table | None:
@@ -63,18 +72,69 @@ def run_hard_negatives(config: HardNegativesConfig, input_uri: str, positives_ur
     """Mine `input_uri` into `output_uri`; returns the stats (also written to stats.json)."""
     qrels = read_positives(config, input_uri, positives_uri)
     check_reusable_scores(config, output_uri)
-    rerank = config.rerank_config()
     rerank_uri = join(output_uri, RERANK)
-    summary = run_rerank(rerank, input_uri, rerank_uri)
-
-    ranked = io.read_ranked(join(rerank_uri, "ranked"), config.storage_options)
-    scored = io.join_texts(ranked, io.read_texts(input_uri, rerank))
-    log.info("selecting negatives among %s scored pairs (%s rejected by the rerank, see %s)",
-             f"{scored.num_rows:,}", f"{summary['rejected_rows']:,}", join(rerank_uri, "rejected"))
-    canonical = select_negatives(scored, config.selection, qrels)
+    result = rerank(config.rerank_config(), input_uri, rerank_uri)
+    summary = result.summary
+    log.info("selecting negatives among %s scored pairs in %d bucket(s) (%s rejected by the rerank, see %s)",
+             f"{summary['scored_rows']:,}", len(result.parts()), f"{summary['rejected_rows']:,}",
+             join(rerank_uri, "rejected"))
     run = {
         "model": summary["model"], "revision": summary["revision"], "dtype": summary["dtype"],
         "random_weights": summary["random_weights"], "seed": config.selection.seed,
-        "config_hash": config_hash(config), "config": redact(config.model_dump(mode="json")),
+        "config_hash": hash_settings(config.result_settings()), "config": redact(config.result_settings()),
     }
-    return io.write_outputs(output_uri, canonical, scored, config, run, qrels, unscored=summary["rejected_rows"])
+    return select_per_bucket(config, result, qrels, output_uri, run)
+
+
+def select_per_bucket(config: HardNegativesConfig, result: RerankResult, qrels: pa.Table | None, output_uri: str,
+                      run: dict) -> dict:
+    """Select on actors, one ranked part (whole queries) per task, then merge the output parts on actors;
+    only the stats pieces (counts and a few scores per query) reach this process. Returns the stats."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    fs, root = url_to_fs(output_uri, config.storage_options)
+    fs.makedirs(root, exist_ok=True)
+    if fs.exists(join(root, io.STATS)):
+        fs.rm(join(root, io.STATS))  # a stale marker must not vouch for half-written files
+    for folder in (*buckets.KINDS, WORK):  # an earlier run's parts, whatever their number
+        if fs.exists(join(root, folder)):
+            fs.rm(join(root, folder), recursive=True)
+    protocol = output_uri.split("://")[0] + "://" if "://" in output_uri else ""
+    work_uri = protocol + join(root, WORK)
+    num_parts = max(1, -(-result.summary["scored_rows"] // config.output.rows_per_part))
+
+    rerank_config = config.rerank_config()
+    ensure_ray(rerank_config)
+    workers = config.workers
+    have = ray.cluster_resources().get("CPU", 0)
+    if workers.num_actors * workers.num_cpus > have + 1e-9:
+        raise InputError(f"workers.num_actors x workers.num_cpus asks for {workers.num_actors * workers.num_cpus:g} "
+                         f"CPUs but the Ray cluster has {have:g}; lower workers.num_actors or workers.num_cpus")
+    pool = dict(compute=ActorPoolStrategy(size=workers.num_actors), num_cpus=workers.num_cpus, batch_size=1,
+                batch_format="pyarrow")
+    items = [{"bucket": b, "uri": uri} for b, uri in enumerate(result.parts())]
+    pieces = []
+    if items:
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            buckets.SelectBucket, fn_constructor_kwargs=dict(config=config, qrels=qrels, work_uri=work_uri,
+                                                             num_parts=num_parts), **pool)
+        for batch in worker_errors(ds.iter_batches(batch_size=None, batch_format="pyarrow")):
+            pieces += [json.loads(piece) for piece in batch["piece"].to_pylist()]
+    ds = ray.data.from_items([{"part": p} for p in range(num_parts)], override_num_blocks=num_parts).map_batches(
+        buckets.WritePart, fn_constructor_kwargs=dict(config=config, work_uri=work_uri, output_uri=output_uri,
+                                                      num_parts=num_parts, run=run), **pool)
+    for _ in worker_errors(ds.iter_batches(batch_size=None, batch_format="pyarrow")):
+        pass
+
+    stats = reduce_stats(pieces, config.selection, qrels)
+    counts = buckets.projection_counts([], config)
+    for piece in pieces:
+        counts = {name: counts[name] + piece["projections"][name] for name in counts}
+    stats["projections"] = counts
+    stats["unscored_pairs"] = result.summary["rejected_rows"]
+    stats["run"] = run
+    if fs.exists(join(root, WORK)):
+        fs.rm(join(root, WORK), recursive=True)
+    write_json(fs, join(root, io.STATS), stats)
+    return stats

@@ -37,11 +37,17 @@ def distribution(values: np.ndarray) -> dict:
 
 
 def compute_stats(canonical: pa.Table, selection: SelectionConfig, qrels: pa.Table | None = None) -> dict:
+    return reduce_stats([stats_piece(canonical, selection, qrels)], selection, qrels)
+
+
+def stats_piece(canonical: pa.Table, selection: SelectionConfig, qrels: pa.Table | None = None) -> dict:
+    """The additive part of the stats of a table of whole queries (a bucket), plus the scores the
+    distributions need (a few per query: positives and kept negatives). Pieces of disjoint queries reduce
+    to the stats of their union (`reduce_stats`). qrels: the judgements of these queries, or all of them."""
     is_positive = canonical[IS_POSITIVE].to_numpy()
     keep = canonical[KEEP].to_numpy()
     score = canonical[schema.SCORE].to_numpy()
     reasons = Counter(canonical[DROP_REASON].drop_null().to_pylist())
-
     per_query = canonical.group_by(schema.QUERY_ID).aggregate([
         (IS_POSITIVE, "sum"), (PSEUDO_POSITIVE, "sum"), (KEEP, "sum"),
     ])
@@ -50,8 +56,7 @@ def compute_stats(canonical: pa.Table, selection: SelectionConfig, qrels: pa.Tab
     quota = np.array([selection.quota(int(p)) for p in positives], dtype=np.int64)
     with_positive = positives > 0
     skipped = canonical.filter(pc.equal(canonical[DROP_REASON], NO_POSITIVE))[schema.QUERY_ID].unique()
-
-    stats = {
+    piece = {
         "rows": canonical.num_rows,
         "positives": int(is_positive.sum()),
         "kept_negatives": int(keep.sum()),
@@ -65,16 +70,50 @@ def compute_stats(canonical: pa.Table, selection: SelectionConfig, qrels: pa.Tab
             "short": int((with_positive & (kept < quota)).sum()),
             "without_negatives": int((with_positive & (kept == 0)).sum()),
         },
-        "quota": {"num_negatives": selection.num_negatives, "negatives_per": selection.negatives_per},
-        "negatives_per_query": {str(k): v for k, v in sorted(Counter(kept[with_positive].tolist()).items())},
-        "scores": {
-            "positives": distribution(score[is_positive]),
-            "kept_negatives": distribution(score[keep]),
-            "margin": distribution(canonical[POS_MIN_SCORE].to_numpy(zero_copy_only=False)[keep] - score[keep]),
+        "negatives_per_query": {str(k): v for k, v in Counter(kept[with_positive].tolist()).items()},
+        "values": {
+            "positives": score[is_positive].tolist(),
+            "kept_negatives": score[keep].tolist(),
+            "margin": (canonical[POS_MIN_SCORE].to_numpy(zero_copy_only=False)[keep] - score[keep]).tolist(),
         },
     }
     if qrels is not None:
-        stats["qrels"] = _qrels_coverage(canonical, qrels, selection)
+        piece["qrels"] = _qrels_coverage(canonical, qrels, selection)
+    return piece
+
+
+def reduce_stats(pieces: list[dict], selection: SelectionConfig, qrels: pa.Table | None = None) -> dict:
+    """stats.json's figures from the pieces of disjoint sets of queries. The distributions are computed over
+    the sorted scores, so the result is the same whatever the pieces' number and order."""
+    def total(get) -> int:
+        return sum(get(p) for p in pieces)
+
+    per_query: Counter = Counter()
+    for p in pieces:
+        per_query.update({int(k): v for k, v in p["negatives_per_query"].items()})
+    values = {name: np.sort(np.concatenate([np.asarray(p["values"][name], dtype=np.float32) for p in pieces]
+                                           or [np.zeros(0, np.float32)]))
+              for name in ("positives", "kept_negatives", "margin")}
+    stats = {
+        "rows": total(lambda p: p["rows"]),
+        "positives": total(lambda p: p["positives"]),
+        "kept_negatives": total(lambda p: p["kept_negatives"]),
+        "drop_reasons": {reason: total(lambda p: p["drop_reasons"][reason]) for reason in DROP_REASONS},
+        "queries": {name: total(lambda p: p["queries"][name]) for name in (
+            "in", "with_positive", "with_pseudo_positive", "skipped_no_positive", "with_full_quota", "short",
+            "without_negatives")},
+        "quota": {"num_negatives": selection.num_negatives, "negatives_per": selection.negatives_per},
+        "negatives_per_query": {str(k): v for k, v in sorted(per_query.items())},
+        "scores": {name: distribution(v) for name, v in values.items()},
+    }
+    if qrels is not None:
+        # A query lives in one piece, so the positive queries with candidates add up across pieces.
+        positive = qrels.filter(pc.greater_equal(qrels[schema.LABEL], selection.min_positive_label))
+        judged = len(pc.unique(positive[schema.QUERY_ID].cast(pa.string())))
+        stats["qrels"] = {
+            "queries_without_candidates": judged - total(lambda p: p["qrels"]["positive_queries_with_candidates"]),
+            "positives_not_in_candidates": total(lambda p: p["qrels"]["positives_not_in_candidates"]),
+        }
     return stats
 
 
@@ -87,7 +126,7 @@ def _qrels_coverage(canonical: pa.Table, qrels: pa.Table, selection: SelectionCo
     retrieved = pc.is_in(pair(query_ids, doc_ids),
                          value_set=pair(canonical[schema.QUERY_ID], canonical[schema.DOC_ID]).combine_chunks())
     return {
-        "queries_without_candidates": len(pc.unique(query_ids.filter(pc.invert(has_candidates)))),
+        "positive_queries_with_candidates": len(pc.unique(query_ids.filter(has_candidates))),
         "positives_not_in_candidates": int(pc.sum(pc.and_(has_candidates, pc.invert(retrieved))).as_py() or 0),
     }
 
