@@ -45,7 +45,7 @@ def base_parser(prog: str, description: str, *, model_required: bool = True,
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config key, e.g. --set scorer.max_tokens_per_batch=8192 (repeatable)")
     parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="-v: this project's debug logging; -vv: every library's too (credentials redacted)")
+                        help="-v: this project's debug logging; -vv: every library's too but Ray's (credentials redacted)")
     return parser
 
 
@@ -56,6 +56,7 @@ class RedactSecrets(logging.Filter):
     PATTERNS = [
         (re.compile(r"(Credential=)[^/,\s'\"]+"), r"\1<redacted>"),
         (re.compile(r"(Signature=)[0-9a-fA-F]+"), r"\1<redacted>"),
+        (re.compile(r"(Signature:\s*)[0-9a-fA-F]{64}"), r"\1<redacted>"),  # botocore's "Signature:\n<hex>"
         (re.compile(r"((?:X-Amz-Security-Token|x-amz-security-token|Authorization|authorization)['\"]?\s*[:=]\s*['\"]?)"
                     r"[^'\",}\s]+(?:[^'\",}]*)"), r"\1<redacted>"),
         (re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{12,}\b"), "<redacted>"),
@@ -110,6 +111,9 @@ def setup_logging(verbose: int | bool = 0) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
+    # Ray's own debug lines describe its scheduler loop many times a second; its log files in the session
+    # folder keep them. -vv is for the libraries that talk to storage and load models.
+    logging.getLogger("ray").setLevel(logging.INFO if verbose >= 2 else logging.WARNING)
     for name in OWN_LOGGERS:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose >= 1 else logging.INFO)
 

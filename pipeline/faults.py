@@ -31,6 +31,7 @@ _UNREACHABLE = {
     "ConnectionRefusedError", "ConnectionResetError", "ConnectionAbortedError", "NewConnectionError",
     "MaxRetryError", "ProxyConnectionError",
 }
+_TRACEBACK_LINE = re.compile(r"^([\w.]+): (.+)$", re.MULTILINE)
 _UNREACHABLE_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT}
 
 
@@ -82,8 +83,16 @@ def explain(exc: BaseException) -> PipelineError | None:
             if found:
                 name, message = found[-1]
                 return getattr(errors, name)(message.strip())
-            if "[Errno 28]" in str(e):
+            text = str(e)
+            if "[Errno 28]" in text or "No space left on device" in text:
                 return InfrastructureError(f"no space left on the device (in a worker); free space and {RESUME}")
+            # A worker's exception crosses to the driver pickled, which drops __cause__: the storage fault
+            # under a failed write is only named in the worker's traceback text.
+            unreachable = [m for m in _TRACEBACK_LINE.findall(text) if m[0].rsplit(".", 1)[-1] in _UNREACHABLE]
+            if unreachable:
+                name, message = unreachable[-1]
+                return InfrastructureError(f"the storage endpoint stopped answering ({name.rsplit('.', 1)[-1]}: "
+                                           f"{message.strip()}); {RESUME}")
     for e in causes:
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             return InfrastructureError(f"no space left on the device writing{_where(e)}; free space (or point "

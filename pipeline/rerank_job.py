@@ -134,6 +134,7 @@ def _ensure_ray(config: RerankConfig) -> None:
         address = config.ray_address or os.environ.get("RAY_ADDRESS") or "local"
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=False,
                  include_dashboard=False, logging_level=logging.WARNING)
+    logger.debug("Ray at %s: %s", ray.get_runtime_context().gcs_address, ray.cluster_resources())
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
@@ -369,6 +370,10 @@ def _plan(config, input_uri, output_uri, out_fs, out_root, in_fs, files, fingerp
         stale = join(plan.work, "scored", f"shard-{shard.shard:05d}")
         if out_fs.exists(stale):
             out_fs.rm(stale, recursive=True)
+    logger.debug("shards: %s; ranking buckets: %d (%s); input fingerprint %s", ", ".join(
+        f"{s.shard}={posixpath.basename(s.path)}:{len(s.row_groups)} row groups/{s.num_pairs} pairs" for s in shards[:20])
+        + (f" ... (+{len(shards) - 20})" if len(shards) > 20 else ""), num_buckets,
+        "one per shard" if rank_per_shard else "hash(query_id)", fingerprint["sha256"])
     logger.info("%s pairs in %d shard(s) (%s input); %d already done, %d to score; model %s (%s layout)",
                 f"{total_pairs:,}", len(shards), "grouped" if layout.grouped else "long", len(plan.committed),
                 len(plan.pending), config.model, model["layout"] or "read by the scorers")

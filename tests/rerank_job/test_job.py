@@ -19,6 +19,8 @@ from pipeline.rerank_job import run_rerank
 
 from .conftest import read_dir
 
+pytestmark = pytest.mark.slow  # every test runs the job on the session's local Ray (`ray_local`)
+
 
 def _config(**overrides) -> RerankConfig:
     base = {"model": "dummy:tiny", "dtype": "float32", "progress_interval_s": 1.0,
@@ -210,14 +212,14 @@ def test_empty_row_groups_and_files_are_skipped(ray_local, dl19_rows, tmp_path):
 
 
 def test_finished_output_with_other_settings_is_refused(ray_local, dl19_rows, tmp_path):
-    from pipeline.errors import InputError
+    from pipeline.errors import InputError, OutputError
 
     rows = [{k: str(r[k]) for k in ("query_id", "query", "doc_id", "document")} for r in dl19_rows[:20]]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "in.parquet")
     first = run_rerank(_config(), str(tmp_path / "in.parquet"), str(tmp_path / "out"))
     again = run_rerank(_config(scorer__batch_size=7), str(tmp_path / "in.parquet"), str(tmp_path / "out"))
     assert again == first  # same result settings: nothing to do
-    with pytest.raises(InputError, match="other settings"):
+    with pytest.raises(OutputError, match="other settings"):
         run_rerank(_config(output__top_k=3), str(tmp_path / "in.parquet"), str(tmp_path / "out"))
     with pytest.raises(InputError, match="no GPU"):
         run_rerank(_config(scorer__device="cuda"), str(tmp_path / "in.parquet"), str(tmp_path / "out2"))
