@@ -1,8 +1,10 @@
-"""Fixtures shared by every test module: where the real data lives."""
+"""Fixtures shared by every test module: where the real data lives, an S3 server, a job's command line
+run in this process."""
 
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -48,3 +50,22 @@ def s3_bucket(s3_endpoint, monkeypatch, request) -> tuple[str, dict]:
     bucket = ("t-" + re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()))[:50].strip("-")
     s3fs.S3FileSystem(**options).mkdir(bucket)
     return f"s3://{bucket}", options
+
+
+@pytest.fixture
+def run_entry_point(capsys):
+    """`run_entry_point(main, *argv)`: a job's `main` through the shared entry point (`pipeline.cli.run_main`),
+    in this process, as `python -m jobs.X ARGV` runs it: its exit code, stdout and stderr as a
+    `subprocess.CompletedProcess`. For what is decided before any work (bad arguments, config, input; exit codes
+    and the one-line `error:`), where a process of its own adds only start-up time."""
+    from pipeline.cli import run_main
+
+    def run(main, *argv) -> subprocess.CompletedProcess:
+        argv = [str(a) for a in argv]
+        capsys.readouterr()  # what earlier steps of the test printed is not this command's output
+        with pytest.raises(SystemExit) as exit_info:
+            run_main(main, argv)
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(argv, exit_info.value.code, out, err)
+
+    return run

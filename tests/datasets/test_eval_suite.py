@@ -32,6 +32,7 @@ def test_dl_configs_give_bm25_its_published_ndcg(shared_data, name, published):
     assert round(first_stage["nDCG@10"], 4) == published
 
 
+@pytest.mark.slow  # the whole suite end to end: six collections, each loaded, scored and measured
 def test_suite_runs_with_random_weights(shared_data, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("SHARED_DATA", str(shared_data))
     output = tmp_path / "results" / "suite.json"

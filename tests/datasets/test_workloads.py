@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -17,8 +13,6 @@ from pipeline.datasets.__main__ import main
 from pipeline.datasets.workloads import describe, estimate_tokens
 from pipeline.errors import InputError
 from pipeline.trec import read_qrels
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_dl19_is_the_4300_bm25_pairs(shared_data):
@@ -74,10 +68,9 @@ def test_cli_writes_pairs_and_qrels(shared_data, tmp_path, capsys):
     assert pq.read_table(tmp_path / "long.parquet").num_rows == 123
 
 
-def test_cli_errors_are_one_line_with_what_to_do(shared_data, tmp_path):
-    def run(*args):
-        return subprocess.run([sys.executable, "-m", "pipeline.datasets", *args, "--data-dir", str(shared_data),
-                               "--output", str(tmp_path / "x.parquet")], capture_output=True, text=True, cwd=ROOT)
+def test_cli_errors_are_one_line_with_what_to_do(shared_data, tmp_path, run_entry_point):
+    def run(*args):  # `python -m pipeline.datasets ARGS`'s entry point, in this process
+        return run_entry_point(main, *args, "--data-dir", shared_data, "--output", tmp_path / "x.parquet")
 
     unknown = run("cosqa", "--set", "pool=5")
     assert unknown.returncode == 2 and unknown.stderr.strip() == (

@@ -4,8 +4,6 @@ checkpoint (random weights, real loading, tokenizing and scoring), then selectio
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +22,6 @@ from pipeline.hard_negatives.job import read_positives
 from pipeline.hard_negatives.select import IS_POSITIVE, KEEP, POS_MIN_SCORE
 from pipeline.trec import read_qrels
 
-ROOT = Path(__file__).resolve().parents[2]
 # A short max_length keeps the random-weight scoring quick; the pipeline is the same at any length.
 FAST = ["--model", "dummy:tiny", "--dtype", "float32", "--set", "rerank.tokenizer.max_length=96",
         "--set", "selection.min_positive_label=2"]
@@ -60,6 +57,7 @@ def outputs(root: Path) -> dict[str, bytes]:
             if p.is_file() and not p.relative_to(root).parts[0] == "rerank"}
 
 
+@pytest.mark.slow  # `mined`: the whole job, the rerank job on a local Ray included
 def test_every_candidate_is_reranked_and_labelled(mined, dl19_input):
     source, qrels_path = dl19_input
     canonical = pq.read_table(mined / "candidates")
@@ -91,6 +89,7 @@ def test_every_candidate_is_reranked_and_labelled(mined, dl19_input):
         assert np.float32(r[schema.SCORE]) <= pos_min - abs(pos_min) * np.float32(0.05)
 
 
+@pytest.mark.slow  # `mined`: the whole job, the rerank job on a local Ray included
 def test_stats_and_training_files(mined):
     stats = json.loads((mined / "stats.json").read_text())
     canonical = pq.read_table(mined / "candidates")
@@ -103,6 +102,7 @@ def test_stats_and_training_files(mined):
     assert len(lines) == stats["projections"]["flagembedding_lines"] > 0
 
 
+@pytest.mark.slow  # `mined`: the whole job, the rerank job on a local Ray included
 def test_reruns_reuse_the_scores_and_repeat_the_bytes(mined, dl19_input, tmp_path, capsys):
     source, qrels = dl19_input
     summary = (mined / "rerank" / "summary.json").read_bytes()
@@ -133,12 +133,11 @@ def test_positives_from_an_input_label_column(dl19_input, tmp_path):
     assert read_positives(config, str(tmp_path / "labelled.parquet"), None) is None
 
 
-def test_bad_input_is_one_line_and_exit_code_2(dl19_input, tmp_path):
+def test_bad_input_is_one_line_and_exit_code_2(dl19_input, tmp_path, run_entry_point):
     source, _ = dl19_input
-    result = subprocess.run(
-        [sys.executable, "-m", "jobs.hard_negatives", "--input", str(source), "--positives",
-         str(tmp_path / "missing-qrels.txt"), "--output", str(tmp_path / "out"), "--model", "dummy:tiny"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    # The entry point of `python -m jobs.hard_negatives`, in this process: the qrels are read before any work.
+    result = run_entry_point(main, "--input", source, "--positives", tmp_path / "missing-qrels.txt",
+                             "--output", tmp_path / "out", "--model", "dummy:tiny")
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: ") and "missing-qrels.txt" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1

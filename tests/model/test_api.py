@@ -71,6 +71,7 @@ def test_describe_reports_backend_and_random_weights(encoder):
     assert info["random_weights"] is True and info["layout"] == "jina_flash"
 
 
+@pytest.mark.slow  # all 4,300 pairs at up to 1,024 tokens through the engine on CPU
 def test_scores_all_dl19_passages(dl19_pairs):
     """Done-when of the engine issue: the 4,300 real DL19 pairs score on CPU without error."""
     encoder = CrossEncoder.from_pretrained("dummy:tiny")

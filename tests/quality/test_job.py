@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +39,7 @@ def _args(run, qrels, output, history, night, *extra):
             "--set", "input.judge_score_column=reranker_score", "--set", "segment_columns=[query_type]", *extra]
 
 
+@pytest.mark.slow  # four nights end to end, each with its report and plots
 def test_nights_history_and_a_planted_regression(dl19_long, dl19_qrels, degraded_run, tmp_path, capsys):
     history = tmp_path / "history"
     assert main(_args(dl19_long, dl19_qrels, tmp_path / "n1", history, "2024-05-01")) == 0
@@ -136,24 +135,19 @@ def test_bad_requests_fail_before_work(dl19_long, tmp_path, extra, error, messag
     assert not (tmp_path / "out").exists()
 
 
-def test_command_line_exit_codes(shared_data, tmp_path):
+def test_command_line_exit_codes(shared_data, tmp_path, run_entry_point):
+    """`python -m jobs.index_quality`'s entry point (pipeline.cli.run_main), in this process: exit codes, one line."""
     dl = shared_data / "trec-dl"
-    ok = subprocess.run(
-        [sys.executable, "-m", "jobs.index_quality", "--run", str(dl / "runs" / "BM25_dl20.txt"),
-         "--qrels", str(dl / "qrels.dl20-passage.txt"), "--output", str(tmp_path / "out"),
-         "--set", "metrics.relevance_level=2"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )
+    ok = run_entry_point(main, "--run", dl / "runs" / "BM25_dl20.txt", "--qrels", dl / "qrels.dl20-passage.txt",
+                         "--output", tmp_path / "out", "--set", "metrics.relevance_level=2")
     assert ok.returncode == 0, ok.stderr
     assert round(json.loads((tmp_path / "out" / "metrics.json").read_text())["overall"]["nDCG@10"], 4) == 0.4796
-    bad = subprocess.run(
-        [sys.executable, "-m", "jobs.index_quality", "--run", str(tmp_path / "missing.txt"),
-         "--qrels", str(dl / "qrels.dl20-passage.txt"), "--output", str(tmp_path / "out2")],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )
+    bad = run_entry_point(main, "--run", tmp_path / "missing.txt", "--qrels", dl / "qrels.dl20-passage.txt",
+                          "--output", tmp_path / "out2")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [f"error: {str(tmp_path / 'missing.txt')!r} not found"]
 
 
+@pytest.mark.slow  # --model: the rerank job on a local Ray
 def test_model_reranks_the_run_through_the_rerank_job(dl19_long, dl19_qrels, tmp_path):
     """--model: the run is reranked by the rerank job; label-free and reranked measures appear."""
     output = tmp_path / "night"
@@ -169,6 +163,7 @@ def test_model_reranks_the_run_through_the_rerank_job(dl19_long, dl19_qrels, tmp
     assert "reranked/nDCG@10" in metrics["reranked"]
 
 
+@pytest.mark.slow  # --model: the rerank job on a local Ray
 def test_trec_run_with_texts_and_model(dl19_long, dl19_qrels, shared_data, tmp_path):
     """A TREC run file has no texts: --texts supplies them, pairs of the run without text stay unscored."""
     texts = pq.read_table(dl19_long, columns=["query_id", "query", "doc_id", "document"])
