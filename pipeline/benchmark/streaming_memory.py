@@ -84,7 +84,8 @@ def _downsample(timeline: list, max_points: int) -> list:
     if len(timeline) <= max_points:
         return timeline
     keep = set(np.linspace(0, len(timeline) - 1, max_points - 1).astype(int).tolist())
-    keep.add(max(range(len(timeline)), key=lambda i: timeline[i][2] or timeline[i][1]))
+    # The highest PSS; a sample without PSS (a process ended between its reads) only where none has one.
+    keep.add(max(range(len(timeline)), key=lambda i: (timeline[i][2] is not None, timeline[i][2] or timeline[i][1])))
     return [timeline[i] for i in sorted(keep)]
 
 
@@ -141,7 +142,8 @@ def run_size(n_pairs: int, model: str, work_dir: str, overrides: list[str], data
     return {
         "n_pairs": n_pairs, "input": input_info, "command": " ".join(command[1:]),
         "seconds": seconds, "pairs_per_s": n_pairs / seconds, "job_pairs_per_s": summary.get("pairs_per_s"),
-        "scored_rows": summary["scored_rows"], "rejected_rows": summary["rejected_rows"],
+        "input_rows": summary["input_rows"], "scored_rows": summary["scored_rows"],
+        "rejected_rows": summary["rejected_rows"],
         "peak_pss_mb": tree.peak_pss_mb, "peak_rss_sum_mb": tree.peak_rss_mb,
         "max_processes": max_processes, "samples": len(tree.timeline),
         # The peak so far each time the job reported progress: does memory keep growing as pairs go by?
