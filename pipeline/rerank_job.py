@@ -300,12 +300,15 @@ def run_rerank(config: RerankConfig, input_uri: str, output_uri: str) -> dict:
     if previous is not None:
         return previous
 
+    # Everything that can be wrong with the input or the model is found here, before anything is written.
+    layout = InputLayout.from_schemas(read_schemas(in_fs, files), config.input, files=files)
+    model = check_model(config)
     _prepare_output(out_fs, out_root, output_uri)
     with OutputLease(out_fs, out_root, output_uri, heartbeat_s=config.io.lease_heartbeat_s,
                      timeout_s=config.io.lease_timeout_s) as lease:
         if out_fs.exists(join(out_root, "summary.json")):
             raise OutputError(f"{output_uri} was completed by another run just now; rerun to see its result")
-        plan = _plan(config, input_uri, output_uri, out_fs, out_root, in_fs, files, fingerprint)
+        plan = _plan(config, input_uri, output_uri, out_fs, out_root, in_fs, files, fingerprint, layout, model)
         _ensure_ray(config)
         _check_cluster(config, plan.protocol)
         t_score = time.monotonic()
@@ -338,11 +341,9 @@ def _finished_run(config, out_fs, out_root, output_uri, input_uri, fingerprint) 
     return previous
 
 
-def _plan(config, input_uri, output_uri, out_fs, out_root, in_fs, files, fingerprint) -> RunPlan:
-    """Everything that can be wrong with the input or the model is found here, before any work; then the
-    shard plan, checked against an unfinished run's, whose committed shards are kept."""
-    layout = InputLayout.from_schemas(read_schemas(in_fs, files), config.input, files=files)
-    model = check_model(config)
+def _plan(config, input_uri, output_uri, out_fs, out_root, in_fs, files, fingerprint, layout, model) -> RunPlan:
+    """The shard plan (from Parquet metadata), checked against an unfinished run's, whose committed shards
+    are kept."""
     shards = plan_shards(in_fs, files, layout, config.input.rows_per_shard)
     total_pairs = sum(s.num_pairs for s in shards)
     # Grouped input ranks each shard on its own (no shuffle) only if no query id spans two rows.

@@ -103,9 +103,8 @@ def test_bad_input_fails_before_work_with_one_line(tmp_path, dl19_long, run_entr
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: column `document` not found")
     assert "input.document_column" in result.stderr
-    # Nothing started: no work, no lease left behind (since be7e590 the driver creates the output folder and
-    # takes its lease before it reads the input's schema, so an empty folder may remain).
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    # Found before anything is written: not even the output folder exists.
+    assert not (tmp_path / "out").exists()
     result = run_entry_point(rerank_main, "--input", dl19_long, "--output", tmp_path / "o2", "--model", "dummy:tiny",
                              "--set", "scorer.max_tokens_per_batch=lots")
     assert result.returncode == 2 and "scorer.max_tokens_per_batch" in result.stderr
