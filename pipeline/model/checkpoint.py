@@ -29,11 +29,10 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.errors import CheckpointError
+from pipeline.model.dummy import DUMMY_MARKER, dummy_checkpoint
 from pipeline.model.modeling import CrossEncoderModel, ModelConfig
 
 logger = logging.getLogger(__name__)
-
-DUMMY_MARKER = "rerank_pipeline_dummy"  # config.json key set by `dummy.py`: the weights are random
 
 
 @dataclass(frozen=True)
@@ -299,8 +298,6 @@ def inspect_checkpoint(directory: str, allow_pickle: bool = False) -> tuple[Layo
 def resolve_model_directory(name_or_path: str, revision: str | None = None) -> tuple[str, str]:
     """(directory, revision) for a local dir, a hub id, or `dummy:<architecture>` (built once and cached)."""
     if name_or_path.startswith("dummy:"):
-        from pipeline.model.dummy import dummy_checkpoint
-
         try:
             return dummy_checkpoint(name_or_path.split(":", 1)[1]), revision or "random-weights"
         except ValueError as e:

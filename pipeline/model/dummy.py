@@ -17,7 +17,10 @@ import tempfile
 from dataclasses import asdict, dataclass, replace
 from typing import Iterable
 
-from pipeline.model.checkpoint import DUMMY_MARKER
+# The config.json key `build_checkpoint` sets: the weights are random. Defined here, where it is written, and
+# read by the loader (`checkpoint.py`) and the engine; this module imports nothing of the project, so both
+# can import it at the top without a cycle.
+DUMMY_MARKER = "rerank_pipeline_dummy"
 
 
 @dataclass(frozen=True)
