@@ -47,9 +47,9 @@ import pyarrow.compute as pc
 
 from pipeline import schema
 from pipeline.errors import InputError
+from pipeline.groups import group_positions
 from pipeline.hard_negatives import dedup
 from pipeline.hard_negatives.config import SelectionConfig
-from pipeline.quality.ranking import query_groups
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +108,8 @@ def select_negatives(candidates: pa.Table, config: SelectionConfig, qrels: pa.Ta
 
     score = table[schema.SCORE].to_numpy()  # float32, (n,)
     # Rows are sorted by query: group (n,) = the query's index, starts (num_queries,) = its first row.
-    group, starts, _ = query_groups(table[schema.QUERY_ID])
-    sizes = np.diff(np.r_[starts, n])
+    groups = group_positions(table[schema.QUERY_ID])
+    group, starts, sizes = groups.group, groups.starts, groups.sizes
 
     label = table[schema.LABEL]
     is_positive = pc.fill_null(pc.greater_equal(label, config.min_positive_label), False).to_numpy(
@@ -168,7 +168,7 @@ def select_negatives(candidates: pa.Table, config: SelectionConfig, qrels: pa.Ta
         pairs = zip(table[schema.QUERY_ID].to_pylist(), table[schema.DOC_ID].to_pylist())
         order_key = np.fromiter((sample_order_key(config.seed, q, d) for q, d in pairs),
                                 dtype=np.uint64, count=n)
-    keep = _take_per_query(survivor, order_key, group, starts, quota)
+    keep = _take_per_query(survivor, order_key, group, quota)
     reason_code[survivor & ~keep] = DROP_REASONS.index(NOT_SAMPLED)
 
     reason_names = np.array(DROP_REASONS, dtype=object)[np.maximum(reason_code, 0)]
@@ -188,14 +188,13 @@ def select_negatives(candidates: pa.Table, config: SelectionConfig, qrels: pa.Ta
     return pa.table(columns, schema=CANONICAL_SCHEMA)
 
 
-def _take_per_query(survivor: np.ndarray, order_key: np.ndarray, group: np.ndarray, starts: np.ndarray,
-                    quota: np.ndarray) -> np.ndarray:
+def _take_per_query(survivor: np.ndarray, order_key: np.ndarray, group: np.ndarray, quota: np.ndarray) -> np.ndarray:
     """The first `quota[q]` survivors of each query q in `order_key` order (ties: row order). -> bool (n,)"""
     n = len(survivor)
     order = np.lexsort((np.arange(n), order_key, ~survivor, group))  # survivors first, then by key
     ordered_survivor = survivor[order]
-    # Position among its query's survivors: rows of a query are contiguous in `order` too, survivors first.
-    position = np.arange(n) - starts[group[order]]
+    # Position among its query's survivors (0-based): rows of a query are contiguous in `order` too, survivors first.
+    position = group_positions(group[order]).position - 1
     taken = np.zeros(n, dtype=bool)
     taken[order] = ordered_survivor & (position < quota[group[order]])
     return taken

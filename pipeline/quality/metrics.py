@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.errors import InputError
+from pipeline.groups import group_positions
 from pipeline.quality.ranking import rank_by_score
 from pipeline.schema import DOC_ID, LABEL, QUERY_ID, RANK, SCORE
 
@@ -106,15 +107,6 @@ class JudgedRanking:
         return np.where(self.label > 0, self.label, 0.0)
 
 
-def _rank_within(sorted_qidx: np.ndarray) -> np.ndarray:
-    """(N,) group ids, sorted -> (N,) 1-based position of each row within its group."""
-    if len(sorted_qidx) == 0:
-        return np.zeros(0, np.int64)
-    new_group = np.r_[True, sorted_qidx[1:] != sorted_qidx[:-1]]
-    starts = np.flatnonzero(new_group)
-    return np.arange(len(sorted_qidx)) - np.repeat(starts, np.diff(np.r_[starts, len(sorted_qidx)])) + 1
-
-
 def judge_run(
     run: pa.Table, qrels: pa.Table, relevance_level: int = 1, complete_queries: bool = False
 ) -> JudgedRanking:
@@ -155,7 +147,7 @@ def judge_run(
         num_ret=np.bincount(qidx, minlength=num_queries),
         num_rel=np.bincount(q_of_judgement[judgement >= relevance_level], minlength=num_queries),
         ideal_qidx=ideal_qidx,
-        ideal_rank=_rank_within(ideal_qidx),
+        ideal_rank=group_positions(ideal_qidx).position,
         ideal_gain=judgement[positive][order],
         relevance_level=relevance_level,
     )

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.groups import group_positions
 from pipeline.schema import DOC_ID, QUERY_ID, RANK, SCORE
 
 
@@ -31,24 +32,18 @@ def rank_by_score(table: pa.Table, score_column: str = SCORE, rank_column: str =
     ranked = table.take(order)
     if rank_column in ranked.column_names:
         ranked = ranked.drop_columns([rank_column])
-    qidx, starts, _ = query_groups(ranked[QUERY_ID])
-    rank = np.arange(ranked.num_rows, dtype=np.int64) - starts[qidx] + 1
+    rank = group_positions(ranked[QUERY_ID]).position
     return ranked.append_column(rank_column, pa.array(rank.astype(np.int32)))
 
 
 def query_groups(query_ids: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray, pa.Array]:
-    """Group ids of rows already sorted (or at least grouped) by query.
+    """Group ids of rows already sorted (or at least grouped) by query (`pipeline.groups.group_positions`).
 
     Returns qidx (N,) int64 = group of each row, starts (Q,) int64 = first row of each group,
     and the group's query ids (Q,) as a string array.
     """
     ids = query_ids.combine_chunks() if isinstance(query_ids, pa.ChunkedArray) else query_ids
-    n = len(ids)
-    if n == 0:
+    if len(ids) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), pa.array([], pa.string())
-    new_group = np.empty(n, dtype=bool)
-    new_group[0] = True
-    new_group[1:] = pc.not_equal(ids[1:], ids[:-1]).to_numpy(zero_copy_only=False)
-    starts = np.flatnonzero(new_group)
-    qidx = np.cumsum(new_group) - 1
-    return qidx, starts, ids.take(pa.array(starts))
+    groups = group_positions(ids)
+    return groups.group, groups.starts, ids.take(pa.array(groups.starts, pa.int64()))
