@@ -18,7 +18,7 @@ import pytest
 
 from jobs import benchmark_memory
 from pipeline.benchmark.process_memory import ProcessTreeMemory, tree_memory_mb, tree_pids
-from pipeline.benchmark.streaming_memory import _downsample, write_repeated_pairs
+from pipeline.benchmark.streaming_memory import JOBS, _downsample, write_repeated_pairs
 from pipeline.errors import InputError
 from pipeline.model.dummy import ARCHITECTURES, build_checkpoint
 
@@ -76,6 +76,52 @@ def test_repeated_pairs_have_unique_ids(tmp_path, shared_data):
     # Repeat 1 starts where DL19 (4,300 pairs) ends, with the same texts.
     assert table["query"][4_300].as_py() == table["query"][0].as_py()
     assert table["query_id"][4_300].as_py() == table["query_id"][0].as_py().replace("~0", "~1")
+
+
+def test_repeated_pairs_with_labels_carry_the_nist_judgements(tmp_path, shared_data):
+    from pipeline.datasets import trec_dl
+
+    write_repeated_pairs(str(tmp_path / "in.parquet"), 9_000, str(shared_data), row_group_size=4_000, with_labels=True)
+    table = pq.read_table(tmp_path / "in.parquet")
+    assert table.column_names == ["query_id", "query", "doc_id", "document", "rank", "score", "label"]
+    assert table.num_rows == 9_000
+    pairs, qrels = trec_dl(2019, str(shared_data))
+    judged = {(r["query_id"], r["doc_id"]): r["label"] for r in qrels.to_pylist()}
+    rows = table.to_pylist()
+    for i in (0, 1, 4_299, 4_300, 8_999):  # both sides of a repeat's boundary
+        row, source = rows[i], pairs.slice(i % 4_300, 1).to_pylist()[0]
+        key = (row["query_id"].rsplit("~", 1)[0], row["doc_id"].rsplit("~", 1)[0])
+        assert key == (source["query_id"], source["doc_id"])
+        assert row["label"] == judged.get(key) and row["rank"] == source["first_stage_rank"]
+    # Every repeat holds DL19's judgements: 2,257 of its 4,300 candidates are judged.
+    assert table.slice(0, 4_300)["label"].null_count == 4_300 - 2_257
+    assert table.slice(4_300, 4_300)["label"].equals(table.slice(0, 4_300)["label"])
+
+
+DRIVER_CHILD = "import sys; block = bytearray(300 * 2**20); block[::4096] = b'x' * len(block[::4096]); " \
+               "del block; sys.exit(int(sys.argv[1]))"
+
+
+@pytest.mark.parametrize("status", [0, 3])
+def test_the_driver_peak_is_the_kernels_and_written_however_the_module_exits(tmp_path, status):
+    """A module that held 300 MiB and freed it: its peak (VmHWM) still holds them, its end does not."""
+    (tmp_path / "allocate_then_exit.py").write_text(DRIVER_CHILD.replace("; ", "\n"))
+    report = tmp_path / "driver.json"
+    result = subprocess.run([sys.executable, "-m", "pipeline.benchmark.driver_peak", str(report), "-m",
+                             "allocate_then_exit", str(status)], cwd=tmp_path, timeout=120,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])})
+    assert result.returncode == status
+    driver = json.loads(report.read_text())
+    assert driver["module"] == "allocate_then_exit" and driver["exit"] == status
+    assert driver["peak_rss_mb"] >= 300 > driver["end_rss_mb"] > 0
+
+
+def test_the_hard_negative_job_is_run_with_its_positives_and_bounded_buckets():
+    job = JOBS["hard-negatives"]
+    assert job.module == "jobs.hard_negatives" and job.with_labels
+    assert "rerank.output.rows_per_bucket=100000" in job.default_overrides
+    assert (job.goal, job.driver_limit_mb) == (1.2, 1024.0)
+    assert JOBS["rerank"].module == "jobs.rerank" and JOBS["rerank"].default_overrides == ()
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +188,52 @@ def test_the_job_reports_every_size(tiny_model, shared_data, tmp_path):
     assert f"{across['ratio']:.2f}x" in table and f"{within['ratio']:.2f}x" in table
 
 
+@pytest.mark.slow  # two hard-negative jobs (a rerank and a selection each), each in a process of its own
+def test_the_hard_negative_job_reports_every_size_and_its_driver(tiny_model, shared_data, tmp_path):
+    output = tmp_path / "memory-hn.json"
+    code = benchmark_memory.main(["--job", "hard-negatives", "--pairs", "5000,2000", "--model", tiny_model,
+                                  "--output", str(output), "--data-dir", str(shared_data), "--interval", "0.5",
+                                  "--set", "rerank.input.rows_per_shard=1000", "--set", "rerank.io.rows_per_write=1000",
+                                  "--set", "rerank.progress_interval_s=0.1", "--set", "rerank.output.rows_per_bucket=2000"])
+    assert code == 0
+    report = json.loads(output.read_text())
+    assert report["job"] == "hard-negatives"
+    assert report["overrides"][0] == "rerank.output.rows_per_bucket=100000"  # the job's own, then --set's
+    assert report["overrides"][-1] == "rerank.output.rows_per_bucket=2000"
+    runs = report["runs"]
+    assert [r["n_pairs"] for r in runs] == [2000, 5000]
+    for r in runs:
+        # Every row accounted for: by the rerank's summary, and every scored row labelled in candidates/.
+        assert r["input_rows"] == r["n_pairs"] == r["scored_rows"] + r["rejected_rows"]
+        assert r["candidate_rows"] == r["scored_rows"] and r["kept_negatives"] > 0
+        assert r["queries"] == -(-r["n_pairs"] // 100)  # DL19's 100 candidates per query, repeated
+        assert r["ranked_parts"] >= 1 and r["output_parts"] == 1
+        assert r["command"].startswith("python -m jobs.hard_negatives ") and "--set rerank." in r["command"]
+        assert r["max_processes"] >= 5 and 0 < r["peak_pss_mb"] <= r["peak_rss_sum_mb"]
+        # The driver is one process of the tree: its own peak is positive, its end never above its peak.
+        assert 0 < r["driver_end_rss_mb"] <= r["driver_peak_rss_mb"]
+        assert r["pairs_per_s"] == r["n_pairs"] / r["seconds"]
+    assert runs[1]["ranked_parts"] > runs[0]["ranked_parts"]  # 2,000 rows per bucket: more buckets at 5,000
+    progress = runs[1]["running_peak"]
+    assert progress and [p["pairs"] for p in progress][-1] == 5000
+    drivers = [p["driver_peak_rss_mb"] for p in progress if p["driver_peak_rss_mb"] is not None]
+    assert drivers and drivers == sorted(drivers) and drivers[-1] <= runs[1]["driver_peak_rss_mb"]
+    flat = report["flatness"]
+    assert flat["goal"] == 1.2
+    assert flat["across_runs"]["ratio"] == runs[1]["peak_pss_mb"] / runs[0]["peak_pss_mb"]
+    driver = flat["driver"]
+    assert (driver["smallest_mb"], driver["largest_mb"]) == (runs[0]["driver_peak_rss_mb"], runs[1]["driver_peak_rss_mb"])
+    assert driver["across_runs"]["ratio"] == driver["largest_mb"] / driver["smallest_mb"]
+    assert driver["across_runs"]["met"] == (driver["across_runs"]["ratio"] <= flat["goal"])
+    within = driver["within_largest"]
+    assert within["peak_at_smallest_mb"] == next(p["driver_peak_rss_mb"] for p in progress if p["pairs"] >= 2000)
+    assert within["ratio"] == within["peak_at_end_mb"] / within["peak_at_smallest_mb"]
+    assert driver["limit_mb"] == 1024.0 and driver["under_limit"] == (driver["largest_mb"] < 1024.0)
+    table = output.with_suffix(".md").read_text()
+    assert "| 2,000 |" in table and "| 5,000 |" in table and "--job hard-negatives" in table
+    assert f"{driver['across_runs']['ratio']:.2f}x" in table and "Job: hard-negatives" in table
+
+
 def test_bad_sizes_are_refused_before_any_work(run_entry_point):
     result = run_entry_point(benchmark_memory.main, "--pairs", "100k")
     assert result.returncode == 2
@@ -152,3 +244,6 @@ def test_an_outside_ray_is_refused(tmp_path):
     with pytest.raises(InputError, match="Ray of its own"):
         benchmark_memory.main(["--pairs", "10", "--output", str(tmp_path / "m.json"),
                                "--set", "ray_address=auto"])
+    with pytest.raises(InputError, match="drop --set rerank.ray_address"):
+        benchmark_memory.main(["--job", "hard-negatives", "--pairs", "10", "--output", str(tmp_path / "m.json"),
+                               "--set", "rerank.ray_address=auto"])
