@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -57,6 +58,9 @@ HARD_NEGATIVES_RATIO_GOAL = 1.2
 DRIVER_LIMIT_MB = 1024.0
 # Driver, gcs, raylet and the job's actors: fewer under the driver means Ray ran somewhere else.
 MIN_JOB_PROCESSES = 4
+# Ray's own start-up failure (its raylet did not register within its fixed 30 s): the job runs again.
+RAY_START_FAILED = "timed out during startup"
+RAY_START_ATTEMPTS = 3
 # The rerank job's progress line (pipeline/rerank_job.py, Progress): "scored 1,200/4,300 pairs (27.9%), ..."
 PROGRESS = re.compile(r"scored ([\d,]+)/[\d,]+ pairs")
 
@@ -144,6 +148,35 @@ def _vm_hwm_mb(pid: int) -> float | None:
         return None
 
 
+def _run_once(command: list[str], env: dict, log_path: str, interval_s: float,
+              timeout_s: float) -> tuple[int | None, ProcessTreeMemory, list, float]:
+    """Run the job once, its tree sampled and its progress lines followed: (exit code or None when it ran past
+    `timeout_s`, the sampler, [(seconds, pairs, driver VmHWM)], seconds)."""
+    start = time.perf_counter()
+    # (seconds on the memory timeline's clock, pairs the job reported done, the driver's VmHWM then)
+    progress: list[tuple[float, int, float | None]] = []
+    with open(log_path, "w") as job_log, open(log_path) as job_log_reader:
+        process = subprocess.Popen(command, stdout=job_log, stderr=subprocess.STDOUT, env=env)
+        with ProcessTreeMemory(root=process.pid, interval=interval_s, with_pss=True) as tree:
+            code, pending = None, ""
+            while time.perf_counter() - start < timeout_s:
+                code = process.poll()
+                # The job's own progress lines, as they are written (a line still being written waits).
+                *lines, pending = (pending + job_log_reader.read()).split("\n")
+                for line in lines:
+                    match = PROGRESS.search(line)
+                    if match:
+                        progress.append((round(tree.elapsed(), 2), int(match.group(1).replace(",", "")),
+                                         _vm_hwm_mb(process.pid)))
+                if code is not None:
+                    break
+                time.sleep(0.5)
+            if code is None:
+                process.kill()
+                process.wait()
+    return code, tree, progress, time.perf_counter() - start
+
+
 def _check_rows(job: Job, n_pairs: int, output: str) -> dict:
     """The job's own row accounting, checked; what the report records of it."""
     summary_path = os.path.join(output, "rerank", "summary.json") if job.name == "hard-negatives" else \
@@ -188,32 +221,19 @@ def run_size(n_pairs: int, model: str, work_dir: str, overrides: list[str], data
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     log_path = os.path.join(work_dir, "job.log")
     log.info("%s pairs: python %s (log: %s)", f"{n_pairs:,}", " ".join(job_command), log_path)
-    start = time.perf_counter()
-    # (seconds on the memory timeline's clock, pairs the job reported done, the driver's VmHWM then)
-    progress: list[tuple[float, int, float | None]] = []
-    with open(log_path, "w") as job_log, open(log_path) as job_log_reader:
-        process = subprocess.Popen(command, stdout=job_log, stderr=subprocess.STDOUT, env=env)
-        with ProcessTreeMemory(root=process.pid, interval=interval_s, with_pss=True) as tree:
-            code, pending = None, ""
-            while time.perf_counter() - start < timeout_s:
-                code = process.poll()
-                # The job's own progress lines, as they are written (a line still being written waits).
-                *lines, pending = (pending + job_log_reader.read()).split("\n")
-                for line in lines:
-                    match = PROGRESS.search(line)
-                    if match:
-                        progress.append((round(tree.elapsed(), 2), int(match.group(1).replace(",", "")),
-                                         _vm_hwm_mb(process.pid)))
-                if code is not None:
-                    break
-                time.sleep(0.5)
-            if code is None:
-                process.kill()
-                process.wait()
-    seconds = time.perf_counter() - start
-    if code != 0:
+    for attempt in range(1, RAY_START_ATTEMPTS + 1):
+        code, tree, progress, seconds = _run_once(command, env, log_path, interval_s, timeout_s)
         with open(log_path) as f:
             tail = f.read()[-2000:]
+        if code == 0 or RAY_START_FAILED not in tail or attempt == RAY_START_ATTEMPTS:
+            break
+        # Ray's start-up gave up (it waits 30 s for its raylet, too little on a machine under a heavy load): a
+        # fresh run, measured from its start; the failed one measured nothing.
+        log.warning("%s pairs: Ray did not start in time (attempt %d of %d); running the job again",
+                    f"{n_pairs:,}", attempt, RAY_START_ATTEMPTS)
+        shutil.rmtree(output, ignore_errors=True)
+        time.sleep(30)
+    if code != 0:
         raise RuntimeError(f"the {job.name} job on {n_pairs:,} pairs " +
                            ("timed out" if code is None else f"exited with {code}") + f"; its log ends:\n{tail}")
     rows = _check_rows(job, n_pairs, output)
@@ -225,7 +245,7 @@ def run_size(n_pairs: int, model: str, work_dir: str, overrides: list[str], data
                            "so its memory was not measured; unset RAY_ADDRESS and ray_address")
     return {
         "n_pairs": n_pairs, "input": input_info, "command": "python " + " ".join(job_command),
-        "seconds": seconds, "pairs_per_s": n_pairs / seconds, **rows,
+        "seconds": seconds, "pairs_per_s": n_pairs / seconds, "attempts": attempt, **rows,
         "peak_pss_mb": tree.peak_pss_mb, "peak_rss_sum_mb": tree.peak_rss_mb,
         "driver_peak_rss_mb": driver["peak_rss_mb"], "driver_end_rss_mb": driver["end_rss_mb"],
         "max_processes": max_processes, "samples": len(tree.timeline),
@@ -256,8 +276,6 @@ def run_streaming_memory(sizes: list[int], model: str, work_dir: str, overrides:
                  f"{n:,}", runs[-1]["seconds"], runs[-1]["pairs_per_s"], runs[-1]["peak_pss_mb"] or float("nan"),
                  runs[-1]["peak_rss_sum_mb"], runs[-1]["driver_peak_rss_mb"])
         if not keep_outputs:
-            import shutil
-
             shutil.rmtree(run_dir, ignore_errors=True)
     metric = "peak_pss_mb" if all(r["peak_pss_mb"] is not None for r in runs) else "peak_rss_sum_mb"
     smallest, largest = runs[0], runs[-1]

@@ -148,6 +148,7 @@ def test_the_job_reports_every_size(tiny_model, shared_data, tmp_path):
         assert r["max_processes"] >= 5
         assert 0 < r["peak_pss_mb"] <= r["peak_rss_sum_mb"]
         assert r["seconds"] > 0 and r["pairs_per_s"] == r["n_pairs"] / r["seconds"]
+        assert r["attempts"] in (1, 2, 3)  # a retry only when Ray's start-up gave up
         # Every sample is kept, unless there were over 400 (a long run on a loaded machine): then 400 at most.
         whole_timeline = r["samples"] <= 400
         assert r["samples"] >= 1
@@ -212,7 +213,7 @@ def test_the_hard_negative_job_reports_every_size_and_its_driver(tiny_model, sha
         assert r["max_processes"] >= 5 and 0 < r["peak_pss_mb"] <= r["peak_rss_sum_mb"]
         # The driver is one process of the tree: its own peak is positive, its end never above its peak.
         assert 0 < r["driver_end_rss_mb"] <= r["driver_peak_rss_mb"]
-        assert r["pairs_per_s"] == r["n_pairs"] / r["seconds"]
+        assert r["pairs_per_s"] == r["n_pairs"] / r["seconds"] and r["attempts"] in (1, 2, 3)
     assert runs[1]["ranked_parts"] > runs[0]["ranked_parts"]  # 2,000 rows per bucket: more buckets at 5,000
     progress = runs[1]["running_peak"]
     assert progress and [p["pairs"] for p in progress][-1] == 5000
