@@ -73,8 +73,9 @@ def _write_run_with_texts(run_uri: str, texts_uri: str, target: str, options: di
         pq.write_table(joined, f)
 
 
-def rerank_scores(args: argparse.Namespace, config: IndexQualityConfig) -> pa.Table:
-    """Rerank the run through the rerank job and read back (query_id, doc_id, score), ids as strings."""
+def rerank_parts(args: argparse.Namespace, config: IndexQualityConfig) -> list[str]:
+    """Rerank the run through the rerank job; the ranked/ part files (whole queries each), which the measuring
+    tasks read (only query_id, doc_id and score), so no score or text reaches this process."""
     options = config.storage_options
     rerank_input = args.run
     if not is_parquet(args.run, options):
@@ -83,15 +84,7 @@ def rerank_scores(args: argparse.Namespace, config: IndexQualityConfig) -> pa.Ta
                              "--texts with a Parquet table of query_id, query, doc_id, document")
         rerank_input = join(args.output, "rerank_input.parquet")
         _write_run_with_texts(args.run, args.texts, rerank_input, options)
-    result = rerank(config.rerank_config(), rerank_input, join(args.output, "rerank"))
-    # Only (query_id, doc_id, score) is read back, part by part; texts never reach this process.
-    columns = [QUERY_ID, DOC_ID, SCORE]
-    batches = [pa.table({QUERY_ID: b.column(QUERY_ID).cast(pa.string()), DOC_ID: b.column(DOC_ID).cast(pa.string()),
-                         SCORE: b.column(SCORE)}) for b in result.iter_batches(columns)]
-    if not batches:
-        return pa.table({QUERY_ID: pa.array([], pa.string()), DOC_ID: pa.array([], pa.string()),
-                         SCORE: pa.array([], pa.float32())})
-    return pa.concat_tables(batches)
+    return rerank(config.rerank_config(), rerank_input, join(args.output, "rerank")).parts()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -99,9 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.verbose)
     config = load_config(IndexQualityConfig, args.config, args.overrides, rerank__model=args.model,
                          rerank__dtype=args.dtype)
-    scores = rerank_scores(args, config) if args.model else None
+    parts = rerank_parts(args, config) if args.model else None
     report = evaluate_night(config, run=args.run, output=args.output, qrels=args.qrels, history=args.history,
-                            reranker_scores=scores)
+                            reranker_parts=parts)
     for name, value in report.all_means().items():
         log.info("%-28s %.4f", name, value)
     log.info("report: %s", join(args.output, "report.html"))

@@ -7,7 +7,7 @@ vectorized pass over Arrow or numpy columns gives all of it; nothing here sorts.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence, Union
+from typing import NamedTuple, Union
 
 import numpy as np
 import pyarrow as pa

@@ -58,6 +58,18 @@ class ReportConfig(StrictModel):
     segment_measure: str | None = None                       # default: the first measure of the night
 
 
+class WorkersConfig(StrictModel):
+    # The run is split by hash(query_id) into parts of about this many pairs; each part's per-query measures are
+    # computed on a Ray task, and only the per-query table reaches the driver. A run of one part is measured in
+    # the job's own process unless Ray is already running (with --model).
+    rows_per_bucket: int = Field(1_000_000, ge=1)
+    num_cpus: float = Field(1.0, gt=0.0)    # per task
+    max_in_flight: int = Field(8, ge=1)     # tasks submitted at once (bounds the results waiting on the driver)
+    # Pairs of (first-stage rank, reranker rank, score) kept for the report's plots, drawn by a hash of the pair
+    # when there are more (the score summary's quantiles come from them then; count, mean, std, min, max are exact).
+    plot_sample_pairs: int = Field(200_000, ge=1)
+
+
 class IndexQualityConfig(StrictModel):
     night: dt.date | None = None  # the night this run belongs to; default: today (UTC)
     segment_columns: list[str] = Field(default_factory=list)  # query-level columns of the run to split by
@@ -67,6 +79,7 @@ class IndexQualityConfig(StrictModel):
     label_free: LabelFreeConfig = Field(default_factory=LabelFreeConfig)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    workers: WorkersConfig = Field(default_factory=WorkersConfig)
     # The rerank job's settings for `--model` runs, used as they are (--model and --dtype set rerank.model
     # and rerank.dtype): the same keys, defaults and checks as configs/rerank_*.yaml.
     rerank: RerankConfig = Field(default_factory=RerankConfig)

@@ -108,11 +108,13 @@ class JudgedRanking:
 
 
 def judge_run(
-    run: pa.Table, qrels: pa.Table, relevance_level: int = 1, complete_queries: bool = False
+    run: pa.Table, qrels: pa.Table, relevance_level: int = 1, complete_queries: bool = False,
+    require_judged: bool = True,
 ) -> JudgedRanking:
     """run (query_id, doc_id, score) + qrels (query_id, doc_id, label) -> JudgedRanking.
 
-    Raises InputError when no query of the run is judged (almost always mismatched query ids).
+    Raises InputError when no query of the run is judged (almost always mismatched query ids), unless
+    `require_judged` is false (one part of a run, whose other parts may hold the judged queries).
     """
     run = run.select([QUERY_ID, DOC_ID, SCORE])
     qrels = qrels.select([QUERY_ID, DOC_ID, LABEL])
@@ -120,7 +122,7 @@ def judge_run(
     run_queries = pc.unique(run[QUERY_ID])
     universe = qrels_queries if complete_queries else run_queries.filter(pc.is_in(run_queries, qrels_queries))
     universe = universe.take(pc.sort_indices(universe))
-    if len(universe) == 0 or not pc.any(pc.is_in(run[QUERY_ID], universe)).as_py():
+    if require_judged and (len(universe) == 0 or not pc.any(pc.is_in(run[QUERY_ID], universe)).as_py()):
         raise InputError(
             f"no query of the run has judgements in the qrels (run query ids like "
             f"{run_queries[:3].to_pylist()}, qrels query ids like {qrels_queries[:3].to_pylist()}); "
@@ -221,7 +223,7 @@ def measure_values(j: JudgedRanking, measure: Measure) -> np.ndarray:
 
 def evaluate(
     run: pa.Table, qrels: pa.Table, measures: list[str | Measure],
-    relevance_level: int = 1, complete_queries: bool = False,
+    relevance_level: int = 1, complete_queries: bool = False, require_judged: bool = True,
 ) -> pa.Table:
     """run (query_id, doc_id, score) x qrels (query_id, doc_id, label) -> per-query table.
 
@@ -229,7 +231,7 @@ def evaluate(
     for which queries), one column per measure named in ir_measures notation (`nDCG@10`).
     """
     parsed = [m if isinstance(m, Measure) else parse_measure(m) for m in measures]
-    judged = judge_run(run, qrels, relevance_level, complete_queries)
+    judged = judge_run(run, qrels, relevance_level, complete_queries, require_judged)
     columns = {QUERY_ID: judged.query_ids}
     for measure in parsed:
         columns[str(measure)] = pa.array(measure_values(judged, measure), pa.float64())

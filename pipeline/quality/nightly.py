@@ -6,15 +6,21 @@
     tonight's per-query + history ----> deltas, paired test, alerts
     all of it ------------------------> metrics.json, per_query.parquet, report.html; then the history row
 
+The measuring runs where the data lives (`parts.py`): the run is split by hash(query_id) into parts, each
+part's per-query measures are computed on a Ray task, and only the per-query tables (queries x measures)
+reach this process, for the means, the paired test and the report. `measure` computes the same tables from a
+whole run in one process (for runs held in memory, and as the reference the parts are tested against).
+
 Reranker scores come from a score column already in the run (`input.judge_score_column`, e.g. the rerank
-job's output) or from the caller (`reranker_scores`, for the rerank pipeline run on the fly once the job
-offers `--model`). Every measure is better when higher.
+job's output) or from the rerank job's ranked/ parts (`reranker_parts`, `--model`). Every measure is better
+when higher.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -26,12 +32,15 @@ from pipeline.errors import InputError
 from pipeline.quality.compare import Comparison, compare_nights
 from pipeline.quality.config import IndexQualityConfig
 from pipeline.quality.history import NIGHT, History
-from pipeline.quality.label_free import RERANKER_RANK, label_free_measures, rank_both, score_summary
-from pipeline.quality.metrics import evaluate, means
-from pipeline.quality.report import RERANKED_PREFIX, NightReport, write_report
-from pipeline.quality.run_input import JUDGE_SCORE, load_run
-from pipeline.quality.segments import query_segments, segment_means
-from pipeline.schema import DOC_ID, FIRST_STAGE_RANK, QUERY_ID, SCORE
+from pipeline.quality.label_free import RERANKER_RANK, rank_both, score_summary
+from pipeline.quality.metrics import means
+from pipeline.quality.parts import (
+    LABEL_FREE, LABELLED, RERANKED, Combined, RunPlan, judge_table, measure_families, measure_run, plan_run,
+)
+from pipeline.quality.report import NightReport, write_report
+from pipeline.quality.run_input import no_usable_rows
+from pipeline.quality.segments import segment_means
+from pipeline.schema import FIRST_STAGE_RANK, QUERY_ID, REASON, SCORE
 from pipeline.storage import join, url_to_fs
 from pipeline.trec import read_qrels
 
@@ -40,10 +49,6 @@ log = logging.getLogger(__name__)
 REJECTED_PARQUET = "rejected.parquet"
 GAIN_NOTE = ("judge/nDCG gains: sigmoid(reranker score) as the probability of relevance; ideal ranking = the "
              "reranker's order of the same candidates")
-
-
-def _prefixed(table: pa.Table, prefix: str) -> pa.Table:
-    return table.rename_columns([c if c == QUERY_ID else prefix + c for c in table.column_names])
 
 
 def _outer_join(tables: list[pa.Table]) -> pa.Table:
@@ -55,17 +60,7 @@ def _outer_join(tables: list[pa.Table]) -> pa.Table:
 
 def _judge_table(run_pairs: pa.Table, reranker_scores: pa.Table | None) -> tuple[pa.Table | None, int]:
     """(query_id, doc_id, first_stage_rank, score = the judge's) and how many run pairs lack a judge score."""
-    if reranker_scores is not None:
-        scores = reranker_scores.select([QUERY_ID, DOC_ID, SCORE]).cast(
-            pa.schema([(QUERY_ID, pa.string()), (DOC_ID, pa.string()), (SCORE, pa.float64())]))
-        table = run_pairs.select([QUERY_ID, DOC_ID, FIRST_STAGE_RANK]).join(scores, keys=[QUERY_ID, DOC_ID])
-    elif JUDGE_SCORE in run_pairs.column_names:
-        table = run_pairs.select([QUERY_ID, DOC_ID, FIRST_STAGE_RANK, JUDGE_SCORE]).rename_columns(
-            [QUERY_ID, DOC_ID, FIRST_STAGE_RANK, SCORE])
-    else:
-        return None, 0
-    table = table.filter(pc.invert(pc.is_nan(pc.fill_null(table[SCORE], float("nan")))))
-    return table, run_pairs.num_rows - table.num_rows
+    return judge_table(run_pairs, reranker_scores)
 
 
 @dataclass
@@ -84,27 +79,66 @@ class Measured:
         return {**self.overall, **self.reranked, **self.label_free}
 
 
-def measure(config: IndexQualityConfig, pairs: pa.Table, qrels: pa.Table | None, judge: pa.Table | None) -> Measured:
-    """Every measure the inputs allow. pairs: load_run's; judge: (query_id, doc_id, first_stage_rank, score)."""
-    m, lf = config.metrics, config.label_free
+def _measured(tables: dict[str, pa.Table]) -> Measured:
+    """Measured from the per-query tables of each family (LABELLED, LABEL_FREE, RERANKED), sorted by query."""
     parts, result = [], Measured(per_query=pa.table({}))
-    if qrels is not None:
-        labelled = evaluate(pairs, qrels, m.measures, m.relevance_level, m.complete_queries)
-        result.overall = means(labelled)
-        parts.append(labelled)
+    if LABELLED in tables:
+        result.overall = means(tables[LABELLED])
+        parts.append(tables[LABELLED])
+    if LABEL_FREE in tables:
+        result.label_free = means(tables[LABEL_FREE])
+        parts.append(tables[LABEL_FREE])
+    if RERANKED in tables:
+        result.reranked = means(tables[RERANKED])
+        parts.append(tables[RERANKED])
+    result.per_query = _outer_join(parts) if parts else pa.table({QUERY_ID: pa.array([], pa.string())})
+    return result
+
+
+def measure(config: IndexQualityConfig, pairs: pa.Table, qrels: pa.Table | None, judge: pa.Table | None) -> Measured:
+    """Every measure the inputs allow, from a whole run in this process. pairs: load_run's; judge: (query_id,
+    doc_id, first_stage_rank, score)."""
+    result = _measured(measure_families(config, pairs, qrels, judge))
     if judge is not None:
-        judged = label_free_measures(judge, lf.cutoffs, lf.rbo_p, lf.rbo_depth, lf.held, lf.score_is_logit)
-        result.label_free = means(judged)
-        parts.append(judged)
         result.score_summary = score_summary(judge[SCORE])
         result.judge_pairs = rank_both(judge).select([FIRST_STAGE_RANK, RERANKER_RANK, SCORE])
-        if qrels is not None:  # "what reranking would add": the same judged measures on the reranker's order
-            by_reranker = _prefixed(evaluate(judge, qrels, m.measures, m.relevance_level, m.complete_queries),
-                                    RERANKED_PREFIX)
-            result.reranked = means(by_reranker)
-            parts.append(by_reranker)
-    result.per_query = _outer_join(parts)
     return result
+
+
+def _combined_score_summary(combined: Combined) -> dict | None:
+    """score_summary of every judge score when the plot sample holds them all; otherwise exact count, mean,
+    std, min and max from the buckets' sums, with the quantiles of the sample."""
+    moments = combined.score_moments
+    if moments is None:
+        return None
+    sample = combined.judge_pairs
+    if sample is not None and sample.num_rows == moments["count"]:
+        return score_summary(sample[SCORE])
+    summary = score_summary(sample[SCORE]) if sample is not None and sample.num_rows else {}
+    count = moments["count"]
+    mean = moments["sum"] / count
+    std = math.sqrt(max(0.0, moments["sum_sq"] / count - mean * mean))
+    return {**summary, "count": int(count), "mean": mean, "std": std, "min": moments["min"], "max": moments["max"],
+            "quantiles_from_pairs": 0 if sample is None else sample.num_rows}
+
+
+def measure_in_parts(config: IndexQualityConfig, plan: RunPlan, output: str, qrels: pa.Table | None,
+                     reranker_parts: list[str] | None) -> tuple[Measured, Combined]:
+    """Measure the run part by part (`parts.py`); this process receives queries x measures only."""
+    combined = measure_run(config, plan, output, qrels, reranker_parts)
+    if combined.pairs == 0:
+        raise no_usable_rows(plan.uri, combined.rejected if combined.rejected is not None
+                             else pa.table({REASON: pa.array([], pa.string())}))
+    qrels_queries = None if qrels is None else pc.unique(qrels[QUERY_ID].cast(pa.string()))
+    if qrels is not None and not pc.any(pc.is_in(combined.segments[QUERY_ID], qrels_queries)).as_py():
+        raise InputError(
+            f"no query of the run has judgements in the qrels (run query ids like "
+            f"{combined.segments[QUERY_ID][:3].to_pylist()}, qrels query ids like "
+            f"{qrels_queries[:3].to_pylist()}); check that both use the same query ids")
+    result = _measured(combined.tables)
+    result.score_summary = _combined_score_summary(combined)
+    result.judge_pairs = combined.judge_pairs
+    return result, combined
 
 
 def compare_with_previous(
@@ -142,28 +176,29 @@ def evaluate_night(
     output: str,
     qrels: str | None = None,
     history: str | None = None,
-    reranker_scores: pa.Table | None = None,
+    reranker_parts: list[str] | None = None,
 ) -> NightReport:
     """Measure tonight's run, compare with the previous night in `history`, write the report and the history row.
 
-    reranker_scores: (query_id, doc_id, score) from the rerank pipeline, or None. Returns the NightReport
-    (its `alerts` are the lines the job prints).
+    reranker_parts: the rerank job's ranked/ part files (query_id, doc_id, score), or None. Returns the
+    NightReport (its `alerts` are the lines the job prints; `parts` says where each part was measured).
     """
     options = config.storage_options
     night = config.night_or_today()
-    loaded = load_run(run, options, config.input.score_column, config.input.rank_column,
-                      config.input.judge_score_column, keep_columns=config.segment_columns)
-    pairs = loaded.pairs
-    segments = query_segments(pairs, config.segment_columns)
-    log.info("run %s: %d pairs over %d queries (%d rows rejected), first-stage order from `%s`",
-             run, pairs.num_rows, segments.num_rows, loaded.rejected.num_rows, loaded.order_column)
+    plan = plan_run(config, run)
     qrels_table = read_qrels(qrels, options) if qrels else None
-    judge, unjudged_pairs = _judge_table(pairs, reranker_scores)
-    if qrels_table is None and judge is None:
+    if qrels_table is None and reranker_parts is None and not config.input.judge_score_column:
         raise InputError("nothing to measure: pass --qrels for judged measures, and/or --model (or a run carrying "
                          "reranker scores with `--set input.judge_score_column=<column>`) for label-free measures")
+    log.info("run %s: %s file(s), about %s pairs, measured in %d part(s) by hash of query_id, first-stage order "
+             "from `%s`", run, len(plan.files), f"{plan.estimated_rows:,}", plan.num_buckets, plan.order)
+    measured, combined = measure_in_parts(config, plan, output, qrels_table, reranker_parts)
+    segments = combined.segments
+    rejected_rows = 0 if combined.rejected is None else combined.rejected.num_rows
+    log.info("run %s: %d pairs over %d queries (%d rows rejected)", run, combined.pairs, segments.num_rows,
+             rejected_rows)
+    judged = reranker_parts is not None or bool(config.input.judge_score_column)
 
-    measured = measure(config, pairs, qrels_table, judge)
     store = History(history, options) if history else None
     previous_night, comparisons, previous_segments, previous_per_query = compare_with_previous(
         config, store, night, measured.per_query)
@@ -173,14 +208,15 @@ def evaluate_night(
         "qrels": qrels,
         "history": history,
         "num_queries": segments.num_rows,
-        "num_pairs": pairs.num_rows,
+        "num_pairs": combined.pairs,
         "num_evaluated_queries": measured.per_query.num_rows,
-        "rejected_rows": loaded.rejected.num_rows,
-        "pairs_without_reranker_score": unjudged_pairs if judge is not None else None,
-        "first_stage_order_column": loaded.order_column,
+        "rejected_rows": rejected_rows,
+        "pairs_without_reranker_score": combined.unjudged_pairs if judged else None,
+        "first_stage_order_column": plan.order,
         "relevance_level": config.metrics.relevance_level,
         "complete_queries": config.metrics.complete_queries,
-        "label_free_gains": GAIN_NOTE if judge is not None else None,
+        "label_free_gains": GAIN_NOTE if judged else None,
+        "num_parts": plan.num_buckets,
         "config_hash": config_hash(config),
         "config": redact(config.model_dump(mode="json")),
     }
@@ -195,11 +231,12 @@ def evaluate_night(
         alerts=[c.alert_line() for c in comparisons if c.alert],
         history=store.with_row(row) if store else None, judge_pairs=measured.judge_pairs, extra=facts,
         trend_measures=trend_measures, segment_measure=segment_measure, previous_per_query=previous_per_query,
+        parts=combined.buckets,
     )
     write_report(report, output, options)
-    if loaded.rejected.num_rows:
+    if rejected_rows:
         fs, root = url_to_fs(output, options)
-        pq.write_table(loaded.rejected, join(root, REJECTED_PARQUET), filesystem=fs)
+        pq.write_table(combined.rejected, join(root, REJECTED_PARQUET), filesystem=fs)
     if store:
         store.append(row, per_query)
     return report

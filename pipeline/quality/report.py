@@ -70,6 +70,7 @@ FACT_LABELS = {
     "complete_queries": "Judged queries missing from the run",
     "label_free_gains": "Label-free gains",
     "config_hash": "Config hash",
+    "num_parts": "Parts measured (by hash of query_id)",
 }
 
 
@@ -121,6 +122,7 @@ class NightReport:
     history: pa.Table | None = None             # history table including tonight's row
     judge_pairs: pa.Table | None = None         # (first_stage_rank, reranker_rank, score) for the plots
     extra: dict = field(default_factory=dict)   # run facts for metrics.json (qrels, rows, rejected, config ...)
+    parts: list = field(default_factory=list)   # where each part of the run was measured: bucket, pid, pairs, queries
     trend_measures: list[str] = field(default_factory=list)
     segment_measure: str | None = None
     previous_per_query: pa.Table | None = None  # the previous night's (query_id, <measure> ...), for per-query change

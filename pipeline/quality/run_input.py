@@ -72,9 +72,10 @@ def _read_parquet_run(uri: str, storage_options: dict | None) -> pa.Table:
 
 
 def _order_column(
-    table: pa.Table, score_column: str | None, rank_column: str | None, judge: str | None
+    table, score_column: str | None, rank_column: str | None, judge: str | None
 ) -> tuple[str, bool]:
-    """(column giving the first-stage order, whether it is a score, i.e. higher = better)."""
+    """(column giving the first-stage order, whether it is a score, i.e. higher = better). `table`: anything
+    with `column_names` (a table, or a schema's names as `RunColumns`)."""
     for column in (score_column, rank_column):
         if column and column not in table.column_names:
             raise InputError(f"run column `{column}` (from input config) not found; columns are {table.column_names}")
@@ -89,6 +90,26 @@ def _order_column(
         f"the run has no first-stage order: none of {list(ORDER_COLUMNS)} is a column (columns are "
         f"{table.column_names}); add one, or name yours with `--set input.rank_column=...` or `input.score_column`"
     )
+
+
+@dataclass
+class RunColumns:
+    """A run's column names without its rows (from Parquet schemas), for the checks made before reading."""
+
+    column_names: list[str]
+
+
+def check_columns(uri: str, table, score_column: str | None, rank_column: str | None,
+                  judge_score_column: str | None) -> tuple[str, bool]:
+    """The checks `load_run` makes on the run's columns; returns the first-stage order (column, is_score)."""
+    for column in (QUERY_ID, DOC_ID):
+        if column not in table.column_names:
+            raise InputError(f"run {uri!r} has no `{column}` column; columns are {table.column_names}")
+    if judge_score_column and judge_score_column not in table.column_names:
+        raise InputError(
+            f"judge score column `{judge_score_column}` not in the run; columns are {table.column_names}"
+        )
+    return _order_column(table, score_column, rank_column, judge_score_column)
 
 
 def _reject_reasons(table: pa.Table, key: pa.ChunkedArray, order: str) -> pa.Array:
@@ -114,14 +135,22 @@ def load_run(
         table = _read_parquet_run(uri, storage_options)
     else:
         table = read_run(uri, storage_options)
-    for column in (QUERY_ID, DOC_ID):
-        if column not in table.column_names:
-            raise InputError(f"run {uri!r} has no `{column}` column; columns are {table.column_names}")
-    if judge_score_column and judge_score_column not in table.column_names:
-        raise InputError(
-            f"judge score column `{judge_score_column}` not in the run; columns are {table.column_names}"
-        )
-    order, is_score = _order_column(table, score_column, rank_column, judge_score_column)
+    order, is_score = check_columns(uri, table, score_column, rank_column, judge_score_column)
+    loaded = prepare_run(table, uri, order, is_score, judge_score_column, keep_columns)
+    if loaded.pairs.num_rows == 0:
+        raise no_usable_rows(uri, loaded.rejected)
+    return loaded
+
+
+def no_usable_rows(uri: str, rejected: pa.Table) -> InputError:
+    return InputError(f"run {uri!r}: no usable rows ({rejected.num_rows} rejected, first reason: "
+                      f"{rejected[REASON][0].as_py() if rejected.num_rows else 'empty input'})")
+
+
+def prepare_run(table: pa.Table, uri: str, order: str, is_score: bool, judge_score_column: str | None = None,
+                keep_columns: list[str] = ()) -> RunInput:
+    """Rows of a run (all of it, or whole queries of it) -> RunInput: order key, rejected rows, duplicate check,
+    trec_eval ranks. `order`/`is_score` from `check_columns`."""
     try:
         key = table[order].cast(pa.float64())
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
@@ -138,9 +167,6 @@ def load_run(
         if column in table.column_names and column not in columns:
             columns[column] = table[column]
     pairs = pa.table(columns).filter(good)
-    if pairs.num_rows == 0:
-        raise InputError(f"run {uri!r}: no usable rows ({rejected.num_rows} rejected, first reason: "
-                         f"{rejected[REASON][0].as_py() if rejected.num_rows else 'empty input'})")
     counts = pairs.group_by([QUERY_ID, DOC_ID]).aggregate([([], "count_all")])
     duplicated = counts.filter(pc.greater(counts["count_all"], 1))
     if duplicated.num_rows:
