@@ -3,7 +3,9 @@
 Fault tolerance is Ray Data's own: its actor pools restart a dead actor and retry its tasks
 (max_restarts=-1, max_task_retries=-1 by default); exactly-once output is ours (see rerank_job.py).
 
+    [score cache: shards -> read + keys -> write keys; cache buckets -> join with the cache -> write found]
     shards -> read + validate -> tokenize (CPU actors) -> score (GPU or CPU actors) -> write staging
+    [score cache: cache buckets -> publish new entries, fill repeated pairs]
     buckets -> rank -> write ranked/
 
 Stages are plain classes (pipeline/stages/); this module only says where each runs and how many.
@@ -17,9 +19,11 @@ import functools
 import ray
 from ray.data import ActorPoolStrategy
 
+from pipeline.cache import CacheSpec
 from pipeline.progress import report_to
 from pipeline.rerank_config import RerankConfig
 from pipeline.stages.rank import RankBucket
+from pipeline.stages.lookup import JoinBucket, KeysOfShard, PublishBucket, ReadShardCached
 from pipeline.stages.read import ReadShard, Shard
 from pipeline.stages.score import ScoreStage
 from pipeline.stages.tokenize import TokenizeStage
@@ -63,14 +67,19 @@ def scorer_pool(config: RerankConfig) -> tuple[int, dict]:
 
 
 def scoring_dataset(shards: list[Shard], layout: InputLayout, config: RerankConfig, input_uri: str,
-                    work_uri: str, num_buckets: int, rank_per_shard: bool, progress_counter=None) -> ray.data.Dataset:
+                    work_uri: str, num_buckets: int, rank_per_shard: bool, progress_counter=None,
+                    cache: CacheSpec | None = None, dtype: str | None = None) -> ray.data.Dataset:
     """Yields one report row per staging file written (see stages/write.py). Scorers report each batch to
-    `progress_counter` (a `progress.ScoreCounter` actor), if given."""
+    `progress_counter` (a `progress.ScoreCounter` actor), if given. With `cache`, the read stage attaches what
+    the lookup found (`lookup_datasets` ran first) and the writer stages new entries. `dtype`: the scorers'
+    dtype when the driver resolved `auto` (the cache's fingerprint names it)."""
     size, resources = scorer_pool(config)
     with _streaming(config):
         ds = ray.data.from_items([s.to_item() for s in shards], override_num_blocks=len(shards))
-    ds = ds.map_batches(ReadShard, fn_constructor_kwargs=dict(layout=layout, storage_options=config.storage_options,
-                                                             uri=input_uri),
+    read, read_kwargs = ReadShard, dict(layout=layout, storage_options=config.storage_options, uri=input_uri)
+    if cache is not None:
+        read, read_kwargs = ReadShardCached, read_kwargs | dict(spec=cache, lookup_uri=f"{work_uri}/lookup")
+    ds = ds.map_batches(read, fn_constructor_kwargs=read_kwargs,
                         batch_size=1, batch_format="pyarrow", compute=ActorPoolStrategy(size=config.io.num_actors),
                         num_cpus=config.io.num_cpus)
     ds = ds.map_batches(TokenizeStage, fn_constructor_kwargs=dict(model=config.model, revision=config.revision,
@@ -80,7 +89,7 @@ def scoring_dataset(shards: list[Shard], layout: InputLayout, config: RerankConf
                         compute=ActorPoolStrategy(size=config.tokenizer.num_actors), num_cpus=config.tokenizer.num_cpus,
                         label_selector=config.tokenizer.label_selector)
     ds = ds.map_batches(ScoreStage, fn_constructor_kwargs=dict(
-                            model=config.model, revision=config.revision, dtype=config.dtype, config=config.scorer,
+                            model=config.model, revision=config.revision, dtype=dtype or config.dtype, config=config.scorer,
                             scorers_uri=f"{work_uri}/scorers", storage_options=config.storage_options,
                             allow_pickle=config.allow_pickle,
                             on_scored=None if progress_counter is None else functools.partial(report_to, progress_counter)),
@@ -90,14 +99,15 @@ def scoring_dataset(shards: list[Shard], layout: InputLayout, config: RerankConf
                         **resources)
     return ds.map_batches(WriteScored, fn_constructor_kwargs=dict(work_uri=work_uri, storage_options=config.storage_options,
                                                                  num_buckets=num_buckets, bucket_by_shard=rank_per_shard,
-                                                                 keep_texts=config.output.carry_texts),
+                                                                 keep_texts=config.output.carry_texts,
+                                                                 cache_buckets=None if cache is None else cache.buckets),
                           batch_size=config.io.rows_per_write, batch_format="pyarrow", compute=ActorPoolStrategy(size=config.io.num_actors),
                           num_cpus=config.io.num_cpus)
 
 
 def ranking_dataset(buckets: list[dict], config: RerankConfig, output_uri: str, rejected_schema,
                     shards: list[Shard], layout: InputLayout, input_uri: str,
-                    file_metadata: dict | None = None) -> ray.data.Dataset:
+                    file_metadata: dict | None = None, fill_files: list[str] | None = None) -> ray.data.Dataset:
     """Yields one report row per bucket ranked. `shards` is the whole plan: a duplicate pair's input row is
     re-read from its shard, committed in this run or an earlier one. `file_metadata` goes on every file."""
     with _streaming(config):
@@ -108,6 +118,39 @@ def ranking_dataset(buckets: list[dict], config: RerankConfig, output_uri: str, 
                                                                 rejected_schema=rejected_schema,
                                                                 shards=[s.to_item() for s in shards],
                                                                 layout=layout, input_uri=input_uri,
-                                                                file_metadata=file_metadata),
+                                                                file_metadata=file_metadata, fill_files=fill_files),
+                          batch_size=1, batch_format="pyarrow", compute=ActorPoolStrategy(size=config.io.num_actors),
+                          num_cpus=config.io.num_cpus)
+
+
+def lookup_datasets(shards: list[Shard], layout: InputLayout, config: RerankConfig, input_uri: str, work_uri: str,
+                    cache: CacheSpec):
+    """The score cache's lookup, in two datasets: `keys(shards)` yields one report per key file written (per
+    shard and cache bucket); `join(buckets)`, given [{bucket, files}], one report per cache bucket joined."""
+    io = dict(compute=ActorPoolStrategy(size=config.io.num_actors), num_cpus=config.io.num_cpus)
+
+    def keys() -> ray.data.Dataset:
+        with _streaming(config):
+            ds = ray.data.from_items([s.to_item() for s in shards], override_num_blocks=len(shards))
+        return ds.map_batches(KeysOfShard, fn_constructor_kwargs=dict(
+            layout=layout, storage_options=config.storage_options, uri=input_uri, spec=cache,
+            lookup_uri=f"{work_uri}/lookup"), batch_size=1, batch_format="pyarrow", **io)
+
+    def join(buckets: list[dict]) -> ray.data.Dataset:
+        with _streaming(config):
+            ds = ray.data.from_items(buckets, override_num_blocks=len(buckets))
+        return ds.map_batches(JoinBucket, fn_constructor_kwargs=dict(
+            spec=cache, lookup_uri=f"{work_uri}/lookup", storage_options=config.storage_options),
+            batch_size=1, batch_format="pyarrow", **io)
+
+    return keys, join
+
+
+def publish_dataset(buckets: list[dict], config: RerankConfig, work_uri: str, cache: CacheSpec) -> ray.data.Dataset:
+    """Given [{bucket, new_files, waiting_files}] per cache bucket: publishes new entries, writes fill files."""
+    with _streaming(config):
+        ds = ray.data.from_items(buckets, override_num_blocks=len(buckets))
+    return ds.map_batches(PublishBucket, fn_constructor_kwargs=dict(spec=cache, work_uri=work_uri,
+                                                                   storage_options=config.storage_options),
                           batch_size=1, batch_format="pyarrow", compute=ActorPoolStrategy(size=config.io.num_actors),
                           num_cpus=config.io.num_cpus)

@@ -86,6 +86,15 @@ class OutputConfig(StrictModel):
     carry_texts: bool = False
 
 
+class CacheConfig(StrictModel):
+    """The score cache (pipeline/cache.py): pairs scored by an earlier run with the same model and settings
+    are not scored again. Off unless `uri` is set."""
+    uri: Optional[str] = None                        # local folder or object-storage URI, shared by runs
+    # Buckets of a new cache's key space (an existing cache keeps its own): a run joins its keys with one
+    # bucket per task, so a bucket should fit an I/O actor's memory (24 bytes an entry: 10M entries, 240 MB).
+    buckets: int = Field(32, ge=1, le=65536)
+
+
 class RerankConfig(StrictModel):
     model: str = "jinaai/jina-reranker-v2-base-multilingual"
     revision: Optional[str] = None
@@ -96,6 +105,7 @@ class RerankConfig(StrictModel):
     scorer: ScorerConfig = ScorerConfig()
     io: IoConfig = IoConfig()
     output: OutputConfig = OutputConfig()
+    cache: CacheConfig = CacheConfig()
     storage_options: dict = {}                       # passed to fsspec (s3fs: key, secret, endpoint_url...)
     ray_address: Optional[str] = None                # None: RAY_ADDRESS if set, else a fresh local Ray; "auto": the running cluster
     progress_interval_s: float = Field(5.0, gt=0)
@@ -105,7 +115,8 @@ class RerankConfig(StrictModel):
         sizes, actor counts, the token budget and where Ray runs change only speed, so they may differ."""
         return self.model_dump(mode="json", include={
             # on_unreadable is left out: a run that stopped on an unreadable file (fail) committed no shard
-            # holding its rows, so the same output may resume with reject.
+            # holding its rows, so the same output may resume with reject. The cache is left out: it changes
+            # which pairs are scored, never their scores.
             "model": True, "revision": True, "dtype": True,
             "input": {"format", "query_id_column", "query_column", "doc_id_column", "document_column",
                       "candidates_column", "rows_per_shard"},

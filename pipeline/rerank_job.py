@@ -33,8 +33,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import schema as S
+from pipeline.cache import CacheSpec
 from pipeline.config import redact
-from pipeline.errors import InputError, OutputError, PipelineError
+from pipeline.errors import ConfigError, InputError, OutputError, PipelineError
 from pipeline.faults import explain
 from pipeline.lease import OutputLease
 from pipeline.model.checkpoint import inspect_checkpoint, resolve_model_directory
@@ -82,8 +83,14 @@ def check_model(config: RerankConfig) -> dict:
     """Resolve the checkpoint and read its layout before any work starts (weights are loaded by the actors)."""
     directory, revision = resolve_model_directory(config.model, config.revision)
     layout, model_config = inspect_checkpoint(directory, allow_pickle=config.allow_pickle)
+    max_length = min(config.tokenizer.max_length, model_config.max_tokens_per_sequence)
+    t = config.tokenizer
+    if t.long_documents == "windows" and max_length < 2 * t.max_query_length:
+        raise ConfigError(f"tokenizer.long_documents=windows needs max_length ({max_length}"
+                          + ("" if max_length == t.max_length else ", the model's limit") + ") at least twice "
+                          f"tokenizer.max_query_length ({t.max_query_length}); lower max_query_length")
     return {"directory": directory, "revision": revision, "layout": layout.name if layout else None,
-            "max_length": min(config.tokenizer.max_length, model_config.max_tokens_per_sequence)}
+            "max_length": max_length}
 
 
 def settings_hash(config: RerankConfig) -> str:
@@ -215,6 +222,8 @@ class RunPlan:
     rank_per_shard: bool       # grouped input whose query ids are unique: a shard is its own ranking bucket
     num_buckets: int
     committed: set[int] = field(default_factory=set)  # shards whose manifest an earlier run wrote
+    cache: CacheSpec | None = None    # the score cache's folder for this model and settings (cache.uri set)
+    dtype: str | None = None          # the scorers' dtype, when the cache needed `auto` resolved up front
 
     @property
     def protocol(self) -> str:
@@ -257,7 +266,7 @@ class ShardCommits:
     def __init__(self, pending: list[Shard]):
         self.shards = {s.shard: s for s in pending}
         self.state = {s.shard: {"pairs": 0, "rejected": 0, "tokens": 0, "windows": 0, "windows_expected": 0,
-                                "files": {}} for s in pending}
+                                "hits": 0, "same_texts": 0, "files": {}} for s in pending}
         self.done: set[int] = set()
 
     def add(self, report: dict) -> dict | None:
@@ -266,6 +275,8 @@ class ShardCommits:
         if report["path"] in state["files"]:
             return None
         state["files"][report["path"]] = report
+        if report["kind"] in ("cache", "waiting"):  # score-cache staging: listed in the manifest, not rows
+            return None
         if report["kind"] == "rejected":
             state["rejected"] += report["pairs"]
         else:
@@ -273,13 +284,16 @@ class ShardCommits:
             state["tokens"] += report["tokens"]
             state["windows"] += report["rows"]
             state["windows_expected"] += report["windows_expected"]
+            state["hits"] += report.get("hits") or 0
+            state["same_texts"] += report.get("same_texts") or 0
         shard = self.shards[report["shard"]]
         if (shard.shard in self.done or state["pairs"] + state["rejected"] < shard.num_pairs
                 or state["windows"] < state["windows_expected"]):
             return None
         self.done.add(shard.shard)
         return {"shard": shard.shard, "pairs": state["pairs"], "rejected": state["rejected"],
-                "tokens": state["tokens"], "files": list(state["files"].values())}
+                "tokens": state["tokens"], "hits": state["hits"], "same_texts": state["same_texts"],
+                "files": list(state["files"].values())}
 
     def check_complete(self) -> None:
         for shard, state in self.state.items():
@@ -303,6 +317,10 @@ def run_rerank(config: RerankConfig, input_uri: str, output_uri: str) -> dict:
     # Everything that can be wrong with the input or the model is found here, before anything is written.
     layout = InputLayout.from_schemas(read_schemas(in_fs, files), config.input, files=files)
     model = check_model(config)
+    if config.cache.uri:
+        from pipeline.cache import check_location
+
+        check_location(config.cache.uri, config.storage_options)
     _prepare_output(out_fs, out_root, output_uri)
     with OutputLease(out_fs, out_root, output_uri, heartbeat_s=config.io.lease_heartbeat_s,
                      timeout_s=config.io.lease_timeout_s) as lease:
@@ -311,13 +329,16 @@ def run_rerank(config: RerankConfig, input_uri: str, output_uri: str) -> dict:
         plan = _plan(config, input_uri, output_uri, out_fs, out_root, in_fs, files, fingerprint, layout, model)
         _ensure_ray(config)
         _check_cluster(config, plan.protocol)
+        if config.cache.uri:
+            _open_cache(plan)
+            _lookup(plan, lease)
         t_score = time.monotonic()
-        new_pairs, new_rejected, new_tokens = _score(plan, lease)
-        score_seconds = time.monotonic() - t_score
+        this_run = _score(plan, lease)
+        this_run["score_seconds"] = time.monotonic() - t_score
         manifests = read_jsons(out_fs, [plan.manifest(s.shard) for s in plan.shards])
-        bucket_reports = _rank(plan, manifests, lease)
-        return _commit(plan, manifests, bucket_reports, lease, new_pairs + new_rejected, new_tokens, score_seconds,
-                       start_time, t0)
+        fill_files = _publish(plan, manifests, lease, this_run) if plan.cache else []
+        bucket_reports = _rank(plan, manifests, lease, fill_files)
+        return _commit(plan, manifests, bucket_reports, lease, this_run, start_time, t0)
 
 
 def _finished_run(config, out_fs, out_root, output_uri, input_uri, fingerprint) -> dict | None:
@@ -381,37 +402,132 @@ def _plan(config, input_uri, output_uri, out_fs, out_root, in_fs, files, fingerp
     return plan
 
 
-def _score(plan: RunPlan, lease: OutputLease) -> tuple[int, int, int]:
+def _open_cache(plan: RunPlan) -> None:
+    """The score cache's folder for this model and settings (created if new): the fingerprint covers the
+    checkpoint's bytes and every setting that changes a score. `dtype: auto` is resolved here, on a task placed
+    like a scorer, and the scorers are given the result, so the fingerprint names the dtype they really run."""
+    from pipeline.cache import checkpoint_digest, fingerprint, open_cache
+    from pipeline.compose import scorer_pool
+
+    config = plan.config
+    _, resources = scorer_pool(config)
+    device = "cuda" if resources.get("num_gpus") else "cpu"
+    dtype = config.dtype if config.dtype != "auto" else _scorer_dtype(device, resources)
+    tokenizer = {"max_chars_per_token", "long_documents"} | (
+        {"max_query_length", "overlap"} if config.tokenizer.long_documents == "windows" else set())
+    settings = {"dtype": dtype, "device": device, "max_length": plan.model["max_length"],
+                "tokenizer": config.tokenizer.model_dump(mode="json", include=tokenizer)}
+    checkpoint = checkpoint_digest(plan.model["directory"])
+    name = fingerprint(checkpoint, settings)
+    plan.cache = open_cache(config.cache.uri, config.storage_options, name,
+                            {"model": config.model, "revision": str(plan.model["revision"]), "checkpoint": checkpoint,
+                             "settings": settings}, config.cache.buckets)
+    plan.dtype = dtype
+    logger.info("score cache %s (%d buckets) for %s, %s on %s", plan.cache.uri, plan.cache.buckets, config.model,
+                dtype, device)
+
+
+def _scorer_dtype(device: str, resources: dict) -> str:
+    """What `dtype: auto` resolves to where a scorer runs (a GPU node, or any CPU node)."""
+    import ray
+
+    @ray.remote(num_cpus=0, num_gpus=resources.get("num_gpus", 0) and 0.01)
+    def resolve(device: str) -> str:
+        import torch
+
+        from pipeline.model.cross_encoder import resolve_dtype
+
+        return str(resolve_dtype("auto", torch.device(device))).replace("torch.", "")
+
+    return ray.get(resolve.remote(device))
+
+
+def _lookup(plan: RunPlan, lease: OutputLease) -> None:
+    """Phase 0 (score cache): find the pending shards' pairs in the cache, per cache bucket, before any
+    tokenizing. Writes the found files the read stage attaches (stages/lookup.py)."""
+    from pipeline.compose import lookup_datasets
+
+    if not plan.pending:
+        return
+    lookup_dir = join(plan.work, "lookup")
+    if plan.out_fs.exists(lookup_dir):  # an earlier run's lookup: the cache may hold more by now
+        plan.out_fs.rm(lookup_dir, recursive=True)
+    keys, join_buckets = lookup_datasets(plan.pending, plan.layout, plan.config, plan.input_uri, plan.work_uri,
+                                         plan.cache)
+    files: dict[int, list[str]] = {}
+    for report in _worker_errors(keys().iter_batches(batch_size=None, batch_format="pyarrow"), lease):
+        for row in report.to_pylist():
+            files.setdefault(row["bucket"], []).append(row["path"])
+    counts = {"hits": 0, "same_texts": 0, "to_score": 0}
+    if files:
+        ds = join_buckets([{"bucket": b, "files": f} for b, f in sorted(files.items())])
+        for report in _worker_errors(ds.iter_batches(batch_size=None, batch_format="pyarrow"), lease):
+            for row in report.to_pylist():
+                for k in counts:
+                    counts[k] += row[k]
+    logger.info("score cache: %s pairs found, %s repeat another pair of this run, %s to score",
+                f"{counts['hits']:,}", f"{counts['same_texts']:,}", f"{counts['to_score']:,}")
+
+
+def _publish(plan: RunPlan, manifests: list[dict], lease: OutputLease, this_run: dict) -> list[str]:
+    """Phase 1b (score cache): every shard is committed; publish their new scores to the cache and give the
+    pairs that waited for a twin their score. Returns the fill files the ranker reads."""
+    from pipeline.compose import publish_dataset
+
+    new: dict[int, list[str]] = {}
+    waiting: dict[int, list[str]] = {}
+    for m in manifests:
+        for f in m["files"]:
+            if f["kind"] in ("cache", "waiting"):
+                (new if f["kind"] == "cache" else waiting).setdefault(f["bucket"], []).append(f["path"])
+    items = [{"bucket": b, "new_files": new.get(b, []), "waiting_files": waiting.get(b, [])}
+             for b in sorted(set(new) | set(waiting))]
+    fill_files, added = [], 0
+    if items:
+        ds = publish_dataset(items, plan.config, plan.work_uri, plan.cache)
+        for report in _worker_errors(ds.iter_batches(batch_size=None, batch_format="pyarrow"), lease):
+            for row in report.to_pylist():
+                added += row["entries_added"]
+                if row["filled"]:
+                    fill_files.append(join(plan.work, "cache", f"fill-{row['bucket']:05d}.parquet"))
+    this_run["entries_added"] = added
+    logger.info("score cache: %s new entries published", f"{added:,}")
+    return sorted(fill_files)
+
+
+def _score(plan: RunPlan, lease: OutputLease) -> dict:
     """Phase 1: score the pending shards, writing each shard's manifest once its rows are all accounted for.
-    Returns this run's (scored pairs, rejected rows, tokens)."""
+    Returns this run's counts: pairs (scored or cached), rejected rows, tokens, cache hits, pairs that
+    repeated another pair's texts."""
     from pipeline.compose import scoring_dataset
 
     pending = plan.pending
+    totals = {"pairs": 0, "rejected": 0, "tokens": 0, "hits": 0, "same_texts": 0}
     if not pending:
-        return 0, 0, 0
+        return totals
     progress = Progress(plan.total_pairs, plan.total_pairs - sum(s.num_pairs for s in pending),
                         plan.config.progress_interval_s)
     commits = ShardCommits(pending)
-    pairs = rejected = tokens = 0
     try:
         ds = scoring_dataset(pending, plan.layout, plan.config, plan.input_uri, plan.work_uri, plan.num_buckets,
-                             plan.rank_per_shard, progress_counter=progress.counter)
+                             plan.rank_per_shard, progress_counter=progress.counter, cache=plan.cache,
+                             dtype=plan.dtype)
         for report in _worker_errors(ds.iter_batches(batch_size=None, batch_format="pyarrow"), lease):
             for row in report.to_pylist():
                 manifest = commits.add(row)
                 if manifest is not None:
                     write_json(plan.out_fs, plan.manifest(manifest["shard"]), manifest)
-                    pairs, rejected, tokens = (pairs + manifest["pairs"], rejected + manifest["rejected"],
-                                               tokens + manifest["tokens"])
+                    for k in totals:
+                        totals[k] += manifest[k]
         commits.check_complete()
     except BaseException:
         progress.close()
         raise
-    progress.finish(pairs, rejected)
-    return pairs, rejected, tokens
+    progress.finish(totals["pairs"], totals["rejected"])
+    return totals
 
 
-def _rank(plan: RunPlan, manifests: list[dict], lease: OutputLease) -> dict[int, dict]:
+def _rank(plan: RunPlan, manifests: list[dict], lease: OutputLease, fill_files: list[str]) -> dict[int, dict]:
     """Phase 2: rank every bucket that has no done-marker yet. Returns every bucket's report."""
     from pipeline.compose import ranking_dataset
 
@@ -429,7 +545,7 @@ def _rank(plan: RunPlan, manifests: list[dict], lease: OutputLease) -> dict[int,
     if todo:
         metadata = output_metadata(plan.config, plan.model, _scorers(plan))
         ds = ranking_dataset(todo, plan.config, plan.output_uri, _rejected_schema(plan.layout, metadata), plan.shards,
-                             plan.layout, plan.input_uri, file_metadata=metadata)
+                             plan.layout, plan.input_uri, file_metadata=metadata, fill_files=fill_files)
         for report in _worker_errors(ds.iter_batches(batch_size=None, batch_format="pyarrow"), lease):
             for row in report.to_pylist():
                 write_json(plan.out_fs, join(ranked_dir, f"bucket-{row['bucket']:05d}.json"), row)
@@ -463,10 +579,51 @@ def _move_rejected(plan: RunPlan, manifests: list[dict], scorers: list[dict]) ->
     return reasons
 
 
-def _commit(plan: RunPlan, manifests, bucket_reports, lease, new_pairs, new_tokens, score_seconds, start_time,
-            t0) -> dict:
+def _cache_summary(plan: RunPlan, manifests: list[dict], this_run: dict) -> dict:
+    """What the score cache did: over the whole output (hits, repeats, misses) and in this run (pairs the model
+    scored, scorer-seconds it saved at the model's measured rate); recorded in the cache for later estimates."""
+    scored_now = this_run["pairs"] - this_run["hits"] - this_run["same_texts"]
+    seconds = this_run["score_seconds"]
+    fields = {"pairs_scored": scored_now,
+              "model_pairs_per_s": round(scored_now / seconds, 2) if seconds > 0 and scored_now else None}
+    if plan.cache is None:
+        return fields | {"cache": None}
+    from pipeline.cache import read_runs, record_run
+    from pipeline.compose import scorer_pool
+
+    actors = scorer_pool(plan.config)[0]
+    # The model's rate: this run's, if it scored enough pairs to measure it, else the best measured run of the
+    # same cache folder (a warm run that scored nothing still gets an estimate).
+    rate = fields["model_pairs_per_s"] if scored_now >= 1000 else None
+    if rate is None:
+        measured = [r for r in read_runs(plan.cache) if r.get("model_pairs_per_s") and r.get("pairs_scored", 0) >= 1000]
+        best = max(measured, key=lambda r: r["pairs_scored"], default=None)
+        rate = best["model_pairs_per_s"] if best else None
+    saved = this_run["hits"] + this_run["same_texts"]
+    hits = sum(m.get("hits", 0) for m in manifests)
+    same = sum(m.get("same_texts", 0) for m in manifests)
+    cache = {"uri": plan.config.cache.uri, "fingerprint": plan.cache.fingerprint, "buckets": plan.cache.buckets,
+             "entries_added": this_run.get("entries_added", 0),
+             "this_run": {"hits": this_run["hits"], "same_texts": this_run["same_texts"], "scored": scored_now}}
+    record_run(plan.cache, {"output_uri": plan.output_uri, "end_time": _now(), "hits": this_run["hits"],
+                            "same_texts": this_run["same_texts"], "pairs_scored": scored_now,
+                            "model_pairs_per_s": fields["model_pairs_per_s"], "scorer_actors": actors,
+                            "entries_added": cache["entries_added"]})
+    return fields | {
+        "cache_hits": hits, "cache_same_texts": same,
+        "cache_misses": sum(m["pairs"] for m in manifests) - hits - same,
+        # Scorer-seconds (GPU-seconds on a GPU pool) this run did not spend: pairs it took from the cache or
+        # from a repeated pair, at the model's rate per actor. An estimate: null when no rate was ever measured.
+        "scorer_seconds_saved": round(saved * actors / rate, 1) if rate else None,
+        "cache": cache,
+    }
+
+
+def _commit(plan: RunPlan, manifests, bucket_reports, lease, this_run: dict, start_time, t0) -> dict:
     """Rejected rows out of staging, counts reconciled, summary.json last, staging removed."""
     config, fs = plan.config, plan.out_fs
+    new_pairs, new_tokens = this_run["pairs"] + this_run["rejected"], this_run["tokens"]
+    score_seconds = this_run["score_seconds"]
     scorers = _scorers(plan)
     reasons = _move_rejected(plan, manifests, scorers)
     duplicates = sum(r["duplicates"] for r in bucket_reports.values())
@@ -502,6 +659,7 @@ def _commit(plan: RunPlan, manifests, bucket_reports, lease, new_pairs, new_toke
         "random_weights": bool(engine.get("random_weights", config.model.startswith("dummy:"))),
         "max_length": plan.model["max_length"], "long_documents": config.tokenizer.long_documents,
         "top_k": config.output.top_k,
+        **_cache_summary(plan, manifests, this_run),
         "config_hash": settings_hash(config), "config": redact(config.model_dump(mode="json")),
         "start_time": start_time, "end_time": _now(),
     }

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import schema as S
-from pipeline.errors import InputError
+from pipeline.errors import InputError, PipelineError
 from pipeline.stages.read import ROW, SHARD, ReadShard, Shard
 from pipeline.stages.validate import InputLayout
 from pipeline.storage import atomic_write, join, map_paths, url_to_fs
@@ -45,9 +45,9 @@ def rank_rows(table: pa.Table, top_k: int | None) -> tuple[pa.Table, pa.Table, i
     """(ranked rows, duplicate rows, number of distinct scored pairs before top_k) from a bucket's rows."""
     table = table.sort_by([(ROW, "ascending"), (S.WINDOW, "ascending")])
     table = table.filter(pa.array(_first_per_key(table, [ROW, S.WINDOW])))
-    best = table.group_by(ROW).aggregate([(S.SCORE, "max")]).rename_columns([ROW, "_best"])
+    best = table.group_by(ROW).aggregate([(S.SCORE, "max")]).rename_columns([ROW, S.BEST])
     table = table.filter(pc.equal(table.column(S.WINDOW), 0)).join(best, ROW).sort_by([(ROW, "ascending")])
-    table = table.set_column(table.schema.get_field_index(S.SCORE), S.SCORE, table.column("_best").cast(pa.float32()))
+    table = table.set_column(table.schema.get_field_index(S.SCORE), S.SCORE, table.column(S.BEST).cast(pa.float32()))
     by_pair = table.sort_by([(S.QUERY_ID, "ascending"), (S.DOC_ID, "ascending"), (ROW, "ascending")])
     first = _first_per_key(by_pair, [S.QUERY_ID, S.DOC_ID])
     duplicates, table = by_pair.filter(pa.array(~first)), by_pair.filter(pa.array(first))
@@ -60,7 +60,7 @@ def rank_rows(table: pa.Table, top_k: int | None) -> tuple[pa.Table, pa.Table, i
     scored = table.num_rows
     if top_k is not None:
         table = table.filter(pa.array(rank <= top_k))
-    internal = [ROW, SHARD, S.WINDOW, S.NUM_TOKENS, "num_windows", "_best"]
+    internal = [ROW, SHARD, S.WINDOW, S.NUM_TOKENS, S.NUM_WINDOWS, S.BEST]
     table = table.drop_columns([c for c in internal if c in table.column_names])
     front = [S.QUERY_ID, S.DOC_ID, S.SCORE, S.RANK]
     table = table.select(front + [c for c in table.column_names if c not in front])
@@ -69,8 +69,11 @@ def rank_rows(table: pa.Table, top_k: int | None) -> tuple[pa.Table, pa.Table, i
 
 class RankBucket:
     def __init__(self, output_uri: str, storage_options: dict, top_k: int | None, rejected_schema: pa.Schema,
-                 shards: list[dict], layout: InputLayout, input_uri: str, file_metadata: dict | None = None):
-        """`file_metadata`: Parquet key-value metadata written on every ranked file (what produced it)."""
+                 shards: list[dict], layout: InputLayout, input_uri: str, file_metadata: dict | None = None,
+                 fill_files: list[str] | None = None):
+        """`file_metadata`: Parquet key-value metadata written on every ranked file (what produced it);
+        `fill_files`: the score cache's scores for pairs that waited for a twin of the same texts."""
+        self.fill_files = fill_files or []
         self.fs, self.root = url_to_fs(output_uri, storage_options)
         self.file_metadata = file_metadata or {}
         self.top_k = top_k
@@ -109,11 +112,27 @@ class RankBucket:
                                                                                    pa.string())))
         self.fs.mv(tmp, path)
 
+    def _fill(self, rows: pa.Table, bucket: int) -> pa.Table:
+        """Scores of the pairs that waited for a twin of the same texts (null until now), from the fill files."""
+        if not rows.column(S.SCORE).null_count:
+            return rows
+        from pipeline.stages.lookup import read_fills
+
+        fills = read_fills(self.fs, self.fill_files, bucket)
+        # index_in rather than a join: carried columns may be nested, which Arrow's hash join cannot carry.
+        filled = fills.column(S.SCORE).take(pc.index_in(rows.column(ROW), fills.column(ROW)))
+        score = pc.coalesce(rows.column(S.SCORE), filled)
+        if score.null_count:
+            raise PipelineError(f"{score.null_count} pair(s) of ranking bucket {bucket} have no score; delete the "
+                                "output's _work folder and rerun")
+        return rows.set_column(rows.schema.get_field_index(S.SCORE), S.SCORE, score)
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         reports = []
         for item in batch.to_pylist():
             # A bucket's staging files, read 16 at a time: on object storage each is a round trip.
             rows = pa.concat_tables(map_paths(self._read, item["files"], max_workers=16), promote_options="default")
+            rows = self._fill(rows, int(item["bucket"]))
             ranked, duplicates, scored = rank_rows(rows, self.top_k)
             self.fs.makedirs(join(self.root, "ranked"), exist_ok=True)
             self._write_atomic(ranked, join(self.root, "ranked", f"part-{item['bucket']:05d}.parquet"))

@@ -40,8 +40,7 @@ from pipeline.errors import InputError
 from pipeline.stages.validate import UNREADABLE_FILE, InputLayout, repair_utf8, row_reasons
 from pipeline.storage import url_to_fs
 
-SHARD = "_shard"
-ROW = "_row"
+SHARD, ROW = S.SHARD, S.ROW  # re-exported: stages import them from here
 
 
 @dataclass(frozen=True)
@@ -230,7 +229,7 @@ class ReadShard:
             reason = pa.array([UNREADABLE_FILE] * table.num_rows, pa.string())
         else:
             reason = row_reasons(table, bad_utf8)
-        table = table.drop_columns([c for c in table.column_names if c == "_no_candidates"])
+        table = table.drop_columns([c for c in table.column_names if c == S.NO_CANDIDATES_FLAG])
         return table.append_column(S.REASON, reason)
 
     def _salvage(self, pf: pq.ParquetFile, group: int) -> pa.Table:

@@ -1,6 +1,8 @@
 """Score token lists with the cross-encoder on an accelerator (or CPU) actor.
 
 Adds:  score float32 (raw logit; null for rejected rows). Drops the token lists: downstream needs none.
+Pairs the score cache answered keep their cached score (`_cached` 1); pairs waiting for a twin of the same
+texts (`_cached` 2) stay null until the ranker fills them (stages/lookup.py).
 The actor cuts its own micro-batches by a token budget (`max_tokens_per_batch`) over the length-sorted
 rows it receives; Ray's `batch_size` only sets how many rows arrive per call.
 """
@@ -59,7 +61,8 @@ class ScoreStage:
             open(marker, "w").close()
             os._exit(1)
         valid = pc.is_null(batch.column(S.REASON)).to_numpy(zero_copy_only=False)
-        index = np.flatnonzero(valid)
+        cached = batch.column(S.CACHED).to_numpy() if S.CACHED in batch.column_names else np.zeros(len(valid), np.int8)
+        index = np.flatnonzero(valid & (cached == 0))
         ids = list_to_numpy(batch.column(S.INPUT_IDS))
         types = list_to_numpy(batch.column(S.TOKEN_TYPE_IDS)) if S.TOKEN_TYPE_IDS in batch.column_names else None
         logits = self.encoder.score_tokens([ids[i] for i in index],
@@ -67,11 +70,16 @@ class ScoreStage:
                                            max_tokens_per_batch=self.max_tokens)
         score = np.zeros(batch.num_rows, dtype=np.float32)
         score[index] = logits
-        out = batch.drop_columns([c for c in (S.INPUT_IDS, S.TOKEN_TYPE_IDS) if c in batch.column_names])
+        missing = ~valid
+        if S.CACHED_SCORE in batch.column_names:  # cache hits keep their score; pairs waiting for a twin have none
+            hit = cached == 1
+            score[hit] = batch.column(S.CACHED_SCORE).to_numpy(zero_copy_only=False)[hit]
+            missing |= cached == 2
+        out = batch.drop_columns([c for c in (S.INPUT_IDS, S.TOKEN_TYPE_IDS, S.CACHED_SCORE) if c in batch.column_names])
         if self.on_scored is not None:
             first = (pc.equal(batch.column(S.WINDOW), 0).to_numpy(zero_copy_only=False) if S.WINDOW in batch.column_names
                      else np.ones(batch.num_rows, dtype=bool))  # a pair's later windows are not more pairs
             self.on_scored(int((valid & first).sum()), int((~valid & first).sum()))
         # The actor lives for the whole job: without this its heap grows with every batch (see heap.py).
         release_free_heap()
-        return out.append_column(S.SCORE, pa.array(score, mask=~valid))
+        return out.append_column(S.SCORE, pa.array(score, mask=missing))

@@ -3,7 +3,8 @@
 Adds:  input_ids list<int32>, token_type_ids list<int8> (BERT only), num_tokens int32, window int32,
        num_windows int32 (windows of the row's document; the driver checks all of them were written).
 Valid rows lose their texts here (set to null): from now on only token ids travel, unless
-`output.carry_texts` asks for them in ranked/. Rejected rows keep theirs for `rejected/`. In `windows`
+`output.carry_texts` asks for them in ranked/. Pairs the score cache answered (`_cached` != 0) get no tokens
+(num_windows 1, window 0) and pass through. Rejected rows keep theirs for `rejected/`. In `windows`
 mode a long document becomes several rows (window 0, 1, ...) that share its `_row`; the ranking stage
 keeps the best window (jina's rerank semantics).
 """
@@ -19,7 +20,7 @@ from pipeline.model.checkpoint import inspect_checkpoint, resolve_model_director
 from pipeline.model.tokenization import PairTokenizer
 from pipeline.rerank_config import TokenizerConfig
 
-NUM_WINDOWS = "num_windows"
+NUM_WINDOWS = S.NUM_WINDOWS
 
 
 def list_column(arrays: list[np.ndarray], value_type: pa.DataType) -> pa.Array:
@@ -54,24 +55,28 @@ class TokenizeStage:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         valid = pc.is_null(batch.column(S.REASON)).to_numpy(zero_copy_only=False)
-        valid_index = np.flatnonzero(valid)
-        queries = batch.column(S.QUERY).take(valid_index).to_pylist()
-        documents = batch.column(S.DOCUMENT).take(valid_index).to_pylist()
+        # Pairs the score cache answered (or that wait for a pair of the same texts) need no tokens.
+        cached = (batch.column(S.CACHED).to_numpy() != 0) if S.CACHED in batch.column_names else np.zeros(len(valid), bool)
+        work_index = np.flatnonzero(valid & ~cached)
+        queries = batch.column(S.QUERY).take(work_index).to_pylist()
+        documents = batch.column(S.DOCUMENT).take(work_index).to_pylist()
         if self.config.long_documents == "windows":
             ids, types, source, window = self._windows(queries, documents)
-            source = valid_index[source]
+            source = work_index[source]
         else:
             ids, types = self.tokenizer.encode_pairs(queries, documents, self.max_length)
-            source, window = valid_index, np.zeros(len(valid_index), dtype=np.int32)
-        rejected_index = np.flatnonzero(~valid)
+            source, window = work_index, np.zeros(len(work_index), dtype=np.int32)
+        rest_index = np.flatnonzero(~valid | cached)  # rejected rows and cached pairs: no tokens, at the end
         # Longest first: the scorer's micro-batches then hold similar lengths.
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int32, count=len(ids))
         order = np.argsort(-lengths, kind="stable")
-        take = np.concatenate([source[order], rejected_index]).astype(np.int64)
+        take = np.concatenate([source[order], rest_index]).astype(np.int64)
         out = batch.take(pa.array(take))
-        n_rejected = len(rejected_index)
-        empty = [np.zeros(0, np.int32)] * n_rejected
-        keep_text = pa.array(np.concatenate([np.full(len(order), self.keep_texts, bool), np.ones(n_rejected, bool)]))
+        n_rest = len(rest_index)
+        empty = [np.zeros(0, np.int32)] * n_rest
+        # Rejected rows keep their texts for rejected/; scored pairs only with output.carry_texts.
+        keep_text = pa.array(np.concatenate([np.full(len(order), self.keep_texts, bool),
+                                             np.where(valid[rest_index], self.keep_texts, True)]))
         for name in (S.QUERY, S.DOCUMENT):
             col = out.column(name)
             out = out.set_column(out.schema.get_field_index(name), name,
@@ -79,12 +84,13 @@ class TokenizeStage:
         out = out.append_column(S.INPUT_IDS, list_column([ids[i] for i in order] + empty, pa.int32()))
         if self.return_token_types:
             out = out.append_column(S.TOKEN_TYPE_IDS, list_column(
-                [types[i] for i in order] + [np.zeros(0, np.int8)] * n_rejected, pa.int8()))
-        out = out.append_column(S.NUM_TOKENS, pa.array(np.concatenate([lengths[order], np.zeros(n_rejected, np.int32)])))
-        out = out.append_column(S.WINDOW, pa.array(np.concatenate([window[order], np.zeros(n_rejected, np.int32)])))
+                [types[i] for i in order] + [np.zeros(0, np.int8)] * n_rest, pa.int8()))
+        out = out.append_column(S.NUM_TOKENS, pa.array(np.concatenate([lengths[order], np.zeros(n_rest, np.int32)])))
+        out = out.append_column(S.WINDOW, pa.array(np.concatenate([window[order], np.zeros(n_rest, np.int32)])))
         per_row = np.bincount(source, minlength=batch.num_rows).astype(np.int32)
-        return out.append_column(NUM_WINDOWS, pa.array(np.concatenate([per_row[source[order]],
-                                                                         np.zeros(n_rejected, np.int32)])))
+        # A cached pair stands as one row (its best window's score); a rejected row has no windows.
+        rest_windows = valid[rest_index].astype(np.int32)
+        return out.append_column(NUM_WINDOWS, pa.array(np.concatenate([per_row[source[order]], rest_windows])))
 
     def _windows(self, queries, documents):
         ids, types, source, window = [], [], [], []

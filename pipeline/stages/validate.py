@@ -97,7 +97,7 @@ class InputLayout:
         return [f.name for f in self.carried] + [f.name for f in self.candidate_carried]
 
     def empty_rows(self) -> pa.Table:
-        schema = self.pair_schema.append(pa.field("_shard", pa.int32())).append(pa.field("_row", pa.int64()))
+        schema = self.pair_schema.append(pa.field(S.SHARD, pa.int32())).append(pa.field(S.ROW, pa.int64()))
         return schema.append(pa.field(S.REASON, pa.string())).empty_table()
 
     @classmethod
@@ -217,7 +217,7 @@ class InputLayout:
                            else pa.nulls(len(flat), f.type))
         result = pa.table(out, schema=self.pair_schema.remove_metadata())
         no_candidates = empty.take(parent)
-        return result.append_column("_no_candidates", no_candidates)
+        return result.append_column(S.NO_CANDIDATES_FLAG, no_candidates)
 
 
 def _binary(t: pa.DataType) -> pa.DataType:
@@ -276,7 +276,7 @@ def row_reasons(table: pa.Table, invalid_utf8_rows: np.ndarray | None = None) ->
     """Why each row cannot be scored (null where it can), first failing check wins. The texts must be valid
     UTF-8 by now (`repair_utf8`); `invalid_utf8_rows` is its mask."""
     n = table.num_rows
-    no_candidates = (table.column("_no_candidates") if "_no_candidates" in table.column_names
+    no_candidates = (table.column(S.NO_CANDIDATES_FLAG) if S.NO_CANDIDATES_FLAG in table.column_names
                      else pa.array(np.zeros(n, dtype=bool)))
     bad_utf8 = pa.array(np.zeros(n, dtype=bool) if invalid_utf8_rows is None else invalid_utf8_rows)
     query, document = table.column(S.QUERY), table.column(S.DOCUMENT)

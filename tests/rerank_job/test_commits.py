@@ -21,7 +21,7 @@ def test_a_shard_commits_once_all_its_rows_are_reported_in_any_order():
     assert commits.add(report(1, "s1-a", pairs=3, tokens=30)) is None
     assert commits.add(report(0, "s0-rej", kind="rejected", pairs=2)) is None
     assert commits.add(report(0, "s0-a", pairs=8, tokens=80)) == {
-        "shard": 0, "pairs": 8, "rejected": 2, "tokens": 80,
+        "shard": 0, "pairs": 8, "rejected": 2, "tokens": 80, "hits": 0, "same_texts": 0,
         "files": [report(0, "s0-rej", kind="rejected", pairs=2), report(0, "s0-a", pairs=8, tokens=80)]}
     with pytest.raises(PipelineError, match="shard 1 finished with 3 of 5 rows"):
         commits.check_complete()
@@ -44,3 +44,15 @@ def test_windows_that_arrive_late_hold_the_commit_back():
     assert commits.add(report(0, "w0", pairs=2, rows=2, windows_expected=6)) is None
     assert commits.add(report(0, "w1", pairs=0, rows=3, windows_expected=0)) is None
     assert commits.add(report(0, "w2", pairs=0, rows=1, windows_expected=0))["pairs"] == 2
+
+
+def test_score_cache_staging_is_listed_in_the_manifest_but_never_counted_as_rows():
+    commits = ShardCommits([Shard(0, "a.parquet", (0,), 6, 6, (6,))])
+    cache = {"shard": 0, "kind": "cache", "path": "cache-00003-x", "bucket": 3, "pairs": 0, "rows": 4, "tokens": 0,
+             "windows_expected": 0, "hits": 0, "same_texts": 0}
+    waiting = dict(cache, kind="waiting", path="waiting-00001-y", bucket=1, rows=1)
+    assert commits.add(cache) is None and commits.add(waiting) is None
+    scored = dict(report(0, "b0", pairs=6, tokens=40), hits=1, same_texts=1)
+    manifest = commits.add(scored)
+    assert manifest["pairs"] == 6 and manifest["hits"] == 1 and manifest["same_texts"] == 1
+    assert [f["kind"] for f in manifest["files"]] == ["cache", "waiting", "scored"]
