@@ -1,5 +1,5 @@
-"""Position within a group (`pipeline.groups.group_positions`): against a plain loop, against the ranker's
-`_first_per_key` and rank it can replace, and on real DL19 rankings."""
+"""Position within a group (`pipeline.groups.group_positions`): against a plain loop, through
+the ranker's use of it, and on real DL19 rankings."""
 
 from __future__ import annotations
 
@@ -53,27 +53,28 @@ def test_empty_single_and_bad_input():
         group_positions()
 
 
-def test_replaces_the_rankers_first_per_key_and_rank(shared_data):
-    """Same semantics as `pipeline.stages.rank._first_per_key` (nulls included) and the rank it derives."""
-    from pipeline.stages.rank import _first_per_key
+def test_the_ranker_keeps_the_first_of_each_pair_and_ranks_within_queries(shared_data):
+    """The ranking stage's use (rank_rows): a repeated pair is dropped (the first in input order kept), null ids
+    are never merged, and ranks count 1.. within each query by score, as a plain loop gives them."""
+    from pipeline.stages.rank import rank_rows
 
     pairs, _ = trec_dl(2019, data_dir=shared_data)
     rng = np.random.default_rng(0)
     doc = pairs["doc_id"].to_pylist()
-    doc = [None if i % 101 == 0 else d for i, d in enumerate(doc)]
     doc[10] = doc[11]  # a repeated pair
+    n = pairs.num_rows
     table = pa.table({"query_id": pairs["query_id"], "doc_id": pa.array(doc, pairs["doc_id"].type),
-                      "score": pa.array(rng.normal(size=pairs.num_rows).astype(np.float32))})
-    by_pair = table.sort_by([("query_id", "ascending"), ("doc_id", "ascending")])
-    expected = _first_per_key(by_pair, ["query_id", "doc_id"])
-    assert (group_positions(by_pair["query_id"], by_pair["doc_id"]).first == expected).all()
-    assert (~expected).sum() >= 1  # the repeated pair is found, the nulls are not merged
-    ranked = table.sort_by([("query_id", "ascending"), ("score", "descending"), ("doc_id", "ascending")])
-    starts = _first_per_key(ranked, ["query_id"])  # the ranker's own rank computation
-    position = np.arange(ranked.num_rows)
-    rank = position - np.maximum.accumulate(np.where(starts, position, 0)) + 1
-    assert (group_positions(ranked["query_id"]).position == rank).all()
-    assert rank.max() == 100
+                      "score": pa.array(rng.normal(size=n).astype(np.float32)),
+                      "_row": pa.array(np.arange(n, dtype=np.int64)), "window": pa.array(np.zeros(n, np.int32))})
+    ranked, duplicates, scored = rank_rows(table, None)
+    assert duplicates["_row"].to_pylist() == [11] and scored == n - 1
+    rows = sorted(ranked.to_pylist(), key=lambda r: (r["query_id"], -r["score"], r["doc_id"]))
+    expected, last, k = [], None, 0
+    for r in rows:
+        k = k + 1 if r["query_id"] == last else 1
+        last = r["query_id"]
+        expected.append(k)
+    assert [r["rank"] for r in rows] == expected and max(expected) == 100
 
 
 def test_quality_rankings_on_dl19(shared_data):

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from pipeline import schema as S
 from pipeline.errors import InputError, PipelineError
+from pipeline.groups import group_positions
 from pipeline.stages.read import ROW, SHARD, ReadShard, Shard
 from pipeline.stages.validate import InputLayout
 from pipeline.storage import atomic_write, join, map_paths, url_to_fs
@@ -28,34 +29,18 @@ from pipeline.storage import atomic_write, join, map_paths, url_to_fs
 DUPLICATE = "duplicate (query_id, doc_id)"
 
 
-def _first_per_key(table: pa.Table, keys: list[str]) -> np.ndarray:
-    """Boolean mask of the first row of each run of equal `keys` in an already sorted table."""
-    n = table.num_rows
-    first = np.ones(n, dtype=bool)
-    if n > 1:
-        same = np.ones(n - 1, dtype=bool)
-        for key in keys:
-            col = table.column(key)
-            same &= pc.fill_null(pc.equal(col.slice(1), col.slice(0, n - 1)), False).to_numpy(zero_copy_only=False)
-        first[1:] = ~same
-    return first
-
-
 def rank_rows(table: pa.Table, top_k: int | None) -> tuple[pa.Table, pa.Table, int]:
     """(ranked rows, duplicate rows, number of distinct scored pairs before top_k) from a bucket's rows."""
     table = table.sort_by([(ROW, "ascending"), (S.WINDOW, "ascending")])
-    table = table.filter(pa.array(_first_per_key(table, [ROW, S.WINDOW])))
+    table = table.filter(pa.array(group_positions(table.column(ROW), table.column(S.WINDOW)).first))
     best = table.group_by(ROW).aggregate([(S.SCORE, "max")]).rename_columns([ROW, S.BEST])
     table = table.filter(pc.equal(table.column(S.WINDOW), 0)).join(best, ROW).sort_by([(ROW, "ascending")])
     table = table.set_column(table.schema.get_field_index(S.SCORE), S.SCORE, table.column(S.BEST).cast(pa.float32()))
     by_pair = table.sort_by([(S.QUERY_ID, "ascending"), (S.DOC_ID, "ascending"), (ROW, "ascending")])
-    first = _first_per_key(by_pair, [S.QUERY_ID, S.DOC_ID])
+    first = group_positions(by_pair.column(S.QUERY_ID), by_pair.column(S.DOC_ID)).first
     duplicates, table = by_pair.filter(pa.array(~first)), by_pair.filter(pa.array(first))
     table = table.sort_by([(S.QUERY_ID, "ascending"), (S.SCORE, "descending"), (S.DOC_ID, "ascending")])
-    starts = _first_per_key(table, [S.QUERY_ID])
-    position = np.arange(table.num_rows)
-    group_start = np.maximum.accumulate(np.where(starts, position, 0))
-    rank = (position - group_start + 1).astype(np.int32)
+    rank = group_positions(table.column(S.QUERY_ID)).position.astype(np.int32)
     table = table.append_column(S.RANK, pa.array(rank))
     scored = table.num_rows
     if top_k is not None:
