@@ -1,0 +1,106 @@
+"""The hard-negative job on a simulated two-node Ray cluster (ray.cluster_utils.Cluster: two raylets on this
+machine) writes the same bytes as on one node, with its selection actors placed on the second node."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import schema
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# argv: nodes (1 or 2), input, qrels, output. One node: a head with 4 CPUs. Two nodes: a head with 1 CPU and a
+# worker node with 3, so the selection actors (1 CPU each, once the rerank's actors are gone) cannot all fit on
+# the head: at least one runs on the worker node.
+CLUSTER_SCRIPT = r'''
+import json, sys
+import ray
+from ray.cluster_utils import Cluster
+import ray._private.state as state  # GCS actor table; the state API would need the dashboard
+from pipeline.config import load_config
+from pipeline.hard_negatives.config import HardNegativesConfig
+from pipeline.hard_negatives.job import run_hard_negatives
+
+nodes, source, qrels, output = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4 if nodes == 1 else 1, "include_dashboard": False})
+second = cluster.add_node(num_cpus=3) if nodes == 2 else None
+cluster.wait_for_nodes()
+ray.init(address=cluster.address, log_to_driver=False)
+config = load_config(HardNegativesConfig, None, [
+    "rerank.model=dummy:tiny", "rerank.dtype=float32", "rerank.tokenizer.max_length=96",
+    "rerank.output.rows_per_bucket=80", "selection.min_positive_label=2", "selection.sampling=random",
+    "selection.seed=3", "output.rows_per_part=150", "workers.num_actors=2", "workers.num_cpus=1"])
+stats = run_hard_negatives(config, source, qrels, output)
+placement = {}
+for a in state.actors().values():
+    for name in ("SelectBucket", "WritePart"):
+        if name in a["ActorClassName"]:
+            placement.setdefault(name, set()).add(a["Address"]["NodeID"])
+print(json.dumps({"nodes": [n["NodeID"] for n in ray.nodes() if n["Alive"]],
+                  "second": second.node_id if second else None,
+                  "placement": {k: sorted(v) for k, v in placement.items()}, "rows": stats["rows"]}))
+ray.shutdown()
+cluster.shutdown()
+'''
+
+
+@pytest.fixture(scope="module")
+def four_queries(shared_data, tmp_path_factory) -> tuple[Path, Path]:
+    """4 DL19 queries with positives, 100 candidates each (400 pairs), and the NIST qrels."""
+    from pipeline.datasets import trec_dl
+
+    pairs, qrels = trec_dl(2019, shared_data)
+    positive_queries = pc.unique(qrels.filter(pc.greater_equal(qrels[schema.LABEL], 2))[schema.QUERY_ID])
+    chosen = pc.unique(pairs.filter(pc.is_in(pairs[schema.QUERY_ID], value_set=positive_queries))[schema.QUERY_ID])[:4]
+    path = tmp_path_factory.mktemp("hn_two_nodes") / "input.parquet"
+    pq.write_table(pairs.filter(pc.is_in(pairs[schema.QUERY_ID], value_set=chosen)), path, row_group_size=100)
+    return path, shared_data / "trec-dl" / "qrels.dl19-passage.txt"
+
+
+def _outputs(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.relative_to(root).parts[0] != "rerank"}
+
+
+def _run(nodes: int, source: Path, qrels: Path, output: Path, script: Path) -> dict:
+    for attempt in range(3):
+        result = subprocess.run([sys.executable, str(script), str(nodes), str(source), str(qrels), str(output)],
+                                cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                                text=True, timeout=900)
+        # Ray gives a starting raylet a fixed 30 s to register: too little on a heavily loaded machine. A new
+        # process starts a new cluster; the job's output is written afresh (its rerank resumes if it had begun).
+        if result.returncode == 0 or "timed out during startup" not in result.stderr:
+            break
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow  # two simulated Ray clusters (one and two nodes), each in a process of its own
+def test_two_nodes_write_the_same_bytes_as_one(four_queries, tmp_path):
+    source, qrels = four_queries
+    script = tmp_path / "cluster.py"
+    script.write_text(CLUSTER_SCRIPT)
+    one = _run(1, source, qrels, tmp_path / "one", script)
+    two = _run(2, source, qrels, tmp_path / "two", script)
+
+    assert len(one["nodes"]) == 1 and len(two["nodes"]) == 2
+    # Selection ran on the second node (the head has 1 CPU, two actors need 2).
+    assert two["second"] in two["placement"]["SelectBucket"]
+    assert one["rows"] == two["rows"] == 400
+
+    first, second = _outputs(tmp_path / "one"), _outputs(tmp_path / "two")
+    assert {name for name in first if name.startswith("candidates/")} == {
+        f"candidates/part-{p:05d}.parquet" for p in range(3)}  # 400 rows, 150 per part
+    assert "stats.json" in first and "flagembedding/train-00000.jsonl" in first
+    assert first.keys() == second.keys()
+    assert [name for name in first if first[name] != second[name]] == []
+    # The rerank spread the 4 queries over several ranked parts on both clusters: the selection was per part.
+    assert len(list((tmp_path / "two" / "rerank" / "ranked").glob("part-*.parquet"))) >= 2
