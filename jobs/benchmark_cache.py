@@ -103,13 +103,15 @@ def run_job(model: str, input_path: str, output: Path, cache: Path | None, overr
 
 
 def run_benchmark(model: str, pairs: int, changed: float, data_dir: Path, work: Path, overrides: list[str],
-                  timeout: float) -> dict:
+                  timeout: float, runner=None) -> dict:
+    """`runner`: run_job's stand-in, same signature (the tests run the job in their own process and Ray)."""
     inputs = make_inputs(data_dir, pairs, changed, work)
     cache = work / "cache"
     runs = {}
     for k, (name, day, cached) in enumerate(RUNS):
         log.info("%s ...", name)
-        runs[name] = run_job(model, inputs[day], work / f"out-{k}", cache if cached else None, overrides, timeout)
+        runs[name] = (runner or run_job)(model, inputs[day], work / f"out-{k}", cache if cached else None, overrides,
+                                         timeout)
         log.info("%s: %.1f s, %s pairs scored", name, runs[name]["wall_s"], runs[name]["pairs_scored"])
 
     storage = cache_storage(cache)

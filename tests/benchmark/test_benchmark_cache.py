@@ -1,22 +1,52 @@
-"""The score-cache benchmark end to end on a tiny checkpoint: every run present and accounted for, each day's
-hits what the input says they must be, and every ratio the quotient of the walls it is computed from. No
-measured figure is compared with a target (the machine and its load decide those)."""
+"""The score-cache benchmark on a tiny checkpoint: every run present and accounted for, each day's hits what the
+input says they must be, and every ratio the quotient of the walls it is computed from. No measured figure is
+compared with a target (the machine and its load decide those). The five jobs run in this process, on the
+session's Ray (a process and a Ray start each would add minutes); the command runs each as its own process."""
 
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
 from jobs import benchmark_cache
+from pipeline.benchmark.machine import load_average
+from pipeline.config import load_config
+from pipeline.rerank_config import RerankConfig
+from pipeline.rerank_job import run_rerank
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A real local Ray for this module's in-process jobs, stopped after it (later test folders start their own)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    yield ray
+    ray.shutdown()
+
+
+def _in_process(model, input_path, output, cache, overrides, timeout) -> dict:
+    """run_job's report, from the same job run in this process."""
+    config = load_config(RerankConfig, None, overrides + ([f"cache.uri={cache}"] if cache else []), model=model)
+    start = time.monotonic()
+    summary = run_rerank(config, input_path, str(output))
+    wall = time.monotonic() - start
+    return {"wall_s": round(wall, 2), "input_rows": summary["input_rows"], "scored_rows": summary["scored_rows"],
+            "rejected_rows": summary["rejected_rows"], "pairs_scored": summary["pairs_scored"],
+            "cache_hits": summary.get("cache_hits"), "model_pairs_per_s": summary.get("model_pairs_per_s"),
+            "scorer_seconds_saved": summary.get("scorer_seconds_saved"),
+            "pairs_per_s_end_to_end": round(summary["input_rows"] / wall, 2), "load_average_after": load_average()}
 
 
 @pytest.mark.slow
-def test_the_benchmark_reports_every_run_and_its_ratios(shared_data, tmp_path, run_entry_point):
+def test_the_benchmark_reports_every_run_and_its_ratios(ray_local, shared_data, tmp_path):
+    from pipeline.benchmark.report import write_report
+
+    report = benchmark_cache.run_benchmark("dummy:tiny", 80, 0.25, shared_data, tmp_path, [], 600, runner=_in_process)
     output = tmp_path / "cache.json"
-    result = run_entry_point(benchmark_cache.main, "--model", "dummy:tiny", "--pairs", "80", "--changed", "0.25",
-                             "--output", output, "--work-dir", tmp_path, "--data-dir", shared_data)
-    assert result.returncode == 0, result.stderr
+    write_report(str(output), report, benchmark_cache.markdown(report), "test")
     report = json.loads(output.read_text())
     runs = report["runs"]
     assert set(runs) == {name for name, _, _ in benchmark_cache.RUNS}
@@ -34,6 +64,15 @@ def test_the_benchmark_reports_every_run_and_its_ratios(shared_data, tmp_path, r
     # Day 1 filled 80 entries, day 2 added its 20 rewritten pairs; compaction keeps every entry in fewer files.
     assert storage["after the runs"]["entries"] == storage["compacted"]["entries"] == 100
     assert storage["compacted"]["files"] <= storage["after the runs"]["files"]
+
+
+@pytest.mark.slow
+def test_one_run_is_the_job_as_a_user_runs_it(shared_data, tmp_path):
+    """run_job itself (a process of its own) on a tiny input: its report holds the job's own accounting."""
+    inputs = benchmark_cache.make_inputs(shared_data, 12, 0.5, tmp_path)
+    run = benchmark_cache.run_job("dummy:tiny", inputs["day1"], tmp_path / "out", None, ["input.rows_per_shard=6"], 600)
+    assert run["input_rows"] == 12 == run["scored_rows"] and run["pairs_scored"] == 12 and run["cache_hits"] is None
+    assert run["wall_s"] > 0
 
 
 def test_bad_arguments_are_one_line(shared_data, tmp_path, run_entry_point):
