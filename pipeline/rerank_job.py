@@ -457,7 +457,9 @@ def _lookup(plan: RunPlan, lease: OutputLease) -> None:
     files: dict[int, list[str]] = {}
     for report in _worker_errors(keys().iter_batches(batch_size=None, batch_format="pyarrow"), lease):
         for row in report.to_pylist():
-            files.setdefault(row["bucket"], []).append(row["path"])
+            listed = files.setdefault(row["bucket"], [])
+            if row["path"] not in listed:  # a retried task reports the file it rewrote again
+                listed.append(row["path"])
     counts = {"hits": 0, "same_texts": 0, "to_score": 0}
     if files:
         ds = join_buckets([{"bucket": b, "files": f} for b, f in sorted(files.items())])
