@@ -94,7 +94,11 @@ def run_job(model: str, input_path: str, output: Path, cache: Path | None, overr
     wall = time.monotonic() - start
     if result.returncode != 0:
         raise PipelineError(f"the rerank job failed on {input_path}: {result.stderr.strip().splitlines()[-1:]}")
-    summary = json.loads((output / "summary.json").read_text())
+    return run_report(json.loads((output / "summary.json").read_text()), wall)
+
+
+def run_report(summary: dict, wall: float) -> dict:
+    """One run's row: the job's own accounting from its summary, and its wall time end to end."""
     return {"wall_s": round(wall, 2), "input_rows": summary["input_rows"], "scored_rows": summary["scored_rows"],
             "rejected_rows": summary["rejected_rows"], "pairs_scored": summary["pairs_scored"],
             "cache_hits": summary.get("cache_hits"), "model_pairs_per_s": summary.get("model_pairs_per_s"),

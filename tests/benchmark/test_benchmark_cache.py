@@ -11,7 +11,6 @@ import time
 import pytest
 
 from jobs import benchmark_cache
-from pipeline.benchmark.machine import load_average
 from pipeline.config import load_config
 from pipeline.rerank_config import RerankConfig
 from pipeline.rerank_job import run_rerank
@@ -32,12 +31,7 @@ def _in_process(model, input_path, output, cache, overrides, timeout) -> dict:
     config = load_config(RerankConfig, None, overrides + ([f"cache.uri={cache}"] if cache else []), model=model)
     start = time.monotonic()
     summary = run_rerank(config, input_path, str(output))
-    wall = time.monotonic() - start
-    return {"wall_s": round(wall, 2), "input_rows": summary["input_rows"], "scored_rows": summary["scored_rows"],
-            "rejected_rows": summary["rejected_rows"], "pairs_scored": summary["pairs_scored"],
-            "cache_hits": summary.get("cache_hits"), "model_pairs_per_s": summary.get("model_pairs_per_s"),
-            "scorer_seconds_saved": summary.get("scorer_seconds_saved"),
-            "pairs_per_s_end_to_end": round(summary["input_rows"] / wall, 2), "load_average_after": load_average()}
+    return benchmark_cache.run_report(summary, time.monotonic() - start)
 
 
 @pytest.mark.slow
