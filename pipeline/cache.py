@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import posixpath
 import time
@@ -46,7 +45,6 @@ import pyarrow.parquet as pq
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.storage import atomic_write, create_exclusive, join, map_paths, read_json, read_jsons, url_to_fs
 
-logger = logging.getLogger("rerank")
 
 FORMAT = 1
 KEY, SCORE, LAST_USED = "key", "score", "last_used"
