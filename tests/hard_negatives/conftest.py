@@ -73,3 +73,23 @@ def tiny_bert(tmp_path_factory, dl19) -> dict[str, str]:
         model_class(config).save_pretrained(paths[name])
         tokenizer.save_pretrained(paths[name])
     return paths
+
+
+@pytest.fixture(scope="module")
+def four_queries(shared_data, tmp_path_factory):
+    """4 DL19 queries with positives, 100 candidates each (400 pairs), and the NIST qrels."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    pairs, qrels = trec_dl(2019, shared_data)
+    positive_queries = pc.unique(qrels.filter(pc.greater_equal(qrels[schema.LABEL], 2))[schema.QUERY_ID])
+    chosen = pc.unique(pairs.filter(pc.is_in(pairs[schema.QUERY_ID], value_set=positive_queries))[schema.QUERY_ID])[:4]
+    path = tmp_path_factory.mktemp("hn_four_queries") / "input.parquet"
+    pq.write_table(pairs.filter(pc.is_in(pairs[schema.QUERY_ID], value_set=chosen)), path, row_group_size=100)
+    return path, shared_data / "trec-dl" / "qrels.dl19-passage.txt"
+
+
+def hn_outputs(root) -> dict[str, bytes]:
+    """Every file a hard-negative output holds outside rerank/ (the rerank job's own), by relative path."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.relative_to(root).parts[0] != "rerank"}

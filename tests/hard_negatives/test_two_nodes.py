@@ -9,11 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import pytest
 
-from pipeline import schema
+from tests.hard_negatives.conftest import hn_outputs
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -52,24 +50,6 @@ cluster.shutdown()
 '''
 
 
-@pytest.fixture(scope="module")
-def four_queries(shared_data, tmp_path_factory) -> tuple[Path, Path]:
-    """4 DL19 queries with positives, 100 candidates each (400 pairs), and the NIST qrels."""
-    from pipeline.datasets import trec_dl
-
-    pairs, qrels = trec_dl(2019, shared_data)
-    positive_queries = pc.unique(qrels.filter(pc.greater_equal(qrels[schema.LABEL], 2))[schema.QUERY_ID])
-    chosen = pc.unique(pairs.filter(pc.is_in(pairs[schema.QUERY_ID], value_set=positive_queries))[schema.QUERY_ID])[:4]
-    path = tmp_path_factory.mktemp("hn_two_nodes") / "input.parquet"
-    pq.write_table(pairs.filter(pc.is_in(pairs[schema.QUERY_ID], value_set=chosen)), path, row_group_size=100)
-    return path, shared_data / "trec-dl" / "qrels.dl19-passage.txt"
-
-
-def _outputs(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.relative_to(root).parts[0] != "rerank"}
-
-
 def _run(nodes: int, source: Path, qrels: Path, output: Path, script: Path) -> dict:
     for attempt in range(3):
         result = subprocess.run([sys.executable, str(script), str(nodes), str(source), str(qrels), str(output)],
@@ -96,7 +76,7 @@ def test_two_nodes_write_the_same_bytes_as_one(four_queries, tmp_path):
     assert two["second"] in two["placement"]["SelectBucket"]
     assert one["rows"] == two["rows"] == 400
 
-    first, second = _outputs(tmp_path / "one"), _outputs(tmp_path / "two")
+    first, second = hn_outputs(tmp_path / "one"), hn_outputs(tmp_path / "two")
     assert {name for name in first if name.startswith("candidates/")} == {
         f"candidates/part-{p:05d}.parquet" for p in range(3)}  # 400 rows, 150 per part
     assert "stats.json" in first and "flagembedding/train-00000.jsonl" in first
