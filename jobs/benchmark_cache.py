@@ -175,6 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     data_dir = Path(args.data_dir or os.environ.get("SHARED_DATA") or ROOT.parent / "shared" / "data")
+    if args.work_dir:
+        Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.work_dir) as work:
         report = run_benchmark(args.model, args.pairs, args.changed, data_dir, Path(work), args.overrides, args.timeout)
     table = write_report(args.output, report, markdown(report), "python -m jobs.benchmark_cache " + " ".join(
