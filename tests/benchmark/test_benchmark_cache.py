@@ -75,3 +75,11 @@ def test_bad_arguments_are_one_line(shared_data, tmp_path, run_entry_point):
         result = run_entry_point(benchmark_cache.main, "--output", tmp_path / "r.json", "--work-dir", tmp_path,
                                  *([] if "--data-dir" in argv else ["--data-dir", shared_data]), *argv)
         assert result.returncode == 2 and expected in result.stderr, (argv, result.stderr)
+
+
+def test_a_work_dir_that_does_not_exist_yet_is_created(shared_data, tmp_path, run_entry_point):
+    work = tmp_path / "not" / "yet"
+    result = run_entry_point(benchmark_cache.main, "--output", tmp_path / "r.json", "--work-dir", work,
+                             "--data-dir", shared_data, "--pairs", "999999")
+    assert result.returncode == 2 and "DL19 has" in result.stderr, result.stderr  # got as far as the input
+    assert work.is_dir() and not list(work.iterdir())  # its temporary folder inside was removed
