@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.faults import explain
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
 DEFAULT_MODEL = "jinaai/jina-reranker-v2-base-multilingual"
 INTERNAL_ERROR_EXIT = 4
 
@@ -40,7 +40,8 @@ def base_parser(prog: str, description: str, *, model_required: bool = True,
                         help="local checkpoint directory, Hugging Face hub id, or dummy:<architecture>" +
                         ("" if model_required else f" (default: the config's model, {DEFAULT_MODEL})"))
     parser.add_argument("--dtype", choices=DTYPES, default=None,
-                        help="compute dtype (default auto: bf16 on CUDA and on CPUs with bf16 matrix units)")
+                        help="compute dtype (default auto: bf16 on CUDA and on CPUs with bf16 matrix units; "
+                        "int8: int8 Linear layers on CPU, only when asked for)")
     parser.add_argument("--config", default=None, help="YAML config file (see configs/)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config key, e.g. --set scorer.max_tokens_per_batch=8192 (repeatable)")

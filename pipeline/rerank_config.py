@@ -98,7 +98,9 @@ class CacheConfig(StrictModel):
 class RerankConfig(StrictModel):
     model: str = "jinaai/jina-reranker-v2-base-multilingual"
     revision: Optional[str] = None
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # auto: bf16 on CUDA and on CPUs with bf16 matrix units, else fp32. int8 (CPU only, never chosen by auto):
+    # the encoder's Linear layers in int8, everything else fp32 (pipeline/model/quantization.py).
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "int8"] = "auto"
     allow_pickle: bool = False
     input: InputConfig = InputConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()

@@ -14,14 +14,17 @@ import torch
 
 from pipeline.errors import CheckpointError
 from pipeline.model.checkpoint import DUMMY_MARKER, load_model, resolve_model_directory
-from pipeline.model.modeling import (ONEDNN_FUSED, CrossEncoderModel, PackedWeights, select_attention_backend,
-                                     select_linear_kernel)
+from pipeline.model.modeling import (ONEDNN_FUSED, ONEDNN_INT8, CrossEncoderModel, PackedWeights,
+                                     select_attention_backend, select_linear_kernel)
+from pipeline.model.quantization import (CALIBRATION_PAIRS, InputRangeObserver, Int8Options, Int8Weights,
+                                         smoothing_for)
 from pipeline.model.packing import PackedBatch, pack, token_budget_batches
 from pipeline.model.tokenization import PairTokenizer
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# int8 is asked for by name only (`auto` never picks it): int8 Linear layers, everything else float32 (quantization.py).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.int8}
 
 # Tokens per micro-batch. CPU, measured (the engine on the jina-base-sized benchmark checkpoint, bf16, 2-core
 # AMD EPYC Zen 5 with AVX512-BF16, best of 2-3 interleaved passes): DL19 pairs (~98 tokens) reach
@@ -65,7 +68,10 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.bfloat16 if cpu_has_bf16_matrix_units() else torch.float32
     if dtype not in DTYPES:
-        raise CheckpointError(f"unknown dtype {dtype!r}; choose auto, float32, bfloat16 or float16")
+        raise CheckpointError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
+    if DTYPES[dtype] == torch.int8 and device.type != "cpu":
+        raise CheckpointError(f"dtype int8 runs on CPU only (oneDNN's int8 linear), not on {device.type}; "
+                              "use bfloat16 there")
     return DTYPES[dtype]
 
 
@@ -78,7 +84,7 @@ class CrossEncoder:
 
     def __init__(self, model: CrossEncoderModel, tokenizer: PairTokenizer, *, name: str, revision: str,
                  layout: str, device: torch.device, dtype: torch.dtype, is_dummy: bool = False,
-                 attention_backend: str | None = None):
+                 attention_backend: str | None = None, int8: Int8Options | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
@@ -87,30 +93,61 @@ class CrossEncoder:
         self.device = device
         self.dtype = dtype
         self.is_dummy = is_dummy
-        self.model.attention_backend = select_attention_backend(device, dtype, prefer=attention_backend)
-        self.model.linear_kernel = select_linear_kernel(device, dtype)
+        self.int8_options: Int8Options | None = None
+        compute_dtype = torch.float32 if dtype == torch.int8 else dtype  # int8: all but the Linear layers in fp32
+        self.model.attention_backend = select_attention_backend(device, compute_dtype, prefer=attention_backend)
+        self.model.linear_kernel = select_linear_kernel(device, compute_dtype)
         self.max_length = model.config.max_tokens_per_sequence
         self.max_tokens_per_batch = DEFAULT_MAX_TOKENS.get(device.type, 4096)
         if self.model.linear_kernel == ONEDNN_FUSED:
             self.model.packed_weights = PackedWeights(self.max_tokens_per_batch)
+        if dtype == torch.int8:
+            self.quantize(int8 or Int8Options())
+
+    def quantize(self, options: Int8Options) -> None:
+        """Run the encoder's Linear layers in int8 from now on (the model's float32 weights are the source).
+
+        With `options.smooth_alpha`, first scores `options.calibration_pairs` in float32 to find each layer's
+        input range per channel (SmoothQuant). Costs a second copy of those layers' weights, in int8.
+        """
+        fp32_kernel = select_linear_kernel(self.device, torch.float32)
+        fp32_weights = PackedWeights(self.max_tokens_per_batch) if fp32_kernel == ONEDNN_FUSED else None
+        smooth = None
+        if options.smooth_alpha is not None:
+            observer = InputRangeObserver(self.model)
+            self.model.linear_kernel, self.model.packed_weights = ONEDNN_INT8, observer
+            pairs = list(options.calibration_pairs or CALIBRATION_PAIRS)
+            self.compute_score(pairs, max_length=min(512, self.max_length), return_logits=True)
+            smooth = smoothing_for(self.model, observer.input_amax, options.smooth_alpha)
+        self.model.packed_weights = Int8Weights(self.model, options, smooth, self.max_tokens_per_batch, fp32_weights)
+        self.model.linear_kernel = select_linear_kernel(self.device, torch.int8)
+        self.int8_options = options
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, device: str | torch.device | None = None,
                         dtype: str | torch.dtype | None = None, revision: str | None = None, *,
                         allow_pickle: bool = False, attention_backend: str | None = None,
-                        max_chars_per_token: int | None = None) -> "CrossEncoder":
-        """A local directory, a Hugging Face hub id, or `dummy:<architecture>` (random weights, see dummy.py)."""
+                        max_chars_per_token: int | None = None, int8: Int8Options | None = None) -> "CrossEncoder":
+        """A local directory, a Hugging Face hub id, or `dummy:<architecture>` (random weights, see dummy.py).
+
+        dtype "int8": Linear layers in int8 on CPU (see quantization.py), tuned by `int8` (default
+        `Int8Options()`: SmoothQuant with alpha 0.5 on `CALIBRATION_PAIRS`, every layer in int8).
+        """
         directory, revision = resolve_model_directory(name_or_path, revision)
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
+        if int8 is not None and dtype != torch.int8:
+            raise CheckpointError(f"int8 options were given for dtype {str(dtype).replace('torch.', '')}; "
+                                  "pass dtype='int8' or drop them")
         model, layout, raw_config = load_model(directory, allow_pickle=allow_pickle)
-        model.to(device=device, dtype=dtype)
+        model.to(device=device, dtype=torch.float32 if dtype == torch.int8 else dtype)
         # The head stays float32: two tiny matrices, and the raw logit is the product.
         model.head.float()
         kwargs = {} if max_chars_per_token is None else {"max_chars_per_token": max_chars_per_token}
         tokenizer = PairTokenizer.from_dir(directory, return_token_types=model.config.type_vocab_size > 1, **kwargs)
         encoder = cls(model, tokenizer, name=name_or_path, revision=revision, layout=layout.name, device=device,
-                      dtype=dtype, is_dummy=bool(raw_config.get(DUMMY_MARKER)), attention_backend=attention_backend)
+                      dtype=dtype, is_dummy=bool(raw_config.get(DUMMY_MARKER)), attention_backend=attention_backend,
+                      int8=int8)
         encoder.directory = directory
         logger.info("loaded %s (%s layout, revision %s) on %s in %s", name_or_path, layout.name, revision,
                     device, str(dtype).replace("torch.", ""))
@@ -124,7 +161,7 @@ class CrossEncoder:
             "attention_backend": self.model.attention_backend, "linear_kernel": self.model.linear_kernel,
             "random_weights": self.is_dummy,
             "num_parameters": sum(p.numel() for p in self.model.parameters()),
-        }
+        } | ({} if self.int8_options is None else {"int8": self.model.packed_weights.describe()})
 
     # -- scoring token ids ------------------------------------------------------------------------------
 

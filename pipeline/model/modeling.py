@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.model.quantization import int8_kernel_works
+
 logger = logging.getLogger(__name__)
 
 
@@ -231,6 +233,7 @@ def varlen_attention(backend, q, k, v, cu_seqlens, max_seqlen, seqlens, cls_only
 
 ONEDNN_FUSED = "onednn_fused"  # torch.ops.mkldnn._linear_pointwise (CPU): the op torch.compile's CPU backend emits
 ATEN_LINEAR = "aten"           # F.linear, then F.gelu / + as separate ops (any device)
+ONEDNN_INT8 = "onednn_int8"    # torch.ops.onednn.qlinear_pointwise (CPU): int8 weights and activations (quantization.py)
 
 
 def _onednn_linear_works(dtype: torch.dtype) -> bool:
@@ -250,6 +253,9 @@ def _onednn_linear_works(dtype: torch.dtype) -> bool:
 def select_linear_kernel(device: torch.device, dtype: torch.dtype, prefer: str | None = None) -> str:
     """oneDNN's fused linear on CPU when this build has it, aten elsewhere; log the choice once.
 
+    `dtype` torch.int8 (asked for, never chosen by `auto`) takes oneDNN's int8 linear on CPU: the choice
+    between the int8 kernels this torch offers, with what each measured, is written in `quantization.py`.
+
     Measured on a 2-core AMD EPYC (Zen 5, AVX512-BF16): fusing bias + GELU into fc1 and the residual add
     into fc2 / out_proj saves passes over (tokens, 3,072) activations; whole jina-base forward in bf16,
     4,096-token micro-batches, interleaved best of 3: DL19 645 -> 725 GFLOP/s, long 481 -> 522. In fp32
@@ -260,6 +266,12 @@ def select_linear_kernel(device: torch.device, dtype: torch.dtype, prefer: str |
     """
     if prefer is not None:
         choice, why = prefer, "requested"
+    elif dtype == torch.int8:
+        if device.type != "cpu" or not (int8_kernel_works() and _onednn_linear_works(torch.float32)):
+            raise ValueError(f"int8 scoring needs oneDNN's int8 linear on CPU, which {device.type} with this torch "
+                             "build lacks; use dtype bfloat16 or float32")
+        choice, why = ONEDNN_INT8, ("int8 asked for: int8 weights per channel, activations per token; "
+                                    "embeddings, LayerNorm, attention and the head in float32")
     elif device.type == "cpu" and _onednn_linear_works(dtype):
         choice, why = ONEDNN_FUSED, "CPU with oneDNN: bias, GELU and residual adds fused into the GEMMs"
     else:
@@ -301,8 +313,14 @@ def linear(kernel: str, x: torch.Tensor, layer: nn.Linear, activation: str | Non
     """layer(x), then GELU (`activation` "none" = erf or "tanh") or `+ residual`: (n, in) -> (n, out).
 
     `rows` takes a slice of the layer's output features (e.g. only keys and values of a fused Wqkv);
-    `packed` supplies oneDNN's blocked weights (ONEDNN_FUSED only).
+    `packed` supplies oneDNN's blocked weights (ONEDNN_FUSED), or the int8 layers (ONEDNN_INT8: an
+    `Int8Weights`, whose float32 `fp32` serves the layers kept in float32).
     """
+    if kernel == ONEDNN_INT8:
+        quantized = packed.get(layer, rows)
+        if quantized is not None:
+            return quantized(x, activation, residual)
+        kernel, packed = ONEDNN_FUSED, packed.fp32
     bias = layer.bias if rows is None or layer.bias is None else layer.bias[rows]
     if kernel == ONEDNN_FUSED:
         weight = packed.get(layer, rows) if packed is not None else \
@@ -417,7 +435,7 @@ class _PackedView:
     cls_index: torch.Tensor   # (batch,) int64, = cu_seqlens[:-1]
     backend: str              # attention backend
     linear_kernel: str = ATEN_LINEAR
-    weights: PackedWeights | None = None
+    weights: object = None    # PackedWeights (ONEDNN_FUSED) or quantization.Int8Weights (ONEDNN_INT8)
 
 
 def packed_position_ids(cu_seqlens: torch.Tensor, total_tokens: int, offset: int) -> torch.Tensor:
@@ -443,7 +461,8 @@ class CrossEncoderModel(nn.Module):
         self.head = ClassificationHead(config)
         self.attention_backend: str | None = None
         self.linear_kernel: str | None = None
-        self.packed_weights: PackedWeights | None = None  # set by `CrossEncoder` with ONEDNN_FUSED
+        # Set by `CrossEncoder`: a `PackedWeights` with ONEDNN_FUSED, an `Int8Weights` with ONEDNN_INT8.
+        self.packed_weights = None
 
     @torch.inference_mode()
     def forward(self, input_ids, cu_seqlens, max_seqlen: int, token_type_ids=None):
@@ -456,7 +475,7 @@ class CrossEncoderModel(nn.Module):
         seqlens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
         kernel = self.linear_kernel or select_linear_kernel(param.device, param.dtype)
         packed = _PackedView(cu_seqlens, max_seqlen, seqlens, cu_seqlens[:-1].long(), backend, kernel,
-                             self.packed_weights if kernel == ONEDNN_FUSED else None)
+                             self.packed_weights if kernel in (ONEDNN_FUSED, ONEDNN_INT8) else None)
 
         position_ids = packed_position_ids(cu_seqlens, input_ids.numel(), self.config.position_offset)
         hidden = self.emb_ln(self.embeddings(input_ids, position_ids, token_type_ids))  # (total_tokens, hidden)
