@@ -10,6 +10,11 @@ from pipeline.datasets import WORKLOADS
 from pipeline.model.dummy import ARCHITECTURES
 
 DEFAULT_CONTENDERS = ["st-default", "st-best", "hf-padded", "hf-sorted", "engine", "ray-job"]
+# The CPU runtimes users pick for fast reranking. Not in the default run: with batch-size tuning, the
+# export and the int8 calibration they would add ~10 minutes per model on a 2-core CPU (estimated from
+# their pairs/s on DL19 with the jina shape, measured 2026-11-30 on a 2-core AVX512-BF16 EPYC: ONNX Runtime
+# fp32 8.5, OpenVINO f32 9.2, int8 26-34); run them with `--contenders engine,ort-fp32,ort-int8,ov-fp32,ov-default,ov-int8 --models jina-reranker-v2-base`.
+CPU_RUNTIME_CONTENDERS = ["ort-fp32", "ort-int8", "ov-fp32", "ov-default", "ov-int8"]
 
 
 class BenchmarkConfig(StrictModel):
@@ -38,6 +43,9 @@ class BenchmarkConfig(StrictModel):
     # Measured (2-core CPU, bf16): 4 won on DL19 for both models and 4-8 on XQuAD-R; 32 and 64 never did.
     tune_batch_sizes: list[int] = Field(default_factory=lambda: [2, 4, 8, 16])
     tune_pairs: int = Field(32, ge=1)
+    # ov-int8: pairs per workload its static quantization is calibrated on (the ones right after the timed
+    # pairs; sentence-transformers' helper uses 300 SST-2 sentences, which took ~12 minutes on 2 cores).
+    calibration_pairs: int = Field(32, ge=1)
     warmup_pairs: int = Field(8, ge=1)
     # Our engine's token budget per micro-batch; null: its device default (DEFAULT_MAX_TOKENS).
     max_tokens_per_batch: int | None = Field(None, ge=1)

@@ -14,6 +14,15 @@ everyone, model loading for no one but the Ray job (which loads the model in its
 | `engine`        | ours, in process: `CrossEncoder.from_pretrained(dir).compute_score(pairs)`               | bfloat16 |
 | `engine-fp32`   | ours in float32 (to compare with `st-default` at equal precision)                        | float32  |
 | `ray-job`       | the whole Ray rerank job (`pipeline.rerank_api.rerank`), Parquet in -> Parquet out        | bfloat16 |
+| `hf-fp32`       | transformers length-sorted in float32: the fidelity reference of every row (see runner)   | float32  |
+| `ort-fp32`      | ONNX Runtime (CPUExecutionProvider) on a `torch.onnx.export` of the model, length-sorted  | float32  |
+| `ort-int8`      | the same export, `quantize_dynamic` per-channel QInt8 weights                             | int8     |
+| `ov-fp32`       | OpenVINO (`convert_model` from torch), INFERENCE_PRECISION_HINT f32, length-sorted        | float32  |
+| `ov-default`    | the same, the plugin's own precision (bf16 where the CPU has it)                          | default  |
+| `ov-int8`       | the same, static int8 by `nncf.quantize` calibrated on other pairs of the workload         | int8     |
+
+ONNX Runtime and OpenVINO are optional (the `dev` extra installs them); where one is missing or fails, its
+rows say `skipped: <reason>` (`onnx_runtime.py`, `openvino.py`, `exported.py`).
 
 sentence-transformers sorts pairs by character length before batching; the transformers contenders use
 the model's default attention (SDPA). Tokens are counted where each contender's model sees them (a
@@ -249,10 +258,16 @@ class RayJobContender:
 class Contender:
     name: str
     description: str
-    library: str               # sentence-transformers | transformers | engine | ray-job
+    library: str               # sentence-transformers | transformers | engine | ray-job | onnxruntime | openvino
     dtype: str | None          # default compute dtype; None: the library's default (the checkpoint's dtype)
     length_sorted: bool = False
-    tuned_batch_size: bool = False  # batch size picked per workload from `st_batch_sizes`
+    tuned_batch_size: bool = False  # batch size picked per workload from `tune_batch_sizes`
+    calibrated: bool = False   # loaded with calibration pairs (the workloads' pairs after the timed ones)
+
+    @property
+    def optional(self) -> bool:
+        """A backend outside the project's dependencies: a failure is a skipped row, not an error of the run."""
+        return self.library in ("onnxruntime", "openvino")
 
     @property
     def full_precision(self) -> bool:
@@ -274,14 +289,38 @@ CONTENDERS: dict[str, Contender] = {c.name: c for c in [
     Contender("engine-fp32", "our engine in float32", "engine", "float32"),
     Contender("ray-job", "the whole Ray rerank job, Parquet in -> ranked Parquet out (Ray start included)",
               "ray-job", "bfloat16"),
+    Contender("hf-fp32", "transformers AutoModelForSequenceClassification, float32, length-sorted batches "
+              "(the fidelity reference)", "transformers", "float32", length_sorted=True),
+    Contender("ort-fp32", "ONNX Runtime CPUExecutionProvider, torch.onnx.export (dynamo) of the model, fp32, "
+              "length-sorted, batch size tuned", "onnxruntime", "float32", tuned_batch_size=True),
+    Contender("ort-int8", "ONNX Runtime, the same export after quantize_dynamic (per-channel QInt8 weights), "
+              "batch size tuned", "onnxruntime", "int8", tuned_batch_size=True),
+    Contender("ov-fp32", "OpenVINO CPU, convert_model from torch, INFERENCE_PRECISION_HINT f32, batch size tuned",
+              "openvino", "float32", tuned_batch_size=True),
+    Contender("ov-default", "OpenVINO CPU, convert_model from torch, the plugin's default precision, batch size "
+              "tuned", "openvino", None, tuned_batch_size=True),
+    Contender("ov-int8", "OpenVINO CPU, static int8 (nncf.quantize, calibrated on the workloads' pairs after the "
+              "timed ones), batch size tuned", "openvino", "int8", tuned_batch_size=True, calibrated=True),
 ]}
 
 
 def load_contender(name: str, directory: str, *, max_length: int, device: str = "cpu", dtype: str | None = None,
-                   max_tokens_per_batch: int | None = None, ray_job_overrides: Sequence[str] = ()):
-    """An object with `score(pairs, batch_size) -> Scored`; `dtype` overrides the contender's default."""
+                   max_tokens_per_batch: int | None = None, ray_job_overrides: Sequence[str] = (),
+                   calibration_pairs: Pairs = ()):
+    """An object with `score(pairs, batch_size) -> Scored`; `dtype` overrides the contender's default (the
+    engine takes any dtype string its `from_pretrained` accepts; ONNX Runtime and OpenVINO ignore it: their
+    precision is in their name)."""
     spec = CONTENDERS[name]
     dtype = dtype or spec.dtype
+    if spec.library == "onnxruntime":
+        from pipeline.benchmark.onnx_runtime import OnnxRuntimeContender
+
+        return OnnxRuntimeContender(directory, max_length, int8=spec.dtype == "int8")
+    if spec.library == "openvino":
+        from pipeline.benchmark.openvino import OpenVinoContender
+
+        precision = {"float32": "f32", None: "default", "int8": "int8"}[spec.dtype]
+        return OpenVinoContender(directory, max_length, precision, calibration_pairs)
     if spec.library == "sentence-transformers":
         return SentenceTransformersContender(directory, max_length, dtype, device)
     if spec.library == "transformers":
