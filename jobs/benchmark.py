@@ -1,14 +1,19 @@
-"""Side-by-side reranking throughput: sentence-transformers, transformers and our engine, same weights, same data.
+"""Side-by-side reranking throughput and fidelity: sentence-transformers, transformers, ONNX Runtime, OpenVINO
+and our engine, same weights, same data.
 
     python -m jobs.benchmark [--workloads dl19,long,multilingual] [--models jina-reranker-v2-base,bge-reranker-v2-m3]
                              [--contenders st-default,st-best,hf-padded,hf-sorted,engine] [--n-pairs N]
                              [--output results/benchmark-cpu.json] [--config FILE] [--set key=value ...]
 
+    # the CPU runtimes (not in the default run; ~10 minutes per model on 2 cores):
+    python -m jobs.benchmark --models jina-reranker-v2-base --contenders engine,ort-fp32,ort-int8,ov-fp32,ov-default,ov-int8
+
 Every contender loads the same random-weight checkpoint (the real model's shape, a tokenizer trained on the
 workloads' text; `RERANKER_CHECKPOINT=<dir>` benchmarks a real checkpoint instead) and scores the same
 pairs in a process of its own. Per contender and workload: pairs/s, real tokens/s, padding efficiency,
 peak RSS, MFU (model FLOPs/s over the peak GEMM FLOP/s of its dtype, measured in the same run), and the
-engine's speedup over it. Writes the JSON report to --output, the markdown table beside it (.md), and
+engine's speedup over it, and its fidelity to transformers in float32 on the same pairs (hf-fp32, always run
+first): max |Δlogit|, Spearman, mean per-query top-10 overlap. Writes the JSON report to --output, the markdown table beside it (.md), and
 prints the table.
 Defaults (pairs per workload etc.): `pipeline/benchmark/config.py`. Targets are reported, never asserted.
 """
@@ -40,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--models", type=_names, default=None,
                         help="comma-separated dummy architectures: jina-reranker-v2-base,bge-reranker-v2-m3,...")
     parser.add_argument("--contenders", type=_names, default=None,
-                        help="comma-separated: st-default,st-best,hf-padded,hf-sorted,engine,engine-fp32")
+                        help="comma-separated: st-default,st-best,hf-padded,hf-sorted,engine,engine-fp32,ray-job,"
+                             "ort-fp32,ort-int8,ov-fp32,ov-default,ov-int8 (hf-fp32, the fidelity reference, "
+                             "always runs)")
     parser.add_argument("--n-pairs", type=int, default=None,
                         help="pairs per workload for every workload (float32 contenders score a fraction of them)")
     parser.add_argument("--output", default="results/benchmark-cpu.json", help="JSON report (local path or s3://...)")

@@ -27,20 +27,37 @@ def _pct(value) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
+def _batch(r: dict) -> str:
+    settings = r.get("settings") or {}
+    if settings.get("batch_size") is not None:
+        return str(settings["batch_size"]) + (" (tuned)" if r.get("tuning") else "")
+    return "tokens" if settings.get("max_tokens_per_batch") else "n/a"
+
+
 def markdown_table(report: dict) -> str:
     """One row per (model, workload, contender); `engine x` = engine pairs/s over the row's (> 1: engine faster);
-    `CPU share` = CPU time the contender's process got over wall time x threads (< 100%: the machine was shared)."""
+    `CPU share` = CPU time the contender's process got over wall time x threads (< 100%: the machine was shared);
+    `max |Δlogit|`, `Spearman`, `top-10` = the row's scores against the fp32 reference's (hf-fp32) on its pairs."""
     lines = [
-        "| model | workload | contender | dtype | pairs | pairs/s | real tokens/s | padding eff. | MFU | peak RSS (MB) "
-        "| CPU share | engine x |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | workload | contender | dtype | batch | pairs | pairs/s | real tokens/s | padding eff. | MFU "
+        "| peak RSS (MB) | CPU share | engine x | max \\|Δlogit\\| | Spearman | top-10 |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["runs"]:
+        if "skipped" in r:
+            lines.append(f"| {r['model']} | {r['workload']} | {r['contender']} | skipped: {r['skipped']} "
+                         + "| " * 12 + "|")
+            continue
         lines.append(
-            f"| {r['model']} | {r['workload']} | {r['contender']} | {r['dtype']} | {r['n_pairs']} "
+            f"| {r['model']} | {r['workload']} | {r['contender']} | {r['dtype']} | {_batch(r)} | {r['n_pairs']} "
             f"| {r['pairs_per_s']:.2f} | {r['real_tokens_per_s']:.0f} | {r['padding_efficiency']:.2f} "
             f"| {_pct(r['mfu'])} | {_num(r['peak_rss_mb'], '.0f')} | {_pct(r.get('cpu_share'))} "
-            f"| {_num(r.get('engine_speedup'), '.2f')} |")
+            f"| {_num(r.get('engine_speedup'), '.2f')} | {_num(r.get('max_abs_logit_diff'), '.3f')} "
+            f"| {_num(r.get('spearman'), '.4f')} | {_num(r.get('top10_overlap'), '.2f')} |")
+    spreads = [f"{model} {workload} {std:.2f}" for model, info in report.get("models", {}).items()
+               for workload, std in info.get("reference_logit_std", {}).items()]
+    if spreads:
+        lines += ["", "Spread of the reference's logits (std; hf-fp32): " + "; ".join(spreads) + "."]
     peaks = [f"{model}: bf16 {p['bfloat16']['flops_per_s'] / 1e9:.0f} GFLOP/s, fp32 {p['float32']['flops_per_s'] / 1e9:.0f} GFLOP/s"
              for model, p in report.get("peak_gemm", {}).items()]
     machine = report["machine"]

@@ -3,7 +3,9 @@
     report = run_benchmark(config)   # the JSON the job writes (layout below)
 
 For each model: the shared checkpoint (`checkpoints.py`), then one worker per contender (`worker.py`),
-which scores every workload. Peak GEMM FLOP/s (both dtypes) is measured before the first worker and after
+which scores every workload. The first worker is always `hf-fp32` (transformers in float32, length-sorted
+batches), the fidelity reference: every row's scores are compared with its scores on the same pairs
+(`fidelity.py`: max |Δlogit|, Spearman, mean per-query top-10 overlap; queries are the pairs' query texts). Peak GEMM FLOP/s (both dtypes) is measured before the first worker and after
 the last, so drift over the run shows; MFU divides by the higher of the two (the conservative choice).
 
 Report layout:
@@ -11,10 +13,13 @@ Report layout:
     peak_gemm: {model: {bfloat16: {flops_per_s, before, after}, float32: {...}}}
     runs: [{model, workload, contender, dtype, n_pairs, seconds, pairs_per_s, real_tokens_per_s,
             padding_efficiency, model_flops, mfu, peak_rss_mb, engine_speedup (engine pairs/s over this row's),
-            max_abs_logit_diff_vs_engine, cpu_share, settings, ...}]
+            max_abs_logit_diff, spearman, top10_overlap, top10_queries, fidelity_reference (vs hf-fp32),
+            max_abs_logit_diff_vs_engine, cpu_share, settings, tuning, ...}
+          | {model, workload, contender, description, n_pairs, skipped: "<reason>"}]  (optional backends)
     targets: [{model, name, value, target, met}]
     cross_model: [{workload, engine_on, versus, ratio}]   (the engine on the first model vs the others')
-    models: {model: {directory, shape, workload_pairs, mean_tokens_per_pair}}
+    models: {model: {directory, shape, workload_pairs, mean_tokens_per_pair,
+                     reference_logit_std: {workload: std of hf-fp32's logits}}}
     errors: [{model, contender, message}]
 """
 
@@ -36,13 +41,15 @@ import torch
 from pipeline.benchmark.checkpoints import REAL_CHECKPOINT_ENV, benchmark_checkpoint
 from pipeline.benchmark.config import BenchmarkConfig
 from pipeline.benchmark.contenders import CONTENDERS
+from pipeline.benchmark.fidelity import fidelity
 from pipeline.benchmark.flops import Shape, gemm_shapes, model_flops, peak_gemm_flops
 from pipeline.benchmark.machine import load_average, machine_info
 from pipeline.benchmark.workloads import pair_token_counts, workload_pairs
 
 logger = logging.getLogger(__name__)
 
-REFERENCE = "engine"
+REFERENCE = "engine"                # speed-ups are over the engine's pairs/s
+FIDELITY_REFERENCE = "hf-fp32"      # fidelity figures are against its scores
 JINA_BASE_FLOPS_PER_TOKEN = 2 * (4 * 768 * 768 + 2 * 768 * 3072) * 12
 
 
@@ -101,7 +108,7 @@ RAY_JOB_TARGET_PAIRS = 20_000
 def _targets(runs: list[dict], model: str) -> list[dict]:
     """The issue's CPU targets, reported (never asserted): speedups on dl19, engine MFU on dl19 and long,
     and the Ray job's share of the engine's pairs/s on runs of 20,000+ pairs."""
-    by = {(r["workload"], r["contender"]): r for r in runs if r["model"] == model}
+    by = {(r["workload"], r["contender"]): r for r in _measured(runs) if r["model"] == model}
     targets = []
     for contender, goal in (("st-best", 2.0), ("st-default", 6.0)):
         engine, other = by.get(("dl19", REFERENCE)), by.get(("dl19", contender))
@@ -127,7 +134,8 @@ def _targets(runs: list[dict], model: str) -> list[dict]:
 def _worker_spec(config: BenchmarkConfig, name: str, directory: str, workloads: dict[str, int],
                  scores_dir: str) -> dict:
     contender = CONTENDERS[name]
-    fraction = config.full_precision_pairs_fraction if contender.full_precision else 1.0
+    # The reference scores every pair: each row is compared with it on the row's pairs.
+    fraction = config.full_precision_pairs_fraction if contender.full_precision and name != FIDELITY_REFERENCE else 1.0
     return {
         "contender": name, "directory": directory, "device": config.device, "max_length": config.max_length,
         "workloads": [{"name": w, "n_pairs": max(1, round(n * fraction))} for w, n in workloads.items()],
@@ -135,6 +143,7 @@ def _worker_spec(config: BenchmarkConfig, name: str, directory: str, workloads: 
         "tune_batch_sizes": config.tune_batch_sizes, "tune_pairs": config.tune_pairs,
         "warmup_pairs": config.warmup_pairs, "max_tokens_per_batch": config.max_tokens_per_batch,
         "ray_job_overrides": config.ray_job_overrides, "scores_dir": scores_dir,
+        "calibration_pairs": config.calibration_pairs,
     }
 
 
@@ -147,6 +156,11 @@ def _row(model: str, name: str, out: dict, result: dict, load_before: float) -> 
             "load_average_before": load_before, "load_average_after": load_average()}
 
 
+def _skipped(model: str, name: str, workload: str, n_pairs: int, reason: str) -> dict:
+    return {"model": model, "contender": name, "description": CONTENDERS[name].description, "workload": workload,
+            "n_pairs": n_pairs, "skipped": reason}
+
+
 def benchmark_model(config: BenchmarkConfig, model: str, scores_dir: str) -> dict:
     """Every contender on one model: {"runs", "peak_gemm", "info", "errors"}."""
     directory = benchmark_checkpoint(model, config.data_dir, tokenizer_vocab=config.tokenizer_vocab)
@@ -155,42 +169,63 @@ def benchmark_model(config: BenchmarkConfig, model: str, scores_dir: str) -> dic
                 shape.intermediate)
     peaks_before = measure_peaks(shape, config.peak_seconds_per_shape, config.device)
     workloads = {w: pairs_for(config, w, shape) for w in config.workloads}
-    seqlens = {w: pair_token_counts(directory, workload_pairs(w, n, directory, config.data_dir), config.max_length)
-               for w, n in workloads.items()}
+    pairs = {w: workload_pairs(w, n, directory, config.data_dir) for w, n in workloads.items()}
+    seqlens = {w: pair_token_counts(directory, p, config.max_length) for w, p in pairs.items()}
+    queries = {w: [q for q, _ in p] for w, p in pairs.items()}
     scores_dir = os.path.join(scores_dir, os.path.basename(directory))
     os.makedirs(scores_dir, exist_ok=True)
-    runs, errors, engine_scores = [], [], {}
-    # The engine first: every other contender's scores are compared with its scores.
-    for name in sorted(config.contenders, key=lambda c: c != REFERENCE):
+    runs, errors, engine_scores, reference_scores = [], [], {}, {}
+    # The fidelity reference first, then the engine: every later row is compared with both.
+    order = [FIDELITY_REFERENCE] + sorted((c for c in config.contenders if c != FIDELITY_REFERENCE),
+                                          key=lambda c: c != REFERENCE)
+    for name in order:
         spec = _worker_spec(config, name, directory, workloads, scores_dir)
         logger.info("%s / %s: %s", model, name, ", ".join(f"{w['name']} x {w['n_pairs']}" for w in spec["workloads"]))
         load_before = load_average()
         out = run_worker(spec, config.worker_timeout_s)
         if "error" in out:
+            if CONTENDERS[name].optional:  # a missing or broken optional backend: a row that says so
+                logger.warning("%s / %s skipped: %s", model, name, out["error"])
+                runs += [_skipped(model, name, w["name"], w["n_pairs"], out["error"]) for w in spec["workloads"]]
+                continue
             logger.error("%s / %s failed: %s", model, name, out["error"])
             errors.append({"model": model, "contender": name, "message": out["error"]})
             continue
         for result in out["results"]:
+            if "skipped" in result:
+                logger.warning("%s / %s / %s skipped: %s", model, name, result["workload"], result["skipped"])
+                runs.append(_skipped(model, name, result["workload"], result["n_pairs"], result["skipped"]))
+                continue
+            workload = result["workload"]
             row = _row(model, name, out, result, load_before)
-            row.update(_figures(result, shape, seqlens[result["workload"]]))
+            row.update(_figures(result, shape, seqlens[workload]))
             scores = np.load(result["scores_file"])
+            if name == FIDELITY_REFERENCE:
+                reference_scores[workload] = scores
             if name == REFERENCE:
-                engine_scores[result["workload"]] = scores
-            elif result["workload"] in engine_scores:
-                reference = engine_scores[result["workload"]][:len(scores)]
+                engine_scores[workload] = scores
+            elif workload in engine_scores:
+                reference = engine_scores[workload][:len(scores)]
                 row["max_abs_logit_diff_vs_engine"] = float(np.max(np.abs(scores - reference)))
+            if workload in reference_scores:
+                n = min(len(scores), len(reference_scores[workload]))
+                row.update(fidelity(reference_scores[workload][:n], scores[:n], queries[workload][:n]))
+                row["fidelity_reference"] = FIDELITY_REFERENCE
             runs.append(row)
-            logger.info("  %-12s %-10s %8.2f pairs/s  padding eff %.2f  %.0f GFLOP/s", row["workload"], name,
-                        row["pairs_per_s"], row["padding_efficiency"], row["model_flops_per_s"] / 1e9)
+            logger.info("  %-12s %-10s %8.2f pairs/s  padding eff %.2f  %.0f GFLOP/s  spearman %s", workload, name,
+                        row["pairs_per_s"], row["padding_efficiency"], row["model_flops_per_s"] / 1e9,
+                        f"{row['spearman']:.4f}" if "spearman" in row else "n/a")
     peaks_after = measure_peaks(shape, config.peak_seconds_per_shape, config.device)
     # MFU against the higher of the two peaks (before and after the contenders): the conservative figure.
     peaks = {dtype: {"flops_per_s": max(peaks_before[dtype]["flops_per_s"], peaks_after[dtype]["flops_per_s"]),
                      "before": peaks_before[dtype], "after": peaks_after[dtype]} for dtype in peaks_before}
-    for row in runs:
+    for row in _measured(runs):
         row["mfu"] = row["model_flops_per_s"] / peaks[row["dtype"]]["flops_per_s"] if row["dtype"] in peaks else None
     _add_speedups(runs)
     info = {"directory": directory, "shape": asdict(shape), "workload_pairs": workloads,
-            "mean_tokens_per_pair": {w: float(s.mean()) for w, s in seqlens.items()}}
+            "mean_tokens_per_pair": {w: float(s.mean()) for w, s in seqlens.items()},
+            "reference_logit_std": {w: float(np.std(s)) for w, s in reference_scores.items()},
+            "reference_logit_range": {w: [float(s.min()), float(s.max())] for w, s in reference_scores.items()}}
     return {"runs": runs, "peak_gemm": peaks, "info": info, "errors": errors}
 
 
@@ -224,7 +259,7 @@ def _cross_model(runs: list[dict], models: list[str]) -> list[dict]:
     model against every contender on each other model, per workload (pairs/s over pairs/s)."""
     if len(models) < 2:
         return []
-    by = {(r["model"], r["workload"], r["contender"]): r["pairs_per_s"] for r in runs}
+    by = {(r["model"], r["workload"], r["contender"]): r["pairs_per_s"] for r in _measured(runs)}
     ratios = []
     for (model, workload, contender), speed in by.items():
         engine = by.get((models[0], workload, REFERENCE))
@@ -234,9 +269,14 @@ def _cross_model(runs: list[dict], models: list[str]) -> list[dict]:
     return ratios
 
 
+def _measured(runs: list[dict]) -> list[dict]:
+    """The rows that were measured (not skipped)."""
+    return [r for r in runs if "skipped" not in r]
+
+
 def _add_speedups(runs: list[dict]) -> None:
     """engine_speedup: the engine's pairs/s over the row's (same model, same workload); > 1 = engine faster."""
-    engine = {r["workload"]: r["pairs_per_s"] for r in runs if r["contender"] == REFERENCE}
-    for row in runs:
+    engine = {r["workload"]: r["pairs_per_s"] for r in _measured(runs) if r["contender"] == REFERENCE}
+    for row in _measured(runs):
         if row["workload"] in engine:
             row["engine_speedup"] = engine[row["workload"]] / row["pairs_per_s"]
