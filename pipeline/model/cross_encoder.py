@@ -110,6 +110,10 @@ class CrossEncoder:
         With `options.smooth_alpha`, first scores `options.calibration_pairs` in float32 to find each layer's
         input range per channel (SmoothQuant). Costs a second copy of those layers' weights, in int8.
         """
+        try:
+            int8_kernel = select_linear_kernel(self.device, torch.int8)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
         fp32_kernel = select_linear_kernel(self.device, torch.float32)
         fp32_weights = PackedWeights(self.max_tokens_per_batch) if fp32_kernel == ONEDNN_FUSED else None
         smooth = None
@@ -120,7 +124,7 @@ class CrossEncoder:
             self.compute_score(pairs, max_length=min(512, self.max_length), return_logits=True)
             smooth = smoothing_for(self.model, observer.input_amax, options.smooth_alpha)
         self.model.packed_weights = Int8Weights(self.model, options, smooth, self.max_tokens_per_batch, fp32_weights)
-        self.model.linear_kernel = select_linear_kernel(self.device, torch.int8)
+        self.model.linear_kernel = int8_kernel
         self.int8_options = options
 
     @classmethod

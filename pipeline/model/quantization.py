@@ -276,7 +276,6 @@ class InputRangeObserver:
     def __init__(self, model: nn.Module):
         self.names = {id(module): name for name, module in encoder_linears(model).items()}
         self.input_amax: dict[str, torch.Tensor] = {}
-        self.fp32 = None
 
     def get(self, layer: nn.Linear, rows: slice | None):
         name = self.names[id(layer)]
