@@ -22,8 +22,9 @@ class BenchmarkConfig(StrictModel):
     models: list[str] = Field(default_factory=lambda: ["jina-reranker-v2-base", "bge-reranker-v2-m3"])
     contenders: list[str] = Field(default_factory=lambda: list(DEFAULT_CONTENDERS))
     # Pairs per workload for the jina-sized model (the first n of each workload, so every contender scores
-    # the same pairs). Sized so the default run (2 models x 3 workloads x 5 contenders) stays under 15
-    # minutes on a 2-core CPU; bigger runs: --n-pairs.
+    # the same pairs). Sized so the default run (2 models x 3 workloads x 6 contenders) took 12 minutes on a
+    # 2-core AVX512-BF16 CPU; the fidelity reference (hf-fp32, float32 like st-default, which took ~70 s
+    # per model there) adds an estimated 2-3 minutes; bigger runs: --n-pairs.
     n_pairs: dict[str, int] = Field(default_factory=lambda: {"dl19": 256, "long": 24, "multilingual": 256})
     # float32 contenders (st-default, engine-fp32) are ~5x slower on a bf16 CPU. With a fraction < 1 they
     # score only the first part of the pairs (throughput measured on fewer pairs, never extrapolated; the
