@@ -42,7 +42,9 @@ intermediate 3,072), GOP/s relative to the float32 oneDNN fused linear (~33 GOP/
   oneDNN int8 matmul alone (no quantizing, no epilogue)       2.54x / 1.86x   (the kernel's ceiling)
   fbgemm `quantized.linear_dynamic` (quantize_dynamic's op)   1.81x / 1.59x   (an earlier run: 1.07x / 1.07x)
   torch._int_mm (512 tokens)                                  0.02x           (~0.6 GOP/s: no fast CPU path)
-So on this AVX2-only CPU int8 is at best ~1.3x float32, and within noise of it at 2,048 tokens: the int8 matmul
+Whole engine on the same machine (jina-base shape with an 8k vocabulary, 40 DL19 pairs = 12,350 tokens,
+2,048-token micro-batches, best of 2): float32 121 tokens/s, int8 106 (0.87x; attention stays float32).
+So on this AVX2-only CPU int8 is at best ~1.3x float32 per Linear and no faster for a whole forward: the int8 matmul
 itself is ~2x faster, but quantizing each input and the unfused epilogue (per-token scale + bias, then aten's
 erf GELU, ~50 ms per fc1 call at 2,048 tokens against ~200 ms for its int8 matmul) eat most of the gain. The
 target is CPUs with VNNI (AVX512-VNNI, AVX-VNNI) or AMX, where oneDNN's int8 matmul runs several times faster than
@@ -175,11 +177,13 @@ def weight_qmax() -> int:
                  torch.ops.onednn.qlinear_prepack(torch.full((4, k), 127, dtype=torch.int8), [2, k]),
                  torch.ones(4), torch.zeros(4, dtype=torch.int64))
     exact = bool((y == k * 127 * 127).all())
-    qmax = 127 if exact else 63
-    logger.info("int8 weights in [-%d, %d] (%s)", qmax, qmax,
-                "this CPU's int8 dot products accumulate exactly" if exact else
-                "no VNNI: 8-bit weights would saturate oneDNN's int16 pair sums; 7-bit weights keep them exact")
-    return qmax
+    if exact:
+        logger.info("int8 weights in [-127, 127]: this CPU's int8 dot products accumulate exactly")
+        return 127
+    logger.warning("int8 weights in [-63, 63]: without VNNI, 8-bit weights would saturate oneDNN's int16 pair "
+                   "sums. On such CPUs int8 measured about float32's speed (0.9-1.3x) at lower fidelity: "
+                   "float32 is the better choice here")
+    return 63
 
 
 class Int8Linear:
