@@ -77,7 +77,8 @@ def test_round_trip_within_half_a_step():
     x = torch.randn(40, 64) * torch.logspace(-2, 2, 40)[:, None]
     x[3] = 0.0                                                              # a silent token
     q, scale = quantize_per_token(x)
-    assert scale.shape == (40, 1) and torch.equal(q.abs().amax(dim=1)[[0, 1, 39]], torch.full((3,), 127, dtype=torch.int8))
+    assert scale.shape == (40, 1)
+    assert torch.equal(q.abs().amax(dim=1)[[0, 1, 39]], torch.full((3,), 127, dtype=torch.int8))
     assert (dequantize(q, scale) - x).abs().le(scale / 2 * (1 + 1e-5)).all()
     assert torch.equal(q[3], torch.zeros(64, dtype=torch.int8))
     w = torch.randn(16, 64)
