@@ -19,8 +19,8 @@ scales then spend the int8 range on them. Two remedies, both in `Int8Options`:
   moved from the activations into the weights, which are quantized per channel and absorb it. In these post-norm
   models a LayerNorm's output is also the residual, so x / s cannot be folded into the LayerNorm (as SmoothQuant
   does in pre-norm LLMs): the division runs at each call, one more pass over the input (measured cost below).
-- `fp32_layers`: name patterns of Linear layers kept in float32 (`"layers.*.mlp.fc2"`, whose GELU inputs have
-  the widest range in BERT-family models).
+- `fp32_layers`: name patterns of Linear layers kept in float32 (e.g. `"layers.*.mlp.fc2"`: its inputs, GELU
+  outputs, have the widest range in BERT-family models).
 
 Kernel: oneDNN's int8 matmul through `torch.ops.onednn.qlinear_prepack` / `qlinear_pointwise`, the ops PyTorch's
 x86 Inductor int8 path lowers to (not deprecated). Its activation scale is one number, so the per-token scale
@@ -47,8 +47,8 @@ Whole engine on the same machine (jina-base shape with an 8k vocabulary, 40 DL19
 So on this AVX2-only CPU int8 is at best ~1.3x float32 per Linear and no faster for a whole forward: the int8 matmul
 itself is ~2x faster, but quantizing each input and the unfused epilogue (per-token scale + bias, then aten's
 erf GELU, ~50 ms per fc1 call at 2,048 tokens against ~200 ms for its int8 matmul) eat most of the gain. The
-target is CPUs with VNNI (AVX512-VNNI, AVX-VNNI) or AMX, where oneDNN's int8 matmul runs several times faster than
-fp32 and weights keep 8 bits; not measured here. fbgemm's dynamic linear was sometimes faster, but it is not used:
+target is CPUs with VNNI (AVX512-VNNI, AVX-VNNI) or AMX, whose int8 dot-product instructions accumulate
+straight into int32 (no int16 step) and where weights keep 8 bits; not measured here. fbgemm's dynamic linear was sometimes faster, but it is not used:
 its activation scale is per tensor (batch-dependent scores), and preparing its weights goes through
 `torch.quantize_per_channel`, deprecated in torch 2.13 (it warns). `torch._int_mm` has no fast CPU kernel.
 What would help next: a static per-tensor activation scale from calibration (batch invariant, and lets oneDNN
