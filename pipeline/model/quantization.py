@@ -51,9 +51,11 @@ target is CPUs with VNNI (AVX512-VNNI, AVX-VNNI) or AMX, whose int8 dot-product 
 straight into int32 (no int16 step) and where weights keep 8 bits; not measured here. fbgemm's dynamic linear was sometimes faster, but it is not used:
 its activation scale is per tensor (batch-dependent scores), and preparing its weights goes through
 `torch.quantize_per_channel`, deprecated in torch 2.13 (it warns). `torch._int_mm` has no fast CPU kernel.
+torch.compile does not rescue it: its fused per-token quantize and scale + bias + GELU kernels timed the same as
+these eager ops on (2,048, 3,072) inputs (quantize ~30 ms, epilogue ~20 ms), after 59 s of compiling.
 What would help next: a static per-tensor activation scale from calibration (batch invariant, and lets oneDNN
 fuse bias, GELU and the residual add, and hand int8 straight to the next layer), at the price of clipping inputs
-outside the calibrated range; or a fused quantize / epilogue kernel (torch.compile).
+outside the calibrated range.
 """
 
 from __future__ import annotations
