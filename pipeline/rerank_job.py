@@ -176,6 +176,9 @@ def _check_cluster(config: RerankConfig, protocol: str) -> None:
     from pipeline.compose import scorer_pool
 
     size, resources = scorer_pool(config)
+    if config.dtype == "int8" and resources.get("num_gpus"):
+        raise InputError("dtype int8 runs on CPU scorers only, and this cluster's GPUs would take the scorers; set "
+                         "scorer.device=cpu, or use dtype auto (bfloat16 on a GPU)")
     asks = {"tokenizer": config.tokenizer.num_actors * config.tokenizer.num_cpus,
             "scorer": size * resources["num_cpus"], "io (read + write)": 2 * config.io.num_actors * config.io.num_cpus}
     have = ray.cluster_resources().get("CPU", 0)
@@ -417,6 +420,8 @@ def _open_cache(plan: RunPlan) -> None:
         {"max_query_length", "overlap"} if config.tokenizer.long_documents == "windows" else set())
     settings = {"dtype": dtype, "device": device, "max_length": plan.model["max_length"],
                 "tokenizer": config.tokenizer.model_dump(mode="json", include=tokenizer)}
+    if dtype == "int8":
+        settings["int8"] = _scorer_int8()
     checkpoint = checkpoint_digest(plan.model["directory"])
     name = fingerprint(checkpoint, settings)
     plan.cache = open_cache(config.cache.uri, config.storage_options, name,
@@ -425,6 +430,27 @@ def _open_cache(plan: RunPlan) -> None:
     plan.dtype = dtype
     logger.info("score cache %s (%d buckets) for %s, %s on %s", plan.cache.uri, plan.cache.buckets, config.model,
                 dtype, device)
+
+
+def _scorer_int8() -> dict:
+    """What changes an int8 score besides the weights, as a scorer's CPU decides it: the weights' range (63 on
+    CPUs without VNNI, 127 with it, so the two never share entries) and the default int8 options."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def resolve() -> dict:
+        import dataclasses
+        import hashlib
+        import json
+
+        from pipeline.model.quantization import CALIBRATION_PAIRS, Int8Options, weight_qmax
+
+        options = dataclasses.asdict(Int8Options())
+        calibration = options.pop("calibration_pairs") or CALIBRATION_PAIRS
+        digest = hashlib.blake2b(json.dumps(calibration).encode(), digest_size=8).hexdigest()
+        return {"weight_qmax": weight_qmax(), **options, "calibration": digest}
+
+    return ray.get(resolve.remote())
 
 
 def _scorer_dtype(device: str, resources: dict) -> str:

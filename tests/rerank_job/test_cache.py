@@ -105,13 +105,20 @@ def test_another_model_dtype_or_max_length_misses_everything(ray_local, dl19_row
     from pipeline.model.dummy import dummy_checkpoint
 
     other_weights = dummy_checkpoint("tiny", cache_dir=str(tmp_path / "models"), seed=7)  # same shape and tokenizer
-    for name, overrides, model in [("dtype", ["dtype=bfloat16"], "dummy:tiny"),
+    for name, overrides, model in [("dtype", ["dtype=bfloat16"], "dummy:tiny"), ("int8", ["dtype=int8"], "dummy:tiny"),
                                    ("max_length", ["dtype=float32", "tokenizer.max_length=64"], "dummy:tiny"),
                                    ("weights", ["dtype=float32"], other_weights)]:
         other = run_rerank(_config(cache, *overrides, model=model), path, str(tmp_path / name))
         assert other["cache_hits"] == 0 and other["pairs_scored"] == 60, name
         assert other["cache"]["fingerprint"] != base["cache"]["fingerprint"], name
-    assert len(list(cache.glob("*/_cache.json"))) == 4
+    assert len(list(cache.glob("*/_cache.json"))) == 5
+    # int8 scores depend on the weights' range the scorer's CPU allows (7 bits without VNNI): it is in the
+    # fingerprint, so CPUs of both kinds sharing a cache never mix their scores.
+    from pipeline.model.quantization import weight_qmax
+
+    int8 = [json.loads(p.read_text()) for p in cache.glob("*/_cache.json")]
+    int8 = [c["covers"]["settings"]["int8"] for c in int8 if c["covers"]["settings"]["dtype"] == "int8"]
+    assert len(int8) == 1 and int8[0]["weight_qmax"] == weight_qmax() and int8[0]["smooth_alpha"] == 0.5
 
 
 @pytest.mark.slow

@@ -487,3 +487,34 @@ def test_progress_follows_scoring_not_commits(ray_local, dl19_long, tmp_path, ca
     done = [int(line.split("scored ")[1].split("/")[0].replace(",", "")) for line in lines]
     assert len(done) >= 3, lines
     assert done == sorted(done) and done[0] < 4300 and done[-1] == 4300
+
+
+# -- int8 where the scorers would be GPUs ---------------------------------------------------------------
+
+INT8_ON_GPUS = """
+import ray
+from pipeline.config import load_config
+from pipeline.errors import InputError
+from pipeline.rerank_config import RerankConfig
+from pipeline.rerank_job import _check_cluster
+
+ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)  # a GPU as Ray counts it
+for overrides in (["dtype=int8"], ["dtype=int8", "scorer.device=cuda"]):
+    try:
+        _check_cluster(load_config(RerankConfig, None, overrides, model="dummy:tiny"), "")
+        print("accepted", overrides)
+    except InputError as e:
+        print("refused:", e)
+_check_cluster(load_config(RerankConfig, None, ["dtype=int8", "scorer.device=cpu"], model="dummy:tiny"), "")
+print("cpu scorers accepted")
+"""
+
+
+@pytest.mark.slow  # a Ray of its own, with a GPU it declares
+def test_int8_is_refused_before_work_where_gpus_would_take_the_scorers():
+    result = subprocess.run([sys.executable, "-c", INT8_ON_GPUS], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["refused", "refused", "cpu scorers accepted"], lines
+    assert "set scorer.device=cpu" in lines[0]
