@@ -287,6 +287,8 @@ CONTENDERS: dict[str, Contender] = {c.name: c for c in [
     Contender("engine", "our engine, compute_score in process (packed, token-budget micro-batches)", "engine",
               "bfloat16"),
     Contender("engine-fp32", "our engine in float32", "engine", "float32"),
+    Contender("engine-int8", "our engine with int8 Linear layers (oneDNN; weights per channel, activations per "
+              "token, SmoothQuant), the rest float32", "engine", "int8"),
     Contender("ray-job", "the whole Ray rerank job, Parquet in -> ranked Parquet out (Ray start included)",
               "ray-job", "bfloat16"),
     Contender("hf-fp32", "transformers AutoModelForSequenceClassification, float32, length-sorted batches "

@@ -84,7 +84,7 @@ def runtimes_report(spread_checkpoint, shared_data, tmp_path_factory):
     """The CPU runtimes on 24 DL19 pairs (one query), exports cached in a folder of the test's own."""
     folder = tmp_path_factory.mktemp("runtimes")
     code, report = run_job(spread_checkpoint, shared_data, folder / "bench.json", "--workloads", "dl19",
-                           "--n-pairs", "24", "--contenders", ",".join(CPU_RUNTIME_CONTENDERS),
+                           "--n-pairs", "24", "--contenders", ",".join([*CPU_RUNTIME_CONTENDERS, "engine-int8"]),
                            "--set", "tune_batch_sizes=[4,8]", "--set", "tune_pairs=8", "--set", "warmup_pairs=4",
                            "--set", "calibration_pairs=16", env={"RERANK_CACHE": str(folder / "cache")})
     assert code == 0, report["errors"]
@@ -171,13 +171,13 @@ def test_report_has_machine_peaks_targets_and_a_table(report, capsys):
     assert all(f"| {c} |" in table for c in DEFAULT_CONTENDERS)
 
 
-@pytest.mark.slow  # `runtimes_report`: an ONNX export, an int8 calibration, six workers
+@pytest.mark.slow  # `runtimes_report`: an ONNX export, an int8 calibration, seven workers
 def test_cpu_runtimes_score_the_pairs_close_to_the_fp32_reference(runtimes_report):
     """ONNX Runtime and OpenVINO score every pair, in input order, with a tuned batch size; fp32 ones agree with
     transformers fp32 to rounding, int8 ones rank nearly alike (bounds loose enough for the tiny model's
     quantization error, tight enough to catch a misaligned or broken export: a shuffle gives Spearman ~0)."""
     runs = {r["contender"]: r for r in runtimes_report["runs"]}
-    assert set(runs) == {FIDELITY_REFERENCE, *CPU_RUNTIME_CONTENDERS}
+    assert set(runs) == {FIDELITY_REFERENCE, *CPU_RUNTIME_CONTENDERS, "engine-int8"}
     assert not [r for r in runs.values() if "skipped" in r]
     spread = runtimes_report["models"][next(iter(runtimes_report["models"]))]["reference_logit_std"]["dl19"]
     assert spread > 1.0  # the refitted head spreads the logits (std 3 on the pairs it was fitted on)
@@ -192,7 +192,11 @@ def test_cpu_runtimes_score_the_pairs_close_to_the_fp32_reference(runtimes_repor
             assert r["max_abs_logit_diff"] < 1e-3 and r["spearman"] > 0.999, (name, r["max_abs_logit_diff"])
     assert runs["ov-int8"]["settings"]["calibration_pairs"] == 16
     assert runs["ov-default"]["dtype"] in ("float32", "bfloat16", "float16")
-    assert {runs[n]["dtype"] for n in ("ort-int8", "ov-int8")} == {"int8"}
+    assert {runs[n]["dtype"] for n in ("ort-int8", "ov-int8", "engine-int8")} == {"int8"}
+    # The engine's own int8 path, on the same pairs and against the same reference.
+    engine = runs["engine-int8"]
+    assert engine["n_pairs"] == 24 and engine["pairs_per_s"] > 0
+    assert engine["spearman"] > 0.8 and engine["top10_overlap"] >= 0.6, (engine["spearman"], engine["top10_overlap"])
 
 
 @pytest.mark.slow  # two workers
