@@ -149,7 +149,7 @@ def test_a_killed_run_leaves_no_entry_and_the_rerun_is_exact(dl19_rows, tmp_path
                             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 300
+        deadline = time.time() + 600
         while time.time() < deadline and not list((output / "_work" / "manifests").glob("shard-*.json")):
             time.sleep(0.05)
         assert list((output / "_work" / "manifests").glob("shard-*.json")), "the run never committed a shard"

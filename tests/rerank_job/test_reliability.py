@@ -38,7 +38,7 @@ def test_resume_after_the_driver_is_killed(dl19_long, tmp_path):
     proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     manifests = output / "_work" / "manifests"
-    deadline = time.time() + 240
+    deadline = time.time() + 600
     while time.time() < deadline and not list(manifests.glob("shard-*.json")):
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started, mid-run
