@@ -359,7 +359,13 @@ def test_a_second_run_on_a_busy_output_is_refused_naming_the_owner(dl19_long, tm
         while time.time() < deadline and not (output / "_lease.json").exists():
             time.sleep(0.05)
         assert (output / "_lease.json").exists(), "the first run took no lease in 600 s"
-        second = run_cli(*JOB, "--input", str(dl19_long), "--output", str(output), "--model", "dummy:tiny")
+        # Hold the first run still while the second tries: on a loaded machine it could otherwise finish before
+        # the second reads the lease. A stopped process is alive, and the lease's 120 s heartbeat timeout is far.
+        os.kill(first.pid, signal.SIGSTOP)
+        try:
+            second = run_cli(*JOB, "--input", str(dl19_long), "--output", str(output), "--model", "dummy:tiny")
+        finally:
+            os.kill(first.pid, signal.SIGCONT)
         out, err = first.communicate(timeout=600)
     finally:
         if first.poll() is None:
