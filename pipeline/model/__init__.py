@@ -1,11 +1,20 @@
-"""The cross-encoder engine: packed-sequence model, strict checkpoint loading, jina-compatible API."""
+"""The cross-encoder engine: packed-sequence model, strict checkpoint loading, jina-compatible API.
 
-from pipeline.model.cross_encoder import CrossEncoder, resolve_device, resolve_dtype
-from pipeline.model.modeling import CrossEncoderModel, ModelConfig, select_attention_backend
-from pipeline.model.packing import PackedBatch, pack, token_budget_batches
-from pipeline.model.quantization import Int8Options
+The names below load on first use, so that importing `pipeline.model.checkpoint` or `.tokenization` (the
+driver, the tokenize and write stages) does not import torch.
+"""
 
-__all__ = [
-    "CrossEncoder", "CrossEncoderModel", "Int8Options", "ModelConfig", "PackedBatch", "pack", "resolve_device",
-    "resolve_dtype", "select_attention_backend", "token_budget_batches",
-]
+import importlib
+
+_HOMES = {
+    "CrossEncoder": "cross_encoder", "resolve_device": "cross_encoder", "resolve_dtype": "cross_encoder",
+    "CrossEncoderModel": "modeling", "select_attention_backend": "modeling", "ModelConfig": "model_config",
+    "PackedBatch": "packing", "pack": "packing", "token_budget_batches": "packing", "Int8Options": "quantization",
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)

@@ -1,4 +1,4 @@
-"""Checkpoint loading: strict, safe, no remote code.
+"""Checkpoints on disk: where they are, which layout, what shape; strict, safe, no remote code.
 
 Three layouts are recognised from the *weight names* (not from `architectures`: jina's config says
 `XLMRobertaForSequenceClassification` and has no `model_type`, yet its weights use flash-attention's names):
@@ -13,7 +13,11 @@ Renames are data (`Layout.renames`, first matching pattern wins); the transforme
 query/key/value projections are fused into `Wqkv` rows in q, k, v order, exactly as jina's checkpoint
 stores them. Missing or unexpected keys and shape mismatches are errors that name the key. Weights load
 from safetensors; a pickle `.bin` is refused unless the caller opts in, and even then it is read with
-`torch.load(weights_only=True)`.
+`torch.load(weights_only=True)` (`weights.py`, the one module here that needs torch).
+
+Nothing here imports torch: the driver and the CPU stages (tokenize, write) resolve and inspect checkpoints
+without it, which spares each of those processes ~190 MB of resident memory and 1.5-4 s of start-up
+(measured 2026-11-30 on the 2-core AMD EPYC CI machine).
 """
 
 from __future__ import annotations
@@ -21,18 +25,13 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
-import logging
 import os
 import re
 from dataclasses import dataclass
 
-import torch
-
 from pipeline.errors import CheckpointError
-from pipeline.model.dummy import DUMMY_MARKER, dummy_checkpoint
-from pipeline.model.modeling import CrossEncoderModel, ModelConfig
-
-logger = logging.getLogger(__name__)
+from pipeline.model.dummy import DUMMY_MARKER, dummy_checkpoint  # noqa: F401 (the marker is re-exported)
+from pipeline.model.model_config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -102,31 +101,6 @@ def detect_layout(names: list[str]) -> Layout:
         "(flash layout), XLM-RoBERTa and BERT sequence classification as saved by transformers")
 
 
-def convert_state_dict(state: dict[str, torch.Tensor], layout: Layout) -> dict[str, torch.Tensor]:
-    """Checkpoint names -> our names, dropping known-unused weights; an unrecognised name is an error."""
-    out: dict[str, torch.Tensor] = {}
-    unexpected = []
-    for name, tensor in state.items():
-        if any(re.match(p, name) for p in layout.ignored):
-            continue
-        for pattern, replacement in layout.renames:
-            if re.match(pattern, name):
-                out[re.sub(pattern, replacement, name)] = tensor
-                break
-        else:
-            unexpected.append(name)
-    if unexpected:
-        raise CheckpointError(f"unexpected weight(s) for the {layout.name} layout: {', '.join(sorted(unexpected)[:5])}")
-    if layout.fuse_qkv:
-        for q_name in [n for n in out if ".mixer.query." in n]:
-            names = [q_name.replace(".query.", f".{p}.") for p in ("query", "key", "value")]
-            absent = [n for n in names if n not in out]
-            if absent:
-                raise CheckpointError(f"checkpoint lacks {absent[0]} (needed to fuse query, key, value)")
-            out[q_name.replace(".query.", ".Wqkv.")] = torch.cat([out.pop(n) for n in names], dim=0)
-    return out
-
-
 def model_config_from_json(config: dict, layout: Layout) -> ModelConfig:
     def need(key):
         if key not in config:
@@ -190,45 +164,18 @@ def fingerprint(directory: str) -> str:
     return digest.hexdigest()[:12]
 
 
-def _pickle_files(directory: str) -> list[str]:
+def pickle_files(directory: str) -> list[str]:
     return sorted(glob.glob(os.path.join(directory, "*.bin")))
 
 
-def _refuse_pickles(directory: str, pickles: list[str]) -> None:
+def refuse_pickles(directory: str, pickles: list[str]) -> None:
     raise CheckpointError(
         f"{directory!r} only has pickle weights ({os.path.basename(pickles[0])}); pickles can run code when "
         "loaded. Convert them to safetensors, or set allow_pickle=true (`--set allow_pickle=true`) if you "
         "trust the file")
 
 
-def read_weights(directory: str, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
-    if files:
-        state: dict[str, torch.Tensor] = {}
-        for path in files:
-            try:
-                state.update(load_file(path))
-            except Exception as e:  # SafetensorError, OSError: a truncated download or another format
-                raise _unreadable(path, e) from None
-        return state
-    pickles = _pickle_files(directory)
-    if not pickles:
-        raise CheckpointError(f"no weights in {directory!r}: expected model.safetensors")
-    if not allow_pickle:
-        _refuse_pickles(directory, pickles)
-    state = {}
-    for path in pickles:
-        try:
-            state.update(torch.load(path, map_location="cpu", weights_only=True))
-        except Exception as e:  # torch's own message advises weights_only=False: never pass that on
-            raise CheckpointError(f"{path} cannot be read as plain tensors ({type(e).__name__}); it may hold "
-                                  "code or be corrupt. Convert the checkpoint to safetensors") from None
-    return state
-
-
-def _unreadable(path: str, error: Exception) -> CheckpointError:
+def unreadable_weights(path: str, error: Exception) -> CheckpointError:
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return CheckpointError(f"{path} is not a readable safetensors file ({first}); download or convert the "
                            "checkpoint again")
@@ -242,31 +189,6 @@ def read_config(directory: str) -> dict:
         return json.load(f)
 
 
-def load_model(directory: str, allow_pickle: bool = False) -> tuple[CrossEncoderModel, Layout, dict]:
-    """Build the model from a checkpoint directory, checking every key and shape. Returns (model, layout, config.json)."""
-    raw_config = read_config(directory)
-    state = read_weights(directory, allow_pickle)
-    layout = detect_layout(list(state))
-    converted = convert_state_dict(state, layout)
-    config = model_config_from_json(raw_config, layout)
-    with torch.device("meta"):
-        model = CrossEncoderModel(config)
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    missing = sorted(set(expected) - set(converted))
-    if missing:
-        raise CheckpointError(f"checkpoint lacks weight(s) for the {layout.name} layout: {', '.join(missing[:5])}")
-    extra = sorted(set(converted) - set(expected))
-    if extra:
-        raise CheckpointError(f"unexpected weight(s) for a {config.num_hidden_layers}-layer model: {', '.join(extra[:5])}")
-    for name, shape in expected.items():
-        if tuple(converted[name].shape) != shape:
-            raise CheckpointError(f"weight {name} has shape {tuple(converted[name].shape)}, the config implies {shape}")
-    model.load_state_dict(converted, assign=True)
-    if raw_config.get(DUMMY_MARKER):
-        logger.warning("RANDOM WEIGHTS: %s is a dummy checkpoint; its scores mean nothing", directory)
-    return model.eval(), layout, raw_config
-
-
 def inspect_checkpoint(directory: str, allow_pickle: bool = False) -> tuple[Layout | None, ModelConfig]:
     """Layout and config of a checkpoint without loading its weights: safetensors headers only, and for a
     pickle-only checkpoint the file names alone (it is never unpickled here, on the driver). The layout of a
@@ -277,19 +199,19 @@ def inspect_checkpoint(directory: str, allow_pickle: bool = False) -> tuple[Layo
     names: list[str] = []
     for path in files:
         try:
-            with safe_open(path, framework="pt") as f:
+            with safe_open(path, framework="numpy") as f:  # names only: no torch
                 names.extend(f.keys())
         except Exception as e:
-            raise _unreadable(path, e) from None
+            raise unreadable_weights(path, e) from None
     raw_config = read_config(directory)
     if files:
         layout = detect_layout(names)
         return layout, model_config_from_json(raw_config, layout)
-    pickles = _pickle_files(directory)
+    pickles = pickle_files(directory)
     if not pickles:
         raise CheckpointError(f"no weights in {directory!r}: expected model.safetensors")
     if not allow_pickle:
-        _refuse_pickles(directory, pickles)
+        refuse_pickles(directory, pickles)
     # Only the position numbering matters before the weights are read (it bounds max_length).
     positions = LAYOUTS["bert" if raw_config.get("model_type") == "bert" else "xlm_roberta"]
     return None, model_config_from_json(raw_config, positions)

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from pipeline.errors import CheckpointError
-from pipeline.model.checkpoint import DUMMY_MARKER, load_model, resolve_model_directory
+from pipeline.model.checkpoint import DUMMY_MARKER, resolve_model_directory
+from pipeline.model.weights import load_model
 from pipeline.model.modeling import (ONEDNN_FUSED, ONEDNN_INT8, CrossEncoderModel, PackedWeights,
                                      select_attention_backend, select_linear_kernel)
 from pipeline.model.quantization import (CALIBRATION_PAIRS, InputRangeObserver, Int8Options, Int8Weights,

@@ -27,35 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.model.model_config import ModelConfig
 from pipeline.model.quantization import int8_kernel_works
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    vocab_size: int = 250002
-    hidden_size: int = 768
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    intermediate_size: int = 3072
-    max_position_embeddings: int = 1026
-    type_vocab_size: int = 1
-    layer_norm_eps: float = 1e-5
-    pad_token_id: int = 1
-    # RoBERTa numbers positions from padding_idx + 1 (fairseq heritage); BERT from 0.
-    position_offset: int = 2
-    hidden_act: str = "gelu"  # "gelu" (erf) or "gelu_tanh"
-    num_labels: int = 1
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    @property
-    def max_tokens_per_sequence(self) -> int:
-        """The longest sequence the position table can number."""
-        return self.max_position_embeddings - self.position_offset
 
 
 # ---------------------------------------------------------------------------------------------------------

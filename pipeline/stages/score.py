@@ -17,11 +17,9 @@ from typing import Callable, Optional
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 
 from pipeline import schema as S
 from pipeline.heap import release_free_heap
-from pipeline.model import CrossEncoder
 from pipeline.rerank_config import ScorerConfig
 from pipeline.stages.tokenize import list_to_numpy
 from pipeline.storage import join, url_to_fs
@@ -37,6 +35,11 @@ class ScoreStage:
                  on_scored: Optional[Callable[[int, int], None]] = None):
         """`on_scored(pairs, rejected)` is called after each batch (progress); `allow_pickle` lets a pickle-only
         checkpoint load (the job's opt-in, checked on the driver)."""
+        # Imported here, in the actor: the driver builds the plan with this class and never needs torch.
+        import torch
+
+        from pipeline.model.cross_encoder import CrossEncoder
+
         device = "cuda" if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()) else "cpu"
         # Ray sets OMP_NUM_THREADS to the actor's num_cpus (1), which would leave cores idle while scoring is
         # the bottleneck; on CPU the scorer takes every core it may run on unless told otherwise (tokenizing is cheap next to it);

@@ -24,7 +24,6 @@ import pyarrow.parquet as pq
 
 from pipeline import schema as S
 from pipeline.stages.read import ROW, SHARD
-from pipeline.stages.tokenize import NUM_WINDOWS
 from pipeline.storage import join, url_to_fs
 
 REPORT_SCHEMA = pa.schema([
@@ -76,7 +75,7 @@ class WriteScored:
             part = batch.filter(pa.array(shards == shard))
             mask = pc.is_valid(part.column(S.REASON))
             rejected = part.filter(mask).drop_columns([c for c in (S.INPUT_IDS, S.TOKEN_TYPE_IDS, S.NUM_TOKENS,
-                                                                      S.WINDOW, NUM_WINDOWS, S.SCORE, S.CACHE_KEY,
+                                                                      S.WINDOW, S.NUM_WINDOWS, S.SCORE, S.CACHE_KEY,
                                                                       S.CACHED)
                                                        if c in part.column_names])
             if rejected.num_rows:
@@ -103,7 +102,7 @@ class WriteScored:
                 first = pc.equal(rows.column(S.WINDOW), 0)
                 pairs = int(pc.sum(first).as_py() or 0)
                 tokens = int(pc.sum(rows.column(S.NUM_TOKENS)).as_py() or 0)
-                expected = int(pc.sum(rows.column(NUM_WINDOWS).filter(first)).as_py() or 0)
+                expected = int(pc.sum(rows.column(S.NUM_WINDOWS).filter(first)).as_py() or 0)
                 reports.append((int(shard), "scored", path, int(bucket), pairs, rows.num_rows, tokens, expected,
                                 hits, waiting))
         return pa.table(list(zip(*reports)) if reports else [[] for _ in REPORT_SCHEMA], schema=REPORT_SCHEMA)
@@ -121,7 +120,7 @@ class WriteScored:
                 select = pa.array((states == state) & (cache_bucket == k))
                 rows = scored.filter(select)
                 if kind == "cache":
-                    table = pa.table([rows.column(S.CACHE_KEY), rows.column(S.WINDOW), rows.column(NUM_WINDOWS),
+                    table = pa.table([rows.column(S.CACHE_KEY), rows.column(S.WINDOW), rows.column(S.NUM_WINDOWS),
                                       rows.column(S.SCORE)], schema=NEW_SCHEMA)
                 else:
                     table = pa.table([rows.column(S.CACHE_KEY), rows.column(ROW),

@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.errors import CheckpointError
 from pipeline.model import CrossEncoder
-from pipeline.model.checkpoint import LAYOUTS, convert_state_dict, detect_layout
+from pipeline.model.checkpoint import LAYOUTS, detect_layout
+from pipeline.model.weights import convert_state_dict
 
 
 def _copy(src: str, dst) -> str:
