@@ -39,6 +39,7 @@ from pipeline.errors import ConfigError, InputError, OutputError, PipelineError
 from pipeline.faults import explain
 from pipeline.lease import OutputLease
 from pipeline.model.checkpoint import inspect_checkpoint, resolve_model_directory
+from pipeline.local_ray import init_ray
 from pipeline.progress import Progress
 from pipeline.rerank_config import RerankConfig
 from pipeline.stages.read import Shard, list_input_files, plan_shards, query_ids_unique, read_schemas
@@ -139,8 +140,8 @@ def _ensure_ray(config: RerankConfig) -> None:
         # RAY_ADDRESS is set by `ray job submit` and on cluster nodes; otherwise start a fresh local Ray rather
         # than attach to whatever cluster this machine ran last.
         address = config.ray_address or os.environ.get("RAY_ADDRESS") or "local"
-        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False,
-                 include_dashboard=False, logging_level=logging.WARNING)
+        init_ray(address, ignore_reinit_error=True, log_to_driver=False, include_dashboard=False,
+                 logging_level=logging.WARNING)
     logger.debug("Ray at %s: %s", ray.get_runtime_context().gcs_address, ray.cluster_resources())
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False

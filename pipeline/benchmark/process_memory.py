@@ -17,34 +17,14 @@ import os
 import threading
 import time
 
+from pipeline.processes import tree_pids
+
 
 def _read_int_field(text: str, key: str) -> int | None:
     start = text.find(key)
     if start < 0:
         return None
     return int(text[start + len(key):].split(None, 1)[0])
-
-
-def tree_pids(root: int) -> list[int]:
-    """`root` and all its live descendants (a snapshot of /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue  # the process ended while we looked
-        # The command name may hold spaces and parentheses: fields after the last ')' are safe to split.
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    pids, stack = [], [root]
-    while stack:
-        pid = stack.pop()
-        pids.append(pid)
-        stack += children.get(pid, [])
-    return pids
 
 
 def _resident_kb(pid: int, page_kb: float) -> float | None:

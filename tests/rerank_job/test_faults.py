@@ -317,10 +317,13 @@ def test_the_object_store_going_away_mid_run_then_a_rerun_resumes(dl19_long, tmp
                             text=True, start_new_session=True)
     try:
         deadline = time.time() + 600  # a loaded machine (CI shares 2 cores between two test workers) is slow
-        while time.time() < deadline and not fs.glob("faults/out/_work/manifests/shard-*.json"):
+        while time.time() < deadline and proc.poll() is None and not fs.glob("faults/out/_work/manifests/shard-*.json"):
             fs.invalidate_cache()
             time.sleep(0.2)
-        assert fs.glob("faults/out/_work/manifests/shard-*.json"), "the run committed no shard in 600 s"
+        if not fs.glob("faults/out/_work/manifests/shard-*.json"):
+            proc.kill()
+            out, err = proc.communicate(timeout=60)
+            raise AssertionError(f"the run committed no shard (exit {proc.returncode}):\n{err[-3000:]}")
         server.stop()  # the endpoint refuses connections from here on; the bucket's contents stay in this process
         out, err = proc.communicate(timeout=600)
     finally:
