@@ -92,6 +92,7 @@ def scoring_dataset(shards: list[Shard], layout: InputLayout, config: RerankConf
                             model=config.model, revision=config.revision, dtype=dtype or config.dtype, config=config.scorer,
                             scorers_uri=f"{work_uri}/scorers", storage_options=config.storage_options,
                             allow_pickle=config.allow_pickle,
+                            int8=config.int8 if (dtype or config.dtype) == "int8" else None,
                             on_scored=None if progress_counter is None else functools.partial(report_to, progress_counter)),
                         batch_size=config.scorer.batch_size, batch_format="pyarrow",
                         compute=ActorPoolStrategy(size=size,

@@ -95,12 +95,27 @@ class CacheConfig(StrictModel):
     buckets: int = Field(32, ge=1, le=65536)
 
 
+class Int8Config(StrictModel):
+    """How `dtype: int8` quantizes (pipeline/model/quantization.py); only for dtype int8."""
+    # SmoothQuant's migration strength, 0..1: the higher, the more of the activations' range (a few channels are
+    # 10-100x louder in BERT-family models) moves into the weights before quantizing; 0.5 is the paper's default.
+    # null turns smoothing off: each Linear layer skips one pass over its input (about 20% faster per layer,
+    # measured on an AVX2 CPU), at the price of coarser int8 steps for every channel beside such outliers.
+    smooth_alpha: Optional[float] = Field(0.5, ge=0, le=1)
+    # Linear layers kept in float32, as fnmatch patterns of their names: `layers.11.mlp.fc2`, `layers.*.mlp.fc2`
+    # (layer i has layers.i.mixer.Wqkv, layers.i.mixer.out_proj, layers.i.mlp.fc1, layers.i.mlp.fc2). Each layer
+    # kept trades its int8 speed for float32 products; fc2, whose inputs (GELU outputs) have the widest range,
+    # loses the most fidelity in int8. A pattern that matches no layer of the checkpoint is an error.
+    fp32_layers: list[str] = []
+
+
 class RerankConfig(StrictModel):
     model: str = "jinaai/jina-reranker-v2-base-multilingual"
     revision: Optional[str] = None
     # auto: bf16 on CUDA and on CPUs with bf16 matrix units, else fp32. int8 (CPU only, never chosen by auto):
     # the encoder's Linear layers in int8, everything else fp32 (pipeline/model/quantization.py).
     dtype: Literal["auto", "float32", "bfloat16", "float16", "int8"] = "auto"
+    int8: Int8Config = Int8Config()                  # dtype int8 only
     allow_pickle: bool = False
     input: InputConfig = InputConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
@@ -124,4 +139,7 @@ class RerankConfig(StrictModel):
                       "candidates_column", "rows_per_shard"},
             "tokenizer": {"max_length", "max_chars_per_token", "long_documents", "max_query_length", "overlap"},
             "output": True,
+            # Only int8 reads them (other dtypes must leave them at their defaults), so outputs of other dtypes
+            # written before the section existed still resume.
+            **({"int8": True} if self.dtype == "int8" else {}),
         })

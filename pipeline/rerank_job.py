@@ -27,6 +27,7 @@ import posixpath
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from fnmatch import fnmatchcase
 from typing import Any
 
 import pyarrow as pa
@@ -38,8 +39,9 @@ from pipeline.config import redact
 from pipeline.errors import ConfigError, InputError, OutputError, PipelineError
 from pipeline.faults import explain
 from pipeline.lease import OutputLease
-from pipeline.model.checkpoint import inspect_checkpoint, resolve_model_directory
 from pipeline.local_ray import init_ray
+from pipeline.model.checkpoint import inspect_checkpoint, resolve_model_directory
+from pipeline.model.model_config import linear_layer_names
 from pipeline.progress import Progress
 from pipeline.rerank_config import RerankConfig
 from pipeline.stages.read import Shard, list_input_files, plan_shards, query_ids_unique, read_schemas
@@ -82,8 +84,10 @@ def output_metadata(config: RerankConfig, model: dict, scorers: list[dict]) -> d
 
 def check_model(config: RerankConfig) -> dict:
     """Resolve the checkpoint and read its layout before any work starts (weights are loaded by the actors)."""
+    _check_int8_options(config)
     directory, revision = resolve_model_directory(config.model, config.revision)
     layout, model_config = inspect_checkpoint(directory, allow_pickle=config.allow_pickle)
+    fp32_layers = _fp32_layers(config, model_config.num_hidden_layers) if config.dtype == "int8" else []
     max_length = min(config.tokenizer.max_length, model_config.max_tokens_per_sequence)
     t = config.tokenizer
     if t.long_documents == "windows" and max_length < 2 * t.max_query_length:
@@ -91,7 +95,33 @@ def check_model(config: RerankConfig) -> dict:
                           + ("" if max_length == t.max_length else ", the model's limit") + ") at least twice "
                           f"tokenizer.max_query_length ({t.max_query_length}); lower max_query_length")
     return {"directory": directory, "revision": revision, "layout": layout.name if layout else None,
-            "max_length": max_length}
+            "max_length": max_length, "fp32_layers": fp32_layers}
+
+
+def _check_int8_options(config: RerankConfig) -> None:
+    """int8.* tunes dtype int8 only: set under another dtype it would be silently ignored (auto never picks int8)."""
+    if config.dtype == "int8":
+        return
+    defaults = type(config.int8)()
+    changed = [k for k in type(config.int8).model_fields if getattr(config.int8, k) != getattr(defaults, k)]
+    if changed:
+        keys = ("config keys " if len(changed) > 1 else "config key ") + ", ".join(f"`int8.{k}`" for k in changed)
+        raise ConfigError(f"{keys} tune{'' if len(changed) > 1 else 's'} dtype int8 only (dtype is {config.dtype}); "
+                          "set dtype: int8, or remove int8.*")
+
+
+def _fp32_layers(config: RerankConfig, num_hidden_layers: int) -> list[str]:
+    """The Linear layers `int8.fp32_layers` keeps in float32, by name; a pattern that matches none is a typo (or
+    a layer index past this checkpoint's last) that would otherwise quantize what the user meant to keep."""
+    names = linear_layer_names(num_hidden_layers)
+    unmatched = [p for p in config.int8.fp32_layers if not any(fnmatchcase(n, p) for n in names)]
+    if unmatched:
+        patterns = ", ".join(map(repr, unmatched)) + (" match" if len(unmatched) > 1 else " matches")
+        raise ConfigError(f"config key `int8.fp32_layers`: {patterns} no Linear layer of {config.model}, whose "
+                          "names are layers.<i>.mixer.Wqkv, layers.<i>.mixer.out_proj, layers.<i>.mlp.fc1, "
+                          f"layers.<i>.mlp.fc2 for i in 0..{num_hidden_layers - 1} (for example "
+                          f"`layers.{num_hidden_layers - 1}.mlp.fc2`, `layers.*.mlp.fc2`); fix or remove the pattern")
+    return sorted(n for n in names if any(fnmatchcase(n, p) for p in config.int8.fp32_layers))
 
 
 def settings_hash(config: RerankConfig) -> str:
@@ -422,7 +452,7 @@ def _open_cache(plan: RunPlan) -> None:
     settings = {"dtype": dtype, "device": device, "max_length": plan.model["max_length"],
                 "tokenizer": config.tokenizer.model_dump(mode="json", include=tokenizer)}
     if dtype == "int8":
-        settings["int8"] = _scorer_int8()
+        settings["int8"] = int8_settings(config, plan.model["fp32_layers"], **_scorer_int8())
     checkpoint = checkpoint_digest(plan.model["directory"])
     name = fingerprint(checkpoint, settings)
     plan.cache = open_cache(config.cache.uri, config.storage_options, name,
@@ -433,23 +463,28 @@ def _open_cache(plan: RunPlan) -> None:
                 dtype, device)
 
 
+def int8_settings(config: RerankConfig, fp32_layers: list[str], weight_qmax: int, calibration: str) -> dict:
+    """What changes an int8 score besides the weights, for the cache's fingerprint: the configured options, the
+    float32 layers by name (patterns that pick the same layers score the same), and what `_scorer_int8` found."""
+    return {"weight_qmax": weight_qmax, "smooth_alpha": config.int8.smooth_alpha, "fp32_layers": fp32_layers,
+            "calibration": calibration}
+
+
 def _scorer_int8() -> dict:
-    """What changes an int8 score besides the weights, as a scorer's CPU decides it: the weights' range (63 on
-    CPUs without VNNI, 127 with it, so the two never share entries) and the default int8 options."""
+    """What a scorer's CPU and the engine decide about int8: the weights' range (63 on CPUs without VNNI, 127
+    with it, so the two never share entries) and a digest of the pairs SmoothQuant calibrates on."""
     import ray
 
     @ray.remote(num_cpus=0)
     def resolve() -> dict:
-        import dataclasses
         import hashlib
         import json
 
         from pipeline.model.quantization import CALIBRATION_PAIRS, Int8Options, weight_qmax
 
-        options = dataclasses.asdict(Int8Options())
-        calibration = options.pop("calibration_pairs") or CALIBRATION_PAIRS
+        calibration = Int8Options().calibration_pairs or CALIBRATION_PAIRS
         digest = hashlib.blake2b(json.dumps(calibration).encode(), digest_size=8).hexdigest()
-        return {"weight_qmax": weight_qmax(), **options, "calibration": digest}
+        return {"weight_qmax": weight_qmax(), "calibration": digest}
 
     return ray.get(resolve.remote())
 

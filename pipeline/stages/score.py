@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 
 from pipeline import schema as S
 from pipeline.heap import release_free_heap
-from pipeline.rerank_config import ScorerConfig
+from pipeline.rerank_config import Int8Config, ScorerConfig
 from pipeline.stages.tokenize import list_to_numpy
 from pipeline.storage import join, url_to_fs
 
@@ -32,13 +32,14 @@ FAULT_ENV = "RERANK_FAULT_KILL_SCORER_ONCE"
 class ScoreStage:
     def __init__(self, model: str, revision: str | None, dtype: str, config: ScorerConfig,
                  scorers_uri: str, storage_options: dict, allow_pickle: bool = False,
-                 on_scored: Optional[Callable[[int, int], None]] = None):
+                 on_scored: Optional[Callable[[int, int], None]] = None, int8: Int8Config | None = None):
         """`on_scored(pairs, rejected)` is called after each batch (progress); `allow_pickle` lets a pickle-only
-        checkpoint load (the job's opt-in, checked on the driver)."""
+        checkpoint load (the job's opt-in, checked on the driver); `int8`: the job's int8 section, dtype int8 only."""
         # Imported here, in the actor: the driver builds the plan with this class and never needs torch.
         import torch
 
         from pipeline.model.cross_encoder import CrossEncoder
+        from pipeline.model.quantization import Int8Options
 
         device = "cuda" if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()) else "cpu"
         # Ray sets OMP_NUM_THREADS to the actor's num_cpus (1), which would leave cores idle while scoring is
@@ -47,8 +48,10 @@ class ScoreStage:
         threads = config.torch_threads or (len(os.sched_getaffinity(0)) if device == "cpu" else None)
         if threads:
             torch.set_num_threads(threads)
+        options = None if int8 is None else Int8Options(smooth_alpha=int8.smooth_alpha,
+                                                        fp32_layers=tuple(int8.fp32_layers))
         self.encoder = CrossEncoder.from_pretrained(model, device=device, dtype=dtype, revision=revision,
-                                                    allow_pickle=allow_pickle)
+                                                    allow_pickle=allow_pickle, int8=options)
         self.on_scored = on_scored
         self.max_tokens = config.max_tokens_per_batch
         # Record what really ran (dtype, kernel, device) for the job's summary.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -239,3 +241,99 @@ def test_score_cache_fingerprint_names_int8():
     names = {dtype: fingerprint(checkpoint, settings(RerankConfig(dtype=dtype).dtype))
              for dtype in ("int8", "float32", "bfloat16")}
     assert len(set(names.values())) == 3
+
+
+# -- int8 options as settings of the rerank job ------------------------------------------------------------
+
+def test_linear_layer_names_are_the_engines(checkpoints):
+    """The driver checks `int8.fp32_layers` against names built from the layer count alone (no torch there):
+    they must be the names the engine matches the patterns against, in every checkpoint layout."""
+    from pipeline.model.model_config import linear_layer_names
+    from pipeline.model.quantization import encoder_linears
+
+    for layout, directory in checkpoints.items():
+        model = CrossEncoder.from_pretrained(directory, device="cpu", dtype="float32").model
+        assert linear_layer_names(model.config.num_hidden_layers) == list(encoder_linears(model)), layout
+
+
+def test_int8_section_is_checked_before_any_work():
+    from pipeline.config import load_config
+    from pipeline.rerank_job import check_model
+
+    def check(*overrides):
+        return check_model(load_config(RerankConfig, None, list(overrides), model="dummy:tiny"))
+
+    for dtype in ("float32", "auto"):
+        with pytest.raises(ConfigError, match=r"^config key `int8.smooth_alpha` tunes dtype int8 only \(dtype is "
+                                              rf"{dtype}\); set dtype: int8, or remove int8\.\*$"):
+            check(f"dtype={dtype}", "int8.smooth_alpha=null")
+    with pytest.raises(ConfigError, match=r"config keys `int8.smooth_alpha`, `int8.fp32_layers` tune dtype int8"):
+        check("dtype=bfloat16", "int8.smooth_alpha=0.2", 'int8.fp32_layers=["layers.0.*"]')
+    # The defaults written out (as configs/rerank_local.yaml does) are no setting away from them.
+    assert check("dtype=float32", "int8.smooth_alpha=0.5", "int8.fp32_layers=[]")["fp32_layers"] == []
+
+    # dummy:tiny has 2 layers: layers.2 is past its last, and `mlp.fc2` lacks the layer prefix.
+    with pytest.raises(ConfigError, match=r"^config key `int8.fp32_layers`: 'layers.2.\*', 'mlp.fc2' match no "
+                                          r"Linear layer of dummy:tiny, whose names are layers.<i>.mixer.Wqkv, .*"
+                                          r"for i in 0..1 \(for example `layers.1.mlp.fc2`"):
+        check("dtype=int8", 'int8.fp32_layers=["layers.0.*", "layers.2.*", "mlp.fc2"]')
+    with pytest.raises(ConfigError, match=r"'layers.0.MLP.fc2' matches no Linear layer"):  # names are case-sensitive
+        check("dtype=int8", 'int8.fp32_layers=["layers.0.MLP.fc2"]')
+    model = check("dtype=int8", 'int8.fp32_layers=["layers.*.mlp.fc2", "layers.1.mixer.Wqkv"]')
+    assert model["fp32_layers"] == ["layers.0.mlp.fc2", "layers.1.mixer.Wqkv", "layers.1.mlp.fc2"]
+    with pytest.raises(ConfigError, match=r"config key `int8.smooth_alpha`: Input should be less than or equal to 1"):
+        load_config(RerankConfig, None, ["dtype=int8", "int8.smooth_alpha=1.5"])
+
+
+def test_int8_section_is_a_result_setting_of_int8_only():
+    """A resumed run must match it under int8; other dtypes hash as before the section existed, so their
+    unfinished outputs keep resuming."""
+    from pipeline.config import load_config
+
+    int8 = lambda *o: load_config(RerankConfig, None, ["dtype=int8", *o]).result_settings()  # noqa: E731
+    assert int8()["int8"] == {"smooth_alpha": 0.5, "fp32_layers": []}
+    assert int8("int8.smooth_alpha=null") != int8()
+    assert int8('int8.fp32_layers=["layers.11.*"]')["int8"] == {"smooth_alpha": 0.5, "fp32_layers": ["layers.11.*"]}
+    assert "int8" not in RerankConfig(dtype="float32").result_settings()
+    assert set(RerankConfig(dtype="float32").result_settings()) == {"model", "revision", "dtype", "input",
+                                                                    "tokenizer", "output"}
+
+
+def test_score_cache_fingerprint_follows_int8_options():
+    from pipeline.rerank_job import int8_settings
+
+    checkpoint = {"model.safetensors": "abc"}
+
+    def name(picked=(), **int8):
+        """The cache folder of dtype int8 with these options, whose patterns the driver resolved to `picked`."""
+        config = RerankConfig(dtype="int8", int8=int8)
+        settings = {"dtype": "int8", "device": "cpu", "max_length": 1024, "tokenizer": {},
+                    "int8": int8_settings(config, list(picked), weight_qmax=63, calibration="c0")}
+        return fingerprint(checkpoint, settings)
+
+    default = name()
+    assert name() == default and name(smooth_alpha=0.5) == default
+    assert len({default, name(smooth_alpha=None), name(smooth_alpha=0.8), name(["layers.0.mlp.fc2"])}) == 4
+    # Patterns are recorded as the layers they picked (the driver resolves them): equal layers, equal scores.
+    assert name(["layers.0.mlp.fc2"], fp32_layers=["layers.0.mlp.fc2"]) == name(["layers.0.mlp.fc2"],
+                                                                               fp32_layers=["layers.*.mlp.fc2"])
+    # The default options keep the fingerprint caches had before the options were settings.
+    assert int8_settings(RerankConfig(dtype="int8"), [], 63, "c0") == {"weight_qmax": 63, "smooth_alpha": 0.5,
+                                                                      "fp32_layers": [], "calibration": "c0"}
+
+
+def test_score_stage_builds_the_configured_int8_options(tmp_path):
+    from pipeline.rerank_config import Int8Config, ScorerConfig
+    from pipeline.stages.score import ScoreStage
+
+    def info(name, int8):
+        ScoreStage("dummy:tiny", None, "int8", ScorerConfig(device="cpu"), str(tmp_path / name), {}, int8=int8)
+        (path,) = (tmp_path / name).glob("*.json")
+        return json.loads(path.read_text())["int8"]
+
+    tuned = info("tuned", Int8Config(smooth_alpha=None, fp32_layers=["layers.0.*"]))
+    assert tuned["smooth_alpha"] is None
+    assert tuned["fp32_layers"] == ["layers.0.mixer.Wqkv", "layers.0.mixer.out_proj", "layers.0.mlp.fc1",
+                                    "layers.0.mlp.fc2"]
+    default = info("default", Int8Config())
+    assert default["smooth_alpha"] == 0.5 and default["fp32_layers"] == []

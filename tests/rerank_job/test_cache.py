@@ -122,6 +122,32 @@ def test_another_model_dtype_or_max_length_misses_everything(ray_local, dl19_row
 
 
 @pytest.mark.slow
+def test_int8_options_reach_the_scorers_and_never_share_entries(ray_local, dl19_rows, tmp_path):
+    cache = tmp_path / "cache"
+    path = _write(_rows(dl19_rows, 60), tmp_path / "in.parquet")
+    default = run_rerank(_config(cache, "dtype=int8"), path, str(tmp_path / "default"))
+    tuned = run_rerank(_config(cache, "dtype=int8", 'int8.fp32_layers=["layers.0.*"]'), path, str(tmp_path / "tuned"))
+    assert default["pairs_scored"] == 60 and default["dtype"] == ["int8"]
+    assert tuned["pairs_scored"] == 60 and tuned["cache_hits"] == 0 and tuned["dtype"] == ["int8"]
+    assert tuned["cache"]["fingerprint"] != default["cache"]["fingerprint"]
+    assert tuned["config"]["int8"] == {"smooth_alpha": 0.5, "fp32_layers": ["layers.0.*"]}
+    assert tuned["config_hash"] != default["config_hash"]  # an output of one never resumes as the other
+    # The cache records the layers the pattern picked, as the scorers resolve it.
+    int8 = sorted((json.loads(p.read_text())["covers"]["settings"]["int8"] for p in cache.glob("*/_cache.json")),
+                  key=lambda s: len(s["fp32_layers"]))
+    assert [s["fp32_layers"] for s in int8] == [[], ["layers.0.mixer.Wqkv", "layers.0.mixer.out_proj",
+                                                     "layers.0.mlp.fc1", "layers.0.mlp.fc2"]]
+    assert [s["smooth_alpha"] for s in int8] == [0.5, 0.5]
+    # The scorers ran the options: layer 0 in float32 moves every score a little (int8 rounding, not the ranking).
+    a, b = read_dir(tmp_path / "default" / "ranked"), read_dir(tmp_path / "tuned" / "ranked")
+    score = lambda t: {(r["query_id"], r["doc_id"]): r["score"] for r in t.to_pylist()}  # noqa: E731
+    sa, sb = score(a), score(b)
+    assert sa.keys() == sb.keys() and len(sa) == 60
+    diff = np.abs(np.array([sa[k] for k in sa]) - np.array([sb[k] for k in sa]))
+    assert diff.max() > 1e-3 and (diff > 1e-6).sum() >= 30
+
+
+@pytest.mark.slow
 def test_a_pair_repeated_in_one_input_is_scored_once(ray_local, dl19_rows, tmp_path):
     rows = _rows(dl19_rows, 200)
     # The same texts under other query ids (a popular query logged twice), and an exact repeat of a row.
