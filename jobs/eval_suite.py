@@ -1,9 +1,10 @@
 """How well a reranker ranks, per task: text retrieval (TREC DL 2019/2020, nDCG@10), multilingual QA (XQuAD-R,
 R@10), function calling (BFCL, R@3), SQL table schemas (Spider, R@3) and code search (CoSQA, RR@10).
 
-    python -m jobs.eval_suite --model NAME_OR_PATH [--dtype ...] [--collections trec_dl19,bfcl]
-                              [--max-queries N] [--output results.json] [--config-dir configs/eval]
-                              [--config suite.yaml] [--set collections.cosqa.arguments.pool_size=100 ...]
+    python -m jobs.eval_suite --model NAME_OR_PATH [--dtype ...] [--reference-dtype ...]
+                              [--collections trec_dl19,bfcl] [--max-queries N] [--output results.json]
+                              [--config-dir configs/eval] [--config suite.yaml]
+                              [--set collections.cosqa.arguments.pool_size=100 ...]
 
 Each `configs/eval/<name>.yaml` names a converter of `pipeline.datasets` and its arguments, the measures
 (ir_measures notation, trec_eval's conventions, see `pipeline.quality.metrics`; the first is the table's
@@ -12,12 +13,24 @@ column) and optional segments. The suite scores every (query, candidate) pair wi
 where the candidates come with a first-stage score (TREC DL's BM25) that ranking is evaluated too.
 It prints the table and writes everything to `--output` as JSON (a local path or an object-storage URI).
 With `--model dummy:tiny` (random weights) it runs anywhere in seconds; the numbers then mean nothing.
+
+What a dtype costs in ranking quality: with `--reference-dtype DTYPE` the same weights are loaded a second time
+at DTYPE (once for the whole suite) and every collection is scored twice on the same pairs, by the model at
+`--dtype` and by this reference. `--dtype int8` alone is compared with `auto`: bfloat16 where the CPU or GPU
+computes it fast, float32 otherwise; the dtype that really ran names the reference's columns and is recorded
+in the JSON. The table adds the reference's value of the first measure, the difference (model minus
+reference) and its 95% interval. The JSON adds, per collection, the reference's measures, the difference of
+each, a paired per-query comparison of the first measure (mean difference, 95% percentile bootstrap interval
+over queries, p-value of a paired randomization test) and how close the two sets of scores are: the largest
+|difference of logits|, the Spearman correlation of the two score lists and the share of the reference's
+top 10 that the model also ranks in its top 10, averaged over the queries with more than 10 candidates.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import posixpath
 import time
 from pathlib import Path
@@ -28,12 +41,15 @@ import pyarrow as pa
 from pydantic import Field, field_validator, model_validator
 
 from pipeline import schema
-from pipeline.cli import base_parser, run_main, setup_logging
+from pipeline.benchmark.fidelity import fidelity
+from pipeline.cli import DTYPES, base_parser, run_main, setup_logging
 from pipeline.config import StrictModel, merge_dicts, build_config, config_hash, parse_overrides, read_yaml, redact
 from pipeline.datasets import COLLECTIONS, check_arguments, load_collection, sample_queries
 from pipeline.errors import ConfigError, InputError
 from pipeline.model import CrossEncoder
+from pipeline.quality.compare import paired_p_value
 from pipeline.quality.metrics import evaluate, means, parse_measure
+from pipeline.quality.report import BOOTSTRAP_METHOD, CONFIDENCE, bootstrap_interval
 from pipeline.quality.segments import query_segments, segment_means
 from pipeline.storage import url_to_fs, write_json
 
@@ -127,21 +143,58 @@ def _ranking(pairs: pa.Table, scores) -> pa.Table:
                      schema.SCORE: pa.array(np.asarray(scores, dtype=np.float64))})
 
 
-def evaluate_collection(encoder: CrossEncoder, config: CollectionConfig, scoring: ScoringConfig,
-                        data_dir: str | None = None) -> dict:
-    """Score one collection's pairs with `encoder` and measure the reranked order (and the first stage's)."""
-    pairs, qrels = load_collection(config.collection, data_dir, **config.arguments)
-    pairs, qrels = sample_queries(pairs, qrels, config.max_queries, config.seed)
-    texts = list(zip(pairs[schema.QUERY].to_pylist(), pairs[schema.DOCUMENT].to_pylist()))
+def _score(encoder: CrossEncoder, texts: list[tuple[str, str]], scoring: ScoringConfig) -> tuple[np.ndarray, float]:
+    """Raw logits (n,) float32 of the (query, document) pairs in their order, and the seconds it took."""
     start = time.perf_counter()
     logits = encoder.compute_score(texts, return_logits=True, max_length=scoring.max_length,
                                    batch_size=scoring.batch_size, max_tokens_per_batch=scoring.max_tokens_per_batch)
-    seconds = time.perf_counter() - start
-    per_query = evaluate(_ranking(pairs, np.atleast_1d(logits)), qrels, config.measures, config.relevance_level)
+    return np.atleast_1d(np.asarray(logits, dtype=np.float32)), time.perf_counter() - start
+
+
+def _speed(num_pairs: int, seconds: float) -> dict:
+    return {"seconds": round(seconds, 3), "pairs_per_second": round(num_pairs / seconds, 1) if seconds else None}
+
+
+def paired_comparison(model: pa.Table, reference: pa.Table, measure: str) -> dict:
+    """One measure, model vs reference, paired by query: per-query tables (query_id, <measure>: float64) ->
+    the mean of the per-query differences (model - reference), its bootstrap interval and the paired
+    randomization test's p-value (the nightly comparison's test, `pipeline.quality.compare`)."""
+    paired = model.select([schema.QUERY_ID, measure]).join(reference.select([schema.QUERY_ID, measure]),
+                                                           keys=schema.QUERY_ID, right_suffix=".reference")
+    paired = paired.drop_null()
+    ours = paired[measure].to_numpy().astype(np.float64)                       # (queries,)
+    theirs = paired[f"{measure}.reference"].to_numpy().astype(np.float64)     # (queries,)
+    interval = bootstrap_interval(ours - theirs)
+    return {"measure": measure, "num_queries": len(ours),
+            "mean_delta": float(np.mean(ours - theirs)) if len(ours) else None,
+            "interval": None if interval is None else list(interval), "confidence": CONFIDENCE,
+            "interval_method": BOOTSTRAP_METHOD,
+            "p_value": paired_p_value(ours, theirs) if len(ours) >= 2 else None,
+            "test": "two-sided paired randomization (sign-flip) test of the mean difference"}
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    # Spearman is undefined (NaN) when either score list is constant; JSON has no NaN.
+    return None if value is None or not math.isfinite(value) else value
+
+
+def evaluate_collection(encoder: CrossEncoder, config: CollectionConfig, scoring: ScoringConfig,
+                        data_dir: str | None = None, reference: CrossEncoder | None = None) -> dict:
+    """Score one collection's pairs with `encoder` and measure the reranked order (and the first stage's).
+
+    With `reference` (the same weights at another dtype) the same pairs are scored again by it; the result's
+    "reference" block holds its dtype, measures, the delta of each measure (model - reference), the paired
+    per-query comparison of the first measure and the fidelity of the model's logits to the reference's.
+    """
+    pairs, qrels = load_collection(config.collection, data_dir, **config.arguments)
+    pairs, qrels = sample_queries(pairs, qrels, config.max_queries, config.seed)
+    texts = list(zip(pairs[schema.QUERY].to_pylist(), pairs[schema.DOCUMENT].to_pylist()))
+    logits, seconds = _score(encoder, texts, scoring)
+    per_query = evaluate(_ranking(pairs, logits), qrels, config.measures, config.relevance_level)
     result = {
         "title": config.title, "collection": config.collection, "measure": config.measures[0],
         "measures": means(per_query), "num_queries": per_query.num_rows, "num_pairs": pairs.num_rows,
-        "seconds": round(seconds, 3), "pairs_per_second": round(pairs.num_rows / seconds, 1) if seconds else None,
+        **_speed(pairs.num_rows, seconds),
     }
     result["value"] = result["measures"][config.measures[0]]
     if schema.FIRST_STAGE_SCORE in pairs.column_names:
@@ -152,18 +205,51 @@ def evaluate_collection(encoder: CrossEncoder, config: CollectionConfig, scoring
         result["segments"] = segment_means(per_query, query_segments(pairs, config.segment_by), config.segment_by)
     log.info("%s: %s = %.4f over %d queries (%d pairs, %.1f s)", config.title, config.measures[0],
              result["value"], result["num_queries"], result["num_pairs"], seconds)
+    if reference is not None:
+        reference_logits, reference_seconds = _score(reference, texts, scoring)
+        reference_per_query = evaluate(_ranking(pairs, reference_logits), qrels, config.measures,
+                                       config.relevance_level)
+        reference_measures = means(reference_per_query)
+        # Both rankings cover the same pairs and qrels, so the same queries: the difference of the means is
+        # the mean of the per-query differences (up to rounding), and the paired block says how sure it is.
+        figures = fidelity(reference_logits, logits, pairs[schema.QUERY_ID].cast(pa.string()).to_pylist())
+        figures["spearman"] = _finite_or_none(figures["spearman"])
+        result["reference"] = {
+            "dtype": reference.describe()["dtype"], "measures": reference_measures,
+            "value": reference_measures[config.measures[0]],
+            "delta": {m: result["measures"][m] - reference_measures[m] for m in result["measures"]},
+            "paired": paired_comparison(per_query, reference_per_query, config.measures[0]),
+            "fidelity": figures, **_speed(pairs.num_rows, reference_seconds),
+        }
+        log.info("%s: %s = %.4f at %s (delta %+.4f), max |delta logit| %.4g", config.title, config.measures[0],
+                 result["reference"]["value"], result["reference"]["dtype"],
+                 result["reference"]["delta"][config.measures[0]], figures["max_abs_logit_diff"])
     return result
 
 
-def format_table(model: str, results: dict[str, dict]) -> str:
-    """One row per collection, the first stage beside the model where there is one (the release post's table)."""
-    header = ["collection", "measure", "queries", "pairs", "first stage", model, "pairs/s"]
+def _signed(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.4f}"
+
+
+def format_table(model: str, results: dict[str, dict], reference_dtype: str | None = None) -> str:
+    """One row per collection, the first stage beside the model where there is one (the release post's table);
+    with a reference, its value, the delta (model - reference) and the delta's 95% interval over queries."""
+    header = ["collection", "measure", "queries", "pairs", "first stage", model]
+    if reference_dtype:
+        header += [reference_dtype, f"Δ vs {reference_dtype}", f"{CONFIDENCE:.0%} interval of Δ"]
+    header.append("pairs/s")
     rows = []
     for result in results.values():
         first_stage = result.get("first_stage_measures", {}).get(result["measure"])
-        rows.append([result["title"], result["measure"], str(result["num_queries"]), str(result["num_pairs"]),
-                     "-" if first_stage is None else f"{first_stage:.4f}", f"{result['value']:.4f}",
-                     "-" if result["pairs_per_second"] is None else f"{result['pairs_per_second']:.0f}"])
+        row = [result["title"], result["measure"], str(result["num_queries"]), str(result["num_pairs"]),
+               "-" if first_stage is None else f"{first_stage:.4f}", f"{result['value']:.4f}"]
+        if reference_dtype:
+            reference = result["reference"]
+            interval = reference["paired"]["interval"]
+            row += [f"{reference['value']:.4f}", _signed(reference["delta"][result["measure"]]),
+                    "-" if interval is None else f"{_signed(interval[0])} to {_signed(interval[1])}"]
+        row.append("-" if result["pairs_per_second"] is None else f"{result['pairs_per_second']:.0f}")
+        rows.append(row)
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
              for row in [header, *rows]]
@@ -177,7 +263,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-queries", type=int, default=None, help="score a seeded sample of N queries per collection")
     parser.add_argument("--output", default=None, help="results JSON (path or URI); default from the config")
     parser.add_argument("--config-dir", default=str(CONFIG_DIR), help="folder of per-collection YAML configs")
+    parser.add_argument("--reference-dtype", choices=DTYPES, default=None,
+                        help="also score every collection with the same weights at this dtype and report the "
+                        "model's difference from it: each measure's delta with a 95%% interval, max |delta logit|, "
+                        "Spearman and top-10 overlap (default: auto when --dtype is int8, none otherwise; the "
+                        "dtype auto resolved to names the reference's columns and is in the JSON)")
+    # The comparison's paragraph of the docstring, so that --help says what the reference adds.
+    parser.epilog = " ".join(next(p for p in __doc__.split("\n\n") if "`--reference-dtype DTYPE`" in p).split())
     return parser
+
+
+def reference_dtype(dtype: str | None, asked: str | None) -> str | None:
+    """The dtype to compare the model with: the one asked for; for int8 by default `auto` (int8 is only ever
+    chosen by name, and what it costs against the dtype the engine would otherwise pick is the question)."""
+    if asked is not None:
+        return asked
+    return "auto" if dtype == "int8" else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -189,14 +290,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     fs, output_path = url_to_fs(config.output)
     fs.makedirs(posixpath.dirname(output_path), exist_ok=True)
     encoder = CrossEncoder.from_pretrained(args.model, device=config.scoring.device, dtype=args.dtype)
-    results = {name: evaluate_collection(encoder, entry, config.scoring, config.data_dir)
+    # Loaded once for the whole suite: a second copy of the weights, at the reference's dtype.
+    compare_with = reference_dtype(args.dtype, args.reference_dtype)
+    reference = None if compare_with is None else CrossEncoder.from_pretrained(
+        args.model, device=config.scoring.device, dtype=compare_with)
+    results = {name: evaluate_collection(encoder, entry, config.scoring, config.data_dir, reference)
                for name, entry in config.collections.items()}
-    print(format_table(args.model, results))
+    if reference is None:
+        print(format_table(args.model, results))
+    else:  # two columns of the same weights: each names its dtype
+        print(format_table(f"{args.model} ({encoder.describe()['dtype']})", results, reference.describe()["dtype"]))
     if encoder.is_dummy:
         print(f"note: {args.model} has random weights; its column measures nothing")
-    write_json(fs, output_path, {"model": encoder.describe(), "config": redact(config.model_dump(mode="json")),
-                                 "config_hash": config_hash(config), "collections": results,
-                                 "order": list(results)})  # write_json sorts keys; this keeps the table's order
+    summary = {"model": encoder.describe(), "config": redact(config.model_dump(mode="json")),
+               "config_hash": config_hash(config), "collections": results,
+               "order": list(results)}  # write_json sorts keys; this keeps the table's order
+    if reference is not None:
+        summary["reference_model"] = reference.describe()
+    write_json(fs, output_path, summary)
     log.info("results: %s", config.output)
     return 0
 
