@@ -274,11 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def reference_dtype(dtype: str | None, asked: str | None) -> str | None:
-    """The dtype to compare the model with: the one asked for; for int8 by default `auto` (int8 is only ever
-    chosen by name, and what it costs against the dtype the engine would otherwise pick is the question)."""
+    """The dtype to compare the model with: the one asked for; for int8 and float8 by default `auto` (they are only
+    ever chosen by name, and what they cost against the dtype the engine would otherwise pick is the question)."""
     if asked is not None:
         return asked
-    return "auto" if dtype == "int8" else None
+    return "auto" if dtype in ("int8", "float8") else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

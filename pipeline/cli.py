@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.faults import explain
 
-DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
+DTYPES = ("auto", "float32", "bfloat16", "float16", "int8", "float8")
 DEFAULT_MODEL = "jinaai/jina-reranker-v2-base-multilingual"
 INTERNAL_ERROR_EXIT = 4
 

@@ -114,7 +114,9 @@ class RerankConfig(StrictModel):
     revision: Optional[str] = None
     # auto: bf16 on CUDA and on CPUs with bf16 matrix units, else fp32. int8 (CPU only, never chosen by auto):
     # the encoder's Linear layers in int8, everything else fp32 (pipeline/model/quantization.py).
-    dtype: Literal["auto", "float32", "bfloat16", "float16", "int8"] = "auto"
+    # float8 (GPU scorers with float8 tensor cores only, Hopper or Ada; never chosen by auto): the encoder's Linear
+    # layers in e4m3 through torch._scaled_mm, everything else bf16 (pipeline/model/fp8.py).
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "int8", "float8"] = "auto"
     int8: Int8Config = Int8Config()                  # dtype int8 only
     allow_pickle: bool = False
     input: InputConfig = InputConfig()

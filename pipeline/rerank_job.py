@@ -210,6 +210,9 @@ def _check_cluster(config: RerankConfig, protocol: str) -> None:
     if config.dtype == "int8" and resources.get("num_gpus"):
         raise InputError("dtype int8 runs on CPU scorers only, and this cluster's GPUs would take the scorers; set "
                          "scorer.device=cpu, or use dtype auto (bfloat16 on a GPU)")
+    if config.dtype == "float8" and not resources.get("num_gpus"):
+        raise InputError("dtype float8 runs on GPU scorers with float8 tensor cores (Hopper or Ada) only, and this "
+                         "cluster's scorers would run on CPU; use dtype auto (or float32/bfloat16), or add GPUs")
     asks = {"tokenizer": config.tokenizer.num_actors * config.tokenizer.num_cpus,
             "scorer": size * resources["num_cpus"], "io (read + write)": 2 * config.io.num_actors * config.io.num_cpus}
     have = ray.cluster_resources().get("CPU", 0)

@@ -54,6 +54,8 @@ CONTENDERS = [
     ("st-fp16", "st-best", "float16", "bfloat16"),
     ("hf-padded-fp16", "hf-padded", "float16", "bfloat16"),
     ("engine", "engine", None, None),
+    # float8 Linear layers (torch._scaled_mm); on CPU a reference run, so the dry run proves the path works.
+    ("engine-fp8", "engine", "float8", "float8"),
 ]
 
 
@@ -138,6 +140,23 @@ def check_invariance(directory: str, pairs, device: str) -> dict:
     del engine
     free(device)
     return result
+
+
+def check_fp8(directory: str, pairs, device: str) -> dict:
+    """The engine's float8 scores against its bf16 ones (float32 on CPU) on the same pairs: fidelity of fp8."""
+    from scipy.stats import spearmanr
+
+    base = "bfloat16" if device.startswith("cuda") else "float32"
+    logits = {}
+    for dtype in (base, "float8"):
+        encoder = CrossEncoder.from_pretrained(directory, device=device, dtype=dtype)
+        logits[dtype] = np.asarray(encoder.compute_score(pairs, return_logits=True, max_length=1024), np.float64)
+        del encoder
+        free(device)
+    diff = np.abs(logits["float8"] - logits[base])
+    return {"baseline": base, "pairs": len(pairs), "max_abs_dlogit": float(diff.max()),
+            "mean_abs_dlogit": float(diff.mean()), "baseline_logit_std": float(logits[base].std()),
+            "spearman": float(spearmanr(logits["float8"], logits[base]).correlation)}
 
 
 def measure_contender(label: str, name: str, dtype: str | None, directory: str, workloads: dict, device: str,
@@ -276,6 +295,12 @@ def main(argv=None) -> int:
     engine = {r["workload"]: r["pairs_per_s"] for r in report["runs"] if r["contender"] == "engine"}
     for r in report["runs"]:
         r["engine_speedup"] = engine.get(r["workload"], math.nan) / r["pairs_per_s"]
+    try:
+        report["fp8_fidelity"] = check_fp8(directory, workloads["dl19"][:settings["parity_pairs"]], args.device)
+        log(f"fp8 fidelity: {json.dumps(report['fp8_fidelity'])}")
+    except Exception as e:  # a GPU without float8 tensor cores: recorded, the rest of the report stands
+        report["errors"].append({"check": "fp8_fidelity", "error": f"{type(e).__name__}: {e}"})
+        log(f"fp8 fidelity failed: {e}")
     report["scorer_stage"] = check_scorer_stage(directory, workloads["dl19"], args.device)
     report["seconds"] = time.time() - started
     device_slug = report["environment"]["device_name"].replace(" ", "-").lower() or args.device

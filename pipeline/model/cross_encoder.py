@@ -15,7 +15,8 @@ import torch
 from pipeline.errors import CheckpointError
 from pipeline.model.checkpoint import DUMMY_MARKER, resolve_model_directory
 from pipeline.model.weights import load_model
-from pipeline.model.modeling import (ONEDNN_FUSED, ONEDNN_INT8, CrossEncoderModel, PackedWeights,
+from pipeline.model.fp8 import Fp8Weights, fp8_kernel_works
+from pipeline.model.modeling import (ONEDNN_FUSED, ONEDNN_INT8, SCALED_MM_FP8, CrossEncoderModel, PackedWeights,
                                      select_attention_backend, select_linear_kernel)
 from pipeline.model.quantization import (CALIBRATION_PAIRS, InputRangeObserver, Int8Options, Int8Weights,
                                          smoothing_for)
@@ -25,7 +26,18 @@ from pipeline.model.tokenization import PairTokenizer
 logger = logging.getLogger(__name__)
 
 # int8 is asked for by name only (`auto` never picks it): int8 Linear layers, everything else float32 (quantization.py).
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.int8}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.int8,
+          "float8": torch.float8_e4m3fn}
+
+
+def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype of everything but the quantized Linear layers: float32 beside int8; beside float8, bf16 on
+    CUDA and float32 on CPU (where float8 runs only as a reference: see fp8.py)."""
+    if dtype == torch.int8:
+        return torch.float32
+    if dtype == torch.float8_e4m3fn:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return dtype
 
 # Tokens per micro-batch. CPU, measured (the engine on the jina-base-sized benchmark checkpoint, bf16, 2-core
 # AMD EPYC Zen 5 with AVX512-BF16, best of 2-3 interleaved passes): DL19 pairs (~98 tokens) reach
@@ -73,6 +85,9 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if DTYPES[dtype] == torch.int8 and device.type != "cpu":
         raise CheckpointError(f"dtype int8 runs on CPU only (oneDNN's int8 linear), not on {device.type}; "
                               "use bfloat16 there")
+    if DTYPES[dtype] == torch.float8_e4m3fn and not fp8_kernel_works(device):
+        raise CheckpointError(f"dtype float8 needs float8 tensor cores (Hopper or Ada GPUs, torch._scaled_mm), which "
+                              f"{device.type} here lacks; use bfloat16")
     return DTYPES[dtype]
 
 
@@ -95,15 +110,18 @@ class CrossEncoder:
         self.dtype = dtype
         self.is_dummy = is_dummy
         self.int8_options: Int8Options | None = None
-        compute_dtype = torch.float32 if dtype == torch.int8 else dtype  # int8: all but the Linear layers in fp32
-        self.model.attention_backend = select_attention_backend(device, compute_dtype, prefer=attention_backend)
-        self.model.linear_kernel = select_linear_kernel(device, compute_dtype)
+        compute = compute_dtype(dtype, device)  # int8, float8: all but the encoder's Linear layers
+        self.model.attention_backend = select_attention_backend(device, compute, prefer=attention_backend)
+        self.model.linear_kernel = select_linear_kernel(device, compute)
         self.max_length = model.config.max_tokens_per_sequence
         self.max_tokens_per_batch = DEFAULT_MAX_TOKENS.get(device.type, 4096)
         if self.model.linear_kernel == ONEDNN_FUSED:
             self.model.packed_weights = PackedWeights(self.max_tokens_per_batch)
         if dtype == torch.int8:
             self.quantize(int8 or Int8Options())
+        if dtype == torch.float8_e4m3fn:
+            self.model.packed_weights = Fp8Weights(self.model)
+            self.model.linear_kernel = SCALED_MM_FP8
 
     def quantize(self, options: Int8Options) -> None:
         """Run the encoder's Linear layers in int8 from now on (the model's float32 weights are the source).
@@ -145,7 +163,7 @@ class CrossEncoder:
             raise CheckpointError(f"int8 options were given for dtype {str(dtype).replace('torch.', '')}; "
                                   "pass dtype='int8' or drop them")
         model, layout, raw_config = load_model(directory, allow_pickle=allow_pickle)
-        model.to(device=device, dtype=torch.float32 if dtype == torch.int8 else dtype)
+        model.to(device=device, dtype=compute_dtype(dtype, device))
         # The head stays float32: two tiny matrices, and the raw logit is the product.
         model.head.float()
         kwargs = {} if max_chars_per_token is None else {"max_chars_per_token": max_chars_per_token}
@@ -166,7 +184,8 @@ class CrossEncoder:
             "attention_backend": self.model.attention_backend, "linear_kernel": self.model.linear_kernel,
             "random_weights": self.is_dummy,
             "num_parameters": sum(p.numel() for p in self.model.parameters()),
-        } | ({} if self.int8_options is None else {"int8": self.model.packed_weights.describe()})
+        } | ({} if self.int8_options is None else {"int8": self.model.packed_weights.describe()}) \
+          | ({"float8": self.model.packed_weights.describe()} if self.dtype == torch.float8_e4m3fn else {})
 
     # -- scoring token ids ------------------------------------------------------------------------------
 

@@ -209,6 +209,7 @@ def varlen_attention(backend, q, k, v, cu_seqlens, max_seqlen, seqlens, cls_only
 ONEDNN_FUSED = "onednn_fused"  # torch.ops.mkldnn._linear_pointwise (CPU): the op torch.compile's CPU backend emits
 ATEN_LINEAR = "aten"           # F.linear, then F.gelu / + as separate ops (any device)
 ONEDNN_INT8 = "onednn_int8"    # torch.ops.onednn.qlinear_pointwise (CPU): int8 weights and activations (quantization.py)
+SCALED_MM_FP8 = "scaled_mm_fp8"  # torch._scaled_mm (Hopper/Ada GPUs): e4m3 weights and activations (fp8.py)
 
 
 def _onednn_linear_works(dtype: torch.dtype) -> bool:
@@ -288,9 +289,12 @@ def linear(kernel: str, x: torch.Tensor, layer: nn.Linear, activation: str | Non
     """layer(x), then GELU (`activation` "none" = erf or "tanh") or `+ residual`: (n, in) -> (n, out).
 
     `rows` takes a slice of the layer's output features (e.g. only keys and values of a fused Wqkv);
-    `packed` supplies oneDNN's blocked weights (ONEDNN_FUSED), or the int8 layers (ONEDNN_INT8: an
-    `Int8Weights`, whose float32 `fp32` serves the layers kept in float32).
+    `packed` supplies oneDNN's blocked weights (ONEDNN_FUSED), the int8 layers (ONEDNN_INT8: an
+    `Int8Weights`, whose float32 `fp32` serves the layers kept in float32), or the float8 layers
+    (SCALED_MM_FP8: an `fp8.Fp8Weights`).
     """
+    if kernel == SCALED_MM_FP8:
+        return packed.get(layer, rows)(x, activation, residual)
     if kernel == ONEDNN_INT8:
         quantized = packed.get(layer, rows)
         if quantized is not None:
@@ -450,7 +454,7 @@ class CrossEncoderModel(nn.Module):
         seqlens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
         kernel = self.linear_kernel or select_linear_kernel(param.device, param.dtype)
         packed = _PackedView(cu_seqlens, max_seqlen, seqlens, cu_seqlens[:-1].long(), backend, kernel,
-                             self.packed_weights if kernel in (ONEDNN_FUSED, ONEDNN_INT8) else None)
+                             self.packed_weights if kernel in (ONEDNN_FUSED, ONEDNN_INT8, SCALED_MM_FP8) else None)
 
         position_ids = packed_position_ids(cu_seqlens, input_ids.numel(), self.config.position_offset)
         hidden = self.emb_ln(self.embeddings(input_ids, position_ids, token_type_ids))  # (total_tokens, hidden)

@@ -310,7 +310,11 @@ def test_gpu_check_dry_run_on_cpu(tiny_checkpoint, shared_data, tmp_path):
     result = json.loads(output.read_text())
     assert code == 0, result["errors"]
     assert result["parity"]["bf16_ok"] and result["parity"]["fp32_ok"]
-    assert {r["contender"] for r in result["runs"]} == {"st-default", "st-fp16", "hf-padded-fp16", "engine"}
+    assert {r["contender"] for r in result["runs"]} == {"st-default", "st-fp16", "hf-padded-fp16", "engine",
+                                                        "engine-fp8"}
+    fp8 = result["fp8_fidelity"]  # the CPU runs float8 as a reference: the figures exist, and they are honest
+    assert fp8["baseline"] == "float32" and fp8["pairs"] == 12
+    assert 0 < fp8["max_abs_dlogit"] and -1 <= fp8["spearman"] <= 1
     assert {r["workload"] for r in result["runs"]} == {"dl19", "long"}
     assert result["scorer_stage"]["ran"] and result["scorer_stage"]["equal_to_score_tokens"]
     assert result["invariance"]["pairs"] == 6

@@ -530,3 +530,11 @@ def test_int8_is_refused_before_work_where_gpus_would_take_the_scorers():
     lines = result.stdout.splitlines()
     assert [line.split(":")[0] for line in lines] == ["refused", "refused", "cpu scorers accepted"], lines
     assert "set scorer.device=cpu" in lines[0]
+
+
+def test_float8_is_refused_before_work_where_the_scorers_run_on_cpu(ray_local, small_input, tmp_path, capsys):
+    code, err = run_inline(capsys, "--input", str(small_input), "--output", str(tmp_path / "out"), "--model",
+                           "dummy:tiny", "--dtype", "float8")
+    assert code == 2
+    assert_one_error_line(err, "dtype float8 runs on GPU scorers", "use dtype auto")
+    assert not (tmp_path / "out" / "ranked").exists()
