@@ -219,12 +219,12 @@ def test_int8_is_accepted_and_never_the_default():
 
 
 def test_unknown_dtype_errors_list_int8():
-    with pytest.raises(CheckpointError, match=r"unknown dtype 'float8'.*int8"):
-        resolve_dtype("float8", CPU)
-    with pytest.raises(ConfigError, match="int8"):
-        base_parser("python -m jobs.rerank", "rerank").parse_args(["--model", "m", "--dtype", "float8"])
-    with pytest.raises(Exception, match="int8"):
-        RerankConfig(dtype="float8")
+    with pytest.raises(CheckpointError, match=r"unknown dtype 'int4'.*int8.*float8"):
+        resolve_dtype("int4", CPU)
+    with pytest.raises(ConfigError, match="int8.*float8"):
+        base_parser("python -m jobs.rerank", "rerank").parse_args(["--model", "m", "--dtype", "int4"])
+    with pytest.raises(Exception, match="int8.*float8"):
+        RerankConfig(dtype="int4")
 
 
 def test_int8_refused_off_cpu_and_options_need_int8(checkpoints):
