@@ -169,9 +169,9 @@ def test_garbage_safetensors_is_one_line_before_work(small_input, tmp_path, caps
 
 
 def test_a_bad_dtype_is_the_same_one_line_as_a_bad_config_value(capsys):
-    code, err = run_inline(capsys, "--input", "x.parquet", "--output", "out", "--dtype", "float8")
+    code, err = run_inline(capsys, "--input", "x.parquet", "--output", "out", "--dtype", "int4")
     assert code == 2
-    assert_one_error_line(err, "--dtype", "float8", "--help")
+    assert_one_error_line(err, "--dtype", "int4", "--help")
     assert "usage:" not in err
 
 
