@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.model.quantization import encoder_linears
+
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448
 ROW_MULTIPLE = 16
@@ -72,8 +74,6 @@ class Fp8Weights:
     quantized at load from the model's weights in the compute dtype."""
 
     def __init__(self, model: nn.Module):
-        from pipeline.model.quantization import encoder_linears
-
         self.names = {id(module): name for name, module in encoder_linears(model).items()}
         self._cache: dict[tuple, Fp8Linear] = {}
         for module in encoder_linears(model).values():  # quantize at load, not on the first batch
