@@ -31,3 +31,20 @@ def test_the_engine_names_still_load_from_the_package():
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["pipeline.model.cross_encoder", "pipeline.model.model_config", "Int8Options",
                                      "True"]
+
+
+def test_loading_and_scoring_do_not_import_torch_dynamo(tmp_path):
+    """Building the model on the meta device skips its random initialisation: on meta, torch.nn.init runs
+    through torch._refs, whose first call imports torch._dynamo (seconds of every scorer actor's start)."""
+    from pipeline.model.dummy import ARCHITECTURES, build_checkpoint
+
+    directory = build_checkpoint(str(tmp_path / "tiny"), ARCHITECTURES["tiny"])
+    code = ("import sys; from pipeline.model import CrossEncoder; "
+            f"m = CrossEncoder.from_pretrained({directory!r}); s = m.compute_score([('q', 'a passage')] * 3); "
+            "assert len(s) == 3 and s[0] == s[2]; "
+            "print(sorted(n for n in m.model.state_dict() if 'embeddings' in n)[:1], "
+            "next(m.model.parameters()).device, 'torch._dynamo' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    # The weights are the checkpoint's, on the CPU (not left on meta), and dynamo was never imported.
+    assert result.stdout.split()[-2:] == ["cpu", "False"]
