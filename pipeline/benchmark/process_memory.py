@@ -43,9 +43,20 @@ def _pss_kb(pid: int) -> int | None:
         return None
 
 
-def tree_memory_mb(root: int, with_pss: bool = True) -> dict:
+def process_name(pid: int) -> str | None:
+    """What a process calls itself: its command line (Ray's workers and actors retitle theirs, e.g.
+    `ray::MapWorker(MapBatches(ScoreStage))`), at most 100 characters."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:100] or None
+    except OSError:
+        return None
+
+
+def tree_memory_mb(root: int, with_pss: bool = True, per_process: dict | None = None) -> dict:
     """{"rss_mb", "pss_mb", "processes"} of `root`'s tree, now. `pss_mb` is None when not asked for or when
-    a live process of the tree had no readable smaps_rollup (a partial sum would look like a real one)."""
+    a live process of the tree had no readable smaps_rollup (a partial sum would look like a real one).
+    `per_process`, if given, receives {pid: PSS in MB} for every process whose PSS was read."""
     page_kb = os.sysconf("SC_PAGE_SIZE") / 1024
     rss_kb, pss_kb, count = 0.0, 0 if with_pss else None, 0
     for pid in tree_pids(root):
@@ -57,6 +68,8 @@ def tree_memory_mb(root: int, with_pss: bool = True) -> dict:
         if pss_kb is not None:
             pss = _pss_kb(pid)
             pss_kb = None if pss is None else pss_kb + pss
+            if pss is not None and per_process is not None:
+                per_process[pid] = pss / 1024
     return {"rss_mb": rss_kb / 1024, "pss_mb": None if pss_kb is None else pss_kb / 1024, "processes": count}
 
 
@@ -65,6 +78,8 @@ class ProcessTreeMemory:
 
     `peak_rss_mb` / `peak_pss_mb`: the largest sums seen; `timeline`: [(seconds since start, rss_mb,
     pss_mb, processes)], every sample, for plotting memory against progress. `root` defaults to this process.
+    `processes`: {pid: {"name", "first_s", "first_mb", "last_s", "last_mb", "peak_mb"}}, each process's own PSS
+    when first and last seen and at its peak (with PSS only), to tell which process a sum's growth is in.
     """
 
     def __init__(self, root: int | None = None, interval: float = 0.25, with_pss: bool = True):
@@ -72,18 +87,33 @@ class ProcessTreeMemory:
         self.interval, self.with_pss = interval, with_pss
         self.peak_rss_mb, self.peak_pss_mb = 0.0, None
         self.timeline: list[tuple[float, float, float | None, int]] = []
+        self.processes: dict[int, dict] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._start = 0.0
 
     def sample(self) -> dict:
-        now = tree_memory_mb(self.root, self.with_pss)
+        pss_of: dict[int, float] = {}
+        now = tree_memory_mb(self.root, self.with_pss, pss_of if self.with_pss else None)
+        seconds = round(time.monotonic() - self._start, 2)
+        for pid, mb in pss_of.items():
+            seen = self.processes.get(pid)
+            if seen is None:  # a new process (a pid reused by another later is another name, kept apart)
+                seen = self.processes[pid] = {"name": process_name(pid), "first_s": seconds, "first_mb": round(mb, 1),
+                                              "peak_mb": 0.0}
+            seen.update(last_s=seconds, last_mb=round(mb, 1), peak_mb=max(seen["peak_mb"], round(mb, 1)))
         self.peak_rss_mb = max(self.peak_rss_mb, now["rss_mb"])
         if now["pss_mb"] is not None:
             self.peak_pss_mb = max(self.peak_pss_mb or 0.0, now["pss_mb"])
-        self.timeline.append((round(time.monotonic() - self._start, 2), round(now["rss_mb"], 1),
+        self.timeline.append((seconds, round(now["rss_mb"], 1),
                               None if now["pss_mb"] is None else round(now["pss_mb"], 1), now["processes"]))
         return now
+
+    def growth(self, top: int = 8) -> list[dict]:
+        """The `top` processes whose own PSS grew most from when first seen to when last seen, largest first."""
+        grown = [{"pid": pid, **p, "growth_mb": round(p["last_mb"] - p["first_mb"], 1)}
+                 for pid, p in self.processes.items()]
+        return sorted(grown, key=lambda p: -p["growth_mb"])[:top]
 
     def elapsed(self) -> float:
         """Seconds since sampling started, on the timeline's clock."""

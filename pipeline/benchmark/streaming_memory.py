@@ -252,6 +252,8 @@ def run_size(n_pairs: int, model: str, work_dir: str, overrides: list[str], data
         # The peak so far each time the job reported progress: does memory keep growing as pairs go by?
         "running_peak": _running_peaks(tree.timeline, progress),
         "timeline": _downsample(tree.timeline, 400),
+        # Which processes' own PSS grew most over the run (a sum that climbs is one process that keeps something).
+        "growth_by_process": tree.growth(),
     }
 
 
@@ -339,6 +341,14 @@ def markdown(report: dict) -> str:
     if driver["limit_mb"] is not None:
         lines += [f"Driver's peak at {flat['largest']:,} pairs under {driver['limit_mb']:.0f} MB: "
                   f"{'met' if driver['under_limit'] else 'not met'} ({driver['largest_mb']:.0f} MB)."]
+    largest = report["runs"][-1]
+    if largest.get("growth_by_process"):
+        lines += ["", f"Processes whose own PSS grew most during the {largest['n_pairs']:,}-pair run:", "",
+                  "| process | seen (s) | PSS first seen (MB) | PSS last seen (MB) | growth (MB) | peak (MB) |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for p in largest["growth_by_process"]:
+            lines.append(f"| `{p['name'] or p['pid']}` | {p['first_s']:.0f}-{p['last_s']:.0f} | {p['first_mb']:.0f} | "
+                         f"{p['last_mb']:.0f} | {p['growth_mb']:+.0f} | {p['peak_mb']:.0f} |")
     m = report["machine"]
     lines += ["", f"Job: {report['job']}; model: {report['model']}; settings: "
                   f"{', '.join(report['overrides']) or 'defaults'}; machine: {m['cpu']}, {m['cores']} cores, "

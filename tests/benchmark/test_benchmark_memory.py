@@ -54,6 +54,14 @@ def test_the_tree_sampler_counts_a_child_process():
     assert min(vm_rss_before, vm_rss_after) <= alone["rss_mb"] <= max(vm_rss_before, vm_rss_after)
     assert whole["processes"] >= 2 and whole["rss_mb"] > alone["rss_mb"]
     assert tree.peak_rss_mb >= alone["rss_mb"] and tree.timeline[-1][3] >= 2
+    # Each process's own PSS is kept apart, named by its command line: the child is the one holding 200 MiB.
+    child_seen = tree.processes[child.pid]
+    assert child_seen["name"].startswith(sys.executable) and "bytearray" in child_seen["name"]
+    assert 200 <= child_seen["first_mb"] <= child_seen["peak_mb"] and child_seen["peak_mb"] >= child_seen["last_mb"]
+    assert os.getpid() in tree.processes
+    grown = tree.growth(top=1)
+    assert len(grown) == 1 and grown[0]["growth_mb"] == max(round(p["last_mb"] - p["first_mb"], 1)
+                                                           for p in tree.processes.values())
 
 
 def test_downsample_keeps_the_peak_and_the_end():
@@ -165,6 +173,12 @@ def test_the_job_reports_every_size(tiny_model, shared_data, tmp_path):
         assert max(p[2] for p in r["timeline"] if p[2] is not None) == pytest.approx(r["peak_pss_mb"], abs=0.05)
         assert max(p[1] for p in r["timeline"]) <= r["peak_rss_sum_mb"] + 0.05
         assert max(p[1] for p in r["timeline"]) == pytest.approx(r["peak_rss_sum_mb"], abs=0.05) or not whole_timeline
+        # The processes that grew most, largest growth first, each growth its own last minus first PSS.
+        growth = r["growth_by_process"]
+        assert 1 <= len(growth) <= 8 and [p["growth_mb"] for p in growth] == sorted((p["growth_mb"] for p in growth),
+                                                                                   reverse=True)
+        assert all(p["growth_mb"] == round(p["last_mb"] - p["first_mb"], 1) and p["first_s"] <= p["last_s"]
+                   for p in growth)
     # The job's progress lines were followed: pairs only go up, to all of them; the peak so far never falls.
     progress = runs[1]["running_peak"]
     pairs = [p["pairs"] for p in progress]
@@ -186,6 +200,7 @@ def test_the_job_reports_every_size(tiny_model, shared_data, tmp_path):
     assert within["met"] == (within["ratio"] <= flat["goal"])
     table = output.with_suffix(".md").read_text()
     assert "| 2,000 |" in table and "| 6,000 |" in table and "--pairs 6000,2000" in table
+    assert "grew most during the 6,000-pair run" in table
     assert f"{across['ratio']:.2f}x" in table and f"{within['ratio']:.2f}x" in table
 
 
