@@ -44,13 +44,30 @@ def _pss_kb(pid: int) -> int | None:
 
 
 def process_name(pid: int) -> str | None:
-    """What a process calls itself: its command line (Ray's workers and actors retitle theirs, e.g.
-    `ray::MapWorker(MapBatches(ScoreStage))`), at most 100 characters."""
+    """What a process is, shortly: Ray's workers and actors retitle themselves (`ray::ScoreCounter`,
+    `ray::MapWorker(MapBatches(ScoreStage))`), kept as they are; a Python process is `python -m module`,
+    `python -c` or `python script.py`; anything else its program's name (`raylet`, `gcs_server`). None once it has ended."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:100] or None
+            argv = f.read().decode(errors="replace").split("\0")
     except OSError:
         return None
+    argv = [a for a in argv if a]
+    if not argv:
+        return None
+    if argv[0].startswith("ray::"):
+        return " ".join(argv)[:80]
+    program = os.path.basename(argv[0])
+    if program.startswith("python"):
+        rest = argv[1:]
+        while rest and rest[0].startswith("-") and rest[0] not in ("-m", "-c"):
+            rest = rest[1:]
+        if rest[:1] == ["-m"] and len(rest) > 1:
+            return f"python -m {rest[1]}"
+        if rest[:1] == ["-c"]:
+            return "python -c"
+        return f"python {os.path.basename(rest[0])}" if rest else "python"
+    return program
 
 
 def tree_memory_mb(root: int, with_pss: bool = True, per_process: dict | None = None) -> dict:
@@ -78,8 +95,8 @@ class ProcessTreeMemory:
 
     `peak_rss_mb` / `peak_pss_mb`: the largest sums seen; `timeline`: [(seconds since start, rss_mb,
     pss_mb, processes)], every sample, for plotting memory against progress. `root` defaults to this process.
-    `processes`: {pid: {"name", "first_s", "first_mb", "last_s", "last_mb", "peak_mb"}}, each process's own PSS
-    when first and last seen and at its peak (with PSS only), to tell which process a sum's growth is in.
+    `processes`: {pid: {"name", "samples": [(seconds, PSS MB)]}}, each process's own PSS at every sample (with
+    PSS only), to tell which process a sum's growth is in (`growth`).
     """
 
     def __init__(self, root: int | None = None, interval: float = 0.25, with_pss: bool = True):
@@ -97,11 +114,10 @@ class ProcessTreeMemory:
         now = tree_memory_mb(self.root, self.with_pss, pss_of if self.with_pss else None)
         seconds = round(time.monotonic() - self._start, 2)
         for pid, mb in pss_of.items():
-            seen = self.processes.get(pid)
-            if seen is None:  # a new process (a pid reused by another later is another name, kept apart)
-                seen = self.processes[pid] = {"name": process_name(pid), "first_s": seconds, "first_mb": round(mb, 1),
-                                              "peak_mb": 0.0}
-            seen.update(last_s=seconds, last_mb=round(mb, 1), peak_mb=max(seen["peak_mb"], round(mb, 1)))
+            seen = self.processes.setdefault(pid, {"name": None, "samples": []})
+            if seen["name"] is None or not seen["name"].startswith("ray::"):  # a Ray worker retitles itself once started
+                seen["name"] = process_name(pid) or seen["name"]
+            seen["samples"].append((seconds, round(mb, 1)))
         self.peak_rss_mb = max(self.peak_rss_mb, now["rss_mb"])
         if now["pss_mb"] is not None:
             self.peak_pss_mb = max(self.peak_pss_mb or 0.0, now["pss_mb"])
@@ -109,11 +125,19 @@ class ProcessTreeMemory:
                               None if now["pss_mb"] is None else round(now["pss_mb"], 1), now["processes"]))
         return now
 
-    def growth(self, top: int = 8) -> list[dict]:
-        """The `top` processes whose own PSS grew most from when first seen to when last seen, largest first."""
-        grown = [{"pid": pid, **p, "growth_mb": round(p["last_mb"] - p["first_mb"], 1)}
-                 for pid, p in self.processes.items()]
-        return sorted(grown, key=lambda p: -p["growth_mb"])[:top]
+    def growth(self, since_s: float = 0.0, top: int = 8) -> list[dict]:
+        """The `top` processes whose own PSS grew most from `since_s` (or from when they were first seen, if
+        later; start-up is then part of their growth) to when they were last seen, largest growth first:
+        [{"pid", "name", "from_s", "to_s", "from_mb", "to_mb", "growth_mb", "peak_mb"}]."""
+        grown = []
+        for pid, p in self.processes.items():
+            base = next(((t, mb) for t, mb in p["samples"] if t >= since_s), None)
+            if base is None:  # ended before `since_s`
+                continue
+            (t0, mb0), (t1, mb1) = base, p["samples"][-1]
+            grown.append({"pid": pid, "name": p["name"], "from_s": t0, "to_s": t1, "from_mb": mb0, "to_mb": mb1,
+                          "growth_mb": round(mb1 - mb0, 1), "peak_mb": max(mb for _, mb in p["samples"])})
+        return sorted(grown, key=lambda g: -g["growth_mb"])[:top]
 
     def elapsed(self) -> float:
         """Seconds since sampling started, on the timeline's clock."""

@@ -240,6 +240,7 @@ def run_size(n_pairs: int, model: str, work_dir: str, overrides: list[str], data
     with open(driver_report) as f:
         driver = json.load(f)
     max_processes = max((s[3] for s in tree.timeline), default=0)
+    since_s = next((t for t, pairs, _ in progress if pairs >= n_pairs / 10), 0.0)
     if max_processes < MIN_JOB_PROCESSES:
         raise RuntimeError(f"only {max_processes} processes seen under the job's driver: its Ray ran elsewhere, "
                            "so its memory was not measured; unset RAY_ADDRESS and ray_address")
@@ -252,8 +253,10 @@ def run_size(n_pairs: int, model: str, work_dir: str, overrides: list[str], data
         # The peak so far each time the job reported progress: does memory keep growing as pairs go by?
         "running_peak": _running_peaks(tree.timeline, progress),
         "timeline": _downsample(tree.timeline, 400),
-        # Which processes' own PSS grew most over the run (a sum that climbs is one process that keeps something).
-        "growth_by_process": tree.growth(),
+        # Which processes' own PSS grew most once a tenth of the pairs were scored (start-up left out): a sum
+        # that keeps climbing is some process keeping something.
+        "growth_since_s": since_s,
+        "growth_by_process": tree.growth(since_s),
     }
 
 
@@ -343,12 +346,14 @@ def markdown(report: dict) -> str:
                   f"{'met' if driver['under_limit'] else 'not met'} ({driver['largest_mb']:.0f} MB)."]
     largest = report["runs"][-1]
     if largest.get("growth_by_process"):
-        lines += ["", f"Processes whose own PSS grew most during the {largest['n_pairs']:,}-pair run:", "",
-                  "| process | seen (s) | PSS first seen (MB) | PSS last seen (MB) | growth (MB) | peak (MB) |",
-                  "|---|---:|---:|---:|---:|---:|"]
+        lines += ["", f"Processes whose own PSS grew most during the {largest['n_pairs']:,}-pair run, from when a tenth "
+                      f"of its pairs were scored ({largest['growth_since_s']:.0f} s; a process started later: from its "
+                      "start) to when last seen:", "",
+                  "| process | pid | from-to (s) | PSS then (MB) | PSS last (MB) | growth (MB) | peak (MB) |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
         for p in largest["growth_by_process"]:
-            lines.append(f"| `{p['name'] or p['pid']}` | {p['first_s']:.0f}-{p['last_s']:.0f} | {p['first_mb']:.0f} | "
-                         f"{p['last_mb']:.0f} | {p['growth_mb']:+.0f} | {p['peak_mb']:.0f} |")
+            lines.append(f"| `{p['name']}` | {p['pid']} | {p['from_s']:.0f}-{p['to_s']:.0f} | {p['from_mb']:.0f} | "
+                         f"{p['to_mb']:.0f} | {p['growth_mb']:+.0f} | {p['peak_mb']:.0f} |")
     m = report["machine"]
     lines += ["", f"Job: {report['job']}; model: {report['model']}; settings: "
                   f"{', '.join(report['overrides']) or 'defaults'}; machine: {m['cpu']}, {m['cores']} cores, "

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import replace
 
 import pyarrow.compute as pc
@@ -54,14 +55,34 @@ def test_the_tree_sampler_counts_a_child_process():
     assert min(vm_rss_before, vm_rss_after) <= alone["rss_mb"] <= max(vm_rss_before, vm_rss_after)
     assert whole["processes"] >= 2 and whole["rss_mb"] > alone["rss_mb"]
     assert tree.peak_rss_mb >= alone["rss_mb"] and tree.timeline[-1][3] >= 2
-    # Each process's own PSS is kept apart, named by its command line: the child is the one holding 200 MiB.
+    # Each process's own PSS is kept apart, named by what it runs: the child is the one holding 200 MiB.
     child_seen = tree.processes[child.pid]
-    assert child_seen["name"].startswith(sys.executable) and "bytearray" in child_seen["name"]
-    assert 200 <= child_seen["first_mb"] <= child_seen["peak_mb"] and child_seen["peak_mb"] >= child_seen["last_mb"]
+    assert child_seen["name"] == "python -c" and min(mb for _, mb in child_seen["samples"]) >= 200
     assert os.getpid() in tree.processes
     grown = tree.growth(top=1)
-    assert len(grown) == 1 and grown[0]["growth_mb"] == max(round(p["last_mb"] - p["first_mb"], 1)
+    assert len(grown) == 1 and grown[0]["growth_mb"] == max(round(p["samples"][-1][1] - p["samples"][0][1], 1)
                                                            for p in tree.processes.values())
+    assert tree.growth(since_s=1e9) == []  # nothing was seen after then
+
+
+def test_processes_are_named_by_what_they_run():
+    from pipeline.benchmark.process_memory import process_name
+
+    module = subprocess.Popen([sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1"],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    program = subprocess.Popen(["sleep", "30"])
+    try:
+        assert module.stdout.readline().startswith(b"Serving HTTP")  # started (its exec long done)
+        assert process_name(module.pid) == "python -m http.server"
+        deadline = time.time() + 10
+        while process_name(program.pid) != "sleep" and time.time() < deadline:  # until its exec is done
+            time.sleep(0.05)
+        assert process_name(program.pid) == "sleep"
+    finally:
+        for p in (module, program):
+            p.kill()
+            p.wait()
+    assert process_name(program.pid) is None  # ended (and reaped)
 
 
 def test_downsample_keeps_the_peak_and_the_end():
@@ -177,8 +198,12 @@ def test_the_job_reports_every_size(tiny_model, shared_data, tmp_path):
         growth = r["growth_by_process"]
         assert 1 <= len(growth) <= 8 and [p["growth_mb"] for p in growth] == sorted((p["growth_mb"] for p in growth),
                                                                                    reverse=True)
-        assert all(p["growth_mb"] == round(p["last_mb"] - p["first_mb"], 1) and p["first_s"] <= p["last_s"]
+        assert all(p["growth_mb"] == round(p["to_mb"] - p["from_mb"], 1) and p["from_s"] <= p["to_s"]
+                   and p["from_s"] >= r["growth_since_s"] and p["peak_mb"] >= max(p["from_mb"], p["to_mb"])
                    for p in growth)
+        # A tenth of the pairs were scored by then, as the job's own progress lines said.
+        assert r["growth_since_s"] == next(p["seconds"] for p in r["running_peak"] if p["pairs"] >= r["n_pairs"] / 10)
+        assert any(p["name"] == "ray::MapWorker(MapBatches(ScoreStage))" for p in growth) or len(growth) == 8
     # The job's progress lines were followed: pairs only go up, to all of them; the peak so far never falls.
     progress = runs[1]["running_peak"]
     pairs = [p["pairs"] for p in progress]
