@@ -58,3 +58,27 @@ def test_pair_alone_equals_pair_in_mixed_batch(checkpoints, dl19_pairs):
             assert abs(alone - together[i]) <= 1e-5
         assert np.abs(together - small_budget).max() <= 1e-5
         assert len(set(np.round(together, 4))) > 10  # the pairs really score differently
+
+
+def test_gemm_rows_are_rounded_up_with_zero_rows_that_change_no_score(checkpoints, dl19_pairs, monkeypatch):
+    """The packed token rows go through the GEMMs in multiples of GEMM_ROWS_MULTIPLE (few shapes, so few
+    oneDNN primitives); the rows added are zeros past the last sequence and change no score."""
+    from pipeline.model import modeling
+
+    hidden = torch.randn(130, 8)
+    padded = modeling._pad_rows(hidden, 64)
+    assert padded.shape == (192, 8) and torch.equal(padded[:130], hidden) and not padded[130:].any()
+    assert modeling._pad_rows(hidden[:128], 64).shape == (128, 8)  # already a multiple: unchanged
+
+    ce = CrossEncoder.from_pretrained(checkpoints["jina_flash"], device="cpu", dtype="float32")
+    rows = []  # the rows the first layer's attention block gets, per micro-batch
+    ce.model.layers[0].mixer.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    pairs = dl19_pairs[:23]
+    rounded = np.asarray(ce.compute_score(pairs, max_length=256, return_logits=True))
+    monkeypatch.setattr(modeling, "GEMM_ROWS_MULTIPLE", 1)
+    exact = np.asarray(ce.compute_score(pairs, max_length=256, return_logits=True))
+    assert np.abs(rounded - exact).max() <= 1e-5 and len(set(np.round(exact, 4))) > 5
+    tokens = sum(len(ids) for ids in ce.tokenizer.encode_pairs([q for q, _ in pairs], [d for _, d in pairs], 256)[0])
+    fused = modeling.select_linear_kernel(torch.device("cpu"), torch.float32) == modeling.ONEDNN_FUSED
+    # One micro-batch each time: rounded up to a multiple of 64 with oneDNN's fused GEMMs, then exact.
+    assert rows == [-(-tokens // 64) * 64 if fused else tokens, tokens]
