@@ -115,7 +115,9 @@ class ProcessTreeMemory:
         seconds = round(time.monotonic() - self._start, 2)
         for pid, mb in pss_of.items():
             seen = self.processes.setdefault(pid, {"name": None, "samples": []})
-            if seen["name"] is None or not seen["name"].startswith("ray::"):  # a Ray worker retitles itself once started
+            # A Ray worker retitles itself once it runs an actor (ray::MapWorker(...)), and again when it is done
+            # (ray::IDLE): the actor's name is the one kept.
+            if seen["name"] is None or not seen["name"].startswith("ray::") or seen["name"] == "ray::IDLE":
                 seen["name"] = process_name(pid) or seen["name"]
             seen["samples"].append((seconds, round(mb, 1)))
         self.peak_rss_mb = max(self.peak_rss_mb, now["rss_mb"])
