@@ -42,9 +42,8 @@ def test_loading_and_scoring_do_not_import_torch_dynamo(tmp_path):
     code = ("import sys; from pipeline.model import CrossEncoder; "
             f"m = CrossEncoder.from_pretrained({directory!r}); s = m.compute_score([('q', 'a passage')] * 3); "
             "assert len(s) == 3 and abs(s[0] - s[2]) < 1e-5; "
-            "print(sorted(n for n in m.model.state_dict() if 'embeddings' in n)[:1], "
-            "next(m.model.parameters()).device, 'torch._dynamo' in sys.modules)")
+            "print(next(m.model.parameters()).device, 'torch._dynamo' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     # The weights are the checkpoint's, on the CPU (not left on meta), and dynamo was never imported.
-    assert result.stdout.split()[-2:] == ["cpu", "False"]
+    assert result.stdout.split() == ["cpu", "False"]

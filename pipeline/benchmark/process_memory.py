@@ -111,7 +111,7 @@ class ProcessTreeMemory:
 
     def sample(self) -> dict:
         pss_of: dict[int, float] = {}
-        now = tree_memory_mb(self.root, self.with_pss, pss_of if self.with_pss else None)
+        now = tree_memory_mb(self.root, self.with_pss, pss_of)  # pss_of stays empty without PSS
         seconds = round(time.monotonic() - self._start, 2)
         for pid, mb in pss_of.items():
             seen = self.processes.setdefault(pid, {"name": None, "samples": []})
