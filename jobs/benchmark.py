@@ -2,7 +2,7 @@
 and our engine, same weights, same data.
 
     python -m jobs.benchmark [--workloads dl19,long,multilingual] [--models jina-reranker-v2-base,bge-reranker-v2-m3]
-                             [--contenders st-default,st-best,hf-padded,hf-sorted,engine] [--n-pairs N]
+                             [--contenders st-default,st-best,hf-padded,hf-sorted,engine] [--n-pairs N] [--rounds R]
                              [--output results/benchmark-cpu.json] [--config FILE] [--set key=value ...]
 
     # the CPU runtimes (not in the default run; ~10 minutes per model on 2 cores):
@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "always runs)")
     parser.add_argument("--n-pairs", type=int, default=None,
                         help="pairs per workload for every workload (float32 contenders score a fraction of them)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="sweeps over the contenders; rows keep the fastest (default 1; 2-3 on a shared VM)")
     parser.add_argument("--output", default="results/benchmark-cpu.json", help="JSON report (local path or s3://...)")
     parser.add_argument("--config", default=None, help="YAML config file (keys: pipeline/benchmark/config.py)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -62,7 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     explicit = {key: value for key, value in (("workloads", args.workloads), ("models", args.models),
-                                              ("contenders", args.contenders)) if value is not None}
+                                              ("contenders", args.contenders), ("rounds", args.rounds))
+                if value is not None}
     config = load_config(BenchmarkConfig, args.config, args.overrides, **explicit)
     if args.n_pairs is not None:
         config.n_pairs = {w: args.n_pairs for w in config.workloads}

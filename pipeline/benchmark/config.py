@@ -52,6 +52,9 @@ class BenchmarkConfig(StrictModel):
     max_tokens_per_batch: int | None = Field(None, ge=1)
     # `--set` overrides for the ray-job contender (the job's own defaults otherwise), e.g. scorer.torch_threads=2.
     ray_job_overrides: list[str] = Field(default_factory=list)
+    # Sweeps over the contenders; each row reports its fastest sweep and every sweep's pairs/s (runner.py says
+    # why sweeps). 1 on a quiet machine; 2-3 on a shared VM, where the figures drift over minutes.
+    rounds: int = Field(1, ge=1)
     # Seconds each GEMM shape is timed for the peak FLOP/s (measured before and after the contenders).
     peak_seconds_per_shape: float = Field(0.5, gt=0.0)
     # Per worker process (one contender, one model, every workload); a worker past it is an error.

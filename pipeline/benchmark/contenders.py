@@ -11,15 +11,19 @@ everyone, model loading for no one but the Ray job (which loads the model in its
 | `st-best`       | the same in bfloat16, batch size tuned on the workload (best of `tune_batch_sizes`)      | bfloat16 |
 | `hf-padded`     | transformers `AutoModelForSequenceClassification`, padded batches in input order         | bfloat16 |
 | `hf-sorted`     | the same, pairs sorted by token length first (FlagEmbedding's reranker does this)         | bfloat16 |
-| `engine`        | ours, in process: `CrossEncoder.from_pretrained(dir).compute_score(pairs)`               | bfloat16 |
+| `engine`        | ours, in process: `CrossEncoder.from_pretrained(dir).compute_score(pairs)`               | auto     |
 | `engine-fp32`   | ours in float32 (to compare with `st-default` at equal precision)                        | float32  |
-| `ray-job`       | the whole Ray rerank job (`pipeline.rerank_api.rerank`), Parquet in -> Parquet out        | bfloat16 |
+| `ray-job`       | the whole Ray rerank job (`pipeline.rerank_api.rerank`), Parquet in -> Parquet out        | auto     |
 | `hf-fp32`       | transformers length-sorted in float32: the fidelity reference of every row (see runner)   | float32  |
 | `ort-fp32`      | ONNX Runtime (CPUExecutionProvider) on a `torch.onnx.export` of the model, length-sorted  | float32  |
 | `ort-int8`      | the same export, `quantize_dynamic` per-channel QInt8 weights                             | int8     |
 | `ov-fp32`       | OpenVINO (`convert_model` from torch), INFERENCE_PRECISION_HINT f32, length-sorted        | float32  |
 | `ov-default`    | the same, the plugin's own precision (bf16 where the CPU has it)                          | default  |
 | `ov-int8`       | the same, static int8 by `nncf.quantize` calibrated on other pairs of the workload         | int8     |
+
+`auto` is what the job runs by default: bfloat16 on GPUs and on CPUs with bf16 matrix units (AMX, AVX512-BF16),
+float32 elsewhere (AVX2-only CPUs emulate bf16, several times slower than float32); the row names the dtype
+it resolved to.
 
 ONNX Runtime and OpenVINO are optional (the `dev` extra installs them); where one is missing or fails, its
 rows say `skipped: <reason>` (`onnx_runtime.py`, `openvino.py`, `exported.py`).
@@ -175,7 +179,7 @@ class EngineContender:
         self.model = CrossEncoder.from_pretrained(directory, device=device, dtype=dtype)
         self.max_length = max_length
         self.max_tokens_per_batch = max_tokens_per_batch
-        self.dtype = dtype
+        self.dtype = str(self.model.dtype).replace("torch.", "")  # `auto` resolved: what the rows' MFU divides by
         self.processed = 0
         self.model.model.register_forward_pre_hook(self._hook)
 
@@ -207,7 +211,10 @@ class RayJobContender:
 
     def __init__(self, directory: str, max_length: int, dtype: str, device: str = "cpu",
                  overrides: Sequence[str] = ()):
-        self.directory, self.max_length, self.dtype, self.device = directory, max_length, dtype, device
+        from pipeline.model.cross_encoder import resolve_device, resolve_dtype
+
+        self.directory, self.max_length, self.device = directory, max_length, device
+        self.dtype = str(resolve_dtype(dtype, resolve_device(device))).replace("torch.", "")  # what the job resolves
         self.overrides = list(overrides)
 
     def score(self, pairs: Pairs, batch_size: int | None = None) -> Scored:
@@ -284,13 +291,15 @@ CONTENDERS: dict[str, Contender] = {c.name: c for c in [
               "transformers", "bfloat16"),
     Contender("hf-sorted", "transformers AutoModelForSequenceClassification, length-sorted batches (FlagEmbedding)",
               "transformers", "bfloat16", length_sorted=True),
-    Contender("engine", "our engine, compute_score in process (packed, token-budget micro-batches)", "engine",
-              "bfloat16"),
+    # dtype auto, as the job runs it: bf16 where the CPU has bf16 matrix units, fp32 on AVX2-only CPUs (where
+    # bf16 is emulated, several times slower than fp32); `engine-fp32` / `--set` pin it.
+    Contender("engine", "our engine, compute_score in process (packed, token-budget micro-batches), dtype auto",
+              "engine", "auto"),
     Contender("engine-fp32", "our engine in float32", "engine", "float32"),
     Contender("engine-int8", "our engine with int8 Linear layers (oneDNN; weights per channel, activations per "
               "token, SmoothQuant), the rest float32", "engine", "int8"),
-    Contender("ray-job", "the whole Ray rerank job, Parquet in -> ranked Parquet out (Ray start included)",
-              "ray-job", "bfloat16"),
+    Contender("ray-job", "the whole Ray rerank job, Parquet in -> ranked Parquet out (Ray start included), "
+              "dtype auto", "ray-job", "auto"),
     Contender("hf-fp32", "transformers AutoModelForSequenceClassification, float32, length-sorted batches "
               "(the fidelity reference)", "transformers", "float32", length_sorted=True),
     Contender("ort-fp32", "ONNX Runtime CPUExecutionProvider, torch.onnx.export (dynamo) of the model, fp32, "

@@ -34,10 +34,18 @@ def _batch(r: dict) -> str:
     return "tokens" if settings.get("max_tokens_per_batch") else "n/a"
 
 
+def _speed(r: dict) -> str:
+    """pairs/s of the fastest round, and the slowest round's where there were several."""
+    rounds = r.get("pairs_per_s_rounds") or []
+    slowest = f" ({min(rounds):.2f})" if len(rounds) > 1 else ""
+    return f"{r['pairs_per_s']:.2f}{slowest}"
+
+
 def markdown_table(report: dict) -> str:
     """One row per (model, workload, contender); `engine x` = engine pairs/s over the row's (> 1: engine faster);
     `CPU share` = CPU time the contender's process got over wall time x threads (< 100%: the machine was shared);
-    `max |Δlogit|`, `Spearman`, `top-10` = the row's scores against the fp32 reference's (hf-fp32) on its pairs."""
+    `max |Δlogit|`, `Spearman`, `top-10` = the row's scores against the fp32 reference's (hf-fp32) on its pairs;
+    with several rounds, pairs/s is the fastest round's, the slowest in parentheses."""
     lines = [
         "| model | workload | contender | dtype | batch | pairs | pairs/s | real tokens/s | padding eff. | MFU "
         "| peak RSS (MB) | CPU share | engine x | max \\|Δlogit\\| | Spearman | top-10 |",
@@ -50,7 +58,7 @@ def markdown_table(report: dict) -> str:
             continue
         lines.append(
             f"| {r['model']} | {r['workload']} | {r['contender']} | {r['dtype']} | {_batch(r)} | {r['n_pairs']} "
-            f"| {r['pairs_per_s']:.2f} | {r['real_tokens_per_s']:.0f} | {r['padding_efficiency']:.2f} "
+            f"| {_speed(r)} | {r['real_tokens_per_s']:.0f} | {r['padding_efficiency']:.2f} "
             f"| {_pct(r['mfu'])} | {_num(r['peak_rss_mb'], '.0f')} | {_pct(r.get('cpu_share'))} "
             f"| {_num(r.get('engine_speedup'), '.2f')} | {_num(r.get('max_abs_logit_diff'), '.3f')} "
             f"| {_num(r.get('spearman'), '.4f')} | {_num(r.get('top10_overlap'), '.2f')} |")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from jobs import benchmark
 from pipeline.benchmark.checkpoints import REAL_CHECKPOINT_ENV, head_pairs, spread_classifier, tokenizer_corpus
@@ -197,6 +198,31 @@ def test_cpu_runtimes_score_the_pairs_close_to_the_fp32_reference(runtimes_repor
     engine = runs["engine-int8"]
     assert engine["n_pairs"] == 24 and engine["pairs_per_s"] > 0
     assert engine["spearman"] > 0.8 and engine["top10_overlap"] >= 0.6, (engine["spearman"], engine["top10_overlap"])
+
+
+@pytest.mark.slow  # four workers: two contenders, two rounds
+def test_rounds_keep_each_rows_fastest_sweep_and_every_sweeps_figure(tiny_checkpoint, shared_data, tmp_path):
+    """With --rounds 2 every contender is timed in two sweeps; a row's figures are its fastest sweep's, and the
+    engine runs dtype auto, the dtype the job resolves on this machine (its MFU divides by that dtype's peak)."""
+    from pipeline.model.cross_encoder import resolve_dtype
+
+    output = tmp_path / "bench.json"
+    code, report = run_job(tiny_checkpoint, shared_data, output, "--workloads", "dl19", "--n-pairs", "12",
+                           "--contenders", "engine", "--rounds", "2")
+    assert code == 0, report["errors"]
+    assert report["config"]["rounds"] == 2
+    runs = {r["contender"]: r for r in report["runs"]}
+    assert set(runs) == {"engine", FIDELITY_REFERENCE}
+    for r in runs.values():
+        assert len(r["seconds_rounds"]) == 2 and r["seconds"] == min(r["seconds_rounds"])
+        assert r["pairs_per_s"] == pytest.approx(r["n_pairs"] / r["seconds"], rel=1e-9)
+        assert r["model_flops_per_s"] == pytest.approx(r["model_flops"] / r["seconds"], rel=1e-9)
+        assert r["pairs_per_s_rounds"] == pytest.approx([r["n_pairs"] / s for s in r["seconds_rounds"]], rel=1e-12)
+        assert r["mfu"] == pytest.approx(
+            r["model_flops_per_s"] / report["peak_gemm"][r["model"]][r["dtype"]]["flops_per_s"], rel=1e-12)
+    assert runs["engine"]["dtype"] == str(resolve_dtype("auto", torch.device("cpu"))).replace("torch.", "")
+    slowest = min(runs["engine"]["pairs_per_s_rounds"])
+    assert f"| {runs['engine']['pairs_per_s']:.2f} ({slowest:.2f}) |" in output.with_suffix(".md").read_text()
 
 
 @pytest.mark.slow  # two workers
