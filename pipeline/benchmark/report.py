@@ -34,6 +34,13 @@ def _batch(r: dict) -> str:
     return "tokens" if settings.get("max_tokens_per_batch") else "n/a"
 
 
+def _peak(peak: dict) -> str:
+    """The higher peak, which MFU divides by, and both measurements: far apart, the host's speed drifted."""
+    figures = [peak.get(when, {}).get("flops_per_s") for when in ("before", "after")]
+    drift = f" (before {figures[0] / 1e9:.0f}, after {figures[1] / 1e9:.0f})" if None not in figures else ""
+    return f"{peak['flops_per_s'] / 1e9:.0f} GFLOP/s{drift}"
+
+
 def _speed(r: dict) -> str:
     """pairs/s of the fastest round, and the slowest round's where there were several."""
     rounds = r.get("pairs_per_s_rounds") or []
@@ -66,12 +73,14 @@ def markdown_table(report: dict) -> str:
                for workload, std in info.get("reference_logit_std", {}).items()]
     if spreads:
         lines += ["", "Spread of the reference's logits (std; hf-fp32): " + "; ".join(spreads) + "."]
-    peaks = [f"{model}: bf16 {p['bfloat16']['flops_per_s'] / 1e9:.0f} GFLOP/s, fp32 {p['float32']['flops_per_s'] / 1e9:.0f} GFLOP/s"
+    peaks = [f"{model}: " + ", ".join(f"{short} {_peak(p[dtype])}" for short, dtype in (("bf16", "bfloat16"), ("fp32", "float32")))
              for model, p in report.get("peak_gemm", {}).items()]
     machine = report["machine"]
-    lines += ["", f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}; "
+    units = ", ".join(machine.get("bf16_matrix_units") or []) or "none (bf16 emulated)"
+    lines += ["", f"Machine: {machine['cpu']}, {machine['cores']} cores, bf16 matrix units: {units}, torch {machine['torch']}; "
                   f"load average {machine['load_average_before']:.1f} before, {machine.get('load_average_after', 0):.1f} after.",
-              "Peak GEMM (best of F.linear and oneDNN linear over the model's shapes, before/after the run): " + "; ".join(peaks) + "."]
+              "Peak GEMM (best of F.linear and oneDNN linear over the model's shapes, measured before and after the "
+              "contenders; MFU divides by the higher): " + "; ".join(peaks) + "."]
     if report.get("targets"):
         lines += ["", "| target | model | value | goal | met |", "|---|---|---:|---:|---|"]
         for t in report["targets"]:

@@ -82,7 +82,7 @@ def measure_workload(directory: str, workload: str, n_pairs: int, config: Tokeni
         shape = Shape.from_config(json.load(f))
     sequences = len(seqlens)  # > pairs with long_documents: windows
     return {
-        "workload": workload, "pairs": len(pairs), "sequences": sequences, "seconds": round(best, 4),
+        "workload": workload, "pairs": len(pairs), "sequences": sequences, "seconds": best,
         "pairs_per_s_per_core": len(pairs) / best, "tokens_per_s_per_core": float(seqlens.sum()) / best,
         "mean_tokens_per_pair": float(seqlens.sum()) / len(pairs),
         "model_flops_per_pair": model_flops(shape, seqlens) / len(pairs),

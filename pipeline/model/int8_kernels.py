@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.model.cross_encoder import cpu_has_bf16_matrix_units
 from pipeline.model.modeling import ONEDNN_FUSED, PackedWeights, linear
 from pipeline.model.quantization import Int8Linear, quantize_per_channel, weight_qmax
 
@@ -35,7 +36,8 @@ def cpu_model() -> str:
             flags = set(next((line for line in f if line.startswith("flags")), "").split())
     except OSError:
         return platform.processor()
-    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+           if f in flags]
     return f"{name} ({', '.join(isa)})"
 
 
@@ -51,6 +53,11 @@ class Case:
         self.int8 = Int8Linear(self.layer.weight, self.layer.bias, qmax=qmax, batch_size_hint=tokens)
         self.int8_smooth = Int8Linear(self.layer.weight, self.layer.bias, torch.rand(d_in) + 0.5, qmax, tokens)
         self.q_x = torch.randint(-127, 128, (tokens, d_in), dtype=torch.int8)
+        # The engine's bf16 path on the same layer (what `dtype: auto` runs where the CPU has bf16 units).
+        self.x_bf16 = self.x.bfloat16()
+        self.layer_bf16 = nn.Linear(d_in, d_out).bfloat16()
+        self.layer_bf16.load_state_dict({k: v.bfloat16() for k, v in self.layer.state_dict().items()})
+        self.residual_bf16 = None if self.residual is None else self.residual.bfloat16()
         self.qweight_t = self.int8.qweight.t().contiguous()                      # (in, out) for torch._int_mm
         with warnings.catch_warnings(record=True) as self.fbgemm_warnings:
             warnings.simplefilter("always")
@@ -68,6 +75,10 @@ def epilogue(case: Case, out: torch.Tensor) -> torch.Tensor:
 
 def fp32_onednn(case: Case, packed: PackedWeights):
     return linear(ONEDNN_FUSED, case.x, case.layer, case.activation, case.residual, packed=packed)
+
+
+def bf16_onednn(case: Case, packed: PackedWeights):
+    return linear(ONEDNN_FUSED, case.x_bf16, case.layer_bf16, case.activation, case.residual_bf16, packed=packed)
 
 
 def int8_per_token(case: Case):
@@ -128,6 +139,9 @@ def measure(tokens: int, repeats: int, with_int_mm: bool) -> dict[str, float]:
     }
     if with_int_mm:
         contenders["torch._int_mm + per-token scales"] = int_mm
+    if cpu_has_bf16_matrix_units():  # elsewhere bf16 is emulated: slower than fp32, and not what auto picks
+        packed_bf16 = PackedWeights(tokens)
+        contenders["bf16 oneDNN fused linear (the engine's bf16, dtype auto)"] = lambda c: bf16_onednn(c, packed_bf16)
     ops = sum(2 * tokens * d_in * d_out for d_in, d_out, _ in SHAPES.values())
     best = dict.fromkeys(contenders, float("inf"))
     for run in contenders.values():

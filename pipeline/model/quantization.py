@@ -48,14 +48,30 @@ So on this AVX2-only CPU int8 is at best ~1.3x float32 per Linear and no faster 
 itself is ~2x faster, but quantizing each input and the unfused epilogue (per-token scale + bias, then aten's
 erf GELU, ~50 ms per fc1 call at 2,048 tokens against ~200 ms for its int8 matmul) eat most of the gain. The
 target is CPUs with VNNI (AVX512-VNNI, AVX-VNNI) or AMX, whose int8 dot-product instructions accumulate
-straight into int32 (no int16 step) and where weights keep 8 bits; not measured here. fbgemm's dynamic linear was sometimes faster, but it is not used:
+straight into int32 (no int16 step) and where weights keep 8 bits (measured below). fbgemm's dynamic linear was sometimes faster, but it is not used:
 its activation scale is per tensor (batch-dependent scores), and preparing its weights goes through
 `torch.quantize_per_channel`, deprecated in torch 2.13 (it warns). `torch._int_mm` has no fast CPU kernel.
 torch.compile does not rescue it: its fused per-token quantize and scale + bias + GELU kernels timed the same as
 these eager ops on (2,048, 3,072) inputs (quantize ~30 ms, epilogue ~20 ms), after 59 s of compiling.
+Measured again on a VNNI + AMX CPU (`python -m pipeline.model.int8_kernels --repeats 7`, 2026-12-01, "Intel(R)
+Xeon(R) Processor" with AVX512-VNNI, AVX512-BF16, AMX-BF16 and AMX-INT8, 2 cores of a shared VM whose AMX
+throughput drifted ~1.7x between minutes, so only ratios within one run mean anything), GOP/s relative to the
+float32 oneDNN fused linear (~130-210 GOP/s there), 2,048 / 4,096 tokens:
+  oneDNN int8, per-token activations (this module)            2.50x / 2.70x   (an earlier run: 3.33x / 2.47x)
+  oneDNN int8, per-tensor activations, fused GELU / sum       3.48x / 3.08x
+  oneDNN int8 matmul alone                                    9.96x / 4.86x   (the kernel's ceiling)
+  bf16 oneDNN fused linear (the engine's bf16, dtype auto)    3.28x / 3.75x
+So with 8-bit weights int8 beats float32 by 2.5-3.7x per layer, but not bf16 on AMX: the AMX int8 matmul is at
+most ~2x the bf16 one there, and quantizing every input per token plus the unfused epilogue costs what it saves.
+Whole engine (`python -m jobs.benchmark --workloads dl19,long --rounds 2`, same machine and day, jina-base shape,
+best of two sweeps; `results/benchmark-cpu-runtimes-amx.md`): int8 16.7 pairs/s on DL19 against bf16 27.2 and
+float32 9.5 (attention and LayerNorm stay float32 under int8). int8 is the choice only on CPUs with VNNI and
+without bf16 matrix units (AVX512-VNNI Xeons before Sapphire Rapids, AVX-VNNI desktop parts); not measured on one.
 What would help next: a static per-tensor activation scale from calibration (batch invariant, and lets oneDNN
 fuse bias, GELU and the residual add, and hand int8 straight to the next layer), at the price of clipping inputs
-outside the calibrated range.
+outside the calibrated range. Its fused form alone (the per-tensor row above) only draws level with bf16 on AMX;
+the gain would come from int8 flowing between layers, as OpenVINO's static int8 does (29.7 pairs/s on the same
+run, at Spearman 0.977 against float32 where bf16 keeps 0.9995), which these eager ops cannot express.
 """
 
 from __future__ import annotations
