@@ -81,6 +81,13 @@ class TokenCounter:
         self.real = self.processed = 0
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """The engine's name for a torch dtype ("bfloat16", "int8", "float8"), as `from_pretrained` takes it."""
+    from pipeline.model.cross_encoder import DTYPES as ENGINE_DTYPES
+
+    return next((name for name, value in ENGINE_DTYPES.items() if value == dtype), str(dtype).replace("torch.", ""))
+
+
 def _timed(fn: Callable[[], np.ndarray]) -> tuple[np.ndarray, float]:
     start = time.perf_counter()
     out = fn()
@@ -179,7 +186,8 @@ class EngineContender:
         self.model = CrossEncoder.from_pretrained(directory, device=device, dtype=dtype)
         self.max_length = max_length
         self.max_tokens_per_batch = max_tokens_per_batch
-        self.dtype = str(self.model.dtype).replace("torch.", "")  # `auto` resolved: what the rows' MFU divides by
+        # `auto` resolved, by the name the engine takes ("int8", "float8"): what the rows' MFU divides by.
+        self.dtype = dtype_name(self.model.dtype)
         self.processed = 0
         self.model.model.register_forward_pre_hook(self._hook)
 
@@ -214,7 +222,8 @@ class RayJobContender:
         from pipeline.model.cross_encoder import resolve_device, resolve_dtype
 
         self.directory, self.max_length, self.device = directory, max_length, device
-        self.dtype = str(resolve_dtype(dtype, resolve_device(device))).replace("torch.", "")  # what the job resolves
+        self.job_dtype = dtype                                                   # what the job is given
+        self.dtype = dtype_name(resolve_dtype(dtype, resolve_device(device)))    # what it resolves to: the row's
         self.overrides = list(overrides)
 
     def score(self, pairs: Pairs, batch_size: int | None = None) -> Scored:
@@ -233,7 +242,7 @@ class RayJobContender:
 
         pairs = list(pairs)
         tokens = int(pair_token_counts(self.directory, pairs, self.max_length).sum())
-        config = load_config(RerankConfig, None, self.overrides, model=self.directory, dtype=self.dtype)
+        config = load_config(RerankConfig, None, self.overrides, model=self.directory, dtype=self.job_dtype)
         config.tokenizer.max_length = self.max_length
         config.scorer.device = "cuda" if self.device.startswith("cuda") else "cpu"
         with tempfile.TemporaryDirectory(prefix="benchmark-ray-job-") as tmp:
@@ -292,7 +301,7 @@ CONTENDERS: dict[str, Contender] = {c.name: c for c in [
     Contender("hf-sorted", "transformers AutoModelForSequenceClassification, length-sorted batches (FlagEmbedding)",
               "transformers", "bfloat16", length_sorted=True),
     # dtype auto, as the job runs it: bf16 where the CPU has bf16 matrix units, fp32 on AVX2-only CPUs (where
-    # bf16 is emulated, several times slower than fp32); `engine-fp32` / `--set` pin it.
+    # bf16 is emulated, several times slower than fp32); `engine-fp32` and `engine-int8` are the pinned rows.
     Contender("engine", "our engine, compute_score in process (packed, token-budget micro-batches), dtype auto",
               "engine", "auto"),
     Contender("engine-fp32", "our engine in float32", "engine", "float32"),

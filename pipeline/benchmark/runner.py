@@ -107,7 +107,7 @@ RAY_JOB_TARGET_PAIRS = 20_000
 
 
 def _targets(runs: list[dict], model: str) -> list[dict]:
-    """The issue's CPU targets, reported (never asserted): speedups on dl19, engine MFU on dl19 and long,
+    """The CPU targets, reported (never asserted): speedups on dl19, engine MFU on dl19 and long,
     and the Ray job's share of the engine's pairs/s on runs of 20,000+ pairs."""
     by = {(r["workload"], r["contender"]): r for r in _measured(runs) if r["model"] == model}
     targets = []
@@ -240,34 +240,48 @@ def benchmark_model(config: BenchmarkConfig, model: str, scores_dir: str) -> dic
 def _time_again(round_number: int, config: BenchmarkConfig, model: str, order: list[str],
                 first_rounds: dict[str, tuple[dict, dict]], runs: list[dict], errors: list[dict]) -> None:
     """One more sweep over the contenders in the first round's order, timing only: each row keeps its fastest
-    round (`seconds`, and the figures derived from it) and every round's time (`seconds_rounds`).
+    round (`seconds`, the figures derived from it, and that round's `cpu_share` and peak RSS) and every round's
+    time (`seconds_rounds`). Rows that were skipped are not run again; tuned contenders keep the batch size the
+    first round picked, so every round times the same batches (and the fidelity columns stay theirs).
 
     Why sweeps, not repeats in place: on a shared or throttled host (a cloud VM's neighbours, AMX's power
-    limits) throughput drifts over minutes, and measured 1.7x apart between minutes on a 2-core Xeon with AMX
-    (2026-12-01). A contender timed twice in a row sees one such minute; sweeps give every contender a draw of
-    each part of the run, and the best of them is the figure least touched by the neighbours, for all alike.
+    limits) throughput drifts over minutes: on a 2-core Xeon VM with AMX (2026-12-01) the same bf16 GEMM
+    measured 811 GFLOP/s before a run and 2,478 after it, and whole contenders 1.0-1.25x apart between sweeps.
+    A contender timed twice in a row sees one such minute; sweeps give every contender a draw of each part of
+    the run, and the best of them is the figure least touched by the neighbours, for all alike.
     """
-    by_key = {(r["contender"], r["workload"]): r for r in _measured(runs) if r["model"] == model}
+    rows = {(r["contender"], r["workload"]): r for r in _measured(runs) if r["model"] == model}
     for name in order:
-        spec, first = first_rounds.get(name, (None, {"error": "not run"}))
-        if "error" in first:
+        spec, _ = first_rounds.get(name, (None, None))
+        measured = [w for w in (spec or {}).get("workloads", []) if (name, w["name"]) in rows]
+        if not measured:  # failed or skipped in the first round
             continue
+        workloads = [{**w, "batch_size": (rows[(name, w["name"])].get("settings") or {}).get("batch_size")}
+                     for w in measured]
         logger.info("%s / %s: round %d", model, name, round_number)
-        out = run_worker(spec, config.worker_timeout_s)
-        if "error" in out:
-            logger.error("%s / %s failed in round %d: %s", model, name, round_number, out["error"])
-            errors.append({"model": model, "contender": name, "message": f"round {round_number}: {out['error']}"})
-            continue
-        for result in out["results"]:
-            row = by_key.get((name, result["workload"]))
-            if row is None or "seconds" not in result:
+        out = run_worker({**spec, "workloads": workloads}, config.worker_timeout_s)
+        results = [] if "error" in out else [r for r in out["results"] if "seconds" in r]
+        if "error" in out or len(results) < len(measured):
+            reason = out.get("error") or "; ".join(r.get("skipped", "no result") for r in out["results"])
+            for w in measured:
+                rows[(name, w["name"])].setdefault("rounds_failed", []).append(round_number)
+            if CONTENDERS[name].optional:  # as in the first round: an optional backend's failure is not the run's
+                logger.warning("%s / %s round %d failed: %s", model, name, round_number, reason)
                 continue
+            logger.error("%s / %s failed in round %d: %s", model, name, round_number, reason)
+            errors.append({"model": model, "contender": name, "message": f"round {round_number}: {reason}"})
+            continue
+        for result in results:
+            row = rows[(name, result["workload"])]
             row["seconds_rounds"].append(result["seconds"])
             if result["seconds"] < row["seconds"]:
                 scale = row["seconds"] / result["seconds"]
                 row["seconds"] = result["seconds"]
                 for key in ("pairs_per_s", "real_tokens_per_s", "model_flops_per_s"):
                     row[key] *= scale
+                for key in ("cpu_share", "peak_rss_mb", "peak_rss_note"):
+                    if key in result:
+                        row[key] = result[key]
 
 
 def run_benchmark(config: BenchmarkConfig) -> dict:

@@ -6,10 +6,12 @@ resident set size) of this process, reset (`/proc/self/clear_refs` = 5) after th
 workload is read, so it covers the scoring of one workload: the loaded weights plus everything scoring
 allocates. The time of a pass covers strings in -> logits out.
 
-SPEC (JSON): {"contender", "directory", "device", "max_length", "workloads": [{"name", "n_pairs"}],
+SPEC (JSON): {"contender", "directory", "device", "max_length", "workloads": [{"name", "n_pairs", "batch_size"?}],
               "data_dir", "batch_size", "tune_batch_sizes", "tune_pairs", "warmup_pairs",
               "max_tokens_per_batch", "dtype", "scores_dir", "calibration_pairs"}
 OUT (JSON):  {"contender", "dtype", "load_seconds", "rss_after_load_mb", "results": [per workload]}
+
+A workload's "batch_size" (a later round of the benchmark) replaces the contender's batch-size tuning.
 
 An optional backend (ONNX Runtime, OpenVINO) that is missing or raises while loading or scoring gives
 results {"workload", "n_pairs", "skipped": "<reason>"} instead of failing the worker.
@@ -115,8 +117,8 @@ def _score_workload(spec: dict, contender, workload: dict) -> dict:
         # Warm-up (not timed): first-call costs (kernel selection, JIT, allocator growth) are not throughput.
         contender.score(pairs[:spec.get("warmup_pairs", 8)], batch_size=spec.get("batch_size") or 32)
     result: dict = {"workload": workload["name"], "n_pairs": len(pairs)}
-    batch_size = spec.get("batch_size")
-    if contender_spec.tuned_batch_size:
+    batch_size = workload.get("batch_size") or spec.get("batch_size")
+    if contender_spec.tuned_batch_size and not workload.get("batch_size"):  # a later round keeps the first's
         # At most a quarter of the pairs per size: tuning must not cost more than the measurement.
         sample = pairs[:max(1, min(spec["tune_pairs"], len(pairs) // 4))]
         batch_size, speeds = tune_batch_size(contender, sample, spec["tune_batch_sizes"])

@@ -2,7 +2,7 @@
 
 `long` grows documents to a target length counted with the checkpoint's own tokenizer (not the word
 estimate), so its 300-1,000-token range holds for the tokenizer the contenders use; pairs are then
-truncated at `max_length` (1,024) by each contender, as the issue asks.
+truncated at `max_length` (1,024, the model's limit) by each contender.
 """
 
 from __future__ import annotations

@@ -55,14 +55,14 @@ torch.compile does not rescue it: its fused per-token quantize and scale + bias 
 these eager ops on (2,048, 3,072) inputs (quantize ~30 ms, epilogue ~20 ms), after 59 s of compiling.
 Measured again on a VNNI + AMX CPU (`python -m pipeline.model.int8_kernels --repeats 7`, 2026-12-01, "Intel(R)
 Xeon(R) Processor" with AVX512-VNNI, AVX512-BF16, AMX-BF16 and AMX-INT8, 2 cores of a shared VM whose AMX
-throughput drifted ~1.7x between minutes, so only ratios within one run mean anything), GOP/s relative to the
+throughput drifted up to 3x between minutes, so only ratios within one run mean anything), GOP/s relative to the
 float32 oneDNN fused linear (~130-210 GOP/s there), 2,048 / 4,096 tokens:
   oneDNN int8, per-token activations (this module)            2.50x / 2.70x   (an earlier run: 3.33x / 2.47x)
   oneDNN int8, per-tensor activations, fused GELU / sum       3.48x / 3.08x
   oneDNN int8 matmul alone                                    9.96x / 4.86x   (the kernel's ceiling)
   bf16 oneDNN fused linear (the engine's bf16, dtype auto)    3.28x / 3.75x
-So with 8-bit weights int8 beats float32 by 2.5-3.7x per layer, but not bf16 on AMX: the AMX int8 matmul is at
-most ~2x the bf16 one there, and quantizing every input per token plus the unfused epilogue costs what it saves.
+So with 8-bit weights int8 beats float32 by 2.5-3.5x per layer, but not bf16 on AMX: the AMX int8 matmul alone is
+1.3-3x the bf16 one there, and quantizing every input per token plus the unfused epilogue costs what it saves.
 Whole engine (`python -m jobs.benchmark --workloads dl19,long --rounds 2`, same machine and day, jina-base shape,
 best of two sweeps; `results/benchmark-cpu-runtimes-amx.md`): int8 16.7 pairs/s on DL19 against bf16 27.2 and
 float32 9.5 (attention and LayerNorm stay float32 under int8). int8 is the choice only on CPUs with VNNI and
