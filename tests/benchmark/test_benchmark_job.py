@@ -189,8 +189,10 @@ def test_cpu_runtimes_score_the_pairs_close_to_the_fp32_reference(runtimes_repor
         assert r["top10_queries"] == 1 and r["top10_overlap"] is not None
         if r["dtype"] == "int8":
             assert r["spearman"] > 0.8 and r["top10_overlap"] >= 0.6, (name, r["spearman"], r["top10_overlap"])
-        else:
+        elif r["dtype"] == "float32":
             assert r["max_abs_logit_diff"] < 1e-3 and r["spearman"] > 0.999, (name, r["max_abs_logit_diff"])
+        else:  # OpenVINO's default is bf16 on CPUs with bf16 units: rounding of ~0.1 logit on this tiny model
+            assert r["max_abs_logit_diff"] < 0.25 * spread and r["spearman"] > 0.98, (name, r["max_abs_logit_diff"])
     assert runs["ov-int8"]["settings"]["calibration_pairs"] == 16
     assert runs["ov-default"]["dtype"] in ("float32", "bfloat16", "float16")
     assert {runs[n]["dtype"] for n in ("ort-int8", "ov-int8", "engine-int8")} == {"int8"}
