@@ -176,7 +176,7 @@ def benchmark_model(config: BenchmarkConfig, model: str, scores_dir: str) -> dic
     scores_dir = os.path.join(scores_dir, os.path.basename(directory))
     os.makedirs(scores_dir, exist_ok=True)
     runs, errors, engine_scores, reference_scores = [], [], {}, {}
-    first_rounds: dict[str, tuple[dict, dict]] = {}
+    specs: dict[str, dict] = {}  # each contender's worker spec, for later rounds
     # The fidelity reference first, then the engine: every later row is compared with both.
     order = [FIDELITY_REFERENCE] + sorted((c for c in config.contenders if c != FIDELITY_REFERENCE),
                                           key=lambda c: c != REFERENCE)
@@ -185,7 +185,7 @@ def benchmark_model(config: BenchmarkConfig, model: str, scores_dir: str) -> dic
         logger.info("%s / %s: %s", model, name, ", ".join(f"{w['name']} x {w['n_pairs']}" for w in spec["workloads"]))
         load_before = load_average()
         out = run_worker(spec, config.worker_timeout_s)
-        first_rounds[name] = (spec, out)
+        specs[name] = spec
         if "error" in out:
             if CONTENDERS[name].optional:  # a missing or broken optional backend: a row that says so
                 logger.warning("%s / %s skipped: %s", model, name, out["error"])
@@ -220,7 +220,7 @@ def benchmark_model(config: BenchmarkConfig, model: str, scores_dir: str) -> dic
                         row["pairs_per_s"], row["padding_efficiency"], row["model_flops_per_s"] / 1e9,
                         f"{row['spearman']:.4f}" if "spearman" in row else "n/a")
     for round_number in range(2, config.rounds + 1):
-        _time_again(round_number, config, model, order, first_rounds, runs, errors)
+        _time_again(round_number, config, model, order, specs, runs, errors)
     for row in _measured(runs):
         row["pairs_per_s_rounds"] = [row["n_pairs"] / seconds for seconds in row["seconds_rounds"]]
     peaks_after = measure_peaks(shape, config.peak_seconds_per_shape, config.device)
@@ -238,7 +238,7 @@ def benchmark_model(config: BenchmarkConfig, model: str, scores_dir: str) -> dic
 
 
 def _time_again(round_number: int, config: BenchmarkConfig, model: str, order: list[str],
-                first_rounds: dict[str, tuple[dict, dict]], runs: list[dict], errors: list[dict]) -> None:
+                specs: dict[str, dict], runs: list[dict], errors: list[dict]) -> None:
     """One more sweep over the contenders in the first round's order, timing only: each row keeps its fastest
     round (`seconds`, the figures derived from it, and that round's `cpu_share` and peak RSS) and every round's
     time (`seconds_rounds`). Rows that were skipped are not run again; tuned contenders keep the batch size the
@@ -252,8 +252,8 @@ def _time_again(round_number: int, config: BenchmarkConfig, model: str, order: l
     """
     rows = {(r["contender"], r["workload"]): r for r in _measured(runs) if r["model"] == model}
     for name in order:
-        spec, _ = first_rounds.get(name, (None, None))
-        measured = [w for w in (spec or {}).get("workloads", []) if (name, w["name"]) in rows]
+        spec = specs.get(name, {})
+        measured = [w for w in spec.get("workloads", []) if (name, w["name"]) in rows]
         if not measured:  # failed or skipped in the first round
             continue
         workloads = [{**w, "batch_size": (rows[(name, w["name"])].get("settings") or {}).get("batch_size")}

@@ -11,6 +11,7 @@ What the numbers decided is written in `quantization.py`.
 from __future__ import annotations
 
 import argparse
+import copy
 import platform
 import time
 import warnings
@@ -55,8 +56,7 @@ class Case:
         self.q_x = torch.randint(-127, 128, (tokens, d_in), dtype=torch.int8)
         # The engine's bf16 path on the same layer (what `dtype: auto` runs where the CPU has bf16 units).
         self.x_bf16 = self.x.bfloat16()
-        self.layer_bf16 = nn.Linear(d_in, d_out).bfloat16()
-        self.layer_bf16.load_state_dict({k: v.bfloat16() for k, v in self.layer.state_dict().items()})
+        self.layer_bf16 = copy.deepcopy(self.layer).bfloat16()
         self.residual_bf16 = None if self.residual is None else self.residual.bfloat16()
         self.qweight_t = self.int8.qweight.t().contiguous()                      # (in, out) for torch._int_mm
         with warnings.catch_warnings(record=True) as self.fbgemm_warnings:

@@ -25,8 +25,7 @@ def sweep(monkeypatch):
     runs = [_row("hf-fp32", 2.0, 32), _row("engine", 2.0), _row("st-best", 2.0, 8), _row("ov-int8", 2.0, 16),
             {"model": "m", "contender": "ort-int8", "workload": "dl19", "n_pairs": 10, "skipped": "no onnxruntime"}]
     order = ["hf-fp32", "engine", "st-best", "ov-int8", "ort-int8"]
-    first = {name: ({"contender": name, "workloads": [{"name": "dl19", "n_pairs": 10}]}, {"results": []})
-             for name in order}
+    first = {name: {"contender": name, "workloads": [{"name": "dl19", "n_pairs": 10}]} for name in order}
     second = {
         "hf-fp32": {"results": [{"workload": "dl19", "seconds": 3.0, "cpu_share": 0.9}]},        # slower
         "engine": {"results": [{"workload": "dl19", "seconds": 1.0, "cpu_share": 0.97, "peak_rss_mb": 90.0}]},
