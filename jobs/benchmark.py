@@ -2,19 +2,26 @@
 and our engine, same weights, same data.
 
     python -m jobs.benchmark [--workloads dl19,long,multilingual] [--models jina-reranker-v2-base,bge-reranker-v2-m3]
-                             [--contenders st-default,st-best,hf-padded,hf-sorted,engine] [--n-pairs N] [--rounds R]
-                             [--output results/benchmark-cpu.json] [--config FILE] [--set key=value ...]
+                             [--contenders st-default,st-best,hf-padded,hf-sorted,engine,...] [--n-pairs N]
+                             [--rounds R] [--output results/benchmark-cpu.json] [--config FILE] [--set key=value ...]
 
-    # the CPU runtimes (not in the default run; ~10 minutes per model on 2 cores):
-    python -m jobs.benchmark --models jina-reranker-v2-base --contenders engine,ort-fp32,ort-int8,ov-fp32,ov-default,ov-int8
+The default run puts every contender on the jina shape's DL19 pairs, and what users run today
+(sentence-transformers, transformers) beside the engine and the whole Ray job on long and multilingual pairs
+too; the bge shape gets sentence-transformers and the engine (`contender_scope`, DEFAULT_SCOPE in
+pipeline/benchmark/config.py: the CPU runtimes' exports, calibration and tuning cost minutes per model and
+workload). An explicit --models, --workloads or --contenders runs exactly that selection on everything, e.g.
+the CPU runtimes on long documents too:
+
+    python -m jobs.benchmark --models jina-reranker-v2-base --workloads dl19,long --contenders engine,ort-int8,ov-default,ov-int8
 
 Every contender loads the same random-weight checkpoint (the real model's shape, a tokenizer trained on the
 workloads' text; `RERANKER_CHECKPOINT=<dir>` benchmarks a real checkpoint instead) and scores the same
 pairs in a process of its own. Per contender and workload: pairs/s, real tokens/s, padding efficiency,
-peak RSS, MFU (model FLOPs/s over the peak GEMM FLOP/s of its dtype, measured in the same run), and the
-engine's speedup over it, and its fidelity to transformers in float32 on the same pairs (hf-fp32, always run
-first): max |Δlogit|, Spearman, mean per-query top-10 overlap. Writes the JSON report to --output, the markdown table beside it (.md), and
-prints the table.
+peak RSS, MFU (model FLOPs/s over the peak GEMM FLOP/s of its dtype, measured in the same run), the
+engine's speedup over it, and its fidelity to a float32 reference on the same pairs (sentence-transformers'
+default when it scores every pair in float32, else transformers in float32, hf-fp32; run first): max
+|Δlogit|, Spearman, mean per-query top-10 overlap. Writes the JSON report to --output, the markdown table
+beside it (.md), and prints the table.
 Defaults (pairs per workload etc.): `pipeline/benchmark/config.py`. Targets are reported, never asserted.
 """
 
@@ -45,9 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--models", type=_names, default=None,
                         help="comma-separated dummy architectures: jina-reranker-v2-base,bge-reranker-v2-m3,...")
     parser.add_argument("--contenders", type=_names, default=None,
-                        help="comma-separated: st-default,st-best,hf-padded,hf-sorted,engine,engine-fp32,ray-job,"
-                             "ort-fp32,ort-int8,ov-fp32,ov-default,ov-int8 (hf-fp32, the fidelity reference, "
-                             "always runs)")
+                        help="comma-separated: st-default,st-best,hf-padded,hf-sorted,engine,ray-job,engine-fp32,"
+                             "engine-int8,ort-fp32,ort-int8,ov-fp32,ov-default,ov-int8,hf-fp32 (default: all but "
+                             "hf-fp32, which runs as the fidelity reference where st-default cannot be it)")
     parser.add_argument("--n-pairs", type=int, default=None,
                         help="pairs per workload for every workload (float32 contenders score a fraction of them)")
     parser.add_argument("--rounds", type=int, default=None,

@@ -92,6 +92,8 @@ def _describe(error: dict, cls: type[BaseModel]) -> str:
             section = field.annotation if field is not None else None
         known = sorted(section.model_fields) if isinstance(section, type) and issubclass(section, BaseModel) else []
         return f"unknown config key `{loc}`" + (f"; known keys here: {', '.join(known)}" if known else "")
+    if not loc:  # a check across keys (a model validator): its message names them
+        return str(error["msg"]).removeprefix("Value error, ")
     return f"config key `{loc}`: {error['msg']}"
 
 

@@ -148,3 +148,19 @@ def spread_classifier(directory: str, pairs: list[tuple[str, str]], logit_std: f
     logger.info("classifier head of %s refitted: logit std %.1f on %d pairs, first component %.0f%% of the variance",
                 directory, logit_std, len(pairs), 100 * explained)
     return {"logit_std": logit_std, "explained_variance": explained}
+
+
+def stored_dtype(directory: str) -> str | None:
+    """The dtype of the checkpoint's floating-point weights on disk ("float32", "bfloat16", ...), read from its
+    safetensors headers; None when it has no safetensors file or mixes them (integer buffers don't count)."""
+    import glob
+
+    from safetensors import safe_open
+
+    names = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+    dtypes = set()
+    for path in sorted(glob.glob(os.path.join(directory, "*.safetensors"))):
+        with safe_open(path, framework="numpy") as f:
+            dtypes |= {f.get_slice(key).get_dtype() for key in f.keys()}
+    floats = {d for d in dtypes if d.startswith(("F", "BF"))}
+    return names.get(floats.pop()) if len(floats) == 1 else None

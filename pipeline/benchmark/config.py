@@ -2,25 +2,50 @@
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
 
 from pipeline.benchmark.contenders import CONTENDERS
 from pipeline.config import StrictModel
 from pipeline.datasets import WORKLOADS
 from pipeline.model.dummy import ARCHITECTURES
 
-DEFAULT_CONTENDERS = ["st-default", "st-best", "hf-padded", "hf-sorted", "engine", "ray-job"]
-# The CPU runtimes users pick for fast reranking. Not in the default run: with batch-size tuning, the
-# export and the int8 calibration they would add ~10 minutes per model on a 2-core CPU (estimated from
-# their pairs/s on DL19 with the jina shape, measured 2026-11-30 on a 2-core AVX512-BF16 EPYC: ONNX Runtime
-# fp32 8.5, OpenVINO f32 9.2, int8 26-34); run them with `--contenders engine,ort-fp32,ort-int8,ov-fp32,ov-default,ov-int8 --models jina-reranker-v2-base`.
+# What users run today, and our engine in process and as the whole job: on every model and workload.
+CORE_CONTENDERS = ["st-default", "st-best", "hf-padded", "hf-sorted", "engine", "ray-job"]
+# The CPU runtimes users pick for fast reranking (sentence-transformers' `onnx` / `openvino` backends).
 CPU_RUNTIME_CONTENDERS = ["ort-fp32", "ort-int8", "ov-fp32", "ov-default", "ov-int8"]
+DEFAULT_CONTENDERS = [*CORE_CONTENDERS, "engine-fp32", "engine-int8", *CPU_RUNTIME_CONTENDERS]
+
+
+class Scope(StrictModel):
+    """Where one contender runs within a run's models and workloads."""
+
+    first_model_only: bool = False       # on the first of `models` (or RERANKER_CHECKPOINT) only
+    workloads: list[str] | None = None   # on these of the run's workloads only; None: on all of them
+
+
+# The default run's plan: every contender on the jina shape's DL19 pairs; what users run today and the engine
+# also on long and multilingual; the bge shape (the seed's size claim) with sentence-transformers and the
+# engine only. Why: everything on everything took an estimated 35-40 minutes on 2 cores (2026-12-01); the
+# ONNX export (~1 min for the jina shape, cached), OpenVINO's conversions (~12 s each) and its int8
+# calibration (~2 min on DL19 + long pairs), batch-size tuning and the float32 rows' ~5x slower scoring are
+# what a runtime costs per model and workload. An explicit --models, --workloads or --contenders runs
+# exactly that selection, everything on everything.
+DEFAULT_SCOPE: dict[str, dict] = {
+    **{name: {"first_model_only": True, "workloads": ["dl19"]}
+       for name in ["engine-fp32", "engine-int8", *CPU_RUNTIME_CONTENDERS]},
+    **{name: {"first_model_only": True} for name in ["hf-padded", "hf-sorted", "ray-job"]},
+}
 
 
 class BenchmarkConfig(StrictModel):
     workloads: list[str] = Field(default_factory=lambda: ["dl19", "long", "multilingual"])
     models: list[str] = Field(default_factory=lambda: ["jina-reranker-v2-base", "bge-reranker-v2-m3"])
     contenders: list[str] = Field(default_factory=lambda: list(DEFAULT_CONTENDERS))
+    # Contenders limited to the first model and/or some workloads (unlisted ones run everywhere). Left unset:
+    # DEFAULT_SCOPE when models, workloads and contenders are the defaults, no limits otherwise.
+    contender_scope: dict[str, Scope] = Field(default_factory=dict)
     # Pairs per workload for the jina-sized model (the first n of each workload, so every contender scores
     # the same pairs). Sized so the default run (2 models x 3 workloads x 6 contenders) took 12 minutes on a
     # 2-core AVX512-BF16 CPU; the fidelity reference (hf-fp32, float32 like st-default, which took ~70 s
@@ -60,6 +85,33 @@ class BenchmarkConfig(StrictModel):
     # Per worker process (one contender, one model, every workload); a worker past it is an error.
     worker_timeout_s: float = Field(1800.0, gt=0.0)
     data_dir: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_plan(cls, data: Any) -> Any:
+        """The default run's scope when the run is the default selection (before validation: the fields are
+        assigned on validation, so the check sees what the user gave)."""
+        if isinstance(data, dict) and "contender_scope" not in data:
+            defaults = {"models": cls.model_fields["models"].default_factory(),
+                        "workloads": cls.model_fields["workloads"].default_factory(),
+                        "contenders": DEFAULT_CONTENDERS}
+            if all(data.get(key, value) == value for key, value in defaults.items()):
+                data = {**data, "contender_scope": DEFAULT_SCOPE}
+        return data
+
+    @model_validator(mode="after")
+    def _scope_fits_the_run(self) -> "BenchmarkConfig":
+        for name, scope in self.contender_scope.items():
+            _known([name], CONTENDERS, "contender in contender_scope")
+            if scope.workloads is not None:
+                _known(scope.workloads, WORKLOADS, f"workload in contender_scope.{name}")
+                if name in self.contenders and not set(scope.workloads) & set(self.workloads):
+                    raise ValueError(f"contender_scope.{name} limits it to workloads {scope.workloads}, none of "
+                                     f"which this run has ({self.workloads}); widen the scope or drop {name}")
+        return self
+
+    def scope(self, contender: str) -> Scope:
+        return self.contender_scope.get(contender) or Scope()
 
     @field_validator("workloads")
     @classmethod

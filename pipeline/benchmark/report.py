@@ -48,10 +48,20 @@ def _speed(r: dict) -> str:
     return f"{r['pairs_per_s']:.2f}{slowest}"
 
 
+def _plan(model: str, info: dict) -> str:
+    """What ran on `model`: its contenders grouped by the workloads they scored, the reference marked."""
+    groups: dict[tuple, list[str]] = {}
+    for name, workloads in info["plan"].items():
+        marked = f"{name} (reference)" if name == info.get("fidelity_reference") else name
+        groups.setdefault(tuple(workloads), []).append(marked)
+    return f"{model}: " + "; ".join(f"{', '.join(names)} on {', '.join(w)}" for w, names in groups.items()) + "."
+
+
 def markdown_table(report: dict) -> str:
     """One row per (model, workload, contender); `engine x` = engine pairs/s over the row's (> 1: engine faster);
     `CPU share` = CPU time the contender's process got over wall time x threads (< 100%: the machine was shared);
-    `max |Δlogit|`, `Spearman`, `top-10` = the row's scores against the fp32 reference's (hf-fp32) on its pairs;
+    `max |Δlogit|`, `Spearman`, `top-10` = the row's scores against the float32 reference's on its pairs (the
+    footer names it: st-default or hf-fp32);
     with several rounds, pairs/s is the fastest round's, the slowest in parentheses."""
     lines = [
         "| model | workload | contender | dtype | batch | pairs | pairs/s | real tokens/s | padding eff. | MFU "
@@ -69,10 +79,14 @@ def markdown_table(report: dict) -> str:
             f"| {_pct(r['mfu'])} | {_num(r['peak_rss_mb'], '.0f')} | {_pct(r.get('cpu_share'))} "
             f"| {_num(r.get('engine_speedup'), '.2f')} | {_num(r.get('max_abs_logit_diff'), '.3f')} "
             f"| {_num(r.get('spearman'), '.4f')} | {_num(r.get('top10_overlap'), '.2f')} |")
-    spreads = [f"{model} {workload} {std:.2f}" for model, info in report.get("models", {}).items()
+    spreads = [f"{model} {workload} {std:.2f} ({info.get('fidelity_reference', 'hf-fp32')})"
+               for model, info in report.get("models", {}).items()
                for workload, std in info.get("reference_logit_std", {}).items()]
     if spreads:
-        lines += ["", "Spread of the reference's logits (std; hf-fp32): " + "; ".join(spreads) + "."]
+        lines += ["", "Fidelity reference's logit spread (std): " + "; ".join(spreads) + "."]
+    plans = [_plan(model, info) for model, info in report.get("models", {}).items() if info.get("plan")]
+    if plans:
+        lines += ["", "Plan (contender_scope): " + " ".join(plans)]
     peaks = [f"{model}: " + ", ".join(f"{short} {_peak(p[dtype])}" for short, dtype in (("bf16", "bfloat16"), ("fp32", "float32")))
              for model, p in report.get("peak_gemm", {}).items()]
     machine = report["machine"]

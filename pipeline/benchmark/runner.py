@@ -3,10 +3,14 @@
     report = run_benchmark(config)   # the JSON the job writes (layout below)
 
 For each model: the shared checkpoint (`checkpoints.py`), then one worker per contender (`worker.py`),
-which scores every workload. The first worker is always `hf-fp32` (transformers in float32, length-sorted
-batches), the fidelity reference: every row's scores are compared with its scores on the same pairs
-(`fidelity.py`: max |Δlogit|, Spearman, mean per-query top-10 overlap; queries are the pairs' query texts). Peak GEMM FLOP/s (both dtypes) is measured before the first worker and after
-the last, so drift over the run shows; MFU divides by the higher of the two (the conservative choice).
+which scores the workloads its scope gives it on that model (`model_plan`; the default run's plan is
+`config.DEFAULT_SCOPE`). The first worker is the fidelity reference, a float32 scorer of every pair: every
+row's scores are compared with its scores on the same pairs (`fidelity.py`: max |Δlogit|, Spearman, mean
+per-query top-10 overlap; queries are the pairs' query texts). The reference is `st-default`
+(sentence-transformers at its defaults, float32 on a float32 checkpoint: what users run today) when the run
+has it on every pair of every workload, else `hf-fp32` (transformers in float32, length-sorted batches), an
+extra worker. Peak GEMM FLOP/s (both dtypes) is measured before the first worker and after the last, so
+drift over the run shows; MFU divides by the higher of the two (the conservative choice).
 
 Report layout:
     machine: {cpu, cores, torch, threads, load_average_before/after, ...}
@@ -14,13 +18,14 @@ Report layout:
     runs: [{model, workload, contender, dtype, n_pairs, seconds (fastest round), seconds_rounds,
             pairs_per_s_rounds, pairs_per_s, real_tokens_per_s,
             padding_efficiency, model_flops, mfu, peak_rss_mb, engine_speedup (engine pairs/s over this row's),
-            max_abs_logit_diff, spearman, top10_overlap, top10_queries, fidelity_reference (vs hf-fp32),
+            max_abs_logit_diff, spearman, top10_overlap, top10_queries, fidelity_reference (its name),
             max_abs_logit_diff_vs_engine, cpu_share, settings, tuning, ...}
           | {model, workload, contender, description, n_pairs, skipped: "<reason>"}]  (optional backends)
     targets: [{model, name, value, target, met}]
     cross_model: [{workload, engine_on, versus, ratio}]   (the engine on the first model vs the others')
-    models: {model: {directory, shape, workload_pairs, mean_tokens_per_pair,
-                     reference_logit_std: {workload: std of hf-fp32's logits}}}
+    models: {model: {directory, shape, workload_pairs, mean_tokens_per_pair, fidelity_reference,
+                     plan: {contender: [workload, ...]},
+                     reference_logit_std: {workload: std of the reference's logits}}}
     errors: [{model, contender, message}]
 """
 
@@ -39,7 +44,7 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from pipeline.benchmark.checkpoints import REAL_CHECKPOINT_ENV, benchmark_checkpoint
+from pipeline.benchmark.checkpoints import REAL_CHECKPOINT_ENV, benchmark_checkpoint, stored_dtype
 from pipeline.benchmark.config import BenchmarkConfig
 from pipeline.benchmark.contenders import CONTENDERS
 from pipeline.benchmark.fidelity import fidelity
@@ -50,7 +55,7 @@ from pipeline.benchmark.workloads import pair_token_counts, workload_pairs
 logger = logging.getLogger(__name__)
 
 REFERENCE = "engine"                # speed-ups are over the engine's pairs/s
-FIDELITY_REFERENCE = "hf-fp32"      # fidelity figures are against its scores
+FIDELITY_REFERENCE = "hf-fp32"      # fidelity figures are against its scores, or st-default's (fidelity_reference)
 JINA_BASE_FLOPS_PER_TOKEN = 2 * (4 * 768 * 768 + 2 * 768 * 3072) * 12
 
 
@@ -132,11 +137,35 @@ def _targets(runs: list[dict], model: str) -> list[dict]:
     return targets
 
 
+def model_plan(config: BenchmarkConfig, first_model: bool) -> dict[str, list[str]]:
+    """contender -> the workloads it scores on one model (in the run's order), from `config.contender_scope`;
+    contenders left with none are not run on that model. The fidelity reference is not in it."""
+    plan = {}
+    for name in config.contenders:
+        scope = config.scope(name)
+        if scope.first_model_only and not first_model:
+            continue
+        workloads = [w for w in config.workloads if scope.workloads is None or w in scope.workloads]
+        if workloads:
+            plan[name] = workloads
+    return plan
+
+
+def fidelity_reference(config: BenchmarkConfig, plan: dict[str, list[str]], directory: str) -> str:
+    """`st-default` when it already scores, in float32, every pair of every workload the plan has (saving a
+    float32 worker: ~1.5 minutes per model in the default run on 2 cores), else `hf-fp32`."""
+    needed = {w for workloads in plan.values() for w in workloads}
+    if (set(plan.get("st-default", ())) >= needed and config.full_precision_pairs_fraction == 1.0
+            and stored_dtype(directory) == "float32"):
+        return "st-default"
+    return FIDELITY_REFERENCE
+
+
 def _worker_spec(config: BenchmarkConfig, name: str, directory: str, workloads: dict[str, int],
-                 scores_dir: str) -> dict:
+                 scores_dir: str, reference: str = FIDELITY_REFERENCE) -> dict:
     contender = CONTENDERS[name]
     # The reference scores every pair: each row is compared with it on the row's pairs.
-    fraction = config.full_precision_pairs_fraction if contender.full_precision and name != FIDELITY_REFERENCE else 1.0
+    fraction = config.full_precision_pairs_fraction if contender.full_precision and name != reference else 1.0
     return {
         "contender": name, "directory": directory, "device": config.device, "max_length": config.max_length,
         "workloads": [{"name": w, "n_pairs": max(1, round(n * fraction))} for w, n in workloads.items()],
@@ -162,8 +191,12 @@ def _skipped(model: str, name: str, workload: str, n_pairs: int, reason: str) ->
             "n_pairs": n_pairs, "skipped": reason}
 
 
-def benchmark_model(config: BenchmarkConfig, model: str, scores_dir: str) -> dict:
-    """Every contender on one model: {"runs", "peak_gemm", "info", "errors"}."""
+def benchmark_model(config: BenchmarkConfig, model: str, scores_dir: str, first_model: bool = True) -> dict:
+    """Every contender of the model's plan: {"runs", "peak_gemm", "info", "errors"}."""
+    plan = model_plan(config, first_model)
+    if not plan:
+        logger.warning("%s: no contender's scope includes this model; nothing to run", model)
+        return {"runs": [], "peak_gemm": {}, "info": {"plan": {}}, "errors": []}
     directory = benchmark_checkpoint(model, config.data_dir, tokenizer_vocab=config.tokenizer_vocab)
     shape = _shape(directory)
     logger.info("%s: %s (hidden %d, %d layers, FFN %d)", model, directory, shape.hidden, shape.layers,
@@ -177,11 +210,13 @@ def benchmark_model(config: BenchmarkConfig, model: str, scores_dir: str) -> dic
     os.makedirs(scores_dir, exist_ok=True)
     runs, errors, engine_scores, reference_scores = [], [], {}, {}
     specs: dict[str, dict] = {}  # each contender's worker spec, for later rounds
+    reference = fidelity_reference(config, plan, directory)
+    plan.setdefault(reference, [w for w in config.workloads if any(w in ws for ws in plan.values())])
     # The fidelity reference first, then the engine: every later row is compared with both.
-    order = [FIDELITY_REFERENCE] + sorted((c for c in config.contenders if c != FIDELITY_REFERENCE),
-                                          key=lambda c: c != REFERENCE)
+    order = [reference] + sorted((c for c in plan if c != reference), key=lambda c: c != REFERENCE)
+    logger.info("%s: fidelity reference %s", model, reference)
     for name in order:
-        spec = _worker_spec(config, name, directory, workloads, scores_dir)
+        spec = _worker_spec(config, name, directory, {w: workloads[w] for w in plan[name]}, scores_dir, reference)
         logger.info("%s / %s: %s", model, name, ", ".join(f"{w['name']} x {w['n_pairs']}" for w in spec["workloads"]))
         load_before = load_average()
         out = run_worker(spec, config.worker_timeout_s)
@@ -204,17 +239,17 @@ def benchmark_model(config: BenchmarkConfig, model: str, scores_dir: str) -> dic
             row.update(_figures(result, shape, seqlens[workload]))
             row["seconds_rounds"] = [result["seconds"]]
             scores = np.load(result["scores_file"])
-            if name == FIDELITY_REFERENCE:
+            if name == reference:
                 reference_scores[workload] = scores
             if name == REFERENCE:
                 engine_scores[workload] = scores
             elif workload in engine_scores:
-                reference = engine_scores[workload][:len(scores)]
-                row["max_abs_logit_diff_vs_engine"] = float(np.max(np.abs(scores - reference)))
+                engine = engine_scores[workload][:len(scores)]
+                row["max_abs_logit_diff_vs_engine"] = float(np.max(np.abs(scores - engine)))
             if workload in reference_scores:
                 n = min(len(scores), len(reference_scores[workload]))
                 row.update(fidelity(reference_scores[workload][:n], scores[:n], queries[workload][:n]))
-                row["fidelity_reference"] = FIDELITY_REFERENCE
+                row["fidelity_reference"] = reference
             runs.append(row)
             logger.info("  %-12s %-10s %8.2f pairs/s  padding eff %.2f  %.0f GFLOP/s  spearman %s", workload, name,
                         row["pairs_per_s"], row["padding_efficiency"], row["model_flops_per_s"] / 1e9,
@@ -231,6 +266,7 @@ def benchmark_model(config: BenchmarkConfig, model: str, scores_dir: str) -> dic
         row["mfu"] = row["model_flops_per_s"] / peaks[row["dtype"]]["flops_per_s"] if row["dtype"] in peaks else None
     _add_speedups(runs)
     info = {"directory": directory, "shape": asdict(shape), "workload_pairs": workloads,
+            "fidelity_reference": reference, "plan": {name: plan[name] for name in order},
             "mean_tokens_per_pair": {w: float(s.mean()) for w, s in seqlens.items()},
             "reference_logit_std": {w: float(np.std(s)) for w, s in reference_scores.items()},
             "reference_logit_range": {w: [float(s.min()), float(s.max())] for w, s in reference_scores.items()}}
@@ -294,8 +330,8 @@ def run_benchmark(config: BenchmarkConfig) -> dict:
     models = [real] if real else config.models
     scores_dir = tempfile.mkdtemp(prefix="benchmark-scores-")
     try:
-        for model in models:
-            result = benchmark_model(config, model, scores_dir)
+        for index, model in enumerate(models):
+            result = benchmark_model(config, model, scores_dir, first_model=index == 0)
             report["runs"] += result["runs"]
             report["errors"] += result["errors"]
             report["peak_gemm"][model] = result["peak_gemm"]

@@ -1,4 +1,4 @@
-"""The benchmark job end to end on a tiny checkpoint and a few dozen real pairs: every default contender's
+"""The benchmark job end to end on a tiny checkpoint and a few dozen real pairs: every core contender's
 figures are there and consistent (engine-fp32 is the engine in another dtype, left out to save a worker), and
 the CPU runtimes (ONNX Runtime, OpenVINO) score the pairs close to the fp32 reference. No measured figure (time,
 pairs/s, MFU, memory, a speed-up) is compared with a threshold: the machine's load decides those. What is
@@ -18,7 +18,7 @@ import torch
 
 from jobs import benchmark
 from pipeline.benchmark.checkpoints import REAL_CHECKPOINT_ENV, head_pairs, spread_classifier, tokenizer_corpus
-from pipeline.benchmark.config import CPU_RUNTIME_CONTENDERS, DEFAULT_CONTENDERS
+from pipeline.benchmark.config import CORE_CONTENDERS, CPU_RUNTIME_CONTENDERS
 from pipeline.benchmark.contenders import CONTENDERS
 from pipeline.benchmark.fidelity import fidelity, spearman, top_k_overlap
 from pipeline.benchmark.runner import FIDELITY_REFERENCE
@@ -73,7 +73,9 @@ def run_job(checkpoint: str, shared_data, output: Path, *argv: str, env: dict | 
 def report(tiny_checkpoint, shared_data, tmp_path_factory):
     output = tmp_path_factory.mktemp("out") / "bench.json"
     code, report = run_job(tiny_checkpoint, shared_data, output, "--workloads", ",".join(WORKLOADS),
-                           "--n-pairs", str(N_PAIRS), "--set", "tune_batch_sizes=[8,16]", "--set", "tune_pairs=16",
+                           "--contenders", ",".join(CORE_CONTENDERS), "--n-pairs", str(N_PAIRS),
+                           "--set", "tune_batch_sizes=[8,16]", "--set", "tune_pairs=16",
+                           # st-default scores a quarter of the pairs: hf-fp32 is the reference
                            "--set", "full_precision_pairs_fraction=0.25")
     assert code == 0
     assert "| engine |" in output.with_suffix(".md").read_text()  # the table beside the JSON
@@ -96,7 +98,7 @@ def runtimes_report(spread_checkpoint, shared_data, tmp_path_factory):
 def test_every_contender_has_sane_figures(report):
     assert report["errors"] == []
     runs = {(r["workload"], r["contender"]): r for r in report["runs"]}
-    assert set(runs) == {(w, c) for w in WORKLOADS for c in [*DEFAULT_CONTENDERS, FIDELITY_REFERENCE]}
+    assert set(runs) == {(w, c) for w in WORKLOADS for c in [*CORE_CONTENDERS, FIDELITY_REFERENCE]}
     for (workload, contender), r in runs.items():
         missing = [f for f in FIELDS if f not in r]
         assert not missing, f"{workload}/{contender} lacks {missing}"
@@ -169,7 +171,7 @@ def test_report_has_machine_peaks_targets_and_a_table(report, capsys):
     from pipeline.benchmark.report import markdown_table
 
     table = markdown_table(report)
-    assert all(f"| {c} |" in table for c in DEFAULT_CONTENDERS)
+    assert all(f"| {c} |" in table for c in CORE_CONTENDERS)
 
 
 @pytest.mark.slow  # `runtimes_report`: an ONNX export, an int8 calibration, seven workers
