@@ -143,9 +143,8 @@ def model_plan(config: BenchmarkConfig, first_model: bool) -> dict[str, list[str
     plan = {}
     for name in config.contenders:
         scope = config.scope(name)
-        if scope.first_model_only and not first_model:
-            continue
-        workloads = [w for w in config.workloads if scope.workloads is None or w in scope.workloads]
+        allowed = scope.workloads if first_model or scope.other_models is None else scope.other_models
+        workloads = [w for w in config.workloads if allowed is None or w in allowed]
         if workloads:
             plan[name] = workloads
     return plan

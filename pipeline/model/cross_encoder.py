@@ -53,7 +53,7 @@ DEFAULT_MAX_TOKENS = {"cpu": 4096, "cuda": 65536}
 
 def cpu_has_bf16_matrix_units() -> bool:
     """AMX or AVX512-BF16, read from the CPU's flags. Where they exist bf16 GEMMs beat fp32: 2.0x peak measured
-    in the benchmark run of results/benchmark-cpu.md (AMD EPYC, AVX512-BF16, no AMX); AMX Xeons are quoted at
+    in the benchmark run of results/benchmark-cpu-epyc.md (AMD EPYC, AVX512-BF16, no AMX); AMX Xeons are quoted at
     several times more. Without them (AVX2-only CPUs) auto keeps fp32."""
     try:
         with open("/proc/cpuinfo") as f:

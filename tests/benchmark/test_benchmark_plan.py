@@ -30,12 +30,12 @@ def test_the_default_run_has_every_contender_and_the_default_plan():
     assert set(config.contender_scope) == set(DEFAULT_SCOPE)
     first, second = runner.model_plan(config, True), runner.model_plan(config, False)
     assert first.keys() == set(DEFAULT_CONTENDERS)
-    for name in [*CPU_RUNTIME_CONTENDERS, "engine-fp32", "engine-int8"]:
+    for name in ["hf-padded", "hf-sorted", "ray-job", *CPU_RUNTIME_CONTENDERS, "engine-fp32", "engine-int8"]:
         assert first[name] == ["dl19"] and name not in second
-    for name in CORE_CONTENDERS:
+    for name in ["st-default", "st-best", "engine"]:
         assert first[name] == ["dl19", "long", "multilingual"]
-    # The bge shape: the seed's size claim and the targets' contenders, on every workload.
-    assert second == {name: ["dl19", "long", "multilingual"] for name in ["st-default", "st-best", "engine"]}
+    # The bge shape: the seed's size claim and the targets' contenders, on DL19.
+    assert second == {name: ["dl19"] for name in ["st-default", "st-best", "engine"]}
 
 
 @pytest.mark.parametrize("explicit", [{"workloads": ["dl19"]}, {"models": [FIRST]}, {"contenders": ["engine"]}])
@@ -52,26 +52,40 @@ def test_a_scope_set_by_hand_applies_to_an_explicit_selection():
     assert runner.model_plan(config, True) == {"engine": ["dl19", "long", "multilingual"], "engine-int8": ["long"]}
 
 
+def test_a_scope_can_differ_between_the_first_model_and_the_others():
+    config = load_config(BenchmarkConfig, None, ["contender_scope={engine: {workloads: [long], other_models: [dl19]},"
+                                                 " st-best: {other_models: []}}"], contenders=["engine", "st-best"])
+    assert runner.model_plan(config, True) == {"engine": ["long"], "st-best": ["dl19", "long", "multilingual"]}
+    assert runner.model_plan(config, False) == {"engine": ["dl19"]}
+    # Only other models: valid with two models, an error with one (the contender would run nowhere).
+    others_only = "contender_scope={engine: {workloads: [], other_models: [dl19]}}"
+    config = load_config(BenchmarkConfig, None, [others_only])
+    assert "engine" not in runner.model_plan(config, True) and runner.model_plan(config, False)["engine"] == ["dl19"]
+    with pytest.raises(ConfigError, match="leaves it none of this run's workloads"):
+        load_config(BenchmarkConfig, None, [others_only], models=[FIRST])
+
+
 @pytest.mark.parametrize("override, message", [
-    ("contender_scope={engine: {workloads: [long]}}", "none of which this run has"),
+    ("contender_scope={engine: {workloads: [long]}}", "none of this run's workloads"),
     ("contender_scope={nope: {}}", "unknown contender in contender_scope"),
-    ("contender_scope={engine: {workloads: [dl20]}}", "unknown workload in contender_scope.engine"),
+    ("contender_scope={engine: {workloads: [dl20]}}", "unknown workload in contender_scope.engine.workloads"),
+    ("contender_scope={engine: {other_models: [dl20]}}", "unknown workload in contender_scope.engine.other_models"),
     ("contender_scope={engine: {first: true}}", "unknown config key `contender_scope.engine.first`"),
 ])
 def test_a_scope_that_cannot_run_is_one_clear_error(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(BenchmarkConfig, None, [override], workloads=["dl19"])
+        load_config(BenchmarkConfig, None, [override], workloads=["dl19"], models=[FIRST])
 
 
 def test_a_bad_scope_ends_the_job_in_one_error_line_before_any_work(tmp_path, capsys):
     from pipeline.cli import run_main
 
     with pytest.raises(SystemExit) as exit_info:
-        run_main(benchmark.main, ["--workloads", "dl19", "--set", "contender_scope={engine: {workloads: [long]}}",
+        run_main(benchmark.main, ["--workloads", "dl19", "--models", FIRST, "--set", "contender_scope={engine: {workloads: [long]}}",
                                   "--output", str(tmp_path / "bench.json")])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: contender_scope.engine limits it to workloads ['long']")
+    assert len(err) == 1 and err[0].startswith("error: contender_scope.engine leaves it none of this run's workloads (['dl19'])")
     assert not (tmp_path / "bench.json").exists()
 
 
@@ -134,7 +148,7 @@ def test_a_scoped_two_model_run_follows_its_plan(checkpoints, shared_data, tmp_p
     monkeypatch.setenv("SHARED_DATA", str(shared_data))
     monkeypatch.delenv(runner.REAL_CHECKPOINT_ENV, raising=False)
     config = load_config(BenchmarkConfig, None, [
-        "contender_scope={engine-fp32: {first_model_only: true, workloads: [dl19]}}", "n_pairs={dl19: 12, long: 6}",
+        "contender_scope={engine-fp32: {workloads: [dl19], other_models: []}}", "n_pairs={dl19: 12, long: 6}",
         "peak_seconds_per_shape=0.05", "scale_pairs_by_model_size=false", "max_tokens_per_batch=512"],
         models=[FIRST, SECOND], workloads=["dl19", "long"], contenders=["st-default", "engine", "engine-fp32"])
     report = runner.run_benchmark(config)
