@@ -5,12 +5,11 @@ and our engine, same weights, same data.
                              [--contenders st-default,st-best,hf-padded,hf-sorted,engine,...] [--n-pairs N]
                              [--rounds R] [--output results/benchmark-cpu.json] [--config FILE] [--set key=value ...]
 
-The default run puts every contender on the jina shape's DL19 pairs, and what users run today
-(sentence-transformers, transformers) beside the engine and the whole Ray job on long and multilingual pairs
-too; the bge shape gets sentence-transformers and the engine (`contender_scope`, DEFAULT_SCOPE in
-pipeline/benchmark/config.py: the CPU runtimes' exports, calibration and tuning cost minutes per model and
-workload). An explicit --models, --workloads or --contenders runs exactly that selection on everything, e.g.
-the CPU runtimes on long documents too:
+The default run puts every contender on the jina shape's DL19 pairs, sentence-transformers' default and best
+and the engine also on its long and multilingual pairs, and those three on the bge shape's DL19 pairs
+(`contender_scope`, DEFAULT_SCOPE in pipeline/benchmark/config.py: the full matrix would take ~40 minutes on 2
+cores). An explicit --models, --workloads or --contenders runs exactly that selection on everything (so does
+--set 'contender_scope={}'), e.g. the CPU runtimes on long documents too:
 
     python -m jobs.benchmark --models jina-reranker-v2-base --workloads dl19,long --contenders engine,ort-int8,ov-default,ov-int8
 
@@ -56,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "engine-int8,ort-fp32,ort-int8,ov-fp32,ov-default,ov-int8,hf-fp32 (default: all but "
                              "hf-fp32, which runs as the fidelity reference where st-default cannot be it)")
     parser.add_argument("--n-pairs", type=int, default=None,
-                        help="pairs per workload for every workload (float32 contenders score a fraction of them)")
+                        help="pairs per workload for every workload (float32 contenders score "
+                             "full_precision_pairs_fraction of them, 1.0 by default)")
     parser.add_argument("--rounds", type=int, default=None,
                         help="sweeps over the contenders; rows keep the fastest (default 1; 2-3 on a shared VM)")
     parser.add_argument("--output", default="results/benchmark-cpu.json", help="JSON report (local path or s3://...)")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
+from pipeline.benchmark.checkpoints import REAL_CHECKPOINT_ENV
 from pipeline.benchmark.contenders import CONTENDERS
 from pipeline.config import StrictModel
 from pipeline.datasets import WORKLOADS
@@ -28,13 +30,13 @@ class Scope(StrictModel):
 # The default run's plan: every contender on the jina shape's DL19 pairs; sentence-transformers (its default,
 # the fidelity reference, and its best) and the engine also on long and multilingual pairs; the bge shape (the
 # seed's size claim) with those three on DL19. Why: the full matrix (13 contenders x 2 models x 3 workloads)
-# would take ~40 minutes on 2 cores. Measured 2026-12-01 on a 2-core Xeon VM (AMX), a default run with the
-# padded/sorted transformers rows and the Ray job on all three workloads and the bge shape on all three took
-# 18.5 minutes from an empty cache, of which: building the two checkpoints 2 minutes (cached afterwards),
-# sentence-transformers' float32 default on the jina shape 2 minutes, the five CPU runtimes on DL19 4.3
-# minutes (ONNX export, OpenVINO conversions, int8 calibration, batch tuning included), transformers padded,
-# sorted and the Ray job 3.2 minutes on three workloads. An explicit --models, --workloads or --contenders
-# runs exactly that selection, everything on everything.
+# would take ~40 minutes on 2 cores. Measured 2026-12-01 on a 2-core Xeon VM (AMX), from an empty cache: this
+# plan 13.9 minutes (2.1 of them building the two checkpoints, which later runs reuse); a wider one, with
+# transformers padded/sorted and the Ray job on all three workloads and the bge shape on all three, 18.8
+# minutes, of which the five CPU runtimes on DL19 took 4.3 (ONNX export, OpenVINO conversions, int8 calibration
+# and batch tuning included), transformers padded/sorted and the Ray job 3.2, and the bge shape's three
+# contenders on long and multilingual pairs ~2.5 (float32 on its long pairs: 35 s for 8 pairs).
+# An explicit --models, --workloads or --contenders runs exactly that selection, everything on everything.
 DEFAULT_SCOPE: dict[str, dict] = {
     **{name: {"other_models": ["dl19"]} for name in ["st-default", "st-best", "engine"]},
     **{name: {"workloads": ["dl19"], "other_models": []}
@@ -50,9 +52,8 @@ class BenchmarkConfig(StrictModel):
     # DEFAULT_SCOPE when models, workloads and contenders are the defaults, no limits otherwise.
     contender_scope: dict[str, Scope] = Field(default_factory=dict)
     # Pairs per workload for the jina-sized model (the first n of each workload, so every contender scores
-    # the same pairs). Sized so the default run (2 models x 3 workloads x 6 contenders) took 12 minutes on a
-    # 2-core AVX512-BF16 CPU; the fidelity reference (hf-fp32, float32 like st-default, which took ~70 s
-    # per model there) adds an estimated 2-3 minutes; bigger runs: --n-pairs.
+    # the same pairs). The default run took ~14 minutes with them on a 2-core Xeon VM (see DEFAULT_SCOPE);
+    # bigger runs: --n-pairs.
     n_pairs: dict[str, int] = Field(default_factory=lambda: {"dl19": 256, "long": 24, "multilingual": 256})
     # float32 contenders (st-default, engine-fp32) are ~5x slower on a bf16 CPU. With a fraction < 1 they
     # score only the first part of the pairs (throughput measured on fewer pairs, never extrapolated; the
@@ -95,10 +96,8 @@ class BenchmarkConfig(StrictModel):
         """The default run's scope when the run is the default selection (before validation: the fields are
         assigned on validation, so the check sees what the user gave)."""
         if isinstance(data, dict) and "contender_scope" not in data:
-            defaults = {"models": cls.model_fields["models"].default_factory(),
-                        "workloads": cls.model_fields["workloads"].default_factory(),
-                        "contenders": DEFAULT_CONTENDERS}
-            if all(data.get(key, value) == value for key, value in defaults.items()):
+            defaults = ("models", "workloads", "contenders")
+            if not any(key in data for key in defaults):
                 data = {**data, "contender_scope": DEFAULT_SCOPE}
         return data
 
@@ -109,16 +108,34 @@ class BenchmarkConfig(StrictModel):
             for key in ("workloads", "other_models"):
                 if getattr(scope, key):
                     _known(getattr(scope, key), WORKLOADS, f"workload in contender_scope.{name}.{key}")
-            first = [w for w in self.workloads if scope.workloads is None or w in scope.workloads]
-            others = scope.workloads if scope.other_models is None else scope.other_models
-            other = [w for w in self.workloads if others is None or w in others] if len(self.models) > 1 else []
-            if name in self.contenders and not first and not other:
+        # A real checkpoint (RERANKER_CHECKPOINT) replaces the models: the run has one, the first.
+        firsts = [True, False] if len(self.models) > 1 and not os.environ.get(REAL_CHECKPOINT_ENV) else [True]
+        plans = [self.plan(first) for first in firsts]
+        for name in self.contenders:
+            if not any(name in plan for plan in plans):
                 raise ValueError(f"contender_scope.{name} leaves it none of this run's workloads ({self.workloads}) "
-                                 f"on any of its models ({self.models}); widen the scope or drop {name}")
+                                 f"on any of its models; widen the scope or drop {name}")
+        for first, plan in zip(firsts, plans):
+            if not plan:
+                which = "the first model" if first else "the models after the first"
+                raise ValueError(f"contender_scope leaves no contender on {which} of {self.models}; "
+                                 "widen a contender's scope or drop the model")
         return self
 
     def scope(self, contender: str) -> Scope:
         return self.contender_scope.get(contender) or Scope()
+
+    def plan(self, first_model: bool) -> dict[str, list[str]]:
+        """contender -> the workloads it scores on the first model or on each other one (in the run's order);
+        contenders left with none are not in it. The fidelity reference is added by the runner."""
+        plan = {}
+        for name in self.contenders:
+            scope = self.scope(name)
+            allowed = scope.workloads if first_model or scope.other_models is None else scope.other_models
+            workloads = [w for w in self.workloads if allowed is None or w in allowed]
+            if workloads:
+                plan[name] = workloads
+        return plan
 
     @field_validator("workloads")
     @classmethod

@@ -14,7 +14,7 @@ everyone, model loading for no one but the Ray job (which loads the model in its
 | `engine`        | ours, in process: `CrossEncoder.from_pretrained(dir).compute_score(pairs)`               | auto     |
 | `engine-fp32`   | ours in float32 (to compare with `st-default` at equal precision)                        | float32  |
 | `ray-job`       | the whole Ray rerank job (`pipeline.rerank_api.rerank`), Parquet in -> Parquet out        | auto     |
-| `hf-fp32`       | transformers length-sorted in float32: the fidelity reference of every row (see runner)   | float32  |
+| `hf-fp32`       | transformers length-sorted in float32: the fidelity reference where `st-default` is not   | float32  |
 | `ort-fp32`      | ONNX Runtime (CPUExecutionProvider) on a `torch.onnx.export` of the model, length-sorted  | float32  |
 | `ort-int8`      | the same export, `quantize_dynamic` per-channel QInt8 weights                             | int8     |
 | `ov-fp32`       | OpenVINO (`convert_model` from torch), INFERENCE_PRECISION_HINT f32, length-sorted        | float32  |
@@ -310,7 +310,7 @@ CONTENDERS: dict[str, Contender] = {c.name: c for c in [
     Contender("ray-job", "the whole Ray rerank job, Parquet in -> ranked Parquet out (Ray start included), "
               "dtype auto", "ray-job", "auto"),
     Contender("hf-fp32", "transformers AutoModelForSequenceClassification, float32, length-sorted batches "
-              "(the fidelity reference)", "transformers", "float32", length_sorted=True),
+              "(the fidelity reference where st-default cannot be)", "transformers", "float32", length_sorted=True),
     Contender("ort-fp32", "ONNX Runtime CPUExecutionProvider, torch.onnx.export (dynamo) of the model, fp32, "
               "length-sorted, batch size tuned", "onnxruntime", "float32", tuned_batch_size=True),
     Contender("ort-int8", "ONNX Runtime, the same export after quantize_dynamic (per-channel QInt8 weights), "

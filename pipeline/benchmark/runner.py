@@ -138,16 +138,8 @@ def _targets(runs: list[dict], model: str) -> list[dict]:
 
 
 def model_plan(config: BenchmarkConfig, first_model: bool) -> dict[str, list[str]]:
-    """contender -> the workloads it scores on one model (in the run's order), from `config.contender_scope`;
-    contenders left with none are not run on that model. The fidelity reference is not in it."""
-    plan = {}
-    for name in config.contenders:
-        scope = config.scope(name)
-        allowed = scope.workloads if first_model or scope.other_models is None else scope.other_models
-        workloads = [w for w in config.workloads if allowed is None or w in allowed]
-        if workloads:
-            plan[name] = workloads
-    return plan
+    """contender -> the workloads it scores on one model (`BenchmarkConfig.plan`); the reference is added later."""
+    return config.plan(first_model)
 
 
 def fidelity_reference(config: BenchmarkConfig, plan: dict[str, list[str]], directory: str) -> str:
@@ -192,10 +184,7 @@ def _skipped(model: str, name: str, workload: str, n_pairs: int, reason: str) ->
 
 def benchmark_model(config: BenchmarkConfig, model: str, scores_dir: str, first_model: bool = True) -> dict:
     """Every contender of the model's plan: {"runs", "peak_gemm", "info", "errors"}."""
-    plan = model_plan(config, first_model)
-    if not plan:
-        logger.warning("%s: no contender's scope includes this model; nothing to run", model)
-        return {"runs": [], "peak_gemm": {}, "info": {"plan": {}}, "errors": []}
+    plan = model_plan(config, first_model)  # never empty: the config's validation sees to it
     directory = benchmark_checkpoint(model, config.data_dir, tokenizer_vocab=config.tokenizer_vocab)
     shape = _shape(directory)
     logger.info("%s: %s (hidden %d, %d layers, FFN %d)", model, directory, shape.hidden, shape.layers,
@@ -210,16 +199,28 @@ def benchmark_model(config: BenchmarkConfig, model: str, scores_dir: str, first_
     runs, errors, engine_scores, reference_scores = [], [], {}, {}
     specs: dict[str, dict] = {}  # each contender's worker spec, for later rounds
     reference = fidelity_reference(config, plan, directory)
-    plan.setdefault(reference, [w for w in config.workloads if any(w in ws for ws in plan.values())])
+    # The reference scores every workload any contender scores on this model, whatever its own scope says.
+    needed = [w for w in config.workloads if any(w in ws for ws in plan.values())]
+    plan[reference] = needed
     # The fidelity reference first, then the engine: every later row is compared with both.
     order = [reference] + sorted((c for c in plan if c != reference), key=lambda c: c != REFERENCE)
     logger.info("%s: fidelity reference %s", model, reference)
-    for name in order:
+    for index, name in enumerate(order):
         spec = _worker_spec(config, name, directory, {w: workloads[w] for w in plan[name]}, scores_dir, reference)
         logger.info("%s / %s: %s", model, name, ", ".join(f"{w['name']} x {w['n_pairs']}" for w in spec["workloads"]))
         load_before = load_average()
         out = run_worker(spec, config.worker_timeout_s)
         specs[name] = spec
+        if name == reference != FIDELITY_REFERENCE and ("error" in out or out.get("dtype") != "float32"):
+            # st-default failed or did not compute in float32 (a checkpoint whose config asks for another
+            # dtype): transformers in float32 is the reference after all, run next.
+            logger.warning("%s: %s cannot be the fidelity reference (%s); running %s for it", model, name,
+                           out.get("error") or f"it ran {out.get('dtype')}", FIDELITY_REFERENCE)
+            reference = FIDELITY_REFERENCE
+            plan[reference] = needed
+            if reference in order:  # also one of the run's contenders: it moves up
+                order.remove(reference)
+            order.insert(index + 1, reference)
         if "error" in out:
             if CONTENDERS[name].optional:  # a missing or broken optional backend: a row that says so
                 logger.warning("%s / %s skipped: %s", model, name, out["error"])

@@ -129,6 +129,7 @@ class _Timed:
 
 @pytest.mark.parametrize("seconds, best, tried", [
     ({2: 1.0, 4: 2.0, 8: 0.5, 16: 0.4}, 2, [2, 4]),       # slower at 4: stop there
+    ({2: 2.0, 4: 1.0, 8: 1.5, 16: 0.1}, 4, [2, 4, 8]),    # a faster 16 is never tried: the early stop's price
     ({2: 2.0, 4: 1.0, 8: 0.5, 16: 0.6}, 8, [2, 4, 8, 16]),
     ({2: 2.0, 4: 1.0, 8: 0.5, 16: 0.25}, 16, [2, 4, 8, 16]),
 ])
@@ -168,3 +169,87 @@ def test_a_scoped_two_model_run_follows_its_plan(checkpoints, shared_data, tmp_p
     table = markdown_table(report)
     assert (f"Plan (contender_scope): {FIRST}: st-default (reference), engine on dl19, long; engine-fp32 on dl19. "
             f"{SECOND}: st-default (reference), engine on dl19, long.") in table
+
+
+class _Workers:
+    """run_worker's stand-in: records the specs, writes each workload's scores (the pair index plus a per-contender
+    offset, so the fidelity figures are known) and returns what a worker returns; `fail`/`dtypes` choose errors
+    and the dtype a contender reports."""
+
+    def __init__(self, tmp_path, fail=(), dtypes=None):
+        self.tmp_path, self.fail, self.dtypes, self.specs = tmp_path, set(fail), dtypes or {}, []
+
+    def __call__(self, spec, timeout_s):
+        self.specs.append(spec)
+        name = spec["contender"]
+        if name in self.fail:
+            return {"error": f"worker exited with 1: {name} broke"}
+        results = []
+        for w in spec["workloads"]:
+            path = self.tmp_path / f"{name}-{w['name']}-{len(self.specs)}.npy"
+            np.save(path, np.arange(w["n_pairs"], dtype=np.float32) + (0.5 if name == "engine" else 0.0))
+            results.append({"workload": w["name"], "n_pairs": w["n_pairs"], "seconds": 1.0, "real_tokens": 10,
+                            "processed_tokens": 10, "dtype": self.dtypes.get(name, "float32"), "scores_file": str(path)})
+        return {"dtype": self.dtypes.get(name, "float32"), "load_seconds": 0.1, "rss_after_load_mb": 1.0,
+                "results": results}
+
+
+@pytest.fixture
+def stubbed(checkpoints, shared_data, monkeypatch):
+    monkeypatch.setattr(runner, "benchmark_checkpoint", lambda model, data_dir, **kwargs: checkpoints["float32"])
+    monkeypatch.setattr(runner, "measure_peaks", lambda shape, seconds, device: {
+        dtype: {"flops_per_s": 1e12} for dtype in ("bfloat16", "float32")})
+    monkeypatch.setenv("SHARED_DATA", str(shared_data))
+    monkeypatch.delenv(runner.REAL_CHECKPOINT_ENV, raising=False)
+
+    def run(tmp_path, overrides, fail=(), dtypes=None, **explicit):
+        workers = _Workers(tmp_path, fail, dtypes)
+        monkeypatch.setattr(runner, "run_worker", workers)
+        config = load_config(BenchmarkConfig, None, ["n_pairs={dl19: 12, long: 6}", *overrides],
+                             models=[FIRST], workloads=["dl19", "long"], **explicit)
+        return runner.benchmark_model(config, FIRST, str(tmp_path)), workers
+
+    return run
+
+
+def test_the_reference_scores_every_workload_whatever_its_own_scope(stubbed, tmp_path):
+    result, workers = stubbed(tmp_path, ["contender_scope={hf-fp32: {workloads: [dl19]}}"],
+                              contenders=["hf-fp32", "engine"])
+    assert result["info"]["fidelity_reference"] == "hf-fp32"
+    assert [w["name"] for w in workers.specs[0]["workloads"]] == ["dl19", "long"]
+    engine = [r for r in result["runs"] if r["contender"] == "engine"]
+    assert {r["workload"] for r in engine} == {"dl19", "long"}
+    assert all(r["max_abs_logit_diff"] == pytest.approx(0.5) and r["fidelity_reference"] == "hf-fp32" for r in engine)
+
+
+@pytest.mark.parametrize("fail, dtypes, why", [
+    ({"st-default"}, {}, "st-default broke"),
+    ((), {"st-default": "bfloat16"}, "it ran bfloat16"),
+])
+def test_st_default_that_cannot_be_the_reference_hands_over_to_hf_fp32(stubbed, tmp_path, caplog, fail, dtypes, why):
+    result, workers = stubbed(tmp_path, [], fail=fail, dtypes=dtypes, contenders=["st-default", "engine", "hf-fp32"])
+    assert [s["contender"] for s in workers.specs] == ["st-default", "hf-fp32", "engine"]  # hf-fp32 once, moved up
+    assert result["info"]["fidelity_reference"] == "hf-fp32" and why in caplog.text
+    engine = [r for r in result["runs"] if r["contender"] == "engine"]
+    assert len(engine) == 2 and all(r["fidelity_reference"] == "hf-fp32" for r in engine)
+    assert all(r["max_abs_logit_diff"] == pytest.approx(0.5) for r in engine)
+    assert [e["contender"] for e in result["errors"]] == (["st-default"] if fail else [])
+
+
+def test_an_explicit_selection_equal_to_the_defaults_is_still_explicit():
+    defaults = BenchmarkConfig()
+    config = load_config(BenchmarkConfig, None, (), models=defaults.models, workloads=defaults.workloads,
+                         contenders=defaults.contenders)
+    assert config.contender_scope == {}
+    assert load_config(BenchmarkConfig, None, ["contender_scope={}"]).contender_scope == {}
+
+
+def test_a_scope_that_leaves_a_model_without_contenders_is_an_error(monkeypatch):
+    with pytest.raises(ConfigError, match="leaves no contender on the models after the first"):
+        load_config(BenchmarkConfig, None, ["contender_scope={engine: {other_models: []}, ort-int8: {other_models: []}}"],
+                    contenders=["engine", "ort-int8"])
+    # With a real checkpoint the run has one model: a contender for the other models only runs nowhere.
+    monkeypatch.setenv(runner.REAL_CHECKPOINT_ENV, "/some/checkpoint")
+    with pytest.raises(ConfigError, match="contender_scope.engine leaves it none"):
+        load_config(BenchmarkConfig, None, ["contender_scope={engine: {workloads: [], other_models: [dl19]}}"],
+                    contenders=["engine", "st-best"])
