@@ -3,7 +3,7 @@
     report = run_benchmark(config)   # the JSON the job writes (layout below)
 
 For each model: the shared checkpoint (`checkpoints.py`), then one worker per contender (`worker.py`),
-which scores the workloads its scope gives it on that model (`model_plan`; the default run's plan is
+which scores the workloads its scope gives it on that model (`BenchmarkConfig.plan`; the default run's plan is
 `config.DEFAULT_SCOPE`). The first worker is the fidelity reference, a float32 scorer of every pair: every
 row's scores are compared with its scores on the same pairs (`fidelity.py`: max |Δlogit|, Spearman, mean
 per-query top-10 overlap; queries are the pairs' query texts). The reference is `st-default`
@@ -137,11 +137,6 @@ def _targets(runs: list[dict], model: str) -> list[dict]:
     return targets
 
 
-def model_plan(config: BenchmarkConfig, first_model: bool) -> dict[str, list[str]]:
-    """contender -> the workloads it scores on one model (`BenchmarkConfig.plan`); the reference is added later."""
-    return config.plan(first_model)
-
-
 def fidelity_reference(config: BenchmarkConfig, plan: dict[str, list[str]], directory: str) -> str:
     """`st-default` when it already scores, in float32, every pair of every workload the plan has (saving a
     float32 worker: ~1.5 minutes per model in the default run on 2 cores), else `hf-fp32`."""
@@ -184,7 +179,7 @@ def _skipped(model: str, name: str, workload: str, n_pairs: int, reason: str) ->
 
 def benchmark_model(config: BenchmarkConfig, model: str, scores_dir: str, first_model: bool = True) -> dict:
     """Every contender of the model's plan: {"runs", "peak_gemm", "info", "errors"}."""
-    plan = model_plan(config, first_model)  # never empty: the config's validation sees to it
+    plan = config.plan(first_model)  # never empty: the config's validation sees to it
     directory = benchmark_checkpoint(model, config.data_dir, tokenizer_vocab=config.tokenizer_vocab)
     shape = _shape(directory)
     logger.info("%s: %s (hidden %d, %d layers, FFN %d)", model, directory, shape.hidden, shape.layers,

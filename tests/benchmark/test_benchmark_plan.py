@@ -28,7 +28,7 @@ def test_the_default_run_has_every_contender_and_the_default_plan():
     assert config.contenders == DEFAULT_CONTENDERS
     assert set(CORE_CONTENDERS + CPU_RUNTIME_CONTENDERS + ["engine-fp32", "engine-int8"]) == set(DEFAULT_CONTENDERS)
     assert set(config.contender_scope) == set(DEFAULT_SCOPE)
-    first, second = runner.model_plan(config, True), runner.model_plan(config, False)
+    first, second = config.plan(True), config.plan(False)
     assert first.keys() == set(DEFAULT_CONTENDERS)
     for name in ["hf-padded", "hf-sorted", "ray-job", *CPU_RUNTIME_CONTENDERS, "engine-fp32", "engine-int8"]:
         assert first[name] == ["dl19"] and name not in second
@@ -42,25 +42,25 @@ def test_the_default_run_has_every_contender_and_the_default_plan():
 def test_an_explicit_selection_runs_everything_on_everything(explicit):
     config = load_config(BenchmarkConfig, None, (), **explicit)
     assert config.contender_scope == {}
-    plan = runner.model_plan(config, False)
+    plan = config.plan(False)
     assert all(workloads == config.workloads for workloads in plan.values()) and list(plan) == config.contenders
 
 
 def test_a_scope_set_by_hand_applies_to_an_explicit_selection():
     config = load_config(BenchmarkConfig, None, ["contender_scope={engine-int8: {workloads: [long]}}"],
                          contenders=["engine", "engine-int8"])
-    assert runner.model_plan(config, True) == {"engine": ["dl19", "long", "multilingual"], "engine-int8": ["long"]}
+    assert config.plan(True) == {"engine": ["dl19", "long", "multilingual"], "engine-int8": ["long"]}
 
 
 def test_a_scope_can_differ_between_the_first_model_and_the_others():
     config = load_config(BenchmarkConfig, None, ["contender_scope={engine: {workloads: [long], other_models: [dl19]},"
                                                  " st-best: {other_models: []}}"], contenders=["engine", "st-best"])
-    assert runner.model_plan(config, True) == {"engine": ["long"], "st-best": ["dl19", "long", "multilingual"]}
-    assert runner.model_plan(config, False) == {"engine": ["dl19"]}
+    assert config.plan(True) == {"engine": ["long"], "st-best": ["dl19", "long", "multilingual"]}
+    assert config.plan(False) == {"engine": ["dl19"]}
     # Only other models: valid with two models, an error with one (the contender would run nowhere).
     others_only = "contender_scope={engine: {workloads: [], other_models: [dl19]}}"
     config = load_config(BenchmarkConfig, None, [others_only])
-    assert "engine" not in runner.model_plan(config, True) and runner.model_plan(config, False)["engine"] == ["dl19"]
+    assert "engine" not in config.plan(True) and config.plan(False)["engine"] == ["dl19"]
     with pytest.raises(ConfigError, match="leaves it none of this run's workloads"):
         load_config(BenchmarkConfig, None, [others_only], models=[FIRST])
 
