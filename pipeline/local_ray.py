@@ -8,8 +8,12 @@ test workers on two cores, a laptop compiling) 30 s is not always enough. A loca
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import re
+import sys
+import threading
 from typing import Callable
 
 from pipeline.errors import InfrastructureError
@@ -51,3 +55,90 @@ def init_ray(address: str, init: Callable[..., object] | None = None, **kwargs) 
         f"Ray could not start a local node: its raylet did not register within 30 s, {attempts} time(s); this "
         "machine is too busy or short of memory. Rerun when it is less loaded, or start Ray once with "
         "`ray start --head` and pass --set ray_address=auto")
+
+
+# -- the console: the job's own lines only -----------------------------------------------------------------
+
+# Ray's C++ core writes its error-level lines to the process's stderr as well as to its log file in the session
+# folder (python-core-driver-*.log); no setting of Ray's turns the console copy off alone. A line of that log
+# starts with "[2026-12-07 14:39:51,976 E 10315 10315] core_worker.cc:2465: ".
+RAY_CORE_LINE = re.compile(rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEF] \d+ \d+\] [\w./-]+\.(?:cc|h):\d+:")
+
+
+class _CoreLineFilter:
+    """File descriptor 2 through a pipe: every line but Ray's C++ log lines goes on to the real stderr."""
+
+    def __init__(self) -> None:
+        self.real = os.dup(2)
+        read, self.write = os.pipe()
+        os.dup2(self.write, 2)
+        self.thread = threading.Thread(target=self._forward, args=(read,), name="stderr-without-ray-core",
+                                       daemon=True)
+        self.thread.start()
+
+    def _forward(self, read: int) -> None:
+        with os.fdopen(read, "rb", buffering=0) as pipe:
+            pending = b""
+            while chunk := pipe.read(65536):
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                self._emit(lines)
+            self._emit([pending] if pending else [])
+
+    def _emit(self, lines: list[bytes]) -> None:
+        kept = b"".join(line + b"\n" for line in lines if not RAY_CORE_LINE.match(line))
+        if kept:
+            os.write(self.real, kept)
+
+    def close(self) -> None:
+        """Stderr back to the real one, and everything written before passed on (at exit: the `error:` line)."""
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        os.dup2(self.real, 2)
+        os.close(self.write)
+        self.thread.join(timeout=5)
+
+
+_core_filter: _CoreLineFilter | None = None
+
+
+def _close_core_filter() -> None:
+    global _core_filter
+    if _core_filter is not None:
+        _core_filter, filter_ = None, _core_filter
+        filter_.close()
+
+
+def quiet_ray_console(verbose: bool) -> Callable[[], None]:
+    """Before `ray.init` in a job's own process: keeps what Ray prints for itself off the console (its session
+    folder's logs keep everything); `verbose` (-v) leaves the console as Ray makes it. Returns what to call once
+    Ray is started: it hides Ray's C++ log lines from stderr from then on.
+
+    What it turns off: the task and actor failures Ray's error channel prints on the driver's stdout (a scorer
+    that fails while loading is retried, and each try prints its whole traceback as "(raylet) Task ... failed"),
+    the lines of the "ray" logger's own console handler (the token authentication notice), and the error-level
+    lines of Ray's C++ core on stderr."""
+    if verbose:
+        return lambda: None
+    import ray._private.worker as ray_worker
+
+    # Read by Ray's printer of worker logs and of its error channel; there is no public switch for the latter
+    # (log_to_driver=False covers the workers' output only).
+    ray_worker._worker_logs_enabled = False
+    for handler in logging.getLogger("ray").handlers:
+        if not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.CRITICAL + 1)
+    # Registered before ray.init registers its shutdown, so that it runs after it (atexit is last-in first-out):
+    # Ray's shutdown logs through the filter too.
+    atexit.register(_close_core_filter)
+
+    def after_start() -> None:
+        global _core_filter
+        # Only the process's real stderr: a caller that swapped it (a test capturing output) keeps its own; the
+        # processes Ray started are already running and do not inherit the pipe.
+        if _core_filter is None and sys.stderr is sys.__stderr__:
+            _core_filter = _CoreLineFilter()
+
+    return after_start

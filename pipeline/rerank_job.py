@@ -39,7 +39,7 @@ from pipeline.config import redact
 from pipeline.errors import ConfigError, InputError, OutputError, PipelineError
 from pipeline.faults import explain
 from pipeline.lease import OutputLease
-from pipeline.local_ray import init_ray
+from pipeline.local_ray import init_ray, quiet_ray_console
 from pipeline.model.checkpoint import inspect_checkpoint, resolve_model_directory
 from pipeline.model.model_config import linear_layer_names
 from pipeline.progress import Progress
@@ -170,8 +170,11 @@ def _ensure_ray(config: RerankConfig) -> None:
         # RAY_ADDRESS is set by `ray job submit` and on cluster nodes; otherwise start a fresh local Ray rather
         # than attach to whatever cluster this machine ran last.
         address = config.ray_address or os.environ.get("RAY_ADDRESS") or "local"
+        # The job's console is its own lines: what Ray prints for itself stays in its session folder (-v: both).
+        started = quiet_ray_console(verbose=logger.isEnabledFor(logging.DEBUG))
         init_ray(address, ignore_reinit_error=True, log_to_driver=False, include_dashboard=False,
                  logging_level=logging.WARNING)
+        started()
     logger.debug("Ray at %s: %s", ray.get_runtime_context().gcs_address, ray.cluster_resources())
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False

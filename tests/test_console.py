@@ -1,0 +1,62 @@
+"""The console of a job that starts its own Ray holds the job's lines only: a scorer that fails while loading
+ends in one `error:` line on stderr, and nothing Ray prints for itself (its error channel's "(raylet) Task ...
+failed" tracebacks, its logger's notices, its C++ core's log lines) reaches stdout or stderr."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from pipeline.model.dummy import dummy_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# What Ray's own printers put on the console: its error channel and workers ("(raylet) ...", "(pid=...)"), its
+# Python logger ("2026-12-07 14:39:40,247\tWARNING x.py:85 -- ..."), its C++ core ("[2026-... E 1 1] x.cc:1:").
+RAY_LINE = re.compile(r"\(raylet\)|\(pid=|\(\w+ pid=|^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+[A-Z]+ \S+\.py:\d+ --|"
+                      r"^\[\d{4}-\d\d-\d\d [^]]*\] \S+\.(?:cc|h):\d+:|Traceback")
+
+
+def _garbage_weights(tmp_path: Path) -> Path:
+    """A checkpoint the driver's check accepts (a readable safetensors file, a known layout) whose weight shapes
+    do not fit its config: it fails in the scorer actor, while loading, on every try Ray makes."""
+    model = tmp_path / "wrong-shapes"
+    shutil.copytree(dummy_checkpoint("tiny"), model)
+    tensors = load_file(model / "model.safetensors")
+    name = sorted(name for name in tensors if name.endswith("fc2.weight"))[0]
+    tensors[name] = tensors[name].reshape(-1)[:3].copy()
+    save_file(tensors, model / "model.safetensors")
+    return model
+
+
+@pytest.mark.slow
+def test_a_scorer_failing_at_load_is_one_error_line_and_nothing_from_ray(shared_data, tmp_path):
+    topics = json.loads((shared_data / "trec-dl" / "retrieve_results_dl19.json").read_text())
+    rows = [dict(query_id=h["qid"], query=t["query"], doc_id=h["docid"], document=h["content"])
+            for t in topics[:2] for h in t["hits"][:10]]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "in.parquet")
+    result = subprocess.run(
+        [sys.executable, "-m", "jobs.rerank", "--input", str(tmp_path / "in.parquet"), "--output",
+         str(tmp_path / "out"), "--model", str(_garbage_weights(tmp_path))],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=600)
+    both = result.stdout + result.stderr
+    assert result.returncode == 2, both[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "fc2.weight" in errors[0] and "shape" in errors[0], both[-3000:]
+    ray_lines = [line for line in both.splitlines() if RAY_LINE.search(line)]
+    assert not ray_lines, ray_lines[:5]
+    assert result.stdout == "", result.stdout[:3000]
+    # The job's own lines only: its log lines ("HH:MM:SS LEVEL logger: ...") and the error.
+    others = [line for line in result.stderr.splitlines()
+              if not line.startswith("error:") and not re.match(r"\d\d:\d\d:\d\d [A-Z]+ [\w.]+: ", line)]
+    assert not others, others[:5]
