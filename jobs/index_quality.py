@@ -42,7 +42,8 @@ log = logging.getLogger("jobs.index_quality")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = base_parser("python -m jobs.index_quality", __doc__.split("\n\n")[0], model_required=False)
+    parser = base_parser("python -m jobs.index_quality", __doc__.split("\n\n")[0], model_required=False,
+                         set_example="rerank.scorer.max_tokens_per_batch=8192")
     parser.description, parser.formatter_class = __doc__, argparse.RawDescriptionHelpFormatter
     parser.add_argument("--run", required=True, help="first-stage results: TREC run file or Parquet (see above)")
     parser.add_argument("--output", required=True, help="output folder (local path or s3://...)")

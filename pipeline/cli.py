@@ -34,7 +34,10 @@ class JobArgumentParser(argparse.ArgumentParser):
 
 
 def base_parser(prog: str, description: str, *, model_required: bool = True,
-                formatter_class=argparse.HelpFormatter) -> JobArgumentParser:
+                formatter_class=argparse.HelpFormatter,
+                set_example: str = "scorer.max_tokens_per_batch=8192") -> JobArgumentParser:
+    """`set_example`: a key of this job's config for --set's help (the jobs that run a rerank step keep its
+    settings under `rerank.`)."""
     parser = JobArgumentParser(prog=prog, description=description, formatter_class=formatter_class)
     parser.add_argument("--model", required=model_required, default=None,
                         help="local checkpoint directory, Hugging Face hub id, or dummy:<architecture>" +
@@ -44,7 +47,7 @@ def base_parser(prog: str, description: str, *, model_required: bool = True,
                         "int8: int8 Linear layers on CPU, only when asked for)")
     parser.add_argument("--config", default=None, help="YAML config file (see configs/)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one config key, e.g. --set scorer.max_tokens_per_batch=8192 (repeatable)")
+                        help=f"override one config key, e.g. --set {set_example} (repeatable)")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="-v: this project's debug logging; -vv: every library's too but Ray's (credentials redacted)")
     return parser

@@ -83,6 +83,41 @@ def read_yaml(path: str) -> dict:
     return data
 
 
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def _accepts(model: type[BaseModel], parts: list[str]) -> bool:
+    """Whether `model` has the dotted key `parts` (a section's keys below a section)."""
+    for i, part in enumerate(parts):
+        field = model.model_fields.get(part)
+        if field is None:
+            return False
+        sub = _model_of(field.annotation)
+        if sub is None:
+            return i == len(parts) - 1
+        model = sub
+    return True
+
+
+def _nested_key_hint(section: Any, key: str, value: Any) -> tuple[str, str] | None:
+    """The full key an unknown key was probably meant as: the same key inside one of this section's sections
+    (`scorer.max_tokens_per_batch` -> `rerank.scorer.max_tokens_per_batch` in the jobs that run a rerank step):
+    (the key as typed, the key it would be), or None."""
+    section = _model_of(section)
+    if section is None:
+        return None
+    parts = [key]
+    while isinstance(value, dict) and len(value) == 1:  # `--set a.b.c=1` reaches here as a: {b: {c: 1}}
+        (inner, value), = value.items()
+        parts.append(str(inner))
+    for name, field in section.model_fields.items():
+        sub = _model_of(field.annotation)
+        if sub is not None and _accepts(sub, parts):
+            return ".".join(parts), f"{name}.{'.'.join(parts)}"
+    return None
+
+
 def _describe(error: dict, cls: type[BaseModel]) -> str:
     loc = ".".join(str(p) for p in error["loc"])
     if error["type"] == "extra_forbidden":
@@ -91,6 +126,10 @@ def _describe(error: dict, cls: type[BaseModel]) -> str:
             field = section.model_fields.get(str(part)) if isinstance(section, type) else None
             section = field.annotation if field is not None else None
         known = sorted(section.model_fields) if isinstance(section, type) and issubclass(section, BaseModel) else []
+        hint = _nested_key_hint(section, str(error["loc"][-1]), error.get("input"))
+        if hint:
+            typed, meant = hint
+            return f"unknown config key `{'.'.join([*loc.split('.')[:-1], typed])}`; did you mean {meant}?"
         return f"unknown config key `{loc}`" + (f"; known keys here: {', '.join(known)}" if known else "")
     if not loc:  # a check across keys (a model validator): its message names them
         return str(error["msg"]).removeprefix("Value error, ")

@@ -112,11 +112,15 @@ class InputLayout:
                 c.doc_id_column: "input.doc_id_column", c.document_column: "input.document_column",
                 c.candidates_column: "input.candidates_column"}
         for i, s in enumerate(schemas):
-            for col in required:
-                if col not in s.names:
-                    where = files[i] if files else f"input file {i + 1}"
-                    raise InputError(f"column `{col}` not found in {where}; columns are {s.names}; "
-                                     f"set `{keys[col]}` to the right name")
+            # Every missing column in one line: a user fixing them one run at a time reruns once per column.
+            missing = [col for col in required if col not in s.names]
+            if missing:
+                where = files[i] if files else f"input file {i + 1}"
+                plural = len(missing) > 1
+                raise InputError(f"column{'s' if plural else ''} {', '.join(f'`{col}`' for col in missing)} not "
+                                 f"found in {where}; columns are {s.names}; set "
+                                 f"{', '.join(f'`{keys[col]}`' for col in missing)} to the right "
+                                 f"name{'s' if plural else ''}")
 
         def types(col):
             return {s.field(col).type for s in schemas if col in s.names}

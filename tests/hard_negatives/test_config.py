@@ -39,3 +39,25 @@ def test_the_rerank_step_must_score_every_candidate_with_the_jobs_storage_option
     rerank = config.rerank_config()
     assert (rerank.model, rerank.dtype, rerank.storage_options) == ("dummy:tiny", "float32",
                                                                     {"endpoint_url": "http://127.0.0.1:9"})
+
+
+@pytest.mark.parametrize("job", ["hard_negatives", "index_quality"])
+def test_a_rerank_key_without_its_section_is_answered_with_the_full_key(job, run_entry_point, capsys):
+    """These jobs keep the rerank step's settings under `rerank.`: their help shows such a key, and the rerank
+    job's key given bare is refused with the key it would be."""
+    import importlib
+
+    module = importlib.import_module(f"jobs.{job}")
+    help_text = module.build_parser().format_help()
+    assert "--set rerank.scorer.max_tokens_per_batch=8192" in " ".join(help_text.split())
+    inputs = ["--input", "in.parquet"] if job == "hard_negatives" else ["--run", "run.txt"]
+    result = run_entry_point(module.main, *inputs, "--output", "out", "--set", "scorer.max_tokens_per_batch=8192")
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr
+    assert "unknown config key `scorer.max_tokens_per_batch`" in errors[0]
+    assert "did you mean rerank.scorer.max_tokens_per_batch?" in errors[0]
+    # A key of no section is refused as before, naming the keys of its place.
+    with pytest.raises(ConfigError, match=r"unknown config key `rerank.scorer.max_tokens`; known keys here: .*"
+                                          "max_tokens_per_batch"):
+        load_config(HardNegativesConfig, overrides=["rerank.scorer.max_tokens=1"])

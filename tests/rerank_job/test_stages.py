@@ -69,6 +69,10 @@ def test_table_level_errors_name_the_column(tmp_path):
     with pytest.raises(InputError, match="column `document` not found.*input.document_column"):
         InputLayout.from_schemas([pa.schema([("query_id", pa.string()), ("query", pa.string()),
                                              ("doc_id", pa.string()), ("doc", pa.string())])], InputConfig())
+    # Every missing column in the one line, not one per run.
+    with pytest.raises(InputError, match="columns `query`, `document` not found.*`input.query_column`, "
+                                         "`input.document_column` to the right names"):
+        InputLayout.from_schemas([pa.schema([("query_id", pa.string()), ("doc_id", pa.string())])], InputConfig())
     with pytest.raises(InputError, match="text column `document` has type int64"):
         InputLayout.from_schemas([pa.schema([("query_id", pa.string()), ("query", pa.string()),
                                              ("doc_id", pa.string()), ("document", pa.int64())])], InputConfig())
