@@ -3,22 +3,27 @@ run in this process."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("SHARED_DATA", ROOT.parent / "shared" / "data")).resolve()
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """`../shared/data` beside the project (read-only real data; see its README)."""
-    if not SHARED_DATA.is_dir():
-        raise RuntimeError(f"real data not found at {SHARED_DATA}; set SHARED_DATA to the shared/data folder")
-    return SHARED_DATA
+    """The real data folder (read-only; see its README): `$SHARED_DATA`, else `../shared/data` beside the
+    project, else `.data/` where `python -m pipeline.datasets fetch` puts it. Without it every test that reads
+    it fails with the one message naming that command (the check runs once, its failure is reused)."""
+    from pipeline.datasets.fetch import locate
+    from pipeline.errors import InputError
+
+    try:
+        return locate().resolve()
+    except InputError as e:
+        missing = str(e)
+    pytest.fail(missing, pytrace=False)  # outside `except`: the message alone, not a chained second copy
 
 
 @pytest.fixture(scope="session")

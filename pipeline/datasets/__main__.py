@@ -4,13 +4,18 @@ Writes a collection (`trec_dl`, `noveleval`, `vaswani`, `xquad_r`, `bfcl`, `spid
 workload (`dl19`, `long`, `multilingual`) as Parquet in the rerank job's long format. Outputs may be local paths
 or object-storage URIs. Converter arguments go through `--set`, e.g.
 `python -m pipeline.datasets xquad_r --set languages=[en,de] --set pool_size=100 --output x.parquet`.
+
+`python -m pipeline.datasets fetch [FOLDER ...] [--to DIR] [--from DIR] [--mirror URL]` puts the real data
+folder the converters read (by default into `.data/` in the project) on a machine that lacks it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import posixpath
+import sys
 from typing import Sequence
 
 import pyarrow.compute as pc
@@ -19,7 +24,7 @@ import pyarrow.parquet as pq
 from pipeline import schema
 from pipeline.cli import JobArgumentParser, run_main
 from pipeline.config import parse_overrides
-from pipeline.datasets import COLLECTIONS, WORKLOADS, check_arguments, sample_queries
+from pipeline.datasets import COLLECTIONS, WORKLOADS, check_arguments, fetch, sample_queries
 from pipeline.errors import InputError
 from pipeline.storage import arrow_filesystem, url_to_fs
 from pipeline.trec import write_qrels
@@ -27,7 +32,9 @@ from pipeline.trec import write_qrels
 
 def _parser() -> argparse.ArgumentParser:
     parser = JobArgumentParser(prog="python -m pipeline.datasets", description=__doc__.split("\n\n")[1])
-    parser.add_argument("name", choices=sorted(COLLECTIONS) + sorted(WORKLOADS))
+    parser.add_argument("name", choices=sorted(COLLECTIONS) + sorted(WORKLOADS),
+                        help="a collection or workload to write (or `fetch`: see `python -m pipeline.datasets fetch "
+                             "--help`)")
     parser.add_argument("--output", required=True, help="Parquet file for the pairs (path or URI)")
     parser.add_argument("--qrels-output", default=None,
                         help="qrels file (collections only): .parquet writes Parquet, anything else TREC qrels text")
@@ -40,6 +47,33 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fetch_parser() -> argparse.ArgumentParser:
+    parser = JobArgumentParser(prog="python -m pipeline.datasets fetch", description=(
+        "Download the real data the tests and benchmarks read from the public repositories it was copied from "
+        "(each file at a fixed commit, its sha256 checked before it gets its final name), or copy it from a "
+        "folder that holds it. A rerun checks what is there and fetches only what is missing or differs."))
+    parser.add_argument("folders", nargs="*", metavar="FOLDER",
+                        help=f"only these entries of the data folder ({', '.join(fetch.folders())}); default all")
+    parser.add_argument("--to", default=str(fetch.DEFAULT_DIR), metavar="DIR",
+                        help="the data folder to fill (default: .data/ in the project, where the tests look last)")
+    parser.add_argument("--from", dest="source", default=None, metavar="DIR",
+                        help="copy from this data folder where it holds a file, download the rest "
+                             f"(default: ${fetch.SHARED_DATA_ENV} when it names a folder)")
+    parser.add_argument("--mirror", default=None, metavar="URL",
+                        help="a copy of the data folder served over HTTP(S): read URL/<folder>/<file> instead of each "
+                             "file's public source")
+    return parser
+
+
+def fetch_main(argv: Sequence[str]) -> int:
+    args = _fetch_parser().parse_args(argv)
+    source = args.source
+    if source is None and os.path.isdir(os.environ.get(fetch.SHARED_DATA_ENV) or ""):
+        source = os.environ[fetch.SHARED_DATA_ENV]
+    print(json.dumps(fetch.fetch(args.to, args.folders, source_dir=source, mirror=args.mirror)))
+    return 0
+
+
 def _write_parquet(table, uri: str) -> None:
     fs, path = url_to_fs(uri)
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
@@ -47,6 +81,9 @@ def _write_parquet(table, uri: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["fetch"]:
+        return fetch_main(argv[1:])
     args = _parser().parse_args(argv)
     arguments = parse_overrides(args.overrides)
     function = check_arguments(args.name, arguments)
