@@ -60,8 +60,8 @@ def _fetch_parser() -> argparse.ArgumentParser:
                         help="copy from this data folder where it holds a file, download the rest "
                              f"(default: ${fetch.SHARED_DATA_ENV} when it names a folder)")
     parser.add_argument("--mirror", default=None, metavar="URL",
-                        help="a copy of the data folder served over HTTP(S): read URL/<folder>/<file> instead of each "
-                             "file's public source")
+                        help="a copy of the data folder at an http(s):// or file:// URL: read URL/<folder>/<file> "
+                             "instead of each file's public source")
     return parser
 
 

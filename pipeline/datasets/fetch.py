@@ -17,6 +17,7 @@ import hashlib
 import http.client
 import json
 import os
+import ssl
 import sys
 import tempfile
 import urllib.error
@@ -105,8 +106,8 @@ def fetch(to: str | os.PathLike = DEFAULT_DIR, names: Sequence[str] = (), *,
           say: Callable[[str], None] = _say) -> dict:
     """Put every file of `names` (top-level entries of the data folder; all when empty) under `to`, verified.
 
-    Each file comes from `source_dir` when it holds it, else from its public URL (or `mirror`/<path> when
-    given). Returns counts: {"to", "files", "downloaded", "copied", "already_there", "bytes", "no_source"}.
+    Each file comes from `source_dir` when it holds it, else from `mirror`/<path> when given (a copy of the whole
+    data folder), else from its public URL. Returns counts: {"to", "files", "downloaded", "copied", "already_there", "bytes", "no_source"}.
     Raises InputError (a copy in `source_dir` is not the recorded file) or InfrastructureError (a download
     failed or arrived different); files finished before the failure stay, so a rerun goes on from there."""
     files = data_files()
@@ -130,18 +131,19 @@ def fetch(to: str | os.PathLike = DEFAULT_DIR, names: Sequence[str] = (), *,
             if target.stat().st_size == f.bytes and sha256_of(target) == f.sha256:
                 counts["already_there"] += 1
                 continue
-            say(f"{f.path}: the copy in {to} differs from the recorded file; fetching it again")
+            target.unlink()  # known wrong: it must not pass for fetched if the new copy is refused too
+            say(f"{f.path}: the copy in {to} differs from the recorded file: removed, fetching it again")
+        url = f"{mirror.rstrip('/')}/{f.path}" if mirror else f.url
         if source is not None and (source / f.path).is_file():
             _copy(f, source / f.path, target)
             counts["copied"] += 1
             say(f"copied {f.path} from {source}")
-        elif f.url is None:
+        elif url is None:
             counts["no_source"].append(f.path)
             say(f"{f.path}: no public source (written for this project, not downloadable): skipped; copy it from a "
                 f"machine that has the data with `{FETCH_COMMAND} --from DIR`")
             continue
         else:
-            url = f"{mirror.rstrip('/')}/{f.path}" if mirror else f.url
             _download(f, url, target)
             counts["downloaded"] += 1
             say(f"downloaded {f.path} ({f.bytes / 1e6:.1f} MB) from {url}")
@@ -154,15 +156,15 @@ def _copy(f: DataFile, source: Path, target: Path) -> None:
         got = _write_verified(f, reader, target)
     if got != f.sha256:
         raise InputError(f"{source} is not the recorded {f.path} (sha256 {got[:12]}..., expected {f.sha256[:12]}...); "
-                         f"nothing was written to {target}: replace it with the original, or fetch without --from "
-                         "to download it")
+                         f"nothing was written to {target}: replace it with the original, or download it instead "
+                         f"(no --from, ${SHARED_DATA_ENV} unset)")
 
 
 def _download(f: DataFile, url: str, target: Path) -> None:
     try:
         with urllib.request.urlopen(url, timeout=_TIMEOUT_S) as response:
             got = _write_verified(f, response, target)
-    except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as e:
+    except (urllib.error.URLError, http.client.HTTPException, ssl.SSLError, TimeoutError, ConnectionError) as e:
         reason = e if isinstance(e, urllib.error.HTTPError) else getattr(e, "reason", None) or e
         raise InfrastructureError(f"cannot download {f.path} from {url} ({reason}); check the network and rerun the "
                                   "same command (files already fetched are kept), or copy the data from a machine "
