@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 from pipeline.benchmark.machine import load_average, machine_info
 from pipeline.benchmark.report import write_report
 from pipeline.cli import JobArgumentParser, run_main, setup_logging
+from pipeline.datasets.tables import default_data_dir
 from pipeline.errors import InputError, PipelineError
 
 log = logging.getLogger("jobs.benchmark_cache")
@@ -174,7 +175,7 @@ def markdown(report: dict) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    data_dir = Path(args.data_dir or os.environ.get("SHARED_DATA") or ROOT.parent / "shared" / "data")
+    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
     if args.work_dir:
         Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.work_dir) as work:

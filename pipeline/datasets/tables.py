@@ -39,9 +39,14 @@ REPLICA_SEPARATOR = "#"
 
 
 def default_data_dir() -> Path:
-    """`$SHARED_DATA`, else `../shared/data` beside the project root (where the real collections live)."""
+    """`$SHARED_DATA`, else `../shared/data` beside the project root (where the real collections live), else
+    `.data/` in the project, where `python -m pipeline.datasets fetch` puts them on a machine without it."""
     env = os.environ.get("SHARED_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared" / "data"
+    if env:
+        return Path(env)
+    root = Path(__file__).resolve().parents[2]
+    shared = root.parent / "shared" / "data"
+    return shared if shared.is_dir() or not (root / ".data").is_dir() else root / ".data"
 
 
 def collection_dir(data_dir: str | os.PathLike | None, name: str, required: Sequence[str]) -> Path:
@@ -50,7 +55,8 @@ def collection_dir(data_dir: str | os.PathLike | None, name: str, required: Sequ
     missing = [f for f in required if not (folder / f).is_file()]
     if missing:
         raise InputError(f"{folder} lacks {', '.join(missing)}; pass the shared data folder (the one holding "
-                         f"{name}/) as data_dir / --data-dir, or set SHARED_DATA")
+                         f"{name}/) as data_dir / --data-dir, or set SHARED_DATA; `python -m pipeline.datasets fetch` "
+                         "downloads it into .data/")
     return folder
 
 
