@@ -194,19 +194,24 @@ def _quiet_ray_data_console() -> None:
 
 
 def _check_cluster(config: RerankConfig, protocol: str) -> None:
-    """What the cluster must offer before any work: GPUs if asked for, shared storage if several nodes."""
+    """What the cluster must offer before any work: GPUs if asked for, shared storage if several nodes, and
+    nodes that can host every actor pool as configured (label selector, GPUs and CPUs per actor)."""
     import ray
 
     if config.scorer.device == "cuda" and not ray.cluster_resources().get("GPU"):
         raise InputError("scorer.device is cuda but the Ray cluster has no GPU; use scorer.device=auto or cpu, "
                          "or wait for GPU workers to join")
-    hosts = {n.get("NodeManagerAddress") for n in ray.nodes() if n.get("Alive")}
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    hosts = {n.get("NodeManagerAddress") for n in nodes}
     if len(hosts) > 1 and protocol in ("", "file://", "local://"):
         raise InputError(f"a cluster of {len(hosts)} machines cannot share a local --output; use object storage "
                          "(s3://, gs://) or a shared filesystem's URI")
-    # The scoring phase's actor pools are fixed-size and all start together: if their CPUs exceed the
-    # cluster's, Ray Data waits for resources forever. A Ray of this machine alone cannot grow; a remote
-    # cluster may autoscale, so there it is a warning.
+    # The scoring phase's actor pools are fixed-size and all start together: an actor no node can host makes
+    # Ray Data wait for resources forever. What the alive nodes cannot host is refused whatever the cluster:
+    # an autoscaler adds nodes of the shapes it was given, and a node group scaled down to zero is invisible
+    # from here, so such a cluster needs one node of each kind up (minReplicas >= 1) before the job starts.
+    # Counts beyond the alive nodes' total are refused on a Ray of this machine alone, which cannot grow;
+    # attached to a remote cluster they are a warning, since its autoscaler may add more nodes of a kind it has.
     from pipeline.compose import scorer_pool
 
     size, resources = scorer_pool(config)
@@ -216,6 +221,12 @@ def _check_cluster(config: RerankConfig, protocol: str) -> None:
     if config.dtype == "float8" and not resources.get("num_gpus"):
         raise InputError("dtype float8 runs on GPU scorers with float8 tensor cores (Hopper or Ada) only, and this "
                          "cluster's scorers would run on CPU; use dtype auto (or float32/bfloat16), or add GPUs")
+    fixed = len(hosts) == 1 and not (config.ray_address or os.environ.get("RAY_ADDRESS"))
+    t = config.tokenizer
+    _check_pool("tokenizer", t.num_actors, {"CPU": t.num_cpus}, t.label_selector, nodes, fixed,
+                "tokenizer.num_actors / tokenizer.num_cpus")
+    _check_pool("scorer", size, {"CPU": resources["num_cpus"], "GPU": resources.get("num_gpus", 0)}, None, nodes,
+                fixed, "scorer.num_gpus_per_actor / scorer.num_cpus" if resources.get("num_gpus") else "scorer.num_cpus")
     asks = {"tokenizer": config.tokenizer.num_actors * config.tokenizer.num_cpus,
             "scorer": size * resources["num_cpus"], "io (read + write)": 2 * config.io.num_actors * config.io.num_cpus}
     have = ray.cluster_resources().get("CPU", 0)
@@ -223,7 +234,57 @@ def _check_cluster(config: RerankConfig, protocol: str) -> None:
         message = (f"the scoring phase asks for {sum(asks.values()):g} CPUs (" +
                    ", ".join(f"{k} {v:g}" for k, v in asks.items()) + f") but the Ray cluster has {have:g}; lower "
                    "tokenizer.num_actors / tokenizer.num_cpus, io.num_actors / io.num_cpus or scorer.num_cpus")
-        if len(hosts) == 1 and not (config.ray_address or os.environ.get("RAY_ADDRESS")):
+        if fixed:
+            raise InputError(message)
+        logger.warning("%s (waiting for the autoscaler, if any)", message)
+
+
+def label_selector_matches(labels: dict[str, str], selector: dict[str, str] | None) -> bool:
+    """Whether a node with `labels` satisfies a Ray label selector: per key `value`, `!value`, `in(a,b)` or
+    `!in(a,b)`; a node without the key satisfies only the negations (as Ray's scheduler decides)."""
+    import re
+
+    for key, wanted in (selector or {}).items():
+        negated = wanted.startswith("!")
+        wanted = wanted[1:] if negated else wanted
+        match = re.fullmatch(r"(?:in)?\((.*)\)", wanted)
+        values = {v.strip() for v in match.group(1).split(",")} if match else {wanted}
+        if (labels.get(key) in values) == negated:
+            return False
+    return True
+
+
+def _check_pool(name: str, actors: int, need: dict[str, float], selector: dict[str, str] | None,
+                nodes: list[dict], fixed: bool, knobs: str) -> None:
+    """One fixed-size actor pool (`actors` actors, `need` resources each, on nodes matching `selector`) against
+    the alive nodes (`ray.nodes()`): no node that may host it, or none big enough, is an InputError; more
+    actors than those nodes hold together is one too where the cluster cannot grow (`fixed`), else a warning."""
+    need = {k: v for k, v in need.items() if v}
+    eligible = [n for n in nodes if label_selector_matches(n.get("Labels") or {}, selector)]
+    where = f"nodes labelled {selector}" if selector else "nodes"
+    if selector and not eligible:
+        carried = sorted({f"{k}={v}" for n in nodes for k, v in (n.get("Labels") or {}).items()
+                          if not k.startswith("ray.io/node-id")})
+        raise InputError(f"{name}.label_selector {selector} matches no node of the Ray cluster (node labels: "
+                         f"{', '.join(carried) or 'none'}); start the {name} machines with `ray start --labels "
+                         + ",".join(f"{k}={v.lstrip('!')}" for k, v in selector.items()) + "` (KubeRay: the worker "
+                         f"group's `labels`), or change {name}.label_selector")
+
+    def fits(node: dict) -> int:
+        have = node.get("Resources") or {}
+        return min((int(have.get(k, 0) / v + 1e-9) for k, v in need.items()), default=actors)
+
+    room = [fits(n) for n in eligible]
+    if not any(room):
+        biggest = max(eligible, key=lambda n: tuple((n.get("Resources") or {}).get(k, 0) for k in need), default={})
+        has = ", ".join(f"{(biggest.get('Resources') or {}).get(k, 0):g} {k}" for k in need)
+        raise InputError(f"a {name} actor asks for " + ", ".join(f"{v:g} {k}" for k, v in need.items())
+                         + f" but no node of the Ray cluster has that much (the largest of its {where}: {has}); "
+                         f"lower {knobs}, or add bigger nodes")
+    if sum(room) < actors:
+        message = (f"the {name} pool needs {actors} actors of " + ", ".join(f"{v:g} {k}" for k, v in need.items())
+                   + f" but the Ray cluster's {where} hold {sum(room)}; lower {knobs}, or add nodes")
+        if fixed:
             raise InputError(message)
         logger.warning("%s (waiting for the autoscaler, if any)", message)
 
