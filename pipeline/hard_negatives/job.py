@@ -54,6 +54,37 @@ def read_positives(config: HardNegativesConfig, input_uri: str, positives_uri: s
     return None
 
 
+def check_positives_meet_input(config: HardNegativesConfig, input_uri: str, positives_uri: str,
+                               qrels: pa.Table) -> dict:
+    """The positives file's query ids against the input's, from the input's query id column alone, before any
+    scoring: none in common is an error naming examples of both (a qrels file of another collection, or ids
+    written another way, would otherwise cost a whole rerank for 0 negatives); some in common is a warning.
+    Returns {"input_queries": N, "input_queries_without_positives": M} for stats.json."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    rerank = config.rerank_config()
+    fs, files = list_input_files(input_uri, rerank.storage_options)
+    column = rerank.input.query_id_column
+    ids = [pc.unique(pq.read_table(path, columns=[column], filesystem=fs)[column].cast(pa.string()))
+           for path in files]
+    input_ids = pc.unique(pa.chunked_array(ids, pa.string())).drop_null()
+    judged = pc.unique(qrels[schema.QUERY_ID].cast(pa.string()))
+    positive = qrels.filter(pc.greater_equal(qrels[schema.LABEL], config.selection.min_positive_label))
+    positive_ids = pc.unique(positive[schema.QUERY_ID].cast(pa.string()))
+    if len(input_ids) and not pc.any(pc.is_in(input_ids, value_set=judged)).as_py():
+        raise InputError(
+            f"no query of --input {input_uri} is in --positives {positives_uri} (input query ids like "
+            f"{sorted(input_ids.to_pylist())[:3]}, positives query ids like {sorted(judged.to_pylist())[:3]}); "
+            "pass the positives of this input's queries, with the same query ids")
+    without = int(pc.sum(pc.invert(pc.is_in(input_ids, value_set=positive_ids))).as_py() or 0)
+    if without:
+        log.warning("%s of %s input queries have no positive in %s (label >= selection.min_positive_label); "
+                    "they get no negatives (stats.json: qrels.input_queries_without_positives)",
+                    f"{without:,}", f"{len(input_ids):,}", positives_uri)
+    return {"input_queries": len(input_ids), "input_queries_without_positives": without}
+
+
 def check_reusable_scores(config: HardNegativesConfig, output_uri: str) -> None:
     """A finished rerank/ written with other result-changing settings (another model, say) is refused: the
     rerank job returns a finished output as it is, so reusing it silently would mix in other scores."""
@@ -71,6 +102,7 @@ def run_hard_negatives(config: HardNegativesConfig, input_uri: str, positives_ur
                        output_uri: str) -> dict:
     """Mine `input_uri` into `output_uri`; returns the stats (also written to stats.json)."""
     qrels = read_positives(config, input_uri, positives_uri)
+    coverage = None if qrels is None else check_positives_meet_input(config, input_uri, positives_uri, qrels)
     check_reusable_scores(config, output_uri)
     rerank_uri = join(output_uri, RERANK)
     result = rerank(config.rerank_config(), input_uri, rerank_uri)
@@ -83,13 +115,14 @@ def run_hard_negatives(config: HardNegativesConfig, input_uri: str, positives_ur
         "random_weights": summary["random_weights"], "seed": config.selection.seed,
         "config_hash": hash_settings(config.result_settings()), "config": redact(config.result_settings()),
     }
-    return select_per_bucket(config, result, qrels, output_uri, run)
+    return select_per_bucket(config, result, qrels, output_uri, run, coverage)
 
 
 def select_per_bucket(config: HardNegativesConfig, result: RerankResult, qrels: pa.Table | None, output_uri: str,
-                      run: dict) -> dict:
+                      run: dict, coverage: dict | None = None) -> dict:
     """Select on actors, one ranked part (whole queries) per task, then merge the output parts on actors;
-    only the stats pieces (counts and a few scores per query) reach this process. Returns the stats."""
+    only the stats pieces (counts and a few scores per query) reach this process. Returns the stats.
+    coverage: `check_positives_meet_input`'s counts, added to stats.json's qrels section."""
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -128,6 +161,8 @@ def select_per_bucket(config: HardNegativesConfig, result: RerankResult, qrels: 
         pass
 
     stats = reduce_stats(pieces, config.selection, qrels)
+    if coverage is not None and "qrels" in stats:
+        stats["qrels"].update(coverage)
     counts = buckets.projection_counts([], config)
     for piece in pieces:
         counts = {name: counts[name] + piece["projections"][name] for name in counts}

@@ -96,6 +96,8 @@ def test_stats_and_training_files(mined):
     assert stats["rows"] == canonical.num_rows and stats["kept_negatives"] == pc.sum(canonical[KEEP]).as_py()
     assert stats["unscored_pairs"] == 0 and stats["queries"]["in"] == 4
     assert stats["run"]["model"] == "dummy:tiny"
+    # Checked before scoring: every input query has a positive in the qrels.
+    assert stats["qrels"]["input_queries"] == 4 and stats["qrels"]["input_queries_without_positives"] == 0
     assert pq.read_table(mined / "triplet").num_rows == stats["projections"]["triplet_rows"] > 0
     assert pq.read_table(mined / "n-tuple").num_rows == stats["projections"]["n_tuple_rows"]
     lines = (mined / "flagembedding" / "train.jsonl").read_text().splitlines()
