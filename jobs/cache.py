@@ -1,22 +1,30 @@
-"""python -m jobs.cache {stats,compact,prune} --cache URI [--older-than 30d] [--set storage_options.k=v ...]
+"""python -m jobs.cache {stats,compact,prune,verify,repair} --cache URI [--older-than 30d] [--set k=v ...]
 
-Keeps a score cache (the rerank job's `cache.uri`) healthy. stats: entries, files and bytes per model folder.
-compact: merges each bucket's files into one (runs add a file per bucket each). prune: compact, dropping
-entries no run has found or written for --older-than.
+Keeps a score cache (the rerank job's `cache.uri`) healthy. stats: entries, files and bytes per model folder,
+and the files that do not read. compact: merges each bucket's files into one (runs add a file per bucket each).
+prune: compact, dropping entries no run has found or written for --older-than. verify: reads every file fully
+and names each one that does not read (exit 2). repair: rewrites a missing or wrong _cache.json from the
+entries of its bucket folders. Files that do not read are moved to <folder>/_quarantine/ by compact and prune
+(and by the rerank job), never merged or removed.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
+import sys
 from typing import Sequence
 
-from pipeline.cache import bucket_stats, compact_bucket, list_caches, read_runs
+from pipeline.cache import (bucket_stats, compact_bucket, fingerprint_folders, list_caches,
+                            quarantined_files, read_runs, repair_meta, verify_bucket)
 from pipeline.cli import JobArgumentParser, run_main, setup_logging
 from pipeline.config import StrictModel, load_config
-from pipeline.errors import ConfigError
-from pipeline.lease import OutputLease
-from pipeline.storage import map_paths
+from pipeline.errors import ConfigError, OutputError
+from pipeline.lease import LEASE_FILE, OutputLease
+from pipeline.storage import join, map_paths, url_to_fs
+
+logger = logging.getLogger("jobs.cache")
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -35,7 +43,7 @@ def parse_age(text: str) -> float:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = JobArgumentParser(prog="python -m jobs.cache", description=" ".join(__doc__.split("\n\n")[1].split()))
-    parser.add_argument("command", choices=["stats", "compact", "prune"])
+    parser.add_argument("command", choices=["stats", "compact", "prune", "verify", "repair"])
     parser.add_argument("--cache", required=True, help="the cache's URI (the rerank job's cache.uri)")
     parser.add_argument("--older-than", help="prune: drop entries unused for this long (30d, 12h, 90m)")
     parser.add_argument("--config", help="YAML with storage_options")
@@ -50,31 +58,110 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ConfigError("--older-than belongs to prune; compact keeps every entry")
     older_than = parse_age(args.older_than) if args.older_than else None
     config = load_config(CacheJobConfig, args.config, args.overrides)
+    if args.command == "repair":
+        return _repair(args.cache, config.storage_options)
     caches = list_caches(args.cache, config.storage_options)
     if not caches:
         raise ConfigError(f"no score cache under {args.cache} (no <fingerprint>/_cache.json); pass the folder a "
                           "rerank job used as cache.uri")
+    if args.command == "verify":
+        return _verify(args.cache, caches)
     report = []
     for spec in caches:
         fs, root = spec.fs()
+        shown = _shown(spec.uri)
         buckets = list(range(spec.buckets))
         if args.command == "stats":
             per_bucket = map_paths(lambda b: bucket_stats(fs, root, b), buckets, max_workers=8)
             runs = read_runs(spec)
+            unreadable = [dict(u, path=shown(u["path"])) for b in per_bucket for u in b["unreadable"]]
+            for u in unreadable:
+                logger.warning("%s does not read (%s); `compact` moves it to _quarantine/", u["path"], u["reason"])
             report.append({"fingerprint": spec.fingerprint, "uri": spec.uri, "buckets": spec.buckets,
                            "entries": sum(b["entries"] for b in per_bucket),
                            "files": sum(b["part_files"] + b["hits_files"] for b in per_bucket),
                            "bytes": sum(b["bytes"] for b in per_bucket),
                            "bytes_per_million_entries": _per_million(per_bucket),
+                           "unreadable_files": unreadable,
+                           "quarantined_files": len(quarantined_files(fs, root)),
                            "runs": len(runs), "last_run": runs[-1] if runs else None})
             continue
         # One maintenance run per folder at a time: a second one waits its turn or stops (the lease).
-        with OutputLease(fs, root, spec.uri):
+        with _MaintenanceLease(fs, root, spec.uri):
             per_bucket = map_paths(lambda b: compact_bucket(fs, root, b, older_than_s=older_than), buckets,
                                    max_workers=8)
+        unreadable = [{"path": shown(u["path"]), "reason": u["reason"],
+                       "moved_to": shown(u["moved_to"]) if u["moved_to"] else None}
+                      for b in per_bucket for u in b["unreadable"]]
+        for u in unreadable:
+            logger.warning("%s does not read (%s): skipped, moved to %s (its pairs are scored again)", u["path"],
+                           u["reason"], u["moved_to"] or "_quarantine/ by another run")
         report.append({"fingerprint": spec.fingerprint, "files_before": sum(b["files"] for b in per_bucket),
                        "entries": sum(b["entries"] for b in per_bucket),
-                       "dropped": sum(b["dropped"] for b in per_bucket)})
+                       "dropped": sum(b["dropped"] for b in per_bucket),
+                       "unreadable_files": unreadable})
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _shown(uri: str):
+    """A storage path as a user names it: with the cache URI's protocol."""
+    protocol = uri.split("://")[0] + "://" if "://" in uri else ""
+    return lambda path: protocol + path
+
+
+class _MaintenanceLease(OutputLease):
+    """The folder's lease, refused in the words of this command (the output lease speaks of --output)."""
+
+    def __enter__(self):
+        try:
+            return super().__enter__()
+        except OutputError:
+            try:
+                holder = json.loads(self.fs.cat_file(self.path))
+                who = f"{holder['user']}@{holder['host']}, pid {holder['pid']}, started {holder['started']}"
+            except (OSError, ValueError, KeyError, TypeError):  # released meanwhile, or unreadable
+                who = "holder unknown"
+            raise OutputError(
+                f"{self.uri} is being compacted or pruned by another run ({who}); wait for it to finish and run "
+                f"this command again (a killed run's lease, {join(self.uri, LEASE_FILE)}, is taken over after "
+                f"{self.timeout_s:.0f} s without a heartbeat, at once on its own machine)") from None
+
+
+def _verify(cache_uri: str, caches) -> int:
+    """Read every file of every bucket; one line per file that does not read and exit 2, or a count."""
+    files, bad = 0, []
+    for spec in caches:
+        fs, root = spec.fs()
+        shown = _shown(spec.uri)
+        for read, unreadable in map_paths(lambda b: verify_bucket(fs, root, b), list(range(spec.buckets)),
+                                          max_workers=8):
+            files += read
+            bad += [(shown(u.path), u.reason) for u in unreadable]
+    if bad:
+        for path, reason in bad:
+            print(f"unreadable: {path}: {reason}", file=sys.stderr)
+        raise ConfigError(f"{len(bad)} of {files} score cache files under {cache_uri} do not read (listed above); "
+                          f"`python -m jobs.cache compact --cache {cache_uri}` moves them to _quarantine/ (their "
+                          "pairs are scored again), as the next rerank job that reads them does")
+    print(f"{files} files in {len(caches)} cache folder(s) under {cache_uri} read fully: all good")
+    return 0
+
+
+def _repair(cache_uri: str, storage_options: dict) -> int:
+    fs, root = url_to_fs(cache_uri, storage_options)
+    protocol = cache_uri.split("://")[0] + "://" if "://" in cache_uri else ""
+    folders = fingerprint_folders(fs, root)
+    if not folders:
+        raise ConfigError(f"no score cache under {cache_uri} (no <fingerprint>/ folder with _cache.json or "
+                          "bucket folders); pass the folder a rerank job used as cache.uri")
+    report = []
+    for folder in folders:
+        repaired = repair_meta(fs, folder, cache_uri, protocol)
+        if repaired:
+            logger.warning("%s: rewrote _cache.json with %d buckets, read back from %d keys", repaired["uri"],
+                           repaired["buckets"], repaired["keys"])
+        report.append(repaired or {"uri": protocol + folder, "problem": None})
     print(json.dumps(report, indent=2))
     return 0
 

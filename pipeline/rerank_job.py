@@ -721,8 +721,14 @@ def _cache_summary(plan: RunPlan, manifests: list[dict], this_run: dict) -> dict
         return fields | {"cache": None}
     from pipeline.cache import read_runs, record_run
     from pipeline.compose import scorer_pool
+    from pipeline.stages.lookup import QUARANTINED
 
     actors = scorer_pool(plan.config)[0]
+    # Cache files that did not read: skipped (their pairs scored again) and moved aside by the lookup.
+    quarantined = read_jsons(plan.out_fs, sorted(plan.out_fs.glob(join(plan.work, QUARANTINED, "*.json"))))
+    for q in quarantined:
+        logger.warning("score cache: %s does not read (%s); skipped, its pairs scored again, moved to %s",
+                       q["path"], q["reason"], q["moved_to"] or "the quarantine by another run")
     # The model's rate: this run's, if it scored enough pairs to measure it, else the best measured run of the
     # same cache folder (a warm run that scored nothing still gets an estimate).
     rate = fields["model_pairs_per_s"] if scored_now >= 1000 else None
@@ -735,6 +741,7 @@ def _cache_summary(plan: RunPlan, manifests: list[dict], this_run: dict) -> dict
     same = sum(m.get("same_texts", 0) for m in manifests)
     cache = {"uri": plan.config.cache.uri, "fingerprint": plan.cache.fingerprint, "buckets": plan.cache.buckets,
              "entries_added": this_run.get("entries_added", 0),
+             "quarantined_files": len(quarantined), "quarantined": [q["path"] for q in quarantined],
              "this_run": {"hits": this_run["hits"], "same_texts": this_run["same_texts"], "scored": scored_now}}
     record_run(plan.cache, {"output_uri": plan.output_uri, "end_time": _now(), "hits": this_run["hits"],
                             "same_texts": this_run["same_texts"], "pairs_scored": scored_now,

@@ -19,6 +19,9 @@ files before it ranks.
 
 from __future__ import annotations
 
+import json
+import posixpath
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -52,6 +55,22 @@ def with_keys(table: pa.Table, fingerprint: str) -> pa.Table:
 def _read(fs, path: str, schema: pa.Schema, **kwargs) -> pa.Table:
     with fs.open(path, "rb") as f:
         return pq.read_table(f, schema=schema, **kwargs)
+
+
+QUARANTINED = "cache-quarantined"  # <work>/cache-quarantined/bucket-KKKKK-<file>.json: {path, reason, moved_to}
+
+
+def record_quarantined(fs, work_root: str, spec: C.CacheSpec, bucket: int, quarantined: list[dict]) -> None:
+    """Note in the run's staging each cache file this run found unreadable and moved aside (the driver names
+    them in a warning and counts them in summary.json); paths with the cache's protocol."""
+    protocol = spec.uri.split("://")[0] + "://" if "://" in spec.uri else ""
+    for q in quarantined:
+        record = {"path": protocol + q["path"], "reason": q["reason"],
+                  "moved_to": protocol + q["moved_to"] if q["moved_to"] else None}
+        path = join(work_root, QUARANTINED, f"bucket-{bucket:05d}-{posixpath.basename(q['path'])}.json")
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        with fs.open(path, "w") as f:
+            json.dump(record, f, sort_keys=True)
 
 
 def lookup_found(fs, lookup_root: str, table: pa.Table) -> pa.Table:
@@ -116,7 +135,11 @@ class JoinBucket:
         for item in batch.to_pylist():
             bucket = int(item["bucket"])
             keys = pa.concat_tables(map_paths(lambda p: _read(self.fs, p, KEYS_SCHEMA), item["files"], max_workers=16))
-            entries = C.read_bucket(self.cache_fs, self.cache_root, bucket).select([C.KEY, C.SCORE])
+            quarantined: list[dict] = []
+            entries = C.read_bucket(self.cache_fs, self.cache_root, bucket, quarantined=quarantined)
+            entries = entries.select([C.KEY, C.SCORE])
+            # The lookup folder is <work>/lookup: the record goes beside it, kept when a resumed run looks up again.
+            record_quarantined(self.fs, posixpath.dirname(self.root), self.spec, bucket, quarantined)
             joined = keys.join(entries, C.KEY, join_type="left outer").sort_by([(S.ROW, "ascending")])
             hit = pc.is_valid(joined.column(C.SCORE))
             hits = joined.filter(hit)
@@ -137,10 +160,11 @@ class JoinBucket:
                     pq.write_table(found.filter(pa.array(shard_of == shard)), f)
             C.record_hits(self.cache_fs, self.cache_root, bucket, hits.column(C.KEY).combine_chunks())
             reports.append({"bucket": bucket, "hits": hits.num_rows, "same_texts": waiting.num_rows,
-                            "to_score": misses.num_rows - waiting.num_rows, "cache_entries": entries.num_rows})
+                            "to_score": misses.num_rows - waiting.num_rows, "cache_entries": entries.num_rows,
+                            "quarantined": len(quarantined)})
         return pa.Table.from_pylist(reports, schema=pa.schema([
             ("bucket", pa.int32()), ("hits", pa.int64()), ("same_texts", pa.int64()), ("to_score", pa.int64()),
-            ("cache_entries", pa.int64())]))
+            ("cache_entries", pa.int64()), ("quarantined", pa.int64())]))
 
 
 def best_per_key(new: pa.Table) -> pa.Table:
@@ -161,6 +185,7 @@ class PublishBucket:
     """Publishes one bucket's new entries and resolves the run's pairs that waited for a pair of the same texts."""
 
     def __init__(self, spec: C.CacheSpec, work_uri: str, storage_options: dict):
+        self.spec = spec
         self.cache_fs, self.cache_root = spec.fs()
         self.fs, self.root = url_to_fs(work_uri, storage_options)
 
@@ -176,8 +201,10 @@ class PublishBucket:
             if item["waiting_files"]:
                 waiting = pa.concat_tables(map_paths(lambda p: _read(self.fs, p, WAITING_SCHEMA), item["waiting_files"]))
                 # A pair's twin was scored in this run, or (a resumed run) found in the cache by an earlier one.
-                known = pa.concat_tables([entries, C.read_bucket(self.cache_fs, self.cache_root, bucket)
-                                          .select([C.KEY, C.SCORE])])
+                quarantined: list[dict] = []
+                cached = C.read_bucket(self.cache_fs, self.cache_root, bucket, quarantined=quarantined)
+                record_quarantined(self.fs, self.root, self.spec, bucket, quarantined)
+                known = pa.concat_tables([entries, cached.select([C.KEY, C.SCORE])])
                 known = C.aggregate(known, [C.KEY], {C.SCORE: (C.SCORE, "min")})
                 joined = waiting.join(known, C.KEY, join_type="left outer")
                 if joined.column(C.SCORE).null_count:
