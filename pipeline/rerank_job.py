@@ -265,10 +265,11 @@ def _check_pool(name: str, actors: int, need: dict[str, float], selector: dict[s
     if selector and not eligible:
         carried = sorted({f"{k}={v}" for n in nodes for k, v in (n.get("Labels") or {}).items()
                           if not k.startswith("ray.io/node-id")})
+        plain = all(v[:1].isalnum() and "(" not in v for v in selector.values())  # no `!`, no `in(...)`
+        labels = ",".join(f"{k}={v}" for k, v in selector.items()) if plain else "with labels that match it"
         raise InputError(f"{name}.label_selector {selector} matches no node of the Ray cluster (node labels: "
                          f"{', '.join(carried) or 'none'}); start the {name} machines with `ray start --labels "
-                         + ",".join(f"{k}={v.lstrip('!')}" for k, v in selector.items()) + "` (KubeRay: the worker "
-                         f"group's `labels`), or change {name}.label_selector")
+                         f"{labels}` (KubeRay: the worker group's `labels`), or change {name}.label_selector")
 
     def fits(node: dict) -> int:
         have = node.get("Resources") or {}
@@ -276,10 +277,9 @@ def _check_pool(name: str, actors: int, need: dict[str, float], selector: dict[s
 
     room = [fits(n) for n in eligible]
     if not any(room):
-        biggest = max(eligible, key=lambda n: tuple((n.get("Resources") or {}).get(k, 0) for k in need), default={})
-        has = ", ".join(f"{(biggest.get('Resources') or {}).get(k, 0):g} {k}" for k in need)
+        has = ", ".join(f"{max((n.get('Resources') or {}).get(k, 0) for n in eligible):g} {k}" for k in need)
         raise InputError(f"a {name} actor asks for " + ", ".join(f"{v:g} {k}" for k, v in need.items())
-                         + f" but no node of the Ray cluster has that much (the largest of its {where}: {has}); "
+                         + f" but no node of the Ray cluster has that much (the most any of its {where} has: {has}); "
                          f"lower {knobs}, or add bigger nodes")
     if sum(room) < actors:
         message = (f"the {name} pool needs {actors} actors of " + ", ".join(f"{v:g} {k}" for k, v in need.items())
