@@ -6,6 +6,11 @@ One jina-base layer's four Linear layers (Wqkv 768 -> 2,304; out_proj 768 -> 768
 + GELU; fc2 3,072 -> 768 + residual) on random inputs, each contender with its own quantization and epilogue,
 interleaved, best of `--repeats`. Prints GOP/s (2 * tokens * in * out per Linear) and the ratio to float32.
 What the numbers decided is written in `quantization.py`.
+
+Each repeat of a contender runs the four layers as many times as it takes to last `--min-seconds`, so a fast
+kernel is not timed below the clock's resolution; rates are printed to three significant figures, so a very
+slow one is not rounded to 0.0 (on a CPU where oneDNN has no fast kernel for a layout its int8 matmul falls back
+to its reference implementation, two orders of magnitude slower than float32).
 """
 
 from __future__ import annotations
@@ -124,7 +129,25 @@ def int_mm(case: Case):
     return epilogue(case, out)
 
 
-def measure(tokens: int, repeats: int, with_int_mm: bool) -> dict[str, float]:
+def timed(run, cases: dict, min_seconds: float) -> float:
+    """Seconds per pass over the four layers: passes repeated until together they last `min_seconds` (one pass
+    when it alone does), so that a pass shorter than the clock's resolution still gets a real rate."""
+    passes, start = 0, time.perf_counter()
+    while True:
+        for case in cases.values():
+            run(case)
+        passes += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_seconds:
+            return elapsed / passes
+
+
+def format_rate(gops: float) -> str:
+    """Three significant figures, never rounded to zero: '1234', '56.7', '0.0214'."""
+    return f"{gops:.0f}" if gops >= 1000 else f"{gops:.3g}"
+
+
+def measure(tokens: int, repeats: int, with_int_mm: bool, min_seconds: float = 0.2) -> dict[str, float]:
     torch.manual_seed(0)
     qmax = weight_qmax()
     cases = {name: Case(tokens, d_in, d_out, post, qmax) for name, (d_in, d_out, post) in SHAPES.items()}
@@ -149,10 +172,7 @@ def measure(tokens: int, repeats: int, with_int_mm: bool) -> dict[str, float]:
             run(case)
     for _ in range(repeats):
         for name, run in contenders.items():
-            start = time.perf_counter()
-            for case in cases.values():
-                run(case)
-            best[name] = min(best[name], time.perf_counter() - start)
+            best[name] = min(best[name], timed(run, cases, min_seconds))
     deprecated = {str(w.message).split(".")[0] for case in cases.values() for w in case.fbgemm_warnings}
     return {name: ops / seconds / 1e9 for name, seconds in best.items()}, deprecated
 
@@ -163,16 +183,18 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--int-mm-tokens", type=int, default=512,
                         help="tokens for torch._int_mm (slow on CPUs without its fast path; 0 skips it)")
+    parser.add_argument("--min-seconds", type=float, default=0.2,
+                        help="each repeat of a contender runs the layers again until it lasts this long")
     args = parser.parse_args(argv)
     print(f"{cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads, int8 weights in "
           f"[-{weight_qmax()}, {weight_qmax()}]")
     runs = [(tokens, False) for tokens in args.tokens] + ([(args.int_mm_tokens, True)] if args.int_mm_tokens else [])
     for tokens, with_int_mm in runs:
-        figures, deprecated = measure(tokens, args.repeats, with_int_mm)
+        figures, deprecated = measure(tokens, args.repeats, with_int_mm, args.min_seconds)
         fp32 = next(iter(figures.values()))
         print(f"{tokens} tokens, one layer's four Linear layers:")
         for name, gops in figures.items():
-            print(f"  {name:58s} {gops:7.1f} GOP/s  {gops / fp32:4.2f}x")
+            print(f"  {name:58s} {format_rate(gops):>7s} GOP/s  {format_rate(gops / fp32):>6s}x")
         for message in sorted(deprecated):
             print(f"  (preparing fbgemm's weights warned: {message})")
 

@@ -18,22 +18,25 @@ pytestmark = pytest.mark.skipif(not int8_kernel_works(), reason="this torch buil
 
 @pytest.mark.parametrize("name", list(int8_kernels.SHAPES))
 def test_every_contender_computes_the_same_layer(name):
-    """Up to its precision: a contender fed the wrong weights, epilogue or scale would be off by O(1)."""
+    """Up to its precision: a contender fed the wrong weights, epilogue or scale would be off by O(1). Four
+    tokens: where oneDNN's int8 matmul runs its reference kernel its time grows with them (~10 s a layer at 64)."""
     torch.manual_seed(0)
     d_in, d_out, post = int8_kernels.SHAPES[name]
-    case = int8_kernels.Case(64, d_in, d_out, post, weight_qmax())
-    fp32 = int8_kernels.fp32_onednn(case, PackedWeights(64))
+    case = int8_kernels.Case(4, d_in, d_out, post, weight_qmax())
+    fp32 = int8_kernels.fp32_onednn(case, PackedWeights(4))
     expected = int8_kernels.epilogue(case, case.layer(case.x).detach())
     scale = expected.abs().max()
     assert (fp32 - expected).abs().max() / scale < 1e-4
     for run in (int8_kernels.int8_per_token, int8_kernels.int8_per_token_smooth, int8_kernels.fbgemm_dynamic):
         assert (run(case) - expected).abs().max() / scale < 0.05, run.__name__
-    bf16 = int8_kernels.bf16_onednn(case, PackedWeights(64)).float()
+    bf16 = int8_kernels.bf16_onednn(case, PackedWeights(4)).float()
     assert (bf16 - expected).abs().max() / scale < 0.05
 
 
 def test_the_report_names_every_contender_with_a_rate(capsys):
-    int8_kernels.main(["--tokens", "64", "--repeats", "1", "--int-mm-tokens", "0"])
+    # One token: on CPUs where oneDNN's int8 matmul falls back to its reference kernel (AVX512-VNNI without AMX)
+    # a pass over the layers takes ~45 s at 64 tokens, and its time grows with the tokens.
+    int8_kernels.main(["--tokens", "1", "--repeats", "1", "--int-mm-tokens", "0", "--min-seconds", "0.01"])
     out = capsys.readouterr().out
     rates = dict(re.findall(r"^\s+(\S.*?\S)\s+(\S+) GOP/s", out, flags=re.M))  # nan or inf too: then it fails
     assert "fp32 oneDNN fused linear (the engine's float32)" in rates
@@ -41,3 +44,13 @@ def test_the_report_names_every_contender_with_a_rate(capsys):
     has_bf16 = any(name.startswith("bf16 oneDNN fused linear") for name in rates)
     assert has_bf16 == cpu_has_bf16_matrix_units()  # bf16 is compared only where dtype auto would pick it
     assert all(float(rate) > 0 for rate in rates.values())
+
+
+def test_a_rate_is_never_rounded_to_zero_nor_timed_below_the_clock():
+    assert [int8_kernels.format_rate(r) for r in (0.0214, 0.0004, 56.71, 1234.4)] == ["0.0214", "0.0004", "56.7",
+                                                                                       "1234"]
+    calls = []
+    seconds = int8_kernels.timed(lambda case: calls.append(case), {"a": 1, "b": 2}, min_seconds=0.02)
+    # A pass of two no-op calls lasts microseconds: it is repeated until the total reaches the minimum.
+    assert len(calls) % 2 == 0 and len(calls) > 20
+    assert 0 < seconds * (len(calls) // 2) >= 0.02
