@@ -199,6 +199,8 @@ def cross_file_problems(job: dict) -> list[str]:
     source = in_image(config_path)
     if source is None or not source.is_file():
         return problems + [f"--config {config_path}: no such file in the image (Dockerfile COPY lines)"]
+    if "working_dir" in yaml.safe_load(job["spec"].get("runtimeEnvYAML") or "{}"):
+        problems.append("runtimeEnvYAML has a working_dir: the image holds the project, an upload would replace it")
     spec = job["spec"]["rayClusterSpec"]
     images = {c["image"] for g in [spec["headGroupSpec"]] + spec.get("workerGroupSpecs", [])
               for c in g["template"]["spec"]["containers"]}
@@ -336,6 +338,8 @@ def test_rayjobs_agree_with_the_image_and_their_config():
     (lambda j: j["spec"]["rayClusterSpec"]["workerGroupSpecs"][1]["template"]["spec"]["containers"][0]
      ["resources"]["limits"].update(cpu="500m"), "a scorer actor asks for 1 CPU, 1 GPU"),
     (lambda j: j["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"].pop("num-cpus"), "the head offers"),
+    (lambda j: j["spec"].update(runtimeEnvYAML='working_dir: "https://example.invalid/rerank-pipeline.zip"'),
+     "has a working_dir"),
     (lambda j: j["spec"]["rayClusterSpec"]["workerGroupSpecs"][1]["template"]["spec"]["containers"][0]
      .update(image="rerank-pipeline:latest"), "not the one the Dockerfile builds"),
 ])
