@@ -6,18 +6,24 @@ results), without remote code, on packed sequences, with micro-batches cut by a 
 
 from __future__ import annotations
 
+import json
 import logging
-from typing import Sequence
+import os
+import platform
+import tempfile
+import time
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from pipeline.errors import CheckpointError
+from pipeline.model import device as runtime
 from pipeline.model.checkpoint import DUMMY_MARKER, resolve_model_directory
 from pipeline.model.weights import load_model
 from pipeline.model.fp8 import Fp8Weights, fp8_kernel_works
 from pipeline.model.modeling import (ONEDNN_FUSED, ONEDNN_INT8, SCALED_MM_FP8, CrossEncoderModel, PackedWeights,
-                                     select_attention_backend, select_linear_kernel)
+                                     linear, select_attention_backend, select_linear_kernel)
 from pipeline.model.quantization import (CALIBRATION_PAIRS, InputRangeObserver, Int8Options, Int8Weights,
                                          smoothing_for)
 from pipeline.model.packing import PackedBatch, pack, token_budget_batches
@@ -36,7 +42,7 @@ def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     if dtype == torch.int8:
         return torch.float32
     if dtype == torch.float8_e4m3fn:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if runtime.is_cuda(device) else torch.float32
     return dtype
 
 # Tokens per micro-batch. CPU, measured (the engine on the jina-base-sized benchmark checkpoint, bf16, 2-core
@@ -52,9 +58,8 @@ DEFAULT_MAX_TOKENS = {"cpu": 4096, "cuda": 65536}
 
 
 def cpu_has_bf16_matrix_units() -> bool:
-    """AMX or AVX512-BF16, read from the CPU's flags. Where they exist bf16 GEMMs beat fp32: 2.0x peak measured
-    in the benchmark run of results/benchmark-cpu-epyc.md (AMD EPYC, AVX512-BF16, no AMX); AMX Xeons are quoted at
-    several times more. Without them (AVX2-only CPUs) auto keeps fp32."""
+    """AMX or AVX512-BF16, read from the CPU's flags (what the int8 kernel comparison reports beside). `dtype:
+    auto` does not decide by them: it measures (`cpu_auto_dtype`)."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line for line in f if line.startswith("flags")), "")
@@ -63,26 +68,108 @@ def cpu_has_bf16_matrix_units() -> bool:
     return any(flag in flags.split() for flag in ("amx_bf16", "avx512_bf16"))
 
 
+# bf16 is chosen only when its GEMM runs at least this much faster than float32's: bf16 costs fidelity
+# (see the parity tests), so a tie or a noisy few percent keeps float32.
+BF16_MIN_SPEEDUP = 1.2
+# The probe's GEMM: 256 tokens through a 768 -> 768 Linear layer (jina-base's out_proj), in the kernel the
+# engine runs on CPU (oneDNN with packed weights where this build has it). 0.2 GFLOP a call.
+PROBE_SHAPE = (256, 768, 768)
+PROBE_SECONDS = 0.15  # per dtype, after one warm-up call
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        name = ""
+    return name or platform.processor() or platform.machine()
+
+
+def gemm_rate(dtype: torch.dtype, shape: tuple[int, int, int] = PROBE_SHAPE, seconds: float = PROBE_SECONDS) -> float:
+    """GFLOP/s of one (tokens, in) x (in, out) Linear layer in `dtype` on this CPU: best call within `seconds`."""
+    tokens, d_in, d_out = shape
+    device = torch.device("cpu")
+    kernel = select_linear_kernel(device, dtype)
+    generator = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(d_in, d_out).to(dtype)
+    x = torch.randn(tokens, d_in, generator=generator).to(dtype)
+    packed = PackedWeights(tokens) if kernel == ONEDNN_FUSED else None
+    with torch.inference_mode():
+        linear(kernel, x, layer, packed=packed)  # warm-up: oneDNN builds its primitive, packs the weights
+        best, deadline = float("inf"), time.perf_counter() + seconds
+        for _ in range(1000):
+            start = time.perf_counter()
+            linear(kernel, x, layer, packed=packed)
+            best = min(best, time.perf_counter() - start)
+            if start >= deadline:
+                break
+    return 2 * tokens * d_in * d_out / best / 1e9
+
+
+def _dtype_cache_path() -> str:
+    root = os.environ.get("RERANK_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "rerank-pipeline"))
+    return os.path.join(root, "cpu-dtype.json")
+
+
+def cpu_auto_dtype(rate: Callable[[torch.dtype], float] = gemm_rate, path: str | None = None) -> torch.dtype:
+    """What `dtype: auto` runs on this CPU: bfloat16 if its GEMM probe is at least BF16_MIN_SPEEDUP x float32's.
+
+    Decided once per machine and torch version and remembered in `path` (default: cpu-dtype.json in the
+    per-user cache, $RERANK_CACHE or ~/.cache/rerank-pipeline), keyed by CPU model and torch version: a noisy
+    probe must not flip the choice between runs, since the score cache's fingerprint names the dtype.
+    `rate(dtype)` -> GFLOP/s measures (`gemm_rate`, well under a second for both dtypes).
+    """
+    path = path or _dtype_cache_path()
+    key = f"{_cpu_model()} | torch {torch.__version__}"
+    try:
+        with open(path) as f:
+            known = json.load(f)
+    except (OSError, ValueError):
+        known = {}
+    entry = known.get(key) if isinstance(known, dict) else None
+    if isinstance(entry, dict) and entry.get("dtype") in ("float32", "bfloat16"):
+        return DTYPES[entry["dtype"]]
+    fp32, bf16 = rate(torch.float32), rate(torch.bfloat16)
+    choice = "bfloat16" if bf16 >= BF16_MIN_SPEEDUP * fp32 else "float32"
+    logger.info("dtype auto on this CPU: %s (GEMM probe: float32 %.0f GFLOP/s, bfloat16 %.0f GFLOP/s; bfloat16 "
+                "needs %.1fx); remembered in %s", choice, fp32, bf16, BF16_MIN_SPEEDUP, path)
+    known = known if isinstance(known, dict) else {}
+    known[key] = {"dtype": choice, "float32_gflops": round(fp32, 1), "bfloat16_gflops": round(bf16, 1)}
+    try:  # written whole and renamed: concurrent scorers starting together read either nothing or all of it
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, staging = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".cpu-dtype-")
+        with os.fdopen(fd, "w") as f:
+            json.dump(known, f, indent=1)
+        os.replace(staging, path)
+    except OSError as e:  # a read-only home still scores, it only probes again next time
+        logger.warning("could not remember the dtype choice in %s (%s); it is probed again next start", path, e)
+    return DTYPES[choice]
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return runtime.RUNTIME.placement(torch.device("cuda")) if runtime.RUNTIME.available() else torch.device("cpu")
     device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CheckpointError("device 'cuda' was requested but no CUDA device is available; use device='cpu'")
+    if device.type == "cuda":
+        if not runtime.RUNTIME.available():
+            raise CheckpointError("device 'cuda' was requested but no CUDA device is available; use device='cpu'")
+        return runtime.RUNTIME.placement(device)
     return device
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """`auto`: bf16 on CUDA, bf16 on CPUs with bf16 matrix units, fp32 elsewhere."""
+    """`auto`: bf16 on CUDA (fp16 where the GPU lacks bf16); on CPU what its GEMM probe found faster
+    (`cpu_auto_dtype`)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu_has_bf16_matrix_units() else torch.float32
+        if runtime.is_cuda(device):
+            return torch.bfloat16 if runtime.RUNTIME.supports_bf16() else torch.float16
+        return cpu_auto_dtype()
     if dtype not in DTYPES:
         raise CheckpointError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
-    if DTYPES[dtype] == torch.int8 and device.type != "cpu":
+    if DTYPES[dtype] == torch.int8 and (device.type != "cpu" or runtime.is_cuda(device)):
         raise CheckpointError(f"dtype int8 runs on CPU only (oneDNN's int8 linear), not on {device.type}; "
                               "use bfloat16 there")
     if DTYPES[dtype] == torch.float8_e4m3fn and not fp8_kernel_works(device):
@@ -114,7 +201,8 @@ class CrossEncoder:
         self.model.attention_backend = select_attention_backend(device, compute, prefer=attention_backend)
         self.model.linear_kernel = select_linear_kernel(device, compute)
         self.max_length = model.config.max_tokens_per_sequence
-        self.max_tokens_per_batch = DEFAULT_MAX_TOKENS.get(device.type, 4096)
+        self.max_tokens_per_batch = DEFAULT_MAX_TOKENS["cuda" if runtime.is_cuda(device) else "cpu"]
+        self._copy_stream = None  # CUDA: the side stream host-to-device copies run on (`_score_on_cuda`)
         if self.model.linear_kernel == ONEDNN_FUSED:
             self.model.packed_weights = PackedWeights(self.max_tokens_per_batch)
         if dtype == torch.int8:
@@ -192,7 +280,8 @@ class CrossEncoder:
     def score_packed(self, batch: PackedBatch) -> np.ndarray:
         """Raw float32 logits, (batch,), for one packed micro-batch."""
         logits = self.model(batch.input_ids.to(self.device), batch.cu_seqlens.to(self.device), batch.max_seqlen,
-                            None if batch.token_type_ids is None else batch.token_type_ids.to(self.device))
+                            None if batch.token_type_ids is None else batch.token_type_ids.to(self.device),
+                            seqlens=batch.seqlens)
         return logits.cpu().numpy()
 
     def score_tokens(self, input_ids: Sequence[np.ndarray], token_type_ids: Sequence[np.ndarray] | None = None,
@@ -203,10 +292,58 @@ class CrossEncoder:
             return logits
         lengths = np.fromiter((len(x) for x in input_ids), dtype=np.int64, count=len(input_ids))
         budget = max_tokens_per_batch or self.max_tokens_per_batch
-        for index in token_budget_batches(lengths, budget, max_batch_size):
+        batches = token_budget_batches(lengths, budget, max_batch_size)
+        if runtime.is_cuda(self.device):
+            self._score_on_cuda(input_ids, token_type_ids, batches, logits)
+            return logits
+        for index in batches:
             types = None if token_type_ids is None else [token_type_ids[i] for i in index]
             logits[index] = self.score_packed(pack([input_ids[i] for i in index], types))
         return logits
+
+    def _score_on_cuda(self, input_ids, token_type_ids, batches: list[np.ndarray], logits: np.ndarray) -> None:
+        """`score_tokens` on a GPU: one host sync per micro-batch, and the GPU never waits for the host.
+
+        Per micro-batch i: the host packs batch i+1 into pinned memory and queues its copy on a side stream
+        while the GPU runs batch i; batch i's logits come back into pinned memory by a non-blocking copy,
+        and the host waits for them (the one sync) only after batch i+1's forward is queued.
+        """
+        rt = runtime.RUNTIME
+        if self._copy_stream is None:
+            self._copy_stream = rt.side_stream(self.device)
+
+        def upload(index: np.ndarray):
+            types = None if token_type_ids is None else [token_type_ids[i] for i in index]
+            batch = pack([input_ids[i] for i in index], types)
+            host = [rt.pin(t) for t in (batch.input_ids, batch.cu_seqlens, batch.token_type_ids) if t is not None]
+            with rt.on(self._copy_stream):
+                on_device = [t.to(self.device, non_blocking=True) for t in host]
+                copied = rt.record(self._copy_stream)
+            return batch, on_device, copied
+
+        def collect(pending) -> None:
+            index, host_logits, done = pending
+            rt.host_wait(done)
+            logits[index] = host_logits.numpy()
+
+        pending, upcoming = None, upload(batches[0])
+        for i, index in enumerate(batches):
+            batch, on_device, copied = upcoming
+            rt.wait(copied)  # the compute stream waits for the copy on the GPU; the host goes on
+            for t in on_device:
+                rt.keep_for_current_stream(t)
+            ids, cu_seqlens = on_device[0], on_device[1]
+            types = on_device[2] if len(on_device) > 2 else None
+            out = self.model(ids, cu_seqlens, batch.max_seqlen, types, seqlens=batch.seqlens)     # (batch,) float32
+            host_logits = rt.empty_pinned((len(index),), torch.float32)
+            host_logits.copy_(out, non_blocking=True)
+            done = rt.record()
+            if i + 1 < len(batches):
+                upcoming = upload(batches[i + 1])
+            if pending is not None:
+                collect(pending)
+            pending = (index, host_logits, done)
+        collect(pending)
 
     # -- jina's API -------------------------------------------------------------------------------------
 

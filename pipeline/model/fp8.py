@@ -14,59 +14,70 @@ scales runs cuBLASLt's fp8 GEMM at twice bf16's peak. On CPU, torch 2.13 runs th
 (unpacked, slow): the CPU tests check the quantization and packing here, never its speed. Speed and fidelity
 against bf16 on a GPU: `scripts/gpu_check.py` (not measured until a GPU runs it).
 
-cuBLASLt's fp8 GEMM wants every dimension a multiple of 16: weights of the supported models are (768, 2304,
-3072 wide); the token count is padded with zero rows up to the next multiple of 16 and cut back after.
+CUDA's `_scaled_mm` wants K and N (the layer's input and output widths) multiples of 16, checked at load;
+the supported models' layers are 768, 2,304 and 3,072 wide. The token count M is free: no padding, no copy.
+
+Work per Linear layer and call: one fused reduction for the row maxima (vector_norm with ord=inf, no |x| copy),
+one division, clamp and cast to e4m3 (in bf16 on CUDA: no float32 copy of the input), the GEMM with the bias
+fused into its epilogue, then GELU or the residual add in place on its output.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from pipeline.model import device as runtime
 from pipeline.model.quantization import encoder_linears
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448
-ROW_MULTIPLE = 16
+WIDTH_MULTIPLE = 16  # K and N of CUDA's float8 GEMM
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per row: x (rows, cols) -> (q e4m3 (rows, cols), scale float32 (rows, 1)), x ~ q * scale.
 
-    A row's largest |value| maps to E4M3_MAX; an all-zero row gets scale 1 (its q is zero either way)."""
-    amax = x.detach().abs().amax(dim=1, keepdim=True).float()                      # (rows, 1)
-    scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
-    q = (x.float() / scale).clamp_(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    A row's largest |value| maps to E4M3_MAX; an all-zero row gets scale 1 (its q is zero either way).
+    A bf16 `x` is divided in bf16 by a scale rounded to bf16 (so the scale it was divided by is exactly the one
+    returned): no float32 copy of the activations; the one extra rounding is 2^-8 against e4m3's 2^-4."""
+    x = x.detach()
+    amax = torch.linalg.vector_norm(x, ord=math.inf, dim=1, keepdim=True, dtype=torch.float32)  # (rows, 1)
+    scale = torch.where(amax > 0, amax / E4M3_MAX, 1.0)
+    work = x if x.dtype == torch.bfloat16 else x.float()
+    if work.dtype != torch.float32:
+        scale = scale.to(work.dtype).float()
+    q = torch.div(work, scale.to(work.dtype)).clamp_(-E4M3_MAX, E4M3_MAX).to(E4M3)
     return q, scale
-
-
-def _pad_rows(x: torch.Tensor) -> torch.Tensor:
-    extra = -x.shape[0] % ROW_MULTIPLE
-    return x if extra == 0 else F.pad(x, (0, 0, 0, extra))
 
 
 class Fp8Linear:
     """One Linear layer (or a row slice of it) in float8: weights quantized once, activations per call."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        out_features, in_features = weight.shape
+        if out_features % WIDTH_MULTIPLE or in_features % WIDTH_MULTIPLE:
+            raise ValueError(f"float8 needs Linear layers whose widths are multiples of {WIDTH_MULTIPLE}, got "
+                             f"{in_features} -> {out_features}; use bfloat16 for this model")
         q, scale = quantize_rows(weight)                                                # (out, in), (out, 1)
         self.q_weight_t = q.t()                       # (in, out), column-major: the layout _scaled_mm wants
         self.weight_scale = scale.reshape(1, -1).contiguous()                           # (1, out)
-        self.bias = bias
+        self.bias = None if bias is None else bias.detach()
 
     def __call__(self, x: torch.Tensor, activation: str | None = None,
                  residual: torch.Tensor | None = None) -> torch.Tensor:
         """x (n, in) -> (n, out) in x's dtype; then GELU (`activation`: "none" = erf, or "tanh") or + residual."""
-        n = x.shape[0]
-        q_x, x_scale = quantize_rows(_pad_rows(x))                                      # (n', in), (n', 1)
-        out = torch._scaled_mm(q_x, self.q_weight_t, scale_a=x_scale, scale_b=self.weight_scale,
-                               out_dtype=x.dtype)[:n]                                  # (n, out)
-        if self.bias is not None:
-            out = out + self.bias
+        q_x, x_scale = quantize_rows(x)                                                 # (n, in), (n, 1)
+        bias = self.bias if self.bias is not None and self.bias.dtype == x.dtype else None
+        out = torch._scaled_mm(q_x, self.q_weight_t, scale_a=x_scale, scale_b=self.weight_scale, bias=bias,
+                               out_dtype=x.dtype)                                       # (n, out)
+        if self.bias is not None and bias is None:
+            out.add_(self.bias)
         if activation is not None:
-            out = F.gelu(out, approximate=activation)
-        return out if residual is None else out + residual
+            torch.ops.aten.gelu_(out, approximate=activation)  # in place: no second (n, out) tensor
+        return out if residual is None else out.add_(residual)
 
 
 class Fp8Weights:
@@ -96,12 +107,13 @@ class Fp8Weights:
 def fp8_kernel_works(device: torch.device) -> bool:
     """Whether `_scaled_mm` with row-wise scales runs on `device` (a tiny probe): CUDA needs float8 tensor
     cores (compute capability 8.9 or 9.0+); CPU builds of torch run it as a reference."""
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+    if runtime.is_cuda(device) and runtime.RUNTIME.capability(device) < (8, 9):
         return False
+    place = runtime.RUNTIME.placement(device)
     try:
-        q = torch.zeros(16, 16, device=device).to(E4M3)
-        torch._scaled_mm(q, q.t(), scale_a=torch.ones(16, 1, device=device),
-                         scale_b=torch.ones(1, 16, device=device), out_dtype=torch.bfloat16)
+        q = torch.zeros(16, 16, device=place).to(E4M3)
+        torch._scaled_mm(q, q.t(), scale_a=torch.ones(16, 1, device=place),
+                         scale_b=torch.ones(1, 16, device=place), out_dtype=torch.bfloat16)
         return True
     except (RuntimeError, TypeError, NotImplementedError):
         return False

@@ -17,16 +17,18 @@ No padding token ever enters a Linear, LayerNorm or GELU: they all run on (total
 from __future__ import annotations
 
 import functools
-import importlib.util
+import importlib
 import inspect
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.model import device as runtime
 from pipeline.model.model_config import ModelConfig
 from pipeline.model.quantization import int8_kernel_works
 
@@ -42,6 +44,8 @@ TORCH_VARLEN = "torch_varlen_attn"  # torch.nn.attention.varlen.varlen_attn (CUD
 SDPA_GROUPED = "sdpa_length_grouped"  # SDPA over length-grouped sub-batches (any device, any dtype)
 
 _logged_choices: set[tuple] = set()
+# (runtime, kernel, device type, dtype) -> (usable, why not): each kernel is probed once per process.
+_probes: dict[tuple, tuple[bool, str]] = {}
 
 
 def _torch_varlen_attn():
@@ -52,6 +56,11 @@ def _torch_varlen_attn():
     return varlen_attn
 
 
+def _flash_attn_varlen():
+    """flash-attn's varlen kernel; raises ImportError (or whatever a broken build raises) when unusable."""
+    return importlib.import_module("flash_attn").flash_attn_varlen_func
+
+
 @functools.lru_cache(maxsize=None)
 def _varlen_options(varlen_attn) -> dict:
     """num_splits=1 where this torch offers it: no split-KV, so a sequence's attention is computed the same
@@ -60,23 +69,70 @@ def _varlen_options(varlen_attn) -> dict:
     return {"num_splits": 1} if "num_splits" in inspect.signature(varlen_attn).parameters else {}
 
 
+@functools.lru_cache(maxsize=None)
+def _varlen_takes_scale(varlen_attn) -> bool:
+    """torch releases before 2.10 have a varlen_attn without `scale` (it always divides by sqrt(head_dim))."""
+    return "scale" in inspect.signature(varlen_attn).parameters
+
+
+def _call_varlen(kernel: str, fn, q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float):
+    if kernel == FLASH_ATTN:
+        return fn(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale)
+    if _varlen_takes_scale(fn):
+        return fn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, **_varlen_options(fn))
+    if not math.isclose(scale, 1.0 / math.sqrt(q.shape[-1])):
+        raise ValueError("this torch's varlen_attn has no `scale` argument and the model needs a non-default one")
+    return fn(q, k, v, cu_q, cu_k, max_q, max_k, **_varlen_options(fn))
+
+
+def _probe_varlen(kernel: str, device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+    """Whether `kernel` imports and runs a two-sequence attention on `device` in `dtype` (once per process).
+
+    A flash-attn wheel built for another torch or CUDA imports its extension lazily and fails only at the
+    first call, in every scorer actor, which Ray then restarts forever: so the probe calls it here.
+    """
+    key = (runtime.RUNTIME, kernel, device.type, dtype)
+    if key not in _probes:
+        try:
+            fn = _flash_attn_varlen() if kernel == FLASH_ATTN else _torch_varlen_attn()
+            if fn is None:
+                raise ImportError("torch.nn.attention.varlen.varlen_attn is missing (torch older than 2.10)")
+            place = runtime.RUNTIME.placement(device)
+            x = torch.ones(3, 1, 8, dtype=dtype, device=place)                     # (tokens, heads, head_dim)
+            cu = torch.tensor([0, 1, 3], dtype=torch.int32, device=place)
+            out = _call_varlen(kernel, fn, x, x, x, cu, cu, 2, 2, 1.0 / math.sqrt(8))
+            if tuple(out.shape) != (3, 1, 8):
+                raise RuntimeError(f"returned shape {tuple(out.shape)}")
+            _probes[key] = (True, "")
+        except Exception as e:  # noqa: BLE001 - a broken extension raises anything (ImportError, OSError, RuntimeError)
+            _probes[key] = (False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300])
+            logger.warning("attention backend %s unusable, falling back (%s)", kernel, _probes[key][1])
+    return _probes[key]
+
+
 def select_attention_backend(device: torch.device, dtype: torch.dtype, prefer: str | None = None) -> str:
     """Pick the fastest exact kernel available for (device, dtype); log the choice and why, once.
 
     Every backend computes the same softmax(QK^T / sqrt(d)) V per sequence; they differ only in float
     rounding (checked by the parity tests), so the choice never changes results beyond tolerance.
+    On CUDA each varlen kernel is imported and run once on a tiny input before it is chosen (`_probe_varlen`).
     """
     half = dtype in (torch.float16, torch.bfloat16)
+    cuda = runtime.is_cuda(device)
     if prefer is not None:
         choice, why = prefer, "requested"
-    elif device.type == "cuda" and half and importlib.util.find_spec("flash_attn") is not None:
-        choice, why = FLASH_ATTN, "CUDA, half precision and the flash-attn package is installed"
-    elif device.type == "cuda" and half and _torch_varlen_attn() is not None:
-        choice, why = TORCH_VARLEN, "CUDA, half precision, this torch has varlen_attn (flash-attn not installed)"
+    elif cuda and half and _probe_varlen(FLASH_ATTN, device, dtype)[0]:
+        choice, why = FLASH_ATTN, "CUDA, half precision and the flash-attn package works"
+    elif cuda and half and _probe_varlen(TORCH_VARLEN, device, dtype)[0]:
+        choice, why = TORCH_VARLEN, ("CUDA, half precision, this torch has varlen_attn (flash-attn: "
+                                     f"{_probe_varlen(FLASH_ATTN, device, dtype)[1] or 'not installed'})")
     else:
         choice = SDPA_GROUPED
         why = (f"{device.type} with {str(dtype).replace('torch.', '')}: no varlen kernel here; SDPA runs on "
                "sub-batches of similar length, so padding touches attention only, never the Linear layers")
+        if cuda and half:
+            why = (f"CUDA without a working varlen kernel (flash-attn: {_probe_varlen(FLASH_ATTN, device, dtype)[1]}; "
+                   f"torch varlen_attn: {_probe_varlen(TORCH_VARLEN, device, dtype)[1]}): padded SDPA groups")
     key = (choice, device.type, dtype)
     if key not in _logged_choices:
         _logged_choices.add(key)
@@ -127,7 +183,7 @@ def _pad_rows(hidden: torch.Tensor, multiple: int) -> torch.Tensor:
     return F.pad(hidden, (0, 0, 0, pad)) if pad else hidden
 
 
-def _sdpa_equal_length_runs(q, k, v, cu_seqlens, seqlens, cls_only, scale):
+def _sdpa_equal_length_runs(q, k, v, starts, seqlens, cls_only, scale):
     """Exact attention with SDPA on zero-copy views: one call per run of consecutive equal-length sequences.
 
     A run of m sequences of n tokens is a contiguous (m * n) slice of the packed tokens, so it views as
@@ -141,7 +197,6 @@ def _sdpa_equal_length_runs(q, k, v, cu_seqlens, seqlens, cls_only, scale):
     runs at ~170 GFLOP/s against ~850 for the GEMMs).
     """
     out = torch.empty_like(q)
-    starts = cu_seqlens[:-1].tolist()
     heads, head_dim = k.shape[1], k.shape[2]
     if not cls_only:
         out[starts[-1] + seqlens[-1]:] = 0  # rows past the last sequence (GEMM_ROWS_MULTIPLE): no attention
@@ -160,63 +215,100 @@ def _sdpa_equal_length_runs(q, k, v, cu_seqlens, seqlens, cls_only, scale):
     return out
 
 
-def _sdpa_grouped(q, k, v, cu_seqlens, seqlens, cls_only, scale):
+@dataclass
+class _PaddedGroup:
+    """One length group of `_length_groups`, as index tensors on the device (built on the host, copied once
+    per forward and shared by every layer, so attention reads no value back from the device).
+
+    gather  (g, max_len) int64  packed token of each padded slot (a sequence's last token repeated past its end)
+    mask    (g, 1, 1, max_len) bool, or None when every sequence of the group has max_len tokens
+    slots   (valid,) int64      flat index into (g * max_len) of each real token's slot
+    tokens  (valid,) int64      packed index of that token (same order)
+    rows    (g,) int64          the group's sequences (the query row of each when `cls_only`)
+    """
+    gather: torch.Tensor
+    mask: torch.Tensor | None
+    slots: torch.Tensor
+    tokens: torch.Tensor
+    rows: torch.Tensor
+
+
+def _padded_groups(starts: list[int], seqlens: list[int], device: torch.device) -> list[_PaddedGroup]:
+    """`_length_groups` of a packed batch as `_PaddedGroup`s on `device` (host arithmetic, pinned copies)."""
+    def upload(array: np.ndarray) -> torch.Tensor:
+        host = torch.from_numpy(array)
+        if runtime.is_cuda(device):
+            host = runtime.RUNTIME.pin(host)
+        return host.to(device, non_blocking=True)
+
+    groups = []
+    for group in _length_groups(seqlens):
+        lengths = np.asarray([seqlens[i] for i in group], dtype=np.int64)             # (g,)
+        first = np.asarray([starts[i] for i in group], dtype=np.int64)                # (g,)
+        max_len = int(lengths.max())
+        offsets = np.arange(max_len, dtype=np.int64)
+        valid = offsets[None, :] < lengths[:, None]                                    # (g, max_len)
+        # Pad by repeating each sequence's last token: the mask hides it as a key, and padded query rows
+        # are dropped, so its value never matters.
+        gather = first[:, None] + np.minimum(offsets[None, :], lengths[:, None] - 1)  # (g, max_len)
+        slots = np.flatnonzero(valid)
+        groups.append(_PaddedGroup(upload(gather), None if valid.all() else upload(valid)[:, None, None, :],
+                                   upload(slots), upload(gather.reshape(-1)[slots]),
+                                   upload(np.asarray(group, dtype=np.int64))))
+    return groups
+
+
+def _sdpa_grouped(q, k, v, packed: "_PackedView", cls_only, scale):
     """Exact attention per sequence with torch SDPA over length-grouped sub-batches.
 
     q: (total_tokens, heads, head_dim), or (batch, heads, head_dim) when `cls_only`;
     k, v: (total_tokens, heads, head_dim). Returns q's shape.
 
     On CPU the groups are runs of equal length (`_sdpa_equal_length_runs`: no padding at all, no copies);
-    on other devices, where every call is a kernel launch, fewer and padded groups win.
+    on CUDA, where every call is a kernel launch, fewer and padded groups win (`_padded_groups`).
     """
-    if k.device.type == "cpu":
-        return _sdpa_equal_length_runs(q, k, v, cu_seqlens, seqlens, cls_only, scale)
-    device = k.device
+    if not runtime.is_cuda(k.device):
+        return _sdpa_equal_length_runs(q, k, v, packed.starts, packed.seqlens, cls_only, scale)
+    if packed.padded_groups is None:
+        packed.padded_groups = _padded_groups(packed.starts, packed.seqlens, k.device)
     out = torch.empty_like(q)
-    starts = cu_seqlens[:-1].tolist()
-    for group in _length_groups(seqlens):
-        lengths = torch.tensor([seqlens[i] for i in group], device=device)
-        max_len = int(lengths.max())
-        offsets = torch.arange(max_len, device=device)
-        start = torch.tensor([starts[i] for i in group], device=device)
-        valid = offsets[None, :] < lengths[:, None]                                # (g, max_len)
-        # Pad by repeating each sequence's last token: the mask hides it as a key, and padded query rows
-        # are dropped below, so its value never matters.
-        gather = start[:, None] + torch.minimum(offsets[None, :], lengths[:, None] - 1)  # (g, max_len)
-        k_pad = k[gather].transpose(1, 2)                                          # (g, heads, max_len, head_dim)
-        v_pad = v[gather].transpose(1, 2)
-        mask = None if bool(valid.all()) else valid[:, None, None, :]              # (g, 1, 1, max_len)
+    heads, head_dim = k.shape[1], k.shape[2]
+    for group in packed.padded_groups:
+        k_pad = k[group.gather].transpose(1, 2)                                    # (g, heads, max_len, head_dim)
+        v_pad = v[group.gather].transpose(1, 2)
         if not cls_only:
-            q_pad = q[gather].transpose(1, 2)                                      # (g, heads, max_len, head_dim)
-            o = F.scaled_dot_product_attention(q_pad, k_pad, v_pad, attn_mask=mask, scale=scale)
-            out[gather[valid]] = o.transpose(1, 2)[valid]
+            q_pad = q[group.gather].transpose(1, 2)                                # (g, heads, max_len, head_dim)
+            o = F.scaled_dot_product_attention(q_pad, k_pad, v_pad, attn_mask=group.mask, scale=scale)
+            out[group.tokens] = o.transpose(1, 2).reshape(-1, heads, head_dim)[group.slots]
         else:
-            rows = torch.tensor(group, device=device)
-            q_one = q[rows][:, :, None, :]                                         # (g, heads, 1, head_dim)
-            o = F.scaled_dot_product_attention(q_one, k_pad, v_pad, attn_mask=mask, scale=scale)
-            out[rows] = o[:, :, 0, :]
+            q_one = q[group.rows][:, :, None, :]                                   # (g, heads, 1, head_dim)
+            o = F.scaled_dot_product_attention(q_one, k_pad, v_pad, attn_mask=group.mask, scale=scale)
+            out[group.rows] = o[:, :, 0, :]
     return out
 
 
-def varlen_attention(backend, q, k, v, cu_seqlens, max_seqlen, seqlens, cls_only: bool, scale: float):
+def varlen_attention(backend, q, k, v, packed: "_PackedView", cls_only: bool, scale: float):
     """softmax(q k^T * scale) v within each packed sequence.
 
     q: (total_tokens, heads, head_dim), or (batch, heads, head_dim) when `cls_only` (one query per
     sequence, its first token); k, v: (total_tokens, heads, head_dim). Returns q's shape.
     """
     if backend == SDPA_GROUPED:
-        return _sdpa_grouped(q, k, v, cu_seqlens, seqlens, cls_only, scale)
-    batch = cu_seqlens.numel() - 1
-    cu_q = torch.arange(batch + 1, dtype=torch.int32, device=q.device) if cls_only else cu_seqlens
-    max_q = 1 if cls_only else max_seqlen
+        return _sdpa_grouped(q, k, v, packed, cls_only, scale)
+    cu_seqlens, max_seqlen = packed.cu_seqlens, packed.max_seqlen
+    if cls_only:
+        if packed.cu_queries is None:
+            packed.cu_queries = torch.arange(len(packed.seqlens) + 1, dtype=torch.int32, device=q.device)
+        cu_q, max_q = packed.cu_queries, 1
+    else:
+        cu_q, max_q = cu_seqlens, max_seqlen
     if backend == FLASH_ATTN:
-        from flash_attn import flash_attn_varlen_func
-
-        return flash_attn_varlen_func(q, k, v, cu_q, cu_seqlens, max_q, max_seqlen, softmax_scale=scale)
-    if backend == TORCH_VARLEN:
-        varlen_attn = _torch_varlen_attn()
-        return varlen_attn(q, k, v, cu_q, cu_seqlens, max_q, max_seqlen, scale=scale, **_varlen_options(varlen_attn))
-    raise ValueError(f"unknown attention backend {backend!r}")
+        fn = _flash_attn_varlen()
+    elif backend == TORCH_VARLEN:
+        fn = _torch_varlen_attn()
+    else:
+        raise ValueError(f"unknown attention backend {backend!r}")
+    return _call_varlen(backend, fn, q, k, v, cu_q, cu_seqlens, max_q, max_seqlen, scale)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -261,12 +353,13 @@ def select_linear_kernel(device: torch.device, dtype: torch.dtype, prefer: str |
     if prefer is not None:
         choice, why = prefer, "requested"
     elif dtype == torch.int8:
-        if device.type != "cpu" or not (int8_kernel_works() and _onednn_linear_works(torch.float32)):
+        on_cpu = device.type == "cpu" and not runtime.is_cuda(device)
+        if not (on_cpu and int8_kernel_works() and _onednn_linear_works(torch.float32)):
             raise ValueError(f"int8 scoring needs oneDNN's int8 linear on CPU, which {device.type} with this torch "
                              "build lacks; use dtype bfloat16 or float32")
         choice, why = ONEDNN_INT8, ("int8 asked for: int8 weights per channel, activations per token; "
                                     "embeddings, LayerNorm, attention and the head in float32")
-    elif device.type == "cpu" and _onednn_linear_works(dtype):
+    elif device.type == "cpu" and not runtime.is_cuda(device) and _onednn_linear_works(dtype):
         choice, why = ONEDNN_FUSED, "CPU with oneDNN: bias, GELU and residual adds fused into the GEMMs"
     else:
         choice, why = ATEN_LINEAR, f"{device.type}: separate aten ops"
@@ -376,8 +469,7 @@ class SelfAttention(nn.Module):
         else:
             qkv = linear(packed.linear_kernel, hidden, self.Wqkv, packed=packed.weights).view(-1, 3, heads, head_dim)
             q, k, v = qkv.unbind(dim=1)                                          # each (total_tokens, heads, head_dim)
-        attn = varlen_attention(packed.backend, q, k, v, packed.cu_seqlens, packed.max_seqlen,
-                                packed.seqlens, cls_only, 1.0 / math.sqrt(head_dim))
+        attn = varlen_attention(packed.backend, q, k, v, packed, cls_only, 1.0 / math.sqrt(head_dim))
         return linear(packed.linear_kernel, attn.reshape(attn.shape[0], -1), self.out_proj, residual=residual,
                       packed=packed.weights)
 
@@ -428,11 +520,14 @@ class ClassificationHead(nn.Module):
 class _PackedView:
     cu_seqlens: torch.Tensor  # (batch + 1,) int32
     max_seqlen: int
-    seqlens: list[int]
+    seqlens: list[int]        # host copies of the lengths and starts: attention never reads them back
+    starts: list[int]
     cls_index: torch.Tensor   # (batch,) int64, = cu_seqlens[:-1]
     backend: str              # attention backend
     linear_kernel: str = ATEN_LINEAR
     weights: object = None    # PackedWeights (ONEDNN_FUSED) or quantization.Int8Weights (ONEDNN_INT8)
+    padded_groups: list | None = None          # SDPA_GROUPED on CUDA: made by the first layer, reused by the rest
+    cu_queries: torch.Tensor | None = field(default=None)  # (batch + 1,) int32 0..batch, the last layer's queries
 
 
 def packed_position_ids(cu_seqlens: torch.Tensor, total_tokens: int, offset: int) -> torch.Tensor:
@@ -443,7 +538,8 @@ def packed_position_ids(cu_seqlens: torch.Tensor, total_tokens: int, offset: int
     starts = cu_seqlens[:-1].long()
     seqlens = cu_seqlens[1:].long() - starts
     token_index = torch.arange(total_tokens, device=cu_seqlens.device)
-    return token_index - torch.repeat_interleave(starts, seqlens) + offset
+    # output_size: without it repeat_interleave reads the lengths' sum back from the device (a sync).
+    return token_index - torch.repeat_interleave(starts, seqlens, output_size=total_tokens) + offset
 
 
 class CrossEncoderModel(nn.Module):
@@ -462,16 +558,22 @@ class CrossEncoderModel(nn.Module):
         self.packed_weights = None
 
     @torch.inference_mode()
-    def forward(self, input_ids, cu_seqlens, max_seqlen: int, token_type_ids=None):
-        """input_ids (total_tokens,), cu_seqlens (batch+1,) int32 -> logits (batch,) float32."""
+    def forward(self, input_ids, cu_seqlens, max_seqlen: int, token_type_ids=None, seqlens: list[int] | None = None):
+        """input_ids (total_tokens,), cu_seqlens (batch+1,) int32 -> logits (batch,) float32.
+
+        `seqlens`: the host's copy of the lengths (cu_seqlens[1:] - cu_seqlens[:-1]); without it they are read
+        back from cu_seqlens, which on a GPU waits for the device.
+        """
         if max_seqlen > self.config.max_tokens_per_sequence:
             raise ValueError(f"a sequence of {max_seqlen} tokens exceeds the model's "
                              f"{self.config.max_tokens_per_sequence}-token limit; truncate it first")
         param = self.emb_ln.weight
         backend = self.attention_backend or select_attention_backend(param.device, param.dtype)
-        seqlens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+        if seqlens is None:
+            seqlens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+        starts = np.concatenate(([0], np.cumsum(seqlens[:-1], dtype=np.int64))).tolist()
         kernel = self.linear_kernel or select_linear_kernel(param.device, param.dtype)
-        packed = _PackedView(cu_seqlens, max_seqlen, seqlens, cu_seqlens[:-1].long(), backend, kernel,
+        packed = _PackedView(cu_seqlens, max_seqlen, seqlens, starts, cu_seqlens[:-1].long(), backend, kernel,
                              self.packed_weights if kernel in (ONEDNN_FUSED, ONEDNN_INT8, SCALED_MM_FP8) else None)
 
         position_ids = packed_position_ids(cu_seqlens, input_ids.numel(), self.config.position_offset)

@@ -21,12 +21,14 @@ class PackedBatch:
     token_type_ids  (total_tokens,)  int64, or None when the model has a single token type
     cu_seqlens      (batch + 1,)     int32
     max_seqlen      int
+    seqlens         list[int]        (batch,) on the host, so the model never reads cu_seqlens back from a GPU
     """
 
     input_ids: torch.Tensor
     cu_seqlens: torch.Tensor
     max_seqlen: int
     token_type_ids: torch.Tensor | None = None
+    seqlens: list[int] | None = None
 
     @property
     def num_sequences(self) -> int:
@@ -42,6 +44,7 @@ class PackedBatch:
             self.cu_seqlens.to(device, non_blocking=True),
             self.max_seqlen,
             None if self.token_type_ids is None else self.token_type_ids.to(device, non_blocking=True),
+            self.seqlens,
         )
 
 
@@ -58,7 +61,7 @@ def pack(input_ids: Sequence[np.ndarray], token_type_ids: Sequence[np.ndarray] |
     types = None
     if token_type_ids is not None:
         types = torch.from_numpy(np.concatenate(token_type_ids).astype(np.int64, copy=False))
-    return PackedBatch(flat, torch.from_numpy(cu_seqlens), int(lengths.max()), types)
+    return PackedBatch(flat, torch.from_numpy(cu_seqlens), int(lengths.max()), types, lengths.tolist())
 
 
 def token_budget_batches(lengths: Sequence[int] | np.ndarray, max_tokens: int,

@@ -38,10 +38,12 @@ class ScoreStage:
         # Imported here, in the actor: the driver builds the plan with this class and never needs torch.
         import torch
 
+        from pipeline.model import device as runtime
         from pipeline.model.cross_encoder import CrossEncoder
         from pipeline.model.quantization import Int8Options
 
-        device = "cuda" if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()) else "cpu"
+        cuda = config.device == "cuda" or (config.device == "auto" and runtime.RUNTIME.available())
+        device = "cuda" if cuda else "cpu"
         # Ray sets OMP_NUM_THREADS to the actor's num_cpus (1), which would leave cores idle while scoring is
         # the bottleneck; on CPU the scorer takes every core it may run on unless told otherwise (tokenizing is cheap next to it);
         # set scorer.torch_threads when several CPU scorer actors share a node.

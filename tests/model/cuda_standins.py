@@ -33,6 +33,7 @@ would make a GPU wait (.item(), .tolist(), .cpu(), bool(), int(), ...).
 
 from __future__ import annotations
 
+import functools
 import importlib.machinery
 import math
 import sys
@@ -47,6 +48,22 @@ import pipeline.model.device as engine_device
 
 HALF = (torch.float16, torch.bfloat16)
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+# > 0 while a stand-in kernel runs: its own reads of values (checking contracts, looping over sequences)
+# are the stand-in's, not the engine's; a real kernel reads nothing back to the host.
+_in_kernel = [0]
+
+
+def _kernel(fn):
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        _in_kernel[0] += 1
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _in_kernel[0] -= 1
+    return run
 
 
 class ContractError(RuntimeError):
@@ -96,6 +113,7 @@ def _reference_varlen(q, k, v, cu_q, cu_k, scale):
     return out
 
 
+@_kernel
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                            deterministic=False, return_attn_probs=False, block_table=None):
@@ -106,6 +124,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     return _reference_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale)
 
 
+@_kernel
 def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
                 window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
     """torch.nn.attention.varlen.varlen_attn as torch 2.13 has it (same signature)."""
@@ -115,6 +134,7 @@ def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_a
     return _reference_varlen(query, key, value, cu_seq_q, cu_seq_k, scale)
 
 
+@_kernel
 def varlen_attn_without_scale(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None):
     """An older torch's varlen_attn: no `scale` (always 1/sqrt(head_dim)), no `num_splits`."""
     _check_varlen("varlen_attn", query, key, value, cu_seq_q, cu_seq_k, max_q, max_k)
@@ -125,6 +145,7 @@ def varlen_attn_without_scale(query, key, value, cu_seq_q, cu_seq_k, max_q, max_
 # --- float8 GEMM ----------------------------------------------------------------------------------------
 
 
+@_kernel
 def scaled_mm_cuda(a, b, scale_a=None, scale_b=None, bias=None, scale_result=None, out_dtype=None,
               use_fast_accum=False):
     """CUDA `torch._scaled_mm` with row-wise scales: cuBLASLt / CUTLASS's layout, size and dtype rules."""
@@ -239,13 +260,17 @@ class HostReads(TorchFunctionMode):
 
     NAMES = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__", "nonzero")
 
-    def __init__(self):
+    def __init__(self, runtime: FakeCudaRuntime | None = None):
         super().__init__()
         self.reads: list[str] = []
+        self.pinned = set() if runtime is None else runtime.pinned  # host memory: reading it waits for nothing
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
-        if name in self.NAMES:
+        host = bool(args) and isinstance(args[0], torch.Tensor) and args[0].data_ptr() in self.pinned
+        if host or _in_kernel[0]:
+            pass
+        elif name in self.NAMES:
             self.reads.append(name)
         elif name == "__getitem__" and len(args) > 1 and isinstance(args[1], torch.Tensor) \
                 and args[1].dtype == torch.bool:
@@ -253,9 +278,10 @@ class HostReads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def count_host_reads() -> HostReads:
-    """`with count_host_reads() as reads: ...; reads.reads` lists the value reads made inside."""
-    return HostReads()
+def count_host_reads(runtime: FakeCudaRuntime | None = None) -> HostReads:
+    """`with count_host_reads(runtime) as reads: ...`; then `reads.reads` lists the reads of device values made
+    inside (reads of the runtime's pinned host buffers excluded)."""
+    return HostReads(runtime)
 
 
 def _flash_attn_module(broken: bool = False) -> types.ModuleType:

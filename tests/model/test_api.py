@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.model import CrossEncoder
-from pipeline.model.cross_encoder import cpu_has_bf16_matrix_units, resolve_dtype
+from pipeline.model.cross_encoder import cpu_auto_dtype, resolve_dtype
 from pipeline.model.modeling import SDPA_GROUPED
 
 
@@ -60,7 +60,7 @@ def test_rerank_best_first_with_max_over_windows(encoder, dl19_pairs):
 
 
 def test_auto_dtype_and_backend_on_this_cpu():
-    expected = torch.bfloat16 if cpu_has_bf16_matrix_units() else torch.float32
+    expected = cpu_auto_dtype()  # what this machine's GEMM probe chose (remembered per machine)
     assert resolve_dtype(None, torch.device("cpu")) == expected
     assert resolve_dtype("float16", torch.device("cpu")) == torch.float16
 
