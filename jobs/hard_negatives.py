@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from pipeline.cli import base_parser, run_main, setup_logging
+from pipeline.cli import base_parser, check_job_location, run_main, setup_logging
 from pipeline.config import load_config
 from pipeline.hard_negatives.config import HardNegativesConfig
 from pipeline.hard_negatives.job import run_hard_negatives
@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    check_job_location(args.output)
     config = load_config(HardNegativesConfig, args.config, args.overrides,
                          rerank__model=args.model, rerank__dtype=args.dtype)
     stats = run_hard_negatives(config, args.input, args.positives, args.output)

@@ -28,7 +28,7 @@ from typing import Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.cli import base_parser, run_main, setup_logging
+from pipeline.cli import base_parser, check_job_location, run_main, setup_logging
 from pipeline.config import load_config
 from pipeline.errors import InputError
 from pipeline.rerank_api import rerank
@@ -91,6 +91,8 @@ def rerank_parts(args: argparse.Namespace, config: IndexQualityConfig) -> list[s
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    check_job_location(args.output)
+    check_job_location(args.history, "--history")
     config = load_config(IndexQualityConfig, args.config, args.overrides, rerank__model=args.model,
                          rerank__dtype=args.dtype)
     parts = rerank_parts(args, config) if args.model else None

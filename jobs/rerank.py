@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Sequence
 
-from pipeline.cli import base_parser, run_main, setup_logging
+from pipeline.cli import base_parser, check_job_location, run_main, setup_logging
 from pipeline.config import load_config
 from pipeline.rerank_config import RerankConfig
 from pipeline.rerank_job import run_rerank
@@ -24,6 +24,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="output folder: local path or object-storage URI")
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
+    check_job_location(args.output)
     config = load_config(RerankConfig, args.config, args.overrides, model=args.model, dtype=args.dtype)
     summary = run_rerank(config, args.input, args.output)
     print(json.dumps({k: summary[k] for k in ("input_rows", "scored_rows", "rejected_rows", "pairs_per_s")}))

@@ -53,6 +53,27 @@ def base_parser(prog: str, description: str, *, model_required: bool = True,
     return parser
 
 
+def ray_job_working_dir() -> str | None:
+    """The working directory when this process is the driver of a `ray job submit` (Ray sets
+    RAY_JOB_CONFIG_JSON_ENV_VAR there, and unpacks `--working-dir` under <session>/runtime_resources/), else None."""
+    cwd = os.getcwd()
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or os.environ.get("RAY_JOB_ID") or "/runtime_resources/" in cwd:
+        return cwd
+    return None
+
+
+def check_job_location(uri: str | None, flag: str = "--output") -> None:
+    """A relative local path given to a job run by `ray job submit` would land in Ray's temporary copy of the
+    working directory, which Ray deletes with the session: refused before any work."""
+    if not uri or "://" in uri or os.path.isabs(os.path.expanduser(uri)):
+        return
+    cwd = ray_job_working_dir()
+    if cwd is not None:
+        raise ConfigError(f"{flag} {uri} is a relative path and this job runs under `ray job submit`, whose working "
+                          f"directory is Ray's temporary copy of the project ({cwd}); give an absolute path on "
+                          "storage every node shares, or object storage (s3://...)")
+
+
 class RedactSecrets(logging.Filter):
     """Masks credentials in every log record: the values of the credential environment variables and of any
     secret passed in storage options, and the signature parts of signed requests (botocore's debug lines)."""

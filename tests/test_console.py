@@ -60,3 +60,40 @@ def test_a_scorer_failing_at_load_is_one_error_line_and_nothing_from_ray(shared_
     others = [line for line in result.stderr.splitlines()
               if not line.startswith("error:") and not re.match(r"\d\d:\d\d:\d\d [A-Z]+ [\w.]+: ", line)]
     assert not others, others[:5]
+
+
+@pytest.mark.parametrize("job, inputs", [("rerank", ["--input", "in.parquet", "--model", "dummy:tiny"]),
+                                         ("hard_negatives", ["--input", "in.parquet"]),
+                                         ("index_quality", ["--run", "run.txt"])])
+def test_a_relative_output_under_ray_job_submit_is_refused(job, inputs, tmp_path, monkeypatch, run_entry_point):
+    """`ray job submit --working-dir .` runs the job in Ray's temporary copy of the project: a relative --output
+    would land there, and go with the session."""
+    import importlib
+
+    main = importlib.import_module(f"jobs.{job}").main
+    package = tmp_path / "session_x" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123"
+    package.mkdir(parents=True)
+    monkeypatch.chdir(package)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    result = run_entry_point(main, *inputs, "--output", "out")
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr + result.stdout, result.stderr
+    assert "--output out is a relative path" in errors[0] and "ray job submit" in errors[0]
+    assert "absolute path" in errors[0] and "s3://" in errors[0]
+    assert not (package / "out").exists()
+    # An absolute one passes this check (and fails later, on the missing input, with its own line).
+    result = run_entry_point(main, *inputs, "--output", str(tmp_path / "out"))
+    assert result.returncode == 2 and "relative path" not in result.stderr
+
+
+def test_a_relative_output_outside_ray_jobs_is_the_users_own(tmp_path, monkeypatch):
+    from pipeline.cli import check_job_location
+
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    monkeypatch.delenv("RAY_JOB_ID", raising=False)
+    monkeypatch.chdir(tmp_path)
+    check_job_location("out")  # no error: a relative path is the user's own folder
+    monkeypatch.setenv("RAY_JOB_ID", "01000000")
+    check_job_location("s3://bucket/out")
+    check_job_location(str(tmp_path / "out"))
