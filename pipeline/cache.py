@@ -257,7 +257,13 @@ def open_cache(uri: str, storage_options: dict, fingerprint_hex: str, covers: di
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         if create_exclusive(fs, meta_path, json.dumps(meta, indent=2, sort_keys=True).encode()):
             return CacheSpec(protocol + folder, fingerprint_hex, buckets, storage_options)
-        meta = read_meta(fs, folder, uri, protocol)
+        try:
+            meta = read_meta(fs, folder, uri, protocol)
+        except OtherFormat:
+            raise
+        except ConfigError:  # a job creating the folder right now: a local create is visible before its bytes
+            time.sleep(1.0)
+            meta = read_meta(fs, folder, uri, protocol)
     except OSError as e:
         raise _unusable(uri, e) from None
     return CacheSpec(protocol + folder, fingerprint_hex, meta.buckets, storage_options)

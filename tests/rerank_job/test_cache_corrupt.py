@@ -98,6 +98,14 @@ def test_a_warm_run_over_a_corrupt_cache_file_quarantines_it_and_scores_its_pair
     assert verify.returncode == 0 and verify.stderr == "" and "read fully: all good" in verify.stdout, verify.stderr
     assert _entries(cache) == 200 and summary["cache"]["entries_added"] == lost
 
+    # An unparseable _cache.json stops the next run in one line naming it (was an unexpected JSONDecodeError).
+    meta = next(cache.glob("*/_cache.json"))
+    meta.write_text('{"format": 1, "buckets": ')
+    broken = run_entry_point(rerank, *common, "--output", tmp_path / "broken")
+    line = _one_line_error(broken)
+    assert str(meta) in line and "is not JSON" in line and f"python -m jobs.cache repair --cache {cache}" in line
+    assert not (tmp_path / "broken" / "summary.json").exists() and meta.read_text() == '{"format": 1, "buckets": '
+
 
 def test_compact_and_prune_skip_a_file_that_does_not_read_report_it_and_move_it_aside(tmp_path, run_entry_point):
     root, keys = _filled_cache(tmp_path)
@@ -167,6 +175,37 @@ def test_a_reader_on_object_storage_quarantines_and_a_second_reader_finds_it_gon
     verify = run_entry_point(_cache_main(), "verify", "--cache", f"{uri}/cache",
                              *[a for k, v in options.items() for a in ("--set", f"storage_options.{k}={v}")])
     assert verify.returncode == 0 and "1 files" in verify.stdout, verify.stderr
+
+
+def test_the_lookup_on_object_storage_records_what_it_moved_aside(s3_bucket, tmp_path):
+    import s3fs
+
+    from pipeline.stages.lookup import KEYS_SCHEMA, QUARANTINED, JoinBucket
+
+    uri, options = s3_bucket
+    fs = s3fs.S3FileSystem(**options)
+    spec = C.open_cache(f"{uri}/cache", options, "d" * 32, {"test": True}, 1)
+    _, root = spec.fs()
+    keys = _keys(40)
+    C.publish(fs, root, 0, pa.table({C.KEY: keys.slice(0, 20), C.SCORE: pa.array(np.zeros(20), pa.float32())}))
+    C.publish(fs, root, 0, pa.table({C.KEY: keys.slice(20), C.SCORE: pa.array(np.ones(20), pa.float32())}))
+    bad = C.list_bucket(fs, root, 0)[0]
+    lost = set(C.read_file(fs, bad, C.PART_SCHEMA).column(C.KEY).to_pylist())
+    fs.pipe_file(bad, b"garbage")
+    work = tmp_path / "work"
+    (work / "lookup" / "shard-00000").mkdir(parents=True)  # made by the keys stage in a run
+    run_keys = work / "lookup" / "keys.parquet"
+    pq.write_table(pa.table([keys, pa.array(np.arange(40), pa.int64())], schema=KEYS_SCHEMA), run_keys)
+
+    report = JoinBucket(spec, str(work / "lookup"), {})(pa.table({"bucket": [0], "files": [[str(run_keys)]]}))
+    assert report.to_pylist() == [{"bucket": 0, "hits": 20, "same_texts": 0, "to_score": 20, "cache_entries": 20,
+                                   "quarantined": 1}]
+    found = pq.read_table(work / "lookup" / "shard-00000" / "found-00000.parquet")
+    assert not lost & {keys[r].as_py() for r in found.column("_row").to_pylist()}  # the lost pairs are scored
+    [record] = [json.loads(p.read_text()) for p in (work / QUARANTINED).glob("*.json")]
+    assert record["path"] == f"s3://{bad}" and "smaller than the minimum file footer" in record["reason"]
+    assert record["moved_to"] == f"s3://{root}/_quarantine/bucket-00000/{bad.rsplit('/', 1)[1]}"
+    assert fs.cat_file(record["moved_to"][len("s3://"):]) == b"garbage" and not fs.exists(bad)
 
 
 @pytest.mark.parametrize("case, expected", [
