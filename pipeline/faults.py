@@ -32,6 +32,7 @@ _UNREACHABLE = {
     "MaxRetryError", "ProxyConnectionError",
 }
 _TRACEBACK_LINE = re.compile(r"^([\w.]+): (.+)$", re.MULTILINE)
+_NO_SPACE_FILE = re.compile(r"No space left on device: '([^']+)'")
 _UNREACHABLE_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT}
 
 
@@ -85,7 +86,10 @@ def explain(exc: BaseException) -> PipelineError | None:
                 return getattr(errors, name)(message.strip())
             text = str(e)
             if "[Errno 28]" in text or "No space left on device" in text:
-                return InfrastructureError(f"no space left on the device (in a worker); free space and {RESUME}")
+                named = _NO_SPACE_FILE.search(text)
+                where = f"writing {named.group(1)}" if named else "(in a worker)"
+                return InfrastructureError(f"no space left on the device {where}; free space (or point --output at "
+                                           f"a larger volume) and {RESUME}")
             # A worker's exception crosses to the driver pickled, which drops __cause__: the storage fault
             # under a failed write is only named in the worker's traceback text.
             unreachable = [m for m in _TRACEBACK_LINE.findall(text) if m[0].rsplit(".", 1)[-1] in _UNREACHABLE]

@@ -79,6 +79,9 @@ class IoConfig(StrictModel):
 
 class OutputConfig(StrictModel):
     top_k: Optional[int] = Field(None, ge=1)         # keep only the best k per query in ranked/
+    # On object storage, create --output's bucket (and cache.uri's) if it does not exist. Off: a missing bucket
+    # is an error, so a typo in its name does not make a new bucket on the account.
+    create_bucket: bool = False
     rows_per_bucket: int = Field(1_000_000, ge=1)    # long input: ranking buckets by hash(query_id)
     # Carry each pair's query and document texts through to ranked/ (columns `query`, `document`), for
     # consumers that need them beside the scores (hard negatives). Off by default: texts are otherwise

@@ -46,7 +46,9 @@ from pipeline.progress import Progress
 from pipeline.rerank_config import RerankConfig
 from pipeline.stages.read import Shard, list_input_files, plan_shards, query_ids_unique, read_schemas
 from pipeline.stages.validate import InputLayout
-from pipeline.storage import atomic_write, join, map_paths, read_json, read_jsons, url_to_fs, write_json
+from pipeline.job_files import BucketMarker, JobIdentity, Manifest, Summary, settings_differences
+from pipeline.storage import (atomic_write, check_bucket, check_storage_options, join, map_paths, read_json, read_jsons,
+                              read_own_file, read_own_files, url_to_fs, write_json)
 
 logger = logging.getLogger("rerank")
 
@@ -149,11 +151,37 @@ def _describe_input(uri: str | None, fingerprint: dict | None) -> str:
     return f"{uri} ({fingerprint['files']} file(s), {fingerprint['bytes']:,} bytes, fingerprint {fingerprint['sha256']})"
 
 
-def _prepare_output(fs, root: str, uri: str) -> None:
-    """The output folder exists and is a folder, or one line saying why it cannot be."""
+# What this job writes at the top of --output; anything else there is someone else's.
+_OWN_ENTRIES = {"ranked", "rejected", "summary.json", "summary.json.tmp", "_work", "_lease.json"}
+# Files that say which other job's output a folder is, to name it in the refusal.
+_OTHER_OUTPUTS = {"stats.json": "a hard-negatives output", "candidates": "a hard-negatives output",
+                  "metrics.json": "an index-quality output", "report.html": "an index-quality output",
+                  "history.parquet": "an index-quality history"}
+
+
+def _foreign_entries(fs, root: str) -> list[str]:
+    """The names at the top of `root` that this job did not write (dot files aside), sorted."""
+    try:
+        listed = fs.ls(root, detail=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    names = {posixpath.basename(p.rstrip("/")) for p in listed}
+    return sorted(n for n in names if n and not n.startswith(".") and n not in _OWN_ENTRIES)
+
+
+def _prepare_output(fs, root: str, uri: str, create_bucket: bool = False) -> None:
+    """The output folder exists, is a folder and holds nothing but this job's files, or one line saying why not."""
     try:
         if fs.isfile(root):
             raise OutputError(f"--output {uri} is a file; pass a folder (it is created if absent)")
+        foreign = _foreign_entries(fs, root)
+        if foreign:
+            kinds = sorted({_OTHER_OUTPUTS[n] for n in foreign if n in _OTHER_OUTPUTS})
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise OutputError(f"--output {uri} holds files this job did not write ({shown}"
+                              + (f": {' and '.join(kinds)}" if kinds else "") + "); choose a new or empty folder, "
+                              "or the folder of an earlier run of this job")
+        check_bucket(fs, root, uri, create_bucket, "io.create_bucket")
         fs.makedirs(root, exist_ok=True)
     except OSError as e:
         known = explain(e)
@@ -406,6 +434,7 @@ class ShardCommits:
 def run_rerank(config: RerankConfig, input_uri: str, output_uri: str) -> dict:
     """Rerank `input_uri` into `output_uri`; returns the summary (also written to summary.json)."""
     start_time, t0 = _now(), time.monotonic()
+    check_storage_options([input_uri, output_uri, config.cache.uri], config.storage_options)
     out_fs, out_root = url_to_fs(output_uri, config.storage_options)
     protocol = output_uri.split("://")[0] + "://" if "://" in output_uri else ""
     output_uri = protocol + out_root
@@ -422,7 +451,9 @@ def run_rerank(config: RerankConfig, input_uri: str, output_uri: str) -> dict:
         from pipeline.cache import check_location
 
         check_location(config.cache.uri, config.storage_options)
-    _prepare_output(out_fs, out_root, output_uri)
+        cache_fs, cache_root = url_to_fs(config.cache.uri, config.storage_options)
+        check_bucket(cache_fs, cache_root, config.cache.uri, config.io.create_bucket, "io.create_bucket")
+    _prepare_output(out_fs, out_root, output_uri, config.io.create_bucket)
     with OutputLease(out_fs, out_root, output_uri, heartbeat_s=config.io.lease_heartbeat_s,
                      timeout_s=config.io.lease_timeout_s) as lease:
         if out_fs.exists(join(out_root, "summary.json")):
@@ -436,7 +467,7 @@ def run_rerank(config: RerankConfig, input_uri: str, output_uri: str) -> dict:
         t_score = time.monotonic()
         this_run = _score(plan, lease)
         this_run["score_seconds"] = time.monotonic() - t_score
-        manifests = read_jsons(out_fs, [plan.manifest(s.shard) for s in plan.shards])
+        manifests = [m.model_dump() for m in _read_manifests(plan, [plan.manifest(s.shard) for s in plan.shards])]
         fill_files = _publish(plan, manifests, lease, this_run) if plan.cache else []
         bucket_reports = _rank(plan, manifests, lease, fill_files)
         return _commit(plan, manifests, bucket_reports, lease, this_run, start_time, t0)
@@ -448,10 +479,16 @@ def _finished_run(config, out_fs, out_root, output_uri, input_uri, fingerprint) 
     summary_path = join(out_root, "summary.json")
     if not out_fs.exists(summary_path):
         return None
-    previous = read_json(out_fs, summary_path)
-    if previous.get("config_hash") != settings_hash(config):
-        raise OutputError(f"{output_uri} already holds a finished run with other settings (model "
-                          f"{previous.get('model')!r}); use another --output, or delete it to run again")
+    protocol = output_uri.split("://")[0] + "://" if "://" in output_uri else ""
+    summary = read_own_file(out_fs, summary_path, Summary, "summary of a finished run",
+                            f"delete {output_uri} to run again, or use another --output", protocol)
+    previous = summary.model_dump(mode="json")
+    if summary.config_hash != settings_hash(config):
+        differ = settings_differences(summary.settings or summary.config, config.result_settings())
+        raise OutputError(f"{output_uri} already holds a finished run with other settings ("
+                          + (differ or f"model {summary.model!r}, settings hash {summary.config_hash} there, "
+                             f"{settings_hash(config)} in this run") + "); use another --output, or delete it to "
+                          "run again")
     if previous.get("input_fingerprint") != fingerprint:
         raise OutputError(f"{output_uri} already holds a finished run of another input: it ranked "
                           f"{_describe_input(previous.get('input_uri'), previous.get('input_fingerprint'))}, this "
@@ -478,17 +515,36 @@ def _plan(config, input_uri, output_uri, out_fs, out_root, in_fs, files, fingerp
 
     identity_path = join(plan.work, "job.json")
     if out_fs.exists(identity_path):
-        if read_json(out_fs, identity_path) != plan.identity():
-            raise OutputError(f"{output_uri} holds an unfinished run with other settings or input; "
-                              "use another --output, or delete it to start over")
-        logger.info("resuming the unfinished run in %s", output_uri)
+    identity = plan.identity() | {"settings": config.result_settings()}
+    # glob, not ls: object stores have no folders, an empty prefix simply lists nothing.
+    manifests = sorted(out_fs.glob(join(plan.manifests_dir, "shard-*.json")))
+        work_uri = plan.protocol + plan.work
+        earlier = read_own_file(out_fs, identity_path, JobIdentity, "record of an unfinished run",
+                                f"delete {work_uri} to start this output over (its committed shards are scored "
+                                "again)", plan.protocol)
+        if earlier.model_dump(mode="json", exclude={"settings"}, include=set(plan.identity())) != plan.identity():
+            if manifests:
+                differ = settings_differences(earlier.settings, config.result_settings())
+                what = differ or ("another input" if earlier.input_fingerprint.model_dump() != fingerprint
+                                  else "other settings or input")
+                raise OutputError(f"{output_uri} holds an unfinished run with other settings or input ({what}; "
+                                  f"{len(manifests)} shard(s) committed); rerun it with its settings to finish it, "
+                                  "use another --output, or delete it to start over")
+            # A run that committed no shard (refused before any work, or stopped before its first commit) left
+            # nothing worth resuming: this run starts the output over with its own settings.
+            logger.info("the unfinished run in %s committed no shard; starting over with this run's settings",
+                        output_uri)
+            out_fs.rm(plan.work, recursive=True)
+            out_fs.makedirs(plan.work, exist_ok=True)
+            write_json(out_fs, identity_path, identity)
+        else:
+            logger.info("resuming the unfinished run in %s", output_uri)
     else:
         out_fs.makedirs(plan.work, exist_ok=True)
-        write_json(out_fs, identity_path, plan.identity())
+        write_json(out_fs, identity_path, identity)
     out_fs.makedirs(plan.manifests_dir, exist_ok=True)
-    # glob, not ls: object stores have no folders, an empty prefix simply lists nothing.
-    plan.committed = {int(posixpath.basename(p)[len("shard-"):-len(".json")])
-                      for p in out_fs.glob(join(plan.manifests_dir, "shard-*.json"))}
+    # Every committed manifest is checked now, before any work, not after an hour of scoring the others.
+    plan.committed = {m.shard for m in _read_manifests(plan, manifests)}
     for shard in plan.pending:  # staging files of a shard that never committed were written before a crash
         stale = join(plan.work, "scored", f"shard-{shard.shard:05d}")
         if out_fs.exists(stale):
@@ -504,6 +560,18 @@ def _plan(config, input_uri, output_uri, out_fs, out_root, in_fs, files, fingerp
 
 
 def _open_cache(plan: RunPlan) -> None:
+def _read_manifests(plan: RunPlan, paths: list[str]) -> list[Manifest]:
+    """The shard manifests at `paths`, each checked (its schema, and the shard its name says)."""
+    fix = "delete it: its shard is scored again on the next run"
+    manifests = read_own_files(plan.out_fs, paths, Manifest, "shard manifest", fix, plan.protocol)
+    for path, manifest in zip(paths, manifests):
+        named = posixpath.basename(path)
+        if named != f"shard-{manifest.shard:05d}.json" or manifest.shard >= len(plan.shards):
+            raise OutputError(f"{plan.protocol}{path} is not a valid shard manifest: it is for shard {manifest.shard} "
+                              f"(this run has {len(plan.shards)}); {fix}")
+    return manifests
+
+
     """The score cache's folder for this model and settings (created if new): the fingerprint covers the
     checkpoint's bytes and every setting that changes a score. `dtype: auto` is resolved here, on a task placed
     like a scorer, and the scorers are given the result, so the fingerprint names the dtype they really run."""
@@ -671,7 +739,9 @@ def _rank(plan: RunPlan, manifests: list[dict], lease: OutputLease, fill_files: 
     plan.out_fs.makedirs(ranked_dir, exist_ok=True)
     # One listing, not one existence check per bucket (a round trip each on object storage).
     markers = sorted(plan.out_fs.glob(join(ranked_dir, "bucket-*.json")))
-    bucket_reports = {r["bucket"]: r for r in read_jsons(plan.out_fs, markers) if r["bucket"] in bucket_files}
+    bucket_reports = {r.bucket: r.model_dump() for r in read_own_files(
+        plan.out_fs, markers, BucketMarker, "ranked bucket's marker",
+        "delete it: its bucket is ranked again on the next run", plan.protocol) if r.bucket in bucket_files}
     todo = [{"bucket": b, "files": files_} for b, files_ in sorted(bucket_files.items()) if b not in bucket_reports]
     if todo:
         metadata = output_metadata(plan.config, plan.model, _scorers(plan))
@@ -798,7 +868,8 @@ def _commit(plan: RunPlan, manifests, bucket_reports, lease, this_run: dict, sta
         "max_length": plan.model["max_length"], "long_documents": config.tokenizer.long_documents,
         "top_k": config.output.top_k,
         **_cache_summary(plan, manifests, this_run),
-        "config_hash": settings_hash(config), "config": redact(config.model_dump(mode="json")),
+        "config_hash": settings_hash(config), "settings": config.result_settings(),
+        "config": redact(config.model_dump(mode="json")),
         "start_time": start_time, "end_time": _now(),
     }
     if summary["random_weights"]:

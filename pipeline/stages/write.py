@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from pipeline import schema as S
 from pipeline.stages.read import ROW, SHARD
-from pipeline.storage import join, url_to_fs
+from pipeline.storage import join, url_to_fs, with_filename
 
 REPORT_SCHEMA = pa.schema([
     ("shard", pa.int32()), ("kind", pa.string()), ("path", pa.string()), ("bucket", pa.int32()),
@@ -64,8 +64,18 @@ class WriteScored:
         digest = hashlib.blake2b(np.sort(keys).tobytes() + np.sort(window).tobytes(), digest_size=8).hexdigest()
         path = join(self.root, "scored", f"shard-{shard:05d}", f"{name}-{digest}.parquet")
         self.fs.makedirs(join(self.root, "scored", f"shard-{shard:05d}"), exist_ok=True)
-        with self.fs.open(path, "wb") as f:
-            pq.write_table(table, f)
+        try:
+            with self.fs.open(path, "wb") as f:
+                pq.write_table(table, f)
+        except OSError as e:
+            # A full disk raises on a write or on close with no file name; this worker's error reaches the
+            # driver as text, so the one line a user reads must name the file here.
+            from pipeline.faults import explain
+
+            known = explain(with_filename(e, path))
+            if known is not None:
+                raise known from None
+            raise
         return path
 
     def __call__(self, batch: pa.Table) -> pa.Table:
