@@ -450,9 +450,9 @@ def run_rerank(config: RerankConfig, input_uri: str, output_uri: str) -> dict:
     if config.cache.uri:
         from pipeline.cache import check_location
 
-        check_location(config.cache.uri, config.storage_options)
         cache_fs, cache_root = url_to_fs(config.cache.uri, config.storage_options)
         check_bucket(cache_fs, cache_root, config.cache.uri, config.io.create_bucket, "io.create_bucket")
+        check_location(config.cache.uri, config.storage_options)
     _prepare_output(out_fs, out_root, output_uri, config.io.create_bucket)
     with OutputLease(out_fs, out_root, output_uri, heartbeat_s=config.io.lease_heartbeat_s,
                      timeout_s=config.io.lease_timeout_s) as lease:
@@ -514,10 +514,10 @@ def _plan(config, input_uri, output_uri, out_fs, out_root, in_fs, files, fingerp
                    rank_per_shard, num_buckets)
 
     identity_path = join(plan.work, "job.json")
-    if out_fs.exists(identity_path):
     identity = plan.identity() | {"settings": config.result_settings()}
     # glob, not ls: object stores have no folders, an empty prefix simply lists nothing.
     manifests = sorted(out_fs.glob(join(plan.manifests_dir, "shard-*.json")))
+    if out_fs.exists(identity_path):
         work_uri = plan.protocol + plan.work
         earlier = read_own_file(out_fs, identity_path, JobIdentity, "record of an unfinished run",
                                 f"delete {work_uri} to start this output over (its committed shards are scored "
@@ -559,7 +559,6 @@ def _plan(config, input_uri, output_uri, out_fs, out_root, in_fs, files, fingerp
     return plan
 
 
-def _open_cache(plan: RunPlan) -> None:
 def _read_manifests(plan: RunPlan, paths: list[str]) -> list[Manifest]:
     """The shard manifests at `paths`, each checked (its schema, and the shard its name says)."""
     fix = "delete it: its shard is scored again on the next run"
@@ -572,6 +571,7 @@ def _read_manifests(plan: RunPlan, paths: list[str]) -> list[Manifest]:
     return manifests
 
 
+def _open_cache(plan: RunPlan) -> None:
     """The score cache's folder for this model and settings (created if new): the fingerprint covers the
     checkpoint's bytes and every setting that changes a score. `dtype: auto` is resolved here, on a task placed
     like a scorer, and the scorers are given the result, so the fingerprint names the dtype they really run."""
