@@ -74,7 +74,8 @@ BF16_MIN_SPEEDUP = 1.2
 # The probe's GEMM: 256 tokens through a 768 -> 768 Linear layer (jina-base's out_proj), in the kernel the
 # engine runs on CPU (oneDNN with packed weights where this build has it). 0.2 GFLOP a call.
 PROBE_SHAPE = (256, 768, 768)
-PROBE_SECONDS = 0.15  # per dtype, after one warm-up call
+PROBE_SECONDS = 0.05  # per dtype and round, after one warm-up call
+PROBE_ROUNDS = 3      # the dtypes alternate and each keeps its best round, so a busy spell slows both alike
 
 
 def _cpu_model() -> str:
@@ -118,7 +119,7 @@ def cpu_auto_dtype(rate: Callable[[torch.dtype], float] = gemm_rate, path: str |
     Decided once per machine and torch version and remembered in `path` (default: cpu-dtype.json in the
     per-user cache, $RERANK_CACHE or ~/.cache/rerank-pipeline), keyed by CPU model and torch version: a noisy
     probe must not flip the choice between runs, since the score cache's fingerprint names the dtype.
-    `rate(dtype)` -> GFLOP/s measures (`gemm_rate`, well under a second for both dtypes).
+    `rate(dtype)` -> GFLOP/s measures (`gemm_rate`; all rounds of both dtypes take well under a second).
     """
     path = path or _dtype_cache_path()
     key = f"{_cpu_model()} | torch {torch.__version__}"
@@ -130,7 +131,9 @@ def cpu_auto_dtype(rate: Callable[[torch.dtype], float] = gemm_rate, path: str |
     entry = known.get(key) if isinstance(known, dict) else None
     if isinstance(entry, dict) and entry.get("dtype") in ("float32", "bfloat16"):
         return DTYPES[entry["dtype"]]
-    fp32, bf16 = rate(torch.float32), rate(torch.bfloat16)
+    fp32 = bf16 = 0.0
+    for _ in range(PROBE_ROUNDS):
+        fp32, bf16 = max(fp32, rate(torch.float32)), max(bf16, rate(torch.bfloat16))
     choice = "bfloat16" if bf16 >= BF16_MIN_SPEEDUP * fp32 else "float32"
     logger.info("dtype auto on this CPU: %s (GEMM probe: float32 %.0f GFLOP/s, bfloat16 %.0f GFLOP/s; bfloat16 "
                 "needs %.1fx); remembered in %s", choice, fp32, bf16, BF16_MIN_SPEEDUP, path)

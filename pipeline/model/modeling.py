@@ -96,7 +96,7 @@ def _probe_varlen(kernel: str, device: torch.device, dtype: torch.dtype) -> tupl
         try:
             fn = _flash_attn_varlen() if kernel == FLASH_ATTN else _torch_varlen_attn()
             if fn is None:
-                raise ImportError("torch.nn.attention.varlen.varlen_attn is missing (torch older than 2.10)")
+                raise ImportError("torch.nn.attention.varlen.varlen_attn is missing (torch older than 2.9)")
             place = runtime.RUNTIME.placement(device)
             x = torch.ones(3, 1, 8, dtype=dtype, device=place)                     # (tokens, heads, head_dim)
             cu = torch.tensor([0, 1, 3], dtype=torch.int32, device=place)

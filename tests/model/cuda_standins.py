@@ -135,9 +135,11 @@ def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_a
 
 
 @_kernel
-def varlen_attn_without_scale(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None):
-    """An older torch's varlen_attn: no `scale` (always 1/sqrt(head_dim)), no `num_splits`."""
+def varlen_attn_without_scale(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False,
+                              return_aux=None):
+    """torch 2.9's varlen_attn (its documented signature): no `scale` (always 1/sqrt(head_dim)), no `num_splits`."""
     _check_varlen("varlen_attn", query, key, value, cu_seq_q, cu_seq_k, max_q, max_k)
+    _check(not is_causal, "stand-in: only non-causal attention is implemented")
     CALLS["varlen_attn"] += 1
     return _reference_varlen(query, key, value, cu_seq_q, cu_seq_k, None)
 
@@ -336,7 +338,8 @@ def install(monkeypatch_or_none=None, *, flash_attn: str | None = "ok", varlen: 
         runtime object, so every `install` starts with fresh probes.
     flash_attn: "ok" (the stand-in), "broken" (imports, fails at the first call, as a build for another
         torch does) or None (not installed: `import flash_attn` fails).
-    varlen: "current" (torch 2.13's signature), "no_scale" (an older torch's) or None (absent).
+    varlen: "current" (torch 2.13's signature), "no_scale" (torch 2.9's, without `scale`) or None (absent,
+        as before 2.9).
     scaled_mm: patch `torch._scaled_mm` with the CUDA contract.
     Returns the fake runtime: `log`, `host_syncs`, `pinned`.
     """
