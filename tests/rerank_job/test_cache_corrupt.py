@@ -113,7 +113,7 @@ def test_compact_and_prune_skip_a_file_that_does_not_read_report_it_and_move_it_
     lost = pq.read_table(bad).num_rows
     _truncate(bad)
     result = run_entry_point(_cache_main(), "compact", "--cache", tmp_path)
-    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 0 and "Traceback" not in result.stderr + result.stdout, result.stderr
     report = json.loads(result.stdout)[0]
     moved = Path(root) / "_quarantine" / "bucket-00001" / bad.name
     assert report["unreadable_files"] == [{"path": str(bad), "reason": report["unreadable_files"][0]["reason"],
@@ -127,7 +127,7 @@ def test_compact_and_prune_skip_a_file_that_does_not_read_report_it_and_move_it_
     garbled = sorted(Path(root).glob("bucket-00002/part-*.parquet"))[0]
     _garble(garbled)
     result = run_entry_point(_cache_main(), "prune", "--cache", tmp_path, "--older-than", "30d")
-    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 0 and "Traceback" not in result.stderr + result.stdout, result.stderr
     report = json.loads(result.stdout)[0]
     assert [u["path"] for u in report["unreadable_files"]] == [str(garbled)]
     assert (Path(root) / "_quarantine" / "bucket-00002" / garbled.name).exists() and not garbled.exists()
@@ -172,9 +172,19 @@ def test_a_reader_on_object_storage_quarantines_and_a_second_reader_finds_it_gon
     # A reader that listed before the move finds the file gone: nothing to move, no error.
     assert C.quarantine(fs, root, C.Unreadable(first, "truncated"))["moved_to"] is None
 
-    verify = run_entry_point(_cache_main(), "verify", "--cache", f"{uri}/cache",
-                             *[a for k, v in options.items() for a in ("--set", f"storage_options.{k}={v}")])
-    assert verify.returncode == 0 and "1 files" in verify.stdout, verify.stderr
+    settings = [a for k, v in options.items() for a in ("--set", f"storage_options.{k}={v}")]
+    verify = run_entry_point(_cache_main(), "verify", "--cache", f"{uri}/cache", *settings)
+    assert verify.returncode == 0 and "1 files" in verify.stdout and "Traceback" not in verify.stderr, verify.stderr
+
+    # Compaction on object storage leaves a file that does not read out of the merge and moves it aside too.
+    fs.pipe_file(second, b"PAR1 and nothing else")
+    compact = run_entry_point(_cache_main(), "compact", "--cache", f"{uri}/cache", *settings)
+    assert compact.returncode == 0 and "Traceback" not in compact.stderr + compact.stdout, compact.stderr
+    [unreadable] = json.loads(compact.stdout)[0]["unreadable_files"]
+    assert unreadable["path"] == f"s3://{second}" and f"s3://{second}" in compact.stderr
+    assert unreadable["moved_to"] == f"s3://{root}/_quarantine/bucket-00000/{second.rsplit('/', 1)[1]}"
+    fs.invalidate_cache()
+    assert fs.exists(unreadable["moved_to"][len("s3://"):]) and C.list_bucket(fs, root, 0) == []
 
 
 def test_the_lookup_on_object_storage_records_what_it_moved_aside(s3_bucket, tmp_path):
