@@ -74,9 +74,10 @@ def _write_run_with_texts(run_uri: str, texts_uri: str, target: str, options: di
         pq.write_table(joined, f)
 
 
-def rerank_parts(args: argparse.Namespace, config: IndexQualityConfig) -> list[str]:
-    """Rerank the run through the rerank job; the ranked/ part files (whole queries each), which the measuring
-    tasks read (only query_id, doc_id and score), so no score or text reaches this process."""
+def rerank_parts(args: argparse.Namespace, config: IndexQualityConfig) -> tuple[list[str], dict]:
+    """Rerank the run through the rerank job: (the ranked/ part files (whole queries each), which the measuring
+    tasks read (only query_id, doc_id and score), so no score or text reaches this process; the rerank's model
+    and whether its weights are random)."""
     options = config.storage_options
     rerank_input = args.run
     if not is_parquet(args.run, options):
@@ -85,7 +86,8 @@ def rerank_parts(args: argparse.Namespace, config: IndexQualityConfig) -> list[s
                              "--texts with a Parquet table of query_id, query, doc_id, document")
         rerank_input = join(args.output, "rerank_input.parquet")
         _write_run_with_texts(args.run, args.texts, rerank_input, options)
-    return rerank(config.rerank_config(), rerank_input, join(args.output, "rerank")).parts()
+    result = rerank(config.rerank_config(), rerank_input, join(args.output, "rerank"))
+    return result.parts(), {k: result.summary[k] for k in ("model", "random_weights")}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -95,9 +97,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_job_location(args.history, "--history")
     config = load_config(IndexQualityConfig, args.config, args.overrides, rerank__model=args.model,
                          rerank__dtype=args.dtype)
-    parts = rerank_parts(args, config) if args.model else None
+    parts, reranker = rerank_parts(args, config) if args.model else (None, None)
     report = evaluate_night(config, run=args.run, output=args.output, qrels=args.qrels, history=args.history,
-                            reranker_parts=parts)
+                            reranker_parts=parts, reranker=reranker)
+    if report.extra.get("warning"):
+        log.warning("%s", report.extra["warning"])
     for name, value in report.all_means().items():
         log.info("%-28s %.4f", name, value)
     log.info("report: %s", join(args.output, "report.html"))

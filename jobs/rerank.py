@@ -27,7 +27,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_job_location(args.output)
     config = load_config(RerankConfig, args.config, args.overrides, model=args.model, dtype=args.dtype)
     summary = run_rerank(config, args.input, args.output)
-    print(json.dumps({k: summary[k] for k in ("input_rows", "scored_rows", "rejected_rows", "pairs_per_s")}))
+    line = {"model": summary["model"], **{k: summary[k] for k in ("input_rows", "scored_rows", "rejected_rows",
+                                                                   "pairs_per_s")}}
+    if summary["random_weights"]:
+        line |= {"random_weights": True,
+                 "warning": f"RANDOM WEIGHTS: {summary['model']} has random weights; these scores mean nothing"}
+    print(json.dumps(line))
     return 0
 
 

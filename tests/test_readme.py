@@ -34,3 +34,7 @@ def test_readme_offline_run_works(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["input_rows"] == summary["scored_rows"] == 10 and summary["random_weights"] is True
+    # The line on stdout names the model and says loudly that its weights are random.
+    printed = json.loads(result.stdout.strip().splitlines()[-1])
+    assert printed["model"] == "dummy:tiny" and printed["random_weights"] is True
+    assert printed["warning"].startswith("RANDOM WEIGHTS: dummy:tiny has random weights")

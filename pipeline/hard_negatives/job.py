@@ -92,7 +92,14 @@ def check_reusable_scores(config: HardNegativesConfig, output_uri: str) -> None:
     summary_path = join(root, "summary.json")
     if not fs.exists(summary_path):
         return
-    previous = read_json(fs, summary_path)
+    try:
+        previous = read_json(fs, summary_path)
+    except (ValueError, UnicodeDecodeError) as e:  # json's errors are ValueErrors
+        previous = f"is not JSON ({str(e).splitlines()[0][:120]})"
+    if not isinstance(previous, dict) or not isinstance(previous.get("config_hash"), str):
+        what = previous if isinstance(previous, str) else "is not a rerank summary (no `config_hash`)"
+        raise InputError(f"{join(output_uri, RERANK, 'summary.json')} {what}; delete the folder "
+                         f"{join(output_uri, RERANK)} to score again, or use another --output")
     if previous.get("config_hash") != settings_hash(config.rerank_config()):
         raise InputError(f"{join(output_uri, RERANK)} holds scores from other rerank settings (model there: "
                          f"{previous.get('model')!r}); use another --output, or delete that folder to score again")

@@ -134,7 +134,12 @@ def _qrels_coverage(canonical: pa.Table, qrels: pa.Table, selection: SelectionCo
 def format_summary(stats: dict) -> str:
     """The few lines a user reads after a run."""
     q = stats["queries"]
-    lines = [
+    run = stats.get("run", {})
+    lines = [f"model: {run['model']}"] if run.get("model") else []
+    if run.get("random_weights"):
+        lines.append(f"RANDOM WEIGHTS: {run['model']} has random weights; its scores, and the negatives chosen by "
+                     "them, mean nothing")
+    lines += [
         f"queries in: {q['in']:,}; with a positive: {q['with_positive']:,} "
         f"(pseudo-positive: {q['with_pseudo_positive']:,}); skipped without a positive: {q['skipped_no_positive']:,}",
         f"queries with their full quota of {stats['quota']['num_negatives']} negative(s) per "

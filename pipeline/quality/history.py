@@ -14,6 +14,8 @@ One writer at a time (the nightly job); two concurrent writers could lose one of
 
 from __future__ import annotations
 
+import re
+
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -24,6 +26,48 @@ from pipeline.storage import join, url_to_fs
 HISTORY_FILE = "history.parquet"
 PER_QUERY_DIR = "per_query"
 NIGHT = "night"
+QUERY_ID = "query_id"
+
+# history.parquet's schema: these columns with these kinds of type (written_at and the counts may be absent in
+# a history an older version wrote); every other column is a measure's nightly mean, a number.
+HISTORY_COLUMNS = {NIGHT: ("text", True), "run": ("text", False), "config_hash": ("text", False),
+                   "num_queries": ("integer", False), "written_at": ("timestamp", False)}
+_KINDS = {"text": lambda t: pa.types.is_string(t) or pa.types.is_large_string(t),
+          "integer": pa.types.is_integer, "timestamp": pa.types.is_timestamp,
+          "number": lambda t: pa.types.is_floating(t) or pa.types.is_integer(t) or pa.types.is_null(t)}
+NIGHT_FORMAT = re.compile(r"\d{4}-\d\d-\d\d")
+
+
+def check_history_table(table: pa.Table) -> str | None:
+    """What is wrong with a history table's schema or nights, or None."""
+    for column, (kind, required) in HISTORY_COLUMNS.items():
+        if column not in table.column_names:
+            if required:
+                return f"it has no `{column}` column"
+        elif not _KINDS[kind](table.schema.field(column).type) and not pa.types.is_null(table.schema.field(column).type):
+            return f"column `{column}` has type {table.schema.field(column).type}, not {kind}"
+    for field in table.schema:
+        if field.name not in HISTORY_COLUMNS and not _KINDS["number"](field.type):
+            return f"measure column `{field.name}` has type {field.type}, not a number"
+    nights = table[NIGHT].to_pylist()
+    bad = [n for n in nights if n is None or not NIGHT_FORMAT.fullmatch(n)]
+    if bad:
+        return f"night {bad[0]!r} is not a date YYYY-MM-DD"
+    if len(set(nights)) != len(nights):
+        return f"night {next(n for n in nights if nights.count(n) > 1)} has more than one row"
+    return None
+
+
+def check_per_query_table(table: pa.Table, measures: list[str]) -> str | None:
+    """What is wrong with a night's per-query table, or None. measures: the history's measure columns."""
+    if QUERY_ID not in table.column_names:
+        return f"it has no `{QUERY_ID}` column"
+    if table[QUERY_ID].null_count:
+        return f"{table[QUERY_ID].null_count} row(s) have no {QUERY_ID}"
+    for name in measures:
+        if name in table.column_names and not _KINDS["number"](table.schema.field(name).type):
+            return f"measure column `{name}` has type {table.schema.field(name).type}, not a number"
+    return None
 
 
 class History:
@@ -39,16 +83,24 @@ class History:
     def _per_query_path(self, night: str) -> str:
         return join(self.root, PER_QUERY_DIR, f"{night}.parquet")
 
+    def _bad(self, name: str, what: str, fix: str) -> InputError:
+        return InputError(f"history {self.uri!r}: {name} {what}; {fix}")
+
     def read(self) -> pa.Table | None:
-        """The history table sorted by night, or None before the first night."""
+        """The history table sorted by night, or None before the first night. A table that does not read or
+        does not hold a history's columns is one InputError naming the file."""
         if not self.fs.exists(self.table_path):
             return None
+        fix = (f"pass this index's history folder, restore its {HISTORY_FILE} from a backup, or pass an empty "
+               "folder to start a new history")
         try:
             table = pq.read_table(self.table_path, filesystem=self.fs)
-        except pa.ArrowInvalid as e:
-            raise InputError(f"history {self.uri!r}: {HISTORY_FILE} is not a readable Parquet file: {e}") from None
-        if NIGHT not in table.column_names:
-            raise InputError(f"history {self.uri!r}: {HISTORY_FILE} has no `{NIGHT}` column; is this a history folder?")
+        except (pa.ArrowException, OSError) as e:
+            raise self._bad(HISTORY_FILE, f"is not a readable Parquet file ({str(e).splitlines()[0][:200]})",
+                            fix) from None
+        problem = check_history_table(table)
+        if problem:
+            raise self._bad(HISTORY_FILE, f"is not a history table: {problem}", fix)
         return table.sort_by(NIGHT)
 
     def nights(self) -> list[str]:
@@ -61,10 +113,24 @@ class History:
         return earlier[-1] if earlier else None
 
     def read_per_query(self, night: str) -> pa.Table | None:
+        """That night's per-query values, None when it has none. A file that does not read or lacks query ids
+        is one InputError naming it: deleting it only loses the comparison with that night."""
         path = self._per_query_path(night)
         if not self.fs.exists(path):
             return None
-        return pq.read_table(path, filesystem=self.fs)
+        name = f"{PER_QUERY_DIR}/{night}.parquet"
+        fix = (f"delete {name} (tonight is then not compared with night {night}; its row in {HISTORY_FILE} stays) "
+               "or restore it from a backup")
+        try:
+            table = pq.read_table(path, filesystem=self.fs)
+        except (pa.ArrowException, OSError) as e:
+            raise self._bad(name, f"is not a readable Parquet file ({str(e).splitlines()[0][:200]})", fix) from None
+        history = self.read()
+        measures = [] if history is None else [c for c in history.column_names if c not in HISTORY_COLUMNS]
+        problem = check_per_query_table(table, measures)
+        if problem:
+            raise self._bad(name, f"is not a night's per-query table: {problem}", fix)
+        return table
 
     def _write(self, table: pa.Table, path: str) -> None:
         tmp = path + ".tmp"

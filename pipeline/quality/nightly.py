@@ -37,7 +37,7 @@ from pipeline.quality.metrics import means
 from pipeline.quality.parts import (
     LABEL_FREE, LABELLED, RERANKED, Combined, RunPlan, judge_table, measure_families, measure_run, plan_run,
 )
-from pipeline.quality.report import NightReport, write_report
+from pipeline.quality.report import NightReport, random_weights_warning, write_report
 from pipeline.quality.run_input import no_usable_rows
 from pipeline.quality.segments import segment_means
 from pipeline.schema import FIRST_STAGE_RANK, QUERY_ID, REASON, SCORE
@@ -177,11 +177,13 @@ def evaluate_night(
     qrels: str | None = None,
     history: str | None = None,
     reranker_parts: list[str] | None = None,
+    reranker: dict | None = None,
 ) -> NightReport:
     """Measure tonight's run, compare with the previous night in `history`, write the report and the history row.
 
-    reranker_parts: the rerank job's ranked/ part files (query_id, doc_id, score), or None. Returns the
-    NightReport (its `alerts` are the lines the job prints; `parts` says where each part was measured).
+    reranker_parts: the rerank job's ranked/ part files (query_id, doc_id, score), or None. reranker: that
+    rerank's model and whether its weights are random ({"model": ..., "random_weights": ...}), for the report.
+    Returns the NightReport (its `alerts` are the lines the job prints; `parts` says where each part was measured).
     """
     options = config.storage_options
     night = config.night_or_today()
@@ -217,6 +219,9 @@ def evaluate_night(
         "complete_queries": config.metrics.complete_queries,
         "label_free_gains": GAIN_NOTE if judged else None,
         "num_parts": plan.num_buckets,
+        "reranker_model": None if reranker is None else reranker["model"],
+        "reranker_random_weights": None if reranker is None else bool(reranker["random_weights"]),
+        "warning": random_weights_warning(reranker["model"]) if reranker and reranker["random_weights"] else None,
         "config_hash": config_hash(config),
         "config": redact(config.model_dump(mode="json")),
     }

@@ -57,7 +57,16 @@ CAVEAT = (
 )
 
 # Run facts as the report names them; facts not listed here are shown with their key made readable.
+def random_weights_warning(model: str) -> str:
+    """The caveat of a report whose reranker has random weights (a `dummy:` model, for trying the pipeline)."""
+    return (f"RANDOM WEIGHTS: the reranker {model} has random weights, so every measure after reranking and every "
+            "measure with the reranker as judge is noise; rerank with a trained model to measure anything")
+
+
 FACT_LABELS = {
+    "reranker_model": "Reranker model",
+    "reranker_random_weights": "Reranker weights random",
+    "warning": "Warning",
     "qrels": "Judgements (qrels)",
     "history": "History",
     "num_queries": "Queries in the run",
@@ -467,7 +476,9 @@ def _lead(report: NightReport) -> str:
                     "previous night and can raise an alert.")
     else:
         compared = "Not compared with other nights: pass --history to keep a history, compare nights and raise alerts."
-    return f"<p class=\"lead\">Run <code>{html.escape(report.run)}</code>. {measured} {compared}</p>"
+    model = report.extra.get("reranker_model")
+    reranked = f" Reranked by <code>{html.escape(model)}</code>." if model else ""
+    return f"<p class=\"lead\">Run <code>{html.escape(report.run)}</code>.{reranked} {measured} {compared}</p>"
 
 
 _CSS = """
@@ -481,6 +492,7 @@ tr.alert td{background:#fde2e1}tr.alert td.verdict{color:#a31515;font-weight:700
 td.note{color:#666;text-align:center;font-style:italic}
 .alerts li{color:#a31515;font-weight:600}.ok{color:#2e6b3f}
 .caveat{background:#fff6dd;border-left:4px solid #e0a800;padding:0.6em 1em}
+.caveat.random{background:#fde2e1;border-left-color:#a31515;color:#a31515}
 .lead{font-size:1.05em}.note{color:#666}dl.defs{display:grid;grid-template-columns:max-content 1fr;gap:0.2em 1em}
 dl.defs dt{font-family:monospace}dl.defs dd{margin:0}
 figure{margin:1em 0}.wide{overflow-x:auto}figcaption{font-weight:600;margin-bottom:0.3em}img{max-width:100%}
@@ -493,6 +505,10 @@ def render_html(report: NightReport) -> str:
     means = report.all_means()
     compared = bool(report.comparisons)
     parts = [f"<h1>Index quality, night {html.escape(report.night)}</h1>", _lead(report)]
+    # Loud, at the top and beside each table it spoils: a random reranker's "after reranking" shows as a drop.
+    random_weights = report.extra.get("warning") if report.extra.get("reranker_random_weights") else None
+    banner = f"<p class=\"caveat random\"><strong>{html.escape(random_weights)}</strong></p>" if random_weights else ""
+    parts.append(banner)
 
     if compared:
         alpha = report.comparisons[0].alpha
@@ -528,13 +544,13 @@ def render_html(report: NightReport) -> str:
             base = headline[len(RERANKED_PREFIX):]
             text += (f" {base}: {_num(report.overall[base])} for the first stage, {_num(means[headline])} "
                      f"after reranking ({means[headline] - report.overall[base]:+.4f}).")
-        parts.append(f"<h3>After reranking</h3><p>{html.escape(text)}</p>")
+        parts.append(f"<h3>After reranking</h3>{banner}<p>{html.escape(text)}</p>")
         parts.append(_measure_table(report, reranked))
         if png := plot_distribution(report.per_query, reranked, report.intervals):
             parts.append(_figure("Per-query distribution after reranking", png))
 
     if label_free:
-        parts.append("<h3>Reranker as judge (no labels)</h3>")
+        parts.append(f"<h3>Reranker as judge (no labels)</h3>{banner}")
         parts.append(f"<p class=\"caveat\">{html.escape(CAVEAT)}</p>")
         parts.append(_judge_definitions(label_free))
         parts.append(_measure_table(report, label_free))

@@ -117,7 +117,8 @@ def test_reruns_reuse_the_scores_and_repeat_the_bytes(mined, dl19_input, tmp_pat
     assert first_random != before
     assert main(again) == 0
     assert outputs(mined) == first_random  # same seed, same bytes
-    assert "queries in: 4" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "queries in: 4" in out and "model: dummy:tiny" in out and "RANDOM WEIGHTS: dummy:tiny" in out
 
     with pytest.raises(InputError, match="other rerank settings"):
         main(["--input", str(source), "--positives", str(qrels), "--output", str(mined), *FAST,

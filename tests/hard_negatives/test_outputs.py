@@ -64,6 +64,10 @@ def test_stats_reconcile_with_the_canonical_table(dl19, tmp_path):
     assert read_run_metadata(table.schema)["model"] == "bm25-test-scorer"
     summary = format_summary(stats)
     assert f"queries in: {q['in']}" in summary and f"{stats['drop_reasons']['margin']:,}" in summary
+    # The model is named first; random weights are said loudly, trained ones are not.
+    assert summary.splitlines()[0] == "model: bm25-test-scorer" and "RANDOM WEIGHTS" not in summary
+    random = format_summary({**stats, "run": {**stats["run"], "model": "dummy:tiny", "random_weights": True}})
+    assert random.splitlines()[1].startswith("RANDOM WEIGHTS: dummy:tiny has random weights")
 
 
 def test_training_files_hold_positives_and_kept_negatives_only(dl19, tmp_path):

@@ -65,3 +65,19 @@ def test_positives_of_some_queries_are_a_warning_with_the_count(three_queries, t
     with caplog.at_level(logging.WARNING, logger="hard_negatives"):
         assert check_positives_meet_input(config, str(source), "all", qrels)["input_queries_without_positives"] == 0
     assert not caplog.records
+
+
+@pytest.mark.parametrize("content, message", [("{not json", "is not JSON"),
+                                              ('["a list"]', "is not a rerank summary (no `config_hash`)"),
+                                              ('{"config_hash": 7}', "is not a rerank summary")])
+def test_a_damaged_rerank_summary_is_one_line_naming_it(three_queries, tmp_path, run_entry_point, content, message):
+    source, qrels, _ = three_queries
+    output = tmp_path / "out"
+    (output / "rerank").mkdir(parents=True)
+    (output / "rerank" / "summary.json").write_text(content)
+    result = run_entry_point(main, "--input", source, "--positives", qrels, "--output", output, "--model",
+                             "dummy:tiny", "--set", "selection.min_positive_label=2")
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr + result.stdout, result.stderr
+    assert f"{output / 'rerank' / 'summary.json'} {message}" in errors[0] and "to score again" in errors[0]

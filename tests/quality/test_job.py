@@ -161,6 +161,12 @@ def test_model_reranks_the_run_through_the_rerank_job(dl19_long, dl19_qrels, tmp
     assert {"judge/nDCG@10", "judge/Overlap@10"} <= set(metrics["label_free"]["measures"])
     assert metrics["label_free"]["score_summary"]["count"] == 4300
     assert "reranked/nDCG@10" in metrics["reranked"]
+    # The model is named, and its random weights are said loudly: its "after reranking" is noise.
+    assert metrics["reranker_model"] == "dummy:tiny" and metrics["reranker_random_weights"] is True
+    assert metrics["warning"].startswith("RANDOM WEIGHTS: the reranker dummy:tiny has random weights")
+    page = (output / "report.html").read_text()
+    assert "Reranked by <code>dummy:tiny</code>" in page
+    assert page.count('class="caveat random"') == 3  # at the top, after reranking, reranker as judge
 
 
 @pytest.mark.slow  # --model: the rerank job on a local Ray

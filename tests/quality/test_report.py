@@ -12,7 +12,8 @@ import pytest
 
 from pipeline.quality.compare import compare_nights
 from pipeline.quality.metrics import means
-from pipeline.quality.report import CAVEAT, NightReport, bootstrap_interval, render_html, write_report
+from pipeline.quality.report import (CAVEAT, NightReport, bootstrap_interval, random_weights_warning, render_html,
+                                     write_report)
 
 NUM_QUERIES = 40
 
@@ -173,3 +174,19 @@ def test_write_report_files(tmp_path):
     assert intervals["confidence"] == 0.95 and "bootstrap" in intervals["method"]
     assert intervals["measures"]["nDCG@10"] == list(night.intervals["nDCG@10"])
     assert sorted(p.rsplit("/", 1)[-1] for p in paths.values()) == ["metrics.json", "per_query.parquet", "report.html"]
+
+
+def test_a_random_weights_reranker_is_named_and_said_loudly(tmp_path):
+    warning = random_weights_warning("dummy:tiny")
+    random = _night(JUDGED + RERANKED + LABEL_FREE, reranker_model="dummy:tiny", reranker_random_weights=True,
+                    warning=warning)
+    page = render_html(random)
+    assert "Reranked by <code>dummy:tiny</code>" in page
+    # At the top, and beside both families of measures a random reranker spoils.
+    assert page.count(f'<p class="caveat random"><strong>{warning}</strong></p>') == 3
+    metrics = random.metrics_json()
+    assert (metrics["reranker_model"], metrics["reranker_random_weights"]) == ("dummy:tiny", True)
+    assert metrics["warning"].startswith("RANDOM WEIGHTS: the reranker dummy:tiny has random weights")
+    trained = render_html(_night(JUDGED + RERANKED, reranker_model="org/trained", reranker_random_weights=False,
+                                 warning=None))
+    assert "Reranked by <code>org/trained</code>" in trained and "RANDOM WEIGHTS" not in trained
