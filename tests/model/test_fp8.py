@@ -55,7 +55,7 @@ def test_a_token_is_scored_the_same_alone_or_packed_with_others(n):
     fp8 = Fp8Linear(layer.weight.detach(), layer.bias.detach())
     x = torch.randn(n, 64)
     batch = fp8(x, activation="none")
-    assert batch.shape == (n, 128)  # rows padded to a multiple of 16 inside, cut back here
+    assert batch.shape == (n, 128)  # any token count: only K and N must be multiples of 16
     alone = torch.cat([fp8(x[i:i + 1], activation="none") for i in range(n)])
     assert torch.allclose(batch, alone, rtol=0, atol=1e-6)
     exact = F.gelu(layer(x))
@@ -63,6 +63,37 @@ def test_a_token_is_scored_the_same_alone_or_packed_with_others(n):
     assert (batch - exact).abs().max() < 0.25 * exact.std()
     residual = torch.randn(n, 128)
     assert torch.allclose(fp8(x, residual=residual), fp8(x) + residual, atol=1e-6)
+
+
+def test_bf16_rows_quantize_without_a_float32_copy_and_within_e4m3_precision():
+    torch.manual_seed(3)
+    x = (torch.randn(9, 64) * torch.logspace(-2, 2, 64)).to(torch.bfloat16)
+    q, scale = quantize_rows(x)
+    # The scale x was divided by in bf16 is exactly the one returned (it is a bf16 value).
+    assert scale.dtype == torch.float32 and torch.equal(scale.to(torch.bfloat16).float(), scale)
+    error = (q.float() * scale - x.float()).abs()
+    # e4m3's 1/16, plus bf16's rounding of the quotient (2^-8) before the cast.
+    assert torch.all(error <= torch.maximum(x.float().abs() * (1 / 16 + 2 ** -8), scale * 2.0 ** -9) + 1e-12)
+
+
+@pytest.mark.parametrize("n", [1, 15, 33])
+def test_fp8_linear_meets_cudas_scaled_mm_contract(monkeypatch, n):
+    """In bf16, as on a GPU: row-major activations, column-major weights, (n, 1) and (1, out) float32 scales,
+    bf16 output and bias, no padding of the token count (the stand-in raises otherwise)."""
+    import cuda_standins
+
+    cuda_standins.install(monkeypatch)
+    torch.manual_seed(4)
+    layer = torch.nn.Linear(64, 128).to(torch.bfloat16)
+    fp8 = Fp8Linear(layer.weight.detach(), layer.bias.detach())
+    x = torch.randn(n, 64, dtype=torch.bfloat16)
+    residual = torch.randn(n, 128, dtype=torch.bfloat16)
+    out = fp8(x, residual=residual)
+    assert out.dtype == torch.bfloat16 and out.shape == (n, 128) and cuda_standins.CALLS["_scaled_mm"] == 1
+    exact = layer(x).float() + residual.float()
+    assert (out.float() - exact).abs().max() < 0.25 * exact.std()
+    with pytest.raises(ValueError, match="multiples of 16"):
+        Fp8Linear(torch.randn(24, 64), None)
 
 
 def test_the_engine_scores_in_float8_close_to_float32():
