@@ -1,0 +1,144 @@
+"""scripts/gpu_check.py keeps what it measured: its data travels in a prepared folder, its report is rewritten
+after every step, a failing step is recorded while the later ones run, and SIGTERM (what `timeout` sends)
+leaves a report of the steps done so far. Run as users run it: `python3 scripts/gpu_check.py` in its own
+process, here with `--device cpu --small` on a tiny checkpoint."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "gpu_check.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    return load_script()
+
+
+@pytest.fixture(scope="module")
+def prepared(gpu_check, shared_data, tmp_path_factory) -> Path:
+    """The data folder `--prepare` makes from the shared data (what travels to a GPU machine)."""
+    target = tmp_path_factory.mktemp("gpu-data")
+    assert gpu_check.main(["--prepare", str(target), "--data-dir", str(shared_data)]) == 0
+    return target
+
+
+@pytest.fixture(scope="module")
+def checkpoint(prepared, tmp_path_factory) -> str:
+    """A tiny transformers-layout checkpoint whose tokenizer saw a slice of the prepared data's text."""
+    from pipeline.benchmark.checkpoints import tokenizer_corpus
+    from pipeline.model.dummy import ARCHITECTURES, build_checkpoint
+
+    corpus = tokenizer_corpus(prepared)
+    arch = replace(ARCHITECTURES["tiny"], layout="xlm_roberta", tokenizer_vocab=3000, initializer_range=0.2,
+                   max_position_embeddings=1026)
+    return build_checkpoint(str(tmp_path_factory.mktemp("tiny")), arch, corpus[:800] + corpus[-3000::10])
+
+
+def start(checkpoint: str, data_dir: Path, out: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
+    argv = [sys.executable, str(SCRIPT), "--device", "cpu", "--small", "--checkpoint", checkpoint,
+            "--data-dir", str(data_dir), "--out", str(out), *extra]
+    return subprocess.Popen(argv, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def test_prepare_copies_every_file_the_check_reads(gpu_check, prepared, shared_data):
+    for name in gpu_check.DATA_FILES:
+        assert (prepared / name).read_bytes() == (shared_data / name).read_bytes(), name
+    assert sum(p.stat().st_size for p in prepared.rglob("*") if p.is_file()) < 25 * 2 ** 20
+
+
+def test_a_data_folder_without_the_files_is_one_error_line(gpu_check, tmp_path, capsys):
+    code = gpu_check.main(["--device", "cpu", "--small", "--data-dir", str(tmp_path), "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and "--prepare" in err[0]
+    assert not (tmp_path / "gpu-check.json").exists()
+
+
+def test_prepare_from_a_folder_without_the_data_is_one_error_line(gpu_check, tmp_path, capsys):
+    code = gpu_check.main(["--prepare", str(tmp_path / "to"), "--data-dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and "trec-dl/" in err[0]
+
+
+@pytest.mark.slow  # every step once on CPU: ~1-3 minutes on 2 shared cores
+def test_a_failing_step_is_recorded_and_the_later_steps_still_run(gpu_check, checkpoint, prepared, tmp_path):
+    # --standins: the engine runs its CUDA code paths (varlen attention, fp8 through CUDA's _scaled_mm contract)
+    process = start(checkpoint, prepared, tmp_path, "--standins", "--budget-s", "900",
+                    env={gpu_check.FAIL_STEP_ENV: "parity"})
+    output, _ = process.communicate(timeout=1200)
+    report = json.loads((tmp_path / "gpu-check.json").read_text())
+    assert process.returncode == 1, output[-3000:]  # a failed step fails the run, after the report is complete
+    steps = report["steps"]
+    assert list(steps) == gpu_check.STEPS and report["complete"]
+    parity = steps["parity"]
+    assert parity["status"] == "failed" and parity["error"]["type"] == "RuntimeError"
+    assert "made to fail on purpose" in parity["error"]["message"]
+    assert "RuntimeError" in parity["error"]["traceback"]
+    assert "parity" not in report and [e["step"] for e in report["errors"]] == ["parity"]
+    assert {name: s["status"] for name, s in steps.items() if name != "parity"} == dict.fromkeys(
+        [s for s in gpu_check.STEPS if s != "parity"], "ok"), output[-3000:]
+    # the engine on token ids: both dtypes (CPU torch runs _scaled_mm as a reference), MFU against each peak
+    rows = {(r["dtype"], r["workload"]): r for r in report["scorer_throughput"]["rows"]}
+    assert set(rows) == {(d, w) for d in ("bfloat16", "float8") for w in ("dl19", "long")}
+    assert rows[("bfloat16", "long")]["n_pairs"] == gpu_check.SMALL["token_pairs"]["long"]
+    assert rows[("bfloat16", "long")]["mean_tokens"] > 2 * rows[("bfloat16", "dl19")]["mean_tokens"]
+    assert all(0 < r["mfu"] and r["pairs_per_s"] > 0 for r in rows.values())
+    assert report["standins"] and {r["attention_backend"] for r in rows.values()} == {"flash_attn_varlen"}
+    assert rows[("float8", "dl19")]["linear_kernel"] != rows[("bfloat16", "dl19")]["linear_kernel"]
+    assert set(report["peak_gemm"]) == {"bfloat16", "float32", "float8"}
+    assert {r["contender"] for r in report["runs"]} == {label for label, *_ in gpu_check.CONTENDERS}
+    assert set(report["contenders"]["engine_over_st_best"]) == {"dl19", "long"}
+    assert report["invariance"]["ranks_identical"] and report["scorer_stage"]["equal_to_score_tokens"]
+    assert report["fp8_fidelity"]["pairs"] == gpu_check.SMALL["parity_pairs"]
+    table = (tmp_path / "gpu-check.md").read_text()
+    assert "| parity | failed |" in table and "error in parity: RuntimeError" in table
+
+
+@pytest.mark.slow  # start-up and the first steps on CPU, ~30-60 s on 2 shared cores
+def test_sigterm_mid_run_leaves_the_report_of_the_steps_done(checkpoint, prepared, tmp_path):
+    process = start(checkpoint, prepared, tmp_path, "--budget-s", "900")
+    report_path, deadline = tmp_path / "gpu-check.json", time.monotonic() + 600
+    report = None
+    try:
+        while time.monotonic() < deadline and process.poll() is None:  # wait for the parity step to start
+            try:
+                report = json.loads(report_path.read_text())  # atomic rewrites: never a half-written file
+            except FileNotFoundError:
+                report = None
+            if report and report["steps"]["parity"]["status"] == "running":
+                break
+            time.sleep(0.05)
+        assert report and report["steps"]["parity"]["status"] == "running", report
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 143, output[-3000:]
+    report = json.loads(report_path.read_text())
+    steps = report["steps"]
+    assert report["interrupted"] == "SIGTERM" and not report["complete"]
+    assert [steps[s]["status"] for s in ("environment", "checkpoint", "peak_gemm", "workloads")] == ["ok"] * 4
+    assert steps["parity"]["status"] == "interrupted" and "Interrupted" in steps["parity"]["error"]["traceback"]
+    assert report["peak_gemm"]["bfloat16"]["flops_per_s"] > 0  # the figures of the steps done are there
+    assert all(steps[s]["status"] == "pending" for s in ("invariance", "scorer_throughput", "scorer_stage"))
