@@ -864,6 +864,9 @@ def _commit(plan: RunPlan, manifests, bucket_reports, lease, this_run: dict, sta
         "dtype": sorted({s["dtype"] for s in scorers}) if scorers else None,
         "attention_backend": sorted({s["attention_backend"] for s in scorers}) if scorers else None,
         "device": sorted({s["device"] for s in scorers}) if scorers else None,
+        # where each scorer actor ran (this run or an earlier one of this output): its device and Ray node
+        "scorers": sorted(({"device": s["device"], "node_id": s.get("node_id")} for s in scorers),
+                          key=lambda s: (s["node_id"] or "", s["device"])),
         "random_weights": bool(engine.get("random_weights", config.model.startswith("dummy:"))),
         "max_length": plan.model["max_length"], "long_documents": config.tokenizer.long_documents,
         "top_k": config.output.top_k,

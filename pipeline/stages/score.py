@@ -29,6 +29,13 @@ from pipeline.storage import join, url_to_fs
 FAULT_ENV = "RERANK_FAULT_KILL_SCORER_ONCE"
 
 
+def _ray_node_id() -> str | None:
+    """The Ray node this actor runs on (None outside Ray): the summary says where each scorer ran."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
 class ScoreStage:
     def __init__(self, model: str, revision: str | None, dtype: str, config: ScorerConfig,
                  scorers_uri: str, storage_options: dict, allow_pickle: bool = False,
@@ -59,7 +66,8 @@ class ScoreStage:
         # Record what really ran (dtype, kernel, device) for the job's summary.
         fs, path = url_to_fs(scorers_uri, storage_options)
         fs.makedirs(path, exist_ok=True)
-        info = self.encoder.describe() | {"torch_threads": torch.get_num_threads(), "pid": os.getpid()}
+        info = self.encoder.describe() | {"torch_threads": torch.get_num_threads(), "pid": os.getpid(),
+                                          "node_id": _ray_node_id()}
         with fs.open(join(path, f"{uuid.uuid4().hex}.json"), "w") as f:
             json.dump(info, f)
 
