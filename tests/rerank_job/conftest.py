@@ -20,7 +20,9 @@ def ray_local():
     """One real local Ray instance for the in-process job tests (2 CPUs, like the CI machine)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    # address="local": a fresh Ray of this process, never a cluster another test started with `ray start`
+    # (ray.init() with no address joins the one named in /tmp/ray/ray_current_cluster).
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     yield ray
     ray.shutdown()
 

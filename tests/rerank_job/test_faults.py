@@ -510,7 +510,7 @@ from pipeline.errors import InputError
 from pipeline.rerank_config import RerankConfig
 from pipeline.rerank_job import _check_cluster
 
-ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)  # a GPU as Ray counts it
+ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)  # a GPU as Ray counts it
 for overrides in (["dtype=int8"], ["dtype=int8", "scorer.device=cuda"]):
     try:
         _check_cluster(load_config(RerankConfig, None, overrides, model="dummy:tiny"), "")
