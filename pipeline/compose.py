@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from dataclasses import dataclass
 
 import ray
 from ray.data import ActorPoolStrategy
 
 from pipeline.cache import CacheSpec
+from pipeline.errors import ConfigError
 from pipeline.progress import report_to
 from pipeline.rerank_config import RerankConfig
 from pipeline.stages.rank import RankBucket
@@ -38,6 +40,59 @@ from pipeline.stages.write import WriteScored
 # thousand rows: the stages overlap within a shard and what is in flight stays small whatever the input's
 # size. Writes are then regrouped by rows (io.rows_per_write) so small blocks do not mean small files.
 BLOCK_BYTES = 2 * 2**20
+
+
+# A stage's batch gathers in its input queue until it holds `batch_size` rows, and Ray Data counts those rows
+# against the stage that produced them: once they exceed what that stage may keep in the object store (its
+# share of io.in_flight_mb), the producer may not run and the batch never fills; the whole pipeline then
+# waits forever. Ray Data's ReservationOpResourceAllocator reserves half the limit evenly over the stages (an
+# eighth each for our four, half of that for their outputs) and shares the rest, and a producer must still fit
+# one task's output besides the waiting batch; so a batch between stages holds at most a sixteenth of the
+# limit, in bytes, whatever its configured rows (measured: 16 KB pairs carried under 32 MB, which stalled
+# with the configured rows, run in ~125-row batches).
+BATCH_SHARE = 16
+
+
+@dataclass(frozen=True)
+class HandOffs:
+    """Rows per batch handed to each stage, after the in-flight budget had its say."""
+
+    tokenizer: int
+    scorer: int
+    writer: int
+    batch_bytes: int        # the most bytes one batch may hold (io.in_flight_mb / BATCH_SHARE)
+    row_bytes: dict         # estimated bytes of one row entering each stage: {"tokenizer": n, ...}
+
+    def cut(self, config: RerankConfig) -> list[str]:
+        """The settings whose rows did not fit, as `key configured -> used`."""
+        asked = {"tokenizer.batch_size": (config.tokenizer.batch_size, self.tokenizer),
+                 "scorer.batch_size": (config.scorer.batch_size, self.scorer),
+                 "io.rows_per_write": (config.io.rows_per_write, self.writer)}
+        return [f"{k} {a:,} -> {b:,}" for k, (a, b) in asked.items() if b < a]
+
+
+def hand_offs(config: RerankConfig, input_row_bytes: int, max_length: int) -> HandOffs:
+    """Rows per batch for each stage so that a full batch fits the in-flight budget, from the estimated bytes of
+    one input pair (`input_row_bytes`: its columns as read) and the tokens a row may hold (`max_length`). A row
+    that alone overflows a batch's share cannot be carried at all: ConfigError, before any work."""
+    tokens = 5 * max_length  # input_ids int32 (+ token_type_ids int8 for BERT) per token, at most
+    ids = 128                # query and doc ids, counters, the score
+    texts = input_row_bytes if config.output.carry_texts else 0
+    row_bytes = {"tokenizer": input_row_bytes, "scorer": ids + tokens + texts, "writer": ids + texts}
+    batch_bytes = config.io.in_flight_mb * 2**20 // BATCH_SHARE
+    biggest = max(row_bytes, key=row_bytes.get)
+    if row_bytes[biggest] > batch_bytes:
+        carried = " (texts carried: output.carry_texts=true)" if config.output.carry_texts else ""
+        raise ConfigError(
+            f"a pair is about {row_bytes[biggest] / 2**10:,.0f} KB on its way to the {biggest}{carried}, more than "
+            f"one batch may hold in io.in_flight_mb={config.io.in_flight_mb} (a batch gets 1/{BATCH_SHARE} of it, "
+            f"{batch_bytes / 2**10:,.0f} KB); raise io.in_flight_mb to at least "
+            f"{-(-row_bytes[biggest] * BATCH_SHARE // 2**20)}" + (", or lower tokenizer.max_length"
+                                                                   if biggest == "scorer" else ""))
+    fit = {stage: max(1, batch_bytes // max(1, b)) for stage, b in row_bytes.items()}
+    return HandOffs(tokenizer=min(config.tokenizer.batch_size, fit["tokenizer"]),
+                    scorer=min(config.scorer.batch_size, fit["scorer"]),
+                    writer=min(config.io.rows_per_write, fit["writer"]), batch_bytes=batch_bytes, row_bytes=row_bytes)
 
 
 @contextlib.contextmanager
@@ -68,12 +123,16 @@ def scorer_pool(config: RerankConfig) -> tuple[int, dict]:
 
 def scoring_dataset(shards: list[Shard], layout: InputLayout, config: RerankConfig, input_uri: str,
                     work_uri: str, num_buckets: int, rank_per_shard: bool, progress_counter=None,
-                    cache: CacheSpec | None = None, dtype: str | None = None) -> ray.data.Dataset:
-    """Yields one report row per staging file written (see stages/write.py). Scorers report each batch to
+                    cache: CacheSpec | None = None, dtype: str | None = None,
+                    batches: HandOffs | None = None) -> ray.data.Dataset:
+    """Yields one report row per staging file written (see stages/write.py). `batches`: rows per batch of each
+    stage (`hand_offs`), else the configured ones. Scorers report each batch to
     `progress_counter` (a `progress.ScoreCounter` actor), if given. With `cache`, the read stage attaches what
     the lookup found (`lookup_datasets` ran first) and the writer stages new entries. `dtype`: the scorers'
     dtype when the driver resolved `auto` (the cache's fingerprint names it)."""
     size, resources = scorer_pool(config)
+    if batches is None:
+        batches = HandOffs(config.tokenizer.batch_size, config.scorer.batch_size, config.io.rows_per_write, 0, {})
     with _streaming(config):
         ds = ray.data.from_items([s.to_item() for s in shards], override_num_blocks=len(shards))
     read, read_kwargs = ReadShard, dict(layout=layout, storage_options=config.storage_options, uri=input_uri)
@@ -85,7 +144,7 @@ def scoring_dataset(shards: list[Shard], layout: InputLayout, config: RerankConf
     ds = ds.map_batches(TokenizeStage, fn_constructor_kwargs=dict(model=config.model, revision=config.revision,
                                                                  config=config.tokenizer,
                                                                  keep_texts=config.output.carry_texts),
-                        batch_size=config.tokenizer.batch_size, batch_format="pyarrow",
+                        batch_size=batches.tokenizer, batch_format="pyarrow",
                         compute=ActorPoolStrategy(size=config.tokenizer.num_actors), num_cpus=config.tokenizer.num_cpus,
                         label_selector=config.tokenizer.label_selector)
     ds = ds.map_batches(ScoreStage, fn_constructor_kwargs=dict(
@@ -94,7 +153,7 @@ def scoring_dataset(shards: list[Shard], layout: InputLayout, config: RerankConf
                             allow_pickle=config.allow_pickle,
                             int8=config.int8 if (dtype or config.dtype) == "int8" else None,
                             on_scored=None if progress_counter is None else functools.partial(report_to, progress_counter)),
-                        batch_size=config.scorer.batch_size, batch_format="pyarrow",
+                        batch_size=batches.scorer, batch_format="pyarrow",
                         compute=ActorPoolStrategy(size=size,
                                                   max_tasks_in_flight_per_actor=config.scorer.max_tasks_in_flight_per_actor),
                         **resources)
@@ -102,7 +161,7 @@ def scoring_dataset(shards: list[Shard], layout: InputLayout, config: RerankConf
                                                                  num_buckets=num_buckets, bucket_by_shard=rank_per_shard,
                                                                  keep_texts=config.output.carry_texts,
                                                                  cache_buckets=None if cache is None else cache.buckets),
-                          batch_size=config.io.rows_per_write, batch_format="pyarrow", compute=ActorPoolStrategy(size=config.io.num_actors),
+                          batch_size=batches.writer, batch_format="pyarrow", compute=ActorPoolStrategy(size=config.io.num_actors),
                           num_cpus=config.io.num_cpus)
 
 

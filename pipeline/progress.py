@@ -7,7 +7,8 @@ counter actor, and a driver thread prints
     scored 1,200/4,300 pairs (27.9%), 153 pairs/s, 3 rejected
 
 every `progress_interval_s` seconds. A retried batch is counted twice, so the count is capped at the total;
-the exact figures are in summary.json.
+the exact figures are in summary.json. The same polls tell the driver's stall watchdog when anything last moved
+(`idle_s`): a pair scored here, or a staging file written (the driver calls `moved`).
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ class Progress:
         self.counter = ray.remote(num_cpus=0)(ScoreCounter).remote()
         self.start = time.monotonic()
         self._last = (0, 0)  # nothing is printed until something is scored
+        self._polled = (0, 0)
+        self._moved = self.start
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="progress", daemon=True)
         self._thread.start()
@@ -66,9 +69,21 @@ class Progress:
 
         while not self._stop.wait(self.interval):
             try:
-                self._print(*ray.get(self.counter.get.remote(), timeout=self.interval))
+                counts = tuple(ray.get(self.counter.get.remote(), timeout=self.interval))
             except Exception:  # noqa: BLE001 - progress must never fail the job
                 continue
+            if counts != self._polled:
+                self._polled = counts
+                self.moved()
+            self._print(*counts)
+
+    def moved(self) -> None:
+        """Something was scored or written just now."""
+        self._moved = time.monotonic()
+
+    def idle_s(self) -> float:
+        """Seconds since anything was last scored or written (found within one `interval` of happening)."""
+        return time.monotonic() - self._moved
 
     def close(self) -> None:
         import ray

@@ -68,8 +68,13 @@ class IoConfig(StrictModel):
     # lets the cheap stages (read, tokenize) run ahead of the scorer by a fraction of the whole object
     # store, and memory grows with the input: measured with the tiny model, whole-job PSS 2.7 GB at 100k
     # pairs, 3.2 GB after 100k of 1M. 256 MB is over a minute of tokens for a CPU scorer; with many GPUs
-    # give ~256 MB per scorer.
+    # give ~256 MB per scorer. A batch waits whole in this budget, so the batch sizes above (in rows) are cut to
+    # 1/16 of it in bytes (compose.hand_offs); a pair bigger than that is refused before any work.
     in_flight_mb: int = Field(256, ge=16)
+    # The scoring phase ends with an error (exit 3; a rerun resumes the committed shards) when nothing was scored
+    # or written for this long while work remains, rather than waiting forever. Raise it if one scorer call may
+    # take longer (a big scorer.batch_size on a slow device).
+    stall_timeout_s: float = Field(600.0, gt=0)
     # The output's single-writer lease (`_lease.json`): its holder refreshes it every lease_heartbeat_s; a
     # lease silent for lease_timeout_s is taken over by the next run (at once when its holder ran on the same
     # machine and is gone). Raise the timeout if the driver may stall longer (a paused VM).

@@ -36,8 +36,8 @@ import pyarrow.parquet as pq
 from pipeline import schema as S
 from pipeline.cache import CacheSpec
 from pipeline.config import redact
-from pipeline.errors import ConfigError, InputError, OutputError, PipelineError
-from pipeline.faults import explain
+from pipeline.errors import ConfigError, InfrastructureError, InputError, OutputError, PipelineError
+from pipeline.faults import RESUME, explain
 from pipeline.lease import OutputLease
 from pipeline.local_ray import init_ray, quiet_ray_console
 from pipeline.model.checkpoint import inspect_checkpoint, resolve_model_directory
@@ -447,6 +447,7 @@ def run_rerank(config: RerankConfig, input_uri: str, output_uri: str) -> dict:
     # Everything that can be wrong with the input or the model is found here, before anything is written.
     layout = InputLayout.from_schemas(read_schemas(in_fs, files), config.input, files=files)
     model = check_model(config)
+    _hand_offs(config, in_fs, files, layout, model["max_length"])  # a pair too big for io.in_flight_mb: refused now
     if config.cache.uri:
         from pipeline.cache import check_location
 
@@ -704,14 +705,21 @@ def _score(plan: RunPlan, lease: OutputLease) -> dict:
     totals = {"pairs": 0, "rejected": 0, "tokens": 0, "hits": 0, "same_texts": 0}
     if not pending:
         return totals
+    in_fs, _ = url_to_fs(plan.input_uri, plan.config.storage_options)
+    batches = _hand_offs(plan.config, in_fs, plan.files, plan.layout, plan.model["max_length"])
+    if batches.cut(plan.config):
+        logger.info("pairs of about %s KB on their way to the scorer: batches cut to fit io.in_flight_mb=%d (%s)",
+                    f"{batches.row_bytes['scorer'] / 2**10:,.1f}", plan.config.io.in_flight_mb,
+                    ", ".join(batches.cut(plan.config)))
     progress = Progress(plan.total_pairs, plan.total_pairs - sum(s.num_pairs for s in pending),
                         plan.config.progress_interval_s)
     commits = ShardCommits(pending)
     try:
         ds = scoring_dataset(pending, plan.layout, plan.config, plan.input_uri, plan.work_uri, plan.num_buckets,
                              plan.rank_per_shard, progress_counter=progress.counter, cache=plan.cache,
-                             dtype=plan.dtype)
-        for report in _worker_errors(ds.iter_batches(batch_size=None, batch_format="pyarrow"), lease):
+                             dtype=plan.dtype, batches=batches)
+        for report in _worker_errors(_watched(ds, progress, plan.config, batches), lease):
+            progress.moved()
             for row in report.to_pylist():
                 manifest = commits.add(row)
                 if manifest is not None:
@@ -724,6 +732,145 @@ def _score(plan: RunPlan, lease: OutputLease) -> dict:
         raise
     progress.finish(totals["pairs"], totals["rejected"])
     return totals
+
+
+def _input_row_bytes(fs, files: list[str], layout: InputLayout, sample: int = 16) -> int:
+    """Bytes of one input pair as read (the columns the job reads, uncompressed), from the Parquet footers of the
+    first `sample` files: the largest row group's mean, so a few big-document files are not averaged away."""
+    columns = set(layout.read_columns)
+    doc_ids = f"{layout.candidates}.list.element.{layout.config.doc_id_column}"
+
+    def per_pair(path: str) -> float:
+        with fs.open(path, "rb") as f:
+            meta = pq.ParquetFile(f).metadata
+        worst = 0.0
+        for g in range(meta.num_row_groups):
+            group = meta.row_group(g)
+            chunks = [group.column(c) for c in range(group.num_columns)]
+            size = sum(c.total_uncompressed_size for c in chunks if c.path_in_schema.split(".")[0] in columns)
+            pairs = group.num_rows
+            if layout.grouped:  # a row is a query: its candidates are the pairs
+                pairs = next((c.num_values for c in chunks if c.path_in_schema == doc_ids), pairs)
+            if pairs:
+                worst = max(worst, size / pairs)
+        return worst
+
+    return int(max(map_paths(per_pair, files[:sample]), default=0))
+
+
+def _hand_offs(config: RerankConfig, fs, files: list[str], layout: InputLayout, max_length: int):
+    """Rows per batch of each stage, sized to io.in_flight_mb (`compose.hand_offs`); ConfigError if a pair
+    alone cannot fit."""
+    from pipeline.compose import hand_offs
+
+    return hand_offs(config, _input_row_bytes(fs, files, layout), max_length)
+
+
+# Ray Data's names of our stages (`MapBatches(<class>)`), as a user knows them.
+_STAGE_NAMES = {"ReadShard": "reader", "ReadShardCached": "reader", "TokenizeStage": "tokenizer",
+                "ScoreStage": "scorer", "WriteScored": "writer"}
+_BATCH_SETTINGS = {"tokenizer": "tokenizer.batch_size", "scorer": "scorer.batch_size", "writer": "io.rows_per_write"}
+
+
+def _watched(ds, progress: Progress, config: RerankConfig, batches):
+    """`ds`'s report batches, consumed on a thread of their own so that the driver notices when nothing was
+    scored or written for io.stall_timeout_s: then Ray Data's execution is shut down and the job ends with an
+    InfrastructureError saying which stage waits on which (a rerun resumes the committed shards)."""
+    import queue
+    import threading
+
+    # Ray Data's StreamingExecutor is the one handle that stops a running execution from another thread; the
+    # dataset creates it (`_create_executor`) and only hands it out after the first output, which a stalled
+    # pipeline never makes, so it is kept here as it is created.
+    executors = []
+    make = ds._create_executor
+
+    def keep_executor():
+        executor = make()
+        executors.append(executor)
+        return executor
+
+    ds._create_executor = keep_executor
+    reports: queue.Queue = queue.Queue()
+    stop = threading.Event()
+
+    def consume() -> None:
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                reports.put(("batch", batch))
+                if stop.is_set():
+                    return
+            reports.put(("end", None))
+        except BaseException as e:  # noqa: BLE001 - handed to the driver's thread, which raises it
+            reports.put(("error", e))
+
+    thread = threading.Thread(target=consume, name="scoring-reports", daemon=True)
+    thread.start()
+    timeout = config.io.stall_timeout_s
+    try:
+        while True:
+            try:
+                kind, item = reports.get(timeout=min(1.0, timeout))
+            except queue.Empty:
+                if progress.idle_s() < timeout:
+                    continue
+                raise InfrastructureError(_stall_message(executors[0] if executors else None, progress.idle_s(),
+                                                         config, batches)) from None
+            if kind == "end":
+                return
+            if kind == "error":
+                raise item
+            yield item
+    finally:
+        stop.set()
+        if thread.is_alive():  # stopped early (a stall, a worker's fault, a lost lease): no stage may go on
+            for executor in executors:
+                executor.shutdown(force=True)
+            thread.join(timeout=30)
+
+
+def _stall_message(executor, idle: float, config: RerankConfig, batches) -> str:
+    """One line: which stage waits on which, and the setting to change. Reads Ray Data's live topology (what
+    each stage runs and holds), best effort: a generic line if it cannot."""
+    head = f"nothing was scored or written for {idle:.0f} s (io.stall_timeout_s={config.io.stall_timeout_s:g}) while work remains"
+    tail = f"; {RESUME}"
+    try:
+        stages = []
+        for op, state in executor._topology.items():
+            cls = op.name.rsplit("(", 1)[-1].rstrip(")")
+            if op.name.startswith("MapBatches("):
+                actors = op.get_actor_info() if hasattr(op, "get_actor_info") else None
+                stages.append((_STAGE_NAMES.get(cls, cls), op.num_active_tasks(),
+                               state.total_enqueued_input_blocks_bytes(),
+                               (actors.pending + actors.restarting) if actors else 0))
+    except Exception:  # noqa: BLE001 - a diagnosis must not hide the stall itself
+        logger.debug("no diagnosis of the stall from Ray Data's topology", exc_info=True)
+        stages = []
+    running = [s for s in stages if s[1]]
+    if running:
+        name = running[-1][0]
+        waiting = [s[0] for s in stages[stages.index(running[-1]) + 1:]]
+        return (f"{head}: the {name} has been running a batch all that time"
+                + (f" and the {', '.join(waiting)} wait{'s' if len(waiting) == 1 else ''} on it" if waiting else "")
+                + f"; if it is only slow, raise io.stall_timeout_s or lower {_BATCH_SETTINGS.get(name, 'its batch')}"
+                + tail)
+    queued = [(i, s) for i, s in enumerate(stages) if s[2]]
+    if queued:
+        i, (name, _, held, _) = max(queued, key=lambda q: q[1][2])  # the batch that cannot fill
+        upstream = stages[i - 1][0] if i else "input"
+        rows = getattr(batches, name, None)
+        return (f"{head}: the {name} waits for a full batch" + (f" of {rows:,} rows" if rows else "")
+                + f" ({held / 2**20:,.1f} MB gathered) from the {upstream}, which io.in_flight_mb="
+                f"{config.io.in_flight_mb} holds back; raise io.in_flight_mb or lower "
+                f"{_BATCH_SETTINGS.get(name, 'the batch sizes')}" + tail)
+    starting = [s for s in stages if s[3]]
+    if starting:
+        name, pending = starting[0][0], starting[0][3]
+        return (f"{head}: {pending} {name} actor{'s' if pending > 1 else ''} could not start all that time (a slow "
+                "start, or a cluster short of the CPUs/GPUs they ask for); see the Ray logs, and raise "
+                f"io.stall_timeout_s if they only start slowly" + tail)
+    return (f"{head}: no stage is running or holding rows; raise io.in_flight_mb or lower tokenizer.batch_size, "
+            f"scorer.batch_size and io.rows_per_write" + tail)
 
 
 def _rank(plan: RunPlan, manifests: list[dict], lease: OutputLease, fill_files: list[str]) -> dict[int, dict]:
