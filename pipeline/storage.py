@@ -169,6 +169,11 @@ def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> b
         return True
     except FileExistsError:
         return False
+    except OSError as e:
+        named = with_filename(e, path)
+        if named is e:
+            raise
+        raise named from e
     except (ValueError, NotImplementedError):
         if fs.exists(path):
             return False
