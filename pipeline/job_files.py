@@ -6,6 +6,7 @@ KeyError halfway through a run.
     _work/job.json                    JobIdentity      what a resumed run must share with the run that began
     _work/manifests/shard-SSSSS.json  Manifest         a committed shard: its staging files and counts
     _work/ranked/bucket-BBBBB.json    BucketMarker     a ranked bucket: its row counts
+    _work/scorers/<id>.json           ScorerRecord     what a scorer actor ran (dtype, device, kernels)
 
 Only the fields the job reads are required; older files with fewer optional fields still validate.
 """
@@ -82,6 +83,17 @@ class BucketMarker(_OwnFile):
     scored: int = Count
     written: int = Count
     duplicates: int = Count
+
+
+class ScorerRecord(_OwnFile):
+    """`CrossEncoder.describe()` of one scorer actor, for summary.json and the output files' metadata."""
+
+    model: str
+    dtype: str
+    device: str
+    attention_backend: str
+    layout: Optional[str] = None
+    random_weights: bool = False
 
 
 def flatten(settings: dict, prefix: str = "") -> dict[str, Any]:

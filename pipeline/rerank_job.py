@@ -46,7 +46,8 @@ from pipeline.progress import Progress
 from pipeline.rerank_config import RerankConfig
 from pipeline.stages.read import Shard, list_input_files, plan_shards, query_ids_unique, read_schemas
 from pipeline.stages.validate import InputLayout
-from pipeline.job_files import BucketMarker, JobIdentity, Manifest, Summary, settings_differences
+from pipeline.job_files import (BucketMarker, JobIdentity, Manifest, ScorerRecord, Summary,
+                                 settings_differences)
 from pipeline.storage import (atomic_write, check_bucket, check_storage_options, join, map_paths, read_json, read_jsons,
                               read_own_file, read_own_files, url_to_fs, write_json)
 
@@ -903,7 +904,9 @@ def _rank(plan: RunPlan, manifests: list[dict], lease: OutputLease, fill_files: 
 
 def _scorers(plan: RunPlan) -> list[dict]:
     """What each scorer actor recorded about the model it ran (dtype, kernel, device), this run or earlier."""
-    return read_jsons(plan.out_fs, plan.out_fs.glob(join(plan.work, "scorers", "*.json")))
+    return [r.model_dump() for r in read_own_files(
+        plan.out_fs, plan.out_fs.glob(join(plan.work, "scorers", "*.json")), ScorerRecord, "scorer record",
+        "delete it: it only describes one scorer for summary.json", plan.protocol)]
 
 
 def _move_rejected(plan: RunPlan, manifests: list[dict], scorers: list[dict]) -> dict[str, int]:

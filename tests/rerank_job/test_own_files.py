@@ -155,6 +155,14 @@ def test_an_unfinished_runs_files_are_checked_where_read(ray_local, tiny_input, 
         assert (work / name).read_text() == content and not (output / "summary.json").exists()
         (work / name).write_bytes(original)
 
+    # A scorer's record, read at the commit: refused there, before summary.json.
+    record = sorted((work / "scorers").glob("*.json"))[0]
+    original = record.read_bytes()
+    record.write_text('{"dtype": 16}')
+    one_error(run_entry_point(rerank_main, *job_args(tiny_input, output)), 2, str(record), "not a valid scorer record")
+    assert not (output / "summary.json").exists()
+    record.write_bytes(original)
+
     # A ranked bucket's marker, read after the (here empty) scoring phase: do what the line says, delete it.
     marker = work / "ranked" / "bucket-00000.json"
     marker.write_text("[]")
