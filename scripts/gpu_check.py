@@ -682,6 +682,19 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
+def install_signal_handlers() -> dict:
+    """SIGTERM raises Interrupted (the report is written, exit 143), SIGALRM StepTimeout. Returns the handlers
+    they replace."""
+    def on_term(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one report; a second TERM changes nothing
+        raise Interrupted()
+
+    def on_alarm(signum, frame):
+        raise StepTimeout()
+
+    return {signal.SIGTERM: signal.signal(signal.SIGTERM, on_term), signal.SIGALRM: signal.signal(signal.SIGALRM, on_alarm)}
+
+
 def main(argv=None, hard_timeouts: bool = False) -> int:
     """`hard_timeouts`: stop a step past its budget with SIGALRM and write the report on SIGTERM; only when
     this is the process's own main (a test runner calling main() keeps its own signal handlers)."""
@@ -724,15 +737,7 @@ def main(argv=None, hard_timeouts: bool = False) -> int:
         return 2
     check = Check(args, SMALL if args.small else FULL, hard_timeouts)
     if hard_timeouts:
-        def on_term(signum, frame):
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one report; a second TERM changes nothing
-            raise Interrupted()
-
-        def on_alarm(signum, frame):
-            raise StepTimeout()
-
-        signal.signal(signal.SIGTERM, on_term)
-        signal.signal(signal.SIGALRM, on_alarm)
+        install_signal_handlers()
     try:
         return check.run()
     except Interrupted:

@@ -79,6 +79,68 @@ def test_prepare_from_a_folder_without_the_data_is_one_error_line(gpu_check, tmp
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and "trec-dl/" in err[0]
 
 
+def new_check(gpu_check, tmp_path, budget_s: float, hard_timeouts: bool = False):
+    args = gpu_check.parse_args(["--device", "cpu", "--small", "--out", str(tmp_path), "--budget-s", str(budget_s)])
+    return gpu_check.Check(args, gpu_check.SMALL, hard_timeouts)
+
+
+def test_each_step_is_recorded_as_it_ends_failed_cut_short_or_skipped(gpu_check, tmp_path):
+    check = new_check(gpu_check, tmp_path, budget_s=100)
+    on_disk = lambda: json.loads((tmp_path / "gpu-check.json").read_text())  # noqa: E731
+
+    check.run_step("environment", lambda deadline: {"torch": "x"})
+    report = on_disk()  # written as the step ended, the rest still pending
+    assert report["steps"]["environment"]["status"] == "ok" and report["environment"] == {"torch": "x"}
+    assert {s["status"] for name, s in report["steps"].items() if name != "environment"} == {"pending"}
+
+    check.run_step("checkpoint", lambda deadline: {"cut_short": True, "rows": [1]})
+
+    def boom(deadline):
+        raise ValueError("no GEMM today")
+
+    check.run_step("peak_gemm", boom)
+    calls = []
+    check.run_step("workloads", lambda deadline: calls.append("workloads") or {"dl19": 1})  # needs a cut-short step
+    check.run_step("scorer_throughput", lambda deadline: calls.append("throughput"))  # needs the failed peak_gemm
+    check.deadline = time.monotonic()  # the whole budget spent
+    check.run_step("parity", lambda deadline: calls.append("parity"))
+    report = on_disk()
+    steps = report["steps"]
+    assert steps["checkpoint"]["status"] == "cut_short" and report["checkpoint"]["rows"] == [1]
+    assert steps["peak_gemm"]["status"] == "failed" and steps["peak_gemm"]["error"]["type"] == "ValueError"
+    assert "no GEMM today" in steps["peak_gemm"]["error"]["traceback"] and "peak_gemm" not in report
+    assert calls == ["workloads"] and steps["workloads"]["status"] == "ok"
+    assert steps["scorer_throughput"]["status"] == "skipped" and "peak_gemm" in steps["scorer_throughput"]["reason"]
+    assert steps["parity"]["status"] == "skipped" and "budget" in steps["parity"]["reason"]
+    assert [e["step"] for e in report["errors"]] == ["peak_gemm"]
+
+
+def test_a_step_past_its_budget_is_stopped_and_the_next_runs(gpu_check, tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check, "MIN_SHARE_S", 0.0)
+    monkeypatch.setattr(gpu_check, "GRACE_S", 0.3)
+    check = new_check(gpu_check, tmp_path, budget_s=20, hard_timeouts=True)  # environment's share: 0.4 s
+
+    def hang(deadline):
+        end = time.monotonic() + 10
+        while time.monotonic() < end:  # ignores its deadline, as a kernel that takes too long would
+            time.sleep(0.02)
+
+    previous = gpu_check.install_signal_handlers()
+    try:
+        started = time.monotonic()
+        check.run_step("environment", hang)
+        stopped_after = time.monotonic() - started
+        check.run_step("checkpoint", lambda deadline: {"directory": "x"})
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    steps = json.loads((tmp_path / "gpu-check.json").read_text())["steps"]
+    assert steps["environment"]["status"] == "timed_out" and "hang" in steps["environment"]["error"]["traceback"]
+    assert 0.5 < stopped_after < 5
+    assert steps["checkpoint"]["status"] == "ok"
+
+
 @pytest.mark.slow  # every step once on CPU: ~1-3 minutes on 2 shared cores
 def test_a_failing_step_is_recorded_and_the_later_steps_still_run(gpu_check, checkpoint, prepared, tmp_path):
     # --standins: the engine runs its CUDA code paths (varlen attention, fp8 through CUDA's _scaled_mm contract)
