@@ -71,9 +71,11 @@ def cpu_has_bf16_matrix_units() -> bool:
 # bf16 is chosen only when its GEMM runs at least this much faster than float32's: bf16 costs fidelity
 # (see the parity tests), so a tie or a noisy few percent keeps float32.
 BF16_MIN_SPEEDUP = 1.2
-# The probe's GEMM: 256 tokens through a 768 -> 768 Linear layer (jina-base's out_proj), in the kernel the
-# engine runs on CPU (oneDNN with packed weights where this build has it). 0.2 GFLOP a call.
-PROBE_SHAPE = (256, 768, 768)
+# The probe's GEMM: 512 tokens through a 768 -> 3,072 Linear layer (jina-base's fc1), in the kernel the engine
+# runs on CPU (oneDNN with packed weights where this build has it). 2.4 GFLOP a call. A 256 x 768 x 768 GEMM
+# was too small: on the loaded 2-core AVX512-BF16 EPYC (2026-12-07) it showed bf16 at 1.0-2.3x fp32, this
+# shape 1.7-3.6x (the benchmark measured bf16's GEMM peak at 2.0x fp32's on that CPU).
+PROBE_SHAPE = (512, 768, 3072)
 PROBE_SECONDS = 0.05  # per dtype and round, after one warm-up call
 PROBE_ROUNDS = 3      # the dtypes alternate and each keeps its best round, so a busy spell slows both alike
 
