@@ -770,7 +770,8 @@ def _hand_offs(config: RerankConfig, fs, files: list[str], layout: InputLayout, 
 # Ray Data's names of our stages (`MapBatches(<class>)`), as a user knows them.
 _STAGE_NAMES = {"ReadShard": "reader", "ReadShardCached": "reader", "TokenizeStage": "tokenizer",
                 "ScoreStage": "scorer", "WriteScored": "writer"}
-_BATCH_SETTINGS = {"tokenizer": "tokenizer.batch_size", "scorer": "scorer.batch_size", "writer": "io.rows_per_write"}
+_BATCH_SETTINGS = {"reader": "input.rows_per_shard", "tokenizer": "tokenizer.batch_size", "scorer": "scorer.batch_size",
+                   "writer": "io.rows_per_write"}
 
 
 def _watched(ds, progress: Progress, config: RerankConfig, batches):
@@ -847,23 +848,27 @@ def _stall_message(executor, idle: float, config: RerankConfig, batches) -> str:
     except Exception:  # noqa: BLE001 - a diagnosis must not hide the stall itself
         logger.debug("no diagnosis of the stall from Ray Data's topology", exc_info=True)
         stages = []
-    running = [s for s in stages if s[1]]
-    if running:
-        name = running[-1][0]
-        waiting = [s[0] for s in stages[stages.index(running[-1]) + 1:]]
-        return (f"{head}: the {name} has been running a batch all that time"
-                + (f" and the {', '.join(waiting)} wait{'s' if len(waiting) == 1 else ''} on it" if waiting else "")
-                + f"; if it is only slow, raise io.stall_timeout_s or lower {_BATCH_SETTINGS.get(name, 'its batch')}"
-                + tail)
-    queued = [(i, s) for i, s in enumerate(stages) if s[2]]
+    # The most downstream stage with a task in flight: a stage after it holding rows waits for a batch the budget
+    # keeps from filling (the reader's task streams a whole shard, so it stays in flight while held back);
+    # with none, that stage itself has been busy all along.
+    running = max((i for i, s in enumerate(stages) if s[1]), default=-1)
+    queued = [i for i, s in enumerate(stages) if i > running and s[2]]
     if queued:
-        i, (name, _, held, _) = max(queued, key=lambda q: q[1][2])  # the batch that cannot fill
+        i = max(queued, key=lambda i: stages[i][2])  # the batch that cannot fill
+        name, held = stages[i][0], stages[i][2]
         upstream = stages[i - 1][0] if i else "input"
         rows = getattr(batches, name, None)
         return (f"{head}: the {name} waits for a full batch" + (f" of {rows:,} rows" if rows else "")
                 + f" ({held / 2**20:,.1f} MB gathered) from the {upstream}, which io.in_flight_mb="
                 f"{config.io.in_flight_mb} holds back; raise io.in_flight_mb or lower "
                 f"{_BATCH_SETTINGS.get(name, 'the batch sizes')}" + tail)
+    if running >= 0:
+        name = stages[running][0]
+        waiting = [s[0] for s in stages[running + 1:]]
+        return (f"{head}: the {name} has been running a batch all that time"
+                + (f" and the {', '.join(waiting)} wait{'s' if len(waiting) == 1 else ''} on it" if waiting else "")
+                + f"; if it is only slow, raise io.stall_timeout_s or lower {_BATCH_SETTINGS.get(name, 'its batch')}"
+                + tail)
     starting = [s for s in stages if s[3]]
     if starting:
         name, pending = starting[0][0], starting[0][3]
