@@ -86,6 +86,7 @@ NEEDS = {"peak_gemm": ["checkpoint"], "workloads": ["checkpoint"], "parity": ["w
          "invariance": ["workloads"], "scorer_throughput": ["workloads", "peak_gemm"],
          "contenders": ["workloads", "peak_gemm"], "fp8_fidelity": ["workloads"], "scorer_stage": ["workloads"]}
 STEPS = list(SHARES)
+NO_FP8 = "not run: this device has no float8 tensor cores (compute capability 8.9 or 9.0+)"
 GRACE_S = 15.0   # a step past its share gets this long to finish its current piece before it is stopped
 MIN_STEP_S = 2.0  # below this much budget left, a step is skipped rather than started
 MIN_SHARE_S = 30.0  # no step's share is less (imports alone take ~20 s on a loaded 2-core machine)
@@ -93,6 +94,10 @@ MIN_SHARE_S = 30.0  # no step's share is less (imports alone take ~20 s on a loa
 
 class Interrupted(BaseException):
     """SIGTERM (e.g. from `timeout`): the report is written, then the process exits."""
+
+
+class StepSkipped(Exception):
+    """Raised by a step that does not apply here (e.g. fp8 on a GPU without float8 tensor cores): `skipped`."""
 
 
 class StepTimeout(BaseException):
@@ -269,7 +274,7 @@ def scorer_throughput(directory: str, lengths: dict, vocab_size: int, device: st
     cuda = device.startswith("cuda")
     dtypes = ["bfloat16"] + (["float8"] if fp8_kernel_works(torch.device(engine_device)) else [])
     result = {"dtypes": dtypes, "rows": [], "cut_short": False,
-              "fp8": "measured" if "float8" in dtypes else "not run: no float8 tensor cores on this device"}
+              "fp8": "measured" if "float8" in dtypes else NO_FP8}
     rng = np.random.default_rng(0)
     inputs = {}
     for workload, n_pairs in settings["token_pairs"].items():
@@ -463,6 +468,9 @@ class Check:
             if result is not None:
                 self.report[name] = result
             log(f"{name}: {entry['status']} ({time.monotonic() - start:.1f} s)")
+        except StepSkipped as e:
+            entry.update(status="skipped", reason=str(e))
+            log(f"{name}: skipped ({e})")
         except Interrupted:
             entry.update(status="interrupted", error=error_record(None, "SIGTERM"))
             raise
@@ -510,7 +518,8 @@ class Check:
             dtypes["float16"] = torch.float16
         seconds = self.settings["gemm_seconds"]
         peaks = {name: peak_gemm_flops(dtype, shapes, seconds, self.device) for name, dtype in dtypes.items()}
-        if fp8_kernel_works(torch.device(self.device)):
+        self.state["fp8"] = fp8_kernel_works(torch.device(self.engine_device))
+        if self.state["fp8"]:
             # CPU torch runs _scaled_mm as a slow reference: the model's shapes only, not the square one
             fp8_shapes = shapes if self.device.startswith("cuda") else shapes[:-1]
             peaks["float8"] = peak_fp8_gemm(fp8_shapes, seconds, self.device)
@@ -549,6 +558,10 @@ class Check:
                 result["cut_short"] = True
                 continue
             dtype = cuda_dtype if self.device.startswith("cuda") else cpu_dtype
+            if dtype == "float8" and not self.state["fp8"]:
+                result["not_run"].append(label)
+                result["fp8"] = NO_FP8
+                continue
             try:
                 rows = measure_contender(label, name, dtype, self.state["directory"], self.state["workloads"],
                                          self.device, self.engine_device, self.state["shape"], self.state["peaks"],
@@ -573,6 +586,10 @@ class Check:
         return result
 
     def step_fp8_fidelity(self, deadline):
+        from pipeline.model.fp8 import fp8_kernel_works
+
+        if not self.state.get("fp8", fp8_kernel_works(torch.device(self.engine_device))):
+            raise StepSkipped(NO_FP8)
         return check_fp8(self.state["directory"], self.state["workloads"]["dl19"][:self.settings["parity_pairs"]],
                          self.device, self.engine_device)
 
@@ -587,7 +604,10 @@ class Check:
                 pass
         self.report["complete"] = True
         self.write()
-        table = markdown(self.report)
+        try:
+            table = markdown(self.report)
+        except Exception as e:  # the JSON is complete; a table that cannot be drawn must not hide it
+            table = f"no table: {type(e).__name__}: {e}"
         write_atomic(self.path.with_name(TABLE_NAME), table + "\n")
         print(table)
         log(f"report: {self.path} ({self.report['seconds']:.0f} s)")

@@ -102,6 +102,11 @@ def test_each_step_is_recorded_as_it_ends_failed_cut_short_or_skipped(gpu_check,
     calls = []
     check.run_step("workloads", lambda deadline: calls.append("workloads") or {"dl19": 1})  # needs a cut-short step
     check.run_step("scorer_throughput", lambda deadline: calls.append("throughput"))  # needs the failed peak_gemm
+
+    def not_here(deadline):
+        raise gpu_check.StepSkipped("no float8 tensor cores")
+
+    check.run_step("fp8_fidelity", not_here)  # a step that does not apply here: skipped, not an error
     check.deadline = time.monotonic()  # the whole budget spent
     check.run_step("parity", lambda deadline: calls.append("parity"))
     report = on_disk()
@@ -112,6 +117,7 @@ def test_each_step_is_recorded_as_it_ends_failed_cut_short_or_skipped(gpu_check,
     assert calls == ["workloads"] and steps["workloads"]["status"] == "ok"
     assert steps["scorer_throughput"]["status"] == "skipped" and "peak_gemm" in steps["scorer_throughput"]["reason"]
     assert steps["parity"]["status"] == "skipped" and "budget" in steps["parity"]["reason"]
+    assert steps["fp8_fidelity"] == {**steps["fp8_fidelity"], "status": "skipped", "reason": "no float8 tensor cores"}
     assert [e["step"] for e in report["errors"]] == ["peak_gemm"]
 
 
