@@ -4,6 +4,7 @@ one line instead of waiting forever."""
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def test_big_rows_carried_under_a_small_budget_run_to_completion(ray_local, dl19
 
 
 @pytest.mark.slow
-def test_a_stalled_pipeline_ends_in_one_line(ray_local, dl19_long, tmp_path, monkeypatch, run_entry_point):
+def test_a_stalled_pipeline_ends_in_one_line_and_resumes(ray_local, dl19_rows, tmp_path, monkeypatch, run_entry_point):
     import ray._private.worker
 
     class BlockingScorer(ScoreStage):
@@ -72,10 +73,12 @@ def test_a_stalled_pipeline_ends_in_one_line(ray_local, dl19_long, tmp_path, mon
     # The job's own process keeps Ray's error channel ("(raylet) Task ... failed") off the console
     # (local_ray.quiet_ray_console, before ray.init); this run shares the session's Ray, so it does the same.
     monkeypatch.setattr(ray._private.worker, "_worker_logs_enabled", False)
-    result = run_entry_point(rerank_main, "--input", dl19_long, "--output", tmp_path / "out", "--model", "dummy:tiny",
-                             "--set", "io.stall_timeout_s=20", "--set", "progress_interval_s=0.5",
-                             "--set", "tokenizer.max_length=64",
-                             "--set", "tokenizer.batch_size=64", "--set", "scorer.batch_size=64")
+    source = tmp_path / "pairs.parquet"
+    pq.write_table(pa.Table.from_pylist(dl19_rows[:600]), source, row_group_size=200)
+    argv = ["--input", source, "--output", tmp_path / "out", "--model", "dummy:tiny", "--set", "io.stall_timeout_s=20",
+            "--set", "progress_interval_s=0.5", "--set", "tokenizer.max_length=64", "--set", "input.rows_per_shard=200",
+            "--set", "tokenizer.batch_size=64", "--set", "scorer.batch_size=64"]
+    result = run_entry_point(rerank_main, *argv)
 
     assert result.returncode == 3, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -88,6 +91,12 @@ def test_a_stalled_pipeline_ends_in_one_line(ray_local, dl19_long, tmp_path, mon
     # Ray Data's execution was shut down, not left spinning: its scheduling thread has ended.
     running = [t for t in threading.enumerate() if t.name.startswith("StreamingExecutor") and t.is_alive()]
     assert not running, running
+
+    # Once the scorer is fixed, the same command finishes the output.
+    monkeypatch.setattr(compose, "ScoreStage", ScoreStage)
+    result = run_entry_point(rerank_main, *argv)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.splitlines()[-1])["scored_rows"] == 600
 
 
 def test_a_pair_bigger_than_a_batch_may_hold_is_refused_before_any_work(dl19_rows, tmp_path, run_entry_point):
