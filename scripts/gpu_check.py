@@ -1,6 +1,6 @@
 """The GPU check, in one command that fits a 10-minute device slot and never loses what it measured.
 
-    python3 scripts/gpu_check.py --prepare .gpu-data           # once, where the shared data is: copy ~19 MB
+    python3 scripts/gpu_check.py --prepare .gpu-data           # once, where the shared data is: copy ~18 MB
     timeout -k 20 570 python3 scripts/gpu_check.py --data-dir .gpu-data --out "$OUT"     # on the GPU machine
     python3 scripts/gpu_check.py --device cpu --small --out /tmp/gpu-check               # a dry run on a CPU
 
@@ -682,7 +682,7 @@ def parse_args(argv):
                         help=f"the data folder: one made by --prepare (default {DEFAULT_PREPARED.name}/ in the checkout "
                              "when it exists) or the shared data folder (../shared/data or $SHARED_DATA)")
     parser.add_argument("--prepare", type=Path, metavar="DIR", default=None,
-                        help="copy the data the check needs (~19 MB) from --data-dir into DIR and exit; "
+                        help="copy the data the check needs (~18 MB) from --data-dir into DIR and exit; "
                              f"{DEFAULT_PREPARED.name}/ in the checkout is git-ignored and travels with the working tree")
     parser.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "results" / "tmp" / "gpu-check"),
                         help=f"folder for {REPORT_NAME} (rewritten after every step) and {TABLE_NAME} "
