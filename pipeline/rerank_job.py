@@ -783,16 +783,18 @@ def _watched(ds, progress: Progress, config: RerankConfig, batches):
 
     # Ray Data's StreamingExecutor is the one handle that stops a running execution from another thread; the
     # dataset creates it (`_create_executor`) and only hands it out after the first output, which a stalled
-    # pipeline never makes, so it is kept here as it is created.
+    # pipeline never makes, so it is kept here as it is created. A Ray Data without that method still gets the
+    # stall's error line; the job's process then ends, and its execution with it.
     executors = []
-    make = ds._create_executor
+    make = getattr(ds, "_create_executor", None)
 
     def keep_executor():
         executor = make()
         executors.append(executor)
         return executor
 
-    ds._create_executor = keep_executor
+    if make is not None:
+        ds._create_executor = keep_executor
     reports: queue.Queue = queue.Queue()
     stop = threading.Event()
 
