@@ -80,13 +80,13 @@ class IoConfig(StrictModel):
     # machine and is gone). Raise the timeout if the driver may stall longer (a paused VM).
     lease_heartbeat_s: float = Field(10.0, gt=0)
     lease_timeout_s: float = Field(120.0, gt=0)
+    # On object storage, create --output's bucket (and cache.uri's) if it does not exist. Off: a missing bucket
+    # is an error, so a typo in its name does not make a new bucket on the account.
+    create_bucket: bool = False
 
 
 class OutputConfig(StrictModel):
     top_k: Optional[int] = Field(None, ge=1)         # keep only the best k per query in ranked/
-    # On object storage, create --output's bucket (and cache.uri's) if it does not exist. Off: a missing bucket
-    # is an error, so a typo in its name does not make a new bucket on the account.
-    create_bucket: bool = False
     rows_per_bucket: int = Field(1_000_000, ge=1)    # long input: ranking buckets by hash(query_id)
     # Carry each pair's query and document texts through to ranked/ (columns `query`, `document`), for
     # consumers that need them beside the scores (hard negatives). Off by default: texts are otherwise
