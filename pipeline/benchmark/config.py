@@ -29,7 +29,7 @@ class Scope(StrictModel):
 
 # The default run's plan: every contender on the jina shape's DL19 pairs; sentence-transformers (its default,
 # the fidelity reference, and its best) and the engine also on long and multilingual pairs; the bge shape (the
-# seed's size claim) with those three on DL19. Why: the full matrix (13 contenders x 2 models x 3 workloads)
+# release post's size claim) with those three on DL19. Why: the full matrix (13 contenders x 2 models x 3 workloads)
 # would take ~40 minutes on 2 cores. Measured 2026-12-01 on a 2-core Xeon VM (AMX), from an empty cache: this
 # plan 13.9 minutes wall (2.1 of them building the two checkpoints, which later runs reuse); a wider one, with
 # transformers padded/sorted and the Ray job on all three workloads and the bge shape on all three, 18.8

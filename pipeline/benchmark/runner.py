@@ -341,7 +341,7 @@ def run_benchmark(config: BenchmarkConfig) -> dict:
 
 
 def _cross_model(runs: list[dict], models: list[str]) -> list[dict]:
-    """The seed's kind of claim ("N x more documents than bge-reranker-v2-m3"): the engine on the first
+    """The release post's kind of claim ("N x more documents than bge-reranker-v2-m3"): the engine on the first
     model against every contender on each other model, per workload (pairs/s over pairs/s)."""
     if len(models) < 2:
         return []

@@ -5,7 +5,7 @@ Source (`<data_dir>/spider/`): `dev.json` (1,034 questions: `db_id`, `question`,
 [table index, name], `column_types`, `primary_keys` and `foreign_keys` as column indices). The dev questions
 use 20 databases of 2-11 tables.
 
-Document: one table rendered as `CREATE TABLE` text (the form the seed's text-to-SQL examples use), with its
+Document: one table rendered as `CREATE TABLE` text (the form the model's release post uses in its text-to-SQL examples), with its
 columns, primary key and foreign keys. doc_id: `<db_id>.<table name>`.
 Gold tables: every table in a FROM clause of the gold SQL, subqueries and INTERSECT/UNION/EXCEPT parts
 included (their parses nest `sql` dicts, so the walk is recursive). qrels: 1 for gold tables, 0 for the

@@ -1,4 +1,4 @@
-"""Benchmark workloads (issue 4): real text in the rerank job's long format, sized by `n_pairs`.
+"""Benchmark workloads: real text in the rerank job's long format, sized by `n_pairs`.
 
 - `dl19`: the 4,300 TREC DL 2019 BM25 pairs (short passages, ~84 tokens per pair on average);
 - `long`: Vaswani queries against BM25's candidates, each candidate abstract followed by the abstracts after it

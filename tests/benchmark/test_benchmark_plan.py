@@ -34,7 +34,7 @@ def test_the_default_run_has_every_contender_and_the_default_plan():
         assert first[name] == ["dl19"] and name not in second
     for name in ["st-default", "st-best", "engine"]:
         assert first[name] == ["dl19", "long", "multilingual"]
-    # The bge shape: the seed's size claim and the targets' contenders, on DL19.
+    # The bge shape: the release post's size claim and the targets' contenders, on DL19.
     assert second == {name: ["dl19"] for name in ["st-default", "st-best", "engine"]}
 
 

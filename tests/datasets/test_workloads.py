@@ -1,4 +1,4 @@
-"""Benchmark workloads (issue 4): sizes, lengths, scripts, determinism; and the command line that writes them."""
+"""Benchmark workloads: sizes, lengths, scripts, determinism; and the command line that writes them."""
 
 from __future__ import annotations
 
