@@ -131,6 +131,13 @@ def scoring_dataset(shards: list[Shard], layout: InputLayout, config: RerankConf
     the lookup found (`lookup_datasets` ran first) and the writer stages new entries. `dtype`: the scorers'
     dtype when the driver resolved `auto` (the cache's fingerprint names it)."""
     size, resources = scorer_pool(config)
+    tokenizers = config.tokenizer.num_actors
+    if not isinstance(tokenizers, int):  # auto, where the caller did not size it (the job does, before its checks)
+        from pipeline.capacity import model_config_of, resolve_tokenizer_actors
+        from pipeline.model.checkpoint import resolve_model_directory
+
+        directory, _ = resolve_model_directory(config.model, config.revision)
+        tokenizers = resolve_tokenizer_actors(config, ray.nodes(), model_config_of(directory)).tokenizer.num_actors
     if batches is None:
         batches = HandOffs(config.tokenizer.batch_size, config.scorer.batch_size, config.io.rows_per_write, 0, {})
     with _streaming(config):
@@ -145,7 +152,7 @@ def scoring_dataset(shards: list[Shard], layout: InputLayout, config: RerankConf
                                                                  config=config.tokenizer,
                                                                  keep_texts=config.output.carry_texts),
                         batch_size=batches.tokenizer, batch_format="pyarrow",
-                        compute=ActorPoolStrategy(size=config.tokenizer.num_actors), num_cpus=config.tokenizer.num_cpus,
+                        compute=ActorPoolStrategy(size=tokenizers), num_cpus=config.tokenizer.num_cpus,
                         label_selector=config.tokenizer.label_selector)
     ds = ds.map_batches(ScoreStage, fn_constructor_kwargs=dict(
                             model=config.model, revision=config.revision, dtype=dtype or config.dtype, config=config.scorer,

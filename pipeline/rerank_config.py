@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional, Union
 
 from pydantic import Field
 
@@ -34,7 +34,10 @@ class TokenizerConfig(StrictModel):
     long_documents: Literal["truncate", "windows"] = "truncate"  # windows: jina's rerank() chunking, max over windows
     max_query_length: int = Field(512, ge=1)         # windows mode only
     overlap: int = Field(80, ge=0)                   # windows mode only
-    num_actors: int = Field(1, ge=1)
+    # Tokenizer actors. auto (or null): sized at start from the cluster the job finds, enough to keep the GPU
+    # scorers fed at their measured (else FLOPs-estimated) rate, capped by the CPUs of the nodes matching
+    # label_selector (pipeline/capacity.py); the decision is logged in one line with its inputs.
+    num_actors: Union[Literal["auto"], Annotated[int, Field(ge=1)], None] = 1
     num_cpus: float = Field(0.5, gt=0)
     batch_size: int = Field(1024, ge=1)              # rows handed to one tokenizer call
     # Ray node labels the tokenizer actors must run on, e.g. {"ray.io/node-group": "cpu-tokenizers"} on
@@ -52,6 +55,9 @@ class ScorerConfig(StrictModel):
     max_tokens_per_batch: Optional[int] = Field(None, ge=16)  # None: the engine's default for the device
     max_tasks_in_flight_per_actor: int = Field(2, ge=1)  # >= 2 so the next batch is ready when one finishes
     batch_size: int = Field(2048, ge=1)              # rows handed to one scorer call (not a micro-batch)
+    # A GPU check's report (scripts/gpu_check.py, gpu-check.json): its measured pairs/s size
+    # tokenizer.num_actors auto when the score cache has no GPU run of this model to measure from.
+    gpu_check: Optional[str] = None
 
 
 class IoConfig(StrictModel):

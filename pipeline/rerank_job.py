@@ -462,9 +462,17 @@ def run_rerank(config: RerankConfig, input_uri: str, output_uri: str) -> dict:
             raise OutputError(f"{output_uri} was completed by another run just now; rerun to see its result")
         plan = _plan(config, input_uri, output_uri, out_fs, out_root, in_fs, files, fingerprint, layout, model)
         _ensure_ray(config)
-        _check_cluster(config, plan.protocol)
+        plan.config = _tokenizer_actors(config, plan)
+        _check_cluster(plan.config, plan.protocol)
         if config.cache.uri:
             _open_cache(plan)
+            if not isinstance(config.tokenizer.num_actors, int):  # the cache may hold this model's measured rate
+                from pipeline.cache import read_runs
+
+                runs = read_runs(plan.cache)
+                if any(r.get("device") == "cuda" for r in runs):
+                    plan.config = _tokenizer_actors(config, plan, runs)
+                    _check_cluster(plan.config, plan.protocol)
             _lookup(plan, lease)
         t_score = time.monotonic()
         this_run = _score(plan, lease)
@@ -473,6 +481,17 @@ def run_rerank(config: RerankConfig, input_uri: str, output_uri: str) -> dict:
         fill_files = _publish(plan, manifests, lease, this_run) if plan.cache else []
         bucket_reports = _rank(plan, manifests, lease, fill_files)
         return _commit(plan, manifests, bucket_reports, lease, this_run, start_time, t0)
+
+
+def _tokenizer_actors(config: RerankConfig, plan: "RunPlan", cache_runs: list[dict] = ()) -> RerankConfig:
+    """`config` with tokenizer.num_actors auto sized from the cluster (pipeline/capacity.py); a number is kept."""
+    import ray
+
+    from pipeline.capacity import model_config_of, resolve_tokenizer_actors
+
+    if isinstance(config.tokenizer.num_actors, int):
+        return config
+    return resolve_tokenizer_actors(config, ray.nodes(), model_config_of(plan.model["directory"]), cache_runs)
 
 
 def _finished_run(config, out_fs, out_root, output_uri, input_uri, fingerprint) -> dict | None:
@@ -973,6 +992,8 @@ def _cache_summary(plan: RunPlan, manifests: list[dict], this_run: dict) -> dict
     record_run(plan.cache, {"output_uri": plan.output_uri, "end_time": _now(), "hits": this_run["hits"],
                             "same_texts": this_run["same_texts"], "pairs_scored": scored_now,
                             "model_pairs_per_s": fields["model_pairs_per_s"], "scorer_actors": actors,
+                            # which device the rate was measured on: only a GPU run's sizes GPU pools
+                            "device": ",".join(sorted({s["device"] for s in _scorers(plan)})) or None,
                             "entries_added": cache["entries_added"]})
     return fields | {
         "cache_hits": hits, "cache_same_texts": same,
@@ -982,6 +1003,19 @@ def _cache_summary(plan: RunPlan, manifests: list[dict], this_run: dict) -> dict
         "scorer_seconds_saved": round(saved * actors / rate, 1) if rate else None,
         "cache": cache,
     }
+
+
+def _busy(record: dict) -> dict:
+    """A scorer record's busy seconds, wall seconds and their ratio (None where the record has no numbers)."""
+    busy, wall = (v if isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 else None
+                  for v in (record.get("busy_s"), record.get("wall_s")))
+    return {"busy_s": busy, "wall_s": wall,
+            "busy_fraction": round(min(1.0, busy / wall), 3) if busy is not None and wall else None}
+
+
+def _mean_busy(scorers: list[dict]) -> float | None:
+    fractions = [f for f in (_busy(s)["busy_fraction"] for s in scorers) if f is not None]
+    return round(sum(fractions) / len(fractions), 3) if fractions else None
 
 
 def _commit(plan: RunPlan, manifests, bucket_reports, lease, this_run: dict, start_time, t0) -> dict:
@@ -1022,8 +1056,11 @@ def _commit(plan: RunPlan, manifests, bucket_reports, lease, this_run: dict, sta
         "attention_backend": sorted({s["attention_backend"] for s in scorers}) if scorers else None,
         "device": sorted({s["device"] for s in scorers}) if scorers else None,
         # where each scorer actor ran (this run or an earlier one of this output): its device and Ray node
-        "scorers": sorted(({"device": s["device"], "node_id": s.get("node_id")} for s in scorers),
+        # and how busy it was: seconds scoring over seconds since it was ready (null in records that predate it)
+        "scorers": sorted(({"device": s["device"], "node_id": s.get("node_id"), **_busy(s)} for s in scorers),
                           key=lambda s: (s["node_id"] or "", s["device"])),
+        # the pool's mean busy fraction: near 1, the scorers set the pace; well below, they waited for tokens
+        "scorer_busy_fraction": _mean_busy(scorers),
         "random_weights": bool(engine.get("random_weights", config.model.startswith("dummy:"))),
         "max_length": plan.model["max_length"], "long_documents": config.tokenizer.long_documents,
         "top_k": config.output.top_k,

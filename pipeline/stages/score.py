@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 from typing import Callable, Optional
 
@@ -22,11 +23,12 @@ from pipeline import schema as S
 from pipeline.heap import release_free_heap
 from pipeline.rerank_config import Int8Config, ScorerConfig
 from pipeline.stages.tokenize import list_to_numpy
-from pipeline.storage import join, url_to_fs
+from pipeline.storage import atomic_write, join, url_to_fs
 
 # Chaos hook for the reliability test: when set to a path that does not exist yet, the first actor to
 # receive a batch creates it and dies mid-batch (a real process exit, as an OOM kill would be).
 FAULT_ENV = "RERANK_FAULT_KILL_SCORER_ONCE"
+RECORD_EVERY_S = 10.0
 
 
 def _ray_node_id() -> str | None:
@@ -64,14 +66,35 @@ class ScoreStage:
         self.on_scored = on_scored
         self.max_tokens = config.max_tokens_per_batch
         # Record what really ran (dtype, kernel, device) for the job's summary.
-        fs, path = url_to_fs(scorers_uri, storage_options)
-        fs.makedirs(path, exist_ok=True)
-        info = self.encoder.describe() | {"torch_threads": torch.get_num_threads(), "pid": os.getpid(),
-                                          "node_id": _ray_node_id()}
-        with fs.open(join(path, f"{uuid.uuid4().hex}.json"), "w") as f:
-            json.dump(info, f)
+        self.fs, path = url_to_fs(scorers_uri, storage_options)
+        self.fs.makedirs(path, exist_ok=True)
+        self.record_path = join(path, f"{uuid.uuid4().hex}.json")
+        self.info = self.encoder.describe() | {"torch_threads": torch.get_num_threads(), "pid": os.getpid(),
+                                               "node_id": _ray_node_id()}
+        # How busy the scorer is: seconds inside its calls over seconds since it was ready (model loaded), as of
+        # its record's last write; the summary's busy fraction. Well below 1 means it waited for tokens.
+        self.ready, self.busy_s, self.written = time.monotonic(), 0.0, None
+        self._write_record()
+
+    def _write_record(self) -> None:
+        now = time.monotonic()
+        info = self.info | {"busy_s": round(self.busy_s, 3), "wall_s": round(now - self.ready, 3)}
+        # Atomic: a scorer killed mid-write (OOM) must not leave a torn record for the summary to trip on.
+        atomic_write(self.fs, self.record_path, lambda f: f.write(json.dumps(info).encode()))
+        self.written = now
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        start = time.monotonic()
+        out = self._score(batch)
+        first = self.busy_s == 0.0
+        self.busy_s += time.monotonic() - start
+        # Rewritten after the first batch and then at most every RECORD_EVERY_S: one small write, not one per
+        # batch (a GPU scores a batch in well under a second); the figures lag the actor by at most that much.
+        if first or time.monotonic() - self.written >= RECORD_EVERY_S:
+            self._write_record()
+        return out
+
+    def _score(self, batch: pa.Table) -> pa.Table:
         marker = os.environ.get(FAULT_ENV)
         if marker and not os.path.exists(marker):
             open(marker, "w").close()

@@ -66,9 +66,14 @@ def engine():
 def test_dl19_long_format_every_pair_once_with_engine_scores(ray_local, dl19_long, dl19_rows, engine, tmp_path):
     output = tmp_path / "out"
     # Two actors in each storage-bound pool and five ranking buckets: parallel readers, writers and rankers
-    # must still give each pair exactly once.
-    summary = run_rerank(_config(io__num_actors=2, io__num_cpus=0.1, output__rows_per_bucket=1000),
-                         str(dl19_long), str(output))
+    # must still give each pair exactly once. Tokenizers sized by the job (auto: one for a CPU scorer).
+    summary = run_rerank(_config(io__num_actors=2, io__num_cpus=0.1, output__rows_per_bucket=1000,
+                                 tokenizer__num_actors="auto"), str(dl19_long), str(output))
+    assert summary["config"]["tokenizer"]["num_actors"] == 1
+    # How busy each scorer was: seconds scoring over seconds since it was ready, and the pool's mean.
+    busy = [s["busy_fraction"] for s in summary["scorers"]]
+    assert busy and all(0 < b <= 1 for b in busy) and all(s["busy_s"] > 0 for s in summary["scorers"])
+    assert summary["scorer_busy_fraction"] == round(sum(busy) / len(busy), 3)
     _check_reconciles(output, 4300)
     assert summary["rejected_rows"] == 0 and summary["shards"] == 5 and summary["ranking_buckets"] == 5
     assert summary["random_weights"] is True and summary["attention_backend"] == ["sdpa_length_grouped"]
