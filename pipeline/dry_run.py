@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 
 from pipeline import capacity as C
 from pipeline import schema as S
+from pipeline.errors import InfrastructureError, OutputError
 from pipeline.rerank_config import RerankConfig
 
 logger = logging.getLogger("rerank")
@@ -116,9 +117,14 @@ def _nodes(config: RerankConfig) -> tuple[list[dict], str]:
         return C.local_nodes(), "this machine (no RAY_ADDRESS)"
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-    return [n for n in ray.nodes() if n.get("Alive")], f"Ray cluster at {address}"
+    try:
+        if not ray.is_initialized():
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        return [n for n in ray.nodes() if n.get("Alive")], f"Ray cluster at {address}"
+    except Exception as e:  # a dry run reads the cluster only to size the pools: say which one did not answer
+        raise InfrastructureError(f"the dry run cannot read the Ray cluster at {address} ({type(e).__name__}: "
+                                  f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no detail'}); start it, "
+                                  "or unset RAY_ADDRESS to plan for this machine") from None
 
 
 def gpus_for_deadline(pairs: int, per_gpu: float, hours: float) -> int:
@@ -234,5 +240,9 @@ def format_plan(plan: dict) -> str:
 
 
 def write_plan_json(plan: dict, path: str) -> None:
-    with open(path, "w") as f:
-        json.dump(plan, f, indent=2)
+    try:
+        with open(path, "w") as f:
+            json.dump(plan, f, indent=2)
+    except OSError as e:
+        raise OutputError(f"cannot write --dry-run-json {path} ({e.strerror or type(e).__name__}); choose a file "
+                          "in a folder that exists and this user may write") from None

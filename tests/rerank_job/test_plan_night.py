@@ -199,3 +199,14 @@ def test_dry_run_expects_the_hits_of_the_cache_made_for_this_checkpoint(run_entr
     assert 0 < cache["hits"] < cache["looked_up"] and cache["hits"] / cache["looked_up"] == pytest.approx(0.5, abs=0.15)
     assert f"{cache['hits']} of {cache['looked_up']} sampled keys found" in result.stdout
     assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_failures_are_one_line(run_entry_point, small_input, tmp_path, monkeypatch):
+    common = ["--dry-run", "--input", small_input, "--output", tmp_path / "out", "--model", "dummy:tiny",
+              "--sample-pairs", "20"]
+    unwritable = run_entry_point(rerank_main, *common, "--dry-run-json", tmp_path / "absent" / "plan.json")
+    assert unwritable.returncode == 2 and unwritable.stderr.count("error:") == 1
+    assert "cannot write --dry-run-json" in unwritable.stderr and "Traceback" not in unwritable.stderr
+    missing = run_entry_point(rerank_main, *common[:2], tmp_path / "nothing.parquet", *common[3:])
+    assert missing.returncode == 2 and missing.stderr.count("error:") == 1 and "Traceback" not in missing.stderr
+    assert not (tmp_path / "out").exists()
