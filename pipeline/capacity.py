@@ -118,16 +118,17 @@ def _gpu_check_rate(path: str, dtype: str, tokens: Sequence[int] | None) -> Rate
     try:
         with open(path) as f:
             report = json.load(f)
-        rows = [r for r in report["scorer_throughput"]["rows"] if r.get("dtype") == dtype and r.get("pairs_per_s")]
-    except (OSError, ValueError, KeyError, TypeError):
+        rows = [r for r in report["scorer_throughput"]["rows"] if r.get("dtype") == dtype and r.get("tokens_per_s")]
+        name = (report.get("environment") or {}).get("device_name") or "GPU"
+        on_gpu = str(report.get("device", "")).startswith("cuda")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    if not rows:
+    if not rows or not on_gpu:  # a check run on CPU says nothing of a GPU's rate
         return None
     mean = sum(tokens) / len(tokens) if tokens else SHORT_PAIR_TOKENS
     row = min(rows, key=lambda r: abs(r["mean_tokens"] - mean))
-    device = report.get("device") or report.get("gpu") or "GPU"
-    return Rate(row["tokens_per_s"] / mean, f"measured ({os.path.basename(path)} {row['workload']} {dtype}, "
-                                            f"{device if isinstance(device, str) else 'GPU'}, tokens/s)")
+    return Rate(row["tokens_per_s"] / mean, f"measured ({os.path.basename(path)}, {name}, {dtype} on "
+                                            f"{row['workload']} pairs, at their tokens/s)")
 
 
 def _cpus(node: dict) -> float:

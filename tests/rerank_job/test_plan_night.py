@@ -103,11 +103,17 @@ def test_rates_name_their_source(tmp_path):
     assert from_cache.pairs_per_s == 25_000 and from_cache.measured
     assert not C.scorer_rate(JINA_BASE, [96], cache_runs=runs[1:]).measured
     check = tmp_path / "gpu-check.json"
-    check.write_text(json.dumps({"scorer_throughput": {"rows": [
+    report = {"device": "cuda", "environment": {"device_name": "NVIDIA H100 80GB HBM3"}, "scorer_throughput": {"rows": [
         {"dtype": "bfloat16", "workload": "dl19", "mean_tokens": 96.0, "pairs_per_s": 20_000.0,
-         "tokens_per_s": 1_920_000.0}]}}))
+         "tokens_per_s": 1_920_000.0}]}}
+    check.write_text(json.dumps(report))
     from_check = C.scorer_rate(JINA_BASE, [96], gpu_check=str(check))
-    assert from_check.pairs_per_s == pytest.approx(20_000) and from_check.source.startswith("measured (gpu-check.json")
+    assert from_check.pairs_per_s == pytest.approx(20_000)
+    assert from_check.source.startswith("measured (gpu-check.json, NVIDIA H100 80GB HBM3, bfloat16")
+    # Pairs twice as long: the check's tokens/s over twice the tokens a pair.
+    assert C.scorer_rate(JINA_BASE, [192], gpu_check=str(check)).pairs_per_s == pytest.approx(10_000)
+    check.write_text(json.dumps(report | {"device": "cpu"}))  # a check run on CPU: no GPU figure
+    assert not C.scorer_rate(JINA_BASE, [96], gpu_check=str(check)).measured
 
 
 def test_the_fewest_gpus_for_a_deadline():
