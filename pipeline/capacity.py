@@ -95,9 +95,10 @@ def flops_per_pair(model_config: dict, tokens: Sequence[int] | None = None) -> f
 
 def scorer_rate(model_config: dict, tokens: Sequence[int] | None = None, *, cache_runs: Iterable[dict] = (),
                 gpu_check: str | None = None, dtype: str = "bfloat16", mfu: float = ASSUMED_MFU,
-                gpu_tflops: float = GPU_BF16_TFLOPS) -> Rate:
+                gpu_tflops: float = GPU_BF16_TFLOPS, sequences_per_pair: float = 1.0) -> Rate:
     """One GPU scorer's pairs/s: measured if the score cache's runs (on GPU) or a GPU check's report say it,
-    else computed from the model's FLOPs at `mfu` of `gpu_tflops`."""
+    else computed from the model's FLOPs at `mfu` of `gpu_tflops`. `tokens`: token counts of sequences; a pair
+    is `sequences_per_pair` of them (windows mode), which the cache's rates (pairs of the same settings) include."""
     runs = [r for r in cache_runs if r.get("model_pairs_per_s") and r.get("pairs_scored", 0) >= 1000
             and r.get("device") == "cuda" and r.get("scorer_actors")]
     if runs:
@@ -107,8 +108,8 @@ def scorer_rate(model_config: dict, tokens: Sequence[int] | None = None, *, cach
     if gpu_check:
         rate = _gpu_check_rate(gpu_check, dtype, tokens)
         if rate is not None:
-            return rate
-    pairs_per_s = gpu_tflops * 1e12 * mfu / flops_per_pair(model_config, tokens)
+            return Rate(rate.pairs_per_s / sequences_per_pair, rate.source)
+    pairs_per_s = gpu_tflops * 1e12 * mfu / flops_per_pair(model_config, tokens) / sequences_per_pair
     return Rate(pairs_per_s, f"estimate (model FLOPs at {100 * mfu:g}% MFU of {gpu_tflops:g} bf16 TFLOP/s)")
 
 

@@ -157,9 +157,8 @@ def plan_night(config: RerankConfig, input_uri: str, output_uri: str, *, gpu_cou
 
     model_config = C.model_config_of(model["directory"])
     scorer = C.scorer_rate(model_config, lengths.tolist() or None, cache_runs=(cache or {}).get("runs", ()),
-                           gpu_check=config.scorer.gpu_check, mfu=mfu, gpu_tflops=gpu_tflops)
-    if len(lengths) and sequences_per_pair > 1:  # windows: a pair is several sequences for the scorer
-        scorer = C.Rate(scorer.pairs_per_s / sequences_per_pair, scorer.source)
+                           gpu_check=config.scorer.gpu_check, mfu=mfu, gpu_tflops=gpu_tflops,
+                           sequences_per_pair=sequences_per_pair)  # windows: a pair is several sequences
     mean_tokens = float(lengths.mean()) * sequences_per_pair if len(lengths) else C.SHORT_PAIR_TOKENS
     cost = C.tokenize_cost()
     tokenizer = cost.rate(mean_tokens)
@@ -195,7 +194,8 @@ def plan_night(config: RerankConfig, input_uri: str, output_uri: str, *, gpu_cou
         "rates": {"scorer_pairs_per_s_per_gpu": round(scorer.pairs_per_s, 1), "scorer_source": scorer.source,
                   "tokenizer_pairs_per_s_per_core": round(tokenizer.pairs_per_s, 1),
                   "tokenizer_source": tokenizer.source},
-        "pools": {"scorer_actors": int(config.scorer.num_actors or sizing.gpus or 1),
+        "pools": {"scorer_actors": config.scorer.num_actors
+                  or max(1, int(sizing.gpus // config.scorer.num_gpus_per_actor)),
                   "tokenizer_actors": explicit or sizing.actors,
                   "tokenizer_actors_source": "tokenizer.num_actors" if explicit else sizing.line(config)},
         "deadline_hours": deadline_hours, "fewest_gpus_for_deadline": fewest, "estimates": rows,

@@ -216,3 +216,21 @@ def test_dry_run_failures_are_one_line(run_entry_point, small_input, tmp_path, m
     missing = run_entry_point(rerank_main, *common[:2], tmp_path / "nothing.parquet", *common[3:])
     assert missing.returncode == 2 and missing.stderr.count("error:") == 1 and "Traceback" not in missing.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_counts_a_pairs_windows_in_its_rate(run_entry_point, small_input, tmp_path):
+    plans = {}
+    for mode in ("truncate", "windows"):
+        plan_file = tmp_path / f"{mode}.json"
+        result = run_entry_point(rerank_main, "--dry-run", "--input", small_input, "--output", tmp_path / "out",
+                                 "--model", "dummy:tiny", "--sample-pairs", "60", "--dry-run-json", plan_file,
+                                 "--set", f"tokenizer.long_documents={mode}", "--set", "tokenizer.max_length=64",
+                                 "--set", "tokenizer.max_query_length=24")
+        assert result.returncode == 0, result.stderr
+        plans[mode] = json.loads(plan_file.read_text())
+    windows, truncate = plans["windows"], plans["truncate"]
+    assert windows["sample"]["sequences"] > windows["sample"]["valid"] == truncate["sample"]["sequences"] == 60
+    # Every window is a sequence of up to 64 tokens to score: a pair costs its windows' FLOPs.
+    per_pair = windows["sample"]["sequences"] / windows["sample"]["valid"]
+    ratio = truncate["rates"]["scorer_pairs_per_s_per_gpu"] / windows["rates"]["scorer_pairs_per_s_per_gpu"]
+    assert ratio == pytest.approx(per_pair, rel=0.35)
