@@ -7,6 +7,7 @@ pairs ranked per query, the rejected rows with their reasons, and summary.json (
 from __future__ import annotations
 
 import json
+import math
 from typing import Sequence
 
 from pipeline.cli import base_parser, check_job_location, run_main, setup_logging
@@ -62,7 +63,7 @@ def _dry_run(parser, args, config: RerankConfig) -> int:
         gpus = [int(g) for g in args.gpus.split(",")] if args.gpus else None
     except ValueError:
         parser.error(f"--gpus {args.gpus}: a comma-separated list of GPU counts, e.g. 1,2,4,8")
-    if gpus is not None and min(gpus) < 1 or args.deadline_hours is not None and args.deadline_hours <= 0:
+    if gpus is not None and min(gpus) < 1 or args.deadline_hours is not None and not 0 < args.deadline_hours < math.inf:
         parser.error("--gpus counts and --deadline-hours must be positive")
     if args.sample_pairs < 1 or args.mfu is not None and not 0 < args.mfu <= 1:
         parser.error("--sample-pairs must be at least 1, --mfu between 0 and 1")

@@ -57,7 +57,8 @@ def ray_job_working_dir() -> str | None:
     """The working directory when this process is the driver of a `ray job submit` (Ray sets
     RAY_JOB_CONFIG_JSON_ENV_VAR there, and unpacks `--working-dir` under <session>/runtime_resources/), else None."""
     cwd = os.getcwd()
-    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or os.environ.get("RAY_JOB_ID") or "/runtime_resources/" in cwd:
+    # Not RAY_JOB_ID: Ray sets it in every worker process too, where a job started from a task is no submission.
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "/runtime_resources/" in cwd:
         return cwd
     return None
 

@@ -96,6 +96,14 @@ class ScorerRecord(_OwnFile):
     random_weights: bool = False
 
 
+class QuarantineRecord(_OwnFile):
+    """`<work>/cache-quarantined/*.json`: a score cache file this run found unreadable and moved aside."""
+
+    path: str
+    reason: str
+    moved_to: Optional[str] = None
+
+
 def flatten(settings: dict, prefix: str = "") -> dict[str, Any]:
     """`{"output": {"top_k": 5}}` -> `{"output.top_k": 5}`."""
     flat: dict[str, Any] = {}

@@ -122,11 +122,14 @@ def quiet_ray_console(verbose: bool) -> Callable[[], None]:
     lines of Ray's C++ core on stderr."""
     if verbose:
         return lambda: None
-    import ray._private.worker as ray_worker
-
-    # Read by Ray's printer of worker logs and of its error channel; there is no public switch for the latter
-    # (log_to_driver=False covers the workers' output only).
-    ray_worker._worker_logs_enabled = False
+    try:
+        import ray._private.worker as ray_worker
+    except ImportError:  # a Ray that moved its private module: its error channel stays on the console
+        ray_worker = None
+    if ray_worker is not None:
+        # Read by Ray's printer of worker logs and of its error channel; there is no public switch for the
+        # latter (log_to_driver=False covers the workers' output only).
+        ray_worker._worker_logs_enabled = False
     for handler in logging.getLogger("ray").handlers:
         if not isinstance(handler, logging.FileHandler):
             handler.setLevel(logging.CRITICAL + 1)

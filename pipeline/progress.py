@@ -8,7 +8,8 @@ counter actor, and a driver thread prints
 
 every `progress_interval_s` seconds. A retried batch is counted twice, so the count is capped at the total;
 the exact figures are in summary.json. The same polls tell the driver's stall watchdog when anything last moved
-(`idle_s`): a pair scored here, or a staging file written (the driver calls `moved`).
+(`idle_s`): a pair scored here, a scorer's heartbeat from inside a long batch (a CPU scorer can spend minutes on
+one), or a staging file written (the driver calls `moved`).
 """
 
 from __future__ import annotations
@@ -24,18 +25,25 @@ class ScoreCounter:
     """Running totals, held by a Ray actor (see `start`); `add` is called fire-and-forget by the scorers."""
 
     def __init__(self):
-        self.pairs = self.rejected = 0
+        self.pairs = self.rejected = self.beats = 0
 
     def add(self, pairs: int, rejected: int) -> None:
         self.pairs += pairs
         self.rejected += rejected
+        self.beats += 1
 
     def get(self) -> tuple[int, int]:
         return self.pairs, self.rejected
 
+    def get_with_beats(self) -> tuple[int, int, int]:
+        """(pairs, rejected, beats): `beats` counts every report, empty ones included, so the watchdog sees a
+        scorer that is still working through one long call (see `report_to`)."""
+        return self.pairs, self.rejected, self.beats
+
 
 def report_to(counter, pairs: int, rejected: int) -> None:
-    """What a scorer calls after each batch (bound to a counter actor with functools.partial)."""
+    """What a scorer calls after each batch, and with (0, 0) while inside a long one (bound to a counter
+    actor with functools.partial)."""
     counter.add.remote(pairs, rejected)
 
 
@@ -49,7 +57,7 @@ class Progress:
         self.counter = ray.remote(num_cpus=0)(ScoreCounter).remote()
         self.start = time.monotonic()
         self._last = (0, 0)  # nothing is printed until something is scored
-        self._polled = (0, 0)
+        self._polled = (0, 0, 0)
         self._moved = self.start
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="progress", daemon=True)
@@ -69,11 +77,11 @@ class Progress:
 
         while not self._stop.wait(self.interval):
             try:
-                counts = tuple(ray.get(self.counter.get.remote(), timeout=self.interval))
+                *counts, beats = ray.get(self.counter.get_with_beats.remote(), timeout=self.interval)
             except Exception:  # noqa: BLE001 - progress must never fail the job
                 continue
-            if counts != self._polled:
-                self._polled = counts
+            if (*counts, beats) != self._polled:
+                self._polled = (*counts, beats)
                 self.moved()
             self._print(*counts)
 

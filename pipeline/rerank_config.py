@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pipeline.config import StrictModel
 
@@ -78,9 +78,10 @@ class IoConfig(StrictModel):
     # 1/16 of it in bytes (compose.hand_offs); a pair bigger than that is refused before any work.
     in_flight_mb: int = Field(256, ge=16)
     # The scoring phase ends with an error (exit 3; a rerun resumes the committed shards) when nothing was scored
-    # or written for this long while work remains, rather than waiting forever. Raise it if one scorer call may
-    # take longer (a big scorer.batch_size on a slow device).
-    stall_timeout_s: float = Field(600.0, gt=0)
+    # or written for this long while work remains, rather than waiting forever. A scorer inside a long call sends
+    # a heartbeat every 10 s, so a slow device is not a stall; at least 20 s, and twice progress_interval_s (the
+    # driver hears of progress through those polls).
+    stall_timeout_s: float = Field(600.0, ge=20)
     # The output's single-writer lease (`_lease.json`): its holder refreshes it every lease_heartbeat_s; a
     # lease silent for lease_timeout_s is taken over by the next run (at once when its holder ran on the same
     # machine and is gone). Raise the timeout if the driver may stall longer (a paused VM).
@@ -142,6 +143,14 @@ class RerankConfig(StrictModel):
     storage_options: dict = {}                       # passed to fsspec (s3fs: key, secret, endpoint_url...)
     ray_address: Optional[str] = None                # None: RAY_ADDRESS if set, else a fresh local Ray; "auto": the running cluster
     progress_interval_s: float = Field(5.0, gt=0)
+
+    @model_validator(mode="after")
+    def _stall_outlasts_polls(self) -> "RerankConfig":
+        if self.io.stall_timeout_s < 2 * self.progress_interval_s:
+            raise ValueError(f"io.stall_timeout_s ({self.io.stall_timeout_s:g}) must be at least twice "
+                             f"progress_interval_s ({self.progress_interval_s:g}): the watchdog hears of progress "
+                             "through those polls")
+        return self
 
     def result_settings(self) -> dict:
         """The settings that change what the job writes; a resumed run must match them. Hand-off batch

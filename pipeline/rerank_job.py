@@ -46,9 +46,9 @@ from pipeline.progress import Progress
 from pipeline.rerank_config import RerankConfig
 from pipeline.stages.read import Shard, list_input_files, plan_shards, query_ids_unique, read_schemas
 from pipeline.stages.validate import InputLayout
-from pipeline.job_files import (BucketMarker, JobIdentity, Manifest, ScorerRecord, Summary,
+from pipeline.job_files import (BucketMarker, JobIdentity, Manifest, QuarantineRecord, ScorerRecord, Summary,
                                  settings_differences)
-from pipeline.storage import (atomic_write, check_bucket, check_storage_options, join, map_paths, read_json, read_jsons,
+from pipeline.storage import (atomic_write, check_bucket, check_storage_options, join, map_paths,
                               read_own_file, read_own_files, url_to_fs, write_json)
 
 logger = logging.getLogger("rerank")
@@ -474,9 +474,10 @@ def run_rerank(config: RerankConfig, input_uri: str, output_uri: str) -> dict:
                     plan.config = _tokenizer_actors(config, plan, runs)
                     _check_cluster(plan.config, plan.protocol)
             _lookup(plan, lease)
-        t_score = time.monotonic()
+        t_score, started_unix = time.monotonic(), time.time()
         this_run = _score(plan, lease)
         this_run["score_seconds"] = time.monotonic() - t_score
+        this_run["score_window_unix"] = (started_unix, time.time())
         manifests = [m.model_dump() for m in _read_manifests(plan, [plan.manifest(s.shard) for s in plan.shards])]
         fill_files = _publish(plan, manifests, lease, this_run) if plan.cache else []
         bucket_reports = _rank(plan, manifests, lease, fill_files)
@@ -754,9 +755,11 @@ def _score(plan: RunPlan, lease: OutputLease) -> dict:
     return totals
 
 
-def _input_row_bytes(fs, files: list[str], layout: InputLayout, sample: int = 16) -> int:
-    """Bytes of one input pair as read (the columns the job reads, uncompressed), from the Parquet footers of the
-    first `sample` files: the largest row group's mean, so a few big-document files are not averaged away."""
+def _input_row_bytes(fs, files: list[str], layout: InputLayout) -> int:
+    """Bytes of one input pair as read (the columns the job reads, uncompressed), from the Parquet footers of
+    every file (metadata only, read in parallel): the largest row group's mean, so a few big-document files are
+    not averaged away. A single outsize pair inside a row group of small ones is not seen here; the stall
+    watchdog names the batch it blocks."""
     columns = set(layout.read_columns)
     doc_ids = f"{layout.candidates}.list.element.{layout.config.doc_id_column}"
 
@@ -775,7 +778,7 @@ def _input_row_bytes(fs, files: list[str], layout: InputLayout, sample: int = 16
                 worst = max(worst, size / pairs)
         return worst
 
-    return int(max(map_paths(per_pair, files[:sample]), default=0))
+    return int(max(map_paths(per_pair, files), default=0))
 
 
 def _hand_offs(config: RerankConfig, fs, files: list[str], layout: InputLayout, max_length: int):
@@ -848,7 +851,10 @@ def _watched(ds, progress: Progress, config: RerankConfig, batches):
         stop.set()
         if thread.is_alive():  # stopped early (a stall, a worker's fault, a lost lease): no stage may go on
             for executor in executors:
-                executor.shutdown(force=True)
+                try:
+                    executor.shutdown(force=True)
+                except Exception:  # noqa: BLE001 - the reason the run stops must reach the user, not this
+                    logger.debug("Ray Data's execution did not shut down cleanly", exc_info=True)
             thread.join(timeout=30)
 
 
@@ -971,7 +977,10 @@ def _cache_summary(plan: RunPlan, manifests: list[dict], this_run: dict) -> dict
 
     actors = scorer_pool(plan.config)[0]
     # Cache files that did not read: skipped (their pairs scored again) and moved aside by the lookup.
-    quarantined = read_jsons(plan.out_fs, sorted(plan.out_fs.glob(join(plan.work, QUARANTINED, "*.json"))))
+    quarantined = [r.model_dump() for r in read_own_files(
+        plan.out_fs, sorted(plan.out_fs.glob(join(plan.work, QUARANTINED, "*.json"))), QuarantineRecord,
+        "note of a quarantined cache file", "delete it: it only names a moved cache file for summary.json",
+        plan.protocol)]
     for q in quarantined:
         logger.warning("score cache: %s does not read (%s); skipped, its pairs scored again, moved to %s",
                        q["path"], q["reason"], q["moved_to"] or "the quarantine by another run")
@@ -1005,16 +1014,24 @@ def _cache_summary(plan: RunPlan, manifests: list[dict], this_run: dict) -> dict
     }
 
 
-def _busy(record: dict) -> dict:
-    """A scorer record's busy seconds, wall seconds and their ratio (None where the record has no numbers)."""
-    busy, wall = (v if isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 else None
-                  for v in (record.get("busy_s"), record.get("wall_s")))
+def _number(value) -> float | None:
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _busy(record: dict, window: tuple[float, float] | None = None) -> dict:
+    """A scorer record's busy seconds, wall seconds and their ratio (None where the record has no numbers).
+    A scorer of this run (ready within `window`, the scoring phase's start and end, Unix time) is counted up
+    to the phase's end: the record is written only inside calls, so a scorer that waited for tokens after its
+    last call would otherwise look busier than it was."""
+    busy, wall, ready = _number(record.get("busy_s")), _number(record.get("wall_s")), _number(record.get("ready_unix"))
+    if window is not None and ready is not None and window[0] <= ready <= window[1]:
+        wall = round(window[1] - ready, 3)
     return {"busy_s": busy, "wall_s": wall,
             "busy_fraction": round(min(1.0, busy / wall), 3) if busy is not None and wall else None}
 
 
-def _mean_busy(scorers: list[dict]) -> float | None:
-    fractions = [f for f in (_busy(s)["busy_fraction"] for s in scorers) if f is not None]
+def _mean_busy(scorers: list[dict], window: tuple[float, float] | None = None) -> float | None:
+    fractions = [f for f in (_busy(s, window)["busy_fraction"] for s in scorers) if f is not None]
     return round(sum(fractions) / len(fractions), 3) if fractions else None
 
 
@@ -1057,10 +1074,11 @@ def _commit(plan: RunPlan, manifests, bucket_reports, lease, this_run: dict, sta
         "device": sorted({s["device"] for s in scorers}) if scorers else None,
         # where each scorer actor ran (this run or an earlier one of this output): its device and Ray node
         # and how busy it was: seconds scoring over seconds since it was ready (null in records that predate it)
-        "scorers": sorted(({"device": s["device"], "node_id": s.get("node_id"), **_busy(s)} for s in scorers),
+        "scorers": sorted(({"device": s["device"], "node_id": s.get("node_id"),
+                            **_busy(s, this_run.get("score_window_unix"))} for s in scorers),
                           key=lambda s: (s["node_id"] or "", s["device"])),
         # the pool's mean busy fraction: near 1, the scorers set the pace; well below, they waited for tokens
-        "scorer_busy_fraction": _mean_busy(scorers),
+        "scorer_busy_fraction": _mean_busy(scorers, this_run.get("score_window_unix")),
         "random_weights": bool(engine.get("random_weights", config.model.startswith("dummy:"))),
         "max_length": plan.model["max_length"], "long_documents": config.tokenizer.long_documents,
         "top_k": config.output.top_k,

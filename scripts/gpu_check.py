@@ -461,27 +461,31 @@ class Check:
         if self.hard_timeouts:
             signal.setitimer(signal.ITIMER_REAL, max(0.1, min(share + GRACE_S, left)))
         try:
-            if name in self.fail_steps:
-                raise RuntimeError(f"{name} made to fail on purpose (--fail-step / ${FAIL_STEP_ENV}, a test hook)")
-            result = fn(step_deadline)
-            entry["status"] = "cut_short" if isinstance(result, dict) and result.get("cut_short") else "ok"
-            if result is not None:
-                self.report[name] = result
-            log(f"{name}: {entry['status']} ({time.monotonic() - start:.1f} s)")
-        except StepSkipped as e:
-            entry.update(status="skipped", reason=str(e))
-            log(f"{name}: skipped ({e})")
-        except Interrupted:
-            entry.update(status="interrupted", error=error_record(None, "SIGTERM"))
-            raise
-        except StepTimeout:
-            entry.update(status="timed_out", error=error_record(None, f"past its budget of {share:.0f} s + {GRACE_S:.0f} s"))
-            self.report["errors"].append({"step": name, **entry["error"]})
-            log(f"{name}: timed out after {time.monotonic() - start:.0f} s")
-        except Exception as e:  # recorded; the next step runs
-            entry.update(status="failed", error=error_record(e))
-            self.report["errors"].append({"step": name, **entry["error"]})
-            log(f"{name}: failed: {type(e).__name__}: {e}")
+            try:
+                if name in self.fail_steps:
+                    raise RuntimeError(f"{name} made to fail on purpose (--fail-step / ${FAIL_STEP_ENV}, a test hook)")
+                result = fn(step_deadline)
+                entry["status"] = "cut_short" if isinstance(result, dict) and result.get("cut_short") else "ok"
+                if result is not None:
+                    self.report[name] = result
+                log(f"{name}: {entry['status']} ({time.monotonic() - start:.1f} s)")
+            except StepSkipped as e:
+                entry.update(status="skipped", reason=str(e))
+                log(f"{name}: skipped ({e})")
+            except Interrupted:
+                entry.update(status="interrupted", error=error_record(None, "SIGTERM"))
+                raise
+            except StepTimeout:
+                entry.update(status="timed_out", error=error_record(None, f"past its budget of {share:.0f} s + {GRACE_S:.0f} s"))
+                self.report["errors"].append({"step": name, **entry["error"]})
+                log(f"{name}: timed out after {time.monotonic() - start:.0f} s")
+            except Exception as e:  # recorded; the next step runs
+                entry.update(status="failed", error=error_record(e))
+                self.report["errors"].append({"step": name, **entry["error"]})
+                log(f"{name}: failed: {type(e).__name__}: {e}")
+        except StepTimeout:  # the timer fired while a handler above was recording how the step ended
+            if entry["status"] == "running":
+                entry.update(status="timed_out", error=error_record(None, f"past its budget of {share:.0f} s"))
         finally:
             if self.hard_timeouts:
                 signal.setitimer(signal.ITIMER_REAL, 0)

@@ -290,8 +290,10 @@ class CrossEncoder:
         return logits.cpu().numpy()
 
     def score_tokens(self, input_ids: Sequence[np.ndarray], token_type_ids: Sequence[np.ndarray] | None = None,
-                     max_tokens_per_batch: int | None = None, max_batch_size: int | None = None) -> np.ndarray:
-        """Raw logits (n,) float32 in input order; micro-batches cut by a token budget over length-sorted rows."""
+                     max_tokens_per_batch: int | None = None, max_batch_size: int | None = None,
+                     on_micro_batch: Callable[[], None] | None = None) -> np.ndarray:
+        """Raw logits (n,) float32 in input order; micro-batches cut by a token budget over length-sorted rows.
+        `on_micro_batch()` is called as each micro-batch's logits are back (a heartbeat for long calls)."""
         logits = np.empty(len(input_ids), dtype=np.float32)
         if len(input_ids) == 0:
             return logits
@@ -299,14 +301,17 @@ class CrossEncoder:
         budget = max_tokens_per_batch or self.max_tokens_per_batch
         batches = token_budget_batches(lengths, budget, max_batch_size)
         if runtime.is_cuda(self.device):
-            self._score_on_cuda(input_ids, token_type_ids, batches, logits)
+            self._score_on_cuda(input_ids, token_type_ids, batches, logits, on_micro_batch)
             return logits
         for index in batches:
             types = None if token_type_ids is None else [token_type_ids[i] for i in index]
             logits[index] = self.score_packed(pack([input_ids[i] for i in index], types))
+            if on_micro_batch is not None:
+                on_micro_batch()
         return logits
 
-    def _score_on_cuda(self, input_ids, token_type_ids, batches: list[np.ndarray], logits: np.ndarray) -> None:
+    def _score_on_cuda(self, input_ids, token_type_ids, batches: list[np.ndarray], logits: np.ndarray,
+                       on_micro_batch: Callable[[], None] | None = None) -> None:
         """`score_tokens` on a GPU: one host sync per micro-batch, and the GPU never waits for the host.
 
         Per micro-batch i: the host packs batch i+1 into pinned memory and queues its copy on a side stream
@@ -330,6 +335,8 @@ class CrossEncoder:
             index, host_logits, done = pending
             rt.host_wait(done)
             logits[index] = host_logits.numpy()
+            if on_micro_batch is not None:
+                on_micro_batch()
 
         pending, upcoming = None, upload(batches[0])
         for i, index in enumerate(batches):

@@ -32,7 +32,7 @@ from pipeline import schema as S
 from pipeline.errors import PipelineError
 from pipeline.stages.read import ReadShard, Shard
 from pipeline.stages.validate import InputLayout
-from pipeline.storage import join, map_paths, url_to_fs
+from pipeline.storage import atomic_write, join, map_paths, url_to_fs
 
 SCORE_IT, HIT, SAME_TEXTS = 0, 1, 2  # values of `_cached`
 KEYS_SCHEMA = pa.schema([(C.KEY, C.KEY_TYPE), (S.ROW, pa.int64())])
@@ -69,8 +69,7 @@ def record_quarantined(fs, work_root: str, spec: C.CacheSpec, bucket: int, quara
                   "moved_to": protocol + q["moved_to"] if q["moved_to"] else None}
         path = join(work_root, QUARANTINED, f"bucket-{bucket:05d}-{posixpath.basename(q['path'])}.json")
         fs.makedirs(posixpath.dirname(path), exist_ok=True)
-        with fs.open(path, "w") as f:
-            json.dump(record, f, sort_keys=True)
+        atomic_write(fs, path, lambda f: f.write(json.dumps(record, sort_keys=True).encode()))
 
 
 def lookup_found(fs, lookup_root: str, table: pa.Table) -> pa.Table:

@@ -29,6 +29,7 @@ from pipeline.storage import atomic_write, join, url_to_fs
 # receive a batch creates it and dies mid-batch (a real process exit, as an OOM kill would be).
 FAULT_ENV = "RERANK_FAULT_KILL_SCORER_ONCE"
 RECORD_EVERY_S = 10.0
+HEARTBEAT_S = 10.0  # a long call reports "still working" to the progress counter this often (see _heartbeat)
 
 
 def _ray_node_id() -> str | None:
@@ -74,6 +75,8 @@ class ScoreStage:
         # How busy the scorer is: seconds inside its calls over seconds since it was ready (model loaded), as of
         # its record's last write; the summary's busy fraction. Well below 1 means it waited for tokens.
         self.ready, self.busy_s, self.written = time.monotonic(), 0.0, None
+        self._beat = self.ready
+        self.info["ready_unix"] = round(time.time(), 3)  # the driver counts this scorer's wall time up to the phase's end
         self._write_record()
 
     def _write_record(self) -> None:
@@ -94,6 +97,15 @@ class ScoreStage:
             self._write_record()
         return out
 
+    def _heartbeat(self) -> None:
+        """Tells the progress counter that this scorer is still working through its batch, at most every
+        HEARTBEAT_S: one call of `scorer.batch_size` long pairs can take minutes on a CPU, longer than the
+        driver's stall watchdog waits for news."""
+        now = time.monotonic()
+        if self.on_scored is not None and now - self._beat >= HEARTBEAT_S:
+            self._beat = now
+            self.on_scored(0, 0)
+
     def _score(self, batch: pa.Table) -> pa.Table:
         marker = os.environ.get(FAULT_ENV)
         if marker and not os.path.exists(marker):
@@ -106,7 +118,7 @@ class ScoreStage:
         types = list_to_numpy(batch.column(S.TOKEN_TYPE_IDS)) if S.TOKEN_TYPE_IDS in batch.column_names else None
         logits = self.encoder.score_tokens([ids[i] for i in index],
                                            None if types is None else [types[i] for i in index],
-                                           max_tokens_per_batch=self.max_tokens)
+                                           max_tokens_per_batch=self.max_tokens, on_micro_batch=self._heartbeat)
         score = np.zeros(batch.num_rows, dtype=np.float32)
         score[index] = logits
         missing = ~valid

@@ -126,3 +126,34 @@ def test_rank_rows_ties_duplicates_windows_and_top_k():
     again, _, _ = rank_rows(pa.concat_tables([table, table.slice(0, 2)]), top_k=None)
     assert again.num_rows == 4
     assert pc.all(pc.is_valid(again.column(S.SCORE))).as_py()
+
+
+def test_a_long_scorer_call_sends_heartbeats_the_watchdog_counts(dl19_long, monkeypatch):
+    """One call of many micro-batches reports (0, 0) between them, so a slow device is not taken for a stall;
+    the progress counter counts those empty reports as beats."""
+    from pipeline.progress import ScoreCounter
+    from pipeline.stages import score
+
+    layout, table = _read_all(dl19_long)
+    tokenized = TokenizeStage("dummy:tiny", None, TokenizerConfig(max_length=256))(table.slice(0, 200))
+    monkeypatch.setattr(score, "HEARTBEAT_S", 0.0)
+    counter = ScoreCounter()
+    stage = ScoreStage("dummy:tiny", None, "float32", ScorerConfig(max_tokens_per_batch=512),
+                       str(dl19_long.parent / "scorers-beats"), {}, on_scored=counter.add)
+    stage(tokenized)
+    pairs, rejected, beats = counter.get_with_beats()
+    assert pairs + rejected == 200 and counter.get() == (pairs, rejected)
+    # 200 pairs of up to 256 tokens under a 512-token budget: dozens of micro-batches, a beat after each
+    assert beats > 20, beats
+
+
+def test_a_scorer_idle_after_its_last_call_counts_as_idle():
+    """A scorer's record is written inside its calls only; the summary counts a scorer of this run up to the
+    end of the scoring phase, so one that waited for tokens after its last call does not look busy."""
+    from pipeline.rerank_job import _busy
+
+    record = {"busy_s": 10.0, "wall_s": 10.0, "ready_unix": 1000.0}
+    assert _busy(record)["busy_fraction"] == 1.0  # what the record alone says
+    assert _busy(record, (990.0, 1040.0)) == {"busy_s": 10.0, "wall_s": 40.0, "busy_fraction": 0.25}
+    # a record of an earlier run of the same output (ready before this run's scoring) keeps its own figures
+    assert _busy(record, (2000.0, 2100.0))["busy_fraction"] == 1.0
