@@ -43,7 +43,7 @@ def base_parser(prog: str, description: str, *, model_required: bool = True,
                         help="local checkpoint directory, Hugging Face hub id, or dummy:<architecture>" +
                         ("" if model_required else f" (default: the config's model, {DEFAULT_MODEL})"))
     parser.add_argument("--dtype", choices=DTYPES, default=None,
-                        help="compute dtype (default auto: bf16 on CUDA and on CPUs with bf16 matrix units; "
+                        help="compute dtype (default auto: bf16 on CUDA; on CPU bf16 where a short GEMM probe finds it faster; "
                         "int8: int8 Linear layers on CPU, only when asked for)")
     parser.add_argument("--config", default=None, help="YAML config file (see configs/)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

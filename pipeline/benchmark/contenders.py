@@ -21,9 +21,9 @@ everyone, model loading for no one but the Ray job (which loads the model in its
 | `ov-default`    | the same, the plugin's own precision (bf16 where the CPU has it)                          | default  |
 | `ov-int8`       | the same, static int8 by `nncf.quantize` calibrated on other pairs of the workload         | int8     |
 
-`auto` is what the job runs by default: bfloat16 on GPUs and on CPUs with bf16 matrix units (AMX, AVX512-BF16),
-float32 elsewhere (AVX2-only CPUs emulate bf16, several times slower than float32); the row names the dtype
-it resolved to.
+`auto` is what the job runs by default: bfloat16 on GPUs; on CPUs bfloat16 where a short GEMM probe finds it
+faster than float32 (AMX, usually AVX512-BF16), float32 elsewhere (AVX2-only CPUs emulate bf16, several times
+slower); the row names the dtype it resolved to.
 
 ONNX Runtime and OpenVINO are optional (the `dev` extra installs them); where one is missing or fails, its
 rows say `skipped: <reason>` (`onnx_runtime.py`, `openvino.py`, `exported.py`).
@@ -300,8 +300,8 @@ CONTENDERS: dict[str, Contender] = {c.name: c for c in [
               "transformers", "bfloat16"),
     Contender("hf-sorted", "transformers AutoModelForSequenceClassification, length-sorted batches (FlagEmbedding)",
               "transformers", "bfloat16", length_sorted=True),
-    # dtype auto, as the job runs it: bf16 where the CPU has bf16 matrix units, fp32 on AVX2-only CPUs (where
-    # bf16 is emulated, several times slower than fp32); `engine-fp32` and `engine-int8` are the pinned rows.
+    # dtype auto, as the job runs it: bf16 where the CPU's GEMM probe finds it faster, else fp32 (AVX2-only CPUs
+    # emulate bf16, several times slower than fp32); `engine-fp32` and `engine-int8` are the pinned rows.
     Contender("engine", "our engine, compute_score in process (packed, token-budget micro-batches), dtype auto",
               "engine", "auto"),
     Contender("engine-fp32", "our engine in float32", "engine", "float32"),
