@@ -158,8 +158,8 @@ def test_a_reader_on_object_storage_quarantines_and_a_second_reader_finds_it_gon
     first, second = C.list_bucket(fs, root, 0)
     fs.pipe_file(first, fs.cat_file(first)[:100])  # truncated
 
-    verify = run_entry_point(_cache_main(), "verify", "--cache", f"{uri}/cache",
-                             *[a for k, v in options.items() for a in ("--set", f"storage_options.{k}={v}")])
+    settings = [a for k, v in options.items() for a in ("--set", f"storage_options.{k}={v}")]
+    verify = run_entry_point(_cache_main(), "verify", "--cache", f"{uri}/cache", *settings)
     assert f"s3://{first}" in verify.stderr and "1 of 2" in _one_line_error(verify)
 
     quarantined: list[dict] = []
@@ -172,7 +172,6 @@ def test_a_reader_on_object_storage_quarantines_and_a_second_reader_finds_it_gon
     # A reader that listed before the move finds the file gone: nothing to move, no error.
     assert C.quarantine(fs, root, C.Unreadable(first, "truncated"))["moved_to"] is None
 
-    settings = [a for k, v in options.items() for a in ("--set", f"storage_options.{k}={v}")]
     verify = run_entry_point(_cache_main(), "verify", "--cache", f"{uri}/cache", *settings)
     assert verify.returncode == 0 and "1 files" in verify.stdout and "Traceback" not in verify.stderr, verify.stderr
 
