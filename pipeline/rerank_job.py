@@ -354,6 +354,7 @@ class RunPlan:
     committed: set[int] = field(default_factory=set)  # shards whose manifest an earlier run wrote
     cache: CacheSpec | None = None    # the score cache's folder for this model and settings (cache.uri set)
     dtype: str | None = None          # the scorers' dtype, when the cache needed `auto` resolved up front
+    input_row_bytes: int = 0          # bytes of one input pair as read (`_input_row_bytes`): sizes the hand-offs
 
     @property
     def protocol(self) -> str:
@@ -448,7 +449,8 @@ def run_rerank(config: RerankConfig, input_uri: str, output_uri: str) -> dict:
     # Everything that can be wrong with the input or the model is found here, before anything is written.
     layout = InputLayout.from_schemas(read_schemas(in_fs, files), config.input, files=files)
     model = check_model(config)
-    _hand_offs(config, in_fs, files, layout, model["max_length"])  # a pair too big for io.in_flight_mb: refused now
+    row_bytes = _input_row_bytes(in_fs, files, layout)
+    _hand_offs(config, row_bytes, model["max_length"])  # a pair too big for io.in_flight_mb: refused now
     if config.cache.uri:
         from pipeline.cache import check_location
 
@@ -461,6 +463,7 @@ def run_rerank(config: RerankConfig, input_uri: str, output_uri: str) -> dict:
         if out_fs.exists(join(out_root, "summary.json")):
             raise OutputError(f"{output_uri} was completed by another run just now; rerun to see its result")
         plan = _plan(config, input_uri, output_uri, out_fs, out_root, in_fs, files, fingerprint, layout, model)
+        plan.input_row_bytes = row_bytes
         _ensure_ray(config)
         plan.config = _tokenizer_actors(config, plan)
         _check_cluster(plan.config, plan.protocol)
@@ -726,8 +729,7 @@ def _score(plan: RunPlan, lease: OutputLease) -> dict:
     totals = {"pairs": 0, "rejected": 0, "tokens": 0, "hits": 0, "same_texts": 0}
     if not pending:
         return totals
-    in_fs, _ = url_to_fs(plan.input_uri, plan.config.storage_options)
-    batches = _hand_offs(plan.config, in_fs, plan.files, plan.layout, plan.model["max_length"])
+    batches = _hand_offs(plan.config, plan.input_row_bytes, plan.model["max_length"])
     if batches.cut(plan.config):
         logger.info("pairs of about %s KB on their way to the scorer: batches cut to fit io.in_flight_mb=%d (%s)",
                     f"{batches.row_bytes['scorer'] / 2**10:,.1f}", plan.config.io.in_flight_mb,
@@ -781,12 +783,12 @@ def _input_row_bytes(fs, files: list[str], layout: InputLayout) -> int:
     return int(max(map_paths(per_pair, files), default=0))
 
 
-def _hand_offs(config: RerankConfig, fs, files: list[str], layout: InputLayout, max_length: int):
+def _hand_offs(config: RerankConfig, input_row_bytes: int, max_length: int):
     """Rows per batch of each stage, sized to io.in_flight_mb (`compose.hand_offs`); ConfigError if a pair
     alone cannot fit."""
     from pipeline.compose import hand_offs
 
-    return hand_offs(config, _input_row_bytes(fs, files, layout), max_length)
+    return hand_offs(config, input_row_bytes, max_length)
 
 
 # Ray Data's names of our stages (`MapBatches(<class>)`), as a user knows them.
