@@ -140,6 +140,9 @@ def setup_logging(verbose: int | bool = 0) -> None:
     # Ray's own debug lines describe its scheduler loop many times a second; its log files in the session
     # folder keep them. -vv is for the libraries that talk to storage and load models.
     logging.getLogger("ray").setLevel(logging.INFO if verbose >= 2 else logging.WARNING)
+    # s3fs/aiohttp: a request cut off by a vanished endpoint is also logged by asyncio as "Task exception was never
+    # retrieved" with its traceback; the job reports that fault itself in one line, so asyncio speaks only with -v.
+    logging.getLogger("asyncio").setLevel(logging.ERROR if verbose >= 1 else logging.CRITICAL)
     for name in OWN_LOGGERS:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose >= 1 else logging.INFO)
 
