@@ -29,7 +29,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from pipeline.benchmark.config import BenchmarkConfig
 from pipeline.benchmark.report import markdown_table, write_report

@@ -19,7 +19,7 @@ import argparse
 import logging
 import sys
 import tempfile
-from typing import Sequence
+from collections.abc import Sequence
 
 from pipeline.benchmark.report import write_report
 from pipeline.benchmark.streaming_memory import JOBS, markdown, run_streaming_memory
@@ -33,7 +33,7 @@ def _sizes(text: str) -> list[int]:
     try:
         sizes = [int(x.replace("_", "")) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--pairs takes comma-separated pair counts, e.g. 100000,1000000; got {text!r}")
+        raise argparse.ArgumentTypeError(f"--pairs takes comma-separated pair counts, e.g. 100000,1000000; got {text!r}") from None
     if not sizes or min(sizes) < 1:
         raise argparse.ArgumentTypeError(f"--pairs needs positive pair counts; got {text!r}")
     return sizes

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from pipeline.benchmark.report import write_report
 from pipeline.benchmark.tokenize_rate import H100_BF16_TFLOPS, markdown, run

@@ -14,10 +14,18 @@ import json
 import logging
 import re
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
-from pipeline.cache import (bucket_stats, compact_bucket, fingerprint_folders, list_caches,
-                            quarantined_files, read_runs, repair_meta, verify_bucket)
+from pipeline.cache import (
+    bucket_stats,
+    compact_bucket,
+    fingerprint_folders,
+    list_caches,
+    quarantined_files,
+    read_runs,
+    repair_meta,
+    verify_bucket,
+)
 from pipeline.cli import JobArgumentParser, run_main, setup_logging
 from pipeline.config import StrictModel, load_config
 from pipeline.errors import ConfigError, OutputError

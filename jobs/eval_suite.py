@@ -33,8 +33,9 @@ import logging
 import math
 import posixpath
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -43,7 +44,15 @@ from pydantic import Field, field_validator, model_validator
 from pipeline import schema
 from pipeline.benchmark.fidelity import fidelity
 from pipeline.cli import DTYPES, base_parser, run_main, setup_logging
-from pipeline.config import StrictModel, merge_dicts, build_config, config_hash, parse_overrides, read_yaml, redact
+from pipeline.config import (
+    StrictModel,
+    build_config,
+    config_hash,
+    merge_dicts,
+    parse_overrides,
+    read_yaml,
+    redact,
+)
 from pipeline.datasets import COLLECTIONS, check_arguments, load_collection, sample_queries
 from pipeline.errors import ConfigError, InputError
 from pipeline.model import CrossEncoder
@@ -87,7 +96,7 @@ class CollectionConfig(StrictModel):
             raise ValueError(str(e)) from None
 
     @model_validator(mode="after")
-    def _known_arguments(self) -> "CollectionConfig":
+    def _known_arguments(self) -> CollectionConfig:
         try:
             check_arguments(self.collection, self.arguments)
         except InputError as e:

@@ -14,7 +14,7 @@ Exit status: 0 = written; 2 = bad input or config (one `error: ...` line on stde
 from __future__ import annotations
 
 import argparse
-from typing import Sequence
+from collections.abc import Sequence
 
 from pipeline.cli import base_parser, check_job_location, run_main, setup_logging
 from pipeline.config import load_config

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 from pipeline.cli import base_parser, check_job_location, run_main, setup_logging
 from pipeline.config import load_config

@@ -53,7 +53,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.storage import atomic_write, create_exclusive, join, map_paths, read_jsons, url_to_fs
 
-
 FORMAT = 1
 KEY, SCORE, LAST_USED = "key", "score", "last_used"
 KEY_TYPE = pa.binary(16)

@@ -18,8 +18,8 @@ import json
 import logging
 import math
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 from pipeline.rerank_config import RerankConfig
 

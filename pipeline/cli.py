@@ -13,7 +13,7 @@ import os
 import re
 import sys
 import traceback
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.faults import explain

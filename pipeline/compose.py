@@ -24,8 +24,8 @@ from pipeline.cache import CacheSpec
 from pipeline.errors import ConfigError
 from pipeline.progress import report_to
 from pipeline.rerank_config import RerankConfig
-from pipeline.stages.rank import RankBucket
 from pipeline.stages.lookup import JoinBucket, KeysOfShard, PublishBucket, ReadShardCached
+from pipeline.stages.rank import RankBucket
 from pipeline.stages.read import ReadShard, Shard
 from pipeline.stages.score import ScoreStage
 from pipeline.stages.tokenize import TokenizeStage

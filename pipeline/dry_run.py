@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -69,8 +69,17 @@ def _cache_hits(config: RerankConfig, model: dict, sample: pa.Table) -> dict | N
     `_cache.json`), looked up in the CACHE_BUCKETS_READ buckets holding most of them; None without a cache."""
     if not config.cache.uri:
         return None
-    from pipeline.cache import (PART_SCHEMA, Unreadable, bucket_of_keys, checkpoint_digest, list_bucket,
-                                list_caches, pair_keys, read_file, read_runs)
+    from pipeline.cache import (
+        PART_SCHEMA,
+        Unreadable,
+        bucket_of_keys,
+        checkpoint_digest,
+        list_bucket,
+        list_caches,
+        pair_keys,
+        read_file,
+        read_runs,
+    )
 
     checkpoint = checkpoint_digest(model["directory"])
     specs = [s for s in list_caches(config.cache.uri, config.storage_options) if _covers(s, config, model, checkpoint)]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import errno
 import re
-from typing import Iterator
+from collections.abc import Iterator
 
 from pipeline import errors
 from pipeline.errors import InfrastructureError, OutputError, PipelineError

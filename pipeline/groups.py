@@ -7,13 +7,13 @@ vectorized pass over Arrow or numpy columns gives all of it; nothing here sorts.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-Keys = Union[pa.Array, pa.ChunkedArray, np.ndarray]
+Keys = pa.Array | pa.ChunkedArray | np.ndarray
 
 
 class GroupPositions(NamedTuple):

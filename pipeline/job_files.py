@@ -13,7 +13,7 @@ Only the fields the job reads are required; older files with fewer optional fiel
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -38,10 +38,10 @@ class Summary(_OwnFile):
     rejected_rows: int = Count
     model: str
     config_hash: str
-    input_uri: Optional[str] = None
-    input_fingerprint: Optional[Fingerprint] = None
-    settings: Optional[dict[str, Any]] = None  # RerankConfig.result_settings(); absent in older summaries
-    config: Optional[dict[str, Any]] = None    # the whole config, secrets redacted
+    input_uri: str | None = None
+    input_fingerprint: Fingerprint | None = None
+    settings: dict[str, Any] | None = None  # RerankConfig.result_settings(); absent in older summaries
+    config: dict[str, Any] | None = None    # the whole config, secrets redacted
 
 
 class JobIdentity(_OwnFile):
@@ -50,7 +50,7 @@ class JobIdentity(_OwnFile):
     num_buckets: int = Field(ge=1)
     shards: int = Count
     rank_per_shard: bool
-    settings: Optional[dict[str, Any]] = None  # for naming what differs; not part of the comparison
+    settings: dict[str, Any] | None = None  # for naming what differs; not part of the comparison
 
 
 class FileReport(_OwnFile):
@@ -64,8 +64,8 @@ class FileReport(_OwnFile):
     rows: int = Count
     tokens: int = Count
     windows_expected: int = Count
-    hits: Optional[int] = None
-    same_texts: Optional[int] = None
+    hits: int | None = None
+    same_texts: int | None = None
 
 
 class Manifest(_OwnFile):
@@ -92,7 +92,7 @@ class ScorerRecord(_OwnFile):
     dtype: str
     device: str
     attention_backend: str
-    layout: Optional[str] = None
+    layout: str | None = None
     random_weights: bool = False
 
 
@@ -101,7 +101,7 @@ class QuarantineRecord(_OwnFile):
 
     path: str
     reason: str
-    moved_to: Optional[str] = None
+    moved_to: str | None = None
 
 
 def flatten(settings: dict, prefix: str = "") -> dict[str, Any]:

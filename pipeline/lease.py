@@ -31,7 +31,7 @@ import threading
 import time
 import uuid
 from datetime import datetime, timezone
-from typing import Annotated, Optional
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -55,7 +55,7 @@ class LeaseRecord(BaseModel):
     user: str
     host: str
     pid: int = Field(gt=0)
-    pid_start: Optional[str] = None  # /proc/PID/stat's start time; None where /proc is absent
+    pid_start: str | None = None  # /proc/PID/stat's start time; None where /proc is absent
     started: str
     heartbeat: Annotated[float, Field(allow_inf_nan=False)]
 
@@ -180,7 +180,7 @@ class OutputLease:
             return f"no heartbeat for {silent:.0f} s" + (f" ({note})" if note else "")
         return None
 
-    def acquire(self) -> "OutputLease":
+    def acquire(self) -> OutputLease:
         for _ in range(3):
             if create_exclusive(self.fs, self.path, self._payload()):
                 self._thread = threading.Thread(target=self._beat, name="output-lease", daemon=True)
@@ -245,7 +245,7 @@ class OutputLease:
             except Exception as e:  # a storage hiccup: the job's own reads and writes will report a lasting one
                 logger.debug("lease heartbeat on %s failed: %s", self.uri, e)
 
-    def __enter__(self) -> "OutputLease":
+    def __enter__(self) -> OutputLease:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

@@ -14,7 +14,7 @@ import os
 import re
 import sys
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 from pipeline.errors import InfrastructureError
 from pipeline.processes import kill_new_descendants, tree_pids

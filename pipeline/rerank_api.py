@@ -16,8 +16,8 @@ first_stage_rank/first_stage_score, texts with `output.carry_texts`), so no cons
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq

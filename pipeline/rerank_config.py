@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -37,27 +37,27 @@ class TokenizerConfig(StrictModel):
     # Tokenizer actors. auto (or null): sized at start from the cluster the job finds, enough to keep the GPU
     # scorers fed at their measured (else FLOPs-estimated) rate, capped by the CPUs of the nodes matching
     # label_selector (pipeline/capacity.py); the decision is logged in one line with its inputs.
-    num_actors: Union[Literal["auto"], Annotated[int, Field(ge=1)], None] = 1
+    num_actors: Literal["auto"] | Annotated[int, Field(ge=1)] | None = 1
     num_cpus: float = Field(0.5, gt=0)
     batch_size: int = Field(1024, ge=1)              # rows handed to one tokenizer call
     # Ray node labels the tokenizer actors must run on, e.g. {"ray.io/node-group": "cpu-tokenizers"} on
     # KubeRay, to keep CPU work off the GPU nodes. None: anywhere.
-    label_selector: Optional[dict[str, str]] = None
+    label_selector: dict[str, str] | None = None
 
 
 class ScorerConfig(StrictModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when the cluster has GPUs
     # Actors in the fixed-size pool. None: one per GPU in the cluster (num_gpus_per_actor each), or 1 on CPU.
-    num_actors: Optional[int] = Field(None, ge=1)
+    num_actors: int | None = Field(None, ge=1)
     num_gpus_per_actor: float = Field(1.0, gt=0, le=8)  # fractional for small models
     num_cpus: float = Field(1.0, gt=0)               # per actor; on a CPU-only machine the actor's compute share
-    torch_threads: Optional[int] = Field(None, ge=1)  # CPU scoring threads per actor (None: every core)
-    max_tokens_per_batch: Optional[int] = Field(None, ge=16)  # None: the engine's default for the device
+    torch_threads: int | None = Field(None, ge=1)  # CPU scoring threads per actor (None: every core)
+    max_tokens_per_batch: int | None = Field(None, ge=16)  # None: the engine's default for the device
     max_tasks_in_flight_per_actor: int = Field(2, ge=1)  # >= 2 so the next batch is ready when one finishes
     batch_size: int = Field(2048, ge=1)              # rows handed to one scorer call (not a micro-batch)
     # A GPU check's report (scripts/gpu_check.py, gpu-check.json): its measured pairs/s size
     # tokenizer.num_actors auto when the score cache has no GPU run of this model to measure from.
-    gpu_check: Optional[str] = None
+    gpu_check: str | None = None
 
 
 class IoConfig(StrictModel):
@@ -93,7 +93,7 @@ class IoConfig(StrictModel):
 
 
 class OutputConfig(StrictModel):
-    top_k: Optional[int] = Field(None, ge=1)         # keep only the best k per query in ranked/
+    top_k: int | None = Field(None, ge=1)         # keep only the best k per query in ranked/
     rows_per_bucket: int = Field(1_000_000, ge=1)    # long input: ranking buckets by hash(query_id)
     # Carry each pair's query and document texts through to ranked/ (columns `query`, `document`), for
     # consumers that need them beside the scores (hard negatives). Off by default: texts are otherwise
@@ -104,7 +104,7 @@ class OutputConfig(StrictModel):
 class CacheConfig(StrictModel):
     """The score cache (pipeline/cache.py): pairs scored by an earlier run with the same model and settings
     are not scored again. Off unless `uri` is set."""
-    uri: Optional[str] = None                        # local folder or object-storage URI, shared by runs
+    uri: str | None = None                        # local folder or object-storage URI, shared by runs
     # Buckets of a new cache's key space (an existing cache keeps its own): a run joins its keys with one
     # bucket per task, so a bucket should fit an I/O actor's memory (24 bytes an entry: 10M entries, 240 MB).
     buckets: int = Field(32, ge=1, le=65536)
@@ -116,7 +116,7 @@ class Int8Config(StrictModel):
     # 10-100x louder in BERT-family models) moves into the weights before quantizing; 0.5 is the paper's default.
     # null turns smoothing off: each Linear layer skips one pass over its input (about 20% faster per layer,
     # measured on an AVX2 CPU), at the price of coarser int8 steps for every channel beside such outliers.
-    smooth_alpha: Optional[float] = Field(0.5, ge=0, le=1)
+    smooth_alpha: float | None = Field(0.5, ge=0, le=1)
     # Linear layers kept in float32, as fnmatch patterns of their names: `layers.11.mlp.fc2`, `layers.*.mlp.fc2`
     # (layer i has layers.i.mixer.Wqkv, layers.i.mixer.out_proj, layers.i.mlp.fc1, layers.i.mlp.fc2). Each layer
     # kept trades its int8 speed for float32 products; fc2, whose inputs (GELU outputs) have the widest range,
@@ -126,7 +126,7 @@ class Int8Config(StrictModel):
 
 class RerankConfig(StrictModel):
     model: str = "jinaai/jina-reranker-v2-base-multilingual"
-    revision: Optional[str] = None
+    revision: str | None = None
     # auto: bf16 on CUDA; on CPU bf16 where a short GEMM probe, remembered per machine, finds it at least 1.2x
     # faster than fp32, else fp32. int8 (CPU only, never chosen by auto):
     # the encoder's Linear layers in int8, everything else fp32 (pipeline/model/quantization.py).
@@ -142,11 +142,11 @@ class RerankConfig(StrictModel):
     output: OutputConfig = OutputConfig()
     cache: CacheConfig = CacheConfig()
     storage_options: dict = {}                       # passed to fsspec (s3fs: key, secret, endpoint_url...)
-    ray_address: Optional[str] = None                # None: RAY_ADDRESS if set, else a fresh local Ray; "auto": the running cluster
+    ray_address: str | None = None                # None: RAY_ADDRESS if set, else a fresh local Ray; "auto": the running cluster
     progress_interval_s: float = Field(5.0, gt=0)
 
     @model_validator(mode="after")
-    def _stall_outlasts_polls(self) -> "RerankConfig":
+    def _stall_outlasts_polls(self) -> RerankConfig:
         if self.io.stall_timeout_s < 2 * self.progress_interval_s:
             raise ValueError(f"io.stall_timeout_s ({self.io.stall_timeout_s:g}) must be at least twice "
                              f"progress_interval_s ({self.progress_interval_s:g}): the watchdog hears of progress "

@@ -38,18 +38,40 @@ from pipeline.cache import CacheSpec
 from pipeline.config import redact
 from pipeline.errors import ConfigError, InfrastructureError, InputError, OutputError, PipelineError
 from pipeline.faults import RESUME, explain
+from pipeline.job_files import (
+    BucketMarker,
+    JobIdentity,
+    Manifest,
+    QuarantineRecord,
+    ScorerRecord,
+    Summary,
+    settings_differences,
+)
 from pipeline.lease import OutputLease
 from pipeline.local_ray import init_ray, quiet_ray_console
 from pipeline.model.checkpoint import inspect_checkpoint, resolve_model_directory
 from pipeline.model.model_config import linear_layer_names
 from pipeline.progress import Progress
 from pipeline.rerank_config import RerankConfig
-from pipeline.stages.read import Shard, list_input_files, plan_shards, query_ids_unique, read_schemas
+from pipeline.stages.read import (
+    Shard,
+    list_input_files,
+    plan_shards,
+    query_ids_unique,
+    read_schemas,
+)
 from pipeline.stages.validate import InputLayout
-from pipeline.job_files import (BucketMarker, JobIdentity, Manifest, QuarantineRecord, ScorerRecord, Summary,
-                                 settings_differences)
-from pipeline.storage import (atomic_write, check_bucket, check_storage_options, join, map_paths,
-                              read_own_file, read_own_files, url_to_fs, write_json)
+from pipeline.storage import (
+    atomic_write,
+    check_bucket,
+    check_storage_options,
+    join,
+    map_paths,
+    read_own_file,
+    read_own_files,
+    url_to_fs,
+    write_json,
+)
 
 logger = logging.getLogger("rerank")
 
@@ -487,7 +509,7 @@ def run_rerank(config: RerankConfig, input_uri: str, output_uri: str) -> dict:
         return _commit(plan, manifests, bucket_reports, lease, this_run, start_time, t0)
 
 
-def _tokenizer_actors(config: RerankConfig, plan: "RunPlan", cache_runs: list[dict] = ()) -> RerankConfig:
+def _tokenizer_actors(config: RerankConfig, plan: RunPlan, cache_runs: list[dict] = ()) -> RerankConfig:
     """`config` with tokenizer.num_actors auto sized from the cluster (pipeline/capacity.py); a number is kept."""
     import ray
 

@@ -11,7 +11,8 @@ import inspect
 import json
 import os
 import posixpath
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import fsspec
 import pyarrow.fs as pafs

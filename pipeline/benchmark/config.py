@@ -102,7 +102,7 @@ class BenchmarkConfig(StrictModel):
         return data
 
     @model_validator(mode="after")
-    def _scope_fits_the_run(self) -> "BenchmarkConfig":
+    def _scope_fits_the_run(self) -> BenchmarkConfig:
         for name, scope in self.contender_scope.items():
             _known([name], CONTENDERS, "contender in contender_scope")
             for key in ("workloads", "other_models"):

@@ -36,8 +36,8 @@ forward pre-hook), so padding efficiency is measured, not modelled.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -234,11 +234,10 @@ class RayJobContender:
         import pyarrow.parquet as pq
 
         from pipeline import schema
-        from pipeline.config import load_config
-        from pipeline.rerank_config import RerankConfig
-        from pipeline.rerank_api import rerank
-
         from pipeline.benchmark.workloads import pair_token_counts
+        from pipeline.config import load_config
+        from pipeline.rerank_api import rerank
+        from pipeline.rerank_config import RerankConfig
 
         pairs = list(pairs)
         tokens = int(pair_token_counts(self.directory, pairs, self.max_length).sum())

@@ -15,7 +15,7 @@ Queries are groups of pairs sharing a query text (the workloads' pairs carry no 
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from scipy.stats import spearmanr

@@ -22,8 +22,8 @@ and that shows as a lower MFU: the figure says how much of the machine went into
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ class Shape:
     num_labels: int = 1
 
     @classmethod
-    def from_config(cls, config: dict) -> "Shape":
+    def from_config(cls, config: dict) -> Shape:
         """From a transformers-style config.json dict."""
         return cls(config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"],
                    config.get("num_labels", len(config.get("id2label", {0: 0}))))

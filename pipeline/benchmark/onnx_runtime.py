@@ -16,8 +16,15 @@ import time
 import numpy as np
 import torch
 
-from pipeline.benchmark.exported import (ONNX_FILE, SortedPaddedScorer, build_once, cache_dir, export_onnx,
-                                         logger, require)
+from pipeline.benchmark.exported import (
+    ONNX_FILE,
+    SortedPaddedScorer,
+    build_once,
+    cache_dir,
+    export_onnx,
+    logger,
+    require,
+)
 
 # Above ~2 GB an ONNX file must keep its weights outside the protobuf (bge-reranker-v2-m3 in fp32: 2.3 GB).
 EXTERNAL_DATA_BYTES = 1 << 30

@@ -24,8 +24,14 @@ import numpy as np
 import torch
 
 from pipeline.benchmark.contenders import Pairs
-from pipeline.benchmark.exported import (SortedPaddedScorer, example_inputs, load_transformers_model, logger,
-                                         model_input_names, require)
+from pipeline.benchmark.exported import (
+    SortedPaddedScorer,
+    example_inputs,
+    load_transformers_model,
+    logger,
+    model_input_names,
+    require,
+)
 
 PRECISIONS = ("f32", "default", "int8")
 OV_TYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}

@@ -150,7 +150,7 @@ class ProcessTreeMemory:
             self.sample()
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "ProcessTreeMemory":
+    def __enter__(self) -> ProcessTreeMemory:
         self._start = time.monotonic()
         self._thread.start()
         return self

@@ -16,7 +16,7 @@ import json
 import os
 import posixpath
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq

@@ -174,5 +174,6 @@ class WritePart:
                     lines = "".join(line + "\n" for line in table[FLAGEMBEDDING_LINE].to_pylist())
                     atomic_write(self.fs, path, lambda f, text=lines: f.write(text.encode("utf-8")))
                 else:
-                    atomic_write(self.fs, path, lambda f, t=with_run_metadata(table, self.run): pq.write_table(t, f))
+                    stamped = with_run_metadata(table, self.run)
+                    atomic_write(self.fs, path, lambda f, t=stamped: pq.write_table(t, f))
         return pa.table({"part": batch["part"]})

@@ -15,7 +15,7 @@ References pinned here, so a reader can check every number:
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -34,17 +34,17 @@ class SelectionConfig(StrictModel):
     min_positive_label: int = 1
     # A negative needs score <= pos_min - |pos_min| * relative_margin, pos_min = the query's lowest positive
     # score. 0.05 = NV-Retriever's TopK-PercPos (95%); None turns the rule off.
-    relative_margin: Optional[float] = Field(default=0.05, ge=0)
+    relative_margin: float | None = Field(default=0.05, ge=0)
     # A negative needs score <= pos_min - absolute_margin (sentence-transformers; off by default there too).
-    absolute_margin: Optional[float] = Field(default=None, ge=0)
+    absolute_margin: float | None = Field(default=None, ge=0)
     # A negative needs score <= max_score / score >= min_score (sentence-transformers; off by default).
-    max_score: Optional[float] = None
-    min_score: Optional[float] = None
+    max_score: float | None = None
+    min_score: float | None = None
     # Window of first-stage ranks (1 = best) a negative may come from: range_min < rank <= range_max.
     # range_min = 10 skips the first stage's top 10, as sentence-transformers' range_min does; default 0 and
     # no upper bound, as there.
     range_min: int = Field(default=0, ge=0)
-    range_max: Optional[int] = Field(default=None, ge=1)
+    range_max: int | None = Field(default=None, ge=1)
     # Negatives wanted per query, or per positive (`negatives_per = "positive"`: num_negatives x the query's
     # positives, each positive paired with its own). Default 3 and per query: sentence-transformers.
     num_negatives: int = Field(default=3, ge=1)
@@ -55,14 +55,14 @@ class SelectionConfig(StrictModel):
     seed: int = 0
     # Near-duplicates of a positive are not negatives: Jaccard similarity of word n-gram sets >= this.
     # Off by default (exact duplicates under another id are always caught by the normalized-text hash).
-    near_duplicate_threshold: Optional[float] = Field(default=None, gt=0, le=1)
+    near_duplicate_threshold: float | None = Field(default=None, gt=0, le=1)
     near_duplicate_ngram: int = Field(default=3, ge=1)
     # Queries with no positive among their candidates are skipped; set this to promote the reranker's top
     # candidate to a pseudo-positive when its score is at least this (RocketQA; ln 9 = 2.197 is its 0.9).
-    pseudo_positive_min_score: Optional[float] = None
+    pseudo_positive_min_score: float | None = None
 
     @model_validator(mode="after")
-    def _window_is_not_empty(self) -> "SelectionConfig":
+    def _window_is_not_empty(self) -> SelectionConfig:
         if self.range_max is not None and self.range_max <= self.range_min:
             raise ValueError(f"range_max ({self.range_max}) must be greater than range_min ({self.range_min}): "
                              "negatives come from first-stage ranks range_min < rank <= range_max")

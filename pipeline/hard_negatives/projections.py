@@ -20,8 +20,8 @@ negatives, as mine_hard_negatives does; the rows left out are counted in stats.j
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa

@@ -95,7 +95,7 @@ def sample_order_key(seed: int, query_id: str, doc_id: str) -> int:
     A candidate's key depends only on these three values, so the sample is the same on any machine, in any
     process, and whatever the input's row order or sharding (unlike Python's salted hash() or a clock seed).
     """
-    digest = hashlib.sha256(f"{seed}\x1f{query_id}\x1f{doc_id}".encode("utf-8")).digest()
+    digest = hashlib.sha256(f"{seed}\x1f{query_id}\x1f{doc_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big")
 
 

@@ -22,8 +22,15 @@ import pyarrow.compute as pc
 
 from pipeline import schema
 from pipeline.hard_negatives.config import SelectionConfig
-from pipeline.hard_negatives.select import (DROP_REASON, DROP_REASONS, IS_POSITIVE, KEEP, NO_POSITIVE, POS_MIN_SCORE,
-                                            PSEUDO_POSITIVE)
+from pipeline.hard_negatives.select import (
+    DROP_REASON,
+    DROP_REASONS,
+    IS_POSITIVE,
+    KEEP,
+    NO_POSITIVE,
+    POS_MIN_SCORE,
+    PSEUDO_POSITIVE,
+)
 
 
 def distribution(values: np.ndarray) -> dict:

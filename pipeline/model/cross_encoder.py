@@ -12,7 +12,7 @@ import os
 import platform
 import tempfile
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -20,14 +20,27 @@ import torch
 from pipeline.errors import CheckpointError
 from pipeline.model import device as runtime
 from pipeline.model.checkpoint import DUMMY_MARKER, resolve_model_directory
-from pipeline.model.weights import load_model
 from pipeline.model.fp8 import Fp8Weights, fp8_kernel_works
-from pipeline.model.modeling import (ONEDNN_FUSED, ONEDNN_INT8, SCALED_MM_FP8, CrossEncoderModel, PackedWeights,
-                                     linear, select_attention_backend, select_linear_kernel)
-from pipeline.model.quantization import (CALIBRATION_PAIRS, InputRangeObserver, Int8Options, Int8Weights,
-                                         smoothing_for)
+from pipeline.model.modeling import (
+    ONEDNN_FUSED,
+    ONEDNN_INT8,
+    SCALED_MM_FP8,
+    CrossEncoderModel,
+    PackedWeights,
+    linear,
+    select_attention_backend,
+    select_linear_kernel,
+)
 from pipeline.model.packing import PackedBatch, pack, token_budget_batches
+from pipeline.model.quantization import (
+    CALIBRATION_PAIRS,
+    InputRangeObserver,
+    Int8Options,
+    Int8Weights,
+    smoothing_for,
+)
 from pipeline.model.tokenization import PairTokenizer
+from pipeline.model.weights import load_model
 
 logger = logging.getLogger(__name__)
 
@@ -243,7 +256,7 @@ class CrossEncoder:
     def from_pretrained(cls, name_or_path: str, device: str | torch.device | None = None,
                         dtype: str | torch.dtype | None = None, revision: str | None = None, *,
                         allow_pickle: bool = False, attention_backend: str | None = None,
-                        max_chars_per_token: int | None = None, int8: Int8Options | None = None) -> "CrossEncoder":
+                        max_chars_per_token: int | None = None, int8: Int8Options | None = None) -> CrossEncoder:
         """A local directory, a Hugging Face hub id, or `dummy:<architecture>` (random weights, see dummy.py).
 
         dtype "int8": Linear layers in int8 on CPU (see quantization.py), tuned by `int8` (default

@@ -14,8 +14,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
-from typing import Iterable
 
 # The config.json key `build_checkpoint` sets: the weights are random. Defined here, where it is written, and
 # read by the loader (`checkpoint.py`) and the engine; this module imports nothing of the project, so both
@@ -69,7 +69,15 @@ DEFAULT_CORPUS = [
 
 def train_tokenizer(layout: str, corpus: Iterable[str], vocab_size: int):
     """A fast tokenizer trained locally: Unigram + Metaspace like XLM-R, or WordPiece like BERT."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     texts = list(corpus)
     if layout == "bert":
@@ -122,7 +130,12 @@ def reference_model(directory: str):
 def _reference_model(arch: Architecture, vocab_size: int, pad_token_id: int):
     """The transformers model with random weights: the same classes the real checkpoints were saved from."""
     import torch
-    from transformers import BertConfig, BertForSequenceClassification, XLMRobertaConfig, XLMRobertaForSequenceClassification
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        XLMRobertaConfig,
+        XLMRobertaForSequenceClassification,
+    )
 
     torch.manual_seed(arch.seed)
     common = dict(vocab_size=vocab_size, hidden_size=arch.hidden_size, num_hidden_layers=arch.num_hidden_layers,

@@ -61,7 +61,7 @@ def _flash_attn_varlen():
     return importlib.import_module("flash_attn").flash_attn_varlen_func
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _varlen_options(varlen_attn) -> dict:
     """num_splits=1 where this torch offers it: no split-KV, so a sequence's attention is computed the same
     way whatever else is in the batch (batch invariance); split-KV only pays off for a handful of
@@ -69,7 +69,7 @@ def _varlen_options(varlen_attn) -> dict:
     return {"num_splits": 1} if "num_splits" in inspect.signature(varlen_attn).parameters else {}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _varlen_takes_scale(varlen_attn) -> bool:
     """torch releases before 2.10 have a varlen_attn without `scale` (it always divides by sqrt(head_dim))."""
     return "scale" in inspect.signature(varlen_attn).parameters
@@ -258,7 +258,7 @@ def _padded_groups(starts: list[int], seqlens: list[int], device: torch.device) 
     return groups
 
 
-def _sdpa_grouped(q, k, v, packed: "_PackedView", cls_only, scale):
+def _sdpa_grouped(q, k, v, packed: _PackedView, cls_only, scale):
     """Exact attention per sequence with torch SDPA over length-grouped sub-batches.
 
     q: (total_tokens, heads, head_dim), or (batch, heads, head_dim) when `cls_only`;
@@ -287,7 +287,7 @@ def _sdpa_grouped(q, k, v, packed: "_PackedView", cls_only, scale):
     return out
 
 
-def varlen_attention(backend, q, k, v, packed: "_PackedView", cls_only: bool, scale: float):
+def varlen_attention(backend, q, k, v, packed: _PackedView, cls_only: bool, scale: float):
     """softmax(q k^T * scale) v within each packed sequence.
 
     q: (total_tokens, heads, head_dim), or (batch, heads, head_dim) when `cls_only` (one query per
@@ -457,7 +457,7 @@ class SelfAttention(nn.Module):
         self.Wqkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.out_proj = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, hidden, packed: "_PackedView", cls_only: bool, residual):
+    def forward(self, hidden, packed: _PackedView, cls_only: bool, residual):
         """out_proj(attention) + residual: (total_tokens, hidden) -> (total_q, hidden)."""
         heads, head_dim, width = self.num_heads, self.head_dim, self.num_heads * self.head_dim
         if cls_only:
@@ -497,7 +497,7 @@ class Layer(nn.Module):
         self.mlp = Mlp(config)
         self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, hidden, packed: "_PackedView", cls_only: bool = False):
+    def forward(self, hidden, packed: _PackedView, cls_only: bool = False):
         """(total_tokens, hidden) -> (total_tokens, hidden), or (batch, hidden) when `cls_only`."""
         residual = hidden[packed.cls_index] if cls_only else hidden
         hidden = self.norm1(self.mixer(hidden, packed, cls_only, residual))

@@ -6,8 +6,8 @@ passages and 8 long documents cost the same, and nothing is padded.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ class PackedBatch:
     def num_tokens(self) -> int:
         return self.input_ids.numel()
 
-    def to(self, device: torch.device) -> "PackedBatch":
+    def to(self, device: torch.device) -> PackedBatch:
         return PackedBatch(
             self.input_ids.to(device, non_blocking=True),
             self.cu_seqlens.to(device, non_blocking=True),

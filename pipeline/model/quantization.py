@@ -168,7 +168,7 @@ def _qlinear(q_x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor
                                               torch.float32, "none", [], "")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def int8_kernel_works() -> bool:
     """Whether this torch build runs oneDNN's int8 linear (a tiny probe, once)."""
     ops = getattr(torch.ops, "onednn", None)
@@ -183,7 +183,7 @@ def int8_kernel_works() -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def weight_qmax() -> int:
     """127 where oneDNN's int8 matmul accumulates exactly for full-range weights (VNNI, AMX), else 63.
 
@@ -268,7 +268,7 @@ class Int8Weights:
                                  if any(fnmatch.fnmatchcase(name, p) for p in options.fp32_layers))
         self.weight_qmax = weight_qmax()
         self._cache: dict[tuple, Int8Linear] = {}
-        for name, module in encoder_linears(model).items():  # quantize at load, not on the first batch
+        for _name, module in encoder_linears(model).items():  # quantize at load, not on the first batch
             self.get(module, None)
 
     def get(self, layer: nn.Linear, rows: slice | None) -> Int8Linear | None:

@@ -16,8 +16,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from tokenizers import Encoding, Tokenizer
@@ -48,7 +48,7 @@ class PairTemplate:
         return len(self.prefix) + len(self.middle) + len(self.suffix)
 
     @classmethod
-    def from_tokenizer(cls, tokenizer: Tokenizer) -> "PairTemplate":
+    def from_tokenizer(cls, tokenizer: Tokenizer) -> PairTemplate:
         pair = tokenizer.encode("a", "b", add_special_tokens=True)
         seq = pair.sequence_ids
         first_a, last_a = seq.index(0), len(seq) - 1 - seq[::-1].index(0)
@@ -104,7 +104,7 @@ class PairTokenizer:
         self._truncation: int | None = None
 
     @classmethod
-    def from_dir(cls, directory: str, *, return_token_types: bool, **kwargs) -> "PairTokenizer":
+    def from_dir(cls, directory: str, *, return_token_types: bool, **kwargs) -> PairTokenizer:
         return cls(load_tokenizer(directory), return_token_types=return_token_types, **kwargs)
 
     def to_json(self) -> str:

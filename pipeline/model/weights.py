@@ -15,8 +15,16 @@ import re
 import torch
 
 from pipeline.errors import CheckpointError
-from pipeline.model.checkpoint import (DUMMY_MARKER, Layout, detect_layout, model_config_from_json, pickle_files,
-                                       read_config, refuse_pickles, unreadable_weights)
+from pipeline.model.checkpoint import (
+    DUMMY_MARKER,
+    Layout,
+    detect_layout,
+    model_config_from_json,
+    pickle_files,
+    read_config,
+    refuse_pickles,
+    unreadable_weights,
+)
 from pipeline.model.modeling import CrossEncoderModel
 
 logger = logging.getLogger("pipeline.model.checkpoint")  # the RANDOM WEIGHTS warning's logger, as users filter it

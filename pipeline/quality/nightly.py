@@ -35,7 +35,15 @@ from pipeline.quality.history import NIGHT, History
 from pipeline.quality.label_free import RERANKER_RANK, rank_both, score_summary
 from pipeline.quality.metrics import means
 from pipeline.quality.parts import (
-    LABEL_FREE, LABELLED, RERANKED, Combined, RunPlan, judge_table, measure_families, measure_run, plan_run,
+    LABEL_FREE,
+    LABELLED,
+    RERANKED,
+    Combined,
+    RunPlan,
+    judge_table,
+    measure_families,
+    measure_run,
+    plan_run,
 )
 from pipeline.quality.report import NightReport, random_weights_warning, write_report
 from pipeline.quality.run_input import no_usable_rows

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -33,7 +33,11 @@ from pipeline.quality.label_free import RERANKER_RANK, label_free_measures, rank
 from pipeline.quality.metrics import evaluate
 from pipeline.quality.report import RERANKED_PREFIX
 from pipeline.quality.run_input import (
-    JUDGE_SCORE, RunColumns, _explode_grouped, check_columns, prepare_run,
+    JUDGE_SCORE,
+    RunColumns,
+    _explode_grouped,
+    check_columns,
+    prepare_run,
 )
 from pipeline.quality.segments import query_segments
 from pipeline.schema import CANDIDATES, DOC_ID, FIRST_STAGE_RANK, QUERY_ID, SCORE

@@ -29,7 +29,16 @@ import pyarrow.parquet as pq
 from pipeline.errors import InputError
 from pipeline.quality.ranking import rank_by_score
 from pipeline.schema import (
-    CANDIDATES, DOC_ID, DOCUMENT, FIRST_STAGE_RANK, FIRST_STAGE_SCORE, QUERY, QUERY_ID, RANK, REASON, SCORE,
+    CANDIDATES,
+    DOC_ID,
+    DOCUMENT,
+    FIRST_STAGE_RANK,
+    FIRST_STAGE_SCORE,
+    QUERY,
+    QUERY_ID,
+    RANK,
+    REASON,
+    SCORE,
 )
 from pipeline.storage import url_to_fs
 from pipeline.trec import is_parquet, read_run

@@ -27,8 +27,8 @@ A file whose footer cannot be read is always an error: its rows cannot even be c
 from __future__ import annotations
 
 import posixpath
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -58,7 +58,7 @@ class Shard:
         return item
 
     @classmethod
-    def from_item(cls, item: dict) -> "Shard":
+    def from_item(cls, item: dict) -> Shard:
         return cls(int(item["shard"]), str(item["path"]), tuple(int(g) for g in item["row_groups"]),
                    int(item["num_rows"]), int(item["num_pairs"]), tuple(int(p) for p in item["group_pairs"]))
 

@@ -13,7 +13,7 @@ import json
 import os
 import time
 import uuid
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -42,7 +42,7 @@ def _ray_node_id() -> str | None:
 class ScoreStage:
     def __init__(self, model: str, revision: str | None, dtype: str, config: ScorerConfig,
                  scorers_uri: str, storage_options: dict, allow_pickle: bool = False,
-                 on_scored: Optional[Callable[[int, int], None]] = None, int8: Int8Config | None = None):
+                 on_scored: Callable[[int, int], None] | None = None, int8: Int8Config | None = None):
         """`on_scored(pairs, rejected)` is called after each batch (progress); `allow_pickle` lets a pickle-only
         checkpoint load (the job's opt-in, checked on the driver); `int8`: the job's int8 section, dtype int8 only."""
         # Imported here, in the actor: the driver builds the plan with this class and never needs torch.

@@ -102,7 +102,7 @@ class InputLayout:
 
     @classmethod
     def from_schemas(cls, schemas: list[pa.Schema], config: InputConfig, files: list[str] | None = None
-                     ) -> "InputLayout":
+                     ) -> InputLayout:
         c = config
         names = set().union(*(s.names for s in schemas))
         grouped = c.format == "grouped" or (c.format == "auto" and c.candidates_column in names)

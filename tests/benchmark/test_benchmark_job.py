@@ -17,7 +17,12 @@ import pytest
 import torch
 
 from jobs import benchmark
-from pipeline.benchmark.checkpoints import REAL_CHECKPOINT_ENV, head_pairs, spread_classifier, tokenizer_corpus
+from pipeline.benchmark.checkpoints import (
+    REAL_CHECKPOINT_ENV,
+    head_pairs,
+    spread_classifier,
+    tokenizer_corpus,
+)
 from pipeline.benchmark.config import CORE_CONTENDERS, CPU_RUNTIME_CONTENDERS
 from pipeline.benchmark.contenders import CONTENDERS
 from pipeline.benchmark.fidelity import fidelity, spearman, top_k_overlap

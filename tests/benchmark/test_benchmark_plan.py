@@ -12,8 +12,13 @@ import pytest
 from jobs import benchmark
 from pipeline.benchmark import runner
 from pipeline.benchmark.checkpoints import stored_dtype
-from pipeline.benchmark.config import (CORE_CONTENDERS, CPU_RUNTIME_CONTENDERS, DEFAULT_CONTENDERS, DEFAULT_SCOPE,
-                                       BenchmarkConfig)
+from pipeline.benchmark.config import (
+    CORE_CONTENDERS,
+    CPU_RUNTIME_CONTENDERS,
+    DEFAULT_CONTENDERS,
+    DEFAULT_SCOPE,
+    BenchmarkConfig,
+)
 from pipeline.benchmark.contenders import Scored, tune_batch_size
 from pipeline.benchmark.report import markdown_table
 from pipeline.config import load_config

@@ -293,7 +293,7 @@ def test_core_kubernetes_objects_validate_strictly():
 
     core = [(where, doc) for where, doc in _documents() if doc["apiVersion"] != "ray.io/v1"]
     assert {doc["kind"] for _, doc in core} == {"ServiceAccount", "Role", "RoleBinding", "ConfigMap", "CronJob"}
-    for where, doc in core:
+    for _where, doc in core:
         kubernetes_validate.validate(doc, KUBERNETES, strict=True)
     (cron,) = [doc for _, doc in core if doc["kind"] == "CronJob"]
     cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["comand"] = ["kubectl"]

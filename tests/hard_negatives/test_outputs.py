@@ -14,7 +14,13 @@ import pytest
 from pipeline import schema
 from pipeline.hard_negatives.config import HardNegativesConfig
 from pipeline.hard_negatives.io import read_run_metadata, write_outputs
-from pipeline.hard_negatives.select import DROP_REASON, DROP_REASONS, IS_POSITIVE, KEEP, select_negatives
+from pipeline.hard_negatives.select import (
+    DROP_REASON,
+    DROP_REASONS,
+    IS_POSITIVE,
+    KEEP,
+    select_negatives,
+)
 from pipeline.hard_negatives.stats import format_summary
 from pipeline.storage import url_to_fs
 

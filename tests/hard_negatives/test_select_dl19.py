@@ -12,8 +12,17 @@ import pytest
 
 from pipeline import schema
 from pipeline.hard_negatives.config import SelectionConfig
-from pipeline.hard_negatives.select import (CANONICAL_SCHEMA, DROP_REASON, DROP_REASONS, IS_POSITIVE, KEEP,
-                                            POS_MIN_SCORE, PSEUDO_POSITIVE, sample_order_key, select_negatives)
+from pipeline.hard_negatives.select import (
+    CANONICAL_SCHEMA,
+    DROP_REASON,
+    DROP_REASONS,
+    IS_POSITIVE,
+    KEEP,
+    POS_MIN_SCORE,
+    PSEUDO_POSITIVE,
+    sample_order_key,
+    select_negatives,
+)
 from tests.hard_negatives.conftest import DL19_MIN_POSITIVE_LABEL
 
 

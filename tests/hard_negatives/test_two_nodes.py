@@ -51,7 +51,7 @@ cluster.shutdown()
 
 
 def _run(nodes: int, source: Path, qrels: Path, output: Path, script: Path) -> dict:
-    for attempt in range(3):
+    for _attempt in range(3):
         result = subprocess.run([sys.executable, str(script), str(nodes), str(source), str(qrels), str(output)],
                                 cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
                                 text=True, timeout=900)

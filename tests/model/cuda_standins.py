@@ -186,7 +186,7 @@ class FakeStream:
 
 
 class FakeEvent:
-    def __init__(self, runtime: "FakeCudaRuntime", stream: FakeStream):
+    def __init__(self, runtime: FakeCudaRuntime, stream: FakeStream):
         self.stream = stream.name
         self.number = len(runtime.log)
 

@@ -16,18 +16,25 @@ from __future__ import annotations
 import json
 import logging
 
+import cuda_standins
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
 from scipy.stats import spearmanr
 
-import cuda_standins
 from pipeline import schema as S
 from pipeline.model import CrossEncoder
 from pipeline.model import device as engine_device
-from pipeline.model.modeling import (ATEN_LINEAR, FLASH_ATTN, SCALED_MM_FP8, SDPA_GROUPED, TORCH_VARLEN,
-                                     _PackedView, varlen_attention)
+from pipeline.model.modeling import (
+    ATEN_LINEAR,
+    FLASH_ATTN,
+    SCALED_MM_FP8,
+    SDPA_GROUPED,
+    TORCH_VARLEN,
+    _PackedView,
+    varlen_attention,
+)
 
 PAIRS = [("what is a cross-encoder", "a model that reads the query and the document together"),
          ("capital of france", "paris is the capital of france, on the seine, with about two million people"),

@@ -15,8 +15,14 @@ from pipeline.cli import base_parser
 from pipeline.errors import CheckpointError, ConfigError
 from pipeline.model import CrossEncoder, resolve_dtype
 from pipeline.model.modeling import ONEDNN_INT8
-from pipeline.model.quantization import (Int8Linear, Int8Options, dequantize, quantize_per_channel,
-                                         quantize_per_token, weight_qmax)
+from pipeline.model.quantization import (
+    Int8Linear,
+    Int8Options,
+    dequantize,
+    quantize_per_channel,
+    quantize_per_token,
+    weight_qmax,
+)
 from pipeline.rerank_config import RerankConfig
 
 CPU = torch.device("cpu")

@@ -16,7 +16,14 @@ from pipeline.config import load_config
 from pipeline.quality.config import IndexQualityConfig
 from pipeline.quality.nightly import _judge_table, evaluate_night, measure
 from pipeline.quality.parts import (
-    LABEL_FREE, LABELLED, RERANKED, RUN, combine, measure_bucket, plan_run, scatter,
+    LABEL_FREE,
+    LABELLED,
+    RERANKED,
+    RUN,
+    combine,
+    measure_bucket,
+    plan_run,
+    scatter,
 )
 from pipeline.quality.run_input import load_run
 from pipeline.trec import read_qrels
@@ -58,7 +65,7 @@ def test_each_bucket_measures_only_its_queries_and_together_they_equal_the_whole
         assert r.pairs == 100 * len(queries) < 4300 and not queries & seen  # whole queries, in one bucket only
         seen |= queries
         # What a bucket hands back is per query: one row per query of the bucket in every family ...
-        for name, table in r.tables.items():
+        for _name, table in r.tables.items():
             assert set(table["query_id"].to_pylist()) <= queries and table.num_rows <= len(queries)
         # ... and the plot's pairs (first-stage rank, reranker rank, score), no ids, no texts.
         assert r.plot_sample.column_names == ["first_stage_rank", "reranker_rank", "score"]

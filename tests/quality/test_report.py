@@ -12,8 +12,14 @@ import pytest
 
 from pipeline.quality.compare import compare_nights
 from pipeline.quality.metrics import means
-from pipeline.quality.report import (CAVEAT, NightReport, bootstrap_interval, random_weights_warning, render_html,
-                                     write_report)
+from pipeline.quality.report import (
+    CAVEAT,
+    NightReport,
+    bootstrap_interval,
+    random_weights_warning,
+    render_html,
+    write_report,
+)
 
 NUM_QUERIES = 40
 
