@@ -1,6 +1,6 @@
 """Write the bundled example: the model card's query and its 10 documents in 5 languages, long format.
 
-    python examples/skincare.py examples/skincare.parquet
+python examples/skincare.py examples/skincare.parquet
 """
 
 import sys
@@ -28,11 +28,16 @@ PUBLISHED_SCORES = [0.8311, 0.0940, 0.6334, 0.0827, 0.7621, 0.0995, 0.9263, 0.05
 
 
 def table() -> pa.Table:
-    return pa.table({
-        "query_id": ["skincare"] * len(DOCUMENTS), "query": [QUERY] * len(DOCUMENTS),
-        "doc_id": [f"d{i}" for i in range(len(DOCUMENTS))], "document": DOCUMENTS,
-        "language": LANGUAGES, "rank": list(range(1, len(DOCUMENTS) + 1)),
-    })
+    return pa.table(
+        {
+            "query_id": ["skincare"] * len(DOCUMENTS),
+            "query": [QUERY] * len(DOCUMENTS),
+            "doc_id": [f"d{i}" for i in range(len(DOCUMENTS))],
+            "document": DOCUMENTS,
+            "language": LANGUAGES,
+            "rank": list(range(1, len(DOCUMENTS) + 1)),
+        }
+    )
 
 
 if __name__ == "__main__":

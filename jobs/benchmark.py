@@ -45,24 +45,57 @@ def _names(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = JobArgumentParser(prog="python -m jobs.benchmark", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workloads", type=_names, default=None, help="comma-separated: dl19,long,multilingual")
-    parser.add_argument("--models", type=_names, default=None,
-                        help="comma-separated dummy architectures: jina-reranker-v2-base,bge-reranker-v2-m3,...")
-    parser.add_argument("--contenders", type=_names, default=None,
-                        help="comma-separated: st-default,st-best,hf-padded,hf-sorted,engine,ray-job,engine-fp32,"
-                             "engine-int8,ort-fp32,ort-int8,ov-fp32,ov-default,ov-int8,hf-fp32 (default: all but "
-                             "hf-fp32, which runs as the fidelity reference where st-default cannot be it)")
-    parser.add_argument("--n-pairs", type=int, default=None,
-                        help="pairs per workload for every workload (float32 contenders score "
-                             "full_precision_pairs_fraction of them, 1.0 by default)")
-    parser.add_argument("--rounds", type=int, default=None,
-                        help="sweeps over the contenders; rows keep the fastest (default 1; 2-3 on a shared VM)")
-    parser.add_argument("--output", default="results/benchmark-cpu.json", help="JSON report (local path or s3://...)")
-    parser.add_argument("--config", default=None, help="YAML config file (keys: pipeline/benchmark/config.py)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one config key, e.g. --set tune_batch_sizes=[16,32] (repeatable)")
+    parser = JobArgumentParser(
+        prog="python -m jobs.benchmark",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--workloads", type=_names, default=None, help="comma-separated: dl19,long,multilingual"
+    )
+    parser.add_argument(
+        "--models",
+        type=_names,
+        default=None,
+        help="comma-separated dummy architectures: jina-reranker-v2-base,bge-reranker-v2-m3,...",
+    )
+    parser.add_argument(
+        "--contenders",
+        type=_names,
+        default=None,
+        help="comma-separated: st-default,st-best,hf-padded,hf-sorted,engine,ray-job,engine-fp32,"
+        "engine-int8,ort-fp32,ort-int8,ov-fp32,ov-default,ov-int8,hf-fp32 (default: all but "
+        "hf-fp32, which runs as the fidelity reference where st-default cannot be it)",
+    )
+    parser.add_argument(
+        "--n-pairs",
+        type=int,
+        default=None,
+        help="pairs per workload for every workload (float32 contenders score "
+        "full_precision_pairs_fraction of them, 1.0 by default)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="sweeps over the contenders; rows keep the fastest (default 1; 2-3 on a shared VM)",
+    )
+    parser.add_argument(
+        "--output",
+        default="results/benchmark-cpu.json",
+        help="JSON report (local path or s3://...)",
+    )
+    parser.add_argument(
+        "--config", default=None, help="YAML config file (keys: pipeline/benchmark/config.py)"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key, e.g. --set tune_batch_sizes=[16,32] (repeatable)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
@@ -70,16 +103,27 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    explicit = {key: value for key, value in (("workloads", args.workloads), ("models", args.models),
-                                              ("contenders", args.contenders), ("rounds", args.rounds))
-                if value is not None}
+    explicit = {
+        key: value
+        for key, value in (
+            ("workloads", args.workloads),
+            ("models", args.models),
+            ("contenders", args.contenders),
+            ("rounds", args.rounds),
+        )
+        if value is not None
+    }
     config = load_config(BenchmarkConfig, args.config, args.overrides, **explicit)
     if args.n_pairs is not None:
         config.n_pairs = {w: args.n_pairs for w in config.workloads}
     report = run_benchmark(config)
     table = markdown_table(report)
-    table_path = write_report(args.output, report, table,
-                              "python -m jobs.benchmark " + " ".join(argv if argv is not None else sys.argv[1:]))
+    table_path = write_report(
+        args.output,
+        report,
+        table,
+        "python -m jobs.benchmark " + " ".join(argv if argv is not None else sys.argv[1:]),
+    )
     print(table)
     log.info("report: %s (table: %s)", args.output, table_path)
     return 1 if report["errors"] else 0

@@ -27,19 +27,48 @@ log = logging.getLogger("jobs.benchmark_tokenize")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = JobArgumentParser(prog="python -m jobs.benchmark_tokenize", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workloads", default="dl19,long", help="comma-separated: dl19,long,multilingual")
+    parser = JobArgumentParser(
+        prog="python -m jobs.benchmark_tokenize",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--workloads", default="dl19,long", help="comma-separated: dl19,long,multilingual"
+    )
     parser.add_argument("--n-pairs", type=int, default=2000, help="pairs per workload")
-    parser.add_argument("--model", default="jina-reranker-v2-base", help="benchmark architecture (see jobs.benchmark)")
-    parser.add_argument("--max-length", type=int, default=1024, help="tokens per pair (the job's tokenizer.max_length)")
+    parser.add_argument(
+        "--model",
+        default="jina-reranker-v2-base",
+        help="benchmark architecture (see jobs.benchmark)",
+    )
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        default=1024,
+        help="tokens per pair (the job's tokenizer.max_length)",
+    )
     parser.add_argument("--long-documents", choices=["truncate", "windows"], default="truncate")
-    parser.add_argument("--batch-size", type=int, default=1024, help="rows per tokenizer call (tokenizer.batch_size)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=1024,
+        help="rows per tokenizer call (tokenizer.batch_size)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--gpu-tflops", type=float, default=H100_BF16_TFLOPS,
-                        help="the GPU's dense bf16 peak (default: H100 SXM, 989)")
-    parser.add_argument("--data-dir", default=None, help="the shared data folder (default: SHARED_DATA or ../shared/data)")
-    parser.add_argument("--output", default="results/tokenize-cpu.json", help="JSON report (local path or s3://...)")
+    parser.add_argument(
+        "--gpu-tflops",
+        type=float,
+        default=H100_BF16_TFLOPS,
+        help="the GPU's dense bf16 peak (default: H100 SXM, 989)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="the shared data folder (default: SHARED_DATA or ../shared/data)",
+    )
+    parser.add_argument(
+        "--output", default="results/tokenize-cpu.json", help="JSON report (local path or s3://...)"
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
@@ -50,13 +79,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipeline.benchmark.checkpoints import benchmark_checkpoint
 
     directory = benchmark_checkpoint(args.model, args.data_dir)
-    config = TokenizerConfig(max_length=args.max_length, long_documents=args.long_documents,
-                             batch_size=args.batch_size)
+    config = TokenizerConfig(
+        max_length=args.max_length, long_documents=args.long_documents, batch_size=args.batch_size
+    )
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
-    report = run(directory, workloads, args.n_pairs, config, args.gpu_tflops, args.repeats, args.data_dir)
+    report = run(
+        directory, workloads, args.n_pairs, config, args.gpu_tflops, args.repeats, args.data_dir
+    )
     table = markdown(report)
-    write_report(args.output, report, table, "python -m jobs.benchmark_tokenize " +
-                 " ".join(argv if argv is not None else sys.argv[1:]))
+    write_report(
+        args.output,
+        report,
+        table,
+        "python -m jobs.benchmark_tokenize " + " ".join(argv if argv is not None else sys.argv[1:]),
+    )
     print(table)
     return 0
 

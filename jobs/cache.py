@@ -38,25 +38,39 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 class CacheJobConfig(StrictModel):
-    storage_options: dict = {}   # fsspec options of the cache's storage (s3fs: key, secret, endpoint_url...)
+    storage_options: dict = {}  # fsspec options of the cache's storage (s3fs: key, secret, endpoint_url...)
 
 
 def parse_age(text: str) -> float:
     """'30d', '12h', '90m', '45s', '2w' -> seconds."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text)
     if not match:
-        raise ConfigError(f"--older-than {text!r}: write a number and a unit, e.g. 30d, 12h, 90m (s, m, h, d, w)")
+        raise ConfigError(
+            f"--older-than {text!r}: write a number and a unit, e.g. 30d, 12h, 90m (s, m, h, d, w)"
+        )
     return float(match.group(1)) * _UNITS[match.group(2)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = JobArgumentParser(prog="python -m jobs.cache", description=" ".join(__doc__.split("\n\n")[1].split()))
+    parser = JobArgumentParser(
+        prog="python -m jobs.cache", description=" ".join(__doc__.split("\n\n")[1].split())
+    )
     parser.add_argument("command", choices=["stats", "compact", "prune", "verify", "repair"])
-    parser.add_argument("--cache", required=True, help="the cache's URI (the rerank job's cache.uri)")
-    parser.add_argument("--older-than", help="prune: drop entries unused for this long (30d, 12h, 90m)")
+    parser.add_argument(
+        "--cache", required=True, help="the cache's URI (the rerank job's cache.uri)"
+    )
+    parser.add_argument(
+        "--older-than", help="prune: drop entries unused for this long (30d, 12h, 90m)"
+    )
     parser.add_argument("--config", help="YAML with storage_options")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a setting, e.g. --set storage_options.endpoint_url=http://...")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting, e.g. --set storage_options.endpoint_url=http://...",
+    )
     parser.add_argument("-v", "--verbose", action="count", default=0)
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
@@ -70,8 +84,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _repair(args.cache, config.storage_options)
     caches = list_caches(args.cache, config.storage_options)
     if not caches:
-        raise ConfigError(f"no score cache under {args.cache} (no <fingerprint>/_cache.json); pass the folder a "
-                          "rerank job used as cache.uri")
+        raise ConfigError(
+            f"no score cache under {args.cache} (no <fingerprint>/_cache.json); pass the folder a "
+            "rerank job used as cache.uri"
+        )
     if args.command == "verify":
         return _verify(args.cache, caches)
     report = []
@@ -82,32 +98,63 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "stats":
             per_bucket = map_paths(lambda b: bucket_stats(fs, root, b), buckets, max_workers=8)
             runs = read_runs(spec)
-            unreadable = [dict(u, path=shown(u["path"])) for b in per_bucket for u in b["unreadable"]]
+            unreadable = [
+                dict(u, path=shown(u["path"])) for b in per_bucket for u in b["unreadable"]
+            ]
             for u in unreadable:
-                logger.warning("%s does not read (%s); `compact` moves it to _quarantine/", u["path"], u["reason"])
-            report.append({"fingerprint": spec.fingerprint, "uri": spec.uri, "buckets": spec.buckets,
-                           "entries": sum(b["entries"] for b in per_bucket),
-                           "files": sum(b["part_files"] + b["hits_files"] for b in per_bucket),
-                           "bytes": sum(b["bytes"] for b in per_bucket),
-                           "bytes_per_million_entries": _per_million(per_bucket),
-                           "unreadable_files": unreadable,
-                           "quarantined_files": len(quarantined_files(fs, root)),
-                           "runs": len(runs), "last_run": runs[-1] if runs else None})
+                logger.warning(
+                    "%s does not read (%s); `compact` moves it to _quarantine/",
+                    u["path"],
+                    u["reason"],
+                )
+            report.append(
+                {
+                    "fingerprint": spec.fingerprint,
+                    "uri": spec.uri,
+                    "buckets": spec.buckets,
+                    "entries": sum(b["entries"] for b in per_bucket),
+                    "files": sum(b["part_files"] + b["hits_files"] for b in per_bucket),
+                    "bytes": sum(b["bytes"] for b in per_bucket),
+                    "bytes_per_million_entries": _per_million(per_bucket),
+                    "unreadable_files": unreadable,
+                    "quarantined_files": len(quarantined_files(fs, root)),
+                    "runs": len(runs),
+                    "last_run": runs[-1] if runs else None,
+                }
+            )
             continue
         # One maintenance run per folder at a time: a second one waits its turn or stops (the lease).
         with _MaintenanceLease(fs, root, spec.uri):
-            per_bucket = map_paths(lambda b: compact_bucket(fs, root, b, older_than_s=older_than), buckets,
-                                   max_workers=8)
-        unreadable = [{"path": shown(u["path"]), "reason": u["reason"],
-                       "moved_to": shown(u["moved_to"]) if u["moved_to"] else None}
-                      for b in per_bucket for u in b["unreadable"]]
+            per_bucket = map_paths(
+                lambda b: compact_bucket(fs, root, b, older_than_s=older_than),
+                buckets,
+                max_workers=8,
+            )
+        unreadable = [
+            {
+                "path": shown(u["path"]),
+                "reason": u["reason"],
+                "moved_to": shown(u["moved_to"]) if u["moved_to"] else None,
+            }
+            for b in per_bucket
+            for u in b["unreadable"]
+        ]
         for u in unreadable:
-            logger.warning("%s does not read (%s): skipped, moved to %s (its pairs are scored again)", u["path"],
-                           u["reason"], u["moved_to"] or "_quarantine/ by another run")
-        report.append({"fingerprint": spec.fingerprint, "files_before": sum(b["files"] for b in per_bucket),
-                       "entries": sum(b["entries"] for b in per_bucket),
-                       "dropped": sum(b["dropped"] for b in per_bucket),
-                       "unreadable_files": unreadable})
+            logger.warning(
+                "%s does not read (%s): skipped, moved to %s (its pairs are scored again)",
+                u["path"],
+                u["reason"],
+                u["moved_to"] or "_quarantine/ by another run",
+            )
+        report.append(
+            {
+                "fingerprint": spec.fingerprint,
+                "files_before": sum(b["files"] for b in per_bucket),
+                "entries": sum(b["entries"] for b in per_bucket),
+                "dropped": sum(b["dropped"] for b in per_bucket),
+                "unreadable_files": unreadable,
+            }
+        )
     print(json.dumps(report, indent=2))
     return 0
 
@@ -133,7 +180,8 @@ class _MaintenanceLease(OutputLease):
             raise OutputError(
                 f"{self.uri} is being compacted or pruned by another run ({who}); wait for it to finish and run "
                 f"this command again (a killed run's lease, {join(self.uri, LEASE_FILE)}, is taken over after "
-                f"{self.timeout_s:.0f} s without a heartbeat, at once on its own machine)") from None
+                f"{self.timeout_s:.0f} s without a heartbeat, at once on its own machine)"
+            ) from None
 
 
 def _verify(cache_uri: str, caches) -> int:
@@ -142,16 +190,19 @@ def _verify(cache_uri: str, caches) -> int:
     for spec in caches:
         fs, root = spec.fs()
         shown = _shown(spec.uri)
-        for read, unreadable in map_paths(lambda b: verify_bucket(fs, root, b), list(range(spec.buckets)),
-                                          max_workers=8):
+        for read, unreadable in map_paths(
+            lambda b: verify_bucket(fs, root, b), list(range(spec.buckets)), max_workers=8
+        ):
             files += read
             bad += [(shown(u.path), u.reason) for u in unreadable]
     if bad:
         for path, reason in bad:
             print(f"unreadable: {path}: {reason}", file=sys.stderr)
-        raise ConfigError(f"{len(bad)} of {files} score cache files under {cache_uri} do not read (listed above); "
-                          f"`python -m jobs.cache compact --cache {cache_uri}` moves them to _quarantine/ (their "
-                          "pairs are scored again), as the next rerank job that reads them does")
+        raise ConfigError(
+            f"{len(bad)} of {files} score cache files under {cache_uri} do not read (listed above); "
+            f"`python -m jobs.cache compact --cache {cache_uri}` moves them to _quarantine/ (their "
+            "pairs are scored again), as the next rerank job that reads them does"
+        )
     print(f"{files} files in {len(caches)} cache folder(s) under {cache_uri} read fully: all good")
     return 0
 
@@ -161,14 +212,20 @@ def _repair(cache_uri: str, storage_options: dict) -> int:
     protocol = cache_uri.split("://")[0] + "://" if "://" in cache_uri else ""
     folders = fingerprint_folders(fs, root)
     if not folders:
-        raise ConfigError(f"no score cache under {cache_uri} (no <fingerprint>/ folder with _cache.json or "
-                          "bucket folders); pass the folder a rerank job used as cache.uri")
+        raise ConfigError(
+            f"no score cache under {cache_uri} (no <fingerprint>/ folder with _cache.json or "
+            "bucket folders); pass the folder a rerank job used as cache.uri"
+        )
     report = []
     for folder in folders:
         repaired = repair_meta(fs, folder, cache_uri, protocol)
         if repaired:
-            logger.warning("%s: rewrote _cache.json with %d buckets, read back from %d keys", repaired["uri"],
-                           repaired["buckets"], repaired["keys"])
+            logger.warning(
+                "%s: rewrote _cache.json with %d buckets, read back from %d keys",
+                repaired["uri"],
+                repaired["buckets"],
+                repaired["keys"],
+            )
         report.append(repaired or {"uri": protocol + folder, "problem": None})
     print(json.dumps(report, indent=2))
     return 0

@@ -70,21 +70,25 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "eval"
 class CollectionConfig(StrictModel):
     """One row of the table: a collection, how to build its candidates, what to measure."""
 
-    title: str                                     # the row's name in the table
-    order: int = 0                                 # rows are sorted by (order, file name)
-    collection: str                                # a converter in pipeline.datasets (trec_dl, xquad_r, ...)
-    arguments: dict[str, Any] = {}                 # the converter's keyword arguments (year, languages, ...)
-    measures: list[str] = Field(min_length=1)      # ir_measures notation; the first is the table's column
-    relevance_level: int = 1                       # label >= this is relevant for binary measures (trec_eval -l)
-    max_queries: int | None = Field(None, ge=1)    # a seeded sample of whole queries; None: all
-    seed: int = 0                                  # seed of that sample
-    segment_by: list[str] = []                     # query-level columns that split every measure (language)
+    title: str  # the row's name in the table
+    order: int = 0  # rows are sorted by (order, file name)
+    collection: str  # a converter in pipeline.datasets (trec_dl, xquad_r, ...)
+    arguments: dict[str, Any] = {}  # the converter's keyword arguments (year, languages, ...)
+    measures: list[str] = Field(
+        min_length=1
+    )  # ir_measures notation; the first is the table's column
+    relevance_level: int = 1  # label >= this is relevant for binary measures (trec_eval -l)
+    max_queries: int | None = Field(None, ge=1)  # a seeded sample of whole queries; None: all
+    seed: int = 0  # seed of that sample
+    segment_by: list[str] = []  # query-level columns that split every measure (language)
 
     @field_validator("collection")
     @classmethod
     def _known_collection(cls, value: str) -> str:
         if value not in COLLECTIONS:
-            raise ValueError(f"unknown collection {value!r}; known: {', '.join(sorted(COLLECTIONS))}")
+            raise ValueError(
+                f"unknown collection {value!r}; known: {', '.join(sorted(COLLECTIONS))}"
+            )
         return value
 
     @field_validator("measures")
@@ -105,29 +109,44 @@ class CollectionConfig(StrictModel):
 
 
 class ScoringConfig(StrictModel):
-    device: str | None = None                # cuda, cpu, ...; None: CUDA when available
-    max_length: int = Field(1024, ge=8)      # tokens per pair; longer pairs are truncated (jina's default)
-    batch_size: int | None = Field(None, ge=1)             # pairs per micro-batch cap; None: the token budget decides
-    max_tokens_per_batch: int | None = Field(None, ge=1)   # None: the engine's default for the device
+    device: str | None = None  # cuda, cpu, ...; None: CUDA when available
+    max_length: int = Field(
+        1024, ge=8
+    )  # tokens per pair; longer pairs are truncated (jina's default)
+    batch_size: int | None = Field(
+        None, ge=1
+    )  # pairs per micro-batch cap; None: the token budget decides
+    max_tokens_per_batch: int | None = Field(
+        None, ge=1
+    )  # None: the engine's default for the device
 
 
 class SuiteConfig(StrictModel):
-    data_dir: str | None = None              # the shared data folder; None: $SHARED_DATA or ../shared/data
+    data_dir: str | None = None  # the shared data folder; None: $SHARED_DATA or ../shared/data
     output: str = "eval_suite_results.json"  # JSON results (path or URI)
     scoring: ScoringConfig = ScoringConfig()
     collections: dict[str, CollectionConfig] = Field(min_length=1)
 
 
-def load_suite_config(config_dir: str | Path = CONFIG_DIR, path: str | None = None, overrides: Sequence[str] = (),
-                      collections: Sequence[str] | None = None, max_queries: int | None = None,
-                      output: str | None = None) -> SuiteConfig:
+def load_suite_config(
+    config_dir: str | Path = CONFIG_DIR,
+    path: str | None = None,
+    overrides: Sequence[str] = (),
+    collections: Sequence[str] | None = None,
+    max_queries: int | None = None,
+    output: str | None = None,
+) -> SuiteConfig:
     """Collections from `config_dir/*.yaml` (the file stem is the key), then `--config`, then `--set`, then
     the explicit flags: `collections` keeps those named (in that order), `max_queries` applies to each."""
     files = sorted(Path(config_dir).glob("*.yaml"))
     if not files:
-        raise ConfigError(f"no *.yaml collection configs in {config_dir}; pass --config-dir (see configs/eval/)")
+        raise ConfigError(
+            f"no *.yaml collection configs in {config_dir}; pass --config-dir (see configs/eval/)"
+        )
     data: dict[str, Any] = {"collections": {f.stem: read_yaml(str(f)) for f in files}}
-    by_order = sorted(data["collections"], key=lambda name: (data["collections"][name].get("order", 0), name))
+    by_order = sorted(
+        data["collections"], key=lambda name: (data["collections"][name].get("order", 0), name)
+    )
     data["collections"] = {name: data["collections"][name] for name in by_order}
     if path:
         data = merge_dicts(data, read_yaml(path))
@@ -135,8 +154,10 @@ def load_suite_config(config_dir: str | Path = CONFIG_DIR, path: str | None = No
     if collections:
         unknown = [c for c in collections if c not in data["collections"]]
         if unknown:
-            raise ConfigError(f"unknown collection(s) {unknown} in --collections; configured: "
-                              f"{', '.join(data['collections'])}")
+            raise ConfigError(
+                f"unknown collection(s) {unknown} in --collections; configured: "
+                f"{', '.join(data['collections'])}"
+            )
         data["collections"] = {c: data["collections"][c] for c in collections}
     if max_queries is not None:
         for entry in data["collections"].values():
@@ -148,38 +169,60 @@ def load_suite_config(config_dir: str | Path = CONFIG_DIR, path: str | None = No
 
 def _ranking(pairs: pa.Table, scores) -> pa.Table:
     """(query_id, doc_id, score: float64), the run format of `pipeline.quality.metrics.evaluate`."""
-    return pa.table({schema.QUERY_ID: pairs[schema.QUERY_ID], schema.DOC_ID: pairs[schema.DOC_ID],
-                     schema.SCORE: pa.array(np.asarray(scores, dtype=np.float64))})
+    return pa.table(
+        {
+            schema.QUERY_ID: pairs[schema.QUERY_ID],
+            schema.DOC_ID: pairs[schema.DOC_ID],
+            schema.SCORE: pa.array(np.asarray(scores, dtype=np.float64)),
+        }
+    )
 
 
-def _score(encoder: CrossEncoder, texts: list[tuple[str, str]], scoring: ScoringConfig) -> tuple[np.ndarray, float]:
+def _score(
+    encoder: CrossEncoder, texts: list[tuple[str, str]], scoring: ScoringConfig
+) -> tuple[np.ndarray, float]:
     """Raw logits (n,) float32 of the (query, document) pairs in their order, and the seconds it took."""
     start = time.perf_counter()
-    logits = encoder.compute_score(texts, return_logits=True, max_length=scoring.max_length,
-                                   batch_size=scoring.batch_size, max_tokens_per_batch=scoring.max_tokens_per_batch)
+    logits = encoder.compute_score(
+        texts,
+        return_logits=True,
+        max_length=scoring.max_length,
+        batch_size=scoring.batch_size,
+        max_tokens_per_batch=scoring.max_tokens_per_batch,
+    )
     return np.atleast_1d(np.asarray(logits, dtype=np.float32)), time.perf_counter() - start
 
 
 def _speed(num_pairs: int, seconds: float) -> dict:
-    return {"seconds": round(seconds, 3), "pairs_per_second": round(num_pairs / seconds, 1) if seconds else None}
+    return {
+        "seconds": round(seconds, 3),
+        "pairs_per_second": round(num_pairs / seconds, 1) if seconds else None,
+    }
 
 
 def paired_comparison(model: pa.Table, reference: pa.Table, measure: str) -> dict:
     """One measure, model vs reference, paired by query: per-query tables (query_id, <measure>: float64) ->
     the mean of the per-query differences (model - reference), its bootstrap interval and the paired
     randomization test's p-value (the nightly comparison's test, `pipeline.quality.compare`)."""
-    paired = model.select([schema.QUERY_ID, measure]).join(reference.select([schema.QUERY_ID, measure]),
-                                                           keys=schema.QUERY_ID, right_suffix=".reference")
+    paired = model.select([schema.QUERY_ID, measure]).join(
+        reference.select([schema.QUERY_ID, measure]),
+        keys=schema.QUERY_ID,
+        right_suffix=".reference",
+    )
     paired = paired.drop_null()
-    ours = paired[measure].to_numpy().astype(np.float64)                       # (queries,)
-    theirs = paired[f"{measure}.reference"].to_numpy().astype(np.float64)     # (queries,)
+    ours = paired[measure].to_numpy().astype(np.float64)  # (queries,)
+    theirs = paired[f"{measure}.reference"].to_numpy().astype(np.float64)  # (queries,)
     interval = bootstrap_interval(ours - theirs)
-    return {"measure": measure, "num_queries": len(ours),
-            "mean_delta": float(np.mean(ours - theirs)) if len(ours) else None,
-            "interval": None if interval is None else list(interval), "confidence": CONFIDENCE,
-            "interval_method": BOOTSTRAP_METHOD,
-            "p_value": paired_p_value(ours, theirs) if len(ours) >= 2 else None,
-            "test": "two-sided paired randomization (sign-flip) test of the mean difference"}
+    return {
+        "measure": measure,
+        "num_queries": len(ours),
+        "mean_delta": float(np.mean(ours - theirs)) if len(ours) else None,
+        "interval": None if interval is None else list(interval),
+        "confidence": CONFIDENCE,
+        "interval_method": BOOTSTRAP_METHOD,
+        "p_value": paired_p_value(ours, theirs) if len(ours) >= 2 else None,
+        "test": "two-sided paired randomization (sign-flip) test of the mean difference",
+    }
 
 
 def _finite_or_none(value: float | None) -> float | None:
@@ -187,8 +230,13 @@ def _finite_or_none(value: float | None) -> float | None:
     return None if value is None or not math.isfinite(value) else value
 
 
-def evaluate_collection(encoder: CrossEncoder, config: CollectionConfig, scoring: ScoringConfig,
-                        data_dir: str | None = None, reference: CrossEncoder | None = None) -> dict:
+def evaluate_collection(
+    encoder: CrossEncoder,
+    config: CollectionConfig,
+    scoring: ScoringConfig,
+    data_dir: str | None = None,
+    reference: CrossEncoder | None = None,
+) -> dict:
     """Score one collection's pairs with `encoder` and measure the reranked order (and the first stage's).
 
     With `reference` (the same weights at another dtype) the same pairs are scored again by it; the result's
@@ -201,38 +249,66 @@ def evaluate_collection(encoder: CrossEncoder, config: CollectionConfig, scoring
     logits, seconds = _score(encoder, texts, scoring)
     per_query = evaluate(_ranking(pairs, logits), qrels, config.measures, config.relevance_level)
     result = {
-        "title": config.title, "collection": config.collection, "measure": config.measures[0],
-        "measures": means(per_query), "num_queries": per_query.num_rows, "num_pairs": pairs.num_rows,
+        "title": config.title,
+        "collection": config.collection,
+        "measure": config.measures[0],
+        "measures": means(per_query),
+        "num_queries": per_query.num_rows,
+        "num_pairs": pairs.num_rows,
         **_speed(pairs.num_rows, seconds),
     }
     result["value"] = result["measures"][config.measures[0]]
     if schema.FIRST_STAGE_SCORE in pairs.column_names:
-        first_stage = evaluate(_ranking(pairs, pairs[schema.FIRST_STAGE_SCORE]), qrels, config.measures,
-                               config.relevance_level)
+        first_stage = evaluate(
+            _ranking(pairs, pairs[schema.FIRST_STAGE_SCORE]),
+            qrels,
+            config.measures,
+            config.relevance_level,
+        )
         result["first_stage_measures"] = means(first_stage)
     if config.segment_by:
-        result["segments"] = segment_means(per_query, query_segments(pairs, config.segment_by), config.segment_by)
-    log.info("%s: %s = %.4f over %d queries (%d pairs, %.1f s)", config.title, config.measures[0],
-             result["value"], result["num_queries"], result["num_pairs"], seconds)
+        result["segments"] = segment_means(
+            per_query, query_segments(pairs, config.segment_by), config.segment_by
+        )
+    log.info(
+        "%s: %s = %.4f over %d queries (%d pairs, %.1f s)",
+        config.title,
+        config.measures[0],
+        result["value"],
+        result["num_queries"],
+        result["num_pairs"],
+        seconds,
+    )
     if reference is not None:
         reference_logits, reference_seconds = _score(reference, texts, scoring)
-        reference_per_query = evaluate(_ranking(pairs, reference_logits), qrels, config.measures,
-                                       config.relevance_level)
+        reference_per_query = evaluate(
+            _ranking(pairs, reference_logits), qrels, config.measures, config.relevance_level
+        )
         reference_measures = means(reference_per_query)
         # Both rankings cover the same pairs and qrels, so the same queries: the difference of the means is
         # the mean of the per-query differences (up to rounding), and the paired block says how sure it is.
-        figures = fidelity(reference_logits, logits, pairs[schema.QUERY_ID].cast(pa.string()).to_pylist())
+        figures = fidelity(
+            reference_logits, logits, pairs[schema.QUERY_ID].cast(pa.string()).to_pylist()
+        )
         figures["spearman"] = _finite_or_none(figures["spearman"])
         result["reference"] = {
-            "dtype": reference.describe()["dtype"], "measures": reference_measures,
+            "dtype": reference.describe()["dtype"],
+            "measures": reference_measures,
             "value": reference_measures[config.measures[0]],
             "delta": {m: result["measures"][m] - reference_measures[m] for m in result["measures"]},
             "paired": paired_comparison(per_query, reference_per_query, config.measures[0]),
-            "fidelity": figures, **_speed(pairs.num_rows, reference_seconds),
+            "fidelity": figures,
+            **_speed(pairs.num_rows, reference_seconds),
         }
-        log.info("%s: %s = %.4f at %s (delta %+.4f), max |delta logit| %.4g", config.title, config.measures[0],
-                 result["reference"]["value"], result["reference"]["dtype"],
-                 result["reference"]["delta"][config.measures[0]], figures["max_abs_logit_diff"])
+        log.info(
+            "%s: %s = %.4f at %s (delta %+.4f), max |delta logit| %.4g",
+            config.title,
+            config.measures[0],
+            result["reference"]["value"],
+            result["reference"]["dtype"],
+            result["reference"]["delta"][config.measures[0]],
+            figures["max_abs_logit_diff"],
+        )
     return result
 
 
@@ -250,35 +326,70 @@ def format_table(model: str, results: dict[str, dict], reference_dtype: str | No
     rows = []
     for result in results.values():
         first_stage = result.get("first_stage_measures", {}).get(result["measure"])
-        row = [result["title"], result["measure"], str(result["num_queries"]), str(result["num_pairs"]),
-               "-" if first_stage is None else f"{first_stage:.4f}", f"{result['value']:.4f}"]
+        row = [
+            result["title"],
+            result["measure"],
+            str(result["num_queries"]),
+            str(result["num_pairs"]),
+            "-" if first_stage is None else f"{first_stage:.4f}",
+            f"{result['value']:.4f}",
+        ]
         if reference_dtype:
             reference = result["reference"]
             interval = reference["paired"]["interval"]
-            row += [f"{reference['value']:.4f}", _signed(reference["delta"][result["measure"]]),
-                    "-" if interval is None else f"{_signed(interval[0])} to {_signed(interval[1])}"]
-        row.append("-" if result["pairs_per_second"] is None else f"{result['pairs_per_second']:.0f}")
+            row += [
+                f"{reference['value']:.4f}",
+                _signed(reference["delta"][result["measure"]]),
+                "-" if interval is None else f"{_signed(interval[0])} to {_signed(interval[1])}",
+            ]
+        row.append(
+            "-" if result["pairs_per_second"] is None else f"{result['pairs_per_second']:.0f}"
+        )
         rows.append(row)
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-             for row in [header, *rows]]
+    lines = [
+        "  ".join(
+            cell.ljust(w) if i < 2 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths))
+        )
+        for row in [header, *rows]
+    ]
     return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = base_parser("python -m jobs.eval_suite", " ".join(__doc__.split("\n\n")[0].split()))
-    parser.add_argument("--collections", default=None, type=lambda s: [c for c in s.split(",") if c],
-                        help="comma-separated collection names (config file stems); default: all")
-    parser.add_argument("--max-queries", type=int, default=None, help="score a seeded sample of N queries per collection")
-    parser.add_argument("--output", default=None, help="results JSON (path or URI); default from the config")
-    parser.add_argument("--config-dir", default=str(CONFIG_DIR), help="folder of per-collection YAML configs")
-    parser.add_argument("--reference-dtype", choices=DTYPES, default=None,
-                        help="also score every collection with the same weights at this dtype and report the "
-                        "model's difference from it: each measure's delta with a 95%% interval, max |delta logit|, "
-                        "Spearman and top-10 overlap (default: auto when --dtype is int8, none otherwise; the "
-                        "dtype auto resolved to names the reference's columns and is in the JSON)")
+    parser.add_argument(
+        "--collections",
+        default=None,
+        type=lambda s: [c for c in s.split(",") if c],
+        help="comma-separated collection names (config file stems); default: all",
+    )
+    parser.add_argument(
+        "--max-queries",
+        type=int,
+        default=None,
+        help="score a seeded sample of N queries per collection",
+    )
+    parser.add_argument(
+        "--output", default=None, help="results JSON (path or URI); default from the config"
+    )
+    parser.add_argument(
+        "--config-dir", default=str(CONFIG_DIR), help="folder of per-collection YAML configs"
+    )
+    parser.add_argument(
+        "--reference-dtype",
+        choices=DTYPES,
+        default=None,
+        help="also score every collection with the same weights at this dtype and report the "
+        "model's difference from it: each measure's delta with a 95%% interval, max |delta logit|, "
+        "Spearman and top-10 overlap (default: auto when --dtype is int8, none otherwise; the "
+        "dtype auto resolved to names the reference's columns and is in the JSON)",
+    )
     # The comparison's paragraph of the docstring, so that --help says what the reference adds.
-    parser.epilog = " ".join(next(p for p in __doc__.split("\n\n") if "`--reference-dtype DTYPE`" in p).split())
+    parser.epilog = " ".join(
+        next(p for p in __doc__.split("\n\n") if "`--reference-dtype DTYPE`" in p).split()
+    )
     return parser
 
 
@@ -293,27 +404,52 @@ def reference_dtype(dtype: str | None, asked: str | None) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    config = load_suite_config(args.config_dir, args.config, args.overrides, args.collections, args.max_queries,
-                               args.output)
+    config = load_suite_config(
+        args.config_dir,
+        args.config,
+        args.overrides,
+        args.collections,
+        args.max_queries,
+        args.output,
+    )
     # A bad output location should fail before minutes of scoring, not after.
     fs, output_path = url_to_fs(config.output)
     fs.makedirs(posixpath.dirname(output_path), exist_ok=True)
-    encoder = CrossEncoder.from_pretrained(args.model, device=config.scoring.device, dtype=args.dtype)
+    encoder = CrossEncoder.from_pretrained(
+        args.model, device=config.scoring.device, dtype=args.dtype
+    )
     # Loaded once for the whole suite: a second copy of the weights, at the reference's dtype.
     compare_with = reference_dtype(args.dtype, args.reference_dtype)
-    reference = None if compare_with is None else CrossEncoder.from_pretrained(
-        args.model, device=config.scoring.device, dtype=compare_with)
-    results = {name: evaluate_collection(encoder, entry, config.scoring, config.data_dir, reference)
-               for name, entry in config.collections.items()}
+    reference = (
+        None
+        if compare_with is None
+        else CrossEncoder.from_pretrained(
+            args.model, device=config.scoring.device, dtype=compare_with
+        )
+    )
+    results = {
+        name: evaluate_collection(encoder, entry, config.scoring, config.data_dir, reference)
+        for name, entry in config.collections.items()
+    }
     if reference is None:
         print(format_table(args.model, results))
     else:  # two columns of the same weights: each names its dtype
-        print(format_table(f"{args.model} ({encoder.describe()['dtype']})", results, reference.describe()["dtype"]))
+        print(
+            format_table(
+                f"{args.model} ({encoder.describe()['dtype']})",
+                results,
+                reference.describe()["dtype"],
+            )
+        )
     if encoder.is_dummy:
         print(f"note: {args.model} has random weights; its column measures nothing")
-    summary = {"model": encoder.describe(), "config": redact(config.model_dump(mode="json")),
-               "config_hash": config_hash(config), "collections": results,
-               "order": list(results)}  # write_json sorts keys; this keeps the table's order
+    summary = {
+        "model": encoder.describe(),
+        "config": redact(config.model_dump(mode="json")),
+        "config_hash": config_hash(config),
+        "collections": results,
+        "order": list(results),
+    }  # write_json sorts keys; this keeps the table's order
     if reference is not None:
         summary["reference_model"] = reference.describe()
     write_json(fs, output_path, summary)

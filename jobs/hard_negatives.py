@@ -24,12 +24,21 @@ from pipeline.hard_negatives.stats import format_summary
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = base_parser("python -m jobs.hard_negatives", " ".join(__doc__.split("\n\n")[1].split()),
-                         model_required=False,
-                         set_example="rerank.scorer.max_tokens_per_batch=8192")
-    parser.add_argument("--input", required=True, help="Parquet file, folder or glob: local path or s3://...")
-    parser.add_argument("--positives", default=None, help="TREC qrels text or Parquet (query_id, doc_id, label)")
-    parser.add_argument("--output", required=True, help="output folder: local path or object-storage URI")
+    parser = base_parser(
+        "python -m jobs.hard_negatives",
+        " ".join(__doc__.split("\n\n")[1].split()),
+        model_required=False,
+        set_example="rerank.scorer.max_tokens_per_batch=8192",
+    )
+    parser.add_argument(
+        "--input", required=True, help="Parquet file, folder or glob: local path or s3://..."
+    )
+    parser.add_argument(
+        "--positives", default=None, help="TREC qrels text or Parquet (query_id, doc_id, label)"
+    )
+    parser.add_argument(
+        "--output", required=True, help="output folder: local path or object-storage URI"
+    )
     return parser
 
 
@@ -37,8 +46,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     check_job_location(args.output)
-    config = load_config(HardNegativesConfig, args.config, args.overrides,
-                         rerank__model=args.model, rerank__dtype=args.dtype)
+    config = load_config(
+        HardNegativesConfig,
+        args.config,
+        args.overrides,
+        rerank__model=args.model,
+        rerank__dtype=args.dtype,
+    )
     stats = run_hard_negatives(config, args.input, args.positives, args.output)
     print(format_summary(stats))
     return 0

@@ -42,15 +42,26 @@ log = logging.getLogger("jobs.index_quality")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = base_parser("python -m jobs.index_quality", __doc__.split("\n\n")[0], model_required=False,
-                         set_example="rerank.scorer.max_tokens_per_batch=8192")
+    parser = base_parser(
+        "python -m jobs.index_quality",
+        __doc__.split("\n\n")[0],
+        model_required=False,
+        set_example="rerank.scorer.max_tokens_per_batch=8192",
+    )
     parser.description, parser.formatter_class = __doc__, argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--run", required=True, help="first-stage results: TREC run file or Parquet (see above)")
+    parser.add_argument(
+        "--run", required=True, help="first-stage results: TREC run file or Parquet (see above)"
+    )
     parser.add_argument("--output", required=True, help="output folder (local path or s3://...)")
-    parser.add_argument("--qrels", default=None, help="TREC qrels text or Parquet (query_id, doc_id, label)")
+    parser.add_argument(
+        "--qrels", default=None, help="TREC qrels text or Parquet (query_id, doc_id, label)"
+    )
     parser.add_argument("--history", default=None, help="history folder (local path or s3://...)")
-    parser.add_argument("--texts", default=None,
-                        help="with --model and a TREC run: Parquet of query_id, query, doc_id, document for its pairs")
+    parser.add_argument(
+        "--texts",
+        default=None,
+        help="with --model and a TREC run: Parquet of query_id, query, doc_id, document for its pairs",
+    )
     return parser
 
 
@@ -59,15 +70,27 @@ def _write_run_with_texts(run_uri: str, texts_uri: str, target: str, options: di
     run = read_run(run_uri, options).select([QUERY_ID, DOC_ID, RANK, SCORE])
     fs, path = url_to_fs(texts_uri, options)
     try:
-        texts = pq.read_table(path, filesystem=arrow_filesystem(fs), columns=[QUERY_ID, QUERY, DOC_ID, DOCUMENT])
+        texts = pq.read_table(
+            path, filesystem=arrow_filesystem(fs), columns=[QUERY_ID, QUERY, DOC_ID, DOCUMENT]
+        )
     except (pa.ArrowInvalid, KeyError, OSError) as e:
-        raise InputError(f"--texts {texts_uri!r} must be Parquet with query_id, query, doc_id, document "
-                         f"({str(e).splitlines()[0]})") from None
-    texts = pa.table({QUERY_ID: texts[QUERY_ID].cast(pa.string()), QUERY: texts[QUERY],
-                      DOC_ID: texts[DOC_ID].cast(pa.string()), DOCUMENT: texts[DOCUMENT]})
+        raise InputError(
+            f"--texts {texts_uri!r} must be Parquet with query_id, query, doc_id, document "
+            f"({str(e).splitlines()[0]})"
+        ) from None
+    texts = pa.table(
+        {
+            QUERY_ID: texts[QUERY_ID].cast(pa.string()),
+            QUERY: texts[QUERY],
+            DOC_ID: texts[DOC_ID].cast(pa.string()),
+            DOCUMENT: texts[DOCUMENT],
+        }
+    )
     joined = run.join(texts, keys=[QUERY_ID, DOC_ID], join_type="inner")
     if joined.num_rows == 0:
-        raise InputError(f"--texts {texts_uri!r} holds no text for any (query_id, doc_id) of the run")
+        raise InputError(
+            f"--texts {texts_uri!r} holds no text for any (query_id, doc_id) of the run"
+        )
     out_fs, out_path = url_to_fs(target, options)
     out_fs.makedirs(posixpath.dirname(out_path), exist_ok=True)
     with out_fs.open(out_path, "wb") as f:
@@ -82,8 +105,10 @@ def rerank_parts(args: argparse.Namespace, config: IndexQualityConfig) -> tuple[
     rerank_input = args.run
     if not is_parquet(args.run, options):
         if not args.texts:
-            raise InputError("--model needs texts: pass the run as the rerank job's Parquet input, or add "
-                             "--texts with a Parquet table of query_id, query, doc_id, document")
+            raise InputError(
+                "--model needs texts: pass the run as the rerank job's Parquet input, or add "
+                "--texts with a Parquet table of query_id, query, doc_id, document"
+            )
         rerank_input = join(args.output, "rerank_input.parquet")
         _write_run_with_texts(args.run, args.texts, rerank_input, options)
     result = rerank(config.rerank_config(), rerank_input, join(args.output, "rerank"))
@@ -95,11 +120,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.verbose)
     check_job_location(args.output)
     check_job_location(args.history, "--history")
-    config = load_config(IndexQualityConfig, args.config, args.overrides, rerank__model=args.model,
-                         rerank__dtype=args.dtype)
+    config = load_config(
+        IndexQualityConfig,
+        args.config,
+        args.overrides,
+        rerank__model=args.model,
+        rerank__dtype=args.dtype,
+    )
     parts, reranker = rerank_parts(args, config) if args.model else (None, None)
-    report = evaluate_night(config, run=args.run, output=args.output, qrels=args.qrels, history=args.history,
-                            reranker_parts=parts, reranker=reranker)
+    report = evaluate_night(
+        config,
+        run=args.run,
+        output=args.output,
+        qrels=args.qrels,
+        history=args.history,
+        reranker_parts=parts,
+        reranker=reranker,
+    )
     if report.extra.get("warning"):
         log.warning("%s", report.extra["warning"])
     for name, value in report.all_means().items():

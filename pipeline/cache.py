@@ -70,8 +70,8 @@ REPAIR = "python -m jobs.cache repair --cache"
 class CacheSpec:
     """One fingerprint's folder of a cache: small and picklable, it travels to the actors."""
 
-    uri: str                 # <cache.uri>/<fingerprint>, with its protocol
-    fingerprint: str         # 32 hex digits
+    uri: str  # <cache.uri>/<fingerprint>, with its protocol
+    fingerprint: str  # 32 hex digits
     buckets: int
     storage_options: dict
 
@@ -85,6 +85,7 @@ class CacheSpec:
 
 # -- fingerprint and keys ---------------------------------------------------------------------------------
 
+
 def checkpoint_digest(directory: str) -> dict[str, str]:
     """blake2b-128 of every file of a checkpoint folder that changes a score, by name. Reads the weights
     once (about a second per GB); a hub model's snapshot folder is read the same way as a local one."""
@@ -94,13 +95,17 @@ def checkpoint_digest(directory: str) -> dict[str, str]:
         if name.startswith(".") or not name.endswith(_SCORE_FILES) or not os.path.isfile(path):
             continue
         with open(path, "rb") as f:
-            digests[name] = hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
+            digests[name] = hashlib.file_digest(
+                f, lambda: hashlib.blake2b(digest_size=16)
+            ).hexdigest()
     return digests
 
 
 def fingerprint(checkpoint: dict[str, str], settings: dict) -> str:
     """The cache folder's name: a hash of the checkpoint's file digests and the settings that change a score."""
-    payload = json.dumps({"format": FORMAT, "checkpoint": checkpoint, "settings": settings}, sort_keys=True)
+    payload = json.dumps(
+        {"format": FORMAT, "checkpoint": checkpoint, "settings": settings}, sort_keys=True
+    )
     return hashlib.blake2b(payload.encode(), digest_size=16).hexdigest()
 
 
@@ -114,7 +119,9 @@ def pair_keys(fingerprint_hex: str, queries: list, documents: list) -> pa.FixedS
             continue
         qb = q.encode("utf-8", "surrogatepass")
         h = hashlib.blake2b(salt, digest_size=16)
-        h.update(len(qb).to_bytes(8, "little"))  # the length keeps ("ab", "c") apart from ("a", "bc")
+        h.update(
+            len(qb).to_bytes(8, "little")
+        )  # the length keeps ("ab", "c") apart from ("a", "bc")
         h.update(qb)
         h.update(d.encode("utf-8", "surrogatepass"))
         out.append(h.digest())
@@ -126,7 +133,9 @@ def bucket_of_keys(keys: pa.Array | pa.ChunkedArray, buckets: int) -> np.ndarray
     arr = keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys
     if len(arr) == 0:
         return np.zeros(0, np.int32)
-    raw = np.frombuffer(arr.buffers()[1], dtype=np.uint8, count=(arr.offset + len(arr)) * 16)[arr.offset * 16:]
+    raw = np.frombuffer(arr.buffers()[1], dtype=np.uint8, count=(arr.offset + len(arr)) * 16)[
+        arr.offset * 16 :
+    ]
     head = raw.reshape(-1, 16)[:, :8].copy().view("<u8").ravel()
     return (head % np.uint64(buckets)).astype(np.int32)
 
@@ -147,14 +156,17 @@ def digest_of(*arrays: pa.Array | np.ndarray) -> str:
 
 # -- opening a cache ---------------------------------------------------------------------------------------
 
+
 def _unusable(uri: str, e: OSError) -> PipelineError:
     from pipeline.faults import explain
 
     known = explain(e)
     if known is not None:
         return known
-    return ConfigError(f"cannot use cache.uri {uri} ({e.strerror or type(e).__name__}); choose a folder this job "
-                       "can write, or leave cache.uri unset")
+    return ConfigError(
+        f"cannot use cache.uri {uri} ({e.strerror or type(e).__name__}); choose a folder this job "
+        "can write, or leave cache.uri unset"
+    )
 
 
 def check_location(uri: str, storage_options: dict) -> None:
@@ -176,9 +188,9 @@ class CacheMeta(BaseModel):
     format: Annotated[int, Field(strict=True)]
     fingerprint: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
     buckets: Annotated[int, Field(strict=True, gt=0, le=1 << 20)]
-    covers: dict | None = None       # model, revision, checkpoint digests, settings (null once repaired)
+    covers: dict | None = None  # model, revision, checkpoint digests, settings (null once repaired)
     created: str | None = None
-    repaired: str | None = None      # when `jobs.cache repair` rewrote it from the folder's entries
+    repaired: str | None = None  # when `jobs.cache repair` rewrote it from the folder's entries
 
 
 class OtherFormat(ConfigError):
@@ -190,9 +202,11 @@ def _protocol(uri: str) -> str:
 
 
 def _bad_meta(shown: str, what: str, cache_uri: str) -> ConfigError:
-    return ConfigError(f"score cache metadata {shown} {what}; run `{REPAIR} {cache_uri}` to rewrite it from the "
-                       f"entries of its bucket folders, or delete {posixpath.dirname(shown)} to start that cache "
-                       "afresh")
+    return ConfigError(
+        f"score cache metadata {shown} {what}; run `{REPAIR} {cache_uri}` to rewrite it from the "
+        f"entries of its bucket folders, or delete {posixpath.dirname(shown)} to start that cache "
+        "afresh"
+    )
 
 
 def read_meta(fs, folder: str, cache_uri: str, protocol: str = "") -> CacheMeta:
@@ -207,24 +221,39 @@ def read_meta(fs, folder: str, cache_uri: str, protocol: str = "") -> CacheMeta:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise _bad_meta(shown, f"is not JSON ({e})", cache_uri) from None
-    if isinstance(data, dict) and data.get("format") != FORMAT and isinstance(data.get("format"), int):
-        raise OtherFormat(f"{shown} was written by another version of the cache (format {data['format']}, this "
-                          f"job reads {FORMAT}); use another cache.uri, or that version of this job")
+    if (
+        isinstance(data, dict)
+        and data.get("format") != FORMAT
+        and isinstance(data.get("format"), int)
+    ):
+        raise OtherFormat(
+            f"{shown} was written by another version of the cache (format {data['format']}, this "
+            f"job reads {FORMAT}); use another cache.uri, or that version of this job"
+        )
     try:
         meta = CacheMeta.model_validate(data)
     except ValidationError as e:
-        what = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'the file'}: {err['msg']}"
-                         + (f" (found {err['input']!r})" if err["type"] not in ("missing", "model_type") else "")
-                         for err in e.errors())
+        what = "; ".join(
+            f"{'.'.join(map(str, err['loc'])) or 'the file'}: {err['msg']}"
+            + (f" (found {err['input']!r})" if err["type"] not in ("missing", "model_type") else "")
+            for err in e.errors()
+        )
         raise _bad_meta(shown, f"is wrong ({what})", cache_uri) from None
     if meta.format != FORMAT:
-        raise _bad_meta(shown, f"is wrong (format: {meta.format!r}, this job reads {FORMAT})", cache_uri)
+        raise _bad_meta(
+            shown, f"is wrong (format: {meta.format!r}, this job reads {FORMAT})", cache_uri
+        )
     if meta.fingerprint != posixpath.basename(folder.rstrip("/")):
-        raise _bad_meta(shown, f"is wrong (fingerprint {meta.fingerprint} is not its folder's name)", cache_uri)
+        raise _bad_meta(
+            shown, f"is wrong (fingerprint {meta.fingerprint} is not its folder's name)", cache_uri
+        )
     highest = max(bucket_folders(fs, folder), default=-1)
     if highest >= meta.buckets:
-        raise _bad_meta(shown, f"is wrong (buckets: {meta.buckets}, but the folder holds bucket-{highest:05d})",
-                        cache_uri)
+        raise _bad_meta(
+            shown,
+            f"is wrong (buckets: {meta.buckets}, but the folder holds bucket-{highest:05d})",
+            cache_uri,
+        )
     return meta
 
 
@@ -234,10 +263,16 @@ def bucket_folders(fs, folder: str) -> list[int]:
         names = [posixpath.basename(p.rstrip("/")) for p in fs.ls(folder, detail=False)]
     except FileNotFoundError:
         return []
-    return sorted(int(n[len("bucket-"):]) for n in names if n.startswith("bucket-") and n[len("bucket-"):].isdigit())
+    return sorted(
+        int(n[len("bucket-") :])
+        for n in names
+        if n.startswith("bucket-") and n[len("bucket-") :].isdigit()
+    )
 
 
-def open_cache(uri: str, storage_options: dict, fingerprint_hex: str, covers: dict, buckets: int) -> CacheSpec:
+def open_cache(
+    uri: str, storage_options: dict, fingerprint_hex: str, covers: dict, buckets: int
+) -> CacheSpec:
     """The fingerprint's folder of the cache at `uri`, created with `buckets` buckets if new (an existing
     folder keeps the number it was created with). One line if the cache cannot be reached or created, or if an
     existing folder's `_cache.json` is missing or wrong."""
@@ -252,15 +287,22 @@ def open_cache(uri: str, storage_options: dict, fingerprint_hex: str, covers: di
             # Entries without their metadata: creating it anew could name another bucket count than the
             # entries were split by, and every lookup would miss.
             raise _bad_meta(protocol + meta_path, "is missing", uri)
-        meta = {"format": FORMAT, "fingerprint": fingerprint_hex, "buckets": buckets, "covers": covers,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        meta = {
+            "format": FORMAT,
+            "fingerprint": fingerprint_hex,
+            "buckets": buckets,
+            "covers": covers,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
         if create_exclusive(fs, meta_path, json.dumps(meta, indent=2, sort_keys=True).encode()):
             return CacheSpec(protocol + folder, fingerprint_hex, buckets, storage_options)
         try:
             meta = read_meta(fs, folder, uri, protocol)
         except OtherFormat:
             raise
-        except ConfigError:  # a job creating the folder right now: a local create is visible before its bytes
+        except (
+            ConfigError
+        ):  # a job creating the folder right now: a local create is visible before its bytes
             time.sleep(1.0)
             meta = read_meta(fs, folder, uri, protocol)
     except OSError as e:
@@ -326,27 +368,44 @@ def repair_meta(fs, folder: str, cache_uri: str, protocol: str = "") -> dict | N
         problem = str(e).split(";")[0]
     name = posixpath.basename(folder.rstrip("/"))
     if not (len(name) == 32 and all(c in "0123456789abcdef" for c in name)):
-        raise ConfigError(f"{protocol + folder} is not a score cache folder (its name is no fingerprint); "
-                          "move it out of the cache")
+        raise ConfigError(
+            f"{protocol + folder} is not a score cache folder (its name is no fingerprint); "
+            "move it out of the cache"
+        )
     buckets, keys = infer_buckets(fs, folder)
     if buckets is None:
-        raise ConfigError(f"{problem}, and its {keys} entries are too few to read the bucket count back; delete "
-                          f"{protocol + folder} (its pairs are scored again on the next run)")
-    meta = CacheMeta(format=FORMAT, fingerprint=name, buckets=buckets, covers=None,
-                     repaired=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    atomic_write(fs, join(folder, META), lambda f: f.write(meta.model_dump_json(indent=2)), mode="w")
+        raise ConfigError(
+            f"{problem}, and its {keys} entries are too few to read the bucket count back; delete "
+            f"{protocol + folder} (its pairs are scored again on the next run)"
+        )
+    meta = CacheMeta(
+        format=FORMAT,
+        fingerprint=name,
+        buckets=buckets,
+        covers=None,
+        repaired=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    atomic_write(
+        fs, join(folder, META), lambda f: f.write(meta.model_dump_json(indent=2)), mode="w"
+    )
     return {"uri": protocol + folder, "problem": problem, "buckets": buckets, "keys": keys}
 
 
-def aggregate(table: pa.Table, keys: list[str], aggregations: dict[str, tuple[str, str]]) -> pa.Table:
+def aggregate(
+    table: pa.Table, keys: list[str], aggregations: dict[str, tuple[str, str]]
+) -> pa.Table:
     """group_by(keys) with named outputs: {output name: (column, function)} (Arrow's own names and column
     order differ between versions)."""
     grouped = table.group_by(keys).aggregate([(column, fn) for column, fn in aggregations.values()])
-    return pa.table([grouped.column(k) for k in keys] + [grouped.column(f"{c}_{fn}") for c, fn in aggregations.values()],
-                    names=keys + list(aggregations))
+    return pa.table(
+        [grouped.column(k) for k in keys]
+        + [grouped.column(f"{c}_{fn}") for c, fn in aggregations.values()],
+        names=keys + list(aggregations),
+    )
 
 
 # -- reading and writing buckets ---------------------------------------------------------------------------
+
 
 class Unreadable(Exception):
     """A cache file whose bytes arrived but do not parse as one of the cache's tables."""
@@ -364,15 +423,29 @@ def read_file(fs, path: str, schema: pa.Schema) -> pa.Table:
     try:
         table = pq.read_table(pa.BufferReader(data), page_checksum_verification=True)
         return table.select(schema.names).cast(schema)
-    except (pa.ArrowException, OSError, ValueError, TypeError, KeyError) as e:  # no I/O here: all parsing
+    except (
+        pa.ArrowException,
+        OSError,
+        ValueError,
+        TypeError,
+        KeyError,
+    ) as e:  # no I/O here: all parsing
         text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise Unreadable(path, text.replace("Could not open Parquet input source '<Buffer>': ", "")) from None
+        raise Unreadable(
+            path, text.replace("Could not open Parquet input source '<Buffer>': ", "")
+        ) from None
 
 
-def _read_files(fs, paths: list[str], schema: pa.Schema, unreadable: list | None = None,
-                vanished: list | None = None) -> pa.Table:
+def _read_files(
+    fs,
+    paths: list[str],
+    schema: pa.Schema,
+    unreadable: list | None = None,
+    vanished: list | None = None,
+) -> pa.Table:
     """The files' rows, concatenated. With `unreadable` (a list), files that do not parse are skipped and
     appended to it as `Unreadable`; with `vanished`, files gone since they were listed are skipped likewise."""
+
     def read(path):
         try:
             return read_file(fs, path, schema)
@@ -384,6 +457,7 @@ def _read_files(fs, paths: list[str], schema: pa.Schema, unreadable: list | None
             if vanished is None:
                 raise
             return path
+
     tables = []
     for result in map_paths(read, paths, max_workers=16):
         if isinstance(result, Unreadable):
@@ -403,7 +477,9 @@ def quarantine(fs, root: str, bad: Unreadable) -> dict:
     try:
         fs.makedirs(posixpath.dirname(target), exist_ok=True)
         fs.mv(bad.path, target)
-    except FileNotFoundError:  # another run quarantined it (or a compaction merged what it could) meanwhile
+    except (
+        FileNotFoundError
+    ):  # another run quarantined it (or a compaction merged what it could) meanwhile
         target = None
     return {"path": bad.path, "reason": bad.reason, "moved_to": target}
 
@@ -412,7 +488,9 @@ def list_bucket(fs, root: str, bucket: int, kind: str = "part") -> list[str]:
     return sorted(fs.glob(join(CacheSpec.bucket_dir(root, bucket), f"{kind}-*.parquet")))
 
 
-def read_bucket(fs, root: str, bucket: int, with_paths: bool = False, quarantined: list | None = None):
+def read_bucket(
+    fs, root: str, bucket: int, with_paths: bool = False, quarantined: list | None = None
+):
     """A bucket's entries, one per key (the smallest score where several files hold a key), with their
     latest last_used. Listing again when a file vanished under a concurrent compaction. A file that does not
     read is skipped (its pairs count as misses) and quarantined; `quarantined` (a list) receives what
@@ -444,7 +522,9 @@ def unique_entries(table: pa.Table) -> pa.Table:
     return grouped.select([KEY, SCORE, LAST_USED]).cast(PART_SCHEMA).sort_by(KEY)
 
 
-def publish(fs, root: str, bucket: int, entries: pa.Table, now: datetime | None = None) -> str | None:
+def publish(
+    fs, root: str, bucket: int, entries: pa.Table, now: datetime | None = None
+) -> str | None:
     """Add (key, score) entries to a bucket as one new immutable file; None if that exact file is there."""
     if entries.num_rows == 0:
         return None
@@ -453,9 +533,13 @@ def publish(fs, root: str, bucket: int, entries: pa.Table, now: datetime | None 
     path = join(CacheSpec.bucket_dir(root, bucket), name)
     if fs.exists(path):
         return None
-    stamp = pa.array(np.full(entries.num_rows, int((now or datetime.now(timezone.utc)).timestamp()), np.int64),
-                     pa.int64()).cast(TIME_TYPE)
-    table = pa.table([entries.column(KEY), entries.column(SCORE).cast(pa.float32()), stamp], schema=PART_SCHEMA)
+    stamp = pa.array(
+        np.full(entries.num_rows, int((now or datetime.now(timezone.utc)).timestamp()), np.int64),
+        pa.int64(),
+    ).cast(TIME_TYPE)
+    table = pa.table(
+        [entries.column(KEY), entries.column(SCORE).cast(pa.float32()), stamp], schema=PART_SCHEMA
+    )
     _write_new(fs, path, table)
     return path
 
@@ -484,8 +568,10 @@ def _write_new(fs, path: str, table: pa.Table) -> None:
 
 # -- maintenance --------------------------------------------------------------------------------------------
 
-def compact_bucket(fs, root: str, bucket: int, older_than_s: float | None = None,
-                   now: datetime | None = None) -> dict:
+
+def compact_bucket(
+    fs, root: str, bucket: int, older_than_s: float | None = None, now: datetime | None = None
+) -> dict:
     """Merge a bucket's part and hits files into one part file (one row per key, last_used the latest of
     written and found), dropping entries unused for `older_than_s` if given, then remove the merged files.
     Files that do not read are left out of the merge and quarantined (listed under "unreadable")."""
@@ -499,16 +585,22 @@ def compact_bucket(fs, root: str, bucket: int, older_than_s: float | None = None
     entries = _read_files(fs, parts, PART_SCHEMA, unreadable=unreadable, vanished=vanished)
     seen = _read_files(fs, hits, HITS_SCHEMA, unreadable=unreadable, vanished=vanished)
     before["unreadable"] = [quarantine(fs, root, bad) for bad in unreadable]
-    merged_paths = [p for p in parts + hits if p not in {bad.path for bad in unreadable} | set(vanished)]
+    merged_paths = [
+        p for p in parts + hits if p not in {bad.path for bad in unreadable} | set(vanished)
+    ]
     before["rows"] = entries.num_rows
     merged = unique_entries(entries)
     if seen.num_rows:
         last = aggregate(seen, [KEY], {LAST_USED: (LAST_USED, "max")})
         joined = merged.join(last, KEY, right_suffix="_hit", join_type="left outer")
-        latest = pc.max_element_wise(joined.column(LAST_USED).cast(pa.int64()),
-                                     joined.column(LAST_USED + "_hit").cast(pa.int64()), skip_nulls=True)
-        merged = pa.table([joined.column(KEY), joined.column(SCORE), latest.cast(TIME_TYPE)],
-                          schema=PART_SCHEMA).sort_by(KEY)
+        latest = pc.max_element_wise(
+            joined.column(LAST_USED).cast(pa.int64()),
+            joined.column(LAST_USED + "_hit").cast(pa.int64()),
+            skip_nulls=True,
+        )
+        merged = pa.table(
+            [joined.column(KEY), joined.column(SCORE), latest.cast(TIME_TYPE)], schema=PART_SCHEMA
+        ).sort_by(KEY)
     dropped = 0
     if older_than_s is not None:
         cutoff = int((now or datetime.now(timezone.utc)).timestamp() - older_than_s)
@@ -522,7 +614,9 @@ def compact_bucket(fs, root: str, bucket: int, older_than_s: float | None = None
             _write_new(fs, path, merged)
     else:
         path = None
-    for old in merged_paths:  # the merged file is in place first: a reader listing now sees every entry
+    for (
+        old
+    ) in merged_paths:  # the merged file is in place first: a reader listing now sees every entry
         if old != path:
             try:
                 fs.rm(old)
@@ -537,12 +631,19 @@ def bucket_stats(fs, root: str, bucket: int) -> dict:
     parts, hits = list_bucket(fs, root, bucket), list_bucket(fs, root, bucket, "hits")
     sizes = map_paths(lambda p: int(fs.info(p).get("size") or 0), parts + hits)
     unreadable: list[Unreadable] = []
-    entries = unique_entries(_read_files(fs, parts, PART_SCHEMA, unreadable=unreadable, vanished=[]))
+    entries = unique_entries(
+        _read_files(fs, parts, PART_SCHEMA, unreadable=unreadable, vanished=[])
+    )
     _read_files(fs, hits, HITS_SCHEMA, unreadable=unreadable, vanished=[])
-    return {"part_files": len(parts), "hits_files": len(hits), "bytes": sum(sizes), "entries": entries.num_rows,
-            "oldest_last_used": _iso(pc.min(entries.column(LAST_USED))) if entries.num_rows else None,
-            "newest_last_used": _iso(pc.max(entries.column(LAST_USED))) if entries.num_rows else None,
-            "unreadable": [{"path": bad.path, "reason": bad.reason} for bad in unreadable]}
+    return {
+        "part_files": len(parts),
+        "hits_files": len(hits),
+        "bytes": sum(sizes),
+        "entries": entries.num_rows,
+        "oldest_last_used": _iso(pc.min(entries.column(LAST_USED))) if entries.num_rows else None,
+        "newest_last_used": _iso(pc.max(entries.column(LAST_USED))) if entries.num_rows else None,
+        "unreadable": [{"path": bad.path, "reason": bad.reason} for bad in unreadable],
+    }
 
 
 def verify_bucket(fs, root: str, bucket: int) -> tuple[int, list[Unreadable]]:
@@ -551,7 +652,11 @@ def verify_bucket(fs, root: str, bucket: int) -> tuple[int, list[Unreadable]]:
     unreadable: list[Unreadable] = []
     for path in paths:
         try:
-            read_file(fs, path, PART_SCHEMA if posixpath.basename(path).startswith("part-") else HITS_SCHEMA)
+            read_file(
+                fs,
+                path,
+                PART_SCHEMA if posixpath.basename(path).startswith("part-") else HITS_SCHEMA,
+            )
         except Unreadable as bad:
             unreadable.append(bad)
         except FileNotFoundError:  # compacted or quarantined since the listing
@@ -571,8 +676,12 @@ def record_run(spec: CacheSpec, record: dict) -> None:
     fs, root = spec.fs()
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     fs.makedirs(join(root, "runs"), exist_ok=True)
-    atomic_write(fs, join(root, "runs", f"{stamp}-{uuid.uuid4().hex[:8]}.json"),
-                 lambda f: json.dump(record, f, sort_keys=True), mode="w")
+    atomic_write(
+        fs,
+        join(root, "runs", f"{stamp}-{uuid.uuid4().hex[:8]}.json"),
+        lambda f: json.dump(record, f, sort_keys=True),
+        mode="w",
+    )
 
 
 def read_runs(spec: CacheSpec) -> list[dict]:

@@ -25,8 +25,9 @@ from pipeline.rerank_config import RerankConfig
 
 logger = logging.getLogger("rerank")
 
-TOKENIZE_RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results",
-                                "tokenize-cpu.json")
+TOKENIZE_RESULTS = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results", "tokenize-cpu.json"
+)
 # An H100 SXM's dense bf16 peak (the figure results/tokenize-cpu.json was sized with).
 GPU_BF16_TFLOPS = 989.0
 # The MFU a GPU scorer is assumed to reach while no GPU throughput is measured: tokenizers are sized to keep
@@ -70,17 +71,24 @@ def tokenize_cost(path: str | None = TOKENIZE_RESULTS) -> TokenizeCost:
     try:
         with open(path or "") as f:
             report = json.load(f)
-        rows = [(w["mean_tokens_per_pair"], 1.0 / w["pairs_per_s_per_core"]) for w in report["workloads"]]
+        rows = [
+            (w["mean_tokens_per_pair"], 1.0 / w["pairs_per_s_per_core"])
+            for w in report["workloads"]
+        ]
     except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
         rows = []
     if not rows:
-        return TokenizeCost(*FALLBACK_TOKENIZE, "estimate (built-in: 264 us + 3.8 us per token a pair per core)")
+        return TokenizeCost(
+            *FALLBACK_TOKENIZE, "estimate (built-in: 264 us + 3.8 us per token a pair per core)"
+        )
     where = f"measured ({os.path.basename(path)}, {report.get('cpu', '?')}, {report.get('measured', '?')})"
     if len(rows) == 1:
         return TokenizeCost(0.0, rows[0][1] / rows[0][0], where)
     n = len(rows)
     mx, my = sum(x for x, _ in rows) / n, sum(y for _, y in rows) / n
-    slope = sum((x - mx) * (y - my) for x, y in rows) / max(1e-12, sum((x - mx) ** 2 for x, _ in rows))
+    slope = sum((x - mx) * (y - my) for x, y in rows) / max(
+        1e-12, sum((x - mx) ** 2 for x, _ in rows)
+    )
     return TokenizeCost(max(0.0, my - slope * mx), max(0.0, slope), where)
 
 
@@ -93,24 +101,44 @@ def flops_per_pair(model_config: dict, tokens: Sequence[int] | None = None) -> f
     return model_flops(Shape.from_config(model_config), lengths) / len(lengths)
 
 
-def scorer_rate(model_config: dict, tokens: Sequence[int] | None = None, *, cache_runs: Iterable[dict] = (),
-                gpu_check: str | None = None, dtype: str = "bfloat16", mfu: float = ASSUMED_MFU,
-                gpu_tflops: float = GPU_BF16_TFLOPS, sequences_per_pair: float = 1.0) -> Rate:
+def scorer_rate(
+    model_config: dict,
+    tokens: Sequence[int] | None = None,
+    *,
+    cache_runs: Iterable[dict] = (),
+    gpu_check: str | None = None,
+    dtype: str = "bfloat16",
+    mfu: float = ASSUMED_MFU,
+    gpu_tflops: float = GPU_BF16_TFLOPS,
+    sequences_per_pair: float = 1.0,
+) -> Rate:
     """One GPU scorer's pairs/s: measured if the score cache's runs (on GPU) or a GPU check's report say it,
     else computed from the model's FLOPs at `mfu` of `gpu_tflops`. `tokens`: token counts of sequences; a pair
     is `sequences_per_pair` of them (windows mode), which the cache's rates (pairs of the same settings) include."""
-    runs = [r for r in cache_runs if r.get("model_pairs_per_s") and r.get("pairs_scored", 0) >= 1000
-            and r.get("device") == "cuda" and r.get("scorer_actors")]
+    runs = [
+        r
+        for r in cache_runs
+        if r.get("model_pairs_per_s")
+        and r.get("pairs_scored", 0) >= 1000
+        and r.get("device") == "cuda"
+        and r.get("scorer_actors")
+    ]
     if runs:
         best = max(runs, key=lambda r: r["pairs_scored"])
-        return Rate(best["model_pairs_per_s"] / best["scorer_actors"],
-                    f"measured (score cache run of {best['pairs_scored']:,} pairs, {best.get('end_time', '?')})")
+        return Rate(
+            best["model_pairs_per_s"] / best["scorer_actors"],
+            f"measured (score cache run of {best['pairs_scored']:,} pairs, {best.get('end_time', '?')})",
+        )
     if gpu_check:
         rate = _gpu_check_rate(gpu_check, dtype, tokens)
         if rate is not None:
             return Rate(rate.pairs_per_s / sequences_per_pair, rate.source)
-    pairs_per_s = gpu_tflops * 1e12 * mfu / flops_per_pair(model_config, tokens) / sequences_per_pair
-    return Rate(pairs_per_s, f"estimate (model FLOPs at {100 * mfu:g}% MFU of {gpu_tflops:g} bf16 TFLOP/s)")
+    pairs_per_s = (
+        gpu_tflops * 1e12 * mfu / flops_per_pair(model_config, tokens) / sequences_per_pair
+    )
+    return Rate(
+        pairs_per_s, f"estimate (model FLOPs at {100 * mfu:g}% MFU of {gpu_tflops:g} bf16 TFLOP/s)"
+    )
 
 
 def _gpu_check_rate(path: str, dtype: str, tokens: Sequence[int] | None) -> Rate | None:
@@ -119,7 +147,11 @@ def _gpu_check_rate(path: str, dtype: str, tokens: Sequence[int] | None) -> Rate
     try:
         with open(path) as f:
             report = json.load(f)
-        rows = [r for r in report["scorer_throughput"]["rows"] if r.get("dtype") == dtype and r.get("tokens_per_s")]
+        rows = [
+            r
+            for r in report["scorer_throughput"]["rows"]
+            if r.get("dtype") == dtype and r.get("tokens_per_s")
+        ]
         name = (report.get("environment") or {}).get("device_name") or "GPU"
         on_gpu = str(report.get("device", "")).startswith("cuda")
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -128,8 +160,11 @@ def _gpu_check_rate(path: str, dtype: str, tokens: Sequence[int] | None) -> Rate
         return None
     mean = sum(tokens) / len(tokens) if tokens else SHORT_PAIR_TOKENS
     row = min(rows, key=lambda r: abs(r["mean_tokens"] - mean))
-    return Rate(row["tokens_per_s"] / mean, f"measured ({os.path.basename(path)}, {name}, {dtype} on "
-                                            f"{row['workload']} pairs, at their tokens/s)")
+    return Rate(
+        row["tokens_per_s"] / mean,
+        f"measured ({os.path.basename(path)}, {name}, {dtype} on "
+        f"{row['workload']} pairs, at their tokens/s)",
+    )
 
 
 def _cpus(node: dict) -> float:
@@ -143,8 +178,8 @@ def _gpus(node: dict) -> float:
 @dataclass(frozen=True)
 class TokenizerSizing:
     actors: int
-    wanted: int                 # what the scorers would need, before the CPU cap
-    cpu_cap: int                # tokenizer actors the matching nodes' CPUs hold beside the other pools
+    wanted: int  # what the scorers would need, before the CPU cap
+    cpu_cap: int  # tokenizer actors the matching nodes' CPUs hold beside the other pools
     gpus: float
     scorer: Rate
     tokenizer: Rate
@@ -153,15 +188,23 @@ class TokenizerSizing:
     def line(self, config: RerankConfig) -> str:
         t = config.tokenizer
         capped = f", capped by CPUs from {self.wanted}" if self.actors < self.wanted else ""
-        return (f"tokenizer.num_actors auto: {self.actors}{capped} (for {self.gpus:g} GPU scorers at "
-                f"{self.scorer.pairs_per_s:,.0f} pairs/s each, {self.scorer.source}; a tokenizer of "
-                f"{t.num_cpus:g} CPU tokenizes {self.tokenizer.pairs_per_s * min(1.0, t.num_cpus):,.0f} pairs/s of "
-                f"{self.tokens_per_pair:.0f} tokens, {self.tokenizer.source}; {self.cpu_cap} fit the CPUs of nodes "
-                f"matching tokenizer.label_selector {t.label_selector or '(any)'})")
+        return (
+            f"tokenizer.num_actors auto: {self.actors}{capped} (for {self.gpus:g} GPU scorers at "
+            f"{self.scorer.pairs_per_s:,.0f} pairs/s each, {self.scorer.source}; a tokenizer of "
+            f"{t.num_cpus:g} CPU tokenizes {self.tokenizer.pairs_per_s * min(1.0, t.num_cpus):,.0f} pairs/s of "
+            f"{self.tokens_per_pair:.0f} tokens, {self.tokenizer.source}; {self.cpu_cap} fit the CPUs of nodes "
+            f"matching tokenizer.label_selector {t.label_selector or '(any)'})"
+        )
 
 
-def size_tokenizers(config: RerankConfig, nodes: list[dict], scorer: Rate, cost: TokenizeCost,
-                    tokens_per_pair: float = SHORT_PAIR_TOKENS, gpus: float | None = None) -> TokenizerSizing:
+def size_tokenizers(
+    config: RerankConfig,
+    nodes: list[dict],
+    scorer: Rate,
+    cost: TokenizeCost,
+    tokens_per_pair: float = SHORT_PAIR_TOKENS,
+    gpus: float | None = None,
+) -> TokenizerSizing:
     """Tokenizer actors that keep `gpus` scorers (default: the GPUs of the alive nodes) fed at `scorer`'s rate,
     at least 1, at most what the CPUs of the nodes matching tokenizer.label_selector hold once the scorers
     placed there and the read and write pools have theirs. Without GPUs (CPU scorers) one actor: a CPU scorer
@@ -176,7 +219,9 @@ def size_tokenizers(config: RerankConfig, nodes: list[dict], scorer: Rate, cost:
     per_actor = tokenizer.pairs_per_s * min(1.0, t.num_cpus)
     wanted = max(1, math.ceil(gpus * scorer.pairs_per_s / per_actor)) if gpus else 1
     eligible = [n for n in alive if label_selector_matches(n.get("Labels") or {}, t.label_selector)]
-    scorers_there = sum(_gpus(n) for n in eligible) / s.num_gpus_per_actor * s.num_cpus if gpus else 0.0
+    scorers_there = (
+        sum(_gpus(n) for n in eligible) / s.num_gpus_per_actor * s.num_cpus if gpus else 0.0
+    )
     free = sum(_cpus(n) for n in eligible) - scorers_there - 2 * io.num_actors * io.num_cpus
     cap = max(1, int(free / t.num_cpus + 1e-9))
     return TokenizerSizing(min(wanted, cap), wanted, cap, gpus, scorer, tokenizer, tokens_per_pair)
@@ -191,26 +236,37 @@ def local_nodes() -> list[dict]:
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     except ImportError:
         pass
-    return [{"Alive": True, "NodeManagerAddress": "127.0.0.1", "Labels": {},
-             "Resources": {"CPU": float(len(os.sched_getaffinity(0))), "GPU": float(gpus)}}]
+    return [
+        {
+            "Alive": True,
+            "NodeManagerAddress": "127.0.0.1",
+            "Labels": {},
+            "Resources": {"CPU": float(len(os.sched_getaffinity(0))), "GPU": float(gpus)},
+        }
+    ]
 
 
-def wall_hours(pairs: int, gpus: int, scorer: Rate, tokenizers: int, tokenizer_pairs_per_s: float) -> float:
+def wall_hours(
+    pairs: int, gpus: int, scorer: Rate, tokenizers: int, tokenizer_pairs_per_s: float
+) -> float:
     """Hours to score `pairs` on `gpus` scorers fed by `tokenizers` actors of `tokenizer_pairs_per_s` each: the
     slower of the two stages sets the pace (reading, writing and ranking are not counted)."""
     pace = min(gpus * scorer.pairs_per_s, tokenizers * tokenizer_pairs_per_s)
     return pairs / pace / 3600.0
 
 
-def resolve_tokenizer_actors(config: RerankConfig, nodes: list[dict], model_config: dict,
-                             cache_runs: Iterable[dict] = ()) -> RerankConfig:
+def resolve_tokenizer_actors(
+    config: RerankConfig, nodes: list[dict], model_config: dict, cache_runs: Iterable[dict] = ()
+) -> RerankConfig:
     """`config` with tokenizer.num_actors decided (an explicit number is kept); the decision is logged in one line."""
     if isinstance(config.tokenizer.num_actors, int):
         return config
     scorer = scorer_rate(model_config, cache_runs=cache_runs, gpu_check=config.scorer.gpu_check)
     sizing = size_tokenizers(config, nodes, scorer, tokenize_cost())
     logger.info("%s", sizing.line(config))
-    return config.model_copy(update={"tokenizer": config.tokenizer.model_copy(update={"num_actors": sizing.actors})})
+    return config.model_copy(
+        update={"tokenizer": config.tokenizer.model_copy(update={"num_actors": sizing.actors})}
+    )
 
 
 def model_config_of(directory: str) -> dict:

@@ -33,23 +33,47 @@ class JobArgumentParser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (see `{self.prog} --help`)")
 
 
-def base_parser(prog: str, description: str, *, model_required: bool = True,
-                formatter_class=argparse.HelpFormatter,
-                set_example: str = "scorer.max_tokens_per_batch=8192") -> JobArgumentParser:
+def base_parser(
+    prog: str,
+    description: str,
+    *,
+    model_required: bool = True,
+    formatter_class=argparse.HelpFormatter,
+    set_example: str = "scorer.max_tokens_per_batch=8192",
+) -> JobArgumentParser:
     """`set_example`: a key of this job's config for --set's help (the jobs that run a rerank step keep its
     settings under `rerank.`)."""
     parser = JobArgumentParser(prog=prog, description=description, formatter_class=formatter_class)
-    parser.add_argument("--model", required=model_required, default=None,
-                        help="local checkpoint directory, Hugging Face hub id, or dummy:<architecture>" +
-                        ("" if model_required else f" (default: the config's model, {DEFAULT_MODEL})"))
-    parser.add_argument("--dtype", choices=DTYPES, default=None,
-                        help="compute dtype (default auto: bf16 on CUDA; on CPU bf16 where a short GEMM probe finds it faster; "
-                        "int8: int8 Linear layers on CPU, only when asked for)")
+    parser.add_argument(
+        "--model",
+        required=model_required,
+        default=None,
+        help="local checkpoint directory, Hugging Face hub id, or dummy:<architecture>"
+        + ("" if model_required else f" (default: the config's model, {DEFAULT_MODEL})"),
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default=None,
+        help="compute dtype (default auto: bf16 on CUDA; on CPU bf16 where a short GEMM probe finds it faster; "
+        "int8: int8 Linear layers on CPU, only when asked for)",
+    )
     parser.add_argument("--config", default=None, help="YAML config file (see configs/)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help=f"override one config key, e.g. --set {set_example} (repeatable)")
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="-v: this project's debug logging; -vv: every library's too but Ray's (credentials redacted)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override one config key, e.g. --set {set_example} (repeatable)",
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="-v: this project's debug logging; -vv: every library's too but Ray's (credentials redacted)",
+    )
     return parser
 
 
@@ -70,9 +94,11 @@ def check_job_location(uri: str | None, flag: str = "--output") -> None:
         return
     cwd = ray_job_working_dir()
     if cwd is not None:
-        raise ConfigError(f"{flag} {uri} is a relative path and this job runs under `ray job submit`, whose working "
-                          f"directory is Ray's temporary copy of the project ({cwd}); give an absolute path on "
-                          "storage every node shares, or object storage (s3://...)")
+        raise ConfigError(
+            f"{flag} {uri} is a relative path and this job runs under `ray job submit`, whose working "
+            f"directory is Ray's temporary copy of the project ({cwd}); give an absolute path on "
+            "storage every node shares, or object storage (s3://...)"
+        )
 
 
 class RedactSecrets(logging.Filter):
@@ -82,13 +108,26 @@ class RedactSecrets(logging.Filter):
     PATTERNS = [
         (re.compile(r"(Credential=)[^/,\s'\"]+"), r"\1<redacted>"),
         (re.compile(r"(Signature=)[0-9a-fA-F]+"), r"\1<redacted>"),
-        (re.compile(r"(Signature:\s*)[0-9a-fA-F]{64}"), r"\1<redacted>"),  # botocore's "Signature:\n<hex>"
-        (re.compile(r"((?:X-Amz-Security-Token|x-amz-security-token|Authorization|authorization)['\"]?\s*[:=]\s*['\"]?)"
-                    r"[^'\",}\s]+(?:[^'\",}]*)"), r"\1<redacted>"),
+        (
+            re.compile(r"(Signature:\s*)[0-9a-fA-F]{64}"),
+            r"\1<redacted>",
+        ),  # botocore's "Signature:\n<hex>"
+        (
+            re.compile(
+                r"((?:X-Amz-Security-Token|x-amz-security-token|Authorization|authorization)['\"]?\s*[:=]\s*['\"]?)"
+                r"[^'\",}\s]+(?:[^'\",}]*)"
+            ),
+            r"\1<redacted>",
+        ),
         (re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{12,}\b"), "<redacted>"),
     ]
-    ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HF_TOKEN",
-           "GOOGLE_APPLICATION_CREDENTIALS")
+    ENV = (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "HF_TOKEN",
+        "GOOGLE_APPLICATION_CREDENTIALS",
+    )
     extra_secrets: set[str] = set()
 
     @classmethod
@@ -130,7 +169,9 @@ def setup_logging(verbose: int | bool = 0) -> None:
     otherwise (botocore's debug lines alone would print request signatures dozens of times a second)."""
     verbose = int(verbose)
     handler = _CurrentStderr()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    )
     handler.addFilter(RedactSecrets())
     root = logging.getLogger()
     for old in list(root.handlers):
@@ -152,7 +193,9 @@ def _verbose(argv: Sequence[str] | None) -> bool:
     return any(a in ("-v", "--verbose") or re.fullmatch(r"-v+", a) for a in args)
 
 
-def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> None:
+def run_main(
+    main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None
+) -> None:
     """Run a job's main; every failure becomes one `error:` line on stderr and its exit code."""
     try:
         code = main(argv)
@@ -169,8 +212,10 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
         if _verbose(argv):
             traceback.print_exc()
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        print(f"error: unexpected {type(e).__name__}{': ' + first[:300] if first else ''} (a bug: please report "
-              "it with the output of the same command run with -v; an unfinished output resumes on a rerun)",
-              file=sys.stderr)
+        print(
+            f"error: unexpected {type(e).__name__}{': ' + first[:300] if first else ''} (a bug: please report "
+            "it with the output of the same command run with -v; an unfinished output resumes on a rerun)",
+            file=sys.stderr,
+        )
         sys.exit(INTERNAL_ERROR_EXIT)
     sys.exit(code or 0)

@@ -60,14 +60,16 @@ class HandOffs:
     tokenizer: int
     scorer: int
     writer: int
-    batch_bytes: int        # the most bytes one batch may hold (io.in_flight_mb / BATCH_SHARE)
-    row_bytes: dict         # estimated bytes of one row entering each stage: {"tokenizer": n, ...}
+    batch_bytes: int  # the most bytes one batch may hold (io.in_flight_mb / BATCH_SHARE)
+    row_bytes: dict  # estimated bytes of one row entering each stage: {"tokenizer": n, ...}
 
     def cut(self, config: RerankConfig) -> list[str]:
         """The settings whose rows did not fit, as `key configured -> used`."""
-        asked = {"tokenizer.batch_size": (config.tokenizer.batch_size, self.tokenizer),
-                 "scorer.batch_size": (config.scorer.batch_size, self.scorer),
-                 "io.rows_per_write": (config.io.rows_per_write, self.writer)}
+        asked = {
+            "tokenizer.batch_size": (config.tokenizer.batch_size, self.tokenizer),
+            "scorer.batch_size": (config.scorer.batch_size, self.scorer),
+            "io.rows_per_write": (config.io.rows_per_write, self.writer),
+        }
         return [f"{k} {a:,} -> {b:,}" for k, (a, b) in asked.items() if b < a]
 
 
@@ -76,9 +78,13 @@ def hand_offs(config: RerankConfig, input_row_bytes: int, max_length: int) -> Ha
     one input pair (`input_row_bytes`: its columns as read) and the tokens a row may hold (`max_length`). A row
     that alone overflows a batch's share cannot be carried at all: ConfigError, before any work."""
     tokens = 5 * max_length  # input_ids int32 (+ token_type_ids int8 for BERT) per token, at most
-    ids = 128                # query and doc ids, counters, the score
+    ids = 128  # query and doc ids, counters, the score
     texts = input_row_bytes if config.output.carry_texts else 0
-    row_bytes = {"tokenizer": input_row_bytes, "scorer": ids + tokens + texts, "writer": ids + texts}
+    row_bytes = {
+        "tokenizer": input_row_bytes,
+        "scorer": ids + tokens + texts,
+        "writer": ids + texts,
+    }
     batch_bytes = config.io.in_flight_mb * 2**20 // BATCH_SHARE
     biggest = max(row_bytes, key=row_bytes.get)
     if row_bytes[biggest] > batch_bytes:
@@ -87,12 +93,17 @@ def hand_offs(config: RerankConfig, input_row_bytes: int, max_length: int) -> Ha
             f"a pair is about {row_bytes[biggest] / 2**10:,.0f} KB on its way to the {biggest}{carried}, more than "
             f"one batch may hold in io.in_flight_mb={config.io.in_flight_mb} (a batch gets 1/{BATCH_SHARE} of it, "
             f"{batch_bytes / 2**10:,.0f} KB); raise io.in_flight_mb to at least "
-            f"{-(-row_bytes[biggest] * BATCH_SHARE // 2**20)}" + (", or lower tokenizer.max_length"
-                                                                   if biggest == "scorer" else ""))
+            f"{-(-row_bytes[biggest] * BATCH_SHARE // 2**20)}"
+            + (", or lower tokenizer.max_length" if biggest == "scorer" else "")
+        )
     fit = {stage: max(1, batch_bytes // max(1, b)) for stage, b in row_bytes.items()}
-    return HandOffs(tokenizer=min(config.tokenizer.batch_size, fit["tokenizer"]),
-                    scorer=min(config.scorer.batch_size, fit["scorer"]),
-                    writer=min(config.io.rows_per_write, fit["writer"]), batch_bytes=batch_bytes, row_bytes=row_bytes)
+    return HandOffs(
+        tokenizer=min(config.tokenizer.batch_size, fit["tokenizer"]),
+        scorer=min(config.scorer.batch_size, fit["scorer"]),
+        writer=min(config.io.rows_per_write, fit["writer"]),
+        batch_bytes=batch_bytes,
+        row_bytes=row_bytes,
+    )
 
 
 @contextlib.contextmanager
@@ -104,7 +115,9 @@ def _streaming(config: RerankConfig):
     ctx = ray.data.DataContext.get_current()
     blocks, limits = ctx.target_max_block_size, ctx.execution_options.resource_limits
     ctx.target_max_block_size = BLOCK_BYTES
-    ctx.execution_options.resource_limits = ExecutionResources(object_store_memory=config.io.in_flight_mb * 2**20)
+    ctx.execution_options.resource_limits = ExecutionResources(
+        object_store_memory=config.io.in_flight_mb * 2**20
+    )
     try:
         yield
     finally:
@@ -121,10 +134,19 @@ def scorer_pool(config: RerankConfig) -> tuple[int, dict]:
     return s.num_actors or 1, {"num_cpus": s.num_cpus}
 
 
-def scoring_dataset(shards: list[Shard], layout: InputLayout, config: RerankConfig, input_uri: str,
-                    work_uri: str, num_buckets: int, rank_per_shard: bool, progress_counter=None,
-                    cache: CacheSpec | None = None, dtype: str | None = None,
-                    batches: HandOffs | None = None) -> ray.data.Dataset:
+def scoring_dataset(
+    shards: list[Shard],
+    layout: InputLayout,
+    config: RerankConfig,
+    input_uri: str,
+    work_uri: str,
+    num_buckets: int,
+    rank_per_shard: bool,
+    progress_counter=None,
+    cache: CacheSpec | None = None,
+    dtype: str | None = None,
+    batches: HandOffs | None = None,
+) -> ray.data.Dataset:
     """Yields one report row per staging file written (see stages/write.py). `batches`: rows per batch of each
     stage (`hand_offs`), else the configured ones. Scorers report each batch to
     `progress_counter` (a `progress.ScoreCounter` actor), if given. With `cache`, the read stage attaches what
@@ -132,66 +154,135 @@ def scoring_dataset(shards: list[Shard], layout: InputLayout, config: RerankConf
     dtype when the driver resolved `auto` (the cache's fingerprint names it)."""
     size, resources = scorer_pool(config)
     tokenizers = config.tokenizer.num_actors
-    if not isinstance(tokenizers, int):  # auto, where the caller did not size it (the job does, before its checks)
+    if not isinstance(
+        tokenizers, int
+    ):  # auto, where the caller did not size it (the job does, before its checks)
         from pipeline.capacity import model_config_of, resolve_tokenizer_actors
         from pipeline.model.checkpoint import resolve_model_directory
 
         directory, _ = resolve_model_directory(config.model, config.revision)
-        tokenizers = resolve_tokenizer_actors(config, ray.nodes(), model_config_of(directory)).tokenizer.num_actors
+        tokenizers = resolve_tokenizer_actors(
+            config, ray.nodes(), model_config_of(directory)
+        ).tokenizer.num_actors
     if batches is None:
-        batches = HandOffs(config.tokenizer.batch_size, config.scorer.batch_size, config.io.rows_per_write, 0, {})
+        batches = HandOffs(
+            config.tokenizer.batch_size, config.scorer.batch_size, config.io.rows_per_write, 0, {}
+        )
     with _streaming(config):
         ds = ray.data.from_items([s.to_item() for s in shards], override_num_blocks=len(shards))
-    read, read_kwargs = ReadShard, dict(layout=layout, storage_options=config.storage_options, uri=input_uri)
+    read, read_kwargs = (
+        ReadShard,
+        dict(layout=layout, storage_options=config.storage_options, uri=input_uri),
+    )
     if cache is not None:
-        read, read_kwargs = ReadShardCached, read_kwargs | dict(spec=cache, lookup_uri=f"{work_uri}/lookup")
-    ds = ds.map_batches(read, fn_constructor_kwargs=read_kwargs,
-                        batch_size=1, batch_format="pyarrow", compute=ActorPoolStrategy(size=config.io.num_actors),
-                        num_cpus=config.io.num_cpus)
-    ds = ds.map_batches(TokenizeStage, fn_constructor_kwargs=dict(model=config.model, revision=config.revision,
-                                                                 config=config.tokenizer,
-                                                                 keep_texts=config.output.carry_texts),
-                        batch_size=batches.tokenizer, batch_format="pyarrow",
-                        compute=ActorPoolStrategy(size=tokenizers), num_cpus=config.tokenizer.num_cpus,
-                        label_selector=config.tokenizer.label_selector)
-    ds = ds.map_batches(ScoreStage, fn_constructor_kwargs=dict(
-                            model=config.model, revision=config.revision, dtype=dtype or config.dtype, config=config.scorer,
-                            scorers_uri=f"{work_uri}/scorers", storage_options=config.storage_options,
-                            allow_pickle=config.allow_pickle,
-                            int8=config.int8 if (dtype or config.dtype) == "int8" else None,
-                            on_scored=None if progress_counter is None else functools.partial(report_to, progress_counter)),
-                        batch_size=batches.scorer, batch_format="pyarrow",
-                        compute=ActorPoolStrategy(size=size,
-                                                  max_tasks_in_flight_per_actor=config.scorer.max_tasks_in_flight_per_actor),
-                        **resources)
-    return ds.map_batches(WriteScored, fn_constructor_kwargs=dict(work_uri=work_uri, storage_options=config.storage_options,
-                                                                 num_buckets=num_buckets, bucket_by_shard=rank_per_shard,
-                                                                 keep_texts=config.output.carry_texts,
-                                                                 cache_buckets=None if cache is None else cache.buckets),
-                          batch_size=batches.writer, batch_format="pyarrow", compute=ActorPoolStrategy(size=config.io.num_actors),
-                          num_cpus=config.io.num_cpus)
+        read, read_kwargs = (
+            ReadShardCached,
+            read_kwargs | dict(spec=cache, lookup_uri=f"{work_uri}/lookup"),
+        )
+    ds = ds.map_batches(
+        read,
+        fn_constructor_kwargs=read_kwargs,
+        batch_size=1,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(size=config.io.num_actors),
+        num_cpus=config.io.num_cpus,
+    )
+    ds = ds.map_batches(
+        TokenizeStage,
+        fn_constructor_kwargs=dict(
+            model=config.model,
+            revision=config.revision,
+            config=config.tokenizer,
+            keep_texts=config.output.carry_texts,
+        ),
+        batch_size=batches.tokenizer,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(size=tokenizers),
+        num_cpus=config.tokenizer.num_cpus,
+        label_selector=config.tokenizer.label_selector,
+    )
+    ds = ds.map_batches(
+        ScoreStage,
+        fn_constructor_kwargs=dict(
+            model=config.model,
+            revision=config.revision,
+            dtype=dtype or config.dtype,
+            config=config.scorer,
+            scorers_uri=f"{work_uri}/scorers",
+            storage_options=config.storage_options,
+            allow_pickle=config.allow_pickle,
+            int8=config.int8 if (dtype or config.dtype) == "int8" else None,
+            on_scored=None
+            if progress_counter is None
+            else functools.partial(report_to, progress_counter),
+        ),
+        batch_size=batches.scorer,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(
+            size=size, max_tasks_in_flight_per_actor=config.scorer.max_tasks_in_flight_per_actor
+        ),
+        **resources,
+    )
+    return ds.map_batches(
+        WriteScored,
+        fn_constructor_kwargs=dict(
+            work_uri=work_uri,
+            storage_options=config.storage_options,
+            num_buckets=num_buckets,
+            bucket_by_shard=rank_per_shard,
+            keep_texts=config.output.carry_texts,
+            cache_buckets=None if cache is None else cache.buckets,
+        ),
+        batch_size=batches.writer,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(size=config.io.num_actors),
+        num_cpus=config.io.num_cpus,
+    )
 
 
-def ranking_dataset(buckets: list[dict], config: RerankConfig, output_uri: str, rejected_schema,
-                    shards: list[Shard], layout: InputLayout, input_uri: str,
-                    file_metadata: dict | None = None, fill_files: list[str] | None = None) -> ray.data.Dataset:
+def ranking_dataset(
+    buckets: list[dict],
+    config: RerankConfig,
+    output_uri: str,
+    rejected_schema,
+    shards: list[Shard],
+    layout: InputLayout,
+    input_uri: str,
+    file_metadata: dict | None = None,
+    fill_files: list[str] | None = None,
+) -> ray.data.Dataset:
     """Yields one report row per bucket ranked. `shards` is the whole plan: a duplicate pair's input row is
     re-read from its shard, committed in this run or an earlier one. `file_metadata` goes on every file."""
     with _streaming(config):
         ds = ray.data.from_items(buckets, override_num_blocks=len(buckets))
-    return ds.map_batches(RankBucket, fn_constructor_kwargs=dict(output_uri=output_uri,
-                                                                storage_options=config.storage_options,
-                                                                top_k=config.output.top_k,
-                                                                rejected_schema=rejected_schema,
-                                                                shards=[s.to_item() for s in shards],
-                                                                layout=layout, input_uri=input_uri,
-                                                                file_metadata=file_metadata, fill_files=fill_files),
-                          batch_size=1, batch_format="pyarrow", compute=ActorPoolStrategy(size=config.io.num_actors),
-                          num_cpus=config.io.num_cpus)
+    return ds.map_batches(
+        RankBucket,
+        fn_constructor_kwargs=dict(
+            output_uri=output_uri,
+            storage_options=config.storage_options,
+            top_k=config.output.top_k,
+            rejected_schema=rejected_schema,
+            shards=[s.to_item() for s in shards],
+            layout=layout,
+            input_uri=input_uri,
+            file_metadata=file_metadata,
+            fill_files=fill_files,
+        ),
+        batch_size=1,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(size=config.io.num_actors),
+        num_cpus=config.io.num_cpus,
+    )
 
 
-def lookup_datasets(shards: list[Shard], layout: InputLayout, config: RerankConfig, input_uri: str, work_uri: str,
-                    cache: CacheSpec):
+def lookup_datasets(
+    shards: list[Shard],
+    layout: InputLayout,
+    config: RerankConfig,
+    input_uri: str,
+    work_uri: str,
+    cache: CacheSpec,
+):
     """The score cache's lookup, in two datasets: `keys(shards)` yields one report per key file written (per
     shard and cache bucket); `join(buckets)`, given [{bucket, files}], one report per cache bucket joined."""
     io = dict(compute=ActorPoolStrategy(size=config.io.num_actors), num_cpus=config.io.num_cpus)
@@ -199,25 +290,49 @@ def lookup_datasets(shards: list[Shard], layout: InputLayout, config: RerankConf
     def keys() -> ray.data.Dataset:
         with _streaming(config):
             ds = ray.data.from_items([s.to_item() for s in shards], override_num_blocks=len(shards))
-        return ds.map_batches(KeysOfShard, fn_constructor_kwargs=dict(
-            layout=layout, storage_options=config.storage_options, uri=input_uri, spec=cache,
-            lookup_uri=f"{work_uri}/lookup"), batch_size=1, batch_format="pyarrow", **io)
+        return ds.map_batches(
+            KeysOfShard,
+            fn_constructor_kwargs=dict(
+                layout=layout,
+                storage_options=config.storage_options,
+                uri=input_uri,
+                spec=cache,
+                lookup_uri=f"{work_uri}/lookup",
+            ),
+            batch_size=1,
+            batch_format="pyarrow",
+            **io,
+        )
 
     def join(buckets: list[dict]) -> ray.data.Dataset:
         with _streaming(config):
             ds = ray.data.from_items(buckets, override_num_blocks=len(buckets))
-        return ds.map_batches(JoinBucket, fn_constructor_kwargs=dict(
-            spec=cache, lookup_uri=f"{work_uri}/lookup", storage_options=config.storage_options),
-            batch_size=1, batch_format="pyarrow", **io)
+        return ds.map_batches(
+            JoinBucket,
+            fn_constructor_kwargs=dict(
+                spec=cache, lookup_uri=f"{work_uri}/lookup", storage_options=config.storage_options
+            ),
+            batch_size=1,
+            batch_format="pyarrow",
+            **io,
+        )
 
     return keys, join
 
 
-def publish_dataset(buckets: list[dict], config: RerankConfig, work_uri: str, cache: CacheSpec) -> ray.data.Dataset:
+def publish_dataset(
+    buckets: list[dict], config: RerankConfig, work_uri: str, cache: CacheSpec
+) -> ray.data.Dataset:
     """Given [{bucket, new_files, waiting_files}] per cache bucket: publishes new entries, writes fill files."""
     with _streaming(config):
         ds = ray.data.from_items(buckets, override_num_blocks=len(buckets))
-    return ds.map_batches(PublishBucket, fn_constructor_kwargs=dict(spec=cache, work_uri=work_uri,
-                                                                   storage_options=config.storage_options),
-                          batch_size=1, batch_format="pyarrow", compute=ActorPoolStrategy(size=config.io.num_actors),
-                          num_cpus=config.io.num_cpus)
+    return ds.map_batches(
+        PublishBucket,
+        fn_constructor_kwargs=dict(
+            spec=cache, work_uri=work_uri, storage_options=config.storage_options
+        ),
+        batch_size=1,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(size=config.io.num_actors),
+        num_cpus=config.io.num_cpus,
+    )

@@ -19,7 +19,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from pipeline.errors import ConfigError
 
 # Keys whose values are secrets or endpoints: never logged, never written to summaries, never hashed.
-SECRET_KEYS = frozenset({"storage_options", "key", "secret", "token", "password", "aws_secret_access_key"})
+SECRET_KEYS = frozenset(
+    {"storage_options", "key", "secret", "token", "password", "aws_secret_access_key"}
+)
 
 
 class StrictModel(BaseModel):
@@ -49,7 +51,9 @@ def parse_overrides(overrides: Iterable[str]) -> dict:
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise ConfigError(f"--set expects key=value (for example `--set top_k=10`), got {item!r}")
+            raise ConfigError(
+                f"--set expects key=value (for example `--set top_k=10`), got {item!r}"
+            )
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
@@ -74,18 +78,26 @@ def read_yaml(path: str) -> dict:
         with fsspec.open(path, "r") as f:
             data = yaml.safe_load(f)
     except FileNotFoundError:
-        raise ConfigError(f"config file {path!r} not found; pass an existing YAML file to --config") from None
+        raise ConfigError(
+            f"config file {path!r} not found; pass an existing YAML file to --config"
+        ) from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise ConfigError(
+            f"config file {path!r} is not valid YAML: {str(e).splitlines()[0]}"
+        ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path!r} must hold a mapping of keys to values, got {type(data).__name__}")
+        raise ConfigError(
+            f"config file {path!r} must hold a mapping of keys to values, got {type(data).__name__}"
+        )
     return data
 
 
 def _model_of(annotation: Any) -> type[BaseModel] | None:
-    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return (
+        annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    )
 
 
 def _accepts(model: type[BaseModel], parts: list[str]) -> bool:
@@ -109,8 +121,10 @@ def _nested_key_hint(section: Any, key: str, value: Any) -> tuple[str, str] | No
     if section is None:
         return None
     parts = [key]
-    while isinstance(value, dict) and len(value) == 1:  # `--set a.b.c=1` reaches here as a: {b: {c: 1}}
-        (inner, value), = value.items()
+    while (
+        isinstance(value, dict) and len(value) == 1
+    ):  # `--set a.b.c=1` reaches here as a: {b: {c: 1}}
+        ((inner, value),) = value.items()
         parts.append(str(inner))
     for name, field in section.model_fields.items():
         sub = _model_of(field.annotation)
@@ -126,12 +140,18 @@ def _describe(error: dict, cls: type[BaseModel]) -> str:
         for part in error["loc"][:-1]:
             field = section.model_fields.get(str(part)) if isinstance(section, type) else None
             section = field.annotation if field is not None else None
-        known = sorted(section.model_fields) if isinstance(section, type) and issubclass(section, BaseModel) else []
+        known = (
+            sorted(section.model_fields)
+            if isinstance(section, type) and issubclass(section, BaseModel)
+            else []
+        )
         hint = _nested_key_hint(section, str(error["loc"][-1]), error.get("input"))
         if hint:
             typed, meant = hint
             return f"unknown config key `{'.'.join([*loc.split('.')[:-1], typed])}`; did you mean {meant}?"
-        return f"unknown config key `{loc}`" + (f"; known keys here: {', '.join(known)}" if known else "")
+        return f"unknown config key `{loc}`" + (
+            f"; known keys here: {', '.join(known)}" if known else ""
+        )
     if not loc:  # a check across keys (a model validator): its message names them
         return str(error["msg"]).removeprefix("Value error, ")
     return f"config key `{loc}`: {error['msg']}"
@@ -144,7 +164,9 @@ def build_config(cls: type[C], data: dict) -> C:
         raise ConfigError("; ".join(_describe(err, cls) for err in e.errors())) from None
 
 
-def load_config(cls: type[C], path: str | None = None, overrides: Iterable[str] = (), **explicit: Any) -> C:
+def load_config(
+    cls: type[C], path: str | None = None, overrides: Iterable[str] = (), **explicit: Any
+) -> C:
     """Defaults from `cls`, then the YAML file, then `--set` overrides, then explicit CLI flags (not None)."""
     data = read_yaml(path) if path else {}
     data = merge_dicts(data, parse_overrides(overrides))
@@ -157,7 +179,9 @@ def load_config(cls: type[C], path: str | None = None, overrides: Iterable[str] 
 def redact(value: Any) -> Any:
     """A copy of a config dump with secret-bearing keys replaced, safe for logs and summaries."""
     if isinstance(value, dict):
-        return {k: ("<redacted>" if k in SECRET_KEYS and v else redact(v)) for k, v in value.items()}
+        return {
+            k: ("<redacted>" if k in SECRET_KEYS and v else redact(v)) for k, v in value.items()
+        }
     if isinstance(value, list):
         return [redact(v) for v in value]
     return value

@@ -18,22 +18,45 @@ from pipeline.errors import InfrastructureError, OutputError, PipelineError
 
 # An actor that raised in its constructor reaches the driver as Ray's ActorDiedError, whose only trace of
 # the original exception is the worker's formatted traceback in its message: its last "Class: message" line.
-_OWN_ERROR_LINE = re.compile(r"^(?:[\w.]+\.)?(" + "|".join(
-    name for name, obj in vars(errors).items() if isinstance(obj, type) and issubclass(obj, PipelineError))
-    + r"): (.+)$", re.MULTILINE)
+_OWN_ERROR_LINE = re.compile(
+    r"^(?:[\w.]+\.)?("
+    + "|".join(
+        name
+        for name, obj in vars(errors).items()
+        if isinstance(obj, type) and issubclass(obj, PipelineError)
+    )
+    + r"): (.+)$",
+    re.MULTILINE,
+)
 
 RESUME = "rerun the same command once it is fixed: committed work is kept"
 
 # Exception class names (no import needed) that mean "the storage endpoint did not answer".
 _UNREACHABLE = {
-    "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
-    "ClientConnectorError", "ServerDisconnectedError", "ClientOSError", "ServerTimeoutError",
-    "ConnectionRefusedError", "ConnectionResetError", "ConnectionAbortedError", "NewConnectionError",
-    "MaxRetryError", "ProxyConnectionError",
+    "EndpointConnectionError",
+    "ConnectTimeoutError",
+    "ReadTimeoutError",
+    "ConnectionClosedError",
+    "ClientConnectorError",
+    "ServerDisconnectedError",
+    "ClientOSError",
+    "ServerTimeoutError",
+    "ConnectionRefusedError",
+    "ConnectionResetError",
+    "ConnectionAbortedError",
+    "NewConnectionError",
+    "MaxRetryError",
+    "ProxyConnectionError",
 }
 _TRACEBACK_LINE = re.compile(r"^([\w.]+): (.+)$", re.MULTILINE)
 _NO_SPACE_FILE = re.compile(r"No space left on device: '([^']+)'")
-_UNREACHABLE_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT}
+_UNREACHABLE_ERRNOS = {
+    errno.ECONNREFUSED,
+    errno.ECONNRESET,
+    errno.EHOSTUNREACH,
+    errno.ENETUNREACH,
+    errno.ETIMEDOUT,
+}
 
 
 def chain(exc: BaseException) -> Iterator[BaseException]:
@@ -74,12 +97,22 @@ def explain(exc: BaseException) -> PipelineError | None:
     for e in causes:  # our own message wins: it was written for the user where the fault happened
         if isinstance(e, PipelineError) and not _ray_wrapper(e):
             return e
-    for e in causes:  # a PipelineError known only through Ray's wrapper class: its message, not Ray's traceback
+    for e in (
+        causes
+    ):  # a PipelineError known only through Ray's wrapper class: its message, not Ray's traceback
         if isinstance(e, PipelineError):
-            cls = next(c for c in type(e).__mro__ if issubclass(c, PipelineError) and not _ray_wrapper_class(c))
+            cls = next(
+                c
+                for c in type(e).__mro__
+                if issubclass(c, PipelineError) and not _ray_wrapper_class(c)
+            )
             return cls(_first_line(e))
     for e in causes:
-        if _ray_wrapper(e) or type(e).__name__ in ("ActorDiedError", "ActorUnavailableError", "UserCodeException"):
+        if _ray_wrapper(e) or type(e).__name__ in (
+            "ActorDiedError",
+            "ActorUnavailableError",
+            "UserCodeException",
+        ):
             found = _OWN_ERROR_LINE.findall(str(e))
             if found:
                 name, message = found[-1]
@@ -88,23 +121,34 @@ def explain(exc: BaseException) -> PipelineError | None:
             if "[Errno 28]" in text or "No space left on device" in text:
                 named = _NO_SPACE_FILE.search(text)
                 where = f"writing {named.group(1)}" if named else "(in a worker)"
-                return InfrastructureError(f"no space left on the device {where}; free space (or point --output at "
-                                           f"a larger volume) and {RESUME}")
+                return InfrastructureError(
+                    f"no space left on the device {where}; free space (or point --output at "
+                    f"a larger volume) and {RESUME}"
+                )
             # A worker's exception crosses to the driver pickled, which drops __cause__: the storage fault
             # under a failed write is only named in the worker's traceback text.
-            unreachable = [m for m in _TRACEBACK_LINE.findall(text) if m[0].rsplit(".", 1)[-1] in _UNREACHABLE]
+            unreachable = [
+                m for m in _TRACEBACK_LINE.findall(text) if m[0].rsplit(".", 1)[-1] in _UNREACHABLE
+            ]
             if unreachable:
                 name, message = unreachable[-1]
-                return InfrastructureError(f"the storage endpoint stopped answering ({name.rsplit('.', 1)[-1]}: "
-                                           f"{message.strip()}); {RESUME}")
+                return InfrastructureError(
+                    f"the storage endpoint stopped answering ({name.rsplit('.', 1)[-1]}: "
+                    f"{message.strip()}); {RESUME}"
+                )
     for e in causes:
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return InfrastructureError(f"no space left on the device writing{_where(e)}; free space (or point "
-                                       f"--output at a larger volume) and {RESUME}")
+            return InfrastructureError(
+                f"no space left on the device writing{_where(e)}; free space (or point "
+                f"--output at a larger volume) and {RESUME}"
+            )
         if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            return OutputError(f"permission denied writing{_where(e)} ({e.strerror}); choose a writable location")
+            return OutputError(
+                f"permission denied writing{_where(e)} ({e.strerror}); choose a writable location"
+            )
         name = type(e).__name__
         if name in _UNREACHABLE or (isinstance(e, OSError) and e.errno in _UNREACHABLE_ERRNOS):
-            return InfrastructureError(f"the storage endpoint stopped answering ({name}: {_first_line(e)}); "
-                                       f"{RESUME}")
+            return InfrastructureError(
+                f"the storage endpoint stopped answering ({name}: {_first_line(e)}); {RESUME}"
+            )
     return None

@@ -19,10 +19,10 @@ Keys = pa.Array | pa.ChunkedArray | np.ndarray
 class GroupPositions(NamedTuple):
     """Where N grouped rows stand, for G groups (G = 0 when N = 0)."""
 
-    first: np.ndarray     # (N,) bool: the row starts a group (a run of equal keys)
-    group: np.ndarray     # (N,) int64: the row's group, 0..G-1 in row order
-    starts: np.ndarray    # (G,) int64: the first row of each group
-    sizes: np.ndarray     # (G,) int64: rows in each group
+    first: np.ndarray  # (N,) bool: the row starts a group (a run of equal keys)
+    group: np.ndarray  # (N,) int64: the row's group, 0..G-1 in row order
+    starts: np.ndarray  # (G,) int64: the first row of each group
+    sizes: np.ndarray  # (G,) int64: rows in each group
     position: np.ndarray  # (N,) int64: 1-based position of the row within its group
 
 

@@ -40,8 +40,10 @@ class Summary(_OwnFile):
     config_hash: str
     input_uri: str | None = None
     input_fingerprint: Fingerprint | None = None
-    settings: dict[str, Any] | None = None  # RerankConfig.result_settings(); absent in older summaries
-    config: dict[str, Any] | None = None    # the whole config, secrets redacted
+    settings: dict[str, Any] | None = (
+        None  # RerankConfig.result_settings(); absent in older summaries
+    )
+    config: dict[str, Any] | None = None  # the whole config, secrets redacted
 
 
 class JobIdentity(_OwnFile):
@@ -126,6 +128,8 @@ def settings_differences(before: dict | None, now: dict, limit: int = 6) -> str 
     differ = [k for k in sorted(new) if old.get(k, missing) != new[k]]
     if not differ:
         return None
-    shown = [f"`{k}` {'unset' if old.get(k, missing) is missing else repr(old[k])} there, {new[k]!r} in this run"
-             for k in differ[:limit]]
+    shown = [
+        f"`{k}` {'unset' if old.get(k, missing) is missing else repr(old[k])} there, {new[k]!r} in this run"
+        for k in differ[:limit]
+    ]
     return "; ".join(shown) + (f"; and {len(differ) - limit} more" if len(differ) > limit else "")

@@ -107,7 +107,9 @@ def _iso(t: float) -> str:
 class OutputLease:
     """`with OutputLease(fs, root, uri): ...` holds the lease on `root` for the duration of the block."""
 
-    def __init__(self, fs, root: str, uri: str, heartbeat_s: float = 10.0, timeout_s: float = 120.0):
+    def __init__(
+        self, fs, root: str, uri: str, heartbeat_s: float = 10.0, timeout_s: float = 120.0
+    ):
         self.fs, self.uri = fs, uri
         self.path = join(root, LEASE_FILE)
         self.heartbeat_s, self.timeout_s = heartbeat_s, timeout_s
@@ -116,15 +118,21 @@ class OutputLease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._record = {
-            "run_id": self.run_id, "user": getpass.getuser(), "host": socket.gethostname(), "pid": os.getpid(),
-            "pid_start": _process_start(os.getpid()), "started": _iso(time.time()),
+            "run_id": self.run_id,
+            "user": getpass.getuser(),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "pid_start": _process_start(os.getpid()),
+            "started": _iso(time.time()),
         }
 
     # -- taking and giving back ------------------------------------------------------------------------
 
     def _payload(self) -> bytes:
         now = time.time()
-        return json.dumps(self._record | {"heartbeat": now, "heartbeat_time": _iso(now)}, indent=2).encode()
+        return json.dumps(
+            self._record | {"heartbeat": now, "heartbeat_time": _iso(now)}, indent=2
+        ).encode()
 
     def _read(self) -> tuple[bytes, LeaseRecord | None] | None:
         """The lease file's bytes and the lease they hold (None: not a well-formed lease); None if there is none."""
@@ -162,8 +170,10 @@ class OutputLease:
         if ahead <= CLOCK_SKEW_S:
             return max(0.0, now - holder.heartbeat), ""
         modified = self._modified()
-        note = (f"its holder's clock is {ahead:.0f} s ahead of this machine's, so the lease is judged by when its "
-                "file was last written")
+        note = (
+            f"its holder's clock is {ahead:.0f} s ahead of this machine's, so the lease is judged by when its "
+            "file was last written"
+        )
         if modified is None:  # nothing to judge by: the lease counts as fresh, the refusal says why
             return 0.0, note
         return max(0.0, now - modified), note
@@ -187,7 +197,9 @@ class OutputLease:
                 self._thread.start()
                 return self
             held = self._read()
-            if held is not None and not held[0].strip():  # a local create is visible a moment before its bytes
+            if (
+                held is not None and not held[0].strip()
+            ):  # a local create is visible a moment before its bytes
                 time.sleep(1.0)
                 held = self._read()
             if held is None:
@@ -199,15 +211,26 @@ class OutputLease:
                 raise OutputError(
                     f"{self.uri} is being written by another run ({holder.user}@{holder.host}, pid {holder.pid}, "
                     f"started {holder.started}, last heartbeat {silent:.0f} s ago"
-                    + (f"; {note}" if note else "") + "); wait for it to finish or use another --output (a killed "
+                    + (f"; {note}" if note else "")
+                    + "); wait for it to finish or use another --output (a killed "
                     f"run's lease is taken over after {self.timeout_s:.0f} s without a heartbeat, at once on its "
-                    "own machine)")
-            logger.warning("taking over the lease on %s from %s: %s", self.uri, self._describe(raw, holder), reason)
+                    "own machine)"
+                )
+            logger.warning(
+                "taking over the lease on %s from %s: %s",
+                self.uri,
+                self._describe(raw, holder),
+                reason,
+            )
             again = self._read()
-            if again is not None and again[0] == raw:  # delete only what we judged stale, not a lease taken meanwhile
+            if (
+                again is not None and again[0] == raw
+            ):  # delete only what we judged stale, not a lease taken meanwhile
                 self.fs.rm(self.path)
-        raise OutputError(f"could not take the lease on {self.uri}: other runs keep taking it; "
-                          "make sure one run at a time writes this output")
+        raise OutputError(
+            f"could not take the lease on {self.uri}: other runs keep taking it; "
+            "make sure one run at a time writes this output"
+        )
 
     def release(self) -> None:
         self._stop.set()
@@ -218,7 +241,9 @@ class OutputLease:
                 held = self._read()
                 if held is not None and held[1] is not None and held[1].run_id == self.run_id:
                     self.fs.rm(self.path)
-            except Exception as e:  # storage gone: the lease goes stale and the next run takes it over
+            except (
+                Exception
+            ) as e:  # storage gone: the lease goes stale and the next run takes it over
                 logger.warning("could not release the lease on %s: %s", self.uri, e)
 
     def check(self) -> None:
@@ -231,8 +256,10 @@ class OutputLease:
         held = self._read()
         if held is None or held[1] is None or held[1].run_id != self.run_id:
             what = "removed it" if held is None else self._describe(*held)
-            self.lost = (f"another run took over the lease on {self.uri} ({what}); this run stopped so that the "
-                         "two do not mix their files")
+            self.lost = (
+                f"another run took over the lease on {self.uri} ({what}); this run stopped so that the "
+                "two do not mix their files"
+            )
             return False
         self.fs.pipe_file(self.path, self._payload())
         return True
@@ -242,7 +269,9 @@ class OutputLease:
             try:
                 if not self.beat():
                     return
-            except Exception as e:  # a storage hiccup: the job's own reads and writes will report a lasting one
+            except (
+                Exception
+            ) as e:  # a storage hiccup: the job's own reads and writes will report a lasting one
                 logger.debug("lease heartbeat on %s failed: %s", self.uri, e)
 
     def __enter__(self) -> OutputLease:

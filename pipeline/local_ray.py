@@ -48,13 +48,19 @@ def init_ray(address: str, init: Callable[..., object] | None = None, **kwargs) 
             killed = kill_new_descendants(os.getpid(), before)
             if shutdown is not None:
                 shutdown()  # whatever state the failed init set, so that the next one starts afresh
-            logger.warning("Ray's local node did not start within its 30 s (attempt %d of %d; %d left-over "
-                           "process(es) stopped)%s", attempt, attempts, len(killed),
-                           "; trying again" if attempt < attempts else "")
+            logger.warning(
+                "Ray's local node did not start within its 30 s (attempt %d of %d; %d left-over "
+                "process(es) stopped)%s",
+                attempt,
+                attempts,
+                len(killed),
+                "; trying again" if attempt < attempts else "",
+            )
     raise InfrastructureError(
         f"Ray could not start a local node: its raylet did not register within 30 s, {attempts} time(s); this "
         "machine is too busy or short of memory. Rerun when it is less loaded, or start Ray once with "
-        "`ray start --head` and pass --set ray_address=auto")
+        "`ray start --head` and pass --set ray_address=auto"
+    )
 
 
 # -- the console: the job's own lines only -----------------------------------------------------------------
@@ -62,7 +68,9 @@ def init_ray(address: str, init: Callable[..., object] | None = None, **kwargs) 
 # Ray's C++ core writes its error-level lines to the process's stderr as well as to its log file in the session
 # folder (python-core-driver-*.log); no setting of Ray's turns the console copy off alone. A line of that log
 # starts with "[2026-12-07 14:39:51,976 E 10315 10315] core_worker.cc:2465: ".
-RAY_CORE_LINE = re.compile(rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEF] \d+ \d+\] [\w./-]+\.(?:cc|h):\d+:")
+RAY_CORE_LINE = re.compile(
+    rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEF] \d+ \d+\] [\w./-]+\.(?:cc|h):\d+:"
+)
 
 
 class _CoreLineFilter:
@@ -72,8 +80,9 @@ class _CoreLineFilter:
         self.real = os.dup(2)
         read, self.write = os.pipe()
         os.dup2(self.write, 2)
-        self.thread = threading.Thread(target=self._forward, args=(read,), name="stderr-without-ray-core",
-                                       daemon=True)
+        self.thread = threading.Thread(
+            target=self._forward, args=(read,), name="stderr-without-ray-core", daemon=True
+        )
         self.thread.start()
 
     def _forward(self, read: int) -> None:
@@ -124,7 +133,9 @@ def quiet_ray_console(verbose: bool) -> Callable[[], None]:
         return lambda: None
     try:
         import ray._private.worker as ray_worker
-    except ImportError:  # a Ray that moved its private module: its error channel stays on the console
+    except (
+        ImportError
+    ):  # a Ray that moved its private module: its error channel stays on the console
         ray_worker = None
     if ray_worker is not None:
         # Read by Ray's printer of worker logs and of its error channel; there is no public switch for the

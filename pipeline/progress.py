@@ -69,15 +69,23 @@ class Progress:
         self._last = (pairs, rejected)
         done = min(self.total, self.done_before + pairs + rejected)
         rate = (pairs + rejected) / max(time.monotonic() - self.start, 1e-9)
-        logger.info("scored %s/%s pairs (%.1f%%), %s pairs/s, %s rejected", f"{done:,}", f"{self.total:,}",
-                    100 * done / max(self.total, 1), f"{rate:.3g}" if rate < 100 else f"{rate:,.0f}", f"{rejected:,}")
+        logger.info(
+            "scored %s/%s pairs (%.1f%%), %s pairs/s, %s rejected",
+            f"{done:,}",
+            f"{self.total:,}",
+            100 * done / max(self.total, 1),
+            f"{rate:.3g}" if rate < 100 else f"{rate:,.0f}",
+            f"{rejected:,}",
+        )
 
     def _run(self) -> None:
         import ray
 
         while not self._stop.wait(self.interval):
             try:
-                *counts, beats = ray.get(self.counter.get_with_beats.remote(), timeout=self.interval)
+                *counts, beats = ray.get(
+                    self.counter.get_with_beats.remote(), timeout=self.interval
+                )
             except Exception:  # noqa: BLE001 - progress must never fail the job
                 continue
             if (*counts, beats) != self._polled:

@@ -43,10 +43,14 @@ class RerankResult:
         """The ranked part files, in bucket order, as URIs with the output's protocol."""
         fs, root = url_to_fs(self.ranked_uri, self.storage_options)
         protocol = self.output_uri.split("://")[0] + "://" if "://" in self.output_uri else ""
-        return [protocol + p if protocol and not p.startswith(protocol) else p
-                for p in sorted(fs.glob(join(root, "part-*.parquet")))]
+        return [
+            protocol + p if protocol and not p.startswith(protocol) else p
+            for p in sorted(fs.glob(join(root, "part-*.parquet")))
+        ]
 
-    def iter_batches(self, columns: Sequence[str] | None = None, batch_size: int = 65_536) -> Iterator[pa.RecordBatch]:
+    def iter_batches(
+        self, columns: Sequence[str] | None = None, batch_size: int = 65_536
+    ) -> Iterator[pa.RecordBatch]:
         """Ranked rows, part by part; at most one row group of one part is held at a time."""
         for uri in self.parts():
             yield from iter_part(uri, self.storage_options, columns, batch_size)
@@ -59,19 +63,29 @@ class RerankResult:
 
         fs, _ = url_to_fs(self.ranked_uri, self.storage_options)
         paths = [url_to_fs(uri, self.storage_options)[1] for uri in self.parts()]
-        return ray.data.read_parquet(paths, filesystem=arrow_filesystem(fs),
-                                     columns=list(columns) if columns is not None else None)
+        return ray.data.read_parquet(
+            paths,
+            filesystem=arrow_filesystem(fs),
+            columns=list(columns) if columns is not None else None,
+        )
 
 
-def iter_part(uri: str, storage_options: dict | None = None, columns: Sequence[str] | None = None,
-              batch_size: int = 65_536) -> Iterator[pa.RecordBatch]:
+def iter_part(
+    uri: str,
+    storage_options: dict | None = None,
+    columns: Sequence[str] | None = None,
+    batch_size: int = 65_536,
+) -> Iterator[pa.RecordBatch]:
     fs, path = url_to_fs(uri, storage_options)
     with fs.open(path, "rb") as f:
-        yield from pq.ParquetFile(f).iter_batches(batch_size=batch_size,
-                                                  columns=list(columns) if columns is not None else None)
+        yield from pq.ParquetFile(f).iter_batches(
+            batch_size=batch_size, columns=list(columns) if columns is not None else None
+        )
 
 
-def read_part(uri: str, storage_options: dict | None = None, columns: Sequence[str] | None = None) -> pa.Table:
+def read_part(
+    uri: str, storage_options: dict | None = None, columns: Sequence[str] | None = None
+) -> pa.Table:
     """One ranked part (whole queries), e.g. on the actor that works on that bucket."""
     fs, path = url_to_fs(uri, storage_options)
     with fs.open(path, "rb") as f:

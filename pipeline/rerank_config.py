@@ -10,7 +10,9 @@ from pipeline.config import StrictModel
 
 
 class InputConfig(StrictModel):
-    format: Literal["auto", "long", "grouped"] = "auto"  # auto: grouped if the candidates column exists
+    format: Literal["auto", "long", "grouped"] = (
+        "auto"  # auto: grouped if the candidates column exists
+    )
     query_id_column: str = "query_id"
     query_column: str = "query"
     doc_id_column: str = "doc_id"
@@ -29,17 +31,21 @@ class InputConfig(StrictModel):
 
 
 class TokenizerConfig(StrictModel):
-    max_length: int = Field(1024, ge=8)              # jina-reranker-v2's limit; capped by the model's positions
-    max_chars_per_token: int = Field(32, ge=1)       # texts are cut to max_length * this before tokenizing
-    long_documents: Literal["truncate", "windows"] = "truncate"  # windows: jina's rerank() chunking, max over windows
-    max_query_length: int = Field(512, ge=1)         # windows mode only
-    overlap: int = Field(80, ge=0)                   # windows mode only
+    max_length: int = Field(1024, ge=8)  # jina-reranker-v2's limit; capped by the model's positions
+    max_chars_per_token: int = Field(
+        32, ge=1
+    )  # texts are cut to max_length * this before tokenizing
+    long_documents: Literal["truncate", "windows"] = (
+        "truncate"  # windows: jina's rerank() chunking, max over windows
+    )
+    max_query_length: int = Field(512, ge=1)  # windows mode only
+    overlap: int = Field(80, ge=0)  # windows mode only
     # Tokenizer actors. auto (or null): sized at start from the cluster the job finds, enough to keep the GPU
     # scorers fed at their measured (else FLOPs-estimated) rate, capped by the CPUs of the nodes matching
     # label_selector (pipeline/capacity.py); the decision is logged in one line with its inputs.
     num_actors: Literal["auto"] | Annotated[int, Field(ge=1)] | None = 1
     num_cpus: float = Field(0.5, gt=0)
-    batch_size: int = Field(1024, ge=1)              # rows handed to one tokenizer call
+    batch_size: int = Field(1024, ge=1)  # rows handed to one tokenizer call
     # Ray node labels the tokenizer actors must run on, e.g. {"ray.io/node-group": "cpu-tokenizers"} on
     # KubeRay, to keep CPU work off the GPU nodes. None: anywhere.
     label_selector: dict[str, str] | None = None
@@ -50,11 +56,17 @@ class ScorerConfig(StrictModel):
     # Actors in the fixed-size pool. None: one per GPU in the cluster (num_gpus_per_actor each), or 1 on CPU.
     num_actors: int | None = Field(None, ge=1)
     num_gpus_per_actor: float = Field(1.0, gt=0, le=8)  # fractional for small models
-    num_cpus: float = Field(1.0, gt=0)               # per actor; on a CPU-only machine the actor's compute share
-    torch_threads: int | None = Field(None, ge=1)  # CPU scoring threads per actor (None: every core)
-    max_tokens_per_batch: int | None = Field(None, ge=16)  # None: the engine's default for the device
-    max_tasks_in_flight_per_actor: int = Field(2, ge=1)  # >= 2 so the next batch is ready when one finishes
-    batch_size: int = Field(2048, ge=1)              # rows handed to one scorer call (not a micro-batch)
+    num_cpus: float = Field(1.0, gt=0)  # per actor; on a CPU-only machine the actor's compute share
+    torch_threads: int | None = Field(
+        None, ge=1
+    )  # CPU scoring threads per actor (None: every core)
+    max_tokens_per_batch: int | None = Field(
+        None, ge=16
+    )  # None: the engine's default for the device
+    max_tasks_in_flight_per_actor: int = Field(
+        2, ge=1
+    )  # >= 2 so the next batch is ready when one finishes
+    batch_size: int = Field(2048, ge=1)  # rows handed to one scorer call (not a micro-batch)
     # A GPU check's report (scripts/gpu_check.py, gpu-check.json): its measured pairs/s size
     # tokenizer.num_actors auto when the score cache has no GPU run of this model to measure from.
     gpu_check: str | None = None
@@ -62,10 +74,11 @@ class ScorerConfig(StrictModel):
 
 class IoConfig(StrictModel):
     """The storage-bound stages: reading shards, writing staging files, ranking buckets (one pool each)."""
+
     # Actors per pool. One keeps up with a CPU scorer or a few GPUs; with many GPUs the single writer
     # becomes the queue (each scorer call's rows are a Parquet write), so give it more.
     num_actors: int = Field(1, ge=1)
-    num_cpus: float = Field(0.25, gt=0)              # per actor: I/O waits, so a fraction of a core
+    num_cpus: float = Field(0.25, gt=0)  # per actor: I/O waits, so a fraction of a core
     # Scored rows the writer gathers before writing staging files. Each write makes one file per (shard,
     # ranking bucket) it touches, so small writes multiply files (and PUTs, manifest entries, ranking reads);
     # a shard commits with the write that completes it. Stages upstream stream in small blocks whatever this is.
@@ -93,8 +106,8 @@ class IoConfig(StrictModel):
 
 
 class OutputConfig(StrictModel):
-    top_k: int | None = Field(None, ge=1)         # keep only the best k per query in ranked/
-    rows_per_bucket: int = Field(1_000_000, ge=1)    # long input: ranking buckets by hash(query_id)
+    top_k: int | None = Field(None, ge=1)  # keep only the best k per query in ranked/
+    rows_per_bucket: int = Field(1_000_000, ge=1)  # long input: ranking buckets by hash(query_id)
     # Carry each pair's query and document texts through to ranked/ (columns `query`, `document`), for
     # consumers that need them beside the scores (hard negatives). Off by default: texts are otherwise
     # dropped after tokenizing, so only token ids cross the scorer and ids cross the ranking shuffle.
@@ -104,7 +117,8 @@ class OutputConfig(StrictModel):
 class CacheConfig(StrictModel):
     """The score cache (pipeline/cache.py): pairs scored by an earlier run with the same model and settings
     are not scored again. Off unless `uri` is set."""
-    uri: str | None = None                        # local folder or object-storage URI, shared by runs
+
+    uri: str | None = None  # local folder or object-storage URI, shared by runs
     # Buckets of a new cache's key space (an existing cache keeps its own): a run joins its keys with one
     # bucket per task, so a bucket should fit an I/O actor's memory (24 bytes an entry: 10M entries, 240 MB).
     buckets: int = Field(32, ge=1, le=65536)
@@ -112,6 +126,7 @@ class CacheConfig(StrictModel):
 
 class Int8Config(StrictModel):
     """How `dtype: int8` quantizes (pipeline/model/quantization.py); only for dtype int8."""
+
     # SmoothQuant's migration strength, 0..1: the higher, the more of the activations' range (a few channels are
     # 10-100x louder in BERT-family models) moves into the weights before quantizing; 0.5 is the paper's default.
     # null turns smoothing off: each Linear layer skips one pass over its input (about 20% faster per layer,
@@ -133,7 +148,7 @@ class RerankConfig(StrictModel):
     # float8 (GPU scorers with float8 tensor cores only, Hopper or Ada; never chosen by auto): the encoder's Linear
     # layers in e4m3 through torch._scaled_mm, everything else bf16 (pipeline/model/fp8.py).
     dtype: Literal["auto", "float32", "bfloat16", "float16", "int8", "float8"] = "auto"
-    int8: Int8Config = Int8Config()                  # dtype int8 only
+    int8: Int8Config = Int8Config()  # dtype int8 only
     allow_pickle: bool = False
     input: InputConfig = InputConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
@@ -141,31 +156,53 @@ class RerankConfig(StrictModel):
     io: IoConfig = IoConfig()
     output: OutputConfig = OutputConfig()
     cache: CacheConfig = CacheConfig()
-    storage_options: dict = {}                       # passed to fsspec (s3fs: key, secret, endpoint_url...)
-    ray_address: str | None = None                # None: RAY_ADDRESS if set, else a fresh local Ray; "auto": the running cluster
+    storage_options: dict = {}  # passed to fsspec (s3fs: key, secret, endpoint_url...)
+    ray_address: str | None = (
+        None  # None: RAY_ADDRESS if set, else a fresh local Ray; "auto": the running cluster
+    )
     progress_interval_s: float = Field(5.0, gt=0)
 
     @model_validator(mode="after")
     def _stall_outlasts_polls(self) -> RerankConfig:
         if self.io.stall_timeout_s < 2 * self.progress_interval_s:
-            raise ValueError(f"io.stall_timeout_s ({self.io.stall_timeout_s:g}) must be at least twice "
-                             f"progress_interval_s ({self.progress_interval_s:g}): the watchdog hears of progress "
-                             "through those polls")
+            raise ValueError(
+                f"io.stall_timeout_s ({self.io.stall_timeout_s:g}) must be at least twice "
+                f"progress_interval_s ({self.progress_interval_s:g}): the watchdog hears of progress "
+                "through those polls"
+            )
         return self
 
     def result_settings(self) -> dict:
         """The settings that change what the job writes; a resumed run must match them. Hand-off batch
         sizes, actor counts, the token budget and where Ray runs change only speed, so they may differ."""
-        return self.model_dump(mode="json", include={
-            # on_unreadable is left out: a run that stopped on an unreadable file (fail) committed no shard
-            # holding its rows, so the same output may resume with reject. The cache is left out: it changes
-            # which pairs are scored, never their scores.
-            "model": True, "revision": True, "dtype": True,
-            "input": {"format", "query_id_column", "query_column", "doc_id_column", "document_column",
-                      "candidates_column", "rows_per_shard"},
-            "tokenizer": {"max_length", "max_chars_per_token", "long_documents", "max_query_length", "overlap"},
-            "output": True,
-            # Only int8 reads them (other dtypes must leave them at their defaults), so outputs of other dtypes
-            # written before the section existed still resume.
-            **({"int8": True} if self.dtype == "int8" else {}),
-        })
+        return self.model_dump(
+            mode="json",
+            include={
+                # on_unreadable is left out: a run that stopped on an unreadable file (fail) committed no shard
+                # holding its rows, so the same output may resume with reject. The cache is left out: it changes
+                # which pairs are scored, never their scores.
+                "model": True,
+                "revision": True,
+                "dtype": True,
+                "input": {
+                    "format",
+                    "query_id_column",
+                    "query_column",
+                    "doc_id_column",
+                    "document_column",
+                    "candidates_column",
+                    "rows_per_shard",
+                },
+                "tokenizer": {
+                    "max_length",
+                    "max_chars_per_token",
+                    "long_documents",
+                    "max_query_length",
+                    "overlap",
+                },
+                "output": True,
+                # Only int8 reads them (other dtypes must leave them at their defaults), so outputs of other dtypes
+                # written before the section existed still resume.
+                **({"int8": True} if self.dtype == "int8" else {}),
+            },
+        )

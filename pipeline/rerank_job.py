@@ -98,11 +98,14 @@ def output_metadata(config: RerankConfig, model: dict, scorers: list[dict]) -> d
     still says what produced it (and that a smoke run's scores are random). No timestamps: a rerun of the same
     job writes the same bytes."""
     return {
-        "rerank.model": config.model, "rerank.revision": str(model["revision"]),
+        "rerank.model": config.model,
+        "rerank.revision": str(model["revision"]),
         "rerank.dtype": ",".join(sorted({s["dtype"] for s in scorers})) or str(config.dtype),
-        "rerank.random_weights": json.dumps(any(s.get("random_weights") for s in scorers)
-                                            or config.model.startswith("dummy:")),
-        "rerank.config_hash": settings_hash(config), "rerank.job_version": _job_version(),
+        "rerank.random_weights": json.dumps(
+            any(s.get("random_weights") for s in scorers) or config.model.startswith("dummy:")
+        ),
+        "rerank.config_hash": settings_hash(config),
+        "rerank.job_version": _job_version(),
         "rerank.score": "raw logit (float32); sigmoid gives jina's compute_score",
     }
 
@@ -112,15 +115,25 @@ def check_model(config: RerankConfig) -> dict:
     _check_int8_options(config)
     directory, revision = resolve_model_directory(config.model, config.revision)
     layout, model_config = inspect_checkpoint(directory, allow_pickle=config.allow_pickle)
-    fp32_layers = _fp32_layers(config, model_config.num_hidden_layers) if config.dtype == "int8" else []
+    fp32_layers = (
+        _fp32_layers(config, model_config.num_hidden_layers) if config.dtype == "int8" else []
+    )
     max_length = min(config.tokenizer.max_length, model_config.max_tokens_per_sequence)
     t = config.tokenizer
     if t.long_documents == "windows" and max_length < 2 * t.max_query_length:
-        raise ConfigError(f"tokenizer.long_documents=windows needs max_length ({max_length}"
-                          + ("" if max_length == t.max_length else ", the model's limit") + ") at least twice "
-                          f"tokenizer.max_query_length ({t.max_query_length}); lower max_query_length")
-    return {"directory": directory, "revision": revision, "layout": layout.name if layout else None,
-            "max_length": max_length, "fp32_layers": fp32_layers}
+        raise ConfigError(
+            f"tokenizer.long_documents=windows needs max_length ({max_length}"
+            + ("" if max_length == t.max_length else ", the model's limit")
+            + ") at least twice "
+            f"tokenizer.max_query_length ({t.max_query_length}); lower max_query_length"
+        )
+    return {
+        "directory": directory,
+        "revision": revision,
+        "layout": layout.name if layout else None,
+        "max_length": max_length,
+        "fp32_layers": fp32_layers,
+    }
 
 
 def _check_int8_options(config: RerankConfig) -> None:
@@ -128,11 +141,17 @@ def _check_int8_options(config: RerankConfig) -> None:
     if config.dtype == "int8":
         return
     defaults = type(config.int8)()
-    changed = [k for k in type(config.int8).model_fields if getattr(config.int8, k) != getattr(defaults, k)]
+    changed = [
+        k for k in type(config.int8).model_fields if getattr(config.int8, k) != getattr(defaults, k)
+    ]
     if changed:
-        keys = ("config keys " if len(changed) > 1 else "config key ") + ", ".join(f"`int8.{k}`" for k in changed)
-        raise ConfigError(f"{keys} tune{'' if len(changed) > 1 else 's'} dtype int8 only (dtype is {config.dtype}); "
-                          "set dtype: int8, or remove int8.*")
+        keys = ("config keys " if len(changed) > 1 else "config key ") + ", ".join(
+            f"`int8.{k}`" for k in changed
+        )
+        raise ConfigError(
+            f"{keys} tune{'' if len(changed) > 1 else 's'} dtype int8 only (dtype is {config.dtype}); "
+            "set dtype: int8, or remove int8.*"
+        )
 
 
 def _fp32_layers(config: RerankConfig, num_hidden_layers: int) -> list[str]:
@@ -141,26 +160,48 @@ def _fp32_layers(config: RerankConfig, num_hidden_layers: int) -> list[str]:
     names = linear_layer_names(num_hidden_layers)
     unmatched = [p for p in config.int8.fp32_layers if not any(fnmatchcase(n, p) for n in names)]
     if unmatched:
-        patterns = ", ".join(map(repr, unmatched)) + (" match" if len(unmatched) > 1 else " matches")
-        raise ConfigError(f"config key `int8.fp32_layers`: {patterns} no Linear layer of {config.model}, whose "
-                          "names are layers.<i>.mixer.Wqkv, layers.<i>.mixer.out_proj, layers.<i>.mlp.fc1, "
-                          f"layers.<i>.mlp.fc2 for i in 0..{num_hidden_layers - 1} (for example "
-                          f"`layers.{num_hidden_layers - 1}.mlp.fc2`, `layers.*.mlp.fc2`); fix or remove the pattern")
+        patterns = ", ".join(map(repr, unmatched)) + (
+            " match" if len(unmatched) > 1 else " matches"
+        )
+        raise ConfigError(
+            f"config key `int8.fp32_layers`: {patterns} no Linear layer of {config.model}, whose "
+            "names are layers.<i>.mixer.Wqkv, layers.<i>.mixer.out_proj, layers.<i>.mlp.fc1, "
+            f"layers.<i>.mlp.fc2 for i in 0..{num_hidden_layers - 1} (for example "
+            f"`layers.{num_hidden_layers - 1}.mlp.fc2`, `layers.*.mlp.fc2`); fix or remove the pattern"
+        )
     return sorted(n for n in names if any(fnmatchcase(n, p) for p in config.int8.fp32_layers))
 
 
 def settings_hash(config: RerankConfig) -> str:
     """summary.json's `config_hash`: a hash of `RerankConfig.result_settings()` (what changes the output)."""
-    return hashlib.sha256(json.dumps(config.result_settings(), sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(
+        json.dumps(config.result_settings(), sort_keys=True).encode()
+    ).hexdigest()[:16]
 
 
 def input_fingerprint(fs, files: list[str]) -> dict:
     """What identifies the input without reading it: every file's path, size and version (ETag on object
     storage, modification time on disks), from the listing. Any rewrite of a file changes it."""
+
     def version(path: str) -> list:
         info = fs.info(path)
-        tag = next((info[k] for k in ("ETag", "etag", "md5Hash", "generation", "mtime", "LastModified", "updated",
-                                      "last_modified") if info.get(k) is not None), None)
+        tag = next(
+            (
+                info[k]
+                for k in (
+                    "ETag",
+                    "etag",
+                    "md5Hash",
+                    "generation",
+                    "mtime",
+                    "LastModified",
+                    "updated",
+                    "last_modified",
+                )
+                if info.get(k) is not None
+            ),
+            None,
+        )
         return [path, int(info.get("size") or 0), str(tag)]
 
     listing = map_paths(version, files)
@@ -177,9 +218,13 @@ def _describe_input(uri: str | None, fingerprint: dict | None) -> str:
 # What this job writes at the top of --output; anything else there is someone else's.
 _OWN_ENTRIES = {"ranked", "rejected", "summary.json", "summary.json.tmp", "_work", "_lease.json"}
 # Files that say which other job's output a folder is, to name it in the refusal.
-_OTHER_OUTPUTS = {"stats.json": "a hard-negatives output", "candidates": "a hard-negatives output",
-                  "metrics.json": "an index-quality output", "report.html": "an index-quality output",
-                  "history.parquet": "an index-quality history"}
+_OTHER_OUTPUTS = {
+    "stats.json": "a hard-negatives output",
+    "candidates": "a hard-negatives output",
+    "metrics.json": "an index-quality output",
+    "report.html": "an index-quality output",
+    "history.parquet": "an index-quality history",
+}
 
 
 def _foreign_entries(fs, root: str) -> list[str]:
@@ -200,18 +245,25 @@ def _prepare_output(fs, root: str, uri: str, create_bucket: bool = False) -> Non
         foreign = _foreign_entries(fs, root)
         if foreign:
             kinds = sorted({_OTHER_OUTPUTS[n] for n in foreign if n in _OTHER_OUTPUTS})
-            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-            raise OutputError(f"--output {uri} holds files this job did not write ({shown}"
-                              + (f": {' and '.join(kinds)}" if kinds else "") + "); choose a new or empty folder, "
-                              "or the folder of an earlier run of this job")
+            shown = ", ".join(foreign[:5]) + (
+                f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+            )
+            raise OutputError(
+                f"--output {uri} holds files this job did not write ({shown}"
+                + (f": {' and '.join(kinds)}" if kinds else "")
+                + "); choose a new or empty folder, "
+                "or the folder of an earlier run of this job"
+            )
         check_bucket(fs, root, uri, create_bucket, "io.create_bucket")
         fs.makedirs(root, exist_ok=True)
     except OSError as e:
         known = explain(e)
         if known is not None and not isinstance(known, OutputError):
             raise known from None
-        raise OutputError(f"cannot create --output {uri} ({e.strerror or type(e).__name__}); choose a folder this "
-                          "job can write") from None
+        raise OutputError(
+            f"cannot create --output {uri} ({e.strerror or type(e).__name__}); choose a folder this "
+            "job can write"
+        ) from None
 
 
 def _ensure_ray(config: RerankConfig) -> None:
@@ -223,8 +275,13 @@ def _ensure_ray(config: RerankConfig) -> None:
         address = config.ray_address or os.environ.get("RAY_ADDRESS") or "local"
         # The job's console is its own lines: what Ray prints for itself stays in its session folder (-v: both).
         started = quiet_ray_console(verbose=logger.isEnabledFor(logging.DEBUG))
-        init_ray(address, ignore_reinit_error=True, log_to_driver=False, include_dashboard=False,
-                 logging_level=logging.WARNING)
+        init_ray(
+            address,
+            ignore_reinit_error=True,
+            log_to_driver=False,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+        )
         started()
     logger.debug("Ray at %s: %s", ray.get_runtime_context().gcs_address, ray.cluster_resources())
     ctx = ray.data.DataContext.get_current()
@@ -250,13 +307,17 @@ def _check_cluster(config: RerankConfig, protocol: str) -> None:
     import ray
 
     if config.scorer.device == "cuda" and not ray.cluster_resources().get("GPU"):
-        raise InputError("scorer.device is cuda but the Ray cluster has no GPU; use scorer.device=auto or cpu, "
-                         "or wait for GPU workers to join")
+        raise InputError(
+            "scorer.device is cuda but the Ray cluster has no GPU; use scorer.device=auto or cpu, "
+            "or wait for GPU workers to join"
+        )
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     hosts = {n.get("NodeManagerAddress") for n in nodes}
     if len(hosts) > 1 and protocol in ("", "file://", "local://"):
-        raise InputError(f"a cluster of {len(hosts)} machines cannot share a local --output; use object storage "
-                         "(s3://, gs://) or a shared filesystem's URI")
+        raise InputError(
+            f"a cluster of {len(hosts)} machines cannot share a local --output; use object storage "
+            "(s3://, gs://) or a shared filesystem's URI"
+        )
     # The scoring phase's actor pools are fixed-size and all start together: an actor no node can host makes
     # Ray Data wait for resources forever. What the alive nodes cannot host is refused whatever the cluster:
     # an autoscaler adds nodes of the shapes it was given, and a node group scaled down to zero is invisible
@@ -267,24 +328,50 @@ def _check_cluster(config: RerankConfig, protocol: str) -> None:
 
     size, resources = scorer_pool(config)
     if config.dtype == "int8" and resources.get("num_gpus"):
-        raise InputError("dtype int8 runs on CPU scorers only, and this cluster's GPUs would take the scorers; set "
-                         "scorer.device=cpu, or use dtype auto (bfloat16 on a GPU)")
+        raise InputError(
+            "dtype int8 runs on CPU scorers only, and this cluster's GPUs would take the scorers; set "
+            "scorer.device=cpu, or use dtype auto (bfloat16 on a GPU)"
+        )
     if config.dtype == "float8" and not resources.get("num_gpus"):
-        raise InputError("dtype float8 runs on GPU scorers with float8 tensor cores (Hopper or Ada) only, and this "
-                         "cluster's scorers would run on CPU; use dtype auto (or float32/bfloat16), or add GPUs")
+        raise InputError(
+            "dtype float8 runs on GPU scorers with float8 tensor cores (Hopper or Ada) only, and this "
+            "cluster's scorers would run on CPU; use dtype auto (or float32/bfloat16), or add GPUs"
+        )
     fixed = len(hosts) == 1 and not (config.ray_address or os.environ.get("RAY_ADDRESS"))
     t = config.tokenizer
-    _check_pool("tokenizer", t.num_actors, {"CPU": t.num_cpus}, t.label_selector, nodes, fixed,
-                "tokenizer.num_actors / tokenizer.num_cpus")
-    _check_pool("scorer", size, {"CPU": resources["num_cpus"], "GPU": resources.get("num_gpus", 0)}, None, nodes,
-                fixed, "scorer.num_gpus_per_actor / scorer.num_cpus" if resources.get("num_gpus") else "scorer.num_cpus")
-    asks = {"tokenizer": config.tokenizer.num_actors * config.tokenizer.num_cpus,
-            "scorer": size * resources["num_cpus"], "io (read + write)": 2 * config.io.num_actors * config.io.num_cpus}
+    _check_pool(
+        "tokenizer",
+        t.num_actors,
+        {"CPU": t.num_cpus},
+        t.label_selector,
+        nodes,
+        fixed,
+        "tokenizer.num_actors / tokenizer.num_cpus",
+    )
+    _check_pool(
+        "scorer",
+        size,
+        {"CPU": resources["num_cpus"], "GPU": resources.get("num_gpus", 0)},
+        None,
+        nodes,
+        fixed,
+        "scorer.num_gpus_per_actor / scorer.num_cpus"
+        if resources.get("num_gpus")
+        else "scorer.num_cpus",
+    )
+    asks = {
+        "tokenizer": config.tokenizer.num_actors * config.tokenizer.num_cpus,
+        "scorer": size * resources["num_cpus"],
+        "io (read + write)": 2 * config.io.num_actors * config.io.num_cpus,
+    }
     have = ray.cluster_resources().get("CPU", 0)
     if sum(asks.values()) > have + 1e-9:
-        message = (f"the scoring phase asks for {sum(asks.values()):g} CPUs (" +
-                   ", ".join(f"{k} {v:g}" for k, v in asks.items()) + f") but the Ray cluster has {have:g}; lower "
-                   "tokenizer.num_actors / tokenizer.num_cpus, io.num_actors / io.num_cpus or scorer.num_cpus")
+        message = (
+            f"the scoring phase asks for {sum(asks.values()):g} CPUs ("
+            + ", ".join(f"{k} {v:g}" for k, v in asks.items())
+            + f") but the Ray cluster has {have:g}; lower "
+            "tokenizer.num_actors / tokenizer.num_cpus, io.num_actors / io.num_cpus or scorer.num_cpus"
+        )
         if fixed:
             raise InputError(message)
         logger.warning("%s (waiting for the autoscaler, if any)", message)
@@ -305,8 +392,15 @@ def label_selector_matches(labels: dict[str, str], selector: dict[str, str] | No
     return True
 
 
-def _check_pool(name: str, actors: int, need: dict[str, float], selector: dict[str, str] | None,
-                nodes: list[dict], fixed: bool, knobs: str) -> None:
+def _check_pool(
+    name: str,
+    actors: int,
+    need: dict[str, float],
+    selector: dict[str, str] | None,
+    nodes: list[dict],
+    fixed: bool,
+    knobs: str,
+) -> None:
     """One fixed-size actor pool (`actors` actors, `need` resources each, on nodes matching `selector`) against
     the alive nodes (`ray.nodes()`): no node that may host it, or none big enough, is an InputError; more
     actors than those nodes hold together is one too where the cluster cannot grow (`fixed`), else a warning."""
@@ -314,13 +408,27 @@ def _check_pool(name: str, actors: int, need: dict[str, float], selector: dict[s
     eligible = [n for n in nodes if label_selector_matches(n.get("Labels") or {}, selector)]
     where = f"nodes labelled {selector}" if selector else "nodes"
     if selector and not eligible:
-        carried = sorted({f"{k}={v}" for n in nodes for k, v in (n.get("Labels") or {}).items()
-                          if not k.startswith("ray.io/node-id")})
-        plain = all(v[:1].isalnum() and "(" not in v for v in selector.values())  # no `!`, no `in(...)`
-        labels = ",".join(f"{k}={v}" for k, v in selector.items()) if plain else "with labels that match it"
-        raise InputError(f"{name}.label_selector {selector} matches no node of the Ray cluster (node labels: "
-                         f"{', '.join(carried) or 'none'}); start the {name} machines with `ray start --labels "
-                         f"{labels}` (KubeRay: the worker group's `labels`), or change {name}.label_selector")
+        carried = sorted(
+            {
+                f"{k}={v}"
+                for n in nodes
+                for k, v in (n.get("Labels") or {}).items()
+                if not k.startswith("ray.io/node-id")
+            }
+        )
+        plain = all(
+            v[:1].isalnum() and "(" not in v for v in selector.values()
+        )  # no `!`, no `in(...)`
+        labels = (
+            ",".join(f"{k}={v}" for k, v in selector.items())
+            if plain
+            else "with labels that match it"
+        )
+        raise InputError(
+            f"{name}.label_selector {selector} matches no node of the Ray cluster (node labels: "
+            f"{', '.join(carried) or 'none'}); start the {name} machines with `ray start --labels "
+            f"{labels}` (KubeRay: the worker group's `labels`), or change {name}.label_selector"
+        )
 
     def fits(node: dict) -> int:
         have = node.get("Resources") or {}
@@ -328,13 +436,21 @@ def _check_pool(name: str, actors: int, need: dict[str, float], selector: dict[s
 
     room = [fits(n) for n in eligible]
     if not any(room):
-        has = ", ".join(f"{max((n.get('Resources') or {}).get(k, 0) for n in eligible):g} {k}" for k in need)
-        raise InputError(f"a {name} actor asks for " + ", ".join(f"{v:g} {k}" for k, v in need.items())
-                         + f" but no node of the Ray cluster has that much (the most any of its {where} has: {has}); "
-                         f"lower {knobs}, or add bigger nodes")
+        has = ", ".join(
+            f"{max((n.get('Resources') or {}).get(k, 0) for n in eligible):g} {k}" for k in need
+        )
+        raise InputError(
+            f"a {name} actor asks for "
+            + ", ".join(f"{v:g} {k}" for k, v in need.items())
+            + f" but no node of the Ray cluster has that much (the most any of its {where} has: {has}); "
+            f"lower {knobs}, or add bigger nodes"
+        )
     if sum(room) < actors:
-        message = (f"the {name} pool needs {actors} actors of " + ", ".join(f"{v:g} {k}" for k, v in need.items())
-                   + f" but the Ray cluster's {where} hold {sum(room)}; lower {knobs}, or add nodes")
+        message = (
+            f"the {name} pool needs {actors} actors of "
+            + ", ".join(f"{v:g} {k}" for k, v in need.items())
+            + f" but the Ray cluster's {where} hold {sum(room)}; lower {knobs}, or add nodes"
+        )
         if fixed:
             raise InputError(message)
         logger.warning("%s (waiting for the autoscaler, if any)", message)
@@ -363,20 +479,28 @@ class RunPlan:
 
     config: RerankConfig
     input_uri: str
-    output_uri: str            # absolute, with its protocol: workers resolve it the same way wherever they run
+    output_uri: (
+        str  # absolute, with its protocol: workers resolve it the same way wherever they run
+    )
     out_fs: Any
     out_root: str
     files: list[str]
-    fingerprint: dict          # input_fingerprint(files)
+    fingerprint: dict  # input_fingerprint(files)
     layout: InputLayout
-    model: dict                # check_model()
+    model: dict  # check_model()
     shards: list[Shard]
-    rank_per_shard: bool       # grouped input whose query ids are unique: a shard is its own ranking bucket
+    rank_per_shard: (
+        bool  # grouped input whose query ids are unique: a shard is its own ranking bucket
+    )
     num_buckets: int
     committed: set[int] = field(default_factory=set)  # shards whose manifest an earlier run wrote
-    cache: CacheSpec | None = None    # the score cache's folder for this model and settings (cache.uri set)
-    dtype: str | None = None          # the scorers' dtype, when the cache needed `auto` resolved up front
-    input_row_bytes: int = 0          # bytes of one input pair as read (`_input_row_bytes`): sizes the hand-offs
+    cache: CacheSpec | None = (
+        None  # the score cache's folder for this model and settings (cache.uri set)
+    )
+    dtype: str | None = None  # the scorers' dtype, when the cache needed `auto` resolved up front
+    input_row_bytes: int = (
+        0  # bytes of one input pair as read (`_input_row_bytes`): sizes the hand-offs
+    )
 
     @property
     def protocol(self) -> str:
@@ -407,8 +531,13 @@ class RunPlan:
 
     def identity(self) -> dict:
         """What a resumed run must share with the run that started the output."""
-        return {"config_hash": settings_hash(self.config), "input_fingerprint": self.fingerprint,
-                "num_buckets": self.num_buckets, "shards": len(self.shards), "rank_per_shard": self.rank_per_shard}
+        return {
+            "config_hash": settings_hash(self.config),
+            "input_fingerprint": self.fingerprint,
+            "num_buckets": self.num_buckets,
+            "shards": len(self.shards),
+            "rank_per_shard": self.rank_per_shard,
+        }
 
 
 class ShardCommits:
@@ -418,8 +547,19 @@ class ShardCommits:
 
     def __init__(self, pending: list[Shard]):
         self.shards = {s.shard: s for s in pending}
-        self.state = {s.shard: {"pairs": 0, "rejected": 0, "tokens": 0, "windows": 0, "windows_expected": 0,
-                                "hits": 0, "same_texts": 0, "files": {}} for s in pending}
+        self.state = {
+            s.shard: {
+                "pairs": 0,
+                "rejected": 0,
+                "tokens": 0,
+                "windows": 0,
+                "windows_expected": 0,
+                "hits": 0,
+                "same_texts": 0,
+                "files": {},
+            }
+            for s in pending
+        }
         self.done: set[int] = set()
 
     def add(self, report: dict) -> dict | None:
@@ -428,7 +568,10 @@ class ShardCommits:
         if report["path"] in state["files"]:
             return None
         state["files"][report["path"]] = report
-        if report["kind"] in ("cache", "waiting"):  # score-cache staging: listed in the manifest, not rows
+        if report["kind"] in (
+            "cache",
+            "waiting",
+        ):  # score-cache staging: listed in the manifest, not rows
             return None
         if report["kind"] == "rejected":
             state["rejected"] += report["pairs"]
@@ -440,19 +583,30 @@ class ShardCommits:
             state["hits"] += report.get("hits") or 0
             state["same_texts"] += report.get("same_texts") or 0
         shard = self.shards[report["shard"]]
-        if (shard.shard in self.done or state["pairs"] + state["rejected"] < shard.num_pairs
-                or state["windows"] < state["windows_expected"]):
+        if (
+            shard.shard in self.done
+            or state["pairs"] + state["rejected"] < shard.num_pairs
+            or state["windows"] < state["windows_expected"]
+        ):
             return None
         self.done.add(shard.shard)
-        return {"shard": shard.shard, "pairs": state["pairs"], "rejected": state["rejected"],
-                "tokens": state["tokens"], "hits": state["hits"], "same_texts": state["same_texts"],
-                "files": list(state["files"].values())}
+        return {
+            "shard": shard.shard,
+            "pairs": state["pairs"],
+            "rejected": state["rejected"],
+            "tokens": state["tokens"],
+            "hits": state["hits"],
+            "same_texts": state["same_texts"],
+            "files": list(state["files"].values()),
+        }
 
     def check_complete(self) -> None:
         for shard, state in self.state.items():
             if shard not in self.done:
-                raise PipelineError(f"shard {shard} finished with {state['pairs'] + state['rejected']} of "
-                                    f"{self.shards[shard].num_pairs} rows accounted for; rerun to retry it")
+                raise PipelineError(
+                    f"shard {shard} finished with {state['pairs'] + state['rejected']} of "
+                    f"{self.shards[shard].num_pairs} rows accounted for; rerun to retry it"
+                )
 
 
 def run_rerank(config: RerankConfig, input_uri: str, output_uri: str) -> dict:
@@ -472,26 +626,50 @@ def run_rerank(config: RerankConfig, input_uri: str, output_uri: str) -> dict:
     layout = InputLayout.from_schemas(read_schemas(in_fs, files), config.input, files=files)
     model = check_model(config)
     row_bytes = _input_row_bytes(in_fs, files, layout)
-    _hand_offs(config, row_bytes, model["max_length"])  # a pair too big for io.in_flight_mb: refused now
+    _hand_offs(
+        config, row_bytes, model["max_length"]
+    )  # a pair too big for io.in_flight_mb: refused now
     if config.cache.uri:
         from pipeline.cache import check_location
 
         cache_fs, cache_root = url_to_fs(config.cache.uri, config.storage_options)
-        check_bucket(cache_fs, cache_root, config.cache.uri, config.io.create_bucket, "io.create_bucket")
+        check_bucket(
+            cache_fs, cache_root, config.cache.uri, config.io.create_bucket, "io.create_bucket"
+        )
         check_location(config.cache.uri, config.storage_options)
     _prepare_output(out_fs, out_root, output_uri, config.io.create_bucket)
-    with OutputLease(out_fs, out_root, output_uri, heartbeat_s=config.io.lease_heartbeat_s,
-                     timeout_s=config.io.lease_timeout_s) as lease:
+    with OutputLease(
+        out_fs,
+        out_root,
+        output_uri,
+        heartbeat_s=config.io.lease_heartbeat_s,
+        timeout_s=config.io.lease_timeout_s,
+    ) as lease:
         if out_fs.exists(join(out_root, "summary.json")):
-            raise OutputError(f"{output_uri} was completed by another run just now; rerun to see its result")
-        plan = _plan(config, input_uri, output_uri, out_fs, out_root, in_fs, files, fingerprint, layout, model)
+            raise OutputError(
+                f"{output_uri} was completed by another run just now; rerun to see its result"
+            )
+        plan = _plan(
+            config,
+            input_uri,
+            output_uri,
+            out_fs,
+            out_root,
+            in_fs,
+            files,
+            fingerprint,
+            layout,
+            model,
+        )
         plan.input_row_bytes = row_bytes
         _ensure_ray(config)
         plan.config = _tokenizer_actors(config, plan)
         _check_cluster(plan.config, plan.protocol)
         if config.cache.uri:
             _open_cache(plan)
-            if not isinstance(config.tokenizer.num_actors, int):  # the cache may hold this model's measured rate
+            if not isinstance(
+                config.tokenizer.num_actors, int
+            ):  # the cache may hold this model's measured rate
                 from pipeline.cache import read_runs
 
                 runs = read_runs(plan.cache)
@@ -503,13 +681,18 @@ def run_rerank(config: RerankConfig, input_uri: str, output_uri: str) -> dict:
         this_run = _score(plan, lease)
         this_run["score_seconds"] = time.monotonic() - t_score
         this_run["score_window_unix"] = (started_unix, time.time())
-        manifests = [m.model_dump() for m in _read_manifests(plan, [plan.manifest(s.shard) for s in plan.shards])]
+        manifests = [
+            m.model_dump()
+            for m in _read_manifests(plan, [plan.manifest(s.shard) for s in plan.shards])
+        ]
         fill_files = _publish(plan, manifests, lease, this_run) if plan.cache else []
         bucket_reports = _rank(plan, manifests, lease, fill_files)
         return _commit(plan, manifests, bucket_reports, lease, this_run, start_time, t0)
 
 
-def _tokenizer_actors(config: RerankConfig, plan: RunPlan, cache_runs: list[dict] = ()) -> RerankConfig:
+def _tokenizer_actors(
+    config: RerankConfig, plan: RunPlan, cache_runs: list[dict] = ()
+) -> RerankConfig:
     """`config` with tokenizer.num_actors auto sized from the cluster (pipeline/capacity.py); a number is kept."""
     import ray
 
@@ -517,7 +700,9 @@ def _tokenizer_actors(config: RerankConfig, plan: RunPlan, cache_runs: list[dict
 
     if isinstance(config.tokenizer.num_actors, int):
         return config
-    return resolve_tokenizer_actors(config, ray.nodes(), model_config_of(plan.model["directory"]), cache_runs)
+    return resolve_tokenizer_actors(
+        config, ray.nodes(), model_config_of(plan.model["directory"]), cache_runs
+    )
 
 
 def _finished_run(config, out_fs, out_root, output_uri, input_uri, fingerprint) -> dict | None:
@@ -527,27 +712,48 @@ def _finished_run(config, out_fs, out_root, output_uri, input_uri, fingerprint) 
     if not out_fs.exists(summary_path):
         return None
     protocol = output_uri.split("://")[0] + "://" if "://" in output_uri else ""
-    summary = read_own_file(out_fs, summary_path, Summary, "summary of a finished run",
-                            f"delete {output_uri} to run again, or use another --output", protocol)
+    summary = read_own_file(
+        out_fs,
+        summary_path,
+        Summary,
+        "summary of a finished run",
+        f"delete {output_uri} to run again, or use another --output",
+        protocol,
+    )
     previous = summary.model_dump(mode="json")
     if summary.config_hash != settings_hash(config):
         differ = settings_differences(summary.settings or summary.config, config.result_settings())
-        raise OutputError(f"{output_uri} already holds a finished run with other settings ("
-                          + (differ or f"model {summary.model!r}, settings hash {summary.config_hash} there, "
-                             f"{settings_hash(config)} in this run") + "); use another --output, or delete it to "
-                          "run again")
+        raise OutputError(
+            f"{output_uri} already holds a finished run with other settings ("
+            + (
+                differ
+                or f"model {summary.model!r}, settings hash {summary.config_hash} there, "
+                f"{settings_hash(config)} in this run"
+            )
+            + "); use another --output, or delete it to "
+            "run again"
+        )
     if previous.get("input_fingerprint") != fingerprint:
-        raise OutputError(f"{output_uri} already holds a finished run of another input: it ranked "
-                          f"{_describe_input(previous.get('input_uri'), previous.get('input_fingerprint'))}, this "
-                          f"run's input is {_describe_input(input_uri, fingerprint)}; use another --output, "
-                          "or delete it to run again")
-    if out_fs.exists(join(out_root, "_work")):  # a crash after the summary, before the staging was removed
+        raise OutputError(
+            f"{output_uri} already holds a finished run of another input: it ranked "
+            f"{_describe_input(previous.get('input_uri'), previous.get('input_fingerprint'))}, this "
+            f"run's input is {_describe_input(input_uri, fingerprint)}; use another --output, "
+            "or delete it to run again"
+        )
+    if out_fs.exists(
+        join(out_root, "_work")
+    ):  # a crash after the summary, before the staging was removed
         out_fs.rm(join(out_root, "_work"), recursive=True)
-    logger.info("%s is already complete (summary.json exists, same settings and input); nothing to do", output_uri)
+    logger.info(
+        "%s is already complete (summary.json exists, same settings and input); nothing to do",
+        output_uri,
+    )
     return previous
 
 
-def _plan(config, input_uri, output_uri, out_fs, out_root, in_fs, files, fingerprint, layout, model) -> RunPlan:
+def _plan(
+    config, input_uri, output_uri, out_fs, out_root, in_fs, files, fingerprint, layout, model
+) -> RunPlan:
     """The shard plan (from Parquet metadata), checked against an unfinished run's, whose committed shards
     are kept."""
     shards = plan_shards(in_fs, files, layout, config.input.rows_per_shard)
@@ -555,10 +761,26 @@ def _plan(config, input_uri, output_uri, out_fs, out_root, in_fs, files, fingerp
     # Grouped input ranks each shard on its own (no shuffle) only if no query id spans two rows.
     rank_per_shard = layout.grouped and query_ids_unique(in_fs, files, config.input.query_id_column)
     if layout.grouped and not rank_per_shard:
-        logger.info("grouped input repeats query ids across rows: ranking by hash(query_id) buckets instead")
-    num_buckets = len(shards) if rank_per_shard else max(1, -(-total_pairs // config.output.rows_per_bucket))
-    plan = RunPlan(config, input_uri, output_uri, out_fs, out_root, files, fingerprint, layout, model, shards,
-                   rank_per_shard, num_buckets)
+        logger.info(
+            "grouped input repeats query ids across rows: ranking by hash(query_id) buckets instead"
+        )
+    num_buckets = (
+        len(shards) if rank_per_shard else max(1, -(-total_pairs // config.output.rows_per_bucket))
+    )
+    plan = RunPlan(
+        config,
+        input_uri,
+        output_uri,
+        out_fs,
+        out_root,
+        files,
+        fingerprint,
+        layout,
+        model,
+        shards,
+        rank_per_shard,
+        num_buckets,
+    )
 
     identity_path = join(plan.work, "job.json")
     identity = plan.identity() | {"settings": config.result_settings()}
@@ -566,21 +788,36 @@ def _plan(config, input_uri, output_uri, out_fs, out_root, in_fs, files, fingerp
     manifests = sorted(out_fs.glob(join(plan.manifests_dir, "shard-*.json")))
     if out_fs.exists(identity_path):
         work_uri = plan.protocol + plan.work
-        earlier = read_own_file(out_fs, identity_path, JobIdentity, "record of an unfinished run",
-                                f"delete {work_uri} to start this output over (its committed shards are scored "
-                                "again)", plan.protocol)
-        if earlier.model_dump(mode="json", exclude={"settings"}, include=set(plan.identity())) != plan.identity():
+        earlier = read_own_file(
+            out_fs,
+            identity_path,
+            JobIdentity,
+            "record of an unfinished run",
+            f"delete {work_uri} to start this output over (its committed shards are scored again)",
+            plan.protocol,
+        )
+        if (
+            earlier.model_dump(mode="json", exclude={"settings"}, include=set(plan.identity()))
+            != plan.identity()
+        ):
             if manifests:
                 differ = settings_differences(earlier.settings, config.result_settings())
-                what = differ or ("another input" if earlier.input_fingerprint.model_dump() != fingerprint
-                                  else "other settings or input")
-                raise OutputError(f"{output_uri} holds an unfinished run with other settings or input ({what}; "
-                                  f"{len(manifests)} shard(s) committed); rerun it with its settings to finish it, "
-                                  "use another --output, or delete it to start over")
+                what = differ or (
+                    "another input"
+                    if earlier.input_fingerprint.model_dump() != fingerprint
+                    else "other settings or input"
+                )
+                raise OutputError(
+                    f"{output_uri} holds an unfinished run with other settings or input ({what}; "
+                    f"{len(manifests)} shard(s) committed); rerun it with its settings to finish it, "
+                    "use another --output, or delete it to start over"
+                )
             # A run that committed no shard (refused before any work, or stopped before its first commit) left
             # nothing worth resuming: this run starts the output over with its own settings.
-            logger.info("the unfinished run in %s committed no shard; starting over with this run's settings",
-                        output_uri)
+            logger.info(
+                "the unfinished run in %s committed no shard; starting over with this run's settings",
+                output_uri,
+            )
             out_fs.rm(plan.work, recursive=True)
             out_fs.makedirs(plan.work, exist_ok=True)
             write_json(out_fs, identity_path, identity)
@@ -592,17 +829,33 @@ def _plan(config, input_uri, output_uri, out_fs, out_root, in_fs, files, fingerp
     out_fs.makedirs(plan.manifests_dir, exist_ok=True)
     # Every committed manifest is checked now, before any work, not after an hour of scoring the others.
     plan.committed = {m.shard for m in _read_manifests(plan, manifests)}
-    for shard in plan.pending:  # staging files of a shard that never committed were written before a crash
+    for (
+        shard
+    ) in plan.pending:  # staging files of a shard that never committed were written before a crash
         stale = join(plan.work, "scored", f"shard-{shard.shard:05d}")
         if out_fs.exists(stale):
             out_fs.rm(stale, recursive=True)
-    logger.debug("shards: %s; ranking buckets: %d (%s); input fingerprint %s", ", ".join(
-        f"{s.shard}={posixpath.basename(s.path)}:{len(s.row_groups)} row groups/{s.num_pairs} pairs" for s in shards[:20])
-        + (f" ... (+{len(shards) - 20})" if len(shards) > 20 else ""), num_buckets,
-        "one per shard" if rank_per_shard else "hash(query_id)", fingerprint["sha256"])
-    logger.info("%s pairs in %d shard(s) (%s input); %d already done, %d to score; model %s (%s layout)",
-                f"{total_pairs:,}", len(shards), "grouped" if layout.grouped else "long", len(plan.committed),
-                len(plan.pending), config.model, model["layout"] or "read by the scorers")
+    logger.debug(
+        "shards: %s; ranking buckets: %d (%s); input fingerprint %s",
+        ", ".join(
+            f"{s.shard}={posixpath.basename(s.path)}:{len(s.row_groups)} row groups/{s.num_pairs} pairs"
+            for s in shards[:20]
+        )
+        + (f" ... (+{len(shards) - 20})" if len(shards) > 20 else ""),
+        num_buckets,
+        "one per shard" if rank_per_shard else "hash(query_id)",
+        fingerprint["sha256"],
+    )
+    logger.info(
+        "%s pairs in %d shard(s) (%s input); %d already done, %d to score; model %s (%s layout)",
+        f"{total_pairs:,}",
+        len(shards),
+        "grouped" if layout.grouped else "long",
+        len(plan.committed),
+        len(plan.pending),
+        config.model,
+        model["layout"] or "read by the scorers",
+    )
     return plan
 
 
@@ -613,8 +866,10 @@ def _read_manifests(plan: RunPlan, paths: list[str]) -> list[Manifest]:
     for path, manifest in zip(paths, manifests):
         named = posixpath.basename(path)
         if named != f"shard-{manifest.shard:05d}.json" or manifest.shard >= len(plan.shards):
-            raise OutputError(f"{plan.protocol}{path} is not a valid shard manifest: it is for shard {manifest.shard} "
-                              f"(this run has {len(plan.shards)}); {fix}")
+            raise OutputError(
+                f"{plan.protocol}{path} is not a valid shard manifest: it is for shard {manifest.shard} "
+                f"(this run has {len(plan.shards)}); {fix}"
+            )
     return manifests
 
 
@@ -630,26 +885,52 @@ def _open_cache(plan: RunPlan) -> None:
     device = "cuda" if resources.get("num_gpus") else "cpu"
     dtype = config.dtype if config.dtype != "auto" else _scorer_dtype(device, resources)
     tokenizer = {"max_chars_per_token", "long_documents"} | (
-        {"max_query_length", "overlap"} if config.tokenizer.long_documents == "windows" else set())
-    settings = {"dtype": dtype, "device": device, "max_length": plan.model["max_length"],
-                "tokenizer": config.tokenizer.model_dump(mode="json", include=tokenizer)}
+        {"max_query_length", "overlap"} if config.tokenizer.long_documents == "windows" else set()
+    )
+    settings = {
+        "dtype": dtype,
+        "device": device,
+        "max_length": plan.model["max_length"],
+        "tokenizer": config.tokenizer.model_dump(mode="json", include=tokenizer),
+    }
     if dtype == "int8":
         settings["int8"] = int8_settings(config, plan.model["fp32_layers"], **_scorer_int8())
     checkpoint = checkpoint_digest(plan.model["directory"])
     name = fingerprint(checkpoint, settings)
-    plan.cache = open_cache(config.cache.uri, config.storage_options, name,
-                            {"model": config.model, "revision": str(plan.model["revision"]), "checkpoint": checkpoint,
-                             "settings": settings}, config.cache.buckets)
+    plan.cache = open_cache(
+        config.cache.uri,
+        config.storage_options,
+        name,
+        {
+            "model": config.model,
+            "revision": str(plan.model["revision"]),
+            "checkpoint": checkpoint,
+            "settings": settings,
+        },
+        config.cache.buckets,
+    )
     plan.dtype = dtype
-    logger.info("score cache %s (%d buckets) for %s, %s on %s", plan.cache.uri, plan.cache.buckets, config.model,
-                dtype, device)
+    logger.info(
+        "score cache %s (%d buckets) for %s, %s on %s",
+        plan.cache.uri,
+        plan.cache.buckets,
+        config.model,
+        dtype,
+        device,
+    )
 
 
-def int8_settings(config: RerankConfig, fp32_layers: list[str], weight_qmax: int, calibration: str) -> dict:
+def int8_settings(
+    config: RerankConfig, fp32_layers: list[str], weight_qmax: int, calibration: str
+) -> dict:
     """What changes an int8 score besides the weights, for the cache's fingerprint: the configured options, the
     float32 layers by name (patterns that pick the same layers score the same), and what `_scorer_int8` found."""
-    return {"weight_qmax": weight_qmax, "smooth_alpha": config.int8.smooth_alpha, "fp32_layers": fp32_layers,
-            "calibration": calibration}
+    return {
+        "weight_qmax": weight_qmax,
+        "smooth_alpha": config.int8.smooth_alpha,
+        "fp32_layers": fp32_layers,
+        "calibration": calibration,
+    }
 
 
 def _scorer_int8() -> dict:
@@ -696,10 +977,13 @@ def _lookup(plan: RunPlan, lease: OutputLease) -> None:
     lookup_dir = join(plan.work, "lookup")
     if plan.out_fs.exists(lookup_dir):  # an earlier run's lookup: the cache may hold more by now
         plan.out_fs.rm(lookup_dir, recursive=True)
-    keys, join_buckets = lookup_datasets(plan.pending, plan.layout, plan.config, plan.input_uri, plan.work_uri,
-                                         plan.cache)
+    keys, join_buckets = lookup_datasets(
+        plan.pending, plan.layout, plan.config, plan.input_uri, plan.work_uri, plan.cache
+    )
     files: dict[int, list[str]] = {}
-    for report in _worker_errors(keys().iter_batches(batch_size=None, batch_format="pyarrow"), lease):
+    for report in _worker_errors(
+        keys().iter_batches(batch_size=None, batch_format="pyarrow"), lease
+    ):
         for row in report.to_pylist():
             listed = files.setdefault(row["bucket"], [])
             if row["path"] not in listed:  # a retried task reports the file it rewrote again
@@ -707,12 +991,18 @@ def _lookup(plan: RunPlan, lease: OutputLease) -> None:
     counts = {"hits": 0, "same_texts": 0, "to_score": 0}
     if files:
         ds = join_buckets([{"bucket": b, "files": f} for b, f in sorted(files.items())])
-        for report in _worker_errors(ds.iter_batches(batch_size=None, batch_format="pyarrow"), lease):
+        for report in _worker_errors(
+            ds.iter_batches(batch_size=None, batch_format="pyarrow"), lease
+        ):
             for row in report.to_pylist():
                 for k in counts:
                     counts[k] += row[k]
-    logger.info("score cache: %s pairs found, %s repeat another pair of this run, %s to score",
-                f"{counts['hits']:,}", f"{counts['same_texts']:,}", f"{counts['to_score']:,}")
+    logger.info(
+        "score cache: %s pairs found, %s repeat another pair of this run, %s to score",
+        f"{counts['hits']:,}",
+        f"{counts['same_texts']:,}",
+        f"{counts['to_score']:,}",
+    )
 
 
 def _publish(plan: RunPlan, manifests: list[dict], lease: OutputLease, this_run: dict) -> list[str]:
@@ -725,13 +1015,19 @@ def _publish(plan: RunPlan, manifests: list[dict], lease: OutputLease, this_run:
     for m in manifests:
         for f in m["files"]:
             if f["kind"] in ("cache", "waiting"):
-                (new if f["kind"] == "cache" else waiting).setdefault(f["bucket"], []).append(f["path"])
-    items = [{"bucket": b, "new_files": new.get(b, []), "waiting_files": waiting.get(b, [])}
-             for b in sorted(set(new) | set(waiting))]
+                (new if f["kind"] == "cache" else waiting).setdefault(f["bucket"], []).append(
+                    f["path"]
+                )
+    items = [
+        {"bucket": b, "new_files": new.get(b, []), "waiting_files": waiting.get(b, [])}
+        for b in sorted(set(new) | set(waiting))
+    ]
     fill_files, added = [], 0
     if items:
         ds = publish_dataset(items, plan.config, plan.work_uri, plan.cache)
-        for report in _worker_errors(ds.iter_batches(batch_size=None, batch_format="pyarrow"), lease):
+        for report in _worker_errors(
+            ds.iter_batches(batch_size=None, batch_format="pyarrow"), lease
+        ):
             for row in report.to_pylist():
                 added += row["entries_added"]
                 if row["filled"]:
@@ -753,16 +1049,32 @@ def _score(plan: RunPlan, lease: OutputLease) -> dict:
         return totals
     batches = _hand_offs(plan.config, plan.input_row_bytes, plan.model["max_length"])
     if batches.cut(plan.config):
-        logger.info("pairs of about %s KB on their way to the scorer: batches cut to fit io.in_flight_mb=%d (%s)",
-                    f"{batches.row_bytes['scorer'] / 2**10:,.1f}", plan.config.io.in_flight_mb,
-                    ", ".join(batches.cut(plan.config)))
-    progress = Progress(plan.total_pairs, plan.total_pairs - sum(s.num_pairs for s in pending),
-                        plan.config.progress_interval_s)
+        logger.info(
+            "pairs of about %s KB on their way to the scorer: batches cut to fit io.in_flight_mb=%d (%s)",
+            f"{batches.row_bytes['scorer'] / 2**10:,.1f}",
+            plan.config.io.in_flight_mb,
+            ", ".join(batches.cut(plan.config)),
+        )
+    progress = Progress(
+        plan.total_pairs,
+        plan.total_pairs - sum(s.num_pairs for s in pending),
+        plan.config.progress_interval_s,
+    )
     commits = ShardCommits(pending)
     try:
-        ds = scoring_dataset(pending, plan.layout, plan.config, plan.input_uri, plan.work_uri, plan.num_buckets,
-                             plan.rank_per_shard, progress_counter=progress.counter, cache=plan.cache,
-                             dtype=plan.dtype, batches=batches)
+        ds = scoring_dataset(
+            pending,
+            plan.layout,
+            plan.config,
+            plan.input_uri,
+            plan.work_uri,
+            plan.num_buckets,
+            plan.rank_per_shard,
+            progress_counter=progress.counter,
+            cache=plan.cache,
+            dtype=plan.dtype,
+            batches=batches,
+        )
         for report in _worker_errors(_watched(ds, progress, plan.config, batches), lease):
             progress.moved()
             for row in report.to_pylist():
@@ -794,7 +1106,11 @@ def _input_row_bytes(fs, files: list[str], layout: InputLayout) -> int:
         for g in range(meta.num_row_groups):
             group = meta.row_group(g)
             chunks = [group.column(c) for c in range(group.num_columns)]
-            size = sum(c.total_uncompressed_size for c in chunks if c.path_in_schema.split(".")[0] in columns)
+            size = sum(
+                c.total_uncompressed_size
+                for c in chunks
+                if c.path_in_schema.split(".")[0] in columns
+            )
             pairs = group.num_rows
             if layout.grouped:  # a row is a query: its candidates are the pairs
                 pairs = next((c.num_values for c in chunks if c.path_in_schema == doc_ids), pairs)
@@ -814,10 +1130,19 @@ def _hand_offs(config: RerankConfig, input_row_bytes: int, max_length: int):
 
 
 # Ray Data's names of our stages (`MapBatches(<class>)`), as a user knows them.
-_STAGE_NAMES = {"ReadShard": "reader", "ReadShardCached": "reader", "TokenizeStage": "tokenizer",
-                "ScoreStage": "scorer", "WriteScored": "writer"}
-_BATCH_SETTINGS = {"reader": "input.rows_per_shard", "tokenizer": "tokenizer.batch_size", "scorer": "scorer.batch_size",
-                   "writer": "io.rows_per_write"}
+_STAGE_NAMES = {
+    "ReadShard": "reader",
+    "ReadShardCached": "reader",
+    "TokenizeStage": "tokenizer",
+    "ScoreStage": "scorer",
+    "WriteScored": "writer",
+}
+_BATCH_SETTINGS = {
+    "reader": "input.rows_per_shard",
+    "tokenizer": "tokenizer.batch_size",
+    "scorer": "scorer.batch_size",
+    "writer": "io.rows_per_write",
+}
 
 
 def _watched(ds, progress: Progress, config: RerankConfig, batches):
@@ -864,8 +1189,11 @@ def _watched(ds, progress: Progress, config: RerankConfig, batches):
             except queue.Empty:
                 if progress.idle_s() < timeout:
                     continue
-                raise InfrastructureError(_stall_message(executors[0] if executors else None, progress.idle_s(),
-                                                         config, batches)) from None
+                raise InfrastructureError(
+                    _stall_message(
+                        executors[0] if executors else None, progress.idle_s(), config, batches
+                    )
+                ) from None
             if kind == "end":
                 return
             if kind == "error":
@@ -873,7 +1201,9 @@ def _watched(ds, progress: Progress, config: RerankConfig, batches):
             yield item
     finally:
         stop.set()
-        if thread.is_alive():  # stopped early (a stall, a worker's fault, a lost lease): no stage may go on
+        if (
+            thread.is_alive()
+        ):  # stopped early (a stall, a worker's fault, a lost lease): no stage may go on
             for executor in executors:
                 try:
                     executor.shutdown(force=True)
@@ -893,9 +1223,14 @@ def _stall_message(executor, idle: float, config: RerankConfig, batches) -> str:
             cls = op.name.rsplit("(", 1)[-1].rstrip(")")
             if op.name.startswith("MapBatches("):
                 actors = op.get_actor_info() if hasattr(op, "get_actor_info") else None
-                stages.append((_STAGE_NAMES.get(cls, cls), op.num_active_tasks(),
-                               state.total_enqueued_input_blocks_bytes(),
-                               (actors.pending + actors.restarting) if actors else 0))
+                stages.append(
+                    (
+                        _STAGE_NAMES.get(cls, cls),
+                        op.num_active_tasks(),
+                        state.total_enqueued_input_blocks_bytes(),
+                        (actors.pending + actors.restarting) if actors else 0,
+                    )
+                )
     except Exception:  # noqa: BLE001 - a diagnosis must not hide the stall itself
         logger.debug("no diagnosis of the stall from Ray Data's topology", exc_info=True)
         stages = []
@@ -909,28 +1244,43 @@ def _stall_message(executor, idle: float, config: RerankConfig, batches) -> str:
         name, held = stages[i][0], stages[i][2]
         upstream = stages[i - 1][0] if i else "input"
         rows = getattr(batches, name, None)
-        return (f"{head}: the {name} waits for a full batch" + (f" of {rows:,} rows" if rows else "")
-                + f" ({held / 2**20:,.1f} MB gathered) from the {upstream}, which io.in_flight_mb="
-                f"{config.io.in_flight_mb} holds back; raise io.in_flight_mb or lower "
-                f"{_BATCH_SETTINGS.get(name, 'the batch sizes')}" + tail)
+        return (
+            f"{head}: the {name} waits for a full batch"
+            + (f" of {rows:,} rows" if rows else "")
+            + f" ({held / 2**20:,.1f} MB gathered) from the {upstream}, which io.in_flight_mb="
+            f"{config.io.in_flight_mb} holds back; raise io.in_flight_mb or lower "
+            f"{_BATCH_SETTINGS.get(name, 'the batch sizes')}" + tail
+        )
     if running >= 0:
         name = stages[running][0]
-        waiting = [s[0] for s in stages[running + 1:]]
-        return (f"{head}: the {name} has been running a batch all that time"
-                + (f" and the {', '.join(waiting)} wait{'s' if len(waiting) == 1 else ''} on it" if waiting else "")
-                + f"; if it is only slow, raise io.stall_timeout_s or lower {_BATCH_SETTINGS.get(name, 'its batch')}"
-                + tail)
+        waiting = [s[0] for s in stages[running + 1 :]]
+        return (
+            f"{head}: the {name} has been running a batch all that time"
+            + (
+                f" and the {', '.join(waiting)} wait{'s' if len(waiting) == 1 else ''} on it"
+                if waiting
+                else ""
+            )
+            + f"; if it is only slow, raise io.stall_timeout_s or lower {_BATCH_SETTINGS.get(name, 'its batch')}"
+            + tail
+        )
     starting = [s for s in stages if s[3]]
     if starting:
         name, pending = starting[0][0], starting[0][3]
-        return (f"{head}: {pending} {name} actor{'s' if pending > 1 else ''} could not start all that time (a slow "
-                "start, or a cluster short of the CPUs/GPUs they ask for); see the Ray logs, and raise "
-                f"io.stall_timeout_s if they only start slowly" + tail)
-    return (f"{head}: no stage is running or holding rows; raise io.in_flight_mb or lower tokenizer.batch_size, "
-            f"scorer.batch_size and io.rows_per_write" + tail)
+        return (
+            f"{head}: {pending} {name} actor{'s' if pending > 1 else ''} could not start all that time (a slow "
+            "start, or a cluster short of the CPUs/GPUs they ask for); see the Ray logs, and raise "
+            f"io.stall_timeout_s if they only start slowly" + tail
+        )
+    return (
+        f"{head}: no stage is running or holding rows; raise io.in_flight_mb or lower tokenizer.batch_size, "
+        f"scorer.batch_size and io.rows_per_write" + tail
+    )
 
 
-def _rank(plan: RunPlan, manifests: list[dict], lease: OutputLease, fill_files: list[str]) -> dict[int, dict]:
+def _rank(
+    plan: RunPlan, manifests: list[dict], lease: OutputLease, fill_files: list[str]
+) -> dict[int, dict]:
     """Phase 2: rank every bucket that has no done-marker yet. Returns every bucket's report."""
     from pipeline.compose import ranking_dataset
 
@@ -943,15 +1293,39 @@ def _rank(plan: RunPlan, manifests: list[dict], lease: OutputLease, fill_files: 
     plan.out_fs.makedirs(ranked_dir, exist_ok=True)
     # One listing, not one existence check per bucket (a round trip each on object storage).
     markers = sorted(plan.out_fs.glob(join(ranked_dir, "bucket-*.json")))
-    bucket_reports = {r.bucket: r.model_dump() for r in read_own_files(
-        plan.out_fs, markers, BucketMarker, "ranked bucket's marker",
-        "delete it: its bucket is ranked again on the next run", plan.protocol) if r.bucket in bucket_files}
-    todo = [{"bucket": b, "files": files_} for b, files_ in sorted(bucket_files.items()) if b not in bucket_reports]
+    bucket_reports = {
+        r.bucket: r.model_dump()
+        for r in read_own_files(
+            plan.out_fs,
+            markers,
+            BucketMarker,
+            "ranked bucket's marker",
+            "delete it: its bucket is ranked again on the next run",
+            plan.protocol,
+        )
+        if r.bucket in bucket_files
+    }
+    todo = [
+        {"bucket": b, "files": files_}
+        for b, files_ in sorted(bucket_files.items())
+        if b not in bucket_reports
+    ]
     if todo:
         metadata = output_metadata(plan.config, plan.model, _scorers(plan))
-        ds = ranking_dataset(todo, plan.config, plan.output_uri, _rejected_schema(plan.layout, metadata), plan.shards,
-                             plan.layout, plan.input_uri, file_metadata=metadata, fill_files=fill_files)
-        for report in _worker_errors(ds.iter_batches(batch_size=None, batch_format="pyarrow"), lease):
+        ds = ranking_dataset(
+            todo,
+            plan.config,
+            plan.output_uri,
+            _rejected_schema(plan.layout, metadata),
+            plan.shards,
+            plan.layout,
+            plan.input_uri,
+            file_metadata=metadata,
+            fill_files=fill_files,
+        )
+        for report in _worker_errors(
+            ds.iter_batches(batch_size=None, batch_format="pyarrow"), lease
+        ):
             for row in report.to_pylist():
                 write_json(plan.out_fs, join(ranked_dir, f"bucket-{row['bucket']:05d}.json"), row)
                 bucket_reports[row["bucket"]] = row
@@ -960,9 +1334,17 @@ def _rank(plan: RunPlan, manifests: list[dict], lease: OutputLease, fill_files: 
 
 def _scorers(plan: RunPlan) -> list[dict]:
     """What each scorer actor recorded about the model it ran (dtype, kernel, device), this run or earlier."""
-    return [r.model_dump() for r in read_own_files(
-        plan.out_fs, plan.out_fs.glob(join(plan.work, "scorers", "*.json")), ScorerRecord, "scorer record",
-        "delete it: it only describes one scorer for summary.json", plan.protocol)]
+    return [
+        r.model_dump()
+        for r in read_own_files(
+            plan.out_fs,
+            plan.out_fs.glob(join(plan.work, "scorers", "*.json")),
+            ScorerRecord,
+            "scorer record",
+            "delete it: it only describes one scorer for summary.json",
+            plan.protocol,
+        )
+    ]
 
 
 def _move_rejected(plan: RunPlan, manifests: list[dict], scorers: list[dict]) -> dict[str, int]:
@@ -978,11 +1360,18 @@ def _move_rejected(plan: RunPlan, manifests: list[dict], scorers: list[dict]) ->
             for reason in table.column(S.REASON).to_pylist():
                 reasons[reason] = reasons.get(reason, 0) + 1
             table = table.select(schema.names).replace_schema_metadata(schema.metadata)
-            atomic_write(fs, join(rejected_dir, f"shard-{m['shard']:05d}-{k:03d}.parquet"),
-                         lambda fh, t=table: pq.write_table(t, fh))
+            atomic_write(
+                fs,
+                join(rejected_dir, f"shard-{m['shard']:05d}-{k:03d}.parquet"),
+                lambda fh, t=table: pq.write_table(t, fh),
+            )
     if not fs.glob(join(rejected_dir, "*.parquet")):
         # Nothing rejected: an empty table with the schema, so that readers of rejected/*.parquet find a file.
-        atomic_write(fs, join(rejected_dir, "part-empty.parquet"), lambda fh: pq.write_table(schema.empty_table(), fh))
+        atomic_write(
+            fs,
+            join(rejected_dir, "part-empty.parquet"),
+            lambda fh: pq.write_table(schema.empty_table(), fh),
+        )
     return reasons
 
 
@@ -991,8 +1380,10 @@ def _cache_summary(plan: RunPlan, manifests: list[dict], this_run: dict) -> dict
     scored, scorer-seconds it saved at the model's measured rate); recorded in the cache for later estimates."""
     scored_now = this_run["pairs"] - this_run["hits"] - this_run["same_texts"]
     seconds = this_run["score_seconds"]
-    fields = {"pairs_scored": scored_now,
-              "model_pairs_per_s": round(scored_now / seconds, 2) if seconds > 0 and scored_now else None}
+    fields = {
+        "pairs_scored": scored_now,
+        "model_pairs_per_s": round(scored_now / seconds, 2) if seconds > 0 and scored_now else None,
+    }
     if plan.cache is None:
         return fields | {"cache": None}
     from pipeline.cache import read_runs, record_run
@@ -1001,35 +1392,69 @@ def _cache_summary(plan: RunPlan, manifests: list[dict], this_run: dict) -> dict
 
     actors = scorer_pool(plan.config)[0]
     # Cache files that did not read: skipped (their pairs scored again) and moved aside by the lookup.
-    quarantined = [r.model_dump() for r in read_own_files(
-        plan.out_fs, sorted(plan.out_fs.glob(join(plan.work, QUARANTINED, "*.json"))), QuarantineRecord,
-        "note of a quarantined cache file", "delete it: it only names a moved cache file for summary.json",
-        plan.protocol)]
+    quarantined = [
+        r.model_dump()
+        for r in read_own_files(
+            plan.out_fs,
+            sorted(plan.out_fs.glob(join(plan.work, QUARANTINED, "*.json"))),
+            QuarantineRecord,
+            "note of a quarantined cache file",
+            "delete it: it only names a moved cache file for summary.json",
+            plan.protocol,
+        )
+    ]
     for q in quarantined:
-        logger.warning("score cache: %s does not read (%s); skipped, its pairs scored again, moved to %s",
-                       q["path"], q["reason"], q["moved_to"] or "the quarantine by another run")
+        logger.warning(
+            "score cache: %s does not read (%s); skipped, its pairs scored again, moved to %s",
+            q["path"],
+            q["reason"],
+            q["moved_to"] or "the quarantine by another run",
+        )
     # The model's rate: this run's, if it scored enough pairs to measure it, else the best measured run of the
     # same cache folder (a warm run that scored nothing still gets an estimate).
     rate = fields["model_pairs_per_s"] if scored_now >= 1000 else None
     if rate is None:
-        measured = [r for r in read_runs(plan.cache) if r.get("model_pairs_per_s") and r.get("pairs_scored", 0) >= 1000]
+        measured = [
+            r
+            for r in read_runs(plan.cache)
+            if r.get("model_pairs_per_s") and r.get("pairs_scored", 0) >= 1000
+        ]
         best = max(measured, key=lambda r: r["pairs_scored"], default=None)
         rate = best["model_pairs_per_s"] if best else None
     saved = this_run["hits"] + this_run["same_texts"]
     hits = sum(m.get("hits", 0) for m in manifests)
     same = sum(m.get("same_texts", 0) for m in manifests)
-    cache = {"uri": plan.config.cache.uri, "fingerprint": plan.cache.fingerprint, "buckets": plan.cache.buckets,
-             "entries_added": this_run.get("entries_added", 0),
-             "quarantined_files": len(quarantined), "quarantined": [q["path"] for q in quarantined],
-             "this_run": {"hits": this_run["hits"], "same_texts": this_run["same_texts"], "scored": scored_now}}
-    record_run(plan.cache, {"output_uri": plan.output_uri, "end_time": _now(), "hits": this_run["hits"],
-                            "same_texts": this_run["same_texts"], "pairs_scored": scored_now,
-                            "model_pairs_per_s": fields["model_pairs_per_s"], "scorer_actors": actors,
-                            # which device the rate was measured on: only a GPU run's sizes GPU pools
-                            "device": ",".join(sorted({s["device"] for s in _scorers(plan)})) or None,
-                            "entries_added": cache["entries_added"]})
+    cache = {
+        "uri": plan.config.cache.uri,
+        "fingerprint": plan.cache.fingerprint,
+        "buckets": plan.cache.buckets,
+        "entries_added": this_run.get("entries_added", 0),
+        "quarantined_files": len(quarantined),
+        "quarantined": [q["path"] for q in quarantined],
+        "this_run": {
+            "hits": this_run["hits"],
+            "same_texts": this_run["same_texts"],
+            "scored": scored_now,
+        },
+    }
+    record_run(
+        plan.cache,
+        {
+            "output_uri": plan.output_uri,
+            "end_time": _now(),
+            "hits": this_run["hits"],
+            "same_texts": this_run["same_texts"],
+            "pairs_scored": scored_now,
+            "model_pairs_per_s": fields["model_pairs_per_s"],
+            "scorer_actors": actors,
+            # which device the rate was measured on: only a GPU run's sizes GPU pools
+            "device": ",".join(sorted({s["device"] for s in _scorers(plan)})) or None,
+            "entries_added": cache["entries_added"],
+        },
+    )
     return fields | {
-        "cache_hits": hits, "cache_same_texts": same,
+        "cache_hits": hits,
+        "cache_same_texts": same,
         "cache_misses": sum(m["pairs"] for m in manifests) - hits - same,
         # Scorer-seconds (GPU-seconds on a GPU pool) this run did not spend: pairs it took from the cache or
         # from a repeated pair, at the model's rate per actor. An estimate: null when no rate was ever measured.
@@ -1039,7 +1464,11 @@ def _cache_summary(plan: RunPlan, manifests: list[dict], this_run: dict) -> dict
 
 
 def _number(value) -> float | None:
-    return value if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 else None
+    return (
+        value
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+        else None
+    )
 
 
 def _busy(record: dict, window: tuple[float, float] | None = None) -> dict:
@@ -1047,11 +1476,18 @@ def _busy(record: dict, window: tuple[float, float] | None = None) -> dict:
     A scorer of this run (ready within `window`, the scoring phase's start and end, Unix time) is counted up
     to the phase's end: the record is written only inside calls, so a scorer that waited for tokens after its
     last call would otherwise look busier than it was."""
-    busy, wall, ready = _number(record.get("busy_s")), _number(record.get("wall_s")), _number(record.get("ready_unix"))
+    busy, wall, ready = (
+        _number(record.get("busy_s")),
+        _number(record.get("wall_s")),
+        _number(record.get("ready_unix")),
+    )
     if window is not None and ready is not None and window[0] <= ready <= window[1]:
         wall = round(window[1] - ready, 3)
-    return {"busy_s": busy, "wall_s": wall,
-            "busy_fraction": round(min(1.0, busy / wall), 3) if busy is not None and wall else None}
+    return {
+        "busy_s": busy,
+        "wall_s": wall,
+        "busy_fraction": round(min(1.0, busy / wall), 3) if busy is not None and wall else None,
+    }
 
 
 def _mean_busy(scorers: list[dict], window: tuple[float, float] | None = None) -> float | None:
@@ -1059,7 +1495,9 @@ def _mean_busy(scorers: list[dict], window: tuple[float, float] | None = None) -
     return round(sum(fractions) / len(fractions), 3) if fractions else None
 
 
-def _commit(plan: RunPlan, manifests, bucket_reports, lease, this_run: dict, start_time, t0) -> dict:
+def _commit(
+    plan: RunPlan, manifests, bucket_reports, lease, this_run: dict, start_time, t0
+) -> dict:
     """Rejected rows out of staging, counts reconciled, summary.json last, staging removed."""
     config, fs = plan.config, plan.out_fs
     new_pairs, new_tokens = this_run["pairs"] + this_run["rejected"], this_run["tokens"]
@@ -1072,50 +1510,87 @@ def _commit(plan: RunPlan, manifests, bucket_reports, lease, this_run: dict, sta
     scored_rows = sum(r["scored"] for r in bucket_reports.values())
     rejected_rows = sum(reasons.values())
     if scored_rows + rejected_rows != plan.total_pairs:
-        raise PipelineError(f"row accounting failed: {plan.total_pairs} input pairs but {scored_rows} scored + "
-                            f"{rejected_rows} rejected; the output in {plan.output_uri} is left incomplete")
+        raise PipelineError(
+            f"row accounting failed: {plan.total_pairs} input pairs but {scored_rows} scored + "
+            f"{rejected_rows} rejected; the output in {plan.output_uri} is left incomplete"
+        )
     engine = scorers[0] if scorers else {}
     elapsed = time.monotonic() - t0
     summary = {
-        "input_rows": plan.total_pairs, "scored_rows": scored_rows, "rejected_rows": rejected_rows,
+        "input_rows": plan.total_pairs,
+        "scored_rows": scored_rows,
+        "rejected_rows": rejected_rows,
         "ranked_rows_written": sum(r["written"] for r in bucket_reports.values()),
         "rejected_by_reason": dict(sorted(reasons.items())),
-        "input_uri": plan.input_uri, "input_fingerprint": plan.fingerprint,
-        "input_format": "grouped" if plan.layout.grouped else "long", "input_files": len(plan.files),
-        "shards": len(plan.shards), "shards_resumed": len(plan.committed), "ranking_buckets": plan.num_buckets,
-        "pairs_this_run": new_pairs, "tokens": sum(m["tokens"] for m in manifests),
-        "pairs_per_s": round(new_pairs / score_seconds, 2) if score_seconds > 0 and new_pairs else None,
-        "tokens_per_s": round(new_tokens / score_seconds, 1) if score_seconds > 0 and new_tokens else None,
+        "input_uri": plan.input_uri,
+        "input_fingerprint": plan.fingerprint,
+        "input_format": "grouped" if plan.layout.grouped else "long",
+        "input_files": len(plan.files),
+        "shards": len(plan.shards),
+        "shards_resumed": len(plan.committed),
+        "ranking_buckets": plan.num_buckets,
+        "pairs_this_run": new_pairs,
+        "tokens": sum(m["tokens"] for m in manifests),
+        "pairs_per_s": round(new_pairs / score_seconds, 2)
+        if score_seconds > 0 and new_pairs
+        else None,
+        "tokens_per_s": round(new_tokens / score_seconds, 1)
+        if score_seconds > 0 and new_tokens
+        else None,
         "seconds": round(elapsed, 2),
         # Dense layers always run on packed tokens; attention is padding-free with the varlen kernels and with
         # SDPA on CPU (runs of equal length). Only SDPA on a GPU pads inside length groups, not counted: null.
-        "padding_efficiency": None if any(s["attention_backend"] == "sdpa_length_grouped" and s["device"] != "cpu"
-                                          for s in scorers) else 1.0,
-        "model": config.model, "revision": plan.model["revision"],
-        "layout": plan.model["layout"] or (sorted({s["layout"] for s in scorers})[0] if scorers else None),
+        "padding_efficiency": None
+        if any(
+            s["attention_backend"] == "sdpa_length_grouped" and s["device"] != "cpu"
+            for s in scorers
+        )
+        else 1.0,
+        "model": config.model,
+        "revision": plan.model["revision"],
+        "layout": plan.model["layout"]
+        or (sorted({s["layout"] for s in scorers})[0] if scorers else None),
         "dtype": sorted({s["dtype"] for s in scorers}) if scorers else None,
         "attention_backend": sorted({s["attention_backend"] for s in scorers}) if scorers else None,
         "device": sorted({s["device"] for s in scorers}) if scorers else None,
         # where each scorer actor ran (this run or an earlier one of this output): its device and Ray node
         # and how busy it was: seconds scoring over seconds since it was ready (null in records that predate it)
-        "scorers": sorted(({"device": s["device"], "node_id": s.get("node_id"),
-                            **_busy(s, this_run.get("score_window_unix"))} for s in scorers),
-                          key=lambda s: (s["node_id"] or "", s["device"])),
+        "scorers": sorted(
+            (
+                {
+                    "device": s["device"],
+                    "node_id": s.get("node_id"),
+                    **_busy(s, this_run.get("score_window_unix")),
+                }
+                for s in scorers
+            ),
+            key=lambda s: (s["node_id"] or "", s["device"]),
+        ),
         # the pool's mean busy fraction: near 1, the scorers set the pace; well below, they waited for tokens
         "scorer_busy_fraction": _mean_busy(scorers, this_run.get("score_window_unix")),
         "random_weights": bool(engine.get("random_weights", config.model.startswith("dummy:"))),
-        "max_length": plan.model["max_length"], "long_documents": config.tokenizer.long_documents,
+        "max_length": plan.model["max_length"],
+        "long_documents": config.tokenizer.long_documents,
         "top_k": config.output.top_k,
         **_cache_summary(plan, manifests, this_run),
-        "config_hash": settings_hash(config), "settings": config.result_settings(),
+        "config_hash": settings_hash(config),
+        "settings": config.result_settings(),
         "config": redact(config.model_dump(mode="json")),
-        "start_time": start_time, "end_time": _now(),
+        "start_time": start_time,
+        "end_time": _now(),
     }
     if summary["random_weights"]:
-        logger.warning("RANDOM WEIGHTS: %s is a dummy model; these scores mean nothing", config.model)
+        logger.warning(
+            "RANDOM WEIGHTS: %s is a dummy model; these scores mean nothing", config.model
+        )
     lease.check()  # never publish a summary over another run's files
     write_json(fs, join(plan.out_root, "summary.json"), summary)
     fs.rm(plan.work, recursive=True)
-    logger.info("done: %s scored, %s rejected in %.1fs -> %s", f"{scored_rows:,}", f"{rejected_rows:,}", elapsed,
-                plan.output_uri)
+    logger.info(
+        "done: %s scored, %s rejected in %.1fs -> %s",
+        f"{scored_rows:,}",
+        f"{rejected_rows:,}",
+        elapsed,
+        plan.output_uri,
+    )
     return summary

@@ -30,12 +30,12 @@ FIRST_STAGE_RANK = "first_stage_rank"
 FIRST_STAGE_SCORE = "first_stage_score"
 
 # Internal columns: they travel between the stages and never reach ranked/ or rejected/.
-SHARD = "_shard"                # int32: the input shard a row came from
-ROW = "_row"                    # int64: shard << 32 | pair index within the shard, the row's key everywhere
-NUM_WINDOWS = "num_windows"     # int32: windows of the row's document (all share its _row)
+SHARD = "_shard"  # int32: the input shard a row came from
+ROW = "_row"  # int64: shard << 32 | pair index within the shard, the row's key everywhere
+NUM_WINDOWS = "num_windows"  # int32: windows of the row's document (all share its _row)
 NO_CANDIDATES_FLAG = "_no_candidates"  # bool: a grouped query without candidates (one rejected row)
-BEST = "_best"                  # float: a row's best window score, while ranking
+BEST = "_best"  # float: a row's best window score, while ranking
 # Score cache (cache.uri set): see pipeline/cache.py.
-CACHE_KEY = "_cache_key"        # fixed_size_binary(16): hash of (model fingerprint, query, document)
-CACHED = "_cached"              # int8: 0 score it, 1 cache hit, 2 same texts as another pair of this run
+CACHE_KEY = "_cache_key"  # fixed_size_binary(16): hash of (model fingerprint, query, document)
+CACHED = "_cached"  # int8: 0 score it, 1 cache hit, 2 same texts as another pair of this run
 CACHED_SCORE = "_cached_score"  # float32: the cached logit of a hit (null otherwise)

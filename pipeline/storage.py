@@ -21,12 +21,18 @@ from pydantic import BaseModel, ValidationError
 from pipeline.errors import ConfigError, InputError, OutputError
 
 
-def url_to_fs(uri: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+def url_to_fs(
+    uri: str, storage_options: dict | None = None
+) -> tuple[fsspec.AbstractFileSystem, str]:
     """`s3://bucket/x` -> (s3fs filesystem, "bucket/x"); a plain path -> (local filesystem, absolute path)."""
     options = dict(storage_options or {})
     if "://" not in uri:
         uri = os.path.abspath(os.path.expanduser(uri))
-    elif uri.startswith("s3://") and "endpoint_url" not in options and os.environ.get("AWS_ENDPOINT_URL"):
+    elif (
+        uri.startswith("s3://")
+        and "endpoint_url" not in options
+        and os.environ.get("AWS_ENDPOINT_URL")
+    ):
         # botocore reads AWS_ENDPOINT_URL itself; passing it explicitly also covers older botocore releases.
         options["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
     try:
@@ -36,16 +42,26 @@ def url_to_fs(uri: str, storage_options: dict | None = None) -> tuple[fsspec.Abs
 
 
 # What every fsspec filesystem accepts besides its own arguments (AbstractFileSystem's caching keywords).
-_BASE_OPTIONS = {"use_listings_cache", "listings_expiry_time", "max_paths", "skip_instance_cache", "asynchronous",
-                 "loop", "batch_size"}
+_BASE_OPTIONS = {
+    "use_listings_cache",
+    "listings_expiry_time",
+    "max_paths",
+    "skip_instance_cache",
+    "asynchronous",
+    "loop",
+    "batch_size",
+}
 
 
 def _named_arguments(cls: type) -> set[str]:
     names: set[str] = set()
     for c in cls.__mro__:
         if "__init__" in vars(c):
-            names |= {p.name for p in inspect.signature(c.__init__).parameters.values()
-                      if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"}
+            names |= {
+                p.name
+                for p in inspect.signature(c.__init__).parameters.values()
+                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"
+            }
     return names
 
 
@@ -64,7 +80,9 @@ def _options_fault(protocol: str, options: dict) -> str | None:
         fs = cls(**options, skip_instance_cache=True)
         if session:
             fs.connect()
-    except Exception as e:  # whatever the library raises for a value it cannot use (TypeError, ProfileNotFound...)
+    except (
+        Exception
+    ) as e:  # whatever the library raises for a value it cannot use (TypeError, ProfileNotFound...)
         return f"{cls.__module__}.{cls.__name__} refuses it ({type(e).__name__}: {str(e).strip()[:200]})"
     return None
 
@@ -88,13 +106,18 @@ def check_storage_options(uris: list[str], storage_options: dict | None) -> None
             continue
         # One key at a time, to name the culprit rather than the whole dict (whose values may be secrets).
         faults = {k: _options_fault(protocol, {k: v}) for k, v in options.items()}
-        named = {k: why for k, why in faults.items() if why} or {", ".join(sorted(options)): _options_fault(
-            protocol, options)}
+        named = {k: why for k, why in faults.items() if why} or {
+            ", ".join(sorted(options)): _options_fault(protocol, options)
+        }
         key, why = next(iter(sorted(named.items())))
-        raise ConfigError(f"config key `storage_options.{key}`: {why} (for {protocol}:// URIs); fix or remove it")
+        raise ConfigError(
+            f"config key `storage_options.{key}`: {why} (for {protocol}:// URIs); fix or remove it"
+        )
 
 
-def check_bucket(fs: fsspec.AbstractFileSystem, root: str, uri: str, create: bool, key: str) -> None:
+def check_bucket(
+    fs: fsspec.AbstractFileSystem, root: str, uri: str, create: bool, key: str
+) -> None:
     """On object storage, the bucket of `root` exists, or is created when `create` (config key `key`): a typo in a
     bucket name must not make a new bucket on the account. Nothing to check on disks."""
     if not _object_store(fs):
@@ -114,19 +137,25 @@ def check_bucket(fs: fsspec.AbstractFileSystem, root: str, uri: str, create: boo
             return
     if not create:
         protocol = uri.split("://")[0]
-        raise OutputError(f"the bucket {protocol}://{bucket} of {uri} does not exist; check its name, create it, or "
-                          f"--set {key}=true to let the job create it")
+        raise OutputError(
+            f"the bucket {protocol}://{bucket} of {uri} does not exist; check its name, create it, or "
+            f"--set {key}=true to let the job create it"
+        )
     fs.mkdir(bucket)
 
 
 def _object_store(fs: fsspec.AbstractFileSystem) -> bool:
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return bool(set(protocols) & {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "r2"})
+    return bool(
+        set(protocols) & {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "r2"}
+    )
 
 
 def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> pafs.FileSystem:
     """The pyarrow view of an fsspec filesystem, for pyarrow.dataset and Ray Data readers/writers."""
-    if fs.protocol in ("file", ("file", "local"), "local") or "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+    if fs.protocol in ("file", ("file", "local"), "local") or "file" in (
+        fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    ):
         return pafs.LocalFileSystem()
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
@@ -135,7 +164,9 @@ def join(path: str, *parts: str) -> str:
     return posixpath.join(path, *parts)
 
 
-def atomic_write(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
+def atomic_write(
+    fs: fsspec.AbstractFileSystem, path: str, write: Callable[[Any], None], mode: str = "wb"
+) -> None:
     """`write(file)` into a sibling temp object, then move it to `path`: readers never see half a file, and a
     failed write (a full disk, a vanished endpoint) leaves no file under the final name and no temp behind."""
     tmp = path + ".tmp"
@@ -147,7 +178,9 @@ def atomic_write(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[Any]
         try:
             if fs.exists(tmp):
                 fs.rm(tmp)
-        except Exception:  # the cleanup may fail for the same reason the write did; a rerun ignores *.tmp
+        except (
+            Exception
+        ):  # the cleanup may fail for the same reason the write did; a rerun ignores *.tmp
             pass
         named = with_filename(e, path)
         if named is not e:
@@ -157,7 +190,9 @@ def atomic_write(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[Any]
 
 def write_json(fs: fsspec.AbstractFileSystem, path: str, payload: Any) -> None:
     """JSON written atomically (`atomic_write`)."""
-    atomic_write(fs, path, lambda f: json.dump(payload, f, indent=2, sort_keys=True, default=str), mode="w")
+    atomic_write(
+        fs, path, lambda f: json.dump(payload, f, indent=2, sort_keys=True, default=str), mode="w"
+    )
 
 
 def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
@@ -220,14 +255,26 @@ def parse_own_file(data: bytes | str, path: str, model: type[M], what: str, fix:
         raise OutputError(f"{path} is not valid JSON (not UTF-8 text); {fix}") from None
 
 
-def read_own_file(fs: fsspec.AbstractFileSystem, path: str, model: type[M], what: str, fix: str,
-                  protocol: str = "") -> M:
+def read_own_file(
+    fs: fsspec.AbstractFileSystem,
+    path: str,
+    model: type[M],
+    what: str,
+    fix: str,
+    protocol: str = "",
+) -> M:
     """`parse_own_file` of the file at `path` (FileNotFoundError if there is none), named `protocol + path`."""
     return parse_own_file(fs.cat_file(path), protocol + path, model, what, fix)
 
 
-def read_own_files(fs: fsspec.AbstractFileSystem, paths: list[str], model: type[M], what: str, fix: str,
-                   protocol: str = "") -> list[M]:
+def read_own_files(
+    fs: fsspec.AbstractFileSystem,
+    paths: list[str],
+    model: type[M],
+    what: str,
+    fix: str,
+    protocol: str = "",
+) -> list[M]:
     """`read_own_file` of every path, in order, in parallel (`map_paths`)."""
     return map_paths(lambda p: read_own_file(fs, p, model, what, fix, protocol), paths)
 

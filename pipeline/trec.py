@@ -33,7 +33,13 @@ TAG = "tag"
 
 QRELS_SCHEMA = pa.schema([(QUERY_ID, pa.string()), (DOC_ID, pa.string()), (LABEL, pa.int32())])
 RUN_SCHEMA = pa.schema(
-    [(QUERY_ID, pa.string()), (DOC_ID, pa.string()), (RANK, pa.int32()), (SCORE, pa.float64()), (TAG, pa.string())]
+    [
+        (QUERY_ID, pa.string()),
+        (DOC_ID, pa.string()),
+        (RANK, pa.int32()),
+        (SCORE, pa.float64()),
+        (TAG, pa.string()),
+    ]
 )
 
 _PARQUET_MAGIC = b"PAR1"
@@ -70,7 +76,10 @@ def _lines(uri: str, storage_options: dict | None) -> Iterator[tuple[int, list[s
 
 
 def _read_parquet(
-    uri: str, storage_options: dict | None, required: dict[str, pa.DataType], what: str,
+    uri: str,
+    storage_options: dict | None,
+    required: dict[str, pa.DataType],
+    what: str,
     optional: dict[str, pa.DataType] | None = None,
 ) -> pa.Table:
     """The `required` (and present `optional`) columns of a Parquet file or dataset, cast to their types."""
@@ -93,7 +102,9 @@ def _read_parquet(
         try:
             columns[name] = table.column(name).cast(dtype)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-            raise InputError(f"{what} {uri!r}: column `{name}` cannot be read as {dtype}: {e}") from None
+            raise InputError(
+                f"{what} {uri!r}: column `{name}` cannot be read as {dtype}: {e}"
+            ) from None
     return pa.table(columns)
 
 
@@ -122,7 +133,9 @@ def read_qrels(uri: str, storage_options: dict | None = None) -> pa.Table:
             try:
                 labels.append(int(fields[3]))
             except ValueError:
-                raise InputError(f"qrels {uri!r} line {number}: label {fields[3]!r} is not an integer") from None
+                raise InputError(
+                    f"qrels {uri!r} line {number}: label {fields[3]!r} is not an integer"
+                ) from None
             qids.append(fields[0])
             docs.append(fields[2])
         table = pa.table([qids, docs, pa.array(labels, pa.int32())], schema=QRELS_SCHEMA)
@@ -140,12 +153,17 @@ def read_run(uri: str, storage_options: dict | None = None) -> pa.Table:
     """
     if is_parquet(uri, storage_options):
         table = _read_parquet(
-            uri, storage_options, {QUERY_ID: pa.string(), DOC_ID: pa.string(), SCORE: pa.float64()}, "run",
+            uri,
+            storage_options,
+            {QUERY_ID: pa.string(), DOC_ID: pa.string(), SCORE: pa.float64()},
+            "run",
             optional={RANK: pa.int32(), TAG: pa.string()},
         )
         for name in (RANK, TAG):
             if name not in table.column_names:
-                table = table.append_column(name, pa.nulls(table.num_rows, RUN_SCHEMA.field(name).type))
+                table = table.append_column(
+                    name, pa.nulls(table.num_rows, RUN_SCHEMA.field(name).type)
+                )
         table = table.select(RUN_SCHEMA.names)
     else:
         qids, docs, ranks, scores, tags = [], [], [], [], []
@@ -157,18 +175,23 @@ def read_run(uri: str, storage_options: dict | None = None) -> pa.Table:
             try:
                 rank = int(fields[3])
             except ValueError:
-                raise InputError(f"run {uri!r} line {number}: rank {fields[3]!r} is not an integer") from None
+                raise InputError(
+                    f"run {uri!r} line {number}: rank {fields[3]!r} is not an integer"
+                ) from None
             try:
                 score = float(fields[4])
             except ValueError:
-                raise InputError(f"run {uri!r} line {number}: score {fields[4]!r} is not a number") from None
+                raise InputError(
+                    f"run {uri!r} line {number}: score {fields[4]!r} is not a number"
+                ) from None
             qids.append(fields[0])
             docs.append(fields[2])
             ranks.append(rank)
             scores.append(score)
             tags.append(fields[5])
         table = pa.table(
-            [qids, docs, pa.array(ranks, pa.int32()), pa.array(scores, pa.float64()), tags], schema=RUN_SCHEMA
+            [qids, docs, pa.array(ranks, pa.int32()), pa.array(scores, pa.float64()), tags],
+            schema=RUN_SCHEMA,
         )
     if table.num_rows == 0:
         raise InputError(f"run {uri!r} holds no results")
@@ -193,7 +216,9 @@ def write_qrels(table: pa.Table, uri: str, storage_options: dict | None = None) 
     _write_lines(uri, storage_options, (f"{q} 0 {d} {label}\n" for q, d, label in rows))
 
 
-def write_run(table: pa.Table, uri: str, storage_options: dict | None = None, tag: str = "run") -> None:
+def write_run(
+    table: pa.Table, uri: str, storage_options: dict | None = None, tag: str = "run"
+) -> None:
     """(query_id, doc_id, score[, rank][, tag]) -> TREC run text (`.parquet` -> Parquet).
 
     Rows are written per query in trec_eval's order (score descending, doc_id descending) with ranks

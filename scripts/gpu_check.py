@@ -57,18 +57,40 @@ REPORT_NAME = "gpu-check.json"
 TABLE_NAME = "gpu-check.md"
 FAIL_STEP_ENV = "GPU_CHECK_FAIL_STEP"
 # What the checkpoint's tokenizer corpus and the workloads read (paths under the data folder).
-DATA_FILES = ["README.md", "trec-dl/retrieve_results_dl19.json", "trec-dl/qrels.dl19-passage.txt",
-              "vaswani/doc-text.trec", "vaswani/query-text.trec", "vaswani/qrels"] + [
-    f"xquad-r/{lang}.json" for lang in ("ar", "de", "en", "es", "hi", "ru", "th", "zh")]
+DATA_FILES = [
+    "README.md",
+    "trec-dl/retrieve_results_dl19.json",
+    "trec-dl/qrels.dl19-passage.txt",
+    "vaswani/doc-text.trec",
+    "vaswani/query-text.trec",
+    "vaswani/qrels",
+] + [f"xquad-r/{lang}.json" for lang in ("ar", "de", "en", "es", "hi", "ru", "th", "zh")]
 
-FULL = {"pairs": {"dl19": 4300, "long": 930}, "full_precision_fraction": 0.25, "parity_pairs": 64,
-        "invariance_pairs": 24, "tune_pairs": 512, "tune_batch_sizes": [32, 64, 128, 256],
-        # ~9.6M tokens of DL19 lengths and ~12M of long ones: seconds of GPU work per dtype, not milliseconds
-        "token_pairs": {"dl19": 100_000, "long": 20_000}, "token_chunks": 10, "gemm_tokens": 8192,
-        "gemm_seconds": 0.25}
-SMALL = {"pairs": {"dl19": 48, "long": 8}, "full_precision_fraction": 0.5, "parity_pairs": 12,
-         "invariance_pairs": 6, "tune_pairs": 16, "tune_batch_sizes": [8, 16],
-         "token_pairs": {"dl19": 64, "long": 8}, "token_chunks": 2, "gemm_tokens": 512, "gemm_seconds": 0.05}
+FULL = {
+    "pairs": {"dl19": 4300, "long": 930},
+    "full_precision_fraction": 0.25,
+    "parity_pairs": 64,
+    "invariance_pairs": 24,
+    "tune_pairs": 512,
+    "tune_batch_sizes": [32, 64, 128, 256],
+    # ~9.6M tokens of DL19 lengths and ~12M of long ones: seconds of GPU work per dtype, not milliseconds
+    "token_pairs": {"dl19": 100_000, "long": 20_000},
+    "token_chunks": 10,
+    "gemm_tokens": 8192,
+    "gemm_seconds": 0.25,
+}
+SMALL = {
+    "pairs": {"dl19": 48, "long": 8},
+    "full_precision_fraction": 0.5,
+    "parity_pairs": 12,
+    "invariance_pairs": 6,
+    "tune_pairs": 16,
+    "tune_batch_sizes": [8, 16],
+    "token_pairs": {"dl19": 64, "long": 8},
+    "token_chunks": 2,
+    "gemm_tokens": 512,
+    "gemm_seconds": 0.05,
+}
 # (name, contender, dtype on CUDA, dtype on CPU): the GPU's "best honest setting" for the libraries is fp16.
 CONTENDERS = [
     ("st-default", "st-default", None, None),
@@ -79,15 +101,33 @@ CONTENDERS = [
     ("engine-fp8", "engine", "float8", "float8"),
 ]
 # Each step's share of --budget-s (they sum to 1). The checkpoint is built on the host's CPUs (~1 min).
-SHARES = {"environment": 0.02, "checkpoint": 0.22, "peak_gemm": 0.05, "workloads": 0.08, "parity": 0.07,
-          "invariance": 0.05, "scorer_throughput": 0.18, "contenders": 0.23, "fp8_fidelity": 0.04,
-          "scorer_stage": 0.06}
-NEEDS = {"peak_gemm": ["checkpoint"], "workloads": ["checkpoint"], "parity": ["workloads"],
-         "invariance": ["workloads"], "scorer_throughput": ["workloads", "peak_gemm"],
-         "contenders": ["workloads", "peak_gemm"], "fp8_fidelity": ["workloads"], "scorer_stage": ["workloads"]}
+SHARES = {
+    "environment": 0.02,
+    "checkpoint": 0.22,
+    "peak_gemm": 0.05,
+    "workloads": 0.08,
+    "parity": 0.07,
+    "invariance": 0.05,
+    "scorer_throughput": 0.18,
+    "contenders": 0.23,
+    "fp8_fidelity": 0.04,
+    "scorer_stage": 0.06,
+}
+NEEDS = {
+    "peak_gemm": ["checkpoint"],
+    "workloads": ["checkpoint"],
+    "parity": ["workloads"],
+    "invariance": ["workloads"],
+    "scorer_throughput": ["workloads", "peak_gemm"],
+    "contenders": ["workloads", "peak_gemm"],
+    "fp8_fidelity": ["workloads"],
+    "scorer_stage": ["workloads"],
+}
 STEPS = list(SHARES)
 NO_FP8 = "not run: this device has no float8 tensor cores (compute capability 8.9 or 9.0+)"
-GRACE_S = 15.0   # a step past its share gets this long to finish its current piece before it is stopped
+GRACE_S = (
+    15.0  # a step past its share gets this long to finish its current piece before it is stopped
+)
 MIN_STEP_S = 2.0  # below this much budget left, a step is skipped rather than started
 MIN_SHARE_S = 30.0  # no step's share is less (imports alone take ~20 s on a loaded 2-core machine)
 
@@ -140,7 +180,9 @@ def prepare(source: Path, target: Path) -> int:
     """Copy DATA_FILES from the shared data folder `source` into `target` (same layout); returns bytes copied."""
     missing = [name for name in DATA_FILES if not (source / name).is_file()]
     if missing:
-        raise FileNotFoundError(f"{source} lacks {', '.join(missing)}; pass the shared data folder as --data-dir")
+        raise FileNotFoundError(
+            f"{source} lacks {', '.join(missing)}; pass the shared data folder as --data-dir"
+        )
     copied = 0
     for name in DATA_FILES:
         (target / name).parent.mkdir(parents=True, exist_ok=True)
@@ -151,18 +193,23 @@ def prepare(source: Path, target: Path) -> int:
 
 # -- the checks ---------------------------------------------------------------------------------------------
 
+
 def environment(device: str) -> dict:
     from pipeline.benchmark.machine import machine_info
     from pipeline.model.modeling import _torch_varlen_attn, _varlen_options
 
     varlen = _torch_varlen_attn()
     cuda = device.startswith("cuda")
-    info = {"python": platform.python_version(), "torch": torch.__version__, "device": device,
-            "device_name": torch.cuda.get_device_name(0) if cuda else machine_info()["cpu"],
-            "compute_capability": list(torch.cuda.get_device_capability(0)) if cuda else None,
-            "torch_varlen_attn": varlen is not None,
-            "varlen_num_splits": varlen is not None and bool(_varlen_options(varlen)),
-            "cuda": torch.version.cuda}
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": device,
+        "device_name": torch.cuda.get_device_name(0) if cuda else machine_info()["cpu"],
+        "compute_capability": list(torch.cuda.get_device_capability(0)) if cuda else None,
+        "torch_varlen_attn": varlen is not None,
+        "varlen_num_splits": varlen is not None and bool(_varlen_options(varlen)),
+        "cuda": torch.version.cuda,
+    }
     for lib in ("transformers", "sentence_transformers", "tokenizers", "pyarrow", "flash_attn"):
         try:
             info[lib] = __import__(lib).__version__
@@ -171,17 +218,27 @@ def environment(device: str) -> dict:
     return info
 
 
-def transformers_logits(directory: str, pairs, dtype: torch.dtype, device: str, max_length: int) -> np.ndarray:
+def transformers_logits(
+    directory: str, pairs, dtype: torch.dtype, device: str, max_length: int
+) -> np.ndarray:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    model = AutoModelForSequenceClassification.from_pretrained(directory, dtype=dtype).to(device).eval()
+    model = (
+        AutoModelForSequenceClassification.from_pretrained(directory, dtype=dtype).to(device).eval()
+    )
     out = []
     with torch.inference_mode():
         for i in range(0, len(pairs), 16):
-            chunk = pairs[i:i + 16]
-            features = tokenizer([q for q, _ in chunk], [d for _, d in chunk], padding=True, truncation=True,
-                                 max_length=max_length, return_tensors="pt").to(device)
+            chunk = pairs[i : i + 16]
+            features = tokenizer(
+                [q for q, _ in chunk],
+                [d for _, d in chunk],
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            ).to(device)
             out.append(model(**features).logits[:, 0].float().cpu().numpy())
     del model
     free(device)
@@ -204,7 +261,9 @@ def check_parity(directory: str, pairs, device: str, engine_device: str) -> dict
         del engine
         free(device)
     # On CUDA fp32 matmuls may differ in summation order from transformers' (different kernels): 1e-3.
-    result["bf16_ok"] = result["engine_bfloat16_error"] <= 3 * max(result["reference_bf16_error"], 1e-6)
+    result["bf16_ok"] = result["engine_bfloat16_error"] <= 3 * max(
+        result["reference_bf16_error"], 1e-6
+    )
     result["fp32_ok"] = result["engine_float32_error"] <= 1e-3
     result["logit_std"] = float(fp32.std())
     return result
@@ -216,13 +275,20 @@ def check_invariance(directory: str, pairs, device: str, engine_device: str) -> 
 
     engine = CrossEncoder.from_pretrained(directory, device=engine_device)
     together = np.asarray(engine.compute_score(pairs, return_logits=True), dtype=np.float32)
-    alone = np.asarray([engine.compute_score([p], return_logits=True) for p in pairs], dtype=np.float32)
-    result = {"pairs": len(pairs), "dtype": str(engine.dtype).replace("torch.", ""),
-              "backend": engine.model.attention_backend,
-              "ranks_identical": bool(np.array_equal(np.argsort(-alone, kind="stable"),
-                                                     np.argsort(-together, kind="stable"))),
-              "bitwise_equal": bool(np.array_equal(alone, together)),
-              "equal_pairs": int((alone == together).sum()), "max_abs_diff": float(np.abs(alone - together).max())}
+    alone = np.asarray(
+        [engine.compute_score([p], return_logits=True) for p in pairs], dtype=np.float32
+    )
+    result = {
+        "pairs": len(pairs),
+        "dtype": str(engine.dtype).replace("torch.", ""),
+        "backend": engine.model.attention_backend,
+        "ranks_identical": bool(
+            np.array_equal(np.argsort(-alone, kind="stable"), np.argsort(-together, kind="stable"))
+        ),
+        "bitwise_equal": bool(np.array_equal(alone, together)),
+        "equal_pairs": int((alone == together).sum()),
+        "max_abs_diff": float(np.abs(alone - together).max()),
+    }
     del engine
     free(device)
     return result
@@ -243,7 +309,9 @@ def peak_fp8_gemm(shapes, seconds_per_shape: float, device: str) -> dict:
         while spent < seconds_per_shape:
             sync(device)
             start = time.perf_counter()
-            torch._scaled_mm(q_x, q_w.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=torch.bfloat16)
+            torch._scaled_mm(
+                q_x, q_w.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=torch.bfloat16
+            )
             sync(device)
             elapsed = time.perf_counter() - start
             best, spent = min(best, elapsed), spent + elapsed
@@ -251,7 +319,9 @@ def peak_fp8_gemm(shapes, seconds_per_shape: float, device: str) -> dict:
     return {"flops_per_s": max(results.values()), "by_kernel_and_shape": results, "dtype": "float8"}
 
 
-def synthetic_ids(lengths: np.ndarray, vocab_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+def synthetic_ids(
+    lengths: np.ndarray, vocab_size: int, rng: np.random.Generator
+) -> list[np.ndarray]:
     """One int64 array per length: <s> (0), random ids from the vocabulary's body, </s> (2). The ids' values do
     not change the arithmetic; the lengths are what the timing is about."""
     out = []
@@ -262,8 +332,17 @@ def synthetic_ids(lengths: np.ndarray, vocab_size: int, rng: np.random.Generator
     return out
 
 
-def scorer_throughput(directory: str, lengths: dict, vocab_size: int, device: str, engine_device: str, shape,
-                      peaks: dict, settings: dict, deadline: float) -> dict:
+def scorer_throughput(
+    directory: str,
+    lengths: dict,
+    vocab_size: int,
+    device: str,
+    engine_device: str,
+    shape,
+    peaks: dict,
+    settings: dict,
+    deadline: float,
+) -> dict:
     """The engine's score_tokens on synthetic token ids (no tokenizer in the timed loop), per dtype and
     workload: lengths drawn (seeded) from each workload's real pair lengths. Timed in chunks; a chunk that
     would start past `deadline` is not run (`cut_short`), and the figures cover the chunks that ran."""
@@ -273,8 +352,12 @@ def scorer_throughput(directory: str, lengths: dict, vocab_size: int, device: st
 
     cuda = device.startswith("cuda")
     dtypes = ["bfloat16"] + (["float8"] if fp8_kernel_works(torch.device(engine_device)) else [])
-    result = {"dtypes": dtypes, "rows": [], "cut_short": False,
-              "fp8": "measured" if "float8" in dtypes else NO_FP8}
+    result = {
+        "dtypes": dtypes,
+        "rows": [],
+        "cut_short": False,
+        "fp8": "measured" if "float8" in dtypes else NO_FP8,
+    }
     rng = np.random.default_rng(0)
     inputs = {}
     for workload, n_pairs in settings["token_pairs"].items():
@@ -284,8 +367,10 @@ def scorer_throughput(directory: str, lengths: dict, vocab_size: int, device: st
         engine = CrossEncoder.from_pretrained(directory, device=engine_device, dtype=dtype)
         for workload, ids in inputs.items():
             chunks = np.array_split(np.arange(len(ids)), settings["token_chunks"])
-            warm = [ids[i] for i in chunks[0][:max(1, len(chunks[0]) // 4)]]
-            engine.score_tokens(warm)  # kernel selection, allocator, fp8 weights already quantized at load
+            warm = [ids[i] for i in chunks[0][: max(1, len(chunks[0]) // 4)]]
+            engine.score_tokens(
+                warm
+            )  # kernel selection, allocator, fp8 weights already quantized at load
             free(device)
             seconds, scored_lengths = 0.0, []
             for chunk in chunks:
@@ -303,40 +388,72 @@ def scorer_throughput(directory: str, lengths: dict, vocab_size: int, device: st
                 continue
             tokens = int(np.sum(scored_lengths))
             peak = peaks.get(dtype, {}).get("flops_per_s", float("nan"))
-            row = {"dtype": dtype, "workload": workload, "n_pairs": len(scored_lengths), "tokens": tokens,
-                   "mean_tokens": tokens / len(scored_lengths), "seconds": seconds,
-                   "pairs_per_s": len(scored_lengths) / seconds, "tokens_per_s": tokens / seconds,
-                   "mfu": model_flops(shape, scored_lengths) / seconds / peak,
-                   "peak_device_memory_mb": torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else None,
-                   "attention_backend": engine.model.attention_backend, "linear_kernel": engine.model.linear_kernel}
+            row = {
+                "dtype": dtype,
+                "workload": workload,
+                "n_pairs": len(scored_lengths),
+                "tokens": tokens,
+                "mean_tokens": tokens / len(scored_lengths),
+                "seconds": seconds,
+                "pairs_per_s": len(scored_lengths) / seconds,
+                "tokens_per_s": tokens / seconds,
+                "mfu": model_flops(shape, scored_lengths) / seconds / peak,
+                "peak_device_memory_mb": torch.cuda.max_memory_allocated() / 2**20
+                if cuda
+                else None,
+                "attention_backend": engine.model.attention_backend,
+                "linear_kernel": engine.model.linear_kernel,
+            }
             result["rows"].append(row)
-            log(f"tokens only {dtype:9s} {workload:5s} {row['pairs_per_s']:10.1f} pairs/s  MFU {100 * row['mfu']:5.1f}%"
-                f"  ({row['n_pairs']} pairs, {seconds:.1f} s)")
+            log(
+                f"tokens only {dtype:9s} {workload:5s} {row['pairs_per_s']:10.1f} pairs/s  MFU {100 * row['mfu']:5.1f}%"
+                f"  ({row['n_pairs']} pairs, {seconds:.1f} s)"
+            )
         del engine
         free(device)
     rate = {(r["dtype"], r["workload"]): r["pairs_per_s"] for r in result["rows"]}
-    result["fp8_speedup"] = {w: rate[("float8", w)] / rate[("bfloat16", w)] for w in inputs
-                             if ("float8", w) in rate and ("bfloat16", w) in rate}
+    result["fp8_speedup"] = {
+        w: rate[("float8", w)] / rate[("bfloat16", w)]
+        for w in inputs
+        if ("float8", w) in rate and ("bfloat16", w) in rate
+    }
     return result
 
 
-def measure_contender(label: str, name: str, dtype: str | None, directory: str, workloads: dict, device: str,
-                      engine_device: str, shape, peaks: dict, settings: dict) -> list[dict]:
+def measure_contender(
+    label: str,
+    name: str,
+    dtype: str | None,
+    directory: str,
+    workloads: dict,
+    device: str,
+    engine_device: str,
+    shape,
+    peaks: dict,
+    settings: dict,
+) -> list[dict]:
     from pipeline.benchmark.contenders import load_contender, tune_batch_size
     from pipeline.benchmark.flops import model_flops
     from pipeline.benchmark.workloads import pair_token_counts
 
-    contender = load_contender(name, directory, max_length=1024, device=engine_device if name == "engine" else device,
-                               dtype=dtype)
+    contender = load_contender(
+        name,
+        directory,
+        max_length=1024,
+        device=engine_device if name == "engine" else device,
+        dtype=dtype,
+    )
     rows = []
     for workload, pairs in workloads.items():
         if contender.dtype in ("float32", None) and name != "engine":
-            pairs = pairs[:max(1, round(len(pairs) * settings["full_precision_fraction"]))]
+            pairs = pairs[: max(1, round(len(pairs) * settings["full_precision_fraction"]))]
         contender.score(pairs[:8], batch_size=32)  # warm-up: kernel selection, allocator
         batch_size = 32
         tuning = None
         if name == "st-best":
-            batch_size, tuning = tune_batch_size(contender, pairs[:settings["tune_pairs"]], settings["tune_batch_sizes"])
+            batch_size, tuning = tune_batch_size(
+                contender, pairs[: settings["tune_pairs"]], settings["tune_batch_sizes"]
+            )
         free(device)
         sync(device)
         scored = contender.score(pairs, batch_size=batch_size)
@@ -344,16 +461,28 @@ def measure_contender(label: str, name: str, dtype: str | None, directory: str, 
         seqlens = pair_token_counts(directory, pairs, 1024)
         flops = model_flops(shape, seqlens)
         peak = peaks.get(scored.dtype, {}).get("flops_per_s", float("nan"))
-        rows.append({
-            "contender": label, "workload": workload, "dtype": scored.dtype, "n_pairs": len(pairs),
-            "seconds": scored.seconds, "pairs_per_s": len(pairs) / scored.seconds,
-            "real_tokens_per_s": scored.real_tokens / scored.seconds,
-            "padding_efficiency": scored.real_tokens / scored.processed_tokens,
-            "mfu": flops / scored.seconds / peak,
-            "peak_device_memory_mb": torch.cuda.max_memory_allocated() / 2 ** 20 if device.startswith("cuda") else None,
-            "batch_size": batch_size if name != "engine" else None, "tuning": tuning, "settings": scored.settings,
-        })
-        log(f"{label:16s} {workload:6s} {rows[-1]['pairs_per_s']:9.1f} pairs/s  MFU {100 * rows[-1]['mfu']:5.1f}%")
+        rows.append(
+            {
+                "contender": label,
+                "workload": workload,
+                "dtype": scored.dtype,
+                "n_pairs": len(pairs),
+                "seconds": scored.seconds,
+                "pairs_per_s": len(pairs) / scored.seconds,
+                "real_tokens_per_s": scored.real_tokens / scored.seconds,
+                "padding_efficiency": scored.real_tokens / scored.processed_tokens,
+                "mfu": flops / scored.seconds / peak,
+                "peak_device_memory_mb": torch.cuda.max_memory_allocated() / 2**20
+                if device.startswith("cuda")
+                else None,
+                "batch_size": batch_size if name != "engine" else None,
+                "tuning": tuning,
+                "settings": scored.settings,
+            }
+        )
+        log(
+            f"{label:16s} {workload:6s} {rows[-1]['pairs_per_s']:9.1f} pairs/s  MFU {100 * rows[-1]['mfu']:5.1f}%"
+        )
     del contender
     free(device)
     return rows
@@ -369,13 +498,20 @@ def check_fp8(directory: str, pairs, device: str, engine_device: str) -> dict:
     logits = {}
     for dtype in (base, "float8"):
         encoder = CrossEncoder.from_pretrained(directory, device=engine_device, dtype=dtype)
-        logits[dtype] = np.asarray(encoder.compute_score(pairs, return_logits=True, max_length=1024), np.float64)
+        logits[dtype] = np.asarray(
+            encoder.compute_score(pairs, return_logits=True, max_length=1024), np.float64
+        )
         del encoder
         free(device)
     diff = np.abs(logits["float8"] - logits[base])
-    return {"baseline": base, "pairs": len(pairs), "max_abs_dlogit": float(diff.max()),
-            "mean_abs_dlogit": float(diff.mean()), "baseline_logit_std": float(logits[base].std()),
-            "spearman": float(spearmanr(logits["float8"], logits[base]).correlation)}
+    return {
+        "baseline": base,
+        "pairs": len(pairs),
+        "max_abs_dlogit": float(diff.max()),
+        "mean_abs_dlogit": float(diff.mean()),
+        "baseline_logit_std": float(logits[base].std()),
+        "spearman": float(spearmanr(logits["float8"], logits[base]).correlation),
+    }
 
 
 def check_scorer_stage(directory: str, pairs, device: str, engine_device: str) -> dict:
@@ -392,11 +528,21 @@ def check_scorer_stage(directory: str, pairs, device: str, engine_device: str) -
         return {"ran": False, "reason": f"import failed on this image: {e}"}
     tokenizer = PairTokenizer.from_dir(directory, return_token_types=False)
     ids, _ = tokenizer.encode_pairs([q for q, _ in pairs], [d for _, d in pairs], 1024)
-    batch = pa.table({S.REASON: pa.array([None] * len(ids), pa.string()),
-                      S.INPUT_IDS: list_column([np.asarray(x, dtype=np.int32) for x in ids], pa.int32())})
+    batch = pa.table(
+        {
+            S.REASON: pa.array([None] * len(ids), pa.string()),
+            S.INPUT_IDS: list_column([np.asarray(x, dtype=np.int32) for x in ids], pa.int32()),
+        }
+    )
     with tempfile.TemporaryDirectory() as tmp:
-        stage = ScoreStage(directory, None, "auto", ScorerConfig(device="cuda" if engine_device.startswith("cuda") else "cpu"),
-                           tmp, {})
+        stage = ScoreStage(
+            directory,
+            None,
+            "auto",
+            ScorerConfig(device="cuda" if engine_device.startswith("cuda") else "cpu"),
+            tmp,
+            {},
+        )
         stage(batch.slice(0, min(8, len(ids))))  # warm-up
         sync(device)
         start = time.perf_counter()
@@ -405,15 +551,20 @@ def check_scorer_stage(directory: str, pairs, device: str, engine_device: str) -
         seconds = time.perf_counter() - start
     scores = out.column(S.SCORE).to_numpy()
     expected = np.asarray(stage.encoder.score_tokens(ids), dtype=np.float32)
-    result = {"ran": True, "pairs": len(ids), "pairs_per_s": len(ids) / seconds,
-              "equal_to_score_tokens": bool(np.array_equal(scores, expected)),
-              "describe": stage.encoder.describe()}
+    result = {
+        "ran": True,
+        "pairs": len(ids),
+        "pairs_per_s": len(ids) / seconds,
+        "equal_to_score_tokens": bool(np.array_equal(scores, expected)),
+        "describe": stage.encoder.describe(),
+    }
     del stage
     free(device)
     return result
 
 
 # -- the run: steps, budget, report -------------------------------------------------------------------------
+
 
 class Check:
     """One run: the report, the state steps hand to each other, and the step runner."""
@@ -428,10 +579,19 @@ class Check:
         self.path = Path(args.output) if args.output else Path(args.out) / REPORT_NAME
         self.fail_steps = {s for s in (args.fail_step or "").split(",") if s}
         self.report: dict = {
-            "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "argv": sys.argv[1:],
-            "device": self.device, "standins": args.standins, "budget_s": args.budget_s, "small": args.small, "settings": settings,
-            "data_dir": str(args.data_dir), "complete": False,
-            "steps": {name: {"status": "pending"} for name in STEPS}, "runs": [], "errors": []}
+            "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "argv": sys.argv[1:],
+            "device": self.device,
+            "standins": args.standins,
+            "budget_s": args.budget_s,
+            "small": args.small,
+            "settings": settings,
+            "data_dir": str(args.data_dir),
+            "complete": False,
+            "steps": {name: {"status": "pending"} for name in STEPS},
+            "runs": [],
+            "errors": [],
+        }
         self.state: dict = {}
         self.current: str | None = None
 
@@ -444,11 +604,19 @@ class Check:
         left = self.deadline - time.monotonic()
         share = min(max(SHARES[name] * self.args.budget_s, MIN_SHARE_S), left)
         entry["budget_s"] = round(share, 1)
-        failed = [need for need in NEEDS.get(name, []) if self.report["steps"][need]["status"] not in ("ok", "cut_short")]
+        failed = [
+            need
+            for need in NEEDS.get(name, [])
+            if self.report["steps"][need]["status"] not in ("ok", "cut_short")
+        ]
         if failed:
-            entry.update(status="skipped", reason=f"needs {', '.join(failed)}, which did not complete")
+            entry.update(
+                status="skipped", reason=f"needs {', '.join(failed)}, which did not complete"
+            )
         elif left < MIN_STEP_S:
-            entry.update(status="skipped", reason=f"the budget of {self.args.budget_s:.0f} s was spent")
+            entry.update(
+                status="skipped", reason=f"the budget of {self.args.budget_s:.0f} s was spent"
+            )
         if entry["status"] == "skipped":
             log(f"{name}: skipped ({entry['reason']})")
             self.write()
@@ -463,9 +631,13 @@ class Check:
         try:
             try:
                 if name in self.fail_steps:
-                    raise RuntimeError(f"{name} made to fail on purpose (--fail-step / ${FAIL_STEP_ENV}, a test hook)")
+                    raise RuntimeError(
+                        f"{name} made to fail on purpose (--fail-step / ${FAIL_STEP_ENV}, a test hook)"
+                    )
                 result = fn(step_deadline)
-                entry["status"] = "cut_short" if isinstance(result, dict) and result.get("cut_short") else "ok"
+                entry["status"] = (
+                    "cut_short" if isinstance(result, dict) and result.get("cut_short") else "ok"
+                )
                 if result is not None:
                     self.report[name] = result
                 log(f"{name}: {entry['status']} ({time.monotonic() - start:.1f} s)")
@@ -476,16 +648,24 @@ class Check:
                 entry.update(status="interrupted", error=error_record(None, "SIGTERM"))
                 raise
             except StepTimeout:
-                entry.update(status="timed_out", error=error_record(None, f"past its budget of {share:.0f} s + {GRACE_S:.0f} s"))
+                entry.update(
+                    status="timed_out",
+                    error=error_record(None, f"past its budget of {share:.0f} s + {GRACE_S:.0f} s"),
+                )
                 self.report["errors"].append({"step": name, **entry["error"]})
                 log(f"{name}: timed out after {time.monotonic() - start:.0f} s")
             except Exception as e:  # recorded; the next step runs
                 entry.update(status="failed", error=error_record(e))
                 self.report["errors"].append({"step": name, **entry["error"]})
                 log(f"{name}: failed: {type(e).__name__}: {e}")
-        except StepTimeout:  # the timer fired while a handler above was recording how the step ended
+        except (
+            StepTimeout
+        ):  # the timer fired while a handler above was recording how the step ended
             if entry["status"] == "running":
-                entry.update(status="timed_out", error=error_record(None, f"past its budget of {share:.0f} s"))
+                entry.update(
+                    status="timed_out",
+                    error=error_record(None, f"past its budget of {share:.0f} s"),
+                )
         finally:
             if self.hard_timeouts:
                 signal.setitimer(signal.ITIMER_REAL, 0)
@@ -506,11 +686,19 @@ class Check:
         from pipeline.benchmark.checkpoints import benchmark_checkpoint
         from pipeline.benchmark.flops import Shape
 
-        directory = self.args.checkpoint or benchmark_checkpoint(self.args.model, self.args.data_dir)
+        directory = self.args.checkpoint or benchmark_checkpoint(
+            self.args.model, self.args.data_dir
+        )
         with open(os.path.join(directory, "config.json")) as f:
             config = json.load(f)
-        self.state.update(directory=directory, shape=Shape.from_config(config), vocab_size=config["vocab_size"])
-        return {"directory": directory, "shape": self.state["shape"].__dict__, "vocab_size": config["vocab_size"]}
+        self.state.update(
+            directory=directory, shape=Shape.from_config(config), vocab_size=config["vocab_size"]
+        )
+        return {
+            "directory": directory,
+            "shape": self.state["shape"].__dict__,
+            "vocab_size": config["vocab_size"],
+        }
 
     def step_peak_gemm(self, deadline):
         from pipeline.benchmark.flops import gemm_shapes, peak_gemm_flops
@@ -518,41 +706,76 @@ class Check:
 
         shapes = gemm_shapes(self.state["shape"], self.settings["gemm_tokens"])
         dtypes = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-        if self.device.startswith("cuda"):  # CPUs have no fp16 GEMM units worth measuring (and it takes minutes)
+        if self.device.startswith(
+            "cuda"
+        ):  # CPUs have no fp16 GEMM units worth measuring (and it takes minutes)
             dtypes["float16"] = torch.float16
         seconds = self.settings["gemm_seconds"]
-        peaks = {name: peak_gemm_flops(dtype, shapes, seconds, self.device) for name, dtype in dtypes.items()}
+        peaks = {
+            name: peak_gemm_flops(dtype, shapes, seconds, self.device)
+            for name, dtype in dtypes.items()
+        }
         self.state["fp8"] = fp8_kernel_works(torch.device(self.engine_device))
         if self.state["fp8"]:
             # CPU torch runs _scaled_mm as a slow reference: the model's shapes only, not the square one
             fp8_shapes = shapes if self.device.startswith("cuda") else shapes[:-1]
             peaks["float8"] = peak_fp8_gemm(fp8_shapes, seconds, self.device)
         self.state["peaks"] = peaks
-        log("peak GEMM: " + ", ".join(f"{k} {v['flops_per_s'] / 1e12:.2f} TFLOP/s" for k, v in peaks.items()))
+        log(
+            "peak GEMM: "
+            + ", ".join(f"{k} {v['flops_per_s'] / 1e12:.2f} TFLOP/s" for k, v in peaks.items())
+        )
         return peaks
 
     def step_workloads(self, deadline):
         from pipeline.benchmark.workloads import pair_token_counts, workload_pairs
 
         directory = self.state["directory"]
-        workloads = {w: workload_pairs(w, n, directory, self.args.data_dir) for w, n in self.settings["pairs"].items()}
+        workloads = {
+            w: workload_pairs(w, n, directory, self.args.data_dir)
+            for w, n in self.settings["pairs"].items()
+        }
         lengths = {w: pair_token_counts(directory, pairs, 1024) for w, pairs in workloads.items()}
         self.state.update(workloads=workloads, lengths=lengths)
-        return {w: {"pairs": len(workloads[w]), "mean_tokens": float(n.mean()), "p90_tokens": float(np.percentile(n, 90)),
-                    "max_tokens": int(n.max())} for w, n in lengths.items()}
+        return {
+            w: {
+                "pairs": len(workloads[w]),
+                "mean_tokens": float(n.mean()),
+                "p90_tokens": float(np.percentile(n, 90)),
+                "max_tokens": int(n.max()),
+            }
+            for w, n in lengths.items()
+        }
 
     def step_parity(self, deadline):
-        return check_parity(self.state["directory"], self.state["workloads"]["dl19"][:self.settings["parity_pairs"]],
-                            self.device, self.engine_device)
+        return check_parity(
+            self.state["directory"],
+            self.state["workloads"]["dl19"][: self.settings["parity_pairs"]],
+            self.device,
+            self.engine_device,
+        )
 
     def step_invariance(self, deadline):
         w = self.state["workloads"]
-        return check_invariance(self.state["directory"], w["dl19"][:self.settings["invariance_pairs"] - 1] + w["long"][:1],
-                                self.device, self.engine_device)
+        return check_invariance(
+            self.state["directory"],
+            w["dl19"][: self.settings["invariance_pairs"] - 1] + w["long"][:1],
+            self.device,
+            self.engine_device,
+        )
 
     def step_scorer_throughput(self, deadline):
-        return scorer_throughput(self.state["directory"], self.state["lengths"], self.state["vocab_size"], self.device,
-                                 self.engine_device, self.state["shape"], self.state["peaks"], self.settings, deadline)
+        return scorer_throughput(
+            self.state["directory"],
+            self.state["lengths"],
+            self.state["vocab_size"],
+            self.device,
+            self.engine_device,
+            self.state["shape"],
+            self.state["peaks"],
+            self.settings,
+            deadline,
+        )
 
     def step_contenders(self, deadline):
         result = {"ran": [], "not_run": [], "cut_short": False}
@@ -567,26 +790,52 @@ class Check:
                 result["fp8"] = NO_FP8
                 continue
             try:
-                rows = measure_contender(label, name, dtype, self.state["directory"], self.state["workloads"],
-                                         self.device, self.engine_device, self.state["shape"], self.state["peaks"],
-                                         self.settings)
+                rows = measure_contender(
+                    label,
+                    name,
+                    dtype,
+                    self.state["directory"],
+                    self.state["workloads"],
+                    self.device,
+                    self.engine_device,
+                    self.state["shape"],
+                    self.state["peaks"],
+                    self.settings,
+                )
                 self.report["runs"] += rows
                 result["ran"].append(label)
-            except Exception as e:  # one contender failing must not hide the others' figures; it is recorded
-                self.report["errors"].append({"step": "contenders", "contender": label, **error_record(e)})
+            except (
+                Exception
+            ) as e:  # one contender failing must not hide the others' figures; it is recorded
+                self.report["errors"].append(
+                    {"step": "contenders", "contender": label, **error_record(e)}
+                )
                 log(f"{label} failed: {type(e).__name__}: {e}")
                 free(self.device)
             self.write()  # each contender's rows are kept even if a later one hangs
-        engine = {r["workload"]: r["pairs_per_s"] for r in self.report["runs"] if r["contender"] == "engine"}
+        engine = {
+            r["workload"]: r["pairs_per_s"]
+            for r in self.report["runs"]
+            if r["contender"] == "engine"
+        }
         for r in self.report["runs"]:
             r["engine_speedup"] = engine.get(r["workload"], math.nan) / r["pairs_per_s"]
-        st = {r["workload"]: r["pairs_per_s"] for r in self.report["runs"] if r["contender"] == "st-fp16"}
-        tokens_only = {r["workload"]: r["pairs_per_s"] for r in self.report.get("scorer_throughput", {}).get("rows", [])
-                       if r["dtype"] == "bfloat16"}
+        st = {
+            r["workload"]: r["pairs_per_s"]
+            for r in self.report["runs"]
+            if r["contender"] == "st-fp16"
+        }
+        tokens_only = {
+            r["workload"]: r["pairs_per_s"]
+            for r in self.report.get("scorer_throughput", {}).get("rows", [])
+            if r["dtype"] == "bfloat16"
+        }
         # the target's ratio: engine over sentence-transformers' best fp16/bf16 setting, both from text
         result["engine_over_st_best"] = {w: engine[w] / st[w] for w in st if w in engine}
         # and the scorer alone (token ids, bf16) over the same: the ceiling once tokenization runs elsewhere
-        result["tokens_only_bf16_over_st_best"] = {w: tokens_only[w] / st[w] for w in st if w in tokens_only}
+        result["tokens_only_bf16_over_st_best"] = {
+            w: tokens_only[w] / st[w] for w in st if w in tokens_only
+        }
         return result
 
     def step_fp8_fidelity(self, deadline):
@@ -594,11 +843,20 @@ class Check:
 
         if not self.state.get("fp8", fp8_kernel_works(torch.device(self.engine_device))):
             raise StepSkipped(NO_FP8)
-        return check_fp8(self.state["directory"], self.state["workloads"]["dl19"][:self.settings["parity_pairs"]],
-                         self.device, self.engine_device)
+        return check_fp8(
+            self.state["directory"],
+            self.state["workloads"]["dl19"][: self.settings["parity_pairs"]],
+            self.device,
+            self.engine_device,
+        )
 
     def step_scorer_stage(self, deadline):
-        return check_scorer_stage(self.state["directory"], self.state["workloads"]["dl19"], self.device, self.engine_device)
+        return check_scorer_stage(
+            self.state["directory"],
+            self.state["workloads"]["dl19"],
+            self.device,
+            self.engine_device,
+        )
 
     def run(self) -> int:
         for name in STEPS:
@@ -610,7 +868,9 @@ class Check:
         self.write()
         try:
             table = markdown(self.report)
-        except Exception as e:  # the JSON is complete; a table that cannot be drawn must not hide it
+        except (
+            Exception
+        ) as e:  # the JSON is complete; a table that cannot be drawn must not hide it
             table = f"no table: {type(e).__name__}: {e}"
         write_atomic(self.path.with_name(TABLE_NAME), table + "\n")
         print(table)
@@ -621,94 +881,175 @@ class Check:
 
 
 def error_record(e: BaseException | None, message: str | None = None) -> dict:
-    return {"type": type(e).__name__ if e is not None else message, "message": str(e) if e is not None else message,
-            "traceback": traceback.format_exc()[-2000:]}
+    return {
+        "type": type(e).__name__ if e is not None else message,
+        "message": str(e) if e is not None else message,
+        "traceback": traceback.format_exc()[-2000:],
+    }
 
 
 def markdown(report: dict) -> str:
     env = report.get("environment", {})
-    lines = [f"GPU check on {env.get('device_name', report['device'])} (torch {env.get('torch', torch.__version__)}), "
-             f"{report['seconds']:.0f} s of a {report['budget_s']:.0f} s budget", "",
-             "| step | status | seconds |", "|---|---|---:|"]
-    lines += [f"| {name} | {s['status']} | {s.get('seconds', '')} |" for name, s in report["steps"].items()]
+    lines = [
+        f"GPU check on {env.get('device_name', report['device'])} (torch {env.get('torch', torch.__version__)}), "
+        f"{report['seconds']:.0f} s of a {report['budget_s']:.0f} s budget",
+        "",
+        "| step | status | seconds |",
+        "|---|---|---:|",
+    ]
+    lines += [
+        f"| {name} | {s['status']} | {s.get('seconds', '')} |"
+        for name, s in report["steps"].items()
+    ]
     rows = report.get("scorer_throughput", {}).get("rows", [])
     if rows:
-        lines += ["", "Engine on token ids (no tokenization):", "",
-                  "| workload | dtype | pairs | mean tokens | pairs/s | tokens/s | MFU | peak mem (MB) |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "Engine on token ids (no tokenization):",
+            "",
+            "| workload | dtype | pairs | mean tokens | pairs/s | tokens/s | MFU | peak mem (MB) |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
+        ]
         for r in rows:
-            mem = "n/a" if r["peak_device_memory_mb"] is None else f"{r['peak_device_memory_mb']:.0f}"
-            lines.append(f"| {r['workload']} | {r['dtype']} | {r['n_pairs']} | {r['mean_tokens']:.0f} | "
-                         f"{r['pairs_per_s']:.1f} | {r['tokens_per_s']:.0f} | {100 * r['mfu']:.1f}% | {mem} |")
+            mem = (
+                "n/a" if r["peak_device_memory_mb"] is None else f"{r['peak_device_memory_mb']:.0f}"
+            )
+            lines.append(
+                f"| {r['workload']} | {r['dtype']} | {r['n_pairs']} | {r['mean_tokens']:.0f} | "
+                f"{r['pairs_per_s']:.1f} | {r['tokens_per_s']:.0f} | {100 * r['mfu']:.1f}% | {mem} |"
+            )
     if report["runs"]:
-        lines += ["", "End to end on text pairs (tokenization included):", "",
-                  "| workload | contender | dtype | pairs | pairs/s | tokens/s | padding eff. | MFU | peak mem (MB) | engine x |",
-                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "End to end on text pairs (tokenization included):",
+            "",
+            "| workload | contender | dtype | pairs | pairs/s | tokens/s | padding eff. | MFU | peak mem (MB) | engine x |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for r in report["runs"]:
-            mem = "n/a" if r["peak_device_memory_mb"] is None else f"{r['peak_device_memory_mb']:.0f}"
-            lines.append(f"| {r['workload']} | {r['contender']} | {r['dtype']} | {r['n_pairs']} | {r['pairs_per_s']:.1f} "
-                         f"| {r['real_tokens_per_s']:.0f} | {r['padding_efficiency']:.2f} | {100 * r['mfu']:.1f}% | {mem} "
-                         f"| {r.get('engine_speedup', float('nan')):.2f} |")
+            mem = (
+                "n/a" if r["peak_device_memory_mb"] is None else f"{r['peak_device_memory_mb']:.0f}"
+            )
+            lines.append(
+                f"| {r['workload']} | {r['contender']} | {r['dtype']} | {r['n_pairs']} | {r['pairs_per_s']:.1f} "
+                f"| {r['real_tokens_per_s']:.0f} | {r['padding_efficiency']:.2f} | {100 * r['mfu']:.1f}% | {mem} "
+                f"| {r.get('engine_speedup', float('nan')):.2f} |"
+            )
     lines.append("")
     if "parity" in report:
         p = report["parity"]
-        lines.append(f"parity: engine bf16 error {p['engine_bfloat16_error']:.4g} vs transformers bf16 "
-                     f"{p['reference_bf16_error']:.4g} ({'ok' if p['bf16_ok'] else 'FAIL'}); engine fp32 error "
-                     f"{p['engine_float32_error']:.3g} ({'ok' if p['fp32_ok'] else 'FAIL'})")
+        lines.append(
+            f"parity: engine bf16 error {p['engine_bfloat16_error']:.4g} vs transformers bf16 "
+            f"{p['reference_bf16_error']:.4g} ({'ok' if p['bf16_ok'] else 'FAIL'}); engine fp32 error "
+            f"{p['engine_float32_error']:.3g} ({'ok' if p['fp32_ok'] else 'FAIL'})"
+        )
     if "invariance" in report:
         inv = report["invariance"]
-        lines.append(f"batch invariance ({inv['backend']}, {inv['dtype']}): ranks identical {inv['ranks_identical']}, "
-                     f"bitwise equal {inv['bitwise_equal']} ({inv['equal_pairs']}/{inv['pairs']}), "
-                     f"max diff {inv['max_abs_diff']:.3g}")
+        lines.append(
+            f"batch invariance ({inv['backend']}, {inv['dtype']}): ranks identical {inv['ranks_identical']}, "
+            f"bitwise equal {inv['bitwise_equal']} ({inv['equal_pairs']}/{inv['pairs']}), "
+            f"max diff {inv['max_abs_diff']:.3g}"
+        )
     for key in ("fp8_fidelity", "scorer_stage"):
         if key in report:
-            lines.append(f"{key}: {json.dumps({k: v for k, v in report[key].items() if k != 'describe'})}")
+            lines.append(
+                f"{key}: {json.dumps({k: v for k, v in report[key].items() if k != 'describe'})}"
+            )
     if "contenders" in report:
-        lines.append(f"pairs/s over sentence-transformers' best: {json.dumps(report['contenders']['engine_over_st_best'])} "
-                     f"(end to end), {json.dumps(report['contenders']['tokens_only_bf16_over_st_best'])} (engine on token ids)")
+        lines.append(
+            f"pairs/s over sentence-transformers' best: {json.dumps(report['contenders']['engine_over_st_best'])} "
+            f"(end to end), {json.dumps(report['contenders']['tokens_only_bf16_over_st_best'])} (engine on token ids)"
+        )
     if "scorer_throughput" in report:
-        lines.append(f"fp8 over bf16 (token ids): {json.dumps(report['scorer_throughput'].get('fp8_speedup', {}))}")
+        lines.append(
+            f"fp8 over bf16 (token ids): {json.dumps(report['scorer_throughput'].get('fp8_speedup', {}))}"
+        )
     if "peak_gemm" in report:
-        lines.append("peak GEMM: " + ", ".join(f"{k} {v['flops_per_s'] / 1e12:.2f} TFLOP/s"
-                                               for k, v in report["peak_gemm"].items()))
+        lines.append(
+            "peak GEMM: "
+            + ", ".join(
+                f"{k} {v['flops_per_s'] / 1e12:.2f} TFLOP/s" for k, v in report["peak_gemm"].items()
+            )
+        )
     for e in report["errors"]:
-        lines.append(f"error in {e['step']}{' (' + e['contender'] + ')' if 'contender' in e else ''}: "
-                     f"{e['type']}: {e['message']}")
+        lines.append(
+            f"error in {e['step']}{' (' + e['contender'] + ')' if 'contender' in e else ''}: "
+            f"{e['type']}: {e['message']}"
+        )
     return "\n".join(lines)
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu for a dry run")
-    parser.add_argument("--small", action="store_true", help="tiny pair counts (a dry run that proves the script runs)")
-    parser.add_argument("--data-dir", type=Path, default=None,
-                        help=f"the data folder: one made by --prepare (default {DEFAULT_PREPARED.name}/ in the checkout "
-                             "when it exists) or the shared data folder (../shared/data or $SHARED_DATA)")
-    parser.add_argument("--prepare", type=Path, metavar="DIR", default=None,
-                        help="copy the data the check needs (~18 MB) from --data-dir into DIR and exit; "
-                             f"{DEFAULT_PREPARED.name}/ in the checkout is git-ignored and travels with the working tree")
-    parser.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "results" / "tmp" / "gpu-check"),
-                        help=f"folder for {REPORT_NAME} (rewritten after every step) and {TABLE_NAME} "
-                             "(default $OUT, else results/tmp/gpu-check)")
-    parser.add_argument("--output", default=None, help=f"the JSON report's own path (instead of OUT/{REPORT_NAME})")
-    parser.add_argument("--budget-s", type=float, default=480.0,
-                        help="seconds for the whole run (default 480: a 10-minute device slot with start-up and margin)")
-    parser.add_argument("--model", default="jina-reranker-v2-base", help="dummy architecture (pipeline/model/dummy.py)")
-    parser.add_argument("--checkpoint", default=None, help="an existing checkpoint directory (transformers layout)")
-    parser.add_argument("--standins", action="store_true",
-                        help="test only, with --device cpu: the engine takes its CUDA code paths on this CPU through "
-                             "the pure-torch kernel stand-ins of tests/model/cuda_standins.py (which enforce the "
-                             "CUDA kernels' contracts); its figures measure nothing about a GPU")
-    parser.add_argument("--fail-step", default=os.environ.get(FAIL_STEP_ENV), metavar="STEP[,STEP]",
-                        help=f"test hook: raise inside these steps to show a failure is recorded and later steps "
-                             f"still run (also ${FAIL_STEP_ENV}); one of {', '.join(STEPS)}")
+    parser.add_argument(
+        "--small",
+        action="store_true",
+        help="tiny pair counts (a dry run that proves the script runs)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help=f"the data folder: one made by --prepare (default {DEFAULT_PREPARED.name}/ in the checkout "
+        "when it exists) or the shared data folder (../shared/data or $SHARED_DATA)",
+    )
+    parser.add_argument(
+        "--prepare",
+        type=Path,
+        metavar="DIR",
+        default=None,
+        help="copy the data the check needs (~18 MB) from --data-dir into DIR and exit; "
+        f"{DEFAULT_PREPARED.name}/ in the checkout is git-ignored and travels with the working tree",
+    )
+    parser.add_argument(
+        "--out",
+        default=os.environ.get("OUT") or str(ROOT / "results" / "tmp" / "gpu-check"),
+        help=f"folder for {REPORT_NAME} (rewritten after every step) and {TABLE_NAME} "
+        "(default $OUT, else results/tmp/gpu-check)",
+    )
+    parser.add_argument(
+        "--output", default=None, help=f"the JSON report's own path (instead of OUT/{REPORT_NAME})"
+    )
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=480.0,
+        help="seconds for the whole run (default 480: a 10-minute device slot with start-up and margin)",
+    )
+    parser.add_argument(
+        "--model",
+        default="jina-reranker-v2-base",
+        help="dummy architecture (pipeline/model/dummy.py)",
+    )
+    parser.add_argument(
+        "--checkpoint", default=None, help="an existing checkpoint directory (transformers layout)"
+    )
+    parser.add_argument(
+        "--standins",
+        action="store_true",
+        help="test only, with --device cpu: the engine takes its CUDA code paths on this CPU through "
+        "the pure-torch kernel stand-ins of tests/model/cuda_standins.py (which enforce the "
+        "CUDA kernels' contracts); its figures measure nothing about a GPU",
+    )
+    parser.add_argument(
+        "--fail-step",
+        default=os.environ.get(FAIL_STEP_ENV),
+        metavar="STEP[,STEP]",
+        help=f"test hook: raise inside these steps to show a failure is recorded and later steps "
+        f"still run (also ${FAIL_STEP_ENV}); one of {', '.join(STEPS)}",
+    )
     return parser.parse_args(argv)
 
 
 def install_signal_handlers() -> dict:
     """SIGTERM raises Interrupted (the report is written, exit 143), SIGALRM StepTimeout. Returns the handlers
     they replace."""
+
     def on_term(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one report; a second TERM changes nothing
         raise Interrupted()
@@ -716,7 +1057,10 @@ def install_signal_handlers() -> dict:
     def on_alarm(signum, frame):
         raise StepTimeout()
 
-    return {signal.SIGTERM: signal.signal(signal.SIGTERM, on_term), signal.SIGALRM: signal.signal(signal.SIGALRM, on_alarm)}
+    return {
+        signal.SIGTERM: signal.signal(signal.SIGTERM, on_term),
+        signal.SIGALRM: signal.signal(signal.SIGALRM, on_alarm),
+    }
 
 
 def main(argv=None, hard_timeouts: bool = False) -> int:
@@ -725,8 +1069,10 @@ def main(argv=None, hard_timeouts: bool = False) -> int:
     args = parse_args(argv)
     unknown = {s for s in (args.fail_step or "").split(",") if s} - set(STEPS)
     if unknown:
-        print(f"error: --fail-step names no step: {', '.join(sorted(unknown))}; choose from {', '.join(STEPS)}",
-              file=sys.stderr)
+        print(
+            f"error: --fail-step names no step: {', '.join(sorted(unknown))}; choose from {', '.join(STEPS)}",
+            file=sys.stderr,
+        )
         return 2
     if args.data_dir is None:
         from pipeline.datasets.tables import default_data_dir
@@ -738,26 +1084,35 @@ def main(argv=None, hard_timeouts: bool = False) -> int:
         except OSError as e:
             print(f"error: cannot prepare the GPU check's data: {e}", file=sys.stderr)
             return 2
-        print(f"copied {copied / 2 ** 20:.1f} MB from {args.data_dir} into {args.prepare}; "
-              f"run with --data-dir {args.prepare}")
+        print(
+            f"copied {copied / 2**20:.1f} MB from {args.data_dir} into {args.prepare}; "
+            f"run with --data-dir {args.prepare}"
+        )
         return 0
     missing = [name for name in DATA_FILES[1:] if not (args.data_dir / name).is_file()]
     if missing:
-        print(f"error: the data folder {args.data_dir} lacks {missing[0]}"
-              f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}; where the shared data is, run "
-              f"`python3 scripts/gpu_check.py --prepare {DEFAULT_PREPARED.name}` and bring that folder along",
-              file=sys.stderr)
+        print(
+            f"error: the data folder {args.data_dir} lacks {missing[0]}"
+            f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}; where the shared data is, run "
+            f"`python3 scripts/gpu_check.py --prepare {DEFAULT_PREPARED.name}` and bring that folder along",
+            file=sys.stderr,
+        )
         return 2
     if args.standins:
         if args.device != "cpu":
-            print("error: --standins replaces CUDA kernels on a CPU; use it with --device cpu", file=sys.stderr)
+            print(
+                "error: --standins replaces CUDA kernels on a CPU; use it with --device cpu",
+                file=sys.stderr,
+            )
             return 2
         sys.path.insert(0, str(ROOT / "tests" / "model"))
         import cuda_standins
 
         cuda_standins.install(None)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("error: no CUDA device here; for a dry run pass --device cpu --small", file=sys.stderr)
+        print(
+            "error: no CUDA device here; for a dry run pass --device cpu --small", file=sys.stderr
+        )
         return 2
     check = Check(args, SMALL if args.small else FULL, hard_timeouts)
     if hard_timeouts:

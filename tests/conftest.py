@@ -23,7 +23,9 @@ def shared_data() -> Path:
         return locate().resolve()
     except InputError as e:
         missing = str(e)
-    pytest.fail(missing, pytrace=False)  # outside `except`: the message alone, not a chained second copy
+    pytest.fail(
+        missing, pytrace=False
+    )  # outside `except`: the message alone, not a chained second copy
 
 
 @pytest.fixture(scope="session")

@@ -23,8 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # What Ray's own printers put on the console: its error channel and workers ("(raylet) ...", "(pid=...)"), its
 # Python logger ("2026-12-07 14:39:40,247\tWARNING x.py:85 -- ..."), its C++ core ("[2026-... E 1 1] x.cc:1:").
-RAY_LINE = re.compile(r"\(raylet\)|\(pid=|\(\w+ pid=|^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+[A-Z]+ \S+\.py:\d+ --|"
-                      r"^\[\d{4}-\d\d-\d\d [^]]*\] \S+\.(?:cc|h):\d+:|Traceback")
+RAY_LINE = re.compile(
+    r"\(raylet\)|\(pid=|\(\w+ pid=|^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+[A-Z]+ \S+\.py:\d+ --|"
+    r"^\[\d{4}-\d\d-\d\d [^]]*\] \S+\.(?:cc|h):\d+:|Traceback"
+)
 
 
 def _garbage_weights(tmp_path: Path) -> Path:
@@ -42,13 +44,30 @@ def _garbage_weights(tmp_path: Path) -> Path:
 @pytest.mark.slow
 def test_a_scorer_failing_at_load_is_one_error_line_and_nothing_from_ray(shared_data, tmp_path):
     topics = json.loads((shared_data / "trec-dl" / "retrieve_results_dl19.json").read_text())
-    rows = [dict(query_id=h["qid"], query=t["query"], doc_id=h["docid"], document=h["content"])
-            for t in topics[:2] for h in t["hits"][:10]]
+    rows = [
+        dict(query_id=h["qid"], query=t["query"], doc_id=h["docid"], document=h["content"])
+        for t in topics[:2]
+        for h in t["hits"][:10]
+    ]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "in.parquet")
     result = subprocess.run(
-        [sys.executable, "-m", "jobs.rerank", "--input", str(tmp_path / "in.parquet"), "--output",
-         str(tmp_path / "out"), "--model", str(_garbage_weights(tmp_path))],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "jobs.rerank",
+            "--input",
+            str(tmp_path / "in.parquet"),
+            "--output",
+            str(tmp_path / "out"),
+            "--model",
+            str(_garbage_weights(tmp_path)),
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     both = result.stdout + result.stderr
     assert result.returncode == 2, both[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -57,15 +76,25 @@ def test_a_scorer_failing_at_load_is_one_error_line_and_nothing_from_ray(shared_
     assert not ray_lines, ray_lines[:5]
     assert result.stdout == "", result.stdout[:3000]
     # The job's own lines only: its log lines ("HH:MM:SS LEVEL logger: ...") and the error.
-    others = [line for line in result.stderr.splitlines()
-              if not line.startswith("error:") and not re.match(r"\d\d:\d\d:\d\d [A-Z]+ [\w.]+: ", line)]
+    others = [
+        line
+        for line in result.stderr.splitlines()
+        if not line.startswith("error:") and not re.match(r"\d\d:\d\d:\d\d [A-Z]+ [\w.]+: ", line)
+    ]
     assert not others, others[:5]
 
 
-@pytest.mark.parametrize("job, inputs", [("rerank", ["--input", "in.parquet", "--model", "dummy:tiny"]),
-                                         ("hard_negatives", ["--input", "in.parquet"]),
-                                         ("index_quality", ["--run", "run.txt"])])
-def test_a_relative_output_under_ray_job_submit_is_refused(job, inputs, tmp_path, monkeypatch, run_entry_point):
+@pytest.mark.parametrize(
+    "job, inputs",
+    [
+        ("rerank", ["--input", "in.parquet", "--model", "dummy:tiny"]),
+        ("hard_negatives", ["--input", "in.parquet"]),
+        ("index_quality", ["--run", "run.txt"]),
+    ],
+)
+def test_a_relative_output_under_ray_job_submit_is_refused(
+    job, inputs, tmp_path, monkeypatch, run_entry_point
+):
     """`ray job submit --working-dir .` runs the job in Ray's temporary copy of the project: a relative --output
     would land there, and go with the session."""
     import importlib

@@ -48,26 +48,55 @@ def checkpoint(prepared, tmp_path_factory) -> str:
     from pipeline.model.dummy import ARCHITECTURES, build_checkpoint
 
     corpus = tokenizer_corpus(prepared)
-    arch = replace(ARCHITECTURES["tiny"], layout="xlm_roberta", tokenizer_vocab=3000, initializer_range=0.2,
-                   max_position_embeddings=1026)
-    return build_checkpoint(str(tmp_path_factory.mktemp("tiny")), arch, corpus[:800] + corpus[-3000::10])
+    arch = replace(
+        ARCHITECTURES["tiny"],
+        layout="xlm_roberta",
+        tokenizer_vocab=3000,
+        initializer_range=0.2,
+        max_position_embeddings=1026,
+    )
+    return build_checkpoint(
+        str(tmp_path_factory.mktemp("tiny")), arch, corpus[:800] + corpus[-3000::10]
+    )
 
 
-def start(checkpoint: str, data_dir: Path, out: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
-    argv = [sys.executable, str(SCRIPT), "--device", "cpu", "--small", "--checkpoint", checkpoint,
-            "--data-dir", str(data_dir), "--out", str(out), *extra]
-    return subprocess.Popen(argv, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+def start(
+    checkpoint: str, data_dir: Path, out: Path, *extra: str, env: dict | None = None
+) -> subprocess.Popen:
+    argv = [
+        sys.executable,
+        str(SCRIPT),
+        "--device",
+        "cpu",
+        "--small",
+        "--checkpoint",
+        checkpoint,
+        "--data-dir",
+        str(data_dir),
+        "--out",
+        str(out),
+        *extra,
+    ]
+    return subprocess.Popen(
+        argv,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def test_prepare_copies_every_file_the_check_reads(gpu_check, prepared, shared_data):
     for name in gpu_check.DATA_FILES:
         assert (prepared / name).read_bytes() == (shared_data / name).read_bytes(), name
-    assert sum(p.stat().st_size for p in prepared.rglob("*") if p.is_file()) < 25 * 2 ** 20
+    assert sum(p.stat().st_size for p in prepared.rglob("*") if p.is_file()) < 25 * 2**20
 
 
 def test_a_data_folder_without_the_files_is_one_error_line(gpu_check, tmp_path, capsys):
-    code = gpu_check.main(["--device", "cpu", "--small", "--data-dir", str(tmp_path), "--out", str(tmp_path)])
+    code = gpu_check.main(
+        ["--device", "cpu", "--small", "--data-dir", str(tmp_path), "--out", str(tmp_path)]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and "--prepare" in err[0]
     assert not (tmp_path / "gpu-check.json").exists()
@@ -80,7 +109,9 @@ def test_prepare_from_a_folder_without_the_data_is_one_error_line(gpu_check, tmp
 
 
 def new_check(gpu_check, tmp_path, budget_s: float, hard_timeouts: bool = False):
-    args = gpu_check.parse_args(["--device", "cpu", "--small", "--out", str(tmp_path), "--budget-s", str(budget_s)])
+    args = gpu_check.parse_args(
+        ["--device", "cpu", "--small", "--out", str(tmp_path), "--budget-s", str(budget_s)]
+    )
     return gpu_check.Check(args, gpu_check.SMALL, hard_timeouts)
 
 
@@ -90,8 +121,12 @@ def test_each_step_is_recorded_as_it_ends_failed_cut_short_or_skipped(gpu_check,
 
     check.run_step("environment", lambda deadline: {"torch": "x"})
     report = on_disk()  # written as the step ended, the rest still pending
-    assert report["steps"]["environment"]["status"] == "ok" and report["environment"] == {"torch": "x"}
-    assert {s["status"] for name, s in report["steps"].items() if name != "environment"} == {"pending"}
+    assert report["steps"]["environment"]["status"] == "ok" and report["environment"] == {
+        "torch": "x"
+    }
+    assert {s["status"] for name, s in report["steps"].items() if name != "environment"} == {
+        "pending"
+    }
 
     check.run_step("checkpoint", lambda deadline: {"cut_short": True, "rows": [1]})
 
@@ -100,31 +135,49 @@ def test_each_step_is_recorded_as_it_ends_failed_cut_short_or_skipped(gpu_check,
 
     check.run_step("peak_gemm", boom)
     calls = []
-    check.run_step("workloads", lambda deadline: calls.append("workloads") or {"dl19": 1})  # needs a cut-short step
-    check.run_step("scorer_throughput", lambda deadline: calls.append("throughput"))  # needs the failed peak_gemm
+    check.run_step(
+        "workloads", lambda deadline: calls.append("workloads") or {"dl19": 1}
+    )  # needs a cut-short step
+    check.run_step(
+        "scorer_throughput", lambda deadline: calls.append("throughput")
+    )  # needs the failed peak_gemm
 
     def not_here(deadline):
         raise gpu_check.StepSkipped("no float8 tensor cores")
 
-    check.run_step("fp8_fidelity", not_here)  # a step that does not apply here: skipped, not an error
+    check.run_step(
+        "fp8_fidelity", not_here
+    )  # a step that does not apply here: skipped, not an error
     check.deadline = time.monotonic()  # the whole budget spent
     check.run_step("parity", lambda deadline: calls.append("parity"))
     report = on_disk()
     steps = report["steps"]
     assert steps["checkpoint"]["status"] == "cut_short" and report["checkpoint"]["rows"] == [1]
-    assert steps["peak_gemm"]["status"] == "failed" and steps["peak_gemm"]["error"]["type"] == "ValueError"
+    assert (
+        steps["peak_gemm"]["status"] == "failed"
+        and steps["peak_gemm"]["error"]["type"] == "ValueError"
+    )
     assert "no GEMM today" in steps["peak_gemm"]["error"]["traceback"] and "peak_gemm" not in report
     assert calls == ["workloads"] and steps["workloads"]["status"] == "ok"
-    assert steps["scorer_throughput"]["status"] == "skipped" and "peak_gemm" in steps["scorer_throughput"]["reason"]
+    assert (
+        steps["scorer_throughput"]["status"] == "skipped"
+        and "peak_gemm" in steps["scorer_throughput"]["reason"]
+    )
     assert steps["parity"]["status"] == "skipped" and "budget" in steps["parity"]["reason"]
-    assert steps["fp8_fidelity"] == {**steps["fp8_fidelity"], "status": "skipped", "reason": "no float8 tensor cores"}
+    assert steps["fp8_fidelity"] == {
+        **steps["fp8_fidelity"],
+        "status": "skipped",
+        "reason": "no float8 tensor cores",
+    }
     assert [e["step"] for e in report["errors"]] == ["peak_gemm"]
 
 
 def test_a_step_past_its_budget_is_stopped_and_the_next_runs(gpu_check, tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_check, "MIN_SHARE_S", 0.0)
     monkeypatch.setattr(gpu_check, "GRACE_S", 0.3)
-    check = new_check(gpu_check, tmp_path, budget_s=20, hard_timeouts=True)  # environment's share: 0.4 s
+    check = new_check(
+        gpu_check, tmp_path, budget_s=20, hard_timeouts=True
+    )  # environment's share: 0.4 s
 
     def hang(deadline):
         end = time.monotonic() + 10
@@ -142,19 +195,33 @@ def test_a_step_past_its_budget_is_stopped_and_the_next_runs(gpu_check, tmp_path
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     steps = json.loads((tmp_path / "gpu-check.json").read_text())["steps"]
-    assert steps["environment"]["status"] == "timed_out" and "hang" in steps["environment"]["error"]["traceback"]
+    assert (
+        steps["environment"]["status"] == "timed_out"
+        and "hang" in steps["environment"]["error"]["traceback"]
+    )
     assert 0.5 < stopped_after < 5
     assert steps["checkpoint"]["status"] == "ok"
 
 
 @pytest.mark.slow  # every step once on CPU: ~1-3 minutes on 2 shared cores
-def test_a_failing_step_is_recorded_and_the_later_steps_still_run(gpu_check, checkpoint, prepared, tmp_path):
+def test_a_failing_step_is_recorded_and_the_later_steps_still_run(
+    gpu_check, checkpoint, prepared, tmp_path
+):
     # --standins: the engine runs its CUDA code paths (varlen attention, fp8 through CUDA's _scaled_mm contract)
-    process = start(checkpoint, prepared, tmp_path, "--standins", "--budget-s", "900",
-                    env={gpu_check.FAIL_STEP_ENV: "parity"})
+    process = start(
+        checkpoint,
+        prepared,
+        tmp_path,
+        "--standins",
+        "--budget-s",
+        "900",
+        env={gpu_check.FAIL_STEP_ENV: "parity"},
+    )
     output, _ = process.communicate(timeout=1200)
     report = json.loads((tmp_path / "gpu-check.json").read_text())
-    assert process.returncode == 1, output[-3000:]  # a failed step fails the run, after the report is complete
+    assert process.returncode == 1, output[
+        -3000:
+    ]  # a failed step fails the run, after the report is complete
     steps = report["steps"]
     assert list(steps) == gpu_check.STEPS and report["complete"]
     parity = steps["parity"]
@@ -163,19 +230,24 @@ def test_a_failing_step_is_recorded_and_the_later_steps_still_run(gpu_check, che
     assert "RuntimeError" in parity["error"]["traceback"]
     assert "parity" not in report and [e["step"] for e in report["errors"]] == ["parity"]
     assert {name: s["status"] for name, s in steps.items() if name != "parity"} == dict.fromkeys(
-        [s for s in gpu_check.STEPS if s != "parity"], "ok"), output[-3000:]
+        [s for s in gpu_check.STEPS if s != "parity"], "ok"
+    ), output[-3000:]
     # the engine on token ids: both dtypes (CPU torch runs _scaled_mm as a reference), MFU against each peak
     rows = {(r["dtype"], r["workload"]): r for r in report["scorer_throughput"]["rows"]}
     assert set(rows) == {(d, w) for d in ("bfloat16", "float8") for w in ("dl19", "long")}
     assert rows[("bfloat16", "long")]["n_pairs"] == gpu_check.SMALL["token_pairs"]["long"]
     assert rows[("bfloat16", "long")]["mean_tokens"] > 2 * rows[("bfloat16", "dl19")]["mean_tokens"]
     assert all(0 < r["mfu"] and r["pairs_per_s"] > 0 for r in rows.values())
-    assert report["standins"] and {r["attention_backend"] for r in rows.values()} == {"flash_attn_varlen"}
+    assert report["standins"] and {r["attention_backend"] for r in rows.values()} == {
+        "flash_attn_varlen"
+    }
     assert rows[("float8", "dl19")]["linear_kernel"] != rows[("bfloat16", "dl19")]["linear_kernel"]
     assert set(report["peak_gemm"]) == {"bfloat16", "float32", "float8"}
     assert {r["contender"] for r in report["runs"]} == {label for label, *_ in gpu_check.CONTENDERS}
     assert set(report["contenders"]["engine_over_st_best"]) == {"dl19", "long"}
-    assert report["invariance"]["ranks_identical"] and report["scorer_stage"]["equal_to_score_tokens"]
+    assert (
+        report["invariance"]["ranks_identical"] and report["scorer_stage"]["equal_to_score_tokens"]
+    )
     assert report["fp8_fidelity"]["pairs"] == gpu_check.SMALL["parity_pairs"]
     table = (tmp_path / "gpu-check.md").read_text()
     assert "| parity | failed |" in table and "error in parity: RuntimeError" in table
@@ -187,9 +259,13 @@ def test_sigterm_mid_run_leaves_the_report_of_the_steps_done(checkpoint, prepare
     report_path, deadline = tmp_path / "gpu-check.json", time.monotonic() + 600
     report = None
     try:
-        while time.monotonic() < deadline and process.poll() is None:  # wait for the parity step to start
+        while (
+            time.monotonic() < deadline and process.poll() is None
+        ):  # wait for the parity step to start
             try:
-                report = json.loads(report_path.read_text())  # atomic rewrites: never a half-written file
+                report = json.loads(
+                    report_path.read_text()
+                )  # atomic rewrites: never a half-written file
             except FileNotFoundError:
                 report = None
             if report and report["steps"]["parity"]["status"] == "running":
@@ -206,7 +282,16 @@ def test_sigterm_mid_run_leaves_the_report_of_the_steps_done(checkpoint, prepare
     report = json.loads(report_path.read_text())
     steps = report["steps"]
     assert report["interrupted"] == "SIGTERM" and not report["complete"]
-    assert [steps[s]["status"] for s in ("environment", "checkpoint", "peak_gemm", "workloads")] == ["ok"] * 4
-    assert steps["parity"]["status"] == "interrupted" and "Interrupted" in steps["parity"]["error"]["traceback"]
-    assert report["peak_gemm"]["bfloat16"]["flops_per_s"] > 0  # the figures of the steps done are there
-    assert all(steps[s]["status"] == "pending" for s in ("invariance", "scorer_throughput", "scorer_stage"))
+    assert [
+        steps[s]["status"] for s in ("environment", "checkpoint", "peak_gemm", "workloads")
+    ] == ["ok"] * 4
+    assert (
+        steps["parity"]["status"] == "interrupted"
+        and "Interrupted" in steps["parity"]["error"]["traceback"]
+    )
+    assert (
+        report["peak_gemm"]["bfloat16"]["flops_per_s"] > 0
+    )  # the figures of the steps done are there
+    assert all(
+        steps[s]["status"] == "pending" for s in ("invariance", "scorer_throughput", "scorer_stage")
+    )

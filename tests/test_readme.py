@@ -27,13 +27,19 @@ def test_readme_commands_are_the_ci_commands():
 
 @pytest.mark.slow  # the README's command as a user runs it: a process of its own, a fresh local Ray
 def test_readme_offline_run_works(tmp_path):
-    offline = next(b.strip() for b in _bash_blocks() if "--model dummy:tiny" in b and "jobs.rerank" in b)
+    offline = next(
+        b.strip() for b in _bash_blocks() if "--model dummy:tiny" in b and "jobs.rerank" in b
+    )
     args = offline.split()
     args[args.index("--output") + 1] = str(tmp_path / "out")
-    result = subprocess.run([sys.executable, *args[1:]], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, *args[1:]], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["input_rows"] == summary["scored_rows"] == 10 and summary["random_weights"] is True
+    assert (
+        summary["input_rows"] == summary["scored_rows"] == 10 and summary["random_weights"] is True
+    )
     # The line on stdout names the model and says loudly that its weights are random.
     printed = json.loads(result.stdout.strip().splitlines()[-1])
     assert printed["model"] == "dummy:tiny" and printed["random_weights"] is True

@@ -51,7 +51,7 @@ TOKENIZER_VOCAB = 32000
 REAL_CHECKPOINT_ENV = "RERANKER_CHECKPOINT"
 INITIALIZER_RANGE = 0.05
 LOGIT_STD = 3.0
-HEAD_PAIRS = 64          # DL19 pairs the classifier is fitted on (rows 2,000 and up, 23 queries)
+HEAD_PAIRS = 64  # DL19 pairs the classifier is fitted on (rows 2,000 and up, 23 queries)
 HEAD_MAX_LENGTH = 128
 
 
@@ -67,8 +67,13 @@ def tokenizer_corpus(data_dir: str | os.PathLike | None = None) -> list[str]:
     return texts
 
 
-def benchmark_checkpoint(model: str, data_dir: str | os.PathLike | None = None, cache_dir: str | None = None,
-                         tokenizer_vocab: int = TOKENIZER_VOCAB, **overrides) -> str:
+def benchmark_checkpoint(
+    model: str,
+    data_dir: str | os.PathLike | None = None,
+    cache_dir: str | None = None,
+    tokenizer_vocab: int = TOKENIZER_VOCAB,
+    **overrides,
+) -> str:
     """The directory of `model`'s benchmark checkpoint (built once, ~30 s, then cached by its recipe).
 
     `overrides` change the architecture (tests use a small one). `$RERANKER_CHECKPOINT` wins when set.
@@ -76,22 +81,39 @@ def benchmark_checkpoint(model: str, data_dir: str | os.PathLike | None = None, 
     real = os.environ.get(REAL_CHECKPOINT_ENV)
     if real:
         if not os.path.isfile(os.path.join(real, "config.json")):
-            raise InputError(f"{REAL_CHECKPOINT_ENV}={real!r} is not a checkpoint directory (no config.json)")
+            raise InputError(
+                f"{REAL_CHECKPOINT_ENV}={real!r} is not a checkpoint directory (no config.json)"
+            )
         return real
     if model not in ARCHITECTURES:
         raise InputError(f"unknown model {model!r}; choose from {sorted(ARCHITECTURES)}")
     overrides = {"initializer_range": INITIALIZER_RANGE, **overrides}
-    arch = replace(ARCHITECTURES[model], layout=BENCHMARK_LAYOUT, tokenizer_vocab=tokenizer_vocab, **overrides)
+    arch = replace(
+        ARCHITECTURES[model], layout=BENCHMARK_LAYOUT, tokenizer_vocab=tokenizer_vocab, **overrides
+    )
     corpus = tokenizer_corpus(data_dir)
-    head = {"logit_std": LOGIT_STD, "pairs": HEAD_PAIRS, "max_length": HEAD_MAX_LENGTH, "fit": "first principal component"}
-    recipe = json.dumps([asdict(arch), hashlib.sha256("\n".join(corpus).encode()).hexdigest(), head], sort_keys=True)
+    head = {
+        "logit_std": LOGIT_STD,
+        "pairs": HEAD_PAIRS,
+        "max_length": HEAD_MAX_LENGTH,
+        "fit": "first principal component",
+    }
+    recipe = json.dumps(
+        [asdict(arch), hashlib.sha256("\n".join(corpus).encode()).hexdigest(), head], sort_keys=True
+    )
     key = hashlib.sha256(recipe.encode()).hexdigest()[:12]
-    root = cache_dir or os.environ.get("RERANK_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "rerank-pipeline"))
+    root = cache_dir or os.environ.get(
+        "RERANK_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "rerank-pipeline")
+    )
     target = os.path.join(root, "benchmark", f"{model}-{key}")
     if os.path.isfile(os.path.join(target, "config.json")):
         return target
     os.makedirs(os.path.dirname(target), exist_ok=True)
-    logger.info("building the %s benchmark checkpoint in %s (tokenizer trained on the workloads' text)", model, target)
+    logger.info(
+        "building the %s benchmark checkpoint in %s (tokenizer trained on the workloads' text)",
+        model,
+        target,
+    )
     staging = tempfile.mkdtemp(dir=os.path.dirname(target), prefix=f".{model}-")
     build_checkpoint(staging, arch, corpus, dtype="float32")
     spread_classifier(staging, head_pairs(data_dir))
@@ -102,7 +124,9 @@ def benchmark_checkpoint(model: str, data_dir: str | os.PathLike | None = None, 
     return target
 
 
-def head_pairs(data_dir: str | os.PathLike | None = None, n: int = HEAD_PAIRS) -> list[tuple[str, str]]:
+def head_pairs(
+    data_dir: str | os.PathLike | None = None, n: int = HEAD_PAIRS
+) -> list[tuple[str, str]]:
     """`n` DL19 pairs spread over its later queries (rows 2,000 and up; the benchmark times the first rows)."""
     pairs = dl19(data_dir)
     rows = range(2000, pairs.num_rows, max(1, (pairs.num_rows - 2000) // n))[:n]
@@ -110,8 +134,12 @@ def head_pairs(data_dir: str | os.PathLike | None = None, n: int = HEAD_PAIRS) -
     return [(queries[i], documents[i]) for i in rows]
 
 
-def spread_classifier(directory: str, pairs: list[tuple[str, str]], logit_std: float = LOGIT_STD,
-                      max_length: int = HEAD_MAX_LENGTH) -> dict:
+def spread_classifier(
+    directory: str,
+    pairs: list[tuple[str, str]],
+    logit_std: float = LOGIT_STD,
+    max_length: int = HEAD_MAX_LENGTH,
+) -> dict:
     """Refit the output layer of a transformers-layout checkpoint's classifier head (`classifier.out_proj`) so
     its logits on `pairs` have std `logit_std` and mean 0, reading the first principal component of the
     head's pooled features (the tanh of its dense layer) on those pairs. Rewrites model.safetensors in place;
@@ -122,20 +150,32 @@ def spread_classifier(directory: str, pairs: list[tuple[str, str]], logit_std: f
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     path = os.path.join(directory, "model.safetensors")
-    model = AutoModelForSequenceClassification.from_pretrained(directory, dtype=torch.float32).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(
+        directory, dtype=torch.float32
+    ).eval()
     tokenizer = AutoTokenizer.from_pretrained(directory)
     pooled = []
-    hook = model.classifier.out_proj.register_forward_pre_hook(lambda module, args: pooled.append(args[0]))
+    hook = model.classifier.out_proj.register_forward_pre_hook(
+        lambda module, args: pooled.append(args[0])
+    )
     with torch.inference_mode():
         for start in range(0, len(pairs), 16):
-            chunk = pairs[start:start + 16]
-            model(**tokenizer([q for q, _ in chunk], [d for _, d in chunk], padding=True, truncation=True,
-                              max_length=max_length, return_tensors="pt"))
+            chunk = pairs[start : start + 16]
+            model(
+                **tokenizer(
+                    [q for q, _ in chunk],
+                    [d for _, d in chunk],
+                    padding=True,
+                    truncation=True,
+                    max_length=max_length,
+                    return_tensors="pt",
+                )
+            )
     hook.remove()
-    features = torch.cat(pooled).double().numpy()                  # (pairs, hidden)
+    features = torch.cat(pooled).double().numpy()  # (pairs, hidden)
     centered = features - features.mean(axis=0)
     _, singular, vt = np.linalg.svd(centered, full_matrices=False)
-    direction = vt[0] * np.sign(vt[0].sum() or 1.0)                 # (hidden,), a fixed sign
+    direction = vt[0] * np.sign(vt[0].sum() or 1.0)  # (hidden,), a fixed sign
     projected = centered @ direction
     weight = direction * logit_std / projected.std()
     bias = -float(features.mean(axis=0) @ weight)
@@ -144,9 +184,14 @@ def spread_classifier(directory: str, pairs: list[tuple[str, str]], logit_std: f
     state["classifier.out_proj.weight"] = torch.from_numpy(weight).reshape(1, -1).to(dtype)
     state["classifier.out_proj.bias"] = torch.tensor([bias], dtype=dtype)
     save_file(state, path, metadata={"format": "pt"})
-    explained = float(singular[0] ** 2 / (singular ** 2).sum())
-    logger.info("classifier head of %s refitted: logit std %.1f on %d pairs, first component %.0f%% of the variance",
-                directory, logit_std, len(pairs), 100 * explained)
+    explained = float(singular[0] ** 2 / (singular**2).sum())
+    logger.info(
+        "classifier head of %s refitted: logit std %.1f on %d pairs, first component %.0f%% of the variance",
+        directory,
+        logit_std,
+        len(pairs),
+        100 * explained,
+    )
     return {"logit_std": logit_std, "explained_variance": explained}
 
 

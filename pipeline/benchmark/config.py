@@ -23,8 +23,12 @@ DEFAULT_CONTENDERS = [*CORE_CONTENDERS, "engine-fp32", "engine-int8", *CPU_RUNTI
 class Scope(StrictModel):
     """Where one contender runs among a run's models and workloads."""
 
-    workloads: list[str] | None = None      # on the first of `models` (or RERANKER_CHECKPOINT); None: all of them
-    other_models: list[str] | None = None   # on each other model: these workloads; None: as on the first; []: none
+    workloads: list[str] | None = (
+        None  # on the first of `models` (or RERANKER_CHECKPOINT); None: all of them
+    )
+    other_models: list[str] | None = (
+        None  # on each other model: these workloads; None: as on the first; []: none
+    )
 
 
 # The default run's plan: every contender on the jina shape's DL19 pairs; sentence-transformers (its default,
@@ -39,14 +43,25 @@ class Scope(StrictModel):
 # An explicit --models, --workloads or --contenders runs exactly that selection, everything on everything.
 DEFAULT_SCOPE: dict[str, dict] = {
     **{name: {"other_models": ["dl19"]} for name in ["st-default", "st-best", "engine"]},
-    **{name: {"workloads": ["dl19"], "other_models": []}
-       for name in ["hf-padded", "hf-sorted", "ray-job", "engine-fp32", "engine-int8", *CPU_RUNTIME_CONTENDERS]},
+    **{
+        name: {"workloads": ["dl19"], "other_models": []}
+        for name in [
+            "hf-padded",
+            "hf-sorted",
+            "ray-job",
+            "engine-fp32",
+            "engine-int8",
+            *CPU_RUNTIME_CONTENDERS,
+        ]
+    },
 }
 
 
 class BenchmarkConfig(StrictModel):
     workloads: list[str] = Field(default_factory=lambda: ["dl19", "long", "multilingual"])
-    models: list[str] = Field(default_factory=lambda: ["jina-reranker-v2-base", "bge-reranker-v2-m3"])
+    models: list[str] = Field(
+        default_factory=lambda: ["jina-reranker-v2-base", "bge-reranker-v2-m3"]
+    )
     contenders: list[str] = Field(default_factory=lambda: list(DEFAULT_CONTENDERS))
     # Contenders limited to the first model and/or some workloads (unlisted ones run everywhere). Left unset:
     # DEFAULT_SCOPE when models, workloads and contenders are the defaults, no limits otherwise.
@@ -54,7 +69,9 @@ class BenchmarkConfig(StrictModel):
     # Pairs per workload for the jina-sized model (the first n of each workload, so every contender scores
     # the same pairs). The default run took ~14 minutes with them on a 2-core Xeon VM (see DEFAULT_SCOPE);
     # bigger runs: --n-pairs.
-    n_pairs: dict[str, int] = Field(default_factory=lambda: {"dl19": 256, "long": 24, "multilingual": 256})
+    n_pairs: dict[str, int] = Field(
+        default_factory=lambda: {"dl19": 256, "long": 24, "multilingual": 256}
+    )
     # float32 contenders (st-default, engine-fp32) are ~5x slower on a bf16 CPU. With a fraction < 1 they
     # score only the first part of the pairs (throughput measured on fewer pairs, never extrapolated; the
     # JSON records how many), but then sentence-transformers sorts fewer pairs and pads more than it would
@@ -107,19 +124,29 @@ class BenchmarkConfig(StrictModel):
             _known([name], CONTENDERS, "contender in contender_scope")
             for key in ("workloads", "other_models"):
                 if getattr(scope, key):
-                    _known(getattr(scope, key), WORKLOADS, f"workload in contender_scope.{name}.{key}")
+                    _known(
+                        getattr(scope, key), WORKLOADS, f"workload in contender_scope.{name}.{key}"
+                    )
         # A real checkpoint (RERANKER_CHECKPOINT) replaces the models: the run has one, the first.
-        firsts = [True, False] if len(self.models) > 1 and not os.environ.get(REAL_CHECKPOINT_ENV) else [True]
+        firsts = (
+            [True, False]
+            if len(self.models) > 1 and not os.environ.get(REAL_CHECKPOINT_ENV)
+            else [True]
+        )
         plans = [self.plan(first) for first in firsts]
         for name in self.contenders:
             if not any(name in plan for plan in plans):
-                raise ValueError(f"contender_scope.{name} leaves it none of this run's workloads ({self.workloads}) "
-                                 f"on any of its models; widen the scope or drop {name}")
+                raise ValueError(
+                    f"contender_scope.{name} leaves it none of this run's workloads ({self.workloads}) "
+                    f"on any of its models; widen the scope or drop {name}"
+                )
         for first, plan in zip(firsts, plans):
             if not plan:
                 which = "the first model" if first else "the models after the first"
-                raise ValueError(f"contender_scope leaves no contender on {which} of {self.models}; "
-                                 "widen a contender's scope or drop the model")
+                raise ValueError(
+                    f"contender_scope leaves no contender on {which} of {self.models}; "
+                    "widen a contender's scope or drop the model"
+                )
         return self
 
     def scope(self, contender: str) -> Scope:
@@ -131,7 +158,9 @@ class BenchmarkConfig(StrictModel):
         plan = {}
         for name in self.contenders:
             scope = self.scope(name)
-            allowed = scope.workloads if first_model or scope.other_models is None else scope.other_models
+            allowed = (
+                scope.workloads if first_model or scope.other_models is None else scope.other_models
+            )
             workloads = [w for w in self.workloads if allowed is None or w in allowed]
             if workloads:
                 plan[name] = workloads

@@ -51,10 +51,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class Scored:
     """One timed pass of a contender over a list of pairs."""
 
-    logits: np.ndarray            # (n,) float32, input order
-    seconds: float                # strings in -> logits out
-    real_tokens: int              # tokens of the pairs themselves
-    processed_tokens: int         # tokens that went through the Linear layers (padding included)
+    logits: np.ndarray  # (n,) float32, input order
+    seconds: float  # strings in -> logits out
+    real_tokens: int  # tokens of the pairs themselves
+    processed_tokens: int  # tokens that went through the Linear layers (padding included)
     dtype: str
     settings: dict = field(default_factory=dict)
 
@@ -69,7 +69,9 @@ class TokenCounter:
     def __init__(self, model: torch.nn.Module):
         self.real = 0
         self.processed = 0
-        self.handle = getattr(model, "base_model", model).register_forward_pre_hook(self._hook, with_kwargs=True)
+        self.handle = getattr(model, "base_model", model).register_forward_pre_hook(
+            self._hook, with_kwargs=True
+        )
 
     def _hook(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
@@ -85,7 +87,10 @@ def dtype_name(dtype: torch.dtype) -> str:
     """The engine's name for a torch dtype ("bfloat16", "int8", "float8"), as `from_pretrained` takes it."""
     from pipeline.model.cross_encoder import DTYPES as ENGINE_DTYPES
 
-    return next((name for name, value in ENGINE_DTYPES.items() if value == dtype), str(dtype).replace("torch.", ""))
+    return next(
+        (name for name, value in ENGINE_DTYPES.items() if value == dtype),
+        str(dtype).replace("torch.", ""),
+    )
 
 
 def _timed(fn: Callable[[], np.ndarray]) -> tuple[np.ndarray, float]:
@@ -112,10 +117,22 @@ class SentenceTransformersContender:
 
     def score(self, pairs: Pairs, batch_size: int = 32) -> Scored:
         self.counter.reset()
-        logits, seconds = _timed(lambda: self.model.predict(
-            list(pairs), batch_size=batch_size, show_progress_bar=False, activation_fn=torch.nn.Identity()))
-        return Scored(np.asarray(logits, dtype=np.float32).reshape(-1), seconds, self.counter.real,
-                      self.counter.processed, self.dtype, {"batch_size": batch_size})
+        logits, seconds = _timed(
+            lambda: self.model.predict(
+                list(pairs),
+                batch_size=batch_size,
+                show_progress_bar=False,
+                activation_fn=torch.nn.Identity(),
+            )
+        )
+        return Scored(
+            np.asarray(logits, dtype=np.float32).reshape(-1),
+            seconds,
+            self.counter.real,
+            self.counter.processed,
+            self.dtype,
+            {"batch_size": batch_size},
+        )
 
 
 # -- transformers ------------------------------------------------------------------------------------------
@@ -124,11 +141,17 @@ class SentenceTransformersContender:
 class TransformersContender:
     """`AutoModelForSequenceClassification` on padded batches, in input order or sorted by token length."""
 
-    def __init__(self, directory: str, max_length: int, dtype: str, length_sorted: bool, device: str = "cpu"):
+    def __init__(
+        self, directory: str, max_length: int, dtype: str, length_sorted: bool, device: str = "cpu"
+    ):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(directory)
-        self.model = AutoModelForSequenceClassification.from_pretrained(directory, dtype=DTYPES[dtype]).to(device).eval()
+        self.model = (
+            AutoModelForSequenceClassification.from_pretrained(directory, dtype=DTYPES[dtype])
+            .to(device)
+            .eval()
+        )
         self.device = device
         self.max_length = max_length
         self.length_sorted = length_sorted
@@ -144,21 +167,31 @@ class TransformersContender:
         """What most scripts do: tokenize each slice of `batch_size` pairs, pad to its longest, run."""
         out = []
         for start in range(0, len(pairs), batch_size):
-            chunk = pairs[start:start + batch_size]
-            features = self.tokenizer([q for q, _ in chunk], [d for _, d in chunk], padding=True, truncation=True,
-                                      max_length=self.max_length, return_tensors="pt")
+            chunk = pairs[start : start + batch_size]
+            features = self.tokenizer(
+                [q for q, _ in chunk],
+                [d for _, d in chunk],
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            )
             out.append(self._forward(features))
         return np.concatenate(out)
 
     def _sorted(self, pairs: Pairs, batch_size: int) -> np.ndarray:
         """FlagEmbedding's reranker: tokenize everything, sort by token count (longest first), pad per batch."""
-        encoded = self.tokenizer([q for q, _ in pairs], [d for _, d in pairs], truncation=True,
-                                 max_length=self.max_length)
+        encoded = self.tokenizer(
+            [q for q, _ in pairs],
+            [d for _, d in pairs],
+            truncation=True,
+            max_length=self.max_length,
+        )
         rows = [{k: encoded[k][i] for k in encoded} for i in range(len(pairs))]
         order = np.argsort([-len(r["input_ids"]) for r in rows], kind="stable")
         logits = np.empty(len(pairs), dtype=np.float32)
         for start in range(0, len(order), batch_size):
-            index = order[start:start + batch_size]
+            index = order[start : start + batch_size]
             features = self.tokenizer.pad([rows[i] for i in index], return_tensors="pt")
             logits[index] = self._forward(features)
         return logits
@@ -168,9 +201,18 @@ class TransformersContender:
         self.counter.reset()
         run = self._sorted if self.length_sorted else self._input_order
         logits, seconds = _timed(lambda: run(pairs, batch_size))
-        return Scored(logits, seconds, self.counter.real, self.counter.processed, self.dtype,
-                      {"batch_size": batch_size, "length_sorted": self.length_sorted,
-                       "attention": self.model.config._attn_implementation})
+        return Scored(
+            logits,
+            seconds,
+            self.counter.real,
+            self.counter.processed,
+            self.dtype,
+            {
+                "batch_size": batch_size,
+                "length_sorted": self.length_sorted,
+                "attention": self.model.config._attn_implementation,
+            },
+        )
 
 
 # -- our engine --------------------------------------------------------------------------------------------
@@ -179,8 +221,14 @@ class TransformersContender:
 class EngineContender:
     """`pipeline.model.CrossEncoder.compute_score`, in process."""
 
-    def __init__(self, directory: str, max_length: int, dtype: str, device: str = "cpu",
-                 max_tokens_per_batch: int | None = None):
+    def __init__(
+        self,
+        directory: str,
+        max_length: int,
+        dtype: str,
+        device: str = "cpu",
+        max_tokens_per_batch: int | None = None,
+    ):
         from pipeline.model import CrossEncoder
 
         self.model = CrossEncoder.from_pretrained(directory, device=device, dtype=dtype)
@@ -196,13 +244,30 @@ class EngineContender:
 
     def score(self, pairs: Pairs, batch_size: int | None = None) -> Scored:
         self.processed = 0
-        logits, seconds = _timed(lambda: np.asarray(self.model.compute_score(
-            list(pairs), max_length=self.max_length, return_logits=True,
-            max_tokens_per_batch=self.max_tokens_per_batch), dtype=np.float32).reshape(-1))
+        logits, seconds = _timed(
+            lambda: np.asarray(
+                self.model.compute_score(
+                    list(pairs),
+                    max_length=self.max_length,
+                    return_logits=True,
+                    max_tokens_per_batch=self.max_tokens_per_batch,
+                ),
+                dtype=np.float32,
+            ).reshape(-1)
+        )
         # Packed: every processed token is a real token of a pair.
-        return Scored(logits, seconds, self.processed, self.processed, self.dtype,
-                      {"max_tokens_per_batch": self.max_tokens_per_batch or self.model.max_tokens_per_batch,
-                       "attention_backend": self.model.model.attention_backend})
+        return Scored(
+            logits,
+            seconds,
+            self.processed,
+            self.processed,
+            self.dtype,
+            {
+                "max_tokens_per_batch": self.max_tokens_per_batch
+                or self.model.max_tokens_per_batch,
+                "attention_backend": self.model.model.attention_backend,
+            },
+        )
 
 
 # -- the whole Ray job -------------------------------------------------------------------------------------
@@ -217,13 +282,21 @@ class RayJobContender:
     texts' hashes (the job ranks per query), doc ids the row numbers; scores come back by row number.
     """
 
-    def __init__(self, directory: str, max_length: int, dtype: str, device: str = "cpu",
-                 overrides: Sequence[str] = ()):
+    def __init__(
+        self,
+        directory: str,
+        max_length: int,
+        dtype: str,
+        device: str = "cpu",
+        overrides: Sequence[str] = (),
+    ):
         from pipeline.model.cross_encoder import resolve_device, resolve_dtype
 
         self.directory, self.max_length, self.device = directory, max_length, device
-        self.job_dtype = dtype                                                   # what the job is given
-        self.dtype = dtype_name(resolve_dtype(dtype, resolve_device(device)))    # what it resolves to: the row's
+        self.job_dtype = dtype  # what the job is given
+        self.dtype = dtype_name(
+            resolve_dtype(dtype, resolve_device(device))
+        )  # what it resolves to: the row's
         self.overrides = list(overrides)
 
     def score(self, pairs: Pairs, batch_size: int | None = None) -> Scored:
@@ -241,16 +314,20 @@ class RayJobContender:
 
         pairs = list(pairs)
         tokens = int(pair_token_counts(self.directory, pairs, self.max_length).sum())
-        config = load_config(RerankConfig, None, self.overrides, model=self.directory, dtype=self.job_dtype)
+        config = load_config(
+            RerankConfig, None, self.overrides, model=self.directory, dtype=self.job_dtype
+        )
         config.tokenizer.max_length = self.max_length
         config.scorer.device = "cuda" if self.device.startswith("cuda") else "cpu"
         with tempfile.TemporaryDirectory(prefix="benchmark-ray-job-") as tmp:
-            table = pa.table({
-                schema.QUERY_ID: [hashlib.sha1(q.encode()).hexdigest()[:16] for q, _ in pairs],
-                schema.QUERY: [q for q, _ in pairs],
-                schema.DOC_ID: [str(i) for i in range(len(pairs))],
-                schema.DOCUMENT: [d for _, d in pairs],
-            })
+            table = pa.table(
+                {
+                    schema.QUERY_ID: [hashlib.sha1(q.encode()).hexdigest()[:16] for q, _ in pairs],
+                    schema.QUERY: [q for q, _ in pairs],
+                    schema.DOC_ID: [str(i) for i in range(len(pairs))],
+                    schema.DOCUMENT: [d for _, d in pairs],
+                }
+            )
             pq.write_table(table, f"{tmp}/input.parquet")
             start = time.perf_counter()
             result = rerank(config, f"{tmp}/input.parquet", f"{tmp}/output")
@@ -260,10 +337,21 @@ class RayJobContender:
             for batch in result.iter_batches([schema.DOC_ID, schema.SCORE]):
                 rows = np.asarray(batch.column(schema.DOC_ID).to_pylist(), dtype=np.int64)
                 logits[rows] = batch.column(schema.SCORE).to_numpy(zero_copy_only=False)
-        return Scored(logits, seconds, tokens, tokens, self.dtype,
-                      {"overrides": self.overrides, "job_pairs_per_s": summary.get("pairs_per_s"),
-                       "job_seconds": summary.get("seconds"), "scored_rows": summary.get("scored_rows"),
-                       "rejected_rows": summary.get("rejected_rows"), "job_tokens": summary.get("tokens")})
+        return Scored(
+            logits,
+            seconds,
+            tokens,
+            tokens,
+            self.dtype,
+            {
+                "overrides": self.overrides,
+                "job_pairs_per_s": summary.get("pairs_per_s"),
+                "job_seconds": summary.get("seconds"),
+                "scored_rows": summary.get("scored_rows"),
+                "rejected_rows": summary.get("rejected_rows"),
+                "job_tokens": summary.get("tokens"),
+            },
+        )
 
 
 # -- the registry ------------------------------------------------------------------------------------------
@@ -273,11 +361,13 @@ class RayJobContender:
 class Contender:
     name: str
     description: str
-    library: str               # sentence-transformers | transformers | engine | ray-job | onnxruntime | openvino
-    dtype: str | None          # default compute dtype; None: the library's default (the checkpoint's dtype)
+    library: str  # sentence-transformers | transformers | engine | ray-job | onnxruntime | openvino
+    dtype: str | None  # default compute dtype; None: the library's default (the checkpoint's dtype)
     length_sorted: bool = False
     tuned_batch_size: bool = False  # batch size picked per workload from `tune_batch_sizes`
-    calibrated: bool = False   # loaded with calibration pairs (the workloads' pairs after the timed ones)
+    calibrated: bool = (
+        False  # loaded with calibration pairs (the workloads' pairs after the timed ones)
+    )
 
     @property
     def optional(self) -> bool:
@@ -290,42 +380,121 @@ class Contender:
         return self.dtype in (None, "float32")
 
 
-CONTENDERS: dict[str, Contender] = {c.name: c for c in [
-    Contender("st-default", "sentence-transformers CrossEncoder.predict, documented defaults (batch 32)",
-              "sentence-transformers", None),
-    Contender("st-best", "sentence-transformers CrossEncoder.predict, bf16, batch size tuned",
-              "sentence-transformers", "bfloat16", tuned_batch_size=True),
-    Contender("hf-padded", "transformers AutoModelForSequenceClassification, padded batches in input order",
-              "transformers", "bfloat16"),
-    Contender("hf-sorted", "transformers AutoModelForSequenceClassification, length-sorted batches (FlagEmbedding)",
-              "transformers", "bfloat16", length_sorted=True),
-    # dtype auto, as the job runs it: bf16 where the CPU's GEMM probe finds it faster, else fp32 (AVX2-only CPUs
-    # emulate bf16, several times slower than fp32); `engine-fp32` and `engine-int8` are the pinned rows.
-    Contender("engine", "our engine, compute_score in process (packed, token-budget micro-batches), dtype auto",
-              "engine", "auto"),
-    Contender("engine-fp32", "our engine in float32", "engine", "float32"),
-    Contender("engine-int8", "our engine with int8 Linear layers (oneDNN; weights per channel, activations per "
-              "token, SmoothQuant), the rest float32", "engine", "int8"),
-    Contender("ray-job", "the whole Ray rerank job, Parquet in -> ranked Parquet out (Ray start included), "
-              "dtype auto", "ray-job", "auto"),
-    Contender("hf-fp32", "transformers AutoModelForSequenceClassification, float32, length-sorted batches "
-              "(the fidelity reference where st-default cannot be)", "transformers", "float32", length_sorted=True),
-    Contender("ort-fp32", "ONNX Runtime CPUExecutionProvider, torch.onnx.export (dynamo) of the model, fp32, "
-              "length-sorted, batch size tuned", "onnxruntime", "float32", tuned_batch_size=True),
-    Contender("ort-int8", "ONNX Runtime, the same export after quantize_dynamic (per-channel QInt8 weights), "
-              "batch size tuned", "onnxruntime", "int8", tuned_batch_size=True),
-    Contender("ov-fp32", "OpenVINO CPU, convert_model from torch, INFERENCE_PRECISION_HINT f32, batch size tuned",
-              "openvino", "float32", tuned_batch_size=True),
-    Contender("ov-default", "OpenVINO CPU, convert_model from torch, the plugin's default precision, batch size "
-              "tuned", "openvino", None, tuned_batch_size=True),
-    Contender("ov-int8", "OpenVINO CPU, static int8 (nncf.quantize, calibrated on the workloads' pairs after the "
-              "timed ones), batch size tuned", "openvino", "int8", tuned_batch_size=True, calibrated=True),
-]}
+CONTENDERS: dict[str, Contender] = {
+    c.name: c
+    for c in [
+        Contender(
+            "st-default",
+            "sentence-transformers CrossEncoder.predict, documented defaults (batch 32)",
+            "sentence-transformers",
+            None,
+        ),
+        Contender(
+            "st-best",
+            "sentence-transformers CrossEncoder.predict, bf16, batch size tuned",
+            "sentence-transformers",
+            "bfloat16",
+            tuned_batch_size=True,
+        ),
+        Contender(
+            "hf-padded",
+            "transformers AutoModelForSequenceClassification, padded batches in input order",
+            "transformers",
+            "bfloat16",
+        ),
+        Contender(
+            "hf-sorted",
+            "transformers AutoModelForSequenceClassification, length-sorted batches (FlagEmbedding)",
+            "transformers",
+            "bfloat16",
+            length_sorted=True,
+        ),
+        # dtype auto, as the job runs it: bf16 where the CPU's GEMM probe finds it faster, else fp32 (AVX2-only CPUs
+        # emulate bf16, several times slower than fp32); `engine-fp32` and `engine-int8` are the pinned rows.
+        Contender(
+            "engine",
+            "our engine, compute_score in process (packed, token-budget micro-batches), dtype auto",
+            "engine",
+            "auto",
+        ),
+        Contender("engine-fp32", "our engine in float32", "engine", "float32"),
+        Contender(
+            "engine-int8",
+            "our engine with int8 Linear layers (oneDNN; weights per channel, activations per "
+            "token, SmoothQuant), the rest float32",
+            "engine",
+            "int8",
+        ),
+        Contender(
+            "ray-job",
+            "the whole Ray rerank job, Parquet in -> ranked Parquet out (Ray start included), "
+            "dtype auto",
+            "ray-job",
+            "auto",
+        ),
+        Contender(
+            "hf-fp32",
+            "transformers AutoModelForSequenceClassification, float32, length-sorted batches "
+            "(the fidelity reference where st-default cannot be)",
+            "transformers",
+            "float32",
+            length_sorted=True,
+        ),
+        Contender(
+            "ort-fp32",
+            "ONNX Runtime CPUExecutionProvider, torch.onnx.export (dynamo) of the model, fp32, "
+            "length-sorted, batch size tuned",
+            "onnxruntime",
+            "float32",
+            tuned_batch_size=True,
+        ),
+        Contender(
+            "ort-int8",
+            "ONNX Runtime, the same export after quantize_dynamic (per-channel QInt8 weights), "
+            "batch size tuned",
+            "onnxruntime",
+            "int8",
+            tuned_batch_size=True,
+        ),
+        Contender(
+            "ov-fp32",
+            "OpenVINO CPU, convert_model from torch, INFERENCE_PRECISION_HINT f32, batch size tuned",
+            "openvino",
+            "float32",
+            tuned_batch_size=True,
+        ),
+        Contender(
+            "ov-default",
+            "OpenVINO CPU, convert_model from torch, the plugin's default precision, batch size "
+            "tuned",
+            "openvino",
+            None,
+            tuned_batch_size=True,
+        ),
+        Contender(
+            "ov-int8",
+            "OpenVINO CPU, static int8 (nncf.quantize, calibrated on the workloads' pairs after the "
+            "timed ones), batch size tuned",
+            "openvino",
+            "int8",
+            tuned_batch_size=True,
+            calibrated=True,
+        ),
+    ]
+}
 
 
-def load_contender(name: str, directory: str, *, max_length: int, device: str = "cpu", dtype: str | None = None,
-                   max_tokens_per_batch: int | None = None, ray_job_overrides: Sequence[str] = (),
-                   calibration_pairs: Pairs = ()):
+def load_contender(
+    name: str,
+    directory: str,
+    *,
+    max_length: int,
+    device: str = "cpu",
+    dtype: str | None = None,
+    max_tokens_per_batch: int | None = None,
+    ray_job_overrides: Sequence[str] = (),
+    calibration_pairs: Pairs = (),
+):
     """An object with `score(pairs, batch_size) -> Scored`; `dtype` overrides the contender's default (the
     engine takes any dtype string its `from_pretrained` accepts; ONNX Runtime and OpenVINO ignore it: their
     precision is in their name)."""
@@ -349,7 +518,9 @@ def load_contender(name: str, directory: str, *, max_length: int, device: str = 
     return EngineContender(directory, max_length, dtype, device, max_tokens_per_batch)
 
 
-def tune_batch_size(contender, pairs: Pairs, batch_sizes: Sequence[int]) -> tuple[int, dict[int, float]]:
+def tune_batch_size(
+    contender, pairs: Pairs, batch_sizes: Sequence[int]
+) -> tuple[int, dict[int, float]]:
     """The batch size with the most pairs/s on `pairs` (a sample of the workload), and the pairs/s of every
     size tried: sizes in increasing order, stopping at the first one slower than the best so far. On CPUs
     pairs/s rises with the batch size up to a point and falls after it: in the 21 tuned rows of the results

@@ -40,10 +40,14 @@ def _write(path: str, module: str, status: dict) -> None:
 
 def main(argv: list[str]) -> None:
     if len(argv) < 3 or argv[1] != "-m":
-        raise SystemExit("usage: python -m pipeline.benchmark.driver_peak REPORT.json -m MODULE [ARGS...]")
+        raise SystemExit(
+            "usage: python -m pipeline.benchmark.driver_peak REPORT.json -m MODULE [ARGS...]"
+        )
     path, module, args = argv[0], argv[2], argv[3:]
     status: dict = {"code": None}
-    atexit.register(_write, path, module, status)  # runs after the job's own exit handlers (Ray's shutdown)
+    atexit.register(
+        _write, path, module, status
+    )  # runs after the job's own exit handlers (Ray's shutdown)
     sys.argv = [module, *args]
     try:
         runpy.run_module(module, run_name="__main__", alter_sys=True)

@@ -43,18 +43,27 @@ def require(module: str, purpose: str):
     try:
         return importlib.import_module(module)
     except ImportError as error:
-        raise BackendUnavailable(f"{module} is not installed ({error}); {purpose} needs it: "
-                                 f"pip install torch==2.13.0 -e '.[dev]'") from error
+        raise BackendUnavailable(
+            f"{module} is not installed ({error}); {purpose} needs it: "
+            f"pip install torch==2.13.0 -e '.[dev]'"
+        ) from error
 
 
 def cache_dir(directory: str, kind: str) -> str:
     """The cache folder of one derived model (`kind`: onnx-fp32, onnx-int8, ...) of checkpoint `directory`."""
-    weights = sorted(glob.glob(os.path.join(directory, "*.safetensors")) + glob.glob(os.path.join(directory, "*.bin")))
+    weights = sorted(
+        glob.glob(os.path.join(directory, "*.safetensors"))
+        + glob.glob(os.path.join(directory, "*.bin"))
+    )
     stamp = [(os.path.basename(w), os.path.getsize(w), int(os.path.getmtime(w))) for w in weights]
     recipe = json.dumps([os.path.realpath(directory), stamp, torch.__version__, ONNX_OPSET, kind])
     key = hashlib.sha256(recipe.encode()).hexdigest()[:12]
-    root = os.environ.get("RERANK_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "rerank-pipeline"))
-    return os.path.join(root, "benchmark-exports", f"{os.path.basename(os.path.normpath(directory))}-{kind}-{key}")
+    root = os.environ.get(
+        "RERANK_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "rerank-pipeline")
+    )
+    return os.path.join(
+        root, "benchmark-exports", f"{os.path.basename(os.path.normpath(directory))}-{kind}-{key}"
+    )
 
 
 def build_once(target: str, build) -> str:
@@ -99,7 +108,9 @@ class _Logits(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, token_type_ids=None):
         extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits  # (batch, 1)
+        return self.model(
+            input_ids=input_ids, attention_mask=attention_mask, **extra
+        ).logits  # (batch, 1)
 
 
 def example_inputs(directory: str, names: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -107,9 +118,12 @@ def example_inputs(directory: str, names: Sequence[str]) -> dict[str, torch.Tens
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    features = tokenizer(["what is a reranker", "query", "a longer query about documents"],
-                         ["a model that scores query and document pairs", "a short document", "text"],
-                         padding=True, return_tensors="pt")
+    features = tokenizer(
+        ["what is a reranker", "query", "a longer query about documents"],
+        ["a model that scores query and document pairs", "a short document", "text"],
+        padding=True,
+        return_tensors="pt",
+    )
     return {name: features[name] for name in names}
 
 
@@ -123,10 +137,18 @@ def export_onnx(directory: str) -> str:
         wrapper = _Logits(load_transformers_model(directory))
         inputs = example_inputs(directory, names)
         batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
-        torch.onnx.export(wrapper, tuple(inputs[n] for n in names), os.path.join(folder, ONNX_FILE),
-                          input_names=names, output_names=["logits"], opset_version=ONNX_OPSET, dynamo=True,
-                          dynamic_shapes={n: {0: batch, 1: sequence} for n in names}, external_data=True,
-                          verbose=False)
+        torch.onnx.export(
+            wrapper,
+            tuple(inputs[n] for n in names),
+            os.path.join(folder, ONNX_FILE),
+            input_names=names,
+            output_names=["logits"],
+            opset_version=ONNX_OPSET,
+            dynamo=True,
+            dynamic_shapes={n: {0: batch, 1: sequence} for n in names},
+            external_data=True,
+            verbose=False,
+        )
         logger.info("exported %s to ONNX in %.1f s", directory, time.perf_counter() - start)
 
     return os.path.join(build_once(cache_dir(directory, "onnx-fp32"), build), ONNX_FILE)
@@ -152,30 +174,41 @@ class SortedPaddedScorer:
 
     def feeds(self, pairs: Pairs) -> list[dict[str, np.ndarray]]:
         """One unpadded feed per pair (batch of 1): what the int8 calibration runs on."""
-        encoded = self.tokenizer([q for q, _ in pairs], [d for _, d in pairs], truncation=True,
-                                 max_length=self.max_length)
-        return [{n: np.asarray([encoded[n][i]], dtype=np.int64) for n in self.input_names} for i in range(len(pairs))]
+        encoded = self.tokenizer(
+            [q for q, _ in pairs],
+            [d for _, d in pairs],
+            truncation=True,
+            max_length=self.max_length,
+        )
+        return [
+            {n: np.asarray([encoded[n][i]], dtype=np.int64) for n in self.input_names}
+            for i in range(len(pairs))
+        ]
 
     def _run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         raise NotImplementedError
 
     def _sorted(self, pairs: Pairs, batch_size: int) -> tuple[np.ndarray, int, int]:
-        encoded = self.tokenizer([q for q, _ in pairs], [d for _, d in pairs], truncation=True,
-                                 max_length=self.max_length)
+        encoded = self.tokenizer(
+            [q for q, _ in pairs],
+            [d for _, d in pairs],
+            truncation=True,
+            max_length=self.max_length,
+        )
         lengths = np.asarray([len(ids) for ids in encoded["input_ids"]])
         order = np.argsort(-lengths, kind="stable")
         pad_id = self.tokenizer.pad_token_id
         logits = np.empty(len(pairs), dtype=np.float32)
         processed = 0
         for start in range(0, len(order), batch_size):
-            index = order[start:start + batch_size]
+            index = order[start : start + batch_size]
             width = int(lengths[index].max())
             feeds = {}
             for name in self.input_names:
                 fill = pad_id if name == "input_ids" else 0
                 array = np.full((len(index), width), fill, dtype=np.int64)  # (batch, width)
                 for row, i in enumerate(index):
-                    array[row, :lengths[i]] = encoded[name][i]
+                    array[row, : lengths[i]] = encoded[name][i]
                 feeds[name] = array
             logits[index] = self._run(feeds)
             processed += len(index) * width
@@ -186,5 +219,11 @@ class SortedPaddedScorer:
         start = time.perf_counter()
         logits, real, processed = self._sorted(pairs, batch_size)
         seconds = time.perf_counter() - start
-        return Scored(logits, seconds, real, processed, self.dtype,
-                      {"batch_size": batch_size, "length_sorted": True, **self.settings})
+        return Scored(
+            logits,
+            seconds,
+            real,
+            processed,
+            self.dtype,
+            {"batch_size": batch_size, "length_sorted": True, **self.settings},
+        )

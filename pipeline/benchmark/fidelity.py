@@ -30,12 +30,15 @@ def spearman(reference: np.ndarray, scores: np.ndarray) -> float:
     return float(spearmanr(reference, scores).statistic)
 
 
-def top_k_overlap(reference: np.ndarray, scores: np.ndarray, queries: Sequence[str],
-                  k: int = TOP_K) -> tuple[float | None, int]:
+def top_k_overlap(
+    reference: np.ndarray, scores: np.ndarray, queries: Sequence[str], k: int = TOP_K
+) -> tuple[float | None, int]:
     """Mean per-query |top-k(reference) ∩ top-k(scores)| / k over the queries with more than k pairs, and
     how many queries that was. Ties break by position (a stable sort), the same way for both arrays."""
     if not len(reference) == len(scores) == len(queries):
-        raise ValueError(f"{len(reference)} reference scores, {len(scores)} scores, {len(queries)} queries")
+        raise ValueError(
+            f"{len(reference)} reference scores, {len(scores)} scores, {len(queries)} queries"
+        )
     groups: dict[str, list[int]] = defaultdict(list)
     for i, query in enumerate(queries):
         groups[query].append(i)
@@ -51,8 +54,14 @@ def top_k_overlap(reference: np.ndarray, scores: np.ndarray, queries: Sequence[s
 
 def fidelity(reference: np.ndarray, scores: np.ndarray, queries: Sequence[str]) -> dict:
     """Every fidelity figure of `scores` against `reference` (all (n,), the same pairs in the same order)."""
-    reference, scores = np.asarray(reference, dtype=np.float64), np.asarray(scores, dtype=np.float64)
+    reference, scores = (
+        np.asarray(reference, dtype=np.float64),
+        np.asarray(scores, dtype=np.float64),
+    )
     overlap, counted = top_k_overlap(reference, scores, queries)
-    return {"max_abs_logit_diff": float(np.max(np.abs(scores - reference))),
-            "spearman": spearman(reference, scores), "top10_overlap": overlap,
-            "top10_queries": counted or None}
+    return {
+        "max_abs_logit_diff": float(np.max(np.abs(scores - reference))),
+        "spearman": spearman(reference, scores),
+        "top10_overlap": overlap,
+        "top10_queries": counted or None,
+    }

@@ -39,15 +39,19 @@ class Shape:
     @classmethod
     def from_config(cls, config: dict) -> Shape:
         """From a transformers-style config.json dict."""
-        return cls(config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"],
-                   config.get("num_labels", len(config.get("id2label", {0: 0}))))
+        return cls(
+            config["hidden_size"],
+            config["num_hidden_layers"],
+            config["intermediate_size"],
+            config.get("num_labels", len(config.get("id2label", {0: 0}))),
+        )
 
 
 def model_flops(shape: Shape, seqlens: Sequence[int] | np.ndarray) -> float:
     """FLOPs to score sequences of the given real token counts (formula in the module docstring)."""
     n = np.asarray(seqlens, dtype=np.float64)
     h, f, layers = shape.hidden, shape.intermediate, shape.layers
-    full_layer = n.sum() * 2 * (4 * h * h + 2 * h * f) + 4 * h * (n ** 2).sum()
+    full_layer = n.sum() * 2 * (4 * h * h + 2 * h * f) + 4 * h * (n**2).sum()
     last_layer = n.sum() * 2 * (2 * h * h) + len(n) * 2 * (2 * h * h + 2 * h * f) + 4 * h * n.sum()
     head = len(n) * 2 * (h * h + h * shape.num_labels)
     return float((layers - 1) * full_layer + last_layer + head)
@@ -70,8 +74,12 @@ def _gemm_kernels(device: str, dtype: torch.dtype) -> dict:
     return kernels
 
 
-def peak_gemm_flops(dtype: torch.dtype, shapes: Sequence[tuple[int, int, int]], seconds_per_shape: float = 1.0,
-                    device: str = "cpu") -> dict:
+def peak_gemm_flops(
+    dtype: torch.dtype,
+    shapes: Sequence[tuple[int, int, int]],
+    seconds_per_shape: float = 1.0,
+    device: str = "cpu",
+) -> dict:
     """The best FLOP/s a linear layer (weights (n, k), bias on) reaches on any of `shapes` with any kernel.
 
     Linear layers are the GEMMs every contender runs, so this is the ceiling they all run under. Each
@@ -97,8 +105,11 @@ def peak_gemm_flops(dtype: torch.dtype, shapes: Sequence[tuple[int, int, int]], 
                 elapsed = time.perf_counter() - start
                 best, spent = min(best, elapsed), spent + elapsed
             results[f"{name} {m}x{k}x{n}"] = 2.0 * m * k * n / best
-    return {"flops_per_s": max(results.values()), "by_kernel_and_shape": results,
-            "dtype": str(dtype).replace("torch.", "")}
+    return {
+        "flops_per_s": max(results.values()),
+        "by_kernel_and_shape": results,
+        "dtype": str(dtype).replace("torch.", ""),
+    }
 
 
 def _sync(device: str) -> None:

@@ -14,12 +14,19 @@ def machine_info() -> dict:
     try:
         with open("/proc/cpuinfo") as f:
             lines = f.read().splitlines()
-        cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), cpu)
-        flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+        cpu = next(
+            (line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), cpu
+        )
+        flags = next(
+            (line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []
+        )
     except OSError:
         pass
     return {
-        "cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "bf16_matrix_units": [f for f in flags if f in ("amx_bf16", "amx_tile", "avx512_bf16")],
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

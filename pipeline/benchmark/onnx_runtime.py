@@ -37,11 +37,17 @@ def quantize_int8(directory: str) -> str:
 
     def build(folder: str) -> None:
         start = time.perf_counter()
-        size = sum(os.path.getsize(os.path.join(os.path.dirname(source), f))
-                   for f in os.listdir(os.path.dirname(source)))
-        quantization.quantize_dynamic(source, os.path.join(folder, ONNX_FILE), per_channel=True,
-                                      weight_type=quantization.QuantType.QInt8,
-                                      use_external_data_format=size > EXTERNAL_DATA_BYTES)
+        size = sum(
+            os.path.getsize(os.path.join(os.path.dirname(source), f))
+            for f in os.listdir(os.path.dirname(source))
+        )
+        quantization.quantize_dynamic(
+            source,
+            os.path.join(folder, ONNX_FILE),
+            per_channel=True,
+            weight_type=quantization.QuantType.QInt8,
+            use_external_data_format=size > EXTERNAL_DATA_BYTES,
+        )
         logger.info("quantized %s to int8 in %.1f s", source, time.perf_counter() - start)
 
     return os.path.join(build_once(cache_dir(directory, "onnx-int8"), build), ONNX_FILE)
@@ -58,9 +64,12 @@ class OnnxRuntimeContender(SortedPaddedScorer):
         options.intra_op_num_threads = torch.get_num_threads()
         self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         self.dtype = "int8" if int8 else "float32"
-        self.settings = {"onnxruntime": ort.__version__, "provider": "CPUExecutionProvider",
-                         "quantization": "dynamic, per-channel QInt8 weights" if int8 else None,
-                         "intra_op_num_threads": options.intra_op_num_threads}
+        self.settings = {
+            "onnxruntime": ort.__version__,
+            "provider": "CPUExecutionProvider",
+            "quantization": "dynamic, per-channel QInt8 weights" if int8 else None,
+            "intra_op_num_threads": options.intra_op_num_threads,
+        }
 
     def _run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         return self.session.run(None, feeds)[0][:, 0]

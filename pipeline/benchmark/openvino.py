@@ -40,7 +40,9 @@ OV_TYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
 class OpenVinoContender(SortedPaddedScorer):
     """An OpenVINO CompiledModel on the CPU plugin at `precision` (one of PRECISIONS)."""
 
-    def __init__(self, directory: str, max_length: int, precision: str, calibration_pairs: Pairs = ()):
+    def __init__(
+        self, directory: str, max_length: int, precision: str, calibration_pairs: Pairs = ()
+    ):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown OpenVINO precision {precision!r}; choose from {PRECISIONS}")
         ov = require("openvino", "ov-fp32, ov-default and ov-int8")
@@ -48,21 +50,33 @@ class OpenVinoContender(SortedPaddedScorer):
         names = model_input_names(directory)
         start = time.perf_counter()
         with torch.inference_mode():
-            model = ov.convert_model(load_transformers_model(directory), example_input=example_inputs(directory, names))
+            model = ov.convert_model(
+                load_transformers_model(directory), example_input=example_inputs(directory, names)
+            )
         logger.info("converted %s to OpenVINO in %.1f s", directory, time.perf_counter() - start)
         self.settings = {"openvino": ov.get_version(), "device": "CPU"}
         if precision == "int8":
             nncf = require("nncf", "ov-int8")
             if not calibration_pairs:
-                raise ValueError("ov-int8 needs calibration pairs (the worker passes the workloads' pairs after "
-                                 "the timed ones)")
+                raise ValueError(
+                    "ov-int8 needs calibration pairs (the worker passes the workloads' pairs after "
+                    "the timed ones)"
+                )
             start = time.perf_counter()
             samples = self.feeds(calibration_pairs)
-            model = nncf.quantize(model, nncf.Dataset(samples), model_type=nncf.ModelType.TRANSFORMER,
-                                  subset_size=len(samples))
-            self.settings.update({"quantization": "static int8 (nncf.quantize, ModelType.TRANSFORMER)",
-                                  "calibration_pairs": len(samples),
-                                  "calibration_seconds": time.perf_counter() - start})
+            model = nncf.quantize(
+                model,
+                nncf.Dataset(samples),
+                model_type=nncf.ModelType.TRANSFORMER,
+                subset_size=len(samples),
+            )
+            self.settings.update(
+                {
+                    "quantization": "static int8 (nncf.quantize, ModelType.TRANSFORMER)",
+                    "calibration_pairs": len(samples),
+                    "calibration_seconds": time.perf_counter() - start,
+                }
+            )
         config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": torch.get_num_threads()}
         if precision == "f32":
             config["INFERENCE_PRECISION_HINT"] = "f32"

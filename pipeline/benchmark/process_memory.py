@@ -24,7 +24,7 @@ def _read_int_field(text: str, key: str) -> int | None:
     start = text.find(key)
     if start < 0:
         return None
-    return int(text[start + len(key):].split(None, 1)[0])
+    return int(text[start + len(key) :].split(None, 1)[0])
 
 
 def _resident_kb(pid: int, page_kb: float) -> float | None:
@@ -87,7 +87,11 @@ def tree_memory_mb(root: int, with_pss: bool = True, per_process: dict | None = 
             pss_kb = None if pss is None else pss_kb + pss
             if pss is not None and per_process is not None:
                 per_process[pid] = pss / 1024
-    return {"rss_mb": rss_kb / 1024, "pss_mb": None if pss_kb is None else pss_kb / 1024, "processes": count}
+    return {
+        "rss_mb": rss_kb / 1024,
+        "pss_mb": None if pss_kb is None else pss_kb / 1024,
+        "processes": count,
+    }
 
 
 class ProcessTreeMemory:
@@ -117,14 +121,24 @@ class ProcessTreeMemory:
             seen = self.processes.setdefault(pid, {"name": None, "samples": []})
             # A Ray worker retitles itself once it runs an actor (ray::MapWorker(...)), and again when it is done
             # (ray::IDLE): the actor's name is the one kept.
-            if seen["name"] is None or not seen["name"].startswith("ray::") or seen["name"] == "ray::IDLE":
+            if (
+                seen["name"] is None
+                or not seen["name"].startswith("ray::")
+                or seen["name"] == "ray::IDLE"
+            ):
                 seen["name"] = process_name(pid) or seen["name"]
             seen["samples"].append((seconds, round(mb, 1)))
         self.peak_rss_mb = max(self.peak_rss_mb, now["rss_mb"])
         if now["pss_mb"] is not None:
             self.peak_pss_mb = max(self.peak_pss_mb or 0.0, now["pss_mb"])
-        self.timeline.append((seconds, round(now["rss_mb"], 1),
-                              None if now["pss_mb"] is None else round(now["pss_mb"], 1), now["processes"]))
+        self.timeline.append(
+            (
+                seconds,
+                round(now["rss_mb"], 1),
+                None if now["pss_mb"] is None else round(now["pss_mb"], 1),
+                now["processes"],
+            )
+        )
         return now
 
     def growth(self, since_s: float = 0.0, top: int = 8) -> list[dict]:
@@ -137,8 +151,18 @@ class ProcessTreeMemory:
             if base is None:  # ended before `since_s`
                 continue
             (t0, mb0), (t1, mb1) = base, p["samples"][-1]
-            grown.append({"pid": pid, "name": p["name"], "from_s": t0, "to_s": t1, "from_mb": mb0, "to_mb": mb1,
-                          "growth_mb": round(mb1 - mb0, 1), "peak_mb": max(mb for _, mb in p["samples"])})
+            grown.append(
+                {
+                    "pid": pid,
+                    "name": p["name"],
+                    "from_s": t0,
+                    "to_s": t1,
+                    "from_mb": mb0,
+                    "to_mb": mb1,
+                    "growth_mb": round(mb1 - mb0, 1),
+                    "peak_mb": max(mb for _, mb in p["samples"]),
+                }
+            )
         return sorted(grown, key=lambda g: -g["growth_mb"])[:top]
 
     def elapsed(self) -> float:

@@ -37,7 +37,11 @@ def _batch(r: dict) -> str:
 def _peak(peak: dict) -> str:
     """The higher peak, which MFU divides by, and both measurements: far apart, the host's speed drifted."""
     figures = [peak.get(when, {}).get("flops_per_s") for when in ("before", "after")]
-    drift = f" (before {figures[0] / 1e9:.0f}, after {figures[1] / 1e9:.0f})" if None not in figures else ""
+    drift = (
+        f" (before {figures[0] / 1e9:.0f}, after {figures[1] / 1e9:.0f})"
+        if None not in figures
+        else ""
+    )
     return f"{peak['flops_per_s'] / 1e9:.0f} GFLOP/s{drift}"
 
 
@@ -54,7 +58,11 @@ def _plan(model: str, info: dict) -> str:
     for name, workloads in info["plan"].items():
         marked = f"{name} (reference)" if name == info.get("fidelity_reference") else name
         groups.setdefault(tuple(workloads), []).append(marked)
-    return f"{model}: " + "; ".join(f"{', '.join(names)} on {', '.join(w)}" for w, names in groups.items()) + "."
+    return (
+        f"{model}: "
+        + "; ".join(f"{', '.join(names)} on {', '.join(w)}" for w, names in groups.items())
+        + "."
+    )
 
 
 def markdown_table(report: dict) -> str:
@@ -70,43 +78,70 @@ def markdown_table(report: dict) -> str:
     ]
     for r in report["runs"]:
         if "skipped" in r:
-            lines.append(f"| {r['model']} | {r['workload']} | {r['contender']} | skipped: {r['skipped']} "
-                         + "| " * 12 + "|")
+            lines.append(
+                f"| {r['model']} | {r['workload']} | {r['contender']} | skipped: {r['skipped']} "
+                + "| " * 12
+                + "|"
+            )
             continue
         lines.append(
             f"| {r['model']} | {r['workload']} | {r['contender']} | {r['dtype']} | {_batch(r)} | {r['n_pairs']} "
             f"| {_speed(r)} | {r['real_tokens_per_s']:.0f} | {r['padding_efficiency']:.2f} "
             f"| {_pct(r['mfu'])} | {_num(r['peak_rss_mb'], '.0f')} | {_pct(r.get('cpu_share'))} "
             f"| {_num(r.get('engine_speedup'), '.2f')} | {_num(r.get('max_abs_logit_diff'), '.3f')} "
-            f"| {_num(r.get('spearman'), '.4f')} | {_num(r.get('top10_overlap'), '.2f')} |")
-    spreads = [f"{model} {workload} {std:.2f} ({info.get('fidelity_reference', 'hf-fp32')})"
-               for model, info in report.get("models", {}).items()
-               for workload, std in info.get("reference_logit_std", {}).items()]
+            f"| {_num(r.get('spearman'), '.4f')} | {_num(r.get('top10_overlap'), '.2f')} |"
+        )
+    spreads = [
+        f"{model} {workload} {std:.2f} ({info.get('fidelity_reference', 'hf-fp32')})"
+        for model, info in report.get("models", {}).items()
+        for workload, std in info.get("reference_logit_std", {}).items()
+    ]
     if spreads:
         lines += ["", "Fidelity reference's logit spread (std): " + "; ".join(spreads) + "."]
-    plans = [_plan(model, info) for model, info in report.get("models", {}).items() if info.get("plan")]
+    plans = [
+        _plan(model, info) for model, info in report.get("models", {}).items() if info.get("plan")
+    ]
     if plans:
         lines += ["", "Plan (contender_scope): " + " ".join(plans)]
-    peaks = [f"{model}: " + ", ".join(f"{short} {_peak(p[dtype])}" for short, dtype in (("bf16", "bfloat16"), ("fp32", "float32")))
-             for model, p in report.get("peak_gemm", {}).items()]
+    peaks = [
+        f"{model}: "
+        + ", ".join(
+            f"{short} {_peak(p[dtype])}"
+            for short, dtype in (("bf16", "bfloat16"), ("fp32", "float32"))
+        )
+        for model, p in report.get("peak_gemm", {}).items()
+    ]
     machine = report["machine"]
     units = ", ".join(machine.get("bf16_matrix_units") or []) or "none (bf16 emulated)"
-    lines += ["", f"Machine: {machine['cpu']}, {machine['cores']} cores, bf16 matrix units: {units}, torch {machine['torch']}; "
-                  f"load average {machine['load_average_before']:.1f} before, {machine.get('load_average_after', 0):.1f} after.",
-              "Peak GEMM (best of F.linear and oneDNN linear over the model's shapes, measured before and after the "
-              "contenders; MFU divides by the higher): " + "; ".join(peaks) + "."]
+    lines += [
+        "",
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, bf16 matrix units: {units}, torch {machine['torch']}; "
+        f"load average {machine['load_average_before']:.1f} before, {machine.get('load_average_after', 0):.1f} after.",
+        "Peak GEMM (best of F.linear and oneDNN linear over the model's shapes, measured before and after the "
+        "contenders; MFU divides by the higher): " + "; ".join(peaks) + ".",
+    ]
     if report.get("targets"):
         lines += ["", "| target | model | value | goal | met |", "|---|---|---:|---:|---|"]
         for t in report["targets"]:
             percent = t.get("unit", "percent" if "MFU" in t["name"] else "ratio") == "percent"
             value = f"{100 * t['value']:.1f}%" if percent else f"{t['value']:.2f}x"
             goal = f"{100 * t['target']:.0f}%" if percent else f"{t['target']:.0f}x"
-            lines.append(f"| {t['name']} | {t['model']} | {value} | {goal} | {'yes' if t['met'] else 'no'} |")
+            lines.append(
+                f"| {t['name']} | {t['model']} | {value} | {goal} | {'yes' if t['met'] else 'no'} |"
+            )
     if report.get("cross_model"):
         first = report["cross_model"][0]["engine_on"]
-        shown = [c for c in report["cross_model"] if c["versus"].split(" on ")[0] in ("engine", "st-default", "st-best")]
-        lines += ["", f"Engine on {first}, its pairs/s over: "
-                  + "; ".join(f"{c['versus']} ({c['workload']}) {c['ratio']:.1f}x" for c in shown) + "."]
+        shown = [
+            c
+            for c in report["cross_model"]
+            if c["versus"].split(" on ")[0] in ("engine", "st-default", "st-best")
+        ]
+        lines += [
+            "",
+            f"Engine on {first}, its pairs/s over: "
+            + "; ".join(f"{c['versus']} ({c['workload']}) {c['ratio']:.1f}x" for c in shown)
+            + ".",
+        ]
     for e in report.get("errors", []):
         lines.append(f"\nERROR {e['model']} / {e['contender']}: {e['message']}")
     return "\n".join(lines)

@@ -54,8 +54,10 @@ from pipeline.benchmark.workloads import pair_token_counts, workload_pairs
 
 logger = logging.getLogger(__name__)
 
-REFERENCE = "engine"                # speed-ups are over the engine's pairs/s
-FIDELITY_REFERENCE = "hf-fp32"      # fidelity figures are against its scores, or st-default's (fidelity_reference)
+REFERENCE = "engine"  # speed-ups are over the engine's pairs/s
+FIDELITY_REFERENCE = (
+    "hf-fp32"  # fidelity figures are against its scores, or st-default's (fidelity_reference)
+)
 JINA_BASE_FLOPS_PER_TOKEN = 2 * (4 * 768 * 768 + 2 * 768 * 3072) * 12
 
 
@@ -67,7 +69,7 @@ def _shape(directory: str) -> Shape:
 def pairs_for(config: BenchmarkConfig, workload: str, shape: Shape) -> int:
     n = config.n_pairs.get(workload, 256)
     if config.scale_pairs_by_model_size:
-        per_token = 2 * (4 * shape.hidden ** 2 + 2 * shape.hidden * shape.intermediate) * shape.layers
+        per_token = 2 * (4 * shape.hidden**2 + 2 * shape.hidden * shape.intermediate) * shape.layers
         n = max(8, round(n * min(1.0, JINA_BASE_FLOPS_PER_TOKEN / per_token)))
     return n
 
@@ -79,8 +81,12 @@ def run_worker(spec: dict, timeout_s: float) -> dict:
         with open(spec_path, "w") as f:
             json.dump(spec, f)
         try:
-            proc = subprocess.run([sys.executable, "-m", "pipeline.benchmark.worker", spec_path, out_path],
-                                  capture_output=True, text=True, timeout=timeout_s)
+            proc = subprocess.run(
+                [sys.executable, "-m", "pipeline.benchmark.worker", spec_path, out_path],
+                capture_output=True,
+                text=True,
+                timeout=timeout_s,
+            )
         except subprocess.TimeoutExpired:
             return {"error": f"worker ran past worker_timeout_s={timeout_s:.0f}s; lower n_pairs"}
         if proc.returncode != 0 or not os.path.isfile(out_path):
@@ -91,8 +97,10 @@ def run_worker(spec: dict, timeout_s: float) -> dict:
 
 
 def measure_peaks(shape: Shape, seconds: float, device: str) -> dict[str, dict]:
-    return {name: peak_gemm_flops(dtype, gemm_shapes(shape), seconds, device)
-            for name, dtype in (("bfloat16", torch.bfloat16), ("float32", torch.float32))}
+    return {
+        name: peak_gemm_flops(dtype, gemm_shapes(shape), seconds, device)
+        for name, dtype in (("bfloat16", torch.bfloat16), ("float32", torch.float32))
+    }
 
 
 def _figures(result: dict, shape: Shape, seqlens: np.ndarray) -> dict:
@@ -120,20 +128,43 @@ def _targets(runs: list[dict], model: str) -> list[dict]:
         engine, other = by.get(("dl19", REFERENCE)), by.get(("dl19", contender))
         if engine and other:
             value = engine["pairs_per_s"] / other["pairs_per_s"]
-            targets.append({"model": model, "name": f"engine / {contender} pairs/s on dl19", "value": value,
-                            "target": goal, "met": value >= goal})
+            targets.append(
+                {
+                    "model": model,
+                    "name": f"engine / {contender} pairs/s on dl19",
+                    "value": value,
+                    "target": goal,
+                    "met": value >= goal,
+                }
+            )
     for workload in ("dl19", "long"):
         engine = by.get((workload, REFERENCE))
         if engine:
-            targets.append({"model": model, "name": f"engine MFU on {workload}", "value": engine["mfu"],
-                            "target": 0.5, "met": engine["mfu"] >= 0.5, "unit": "percent"})
+            targets.append(
+                {
+                    "model": model,
+                    "name": f"engine MFU on {workload}",
+                    "value": engine["mfu"],
+                    "target": 0.5,
+                    "met": engine["mfu"] >= 0.5,
+                    "unit": "percent",
+                }
+            )
     # The whole job's pipeline overhead counts at 20,000+ pairs (below that, Ray's start-up dominates).
     for (workload, contender), job in sorted(by.items()):
         engine = by.get((workload, REFERENCE))
         if contender == "ray-job" and engine and job["n_pairs"] >= RAY_JOB_TARGET_PAIRS:
             value = job["pairs_per_s"] / engine["pairs_per_s"]
-            targets.append({"model": model, "name": f"ray-job / engine pairs/s on {workload} ({job['n_pairs']:,} pairs)",
-                            "value": value, "target": 0.8, "met": value >= 0.8, "unit": "percent"})
+            targets.append(
+                {
+                    "model": model,
+                    "name": f"ray-job / engine pairs/s on {workload} ({job['n_pairs']:,} pairs)",
+                    "value": value,
+                    "target": 0.8,
+                    "met": value >= 0.8,
+                    "unit": "percent",
+                }
+            )
     return targets
 
 
@@ -141,49 +172,102 @@ def fidelity_reference(config: BenchmarkConfig, plan: dict[str, list[str]], dire
     """`st-default` when it already scores, in float32, every pair of every workload the plan has (saving a
     float32 worker: ~1.5 minutes per model in the default run on 2 cores), else `hf-fp32`."""
     needed = {w for workloads in plan.values() for w in workloads}
-    if (set(plan.get("st-default", ())) >= needed and config.full_precision_pairs_fraction == 1.0
-            and stored_dtype(directory) == "float32"):
+    if (
+        set(plan.get("st-default", ())) >= needed
+        and config.full_precision_pairs_fraction == 1.0
+        and stored_dtype(directory) == "float32"
+    ):
         return "st-default"
     return FIDELITY_REFERENCE
 
 
-def _worker_spec(config: BenchmarkConfig, name: str, directory: str, workloads: dict[str, int],
-                 scores_dir: str, reference: str = FIDELITY_REFERENCE) -> dict:
+def _worker_spec(
+    config: BenchmarkConfig,
+    name: str,
+    directory: str,
+    workloads: dict[str, int],
+    scores_dir: str,
+    reference: str = FIDELITY_REFERENCE,
+) -> dict:
     contender = CONTENDERS[name]
     # The reference scores every pair: each row is compared with it on the row's pairs.
-    fraction = config.full_precision_pairs_fraction if contender.full_precision and name != reference else 1.0
+    fraction = (
+        config.full_precision_pairs_fraction
+        if contender.full_precision and name != reference
+        else 1.0
+    )
     return {
-        "contender": name, "directory": directory, "device": config.device, "max_length": config.max_length,
-        "workloads": [{"name": w, "n_pairs": max(1, round(n * fraction))} for w, n in workloads.items()],
-        "data_dir": config.data_dir, "batch_size": None if contender.library == "engine" else config.batch_size,
-        "tune_batch_sizes": config.tune_batch_sizes, "tune_pairs": config.tune_pairs,
-        "warmup_pairs": config.warmup_pairs, "max_tokens_per_batch": config.max_tokens_per_batch,
-        "ray_job_overrides": config.ray_job_overrides, "scores_dir": scores_dir,
+        "contender": name,
+        "directory": directory,
+        "device": config.device,
+        "max_length": config.max_length,
+        "workloads": [
+            {"name": w, "n_pairs": max(1, round(n * fraction))} for w, n in workloads.items()
+        ],
+        "data_dir": config.data_dir,
+        "batch_size": None if contender.library == "engine" else config.batch_size,
+        "tune_batch_sizes": config.tune_batch_sizes,
+        "tune_pairs": config.tune_pairs,
+        "warmup_pairs": config.warmup_pairs,
+        "max_tokens_per_batch": config.max_tokens_per_batch,
+        "ray_job_overrides": config.ray_job_overrides,
+        "scores_dir": scores_dir,
         "calibration_pairs": config.calibration_pairs,
     }
 
 
 def _row(model: str, name: str, out: dict, result: dict, load_before: float) -> dict:
-    keys = ("workload", "dtype", "n_pairs", "seconds", "real_tokens", "processed_tokens", "peak_rss_mb",
-            "peak_rss_note", "settings", "cpu_share", "tuning")
-    return {"model": model, "contender": name, "description": CONTENDERS[name].description,
-            **{k: result[k] for k in keys if k in result},
-            "rss_after_load_mb": out["rss_after_load_mb"], "load_seconds": out["load_seconds"],
-            "load_average_before": load_before, "load_average_after": load_average()}
+    keys = (
+        "workload",
+        "dtype",
+        "n_pairs",
+        "seconds",
+        "real_tokens",
+        "processed_tokens",
+        "peak_rss_mb",
+        "peak_rss_note",
+        "settings",
+        "cpu_share",
+        "tuning",
+    )
+    return {
+        "model": model,
+        "contender": name,
+        "description": CONTENDERS[name].description,
+        **{k: result[k] for k in keys if k in result},
+        "rss_after_load_mb": out["rss_after_load_mb"],
+        "load_seconds": out["load_seconds"],
+        "load_average_before": load_before,
+        "load_average_after": load_average(),
+    }
 
 
 def _skipped(model: str, name: str, workload: str, n_pairs: int, reason: str) -> dict:
-    return {"model": model, "contender": name, "description": CONTENDERS[name].description, "workload": workload,
-            "n_pairs": n_pairs, "skipped": reason}
+    return {
+        "model": model,
+        "contender": name,
+        "description": CONTENDERS[name].description,
+        "workload": workload,
+        "n_pairs": n_pairs,
+        "skipped": reason,
+    }
 
 
-def benchmark_model(config: BenchmarkConfig, model: str, scores_dir: str, first_model: bool = True) -> dict:
+def benchmark_model(
+    config: BenchmarkConfig, model: str, scores_dir: str, first_model: bool = True
+) -> dict:
     """Every contender of the model's plan: {"runs", "peak_gemm", "info", "errors"}."""
     plan = config.plan(first_model)  # never empty: the config's validation sees to it
     directory = benchmark_checkpoint(model, config.data_dir, tokenizer_vocab=config.tokenizer_vocab)
     shape = _shape(directory)
-    logger.info("%s: %s (hidden %d, %d layers, FFN %d)", model, directory, shape.hidden, shape.layers,
-                shape.intermediate)
+    logger.info(
+        "%s: %s (hidden %d, %d layers, FFN %d)",
+        model,
+        directory,
+        shape.hidden,
+        shape.layers,
+        shape.intermediate,
+    )
     peaks_before = measure_peaks(shape, config.peak_seconds_per_shape, config.device)
     workloads = {w: pairs_for(config, w, shape) for w in config.workloads}
     pairs = {w: workload_pairs(w, n, directory, config.data_dir) for w, n in workloads.items()}
@@ -201,33 +285,56 @@ def benchmark_model(config: BenchmarkConfig, model: str, scores_dir: str, first_
     order = [reference] + sorted((c for c in plan if c != reference), key=lambda c: c != REFERENCE)
     logger.info("%s: fidelity reference %s", model, reference)
     for index, name in enumerate(order):
-        spec = _worker_spec(config, name, directory, {w: workloads[w] for w in plan[name]}, scores_dir, reference)
-        logger.info("%s / %s: %s", model, name, ", ".join(f"{w['name']} x {w['n_pairs']}" for w in spec["workloads"]))
+        spec = _worker_spec(
+            config, name, directory, {w: workloads[w] for w in plan[name]}, scores_dir, reference
+        )
+        logger.info(
+            "%s / %s: %s",
+            model,
+            name,
+            ", ".join(f"{w['name']} x {w['n_pairs']}" for w in spec["workloads"]),
+        )
         load_before = load_average()
         out = run_worker(spec, config.worker_timeout_s)
         specs[name] = spec
-        if name == reference != FIDELITY_REFERENCE and ("error" in out or out.get("dtype") != "float32"):
+        if name == reference != FIDELITY_REFERENCE and (
+            "error" in out or out.get("dtype") != "float32"
+        ):
             # st-default failed or did not compute in float32 (a checkpoint whose config asks for another
             # dtype): transformers in float32 is the reference after all, run next.
-            logger.warning("%s: %s cannot be the fidelity reference (%s); running %s for it", model, name,
-                           out.get("error") or f"it ran {out.get('dtype')}", FIDELITY_REFERENCE)
+            logger.warning(
+                "%s: %s cannot be the fidelity reference (%s); running %s for it",
+                model,
+                name,
+                out.get("error") or f"it ran {out.get('dtype')}",
+                FIDELITY_REFERENCE,
+            )
             reference = FIDELITY_REFERENCE
             plan[reference] = needed
             if reference in order:  # also one of the run's contenders: it moves up
                 order.remove(reference)
             order.insert(index + 1, reference)
         if "error" in out:
-            if CONTENDERS[name].optional:  # a missing or broken optional backend: a row that says so
+            if CONTENDERS[
+                name
+            ].optional:  # a missing or broken optional backend: a row that says so
                 logger.warning("%s / %s skipped: %s", model, name, out["error"])
-                runs += [_skipped(model, name, w["name"], w["n_pairs"], out["error"]) for w in spec["workloads"]]
+                runs += [
+                    _skipped(model, name, w["name"], w["n_pairs"], out["error"])
+                    for w in spec["workloads"]
+                ]
                 continue
             logger.error("%s / %s failed: %s", model, name, out["error"])
             errors.append({"model": model, "contender": name, "message": out["error"]})
             continue
         for result in out["results"]:
             if "skipped" in result:
-                logger.warning("%s / %s / %s skipped: %s", model, name, result["workload"], result["skipped"])
-                runs.append(_skipped(model, name, result["workload"], result["n_pairs"], result["skipped"]))
+                logger.warning(
+                    "%s / %s / %s skipped: %s", model, name, result["workload"], result["skipped"]
+                )
+                runs.append(
+                    _skipped(model, name, result["workload"], result["n_pairs"], result["skipped"])
+                )
                 continue
             workload = result["workload"]
             row = _row(model, name, out, result, load_before)
@@ -239,37 +346,71 @@ def benchmark_model(config: BenchmarkConfig, model: str, scores_dir: str, first_
             if name == REFERENCE:
                 engine_scores[workload] = scores
             elif workload in engine_scores:
-                engine = engine_scores[workload][:len(scores)]
+                engine = engine_scores[workload][: len(scores)]
                 row["max_abs_logit_diff_vs_engine"] = float(np.max(np.abs(scores - engine)))
             if workload in reference_scores:
                 n = min(len(scores), len(reference_scores[workload]))
-                row.update(fidelity(reference_scores[workload][:n], scores[:n], queries[workload][:n]))
+                row.update(
+                    fidelity(reference_scores[workload][:n], scores[:n], queries[workload][:n])
+                )
                 row["fidelity_reference"] = reference
             runs.append(row)
-            logger.info("  %-12s %-10s %8.2f pairs/s  padding eff %.2f  %.0f GFLOP/s  spearman %s", workload, name,
-                        row["pairs_per_s"], row["padding_efficiency"], row["model_flops_per_s"] / 1e9,
-                        f"{row['spearman']:.4f}" if "spearman" in row else "n/a")
+            logger.info(
+                "  %-12s %-10s %8.2f pairs/s  padding eff %.2f  %.0f GFLOP/s  spearman %s",
+                workload,
+                name,
+                row["pairs_per_s"],
+                row["padding_efficiency"],
+                row["model_flops_per_s"] / 1e9,
+                f"{row['spearman']:.4f}" if "spearman" in row else "n/a",
+            )
     for round_number in range(2, config.rounds + 1):
         _time_again(round_number, config, model, order, specs, runs, errors)
     for row in _measured(runs):
         row["pairs_per_s_rounds"] = [row["n_pairs"] / seconds for seconds in row["seconds_rounds"]]
     peaks_after = measure_peaks(shape, config.peak_seconds_per_shape, config.device)
     # MFU against the higher of the two peaks (before and after the contenders): the conservative figure.
-    peaks = {dtype: {"flops_per_s": max(peaks_before[dtype]["flops_per_s"], peaks_after[dtype]["flops_per_s"]),
-                     "before": peaks_before[dtype], "after": peaks_after[dtype]} for dtype in peaks_before}
+    peaks = {
+        dtype: {
+            "flops_per_s": max(
+                peaks_before[dtype]["flops_per_s"], peaks_after[dtype]["flops_per_s"]
+            ),
+            "before": peaks_before[dtype],
+            "after": peaks_after[dtype],
+        }
+        for dtype in peaks_before
+    }
     for row in _measured(runs):
-        row["mfu"] = row["model_flops_per_s"] / peaks[row["dtype"]]["flops_per_s"] if row["dtype"] in peaks else None
+        row["mfu"] = (
+            row["model_flops_per_s"] / peaks[row["dtype"]]["flops_per_s"]
+            if row["dtype"] in peaks
+            else None
+        )
     _add_speedups(runs)
-    info = {"directory": directory, "shape": asdict(shape), "workload_pairs": workloads,
-            "fidelity_reference": reference, "plan": {name: plan[name] for name in order},
-            "mean_tokens_per_pair": {w: float(s.mean()) for w, s in seqlens.items()},
-            "reference_logit_std": {w: float(np.std(s)) for w, s in reference_scores.items()},
-            "reference_logit_range": {w: [float(s.min()), float(s.max())] for w, s in reference_scores.items()}}
+    info = {
+        "directory": directory,
+        "shape": asdict(shape),
+        "workload_pairs": workloads,
+        "fidelity_reference": reference,
+        "plan": {name: plan[name] for name in order},
+        "mean_tokens_per_pair": {w: float(s.mean()) for w, s in seqlens.items()},
+        "reference_logit_std": {w: float(np.std(s)) for w, s in reference_scores.items()},
+        "reference_logit_range": {
+            w: [float(s.min()), float(s.max())] for w, s in reference_scores.items()
+        },
+    }
     return {"runs": runs, "peak_gemm": peaks, "info": info, "errors": errors}
 
 
-def _time_again(round_number: int, config: BenchmarkConfig, model: str, order: list[str],
-                specs: dict[str, dict], runs: list[dict], errors: list[dict]) -> None:
+def _time_again(
+    round_number: int,
+    config: BenchmarkConfig,
+    model: str,
+    order: list[str],
+    specs: dict[str, dict],
+    runs: list[dict],
+    errors: list[dict],
+) -> None:
     """One more sweep over the contenders in the first round's order, timing only: each row keeps its fastest
     round (`seconds`, the figures derived from it, and that round's `cpu_share` and peak RSS) and every round's
     time (`seconds_rounds`). Rows that were skipped are not run again; tuned contenders keep the batch size the
@@ -287,20 +428,28 @@ def _time_again(round_number: int, config: BenchmarkConfig, model: str, order: l
         measured = [w for w in spec.get("workloads", []) if (name, w["name"]) in rows]
         if not measured:  # failed or skipped in the first round
             continue
-        workloads = [{**w, "batch_size": (rows[(name, w["name"])].get("settings") or {}).get("batch_size")}
-                     for w in measured]
+        workloads = [
+            {**w, "batch_size": (rows[(name, w["name"])].get("settings") or {}).get("batch_size")}
+            for w in measured
+        ]
         logger.info("%s / %s: round %d", model, name, round_number)
         out = run_worker({**spec, "workloads": workloads}, config.worker_timeout_s)
         results = [] if "error" in out else [r for r in out["results"] if "seconds" in r]
         if "error" in out or len(results) < len(measured):
-            reason = out.get("error") or "; ".join(r.get("skipped", "no result") for r in out["results"])
+            reason = out.get("error") or "; ".join(
+                r.get("skipped", "no result") for r in out["results"]
+            )
             for w in measured:
                 rows[(name, w["name"])].setdefault("rounds_failed", []).append(round_number)
-            if CONTENDERS[name].optional:  # as in the first round: an optional backend's failure is not the run's
+            if CONTENDERS[
+                name
+            ].optional:  # as in the first round: an optional backend's failure is not the run's
                 logger.warning("%s / %s round %d failed: %s", model, name, round_number, reason)
                 continue
             logger.error("%s / %s failed in round %d: %s", model, name, round_number, reason)
-            errors.append({"model": model, "contender": name, "message": f"round {round_number}: {reason}"})
+            errors.append(
+                {"model": model, "contender": name, "message": f"round {round_number}: {reason}"}
+            )
             continue
         for result in results:
             row = rows[(name, result["workload"])]
@@ -318,8 +467,15 @@ def _time_again(round_number: int, config: BenchmarkConfig, model: str, order: l
 def run_benchmark(config: BenchmarkConfig) -> dict:
     """Every (model, contender) worker; the report (layout in the module docstring)."""
     started = time.time()
-    report: dict = {"config": config.model_dump(), "machine": machine_info(), "runs": [], "targets": [],
-                    "errors": [], "peak_gemm": {}, "models": {}}
+    report: dict = {
+        "config": config.model_dump(),
+        "machine": machine_info(),
+        "runs": [],
+        "targets": [],
+        "errors": [],
+        "peak_gemm": {},
+        "models": {},
+    }
     report["machine"]["load_average_before"] = load_average()
     real = os.environ.get(REAL_CHECKPOINT_ENV)
     models = [real] if real else config.models
@@ -350,8 +506,14 @@ def _cross_model(runs: list[dict], models: list[str]) -> list[dict]:
     for (model, workload, contender), speed in by.items():
         engine = by.get((models[0], workload, REFERENCE))
         if model != models[0] and engine:
-            ratios.append({"workload": workload, "engine_on": models[0], "versus": f"{contender} on {model}",
-                           "ratio": engine / speed})
+            ratios.append(
+                {
+                    "workload": workload,
+                    "engine_on": models[0],
+                    "versus": f"{contender} on {model}",
+                    "ratio": engine / speed,
+                }
+            )
     return ratios
 
 
@@ -362,7 +524,9 @@ def _measured(runs: list[dict]) -> list[dict]:
 
 def _add_speedups(runs: list[dict]) -> None:
     """engine_speedup: the engine's pairs/s over the row's (same model, same workload); > 1 = engine faster."""
-    engine = {r["workload"]: r["pairs_per_s"] for r in _measured(runs) if r["contender"] == REFERENCE}
+    engine = {
+        r["workload"]: r["pairs_per_s"] for r in _measured(runs) if r["contender"] == REFERENCE
+    }
     for row in _measured(runs):
         if row["workload"] in engine:
             row["engine_speedup"] = engine[row["workload"]] / row["pairs_per_s"]

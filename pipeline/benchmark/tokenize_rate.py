@@ -57,14 +57,27 @@ def _batches(pairs: list[tuple[str, str]], batch_size: int) -> list[pa.Table]:
     """The tokenize stage's input: (query, document, reason) rows, `batch_size` at a time."""
     out = []
     for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
-        out.append(pa.table({S.QUERY: [q for q, _ in chunk], S.DOCUMENT: [d for _, d in chunk],
-                             S.REASON: pa.nulls(len(chunk), pa.string())}))
+        chunk = pairs[start : start + batch_size]
+        out.append(
+            pa.table(
+                {
+                    S.QUERY: [q for q, _ in chunk],
+                    S.DOCUMENT: [d for _, d in chunk],
+                    S.REASON: pa.nulls(len(chunk), pa.string()),
+                }
+            )
+        )
     return out
 
 
-def measure_workload(directory: str, workload: str, n_pairs: int, config: TokenizerConfig, repeats: int = 3,
-                     data_dir: str | None = None) -> dict:
+def measure_workload(
+    directory: str,
+    workload: str,
+    n_pairs: int,
+    config: TokenizerConfig,
+    repeats: int = 3,
+    data_dir: str | None = None,
+) -> dict:
     """Best-of-`repeats` pairs/s and tokens/s of the tokenize stage on this core, and the token counts' FLOPs."""
     from pipeline.stages.tokenize import TokenizeStage
 
@@ -82,11 +95,17 @@ def measure_workload(directory: str, workload: str, n_pairs: int, config: Tokeni
         shape = Shape.from_config(json.load(f))
     sequences = len(seqlens)  # > pairs with long_documents: windows
     return {
-        "workload": workload, "pairs": len(pairs), "sequences": sequences, "seconds": best,
-        "pairs_per_s_per_core": len(pairs) / best, "tokens_per_s_per_core": float(seqlens.sum()) / best,
+        "workload": workload,
+        "pairs": len(pairs),
+        "sequences": sequences,
+        "seconds": best,
+        "pairs_per_s_per_core": len(pairs) / best,
+        "tokens_per_s_per_core": float(seqlens.sum()) / best,
         "mean_tokens_per_pair": float(seqlens.sum()) / len(pairs),
         "model_flops_per_pair": model_flops(shape, seqlens) / len(pairs),
-        "long_documents": config.long_documents, "max_length": config.max_length, "batch_size": config.batch_size,
+        "long_documents": config.long_documents,
+        "max_length": config.max_length,
+        "batch_size": config.batch_size,
     }
 
 
@@ -95,37 +114,65 @@ def gpu_sizing(row: dict, gpu_tflops: float, mfu_levels=MFU_LEVELS) -> list[dict
     out = []
     for mfu in mfu_levels:
         gpu_pairs_per_s = gpu_tflops * 1e12 * mfu / row["model_flops_per_pair"]
-        out.append({"mfu": mfu, "gpu_pairs_per_s": gpu_pairs_per_s,
-                    "cores_per_gpu": gpu_pairs_per_s / row["pairs_per_s_per_core"]})
+        out.append(
+            {
+                "mfu": mfu,
+                "gpu_pairs_per_s": gpu_pairs_per_s,
+                "cores_per_gpu": gpu_pairs_per_s / row["pairs_per_s_per_core"],
+            }
+        )
     return out
 
 
-def run(directory: str, workloads: list[str], n_pairs: int, config: TokenizerConfig, gpu_tflops: float,
-        repeats: int = 3, data_dir: str | None = None) -> dict:
+def run(
+    directory: str,
+    workloads: list[str],
+    n_pairs: int,
+    config: TokenizerConfig,
+    gpu_tflops: float,
+    repeats: int = 3,
+    data_dir: str | None = None,
+) -> dict:
     rows = []
     with one_core() as core:
         for workload in workloads:
             row = measure_workload(directory, workload, n_pairs, config, repeats, data_dir)
             row["gpu"] = gpu_sizing(row, gpu_tflops)
             rows.append(row)
-    return {"cpu": machine_info()["cpu"], "core": core, "load_average": load_average(), "checkpoint": directory,
-            "gpu_bf16_tflops": gpu_tflops, "measured": time.strftime("%Y-%m-%d"), "workloads": rows}
+    return {
+        "cpu": machine_info()["cpu"],
+        "core": core,
+        "load_average": load_average(),
+        "checkpoint": directory,
+        "gpu_bf16_tflops": gpu_tflops,
+        "measured": time.strftime("%Y-%m-%d"),
+        "workloads": rows,
+    }
 
 
 def markdown(report: dict) -> str:
     levels = [g["mfu"] for g in report["workloads"][0]["gpu"]] if report["workloads"] else []
-    header = ["workload", "tokens/pair", "pairs/s per core", "tokens/s per core", "GFLOP/pair"] + \
-        [f"cores per GPU at {m:.0%} MFU" for m in levels]
+    header = ["workload", "tokens/pair", "pairs/s per core", "tokens/s per core", "GFLOP/pair"] + [
+        f"cores per GPU at {m:.0%} MFU" for m in levels
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in report["workloads"]:
-        cells = [row["workload"] + (" (windows)" if row["long_documents"] == "windows" else ""),
-                 f"{row['mean_tokens_per_pair']:.0f}", f"{row['pairs_per_s_per_core']:,.0f}",
-                 f"{row['tokens_per_s_per_core']:,.0f}", f"{row['model_flops_per_pair'] / 1e9:.1f}"]
-        cells += [f"{g['cores_per_gpu']:.1f} ({g['gpu_pairs_per_s']:,.0f} pairs/s)" for g in row["gpu"]]
+        cells = [
+            row["workload"] + (" (windows)" if row["long_documents"] == "windows" else ""),
+            f"{row['mean_tokens_per_pair']:.0f}",
+            f"{row['pairs_per_s_per_core']:,.0f}",
+            f"{row['tokens_per_s_per_core']:,.0f}",
+            f"{row['model_flops_per_pair'] / 1e9:.1f}",
+        ]
+        cells += [
+            f"{g['cores_per_gpu']:.1f} ({g['gpu_pairs_per_s']:,.0f} pairs/s)" for g in row["gpu"]
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append(f"Tokenize stage on one core of {report['cpu']} (best of the repeats, load average "
-                 f"{report['load_average']:.1f}); GPU rates from the model "
-                 f"FLOPs of these pairs at {report['gpu_bf16_tflops']:g} dense bf16 TFLOP/s times the MFU, not "
-                 "measured on a GPU.")
+    lines.append(
+        f"Tokenize stage on one core of {report['cpu']} (best of the repeats, load average "
+        f"{report['load_average']:.1f}); GPU rates from the model "
+        f"FLOPs of these pairs at {report['gpu_bf16_tflops']:g} dense bf16 TFLOP/s times the MFU, not "
+        "measured on a GPU."
+    )
     return "\n".join(lines)

@@ -67,7 +67,9 @@ def calibration_pairs(spec: dict) -> list[tuple[str, str]]:
     pairs = []
     for workload in spec["workloads"]:
         n, extra = workload["n_pairs"], spec.get("calibration_pairs", 32)
-        pairs += workload_pairs(workload["name"], n + extra, spec["directory"], spec.get("data_dir"))[n:]
+        pairs += workload_pairs(
+            workload["name"], n + extra, spec["directory"], spec.get("data_dir")
+        )[n:]
     return pairs
 
 
@@ -83,27 +85,50 @@ def run(spec: dict) -> dict:
     start = time.perf_counter()
     try:
         contender = load_contender(
-            name, spec["directory"], max_length=spec["max_length"], device=spec["device"], dtype=spec.get("dtype"),
-            max_tokens_per_batch=spec.get("max_tokens_per_batch"), ray_job_overrides=spec.get("ray_job_overrides", ()),
-            calibration_pairs=calibration_pairs(spec) if contender_spec.calibrated else ())
+            name,
+            spec["directory"],
+            max_length=spec["max_length"],
+            device=spec["device"],
+            dtype=spec.get("dtype"),
+            max_tokens_per_batch=spec.get("max_tokens_per_batch"),
+            ray_job_overrides=spec.get("ray_job_overrides", ()),
+            calibration_pairs=calibration_pairs(spec) if contender_spec.calibrated else (),
+        )
     except Exception as error:
         if not contender_spec.optional:
             raise
         reason = _reason(error)
-        return {"contender": name, "dtype": contender_spec.dtype, "load_seconds": time.perf_counter() - start,
-                "rss_after_load_mb": rss_now_mb(),
-                "results": [{"workload": w["name"], "n_pairs": w["n_pairs"], "skipped": reason} for w in spec["workloads"]]}
+        return {
+            "contender": name,
+            "dtype": contender_spec.dtype,
+            "load_seconds": time.perf_counter() - start,
+            "rss_after_load_mb": rss_now_mb(),
+            "results": [
+                {"workload": w["name"], "n_pairs": w["n_pairs"], "skipped": reason}
+                for w in spec["workloads"]
+            ],
+        }
     load_seconds = time.perf_counter() - start
-    out = {"contender": name, "dtype": contender.dtype, "load_seconds": load_seconds,
-           "rss_after_load_mb": rss_now_mb(), "results": []}
+    out = {
+        "contender": name,
+        "dtype": contender.dtype,
+        "load_seconds": load_seconds,
+        "rss_after_load_mb": rss_now_mb(),
+        "results": [],
+    }
     for workload in spec["workloads"]:
         try:
             out["results"].append(_score_workload(spec, contender, workload))
         except Exception as error:
             if not contender_spec.optional:
                 raise
-            out["results"].append({"workload": workload["name"], "n_pairs": workload["n_pairs"],
-                                   "skipped": _reason(error)})
+            out["results"].append(
+                {
+                    "workload": workload["name"],
+                    "n_pairs": workload["n_pairs"],
+                    "skipped": _reason(error),
+                }
+            )
     return out
 
 
@@ -111,18 +136,24 @@ def _score_workload(spec: dict, contender, workload: dict) -> dict:
     """Warm-up, batch-size tuning (where the contender has it), then the timed pass on one workload."""
     name = spec["contender"]
     contender_spec = CONTENDERS[name]
-    pairs = workload_pairs(workload["name"], workload["n_pairs"], spec["directory"], spec.get("data_dir"))
+    pairs = workload_pairs(
+        workload["name"], workload["n_pairs"], spec["directory"], spec.get("data_dir")
+    )
     whole_job = contender_spec.library == "ray-job"
-    if not whole_job:  # the job's cold start (Ray, actors, model loading) is part of what it is timed on
+    if (
+        not whole_job
+    ):  # the job's cold start (Ray, actors, model loading) is part of what it is timed on
         # Warm-up (not timed): first-call costs (kernel selection, JIT, allocator growth) are not throughput.
         # At most a quarter of the pairs: 8 long pairs in float32 on the bge shape took as long as its timed pass.
-        warmup = pairs[:max(1, min(spec.get("warmup_pairs", 8), len(pairs) // 4))]
+        warmup = pairs[: max(1, min(spec.get("warmup_pairs", 8), len(pairs) // 4))]
         contender.score(warmup, batch_size=spec.get("batch_size") or 32)
     result: dict = {"workload": workload["name"], "n_pairs": len(pairs)}
     batch_size = workload.get("batch_size") or spec.get("batch_size")
-    if contender_spec.tuned_batch_size and not workload.get("batch_size"):  # a later round keeps the first's
+    if contender_spec.tuned_batch_size and not workload.get(
+        "batch_size"
+    ):  # a later round keeps the first's
         # At most a quarter of the pairs per size: tuning must not cost more than the measurement.
-        sample = pairs[:max(1, min(spec["tune_pairs"], len(pairs) // 4))]
+        sample = pairs[: max(1, min(spec["tune_pairs"], len(pairs) // 4))]
         batch_size, speeds = tune_batch_size(contender, sample, spec["tune_batch_sizes"])
         result["tuning"] = {"pairs": len(sample), "pairs_per_s_by_batch_size": speeds}
     reset = reset_rss_high_water()
@@ -133,23 +164,46 @@ def _score_workload(spec: dict, contender, workload: dict) -> dict:
     with ProcessTreeMemory(with_pss=False) if whole_job else contextlib.nullcontext() as tree:
         scored = contender.score(pairs, batch_size=batch_size)
     cpu_seconds = _cpu_seconds() - cpu_before
-    if scored.processed_tokens <= 0 or len(scored.logits) != len(pairs) or np.isnan(scored.logits).any():
-        raise RuntimeError(f"{name} on {workload['name']}: {len(scored.logits)} scores for {len(pairs)} pairs, "
-                           f"{scored.processed_tokens} tokens counted; the token counter or the contender is broken")
+    if (
+        scored.processed_tokens <= 0
+        or len(scored.logits) != len(pairs)
+        or np.isnan(scored.logits).any()
+    ):
+        raise RuntimeError(
+            f"{name} on {workload['name']}: {len(scored.logits)} scores for {len(pairs)} pairs, "
+            f"{scored.processed_tokens} tokens counted; the token counter or the contender is broken"
+        )
     if whole_job:
-        peak, note = tree.peak_rss_mb, ("sum of RSS over the driver and every Ray process (shared pages "
-                                        "counted per process), sampled every 0.25 s")
+        peak, note = (
+            tree.peak_rss_mb,
+            (
+                "sum of RSS over the driver and every Ray process (shared pages "
+                "counted per process), sampled every 0.25 s"
+            ),
+        )
     else:
-        peak, note = (rss_high_water_mb(), "VmHWM while scoring (weights included)") if reset else \
-            (None, "not measured: /proc/self/clear_refs not writable")
-    result.update({
-        "seconds": scored.seconds, "real_tokens": scored.real_tokens, "processed_tokens": scored.processed_tokens,
-        "dtype": scored.dtype, "settings": scored.settings, "peak_rss_mb": peak, "peak_rss_note": note,
-        # CPU seconds this process got per wall second per torch thread: ~1 when the machine was its own,
-        # lower when other processes took cores (the figures are then pessimistic). Not for the Ray job,
-        # whose work runs in other processes.
-        "cpu_share": None if whole_job else cpu_seconds / (scored.seconds * torch.get_num_threads()),
-    })
+        peak, note = (
+            (rss_high_water_mb(), "VmHWM while scoring (weights included)")
+            if reset
+            else (None, "not measured: /proc/self/clear_refs not writable")
+        )
+    result.update(
+        {
+            "seconds": scored.seconds,
+            "real_tokens": scored.real_tokens,
+            "processed_tokens": scored.processed_tokens,
+            "dtype": scored.dtype,
+            "settings": scored.settings,
+            "peak_rss_mb": peak,
+            "peak_rss_note": note,
+            # CPU seconds this process got per wall second per torch thread: ~1 when the machine was its own,
+            # lower when other processes took cores (the figures are then pessimistic). Not for the Ray job,
+            # whose work runs in other processes.
+            "cpu_share": None
+            if whole_job
+            else cpu_seconds / (scored.seconds * torch.get_num_threads()),
+        }
+    )
     if spec.get("scores_dir"):
         path = os.path.join(spec["scores_dir"], f"{name}-{workload['name']}.npy")
         np.save(path, scored.logits)

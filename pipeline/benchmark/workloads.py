@@ -35,11 +35,15 @@ def _pair_tokenizer(directory: str):
 def pair_token_counts(directory: str, pairs: list[tuple[str, str]], max_length: int) -> np.ndarray:
     """(n,) int64: tokens of each pair as every contender sees it (the checkpoint's tokenizer, truncated at
     `max_length`; our PairTokenizer is tested equal to transformers' on these files)."""
-    ids, _ = _pair_tokenizer(directory).encode_pairs([q for q, _ in pairs], [d for _, d in pairs], max_length)
+    ids, _ = _pair_tokenizer(directory).encode_pairs(
+        [q for q, _ in pairs], [d for _, d in pairs], max_length
+    )
     return np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
 
 
-def workload_pairs(name: str, n_pairs: int, directory: str, data_dir: str | None = None) -> list[tuple[str, str]]:
+def workload_pairs(
+    name: str, n_pairs: int, directory: str, data_dir: str | None = None
+) -> list[tuple[str, str]]:
     """The first `n_pairs` pairs of workload `name` (deterministic; see `pipeline.datasets.workloads`)."""
     if name not in WORKLOADS:
         raise InputError(f"unknown workload {name!r}; choose from {sorted(WORKLOADS)}")

@@ -22,6 +22,21 @@ from pipeline.datasets.workloads import WORKLOADS, dl19, long, multilingual
 from pipeline.datasets.xquad_r import xquad_r
 
 __all__ = [
-    "COLLECTIONS", "WORKLOADS", "bfcl", "check_arguments", "cosqa", "default_data_dir", "dl19", "load_collection",
-    "long", "multilingual", "noveleval", "sample_queries", "spider", "take_pairs", "trec_dl", "vaswani", "xquad_r",
+    "COLLECTIONS",
+    "WORKLOADS",
+    "bfcl",
+    "check_arguments",
+    "cosqa",
+    "default_data_dir",
+    "dl19",
+    "load_collection",
+    "long",
+    "multilingual",
+    "noveleval",
+    "sample_queries",
+    "spider",
+    "take_pairs",
+    "trec_dl",
+    "vaswani",
+    "xquad_r",
 ]

@@ -32,7 +32,9 @@ def _read_json_lines(path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def bfcl(data_dir: str | os.PathLike | None = None, splits: Sequence[str] = SPLITS) -> tuple[pa.Table, pa.Table]:
+def bfcl(
+    data_dir: str | os.PathLike | None = None, splits: Sequence[str] = SPLITS
+) -> tuple[pa.Table, pa.Table]:
     """(pairs, qrels) for the questions of `splits`, in file order, candidates in schema order.
     Extra column: `split`. Both splits: 1,253 questions, 4,735 pairs."""
     unknown = [s for s in splits if s not in SPLITS]
@@ -40,20 +42,29 @@ def bfcl(data_dir: str | os.PathLike | None = None, splits: Sequence[str] = SPLI
         raise InputError(f"bfcl splits {list(splits)} must be a non-empty subset of {list(SPLITS)}")
     files = [name for s in splits for name in (f"BFCL_v4_{s}.json", f"answer_BFCL_v4_{s}.json")]
     folder = collection_dir(data_dir, "bfcl", files)
-    columns: dict[str, list] = {name: [] for name in (schema.QUERY_ID, schema.QUERY, schema.DOC_ID, schema.DOCUMENT, SPLIT)}
+    columns: dict[str, list] = {
+        name: [] for name in (schema.QUERY_ID, schema.QUERY, schema.DOC_ID, schema.DOCUMENT, SPLIT)
+    }
     qrels: list[tuple[str, str, int]] = []
     for split in splits:
-        answers = {a["id"]: a["ground_truth"] for a in _read_json_lines(folder / f"answer_BFCL_v4_{split}.json")}
+        answers = {
+            a["id"]: a["ground_truth"]
+            for a in _read_json_lines(folder / f"answer_BFCL_v4_{split}.json")
+        }
         for entry in _read_json_lines(folder / f"BFCL_v4_{split}.json"):
             query_id = entry["id"]
             if query_id not in answers:
-                raise InputError(f"bfcl {split}: question {query_id} has no ground truth in answer_BFCL_v4_{split}.json")
+                raise InputError(
+                    f"bfcl {split}: question {query_id} has no ground truth in answer_BFCL_v4_{split}.json"
+                )
             query = "\n".join(m["content"] for m in entry["question"][0] if m["role"] == "user")
             gold = {name for call in answers[query_id] for name in call}
             names = [function["name"] for function in entry["function"]]
             if not gold <= set(names):
-                raise InputError(f"bfcl {split}: question {query_id}'s gold functions {sorted(gold - set(names))} "
-                                 "are not among its candidates")
+                raise InputError(
+                    f"bfcl {split}: question {query_id}'s gold functions {sorted(gold - set(names))} "
+                    "are not among its candidates"
+                )
             for function in entry["function"]:
                 columns[schema.QUERY_ID].append(query_id)
                 columns[schema.QUERY].append(query)

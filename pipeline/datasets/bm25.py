@@ -51,7 +51,10 @@ class BM25:
         # Per-document length normalisation, computed once: k1 * (1 - b + b * dl / avgdl).
         avgdl = lengths.mean() if len(documents) else 1.0
         self._norm = k1 * (1 - b + b * lengths / avgdl)  # (num_docs,)
-        self._postings = {t: (np.array(d, dtype=np.int64), np.array(f, dtype=np.float64)) for t, (d, f) in postings.items()}
+        self._postings = {
+            t: (np.array(d, dtype=np.int64), np.array(f, dtype=np.float64))
+            for t, (d, f) in postings.items()
+        }
 
     def idf(self, term: str) -> float:
         df = len(self._postings[term][0]) if term in self._postings else 0

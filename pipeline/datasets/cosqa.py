@@ -24,8 +24,12 @@ from pipeline.datasets.tables import collection_dir, only_queries, pairs_table, 
 from pipeline.errors import InputError
 
 
-def cosqa(data_dir: str | os.PathLike | None = None, pool_size: int | None = None, seed: int = 0,
-          answerable_only: bool = True) -> tuple[pa.Table, pa.Table]:
+def cosqa(
+    data_dir: str | os.PathLike | None = None,
+    pool_size: int | None = None,
+    seed: int = 0,
+    answerable_only: bool = True,
+) -> tuple[pa.Table, pa.Table]:
     """(pairs, qrels). `answerable_only` keeps the 313 queries that have a relevant function (a query
     without one scores 0 on every measure whatever the model does); False keeps all 604."""
     folder = collection_dir(data_dir, "cosqa", ["cosqa-dev.json"])
@@ -36,9 +40,13 @@ def cosqa(data_dir: str | os.PathLike | None = None, pool_size: int | None = Non
         function_ids.setdefault(record["code"], f"f{len(function_ids)}")
     functions = list(function_ids)  # position n holds function f<n>
     if pool_size is not None and not 1 <= pool_size <= len(functions):
-        raise InputError(f"cosqa pool_size must be between 1 and {len(functions)} (the distinct functions), got {pool_size}")
+        raise InputError(
+            f"cosqa pool_size must be between 1 and {len(functions)} (the distinct functions), got {pool_size}"
+        )
 
-    columns: dict[str, list] = {name: [] for name in (schema.QUERY_ID, schema.QUERY, schema.DOC_ID, schema.DOCUMENT)}
+    columns: dict[str, list] = {
+        name: [] for name in (schema.QUERY_ID, schema.QUERY, schema.DOC_ID, schema.DOCUMENT)
+    }
     for record in records:
         if answerable_only and record["label"] != 1:
             continue
@@ -55,6 +63,9 @@ def cosqa(data_dir: str | os.PathLike | None = None, pool_size: int | None = Non
             columns[schema.DOC_ID].append(f"f{n}")
             columns[schema.DOCUMENT].append(functions[n])
     pairs = pairs_table(columns)
-    qrels = qrels_table([r["idx"] for r in records], [function_ids[r["code"]] for r in records],
-                        [int(r["label"]) for r in records])
+    qrels = qrels_table(
+        [r["idx"] for r in records],
+        [function_ids[r["code"]] for r in records],
+        [int(r["label"]) for r in records],
+    )
     return pairs, only_queries(qrels, pairs)

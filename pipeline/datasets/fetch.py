@@ -40,10 +40,12 @@ _TIMEOUT_S = 60
 
 @dataclass(frozen=True)
 class DataFile:
-    path: str           # inside the data folder, "/"-separated, e.g. "trec-dl/qrels.dl19-passage.txt"
+    path: str  # inside the data folder, "/"-separated, e.g. "trec-dl/qrels.dl19-passage.txt"
     bytes: int
-    sha256: str         # hex digest of the whole file
-    url: str | None     # where it was copied from; None: no public source, only a copy (--from) brings it
+    sha256: str  # hex digest of the whole file
+    url: (
+        str | None
+    )  # where it was copied from; None: no public source, only a copy (--from) brings it
 
     @property
     def folder(self) -> str:
@@ -82,14 +84,22 @@ def locate(environ: Mapping[str, str] = os.environ, root: Path = PROJECT_ROOT) -
         where = f"{candidates[0]} or {candidates[1]}"
     folder = next((c for c in candidates if c.is_dir()), None)
     if folder is None:
-        raise InputError(f"real data missing: run `{FETCH_COMMAND}` (downloads {_megabytes(data_files())} MB into "
-                         f"{root / '.data'}), or set {SHARED_DATA_ENV} to a folder holding it; looked in {where}")
-    wrong = [f.path for f in data_files() if f.url is not None
-             and (not (folder / f.path).is_file() or (folder / f.path).stat().st_size != f.bytes)]
+        raise InputError(
+            f"real data missing: run `{FETCH_COMMAND}` (downloads {_megabytes(data_files())} MB into "
+            f"{root / '.data'}), or set {SHARED_DATA_ENV} to a folder holding it; looked in {where}"
+        )
+    wrong = [
+        f.path
+        for f in data_files()
+        if f.url is not None
+        and (not (folder / f.path).is_file() or (folder / f.path).stat().st_size != f.bytes)
+    ]
     if wrong:
         fix = f"{FETCH_COMMAND}" + ("" if folder == root / ".data" else f" --to {folder}")
-        raise InputError(f"real data incomplete: run `{fix}` to complete it; {folder} lacks {len(wrong)} file(s) "
-                         f"or holds them with other sizes ({', '.join(wrong[:3])}{', ...' if len(wrong) > 3 else ''})")
+        raise InputError(
+            f"real data incomplete: run `{fix}` to complete it; {folder} lacks {len(wrong)} file(s) "
+            f"or holds them with other sizes ({', '.join(wrong[:3])}{', ...' if len(wrong) > 3 else ''})"
+        )
     return folder
 
 
@@ -101,9 +111,14 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def fetch(to: str | os.PathLike = DEFAULT_DIR, names: Sequence[str] = (), *,
-          source_dir: str | os.PathLike | None = None, mirror: str | None = None,
-          say: Callable[[str], None] = _say) -> dict:
+def fetch(
+    to: str | os.PathLike = DEFAULT_DIR,
+    names: Sequence[str] = (),
+    *,
+    source_dir: str | os.PathLike | None = None,
+    mirror: str | None = None,
+    say: Callable[[str], None] = _say,
+) -> dict:
     """Put every file of `names` (top-level entries of the data folder; all when empty) under `to`, verified.
 
     Each file comes from `source_dir` when it holds it, else from `mirror`/<path> when given (a copy of the whole
@@ -113,18 +128,29 @@ def fetch(to: str | os.PathLike = DEFAULT_DIR, names: Sequence[str] = (), *,
     files = data_files()
     unknown = sorted(set(names) - set(folders(files)))
     if unknown:
-        raise InputError(f"the data folder has no {', '.join(unknown)}; it holds: {', '.join(folders(files))}")
+        raise InputError(
+            f"the data folder has no {', '.join(unknown)}; it holds: {', '.join(folders(files))}"
+        )
     if names:
         files = [f for f in files if f.folder in names]
     to = Path(to)
     source = Path(source_dir) if source_dir is not None else None
     if source is not None and not source.is_dir():
-        raise InputError(f"--from {source} is not a folder: pass the folder holding the data (the one with trec-dl/ "
-                         "and the other collections in it)")
+        raise InputError(
+            f"--from {source} is not a folder: pass the folder holding the data (the one with trec-dl/ "
+            "and the other collections in it)"
+        )
     if source is not None and to.exists() and source.resolve() == to.resolve():
         source = None  # the destination itself: what is there is checked below, what is missing is downloaded
-    counts = {"to": str(to), "files": len(files), "downloaded": 0, "copied": 0, "already_there": 0, "bytes": 0,
-              "no_source": []}
+    counts = {
+        "to": str(to),
+        "files": len(files),
+        "downloaded": 0,
+        "copied": 0,
+        "already_there": 0,
+        "bytes": 0,
+        "no_source": [],
+    }
     for f in files:
         target = to / f.path
         if target.is_file():
@@ -132,7 +158,9 @@ def fetch(to: str | os.PathLike = DEFAULT_DIR, names: Sequence[str] = (), *,
                 counts["already_there"] += 1
                 continue
             target.unlink()  # known wrong: it must not pass for fetched if the new copy is refused too
-            say(f"{f.path}: the copy in {to} differs from the recorded file: removed, fetching it again")
+            say(
+                f"{f.path}: the copy in {to} differs from the recorded file: removed, fetching it again"
+            )
         url = f"{mirror.rstrip('/')}/{f.path}" if mirror else f.url
         if source is not None and (source / f.path).is_file():
             _copy(f, source / f.path, target)
@@ -140,8 +168,10 @@ def fetch(to: str | os.PathLike = DEFAULT_DIR, names: Sequence[str] = (), *,
             say(f"copied {f.path} from {source}")
         elif url is None:
             counts["no_source"].append(f.path)
-            say(f"{f.path}: no public source (written for this project, not downloadable): skipped; copy it from a "
-                f"machine that has the data with `{FETCH_COMMAND} --from DIR`")
+            say(
+                f"{f.path}: no public source (written for this project, not downloadable): skipped; copy it from a "
+                f"machine that has the data with `{FETCH_COMMAND} --from DIR`"
+            )
             continue
         else:
             _download(f, url, target)
@@ -155,32 +185,46 @@ def _copy(f: DataFile, source: Path, target: Path) -> None:
     with open(source, "rb") as reader:
         got = _write_verified(f, reader, target)
     if got != f.sha256:
-        raise InputError(f"{source} is not the recorded {f.path} (sha256 {got[:12]}..., expected {f.sha256[:12]}...); "
-                         f"nothing was written to {target}: replace it with the original, or download it instead "
-                         f"(no --from, ${SHARED_DATA_ENV} unset)")
+        raise InputError(
+            f"{source} is not the recorded {f.path} (sha256 {got[:12]}..., expected {f.sha256[:12]}...); "
+            f"nothing was written to {target}: replace it with the original, or download it instead "
+            f"(no --from, ${SHARED_DATA_ENV} unset)"
+        )
 
 
 def _download(f: DataFile, url: str, target: Path) -> None:
     try:
         with urllib.request.urlopen(url, timeout=_TIMEOUT_S) as response:
             got = _write_verified(f, response, target)
-    except (urllib.error.URLError, http.client.HTTPException, ssl.SSLError, TimeoutError, ConnectionError) as e:
+    except (
+        urllib.error.URLError,
+        http.client.HTTPException,
+        ssl.SSLError,
+        TimeoutError,
+        ConnectionError,
+    ) as e:
         reason = e if isinstance(e, urllib.error.HTTPError) else getattr(e, "reason", None) or e
-        raise InfrastructureError(f"cannot download {f.path} from {url} ({reason}); check the network and rerun the "
-                                  "same command (files already fetched are kept), or copy the data from a machine "
-                                  f"that has it with `{FETCH_COMMAND} --from DIR`") from e
+        raise InfrastructureError(
+            f"cannot download {f.path} from {url} ({reason}); check the network and rerun the "
+            "same command (files already fetched are kept), or copy the data from a machine "
+            f"that has it with `{FETCH_COMMAND} --from DIR`"
+        ) from e
     if got != f.sha256:
-        raise InfrastructureError(f"{url} sent a different {f.path} (sha256 {got[:12]}..., expected "
-                                  f"{f.sha256[:12]}...); nothing was written to {target}: rerun the same command, and "
-                                  "if it is refused again the source has changed: copy the data from a machine that has "
-                                  f"it with `{FETCH_COMMAND} --from DIR`")
+        raise InfrastructureError(
+            f"{url} sent a different {f.path} (sha256 {got[:12]}..., expected "
+            f"{f.sha256[:12]}...); nothing was written to {target}: rerun the same command, and "
+            "if it is refused again the source has changed: copy the data from a machine that has "
+            f"it with `{FETCH_COMMAND} --from DIR`"
+        )
 
 
 def _write_verified(f: DataFile, reader, target: Path) -> str:
     """Stream `reader` into a temporary file beside `target`; rename it to `target` only if its sha256 is the
     recorded one, delete it otherwise. Returns the sha256 of what was read."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
+    descriptor, temporary = tempfile.mkstemp(
+        dir=target.parent, prefix=f".{target.name}.", suffix=".partial"
+    )
     try:
         digest = hashlib.sha256()
         with os.fdopen(descriptor, "wb") as out:
@@ -194,4 +238,3 @@ def _write_verified(f: DataFile, reader, target: Path) -> str:
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)
-

@@ -21,7 +21,9 @@ from pipeline.trec import read_qrels
 def _read_tsv(path) -> dict[str, str]:
     with open(path, encoding="utf-8", newline="") as f:
         # QUOTE_NONE: passages contain bare quotes, which are text, not CSV quoting.
-        return {row[0]: row[1] for row in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if row}
+        return {
+            row[0]: row[1] for row in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if row
+        }
 
 
 def noveleval(data_dir: str | os.PathLike | None = None) -> tuple[pa.Table, pa.Table]:
@@ -33,7 +35,9 @@ def noveleval(data_dir: str | os.PathLike | None = None) -> tuple[pa.Table, pa.T
     for qid, did in zip(qrels[schema.QUERY_ID].to_pylist(), qrels[schema.DOC_ID].to_pylist()):
         judged.setdefault(qid, []).append(did)
     corpus_order = {did: i for i, did in enumerate(corpus)}
-    columns: dict[str, list] = {name: [] for name in (schema.QUERY_ID, schema.QUERY, schema.DOC_ID, schema.DOCUMENT)}
+    columns: dict[str, list] = {
+        name: [] for name in (schema.QUERY_ID, schema.QUERY, schema.DOC_ID, schema.DOCUMENT)
+    }
     missing = [did for dids in judged.values() for did in dids if did not in corpus_order]
     if missing:
         raise InputError(f"noveleval: qrels judge {missing[:3]} but corpus.tsv lacks them")

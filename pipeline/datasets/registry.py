@@ -37,15 +37,21 @@ def check_arguments(name: str, arguments: dict[str, Any]) -> Callable:
     """The converter or workload called `name`, after checking that it takes every key of `arguments`."""
     function = COLLECTIONS.get(name) or WORKLOADS.get(name)
     if function is None:
-        raise InputError(f"unknown collection {name!r}; known: {', '.join(sorted(COLLECTIONS) + sorted(WORKLOADS))}")
+        raise InputError(
+            f"unknown collection {name!r}; known: {', '.join(sorted(COLLECTIONS) + sorted(WORKLOADS))}"
+        )
     known = [p for p in inspect.signature(function).parameters if p not in _RESERVED]
     unknown = sorted(set(arguments) - set(known))
     if unknown:
-        raise InputError(f"{name} has no argument {', '.join(unknown)}; its arguments are: {', '.join(known)}")
+        raise InputError(
+            f"{name} has no argument {', '.join(unknown)}; its arguments are: {', '.join(known)}"
+        )
     return function
 
 
-def load_collection(name: str, data_dir: str | os.PathLike | None = None, **arguments: Any) -> tuple[pa.Table, pa.Table]:
+def load_collection(
+    name: str, data_dir: str | os.PathLike | None = None, **arguments: Any
+) -> tuple[pa.Table, pa.Table]:
     """(pairs, qrels) of collection `name`, e.g. `load_collection("trec_dl", year=2020)`."""
     if name not in COLLECTIONS:
         raise InputError(f"unknown collection {name!r}; known: {', '.join(sorted(COLLECTIONS))}")

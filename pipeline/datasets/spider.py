@@ -27,7 +27,13 @@ from pipeline.errors import InputError
 
 DB_ID = "db_id"
 # Spider's column types, written as the SQL types a schema dump would show.
-SQL_TYPES = {"text": "TEXT", "number": "NUMERIC", "time": "DATETIME", "boolean": "BOOLEAN", "others": "TEXT"}
+SQL_TYPES = {
+    "text": "TEXT",
+    "number": "NUMERIC",
+    "time": "DATETIME",
+    "boolean": "BOOLEAN",
+    "others": "TEXT",
+}
 
 
 def create_table_statements(db: dict) -> list[str]:
@@ -49,8 +55,10 @@ def create_table_statements(db: dict) -> list[str]:
             parts.append(f"PRIMARY KEY ({', '.join(keys)})")
         for source, target in db["foreign_keys"]:
             if columns[source][0] == t:
-                parts.append(f"FOREIGN KEY ({columns[source][1]}) REFERENCES "
-                             f"{tables[columns[target][0]]}({columns[target][1]})")
+                parts.append(
+                    f"FOREIGN KEY ({columns[source][1]}) REFERENCES "
+                    f"{tables[columns[target][0]]}({columns[target][1]})"
+                )
         statements.append(f"CREATE TABLE {table} ({', '.join(parts)});")
     return statements
 
@@ -85,18 +93,24 @@ def spider(data_dir: str | os.PathLike | None = None) -> tuple[pa.Table, pa.Tabl
     with open(folder / "tables.json", encoding="utf-8") as f:
         databases = {db["db_id"]: db for db in json.load(f)}
     rendered: dict[str, list[str]] = {}
-    columns: dict[str, list] = {name: [] for name in (schema.QUERY_ID, schema.QUERY, schema.DOC_ID, schema.DOCUMENT, DB_ID)}
+    columns: dict[str, list] = {
+        name: [] for name in (schema.QUERY_ID, schema.QUERY, schema.DOC_ID, schema.DOCUMENT, DB_ID)
+    }
     qrels: list[tuple[str, str, int]] = []
     for index, question in enumerate(questions):
         db_id, query_id = question["db_id"], f"dev-{index}"
         if db_id not in databases:
-            raise InputError(f"spider: question {index} uses database {db_id!r}, which tables.json lacks")
+            raise InputError(
+                f"spider: question {index} uses database {db_id!r}, which tables.json lacks"
+            )
         db = databases[db_id]
         if db_id not in rendered:
             rendered[db_id] = create_table_statements(db)
         gold = gold_tables(question["sql"])
         if not gold:
-            raise InputError(f"spider: the gold SQL of question {index} names no table: {question['query']!r}")
+            raise InputError(
+                f"spider: the gold SQL of question {index} names no table: {question['query']!r}"
+            )
         for t, table in enumerate(db["table_names_original"]):
             doc_id = f"{db_id}.{table}"
             columns[schema.QUERY_ID].append(query_id)

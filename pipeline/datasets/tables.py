@@ -26,13 +26,18 @@ from pipeline import schema
 from pipeline.errors import InputError
 from pipeline.trec import QRELS_SCHEMA
 
-PAIRS_SCHEMA = pa.schema([
-    (schema.QUERY_ID, pa.string()),
-    (schema.QUERY, pa.string()),
-    (schema.DOC_ID, pa.string()),
-    (schema.DOCUMENT, pa.string()),
-])
-FIRST_STAGE_FIELDS = [pa.field(schema.FIRST_STAGE_RANK, pa.int32()), pa.field(schema.FIRST_STAGE_SCORE, pa.float64())]
+PAIRS_SCHEMA = pa.schema(
+    [
+        (schema.QUERY_ID, pa.string()),
+        (schema.QUERY, pa.string()),
+        (schema.DOC_ID, pa.string()),
+        (schema.DOCUMENT, pa.string()),
+    ]
+)
+FIRST_STAGE_FIELDS = [
+    pa.field(schema.FIRST_STAGE_RANK, pa.int32()),
+    pa.field(schema.FIRST_STAGE_SCORE, pa.float64()),
+]
 
 # Separates a replica number from the original query id when a workload is tiled past its source size.
 REPLICA_SEPARATOR = "#"
@@ -54,13 +59,17 @@ def collection_dir(data_dir: str | os.PathLike | None, name: str, required: Sequ
     folder = Path(data_dir if data_dir is not None else default_data_dir()) / name
     missing = [f for f in required if not (folder / f).is_file()]
     if missing:
-        raise InputError(f"{folder} lacks {', '.join(missing)}; pass the shared data folder (the one holding "
-                         f"{name}/) as data_dir / --data-dir, or set SHARED_DATA; `python -m pipeline.datasets fetch` "
-                         "downloads it into .data/")
+        raise InputError(
+            f"{folder} lacks {', '.join(missing)}; pass the shared data folder (the one holding "
+            f"{name}/) as data_dir / --data-dir, or set SHARED_DATA; `python -m pipeline.datasets fetch` "
+            "downloads it into .data/"
+        )
     return folder
 
 
-def pairs_table(columns: dict[str, Iterable], extra_types: dict[str, pa.DataType] | None = None) -> pa.Table:
+def pairs_table(
+    columns: dict[str, Iterable], extra_types: dict[str, pa.DataType] | None = None
+) -> pa.Table:
     """Build a pairs table from column lists; first-stage and extra columns are typed here, in one place."""
     fields = list(PAIRS_SCHEMA)
     if schema.FIRST_STAGE_RANK in columns:
@@ -74,17 +83,27 @@ def pairs_table(columns: dict[str, Iterable], extra_types: dict[str, pa.DataType
 
 
 def qrels_table(query_ids: Iterable, doc_ids: Iterable, labels: Iterable) -> pa.Table:
-    return pa.table([pa.array(list(query_ids), pa.string()), pa.array(list(doc_ids), pa.string()),
-                     pa.array(list(labels), pa.int32())], schema=QRELS_SCHEMA)
+    return pa.table(
+        [
+            pa.array(list(query_ids), pa.string()),
+            pa.array(list(doc_ids), pa.string()),
+            pa.array(list(labels), pa.int32()),
+        ],
+        schema=QRELS_SCHEMA,
+    )
 
 
 def only_queries(qrels: pa.Table, pairs: pa.Table) -> pa.Table:
     """The judgements of the queries that `pairs` holds (all their judged documents, candidates or not:
     trec_eval's ideal ranking for nDCG needs every judged document of a query)."""
-    return qrels.filter(pc.is_in(qrels[schema.QUERY_ID], value_set=pc.unique(pairs[schema.QUERY_ID])))
+    return qrels.filter(
+        pc.is_in(qrels[schema.QUERY_ID], value_set=pc.unique(pairs[schema.QUERY_ID]))
+    )
 
 
-def sample_queries(pairs: pa.Table, qrels: pa.Table, max_queries: int | None, seed: int = 0) -> tuple[pa.Table, pa.Table]:
+def sample_queries(
+    pairs: pa.Table, qrels: pa.Table, max_queries: int | None, seed: int = 0
+) -> tuple[pa.Table, pa.Table]:
     """Keep `max_queries` queries chosen at random with `seed` (all of them when None), in their original
     order, with all their candidates and judgements. Deterministic for a given table and seed."""
     query_ids = pc.unique(pairs[schema.QUERY_ID])
@@ -92,7 +111,9 @@ def sample_queries(pairs: pa.Table, qrels: pa.Table, max_queries: int | None, se
         return pairs, only_queries(qrels, pairs)
     if max_queries < 1:
         raise InputError(f"max_queries must be at least 1, got {max_queries}")
-    keep = np.sort(np.random.default_rng(seed).choice(len(query_ids), size=max_queries, replace=False))
+    keep = np.sort(
+        np.random.default_rng(seed).choice(len(query_ids), size=max_queries, replace=False)
+    )
     kept = pairs.filter(pc.is_in(pairs[schema.QUERY_ID], value_set=query_ids.take(pa.array(keep))))
     return kept, only_queries(qrels, kept)
 
@@ -112,7 +133,11 @@ def take_pairs(pairs: pa.Table, n_pairs: int | None) -> pa.Table:
     for replica in range(-(-n_pairs // pairs.num_rows)):
         copy = pairs
         if replica:
-            ids = pc.binary_join_element_wise(pairs[schema.QUERY_ID], f"{REPLICA_SEPARATOR}{replica}", "")
-            copy = pairs.set_column(pairs.schema.get_field_index(schema.QUERY_ID), schema.QUERY_ID, ids)
+            ids = pc.binary_join_element_wise(
+                pairs[schema.QUERY_ID], f"{REPLICA_SEPARATOR}{replica}", ""
+            )
+            copy = pairs.set_column(
+                pairs.schema.get_field_index(schema.QUERY_ID), schema.QUERY_ID, ids
+            )
         copies.append(copy)
     return pa.concat_tables(copies).slice(0, n_pairs).combine_chunks()

@@ -21,7 +21,9 @@ from pipeline.trec import read_qrels
 YEARS = {2019: "dl19", 2020: "dl20"}
 
 
-def trec_dl(year: int = 2019, data_dir: str | os.PathLike | None = None) -> tuple[pa.Table, pa.Table]:
+def trec_dl(
+    year: int = 2019, data_dir: str | os.PathLike | None = None
+) -> tuple[pa.Table, pa.Table]:
     """(pairs, qrels) for TREC DL `year`; pairs carry BM25's `first_stage_rank` and `first_stage_score`,
     in the source's order (query by query, rank 1 first)."""
     if year not in YEARS:
@@ -31,11 +33,22 @@ def trec_dl(year: int = 2019, data_dir: str | os.PathLike | None = None) -> tupl
     folder = collection_dir(data_dir, "trec-dl", [candidates, qrels_file])
     with open(folder / candidates, encoding="utf-8") as f:
         queries = json.load(f)
-    columns: dict[str, list] = {name: [] for name in (schema.QUERY_ID, schema.QUERY, schema.DOC_ID, schema.DOCUMENT,
-                                                      schema.FIRST_STAGE_RANK, schema.FIRST_STAGE_SCORE)}
+    columns: dict[str, list] = {
+        name: []
+        for name in (
+            schema.QUERY_ID,
+            schema.QUERY,
+            schema.DOC_ID,
+            schema.DOCUMENT,
+            schema.FIRST_STAGE_RANK,
+            schema.FIRST_STAGE_SCORE,
+        )
+    }
     for entry in queries:
         for hit in entry["hits"]:
-            columns[schema.QUERY_ID].append(str(hit["qid"]))  # ints in the JSON; strings everywhere else
+            columns[schema.QUERY_ID].append(
+                str(hit["qid"])
+            )  # ints in the JSON; strings everywhere else
             columns[schema.QUERY].append(entry["query"])
             columns[schema.DOC_ID].append(str(hit["docid"]))
             columns[schema.DOCUMENT].append(hit["content"])

@@ -32,26 +32,45 @@ def _whitespace(text: str) -> str:
 
 def read_documents(folder: Path) -> dict[str, str]:
     """docno -> abstract (line breaks folded to single spaces), in collection order."""
-    docs = {docno: _whitespace(text) for docno, text in _DOC.findall((folder / "doc-text.trec").read_text("utf-8"))}
+    docs = {
+        docno: _whitespace(text)
+        for docno, text in _DOC.findall((folder / "doc-text.trec").read_text("utf-8"))
+    }
     if not docs:
-        raise InputError(f"{folder / 'doc-text.trec'} holds no <DOC><DOCNO>...</DOCNO>...</DOC> records")
+        raise InputError(
+            f"{folder / 'doc-text.trec'} holds no <DOC><DOCNO>...</DOCNO>...</DOC> records"
+        )
     return docs
 
 
 def read_queries(folder: Path) -> dict[str, str]:
     """qid -> query text, lowercased (see module docstring)."""
-    return {num: _whitespace(text).lower() for num, text in _TOPIC.findall((folder / "query-text.trec").read_text("utf-8"))}
+    return {
+        num: _whitespace(text).lower()
+        for num, text in _TOPIC.findall((folder / "query-text.trec").read_text("utf-8"))
+    }
 
 
-def vaswani(data_dir: str | os.PathLike | None = None, depth: int = 100) -> tuple[pa.Table, pa.Table]:
+def vaswani(
+    data_dir: str | os.PathLike | None = None, depth: int = 100
+) -> tuple[pa.Table, pa.Table]:
     """(pairs, qrels): each of the 93 queries with BM25's top `depth` abstracts (`first_stage_rank`,
     `first_stage_score` from BM25), query by query, rank 1 first. 93 x 100 = 9,300 pairs by default."""
     folder = collection_dir(data_dir, "vaswani", ["doc-text.trec", "query-text.trec", "qrels"])
     docs, queries = read_documents(folder), read_queries(folder)
     docnos, texts = list(docs), list(docs.values())
     index = BM25(texts)
-    columns: dict[str, list] = {name: [] for name in (schema.QUERY_ID, schema.QUERY, schema.DOC_ID, schema.DOCUMENT,
-                                                      schema.FIRST_STAGE_RANK, schema.FIRST_STAGE_SCORE)}
+    columns: dict[str, list] = {
+        name: []
+        for name in (
+            schema.QUERY_ID,
+            schema.QUERY,
+            schema.DOC_ID,
+            schema.DOCUMENT,
+            schema.FIRST_STAGE_RANK,
+            schema.FIRST_STAGE_SCORE,
+        )
+    }
     for qid, query in queries.items():
         hits, scores = index.search(query, depth)
         columns[schema.QUERY_ID] += [qid] * len(hits)

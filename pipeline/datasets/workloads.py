@@ -62,7 +62,9 @@ def long(
     docno, so Vaswani's qrels still apply to the head abstract. Extra column: `num_parts` (int32).
     """
     if not 1 <= min_tokens <= max_tokens:
-        raise InputError(f"long workload: need 1 <= min_tokens <= max_tokens, got {min_tokens} and {max_tokens}")
+        raise InputError(
+            f"long workload: need 1 <= min_tokens <= max_tokens, got {min_tokens} and {max_tokens}"
+        )
     count = count_tokens or estimate_tokens
     pairs, _ = vaswani(data_dir, depth=depth)
     if n_pairs is not None and n_pairs <= pairs.num_rows:
@@ -108,12 +110,19 @@ def multilingual(
     return take_pairs(pairs, n_pairs)
 
 
-WORKLOADS: dict[str, Callable[..., pa.Table]] = {"dl19": dl19, "long": long, "multilingual": multilingual}
+WORKLOADS: dict[str, Callable[..., pa.Table]] = {
+    "dl19": dl19,
+    "long": long,
+    "multilingual": multilingual,
+}
 
 
 def describe(pairs: pa.Table) -> dict:
     """Row and query counts and document length (whitespace words): a line for benchmark logs."""
     words = pc.list_value_length(pc.utf8_split_whitespace(pairs[schema.DOCUMENT])).to_numpy()
-    return {"pairs": pairs.num_rows, "queries": len(pc.unique(pairs[schema.QUERY_ID])),
-            "document_words_mean": float(words.mean()) if len(words) else 0.0,
-            "document_words_max": int(words.max()) if len(words) else 0}
+    return {
+        "pairs": pairs.num_rows,
+        "queries": len(pc.unique(pairs[schema.QUERY_ID])),
+        "document_words_mean": float(words.mean()) if len(words) else 0.0,
+        "document_words_max": int(words.max()) if len(words) else 0,
+    }

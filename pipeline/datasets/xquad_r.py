@@ -72,9 +72,13 @@ def read_language(folder, lang: str) -> Language:
                 start = qa["answers"][0]["answer_start"]
                 holding = [s for s, (begin, end) in enumerate(spans) if begin <= start < end]
                 if len(holding) != 1:
-                    raise InputError(f"xquad-r {lang}: answer_start {start} of question {qa['id']} lies in "
-                                     f"{len(holding)} sentences of its paragraph, expected exactly one")
-                questions.append(Question(qa["id"], qa["question"], a, f"{lang}/{a}/{p}/{holding[0]}"))
+                    raise InputError(
+                        f"xquad-r {lang}: answer_start {start} of question {qa['id']} lies in "
+                        f"{len(holding)} sentences of its paragraph, expected exactly one"
+                    )
+                questions.append(
+                    Question(qa["id"], qa["question"], a, f"{lang}/{a}/{p}/{holding[0]}")
+                )
         by_article.append(ids)
     return Language(questions, sentences, by_article, {q.id: q.gold for q in questions})
 
@@ -82,7 +86,9 @@ def read_language(folder, lang: str) -> Language:
 def _check_languages(languages: Sequence[str], what: str) -> None:
     unknown = [lang for lang in languages if lang not in LANGUAGES]
     if unknown or not languages:
-        raise InputError(f"xquad-r {what}: {list(languages)} must be a non-empty subset of {list(LANGUAGES)}")
+        raise InputError(
+            f"xquad-r {what}: {list(languages)} must be a non-empty subset of {list(LANGUAGES)}"
+        )
 
 
 def _seed(seed: int, query_id: str) -> int:
@@ -110,14 +116,25 @@ def xquad_r(
     folder = collection_dir(data_dir, "xquad-r", [f"{lang}.json" for lang in needed])
     data = {lang: read_language(folder, lang) for lang in needed}
 
-    columns: dict[str, list] = {name: [] for name in (schema.QUERY_ID, schema.QUERY, schema.DOC_ID, schema.DOCUMENT,
-                                                      LANGUAGE, DOC_LANGUAGE)}
+    columns: dict[str, list] = {
+        name: []
+        for name in (
+            schema.QUERY_ID,
+            schema.QUERY,
+            schema.DOC_ID,
+            schema.DOCUMENT,
+            LANGUAGE,
+            DOC_LANGUAGE,
+        )
+    }
     qrels: list[tuple[str, str, int]] = []
     reference = [q.id for q in data[languages[0]].questions]
     for lang in needed:
         if [q.id for q in data[lang].questions] != reference:
-            raise InputError(f"xquad-r: the questions of {lang}.json are not those of {languages[0]}.json in the "
-                             "same order; the files must be the parallel LAReQA release")
+            raise InputError(
+                f"xquad-r: the questions of {lang}.json are not those of {languages[0]}.json in the "
+                "same order; the files must be the parallel LAReQA release"
+            )
     num_questions = len(reference)
     for i in range(num_questions):
         for lang in languages:
@@ -126,10 +143,16 @@ def xquad_r(
             targets = list(candidate_languages or (lang,))
             pool = [d for t in targets for d in data[t].by_article[question.article]]
             if pool_size is not None and len(pool) < pool_size:
-                others = [d for t in targets for a, ids in enumerate(data[t].by_article) if a != question.article
-                          for d in ids]
-                drawn = np.random.default_rng(_seed(seed, query_id)).choice(len(others), pool_size - len(pool),
-                                                                            replace=False)
+                others = [
+                    d
+                    for t in targets
+                    for a, ids in enumerate(data[t].by_article)
+                    if a != question.article
+                    for d in ids
+                ]
+                drawn = np.random.default_rng(_seed(seed, query_id)).choice(
+                    len(others), pool_size - len(pool), replace=False
+                )
                 pool += [others[j] for j in sorted(drawn)]
             for doc_id in pool:
                 columns[schema.QUERY_ID].append(query_id)

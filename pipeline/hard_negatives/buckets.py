@@ -43,12 +43,18 @@ def part_name(kind: str, part: int, num_parts: int) -> str:
 
 def _ranked(table: pa.Table) -> pa.Table:
     """ids as strings, score as float32: how selection and the training files compare them."""
-    for name, dtype in ((schema.QUERY_ID, pa.string()), (schema.DOC_ID, pa.string()), (schema.SCORE, pa.float32())):
+    for name, dtype in (
+        (schema.QUERY_ID, pa.string()),
+        (schema.DOC_ID, pa.string()),
+        (schema.SCORE, pa.float32()),
+    ):
         table = table.set_column(table.schema.get_field_index(name), name, table[name].cast(dtype))
     return table
 
 
-def _training_rows(examples: list[proj.QueryExamples], config: HardNegativesConfig) -> dict[str, pa.Table]:
+def _training_rows(
+    examples: list[proj.QueryExamples], config: HardNegativesConfig
+) -> dict[str, pa.Table]:
     """The configured training tables of these queries, each row with its query id (KEY)."""
     per = config.selection.negatives_per
     n = config.selection.num_negatives
@@ -63,18 +69,26 @@ def _training_rows(examples: list[proj.QueryExamples], config: HardNegativesConf
             counts = [sum(len(negs) >= n for _, negs in e.pairs(per)) for e in examples]
         else:
             records = proj.flagembedding_records(examples)
-            table = pa.table({FLAGEMBEDDING_LINE: pa.array([json.dumps(r, ensure_ascii=False) for r in records],
-                                                           pa.string())})
+            table = pa.table(
+                {
+                    FLAGEMBEDDING_LINE: pa.array(
+                        [json.dumps(r, ensure_ascii=False) for r in records], pa.string()
+                    )
+                }
+            )
             counts = [1 if e.negatives else 0 for e in examples]
-        out[name] = table.append_column(KEY, pa.array(np.repeat(np.array(ids, dtype=object), counts).tolist(),
-                                                      pa.string()))
+        out[name] = table.append_column(
+            KEY, pa.array(np.repeat(np.array(ids, dtype=object), counts).tolist(), pa.string())
+        )
     return out
 
 
 class SelectBucket:
     """Select the negatives of one ranked part's queries; write its rows as fragments of the output parts."""
 
-    def __init__(self, config: HardNegativesConfig, qrels: pa.Table | None, work_uri: str, num_parts: int):
+    def __init__(
+        self, config: HardNegativesConfig, qrels: pa.Table | None, work_uri: str, num_parts: int
+    ):
         self.config = config
         self.qrels = qrels
         self.fs, self.work = url_to_fs(work_uri, config.storage_options)
@@ -85,8 +99,12 @@ class SelectBucket:
         ranked = _ranked(ranked)
         qrels = self.qrels
         if qrels is not None:  # the positives of this bucket's queries
-            qrels = qrels.filter(pc.is_in(qrels[schema.QUERY_ID].cast(pa.string()),
-                                          value_set=pc.unique(ranked[schema.QUERY_ID])))
+            qrels = qrels.filter(
+                pc.is_in(
+                    qrels[schema.QUERY_ID].cast(pa.string()),
+                    value_set=pc.unique(ranked[schema.QUERY_ID]),
+                )
+            )
         canonical = select_negatives(ranked, self.config.selection, qrels)
         examples = list(proj.query_examples(canonical, ranked))
         piece = stats_piece(canonical, self.config.selection, qrels)
@@ -100,16 +118,26 @@ class SelectBucket:
             with fs.open(path, "rb") as f:
                 ranked = pq.read_table(f)
             canonical, training, piece = self.select(ranked)
-            tables = {CANDIDATES: canonical.append_column(KEY, canonical[schema.QUERY_ID]), **training}
+            tables = {
+                CANDIDATES: canonical.append_column(KEY, canonical[schema.QUERY_ID]),
+                **training,
+            }
             for kind, table in tables.items():
-                parts = bucket_of(table[KEY].combine_chunks(), self.num_parts) if table.num_rows else np.zeros(0)
+                parts = (
+                    bucket_of(table[KEY].combine_chunks(), self.num_parts)
+                    if table.num_rows
+                    else np.zeros(0)
+                )
                 for part in np.unique(parts):
                     folder = join(self.work, kind, f"part-{int(part):05d}")
                     self.fs.makedirs(folder, exist_ok=True)
                     rows = table.filter(pa.array(parts == part))
                     # Named by bucket: a retried task rewrites its own fragment, never adds one.
-                    atomic_write(self.fs, join(folder, f"bucket-{item['bucket']:05d}.parquet"),
-                                 lambda f, t=rows: pq.write_table(t, f))
+                    atomic_write(
+                        self.fs,
+                        join(folder, f"bucket-{item['bucket']:05d}.parquet"),
+                        lambda f, t=rows: pq.write_table(t, f),
+                    )
             pieces.append(json.dumps(piece))
         return pa.table({"piece": pa.array(pieces, pa.string())})
 
@@ -121,8 +149,12 @@ def projection_counts(examples: list[proj.QueryExamples], config: HardNegativesC
         if name == "triplet":
             counts["triplet_rows"] = sum(len(negs) for e in examples for _, negs in e.pairs(per))
         elif name == "n-tuple":
-            counts["n_tuple_rows"] = sum(len(negs) >= n for e in examples for _, negs in e.pairs(per))
-            counts["n_tuple_rows_left_out_short"] = proj.tuple_rows_short(examples, config.selection)
+            counts["n_tuple_rows"] = sum(
+                len(negs) >= n for e in examples for _, negs in e.pairs(per)
+            )
+            counts["n_tuple_rows_left_out_short"] = proj.tuple_rows_short(
+                examples, config.selection
+            )
         elif name == "flagembedding":
             counts["flagembedding_lines"] = sum(1 for e in examples if e.negatives)
     return counts
@@ -131,7 +163,9 @@ def projection_counts(examples: list[proj.QueryExamples], config: HardNegativesC
 class WritePart:
     """Merge one output part's fragments from every bucket, in query order, into its final files."""
 
-    def __init__(self, config: HardNegativesConfig, work_uri: str, output_uri: str, num_parts: int, run: dict):
+    def __init__(
+        self, config: HardNegativesConfig, work_uri: str, output_uri: str, num_parts: int, run: dict
+    ):
         self.config = config
         self.fs, self.work = url_to_fs(work_uri, config.storage_options)
         _, self.root = url_to_fs(output_uri, config.storage_options)
@@ -161,9 +195,13 @@ class WritePart:
                 if table is None:
                     table = self._empty(kind)
                 elif kind == CANDIDATES:
-                    table = table.drop_columns([KEY]).sort_by([(schema.QUERY_ID, "ascending"),
-                                                               (schema.SCORE, "descending"),
-                                                               (schema.DOC_ID, "ascending")])
+                    table = table.drop_columns([KEY]).sort_by(
+                        [
+                            (schema.QUERY_ID, "ascending"),
+                            (schema.SCORE, "descending"),
+                            (schema.DOC_ID, "ascending"),
+                        ]
+                    )
                 else:  # a query's rows come from one fragment, in order: a stable sort by query keeps them so
                     table = table.take(pc.sort_indices(table[KEY])).drop_columns([KEY])
                 table = table.combine_chunks()

@@ -64,8 +64,10 @@ class SelectionConfig(StrictModel):
     @model_validator(mode="after")
     def _window_is_not_empty(self) -> SelectionConfig:
         if self.range_max is not None and self.range_max <= self.range_min:
-            raise ValueError(f"range_max ({self.range_max}) must be greater than range_min ({self.range_min}): "
-                             "negatives come from first-stage ranks range_min < rank <= range_max")
+            raise ValueError(
+                f"range_max ({self.range_max}) must be greater than range_min ({self.range_min}): "
+                "negatives come from first-stage ranks range_min < rank <= range_max"
+            )
         return self
 
     def quota(self, num_positives: int) -> int:
@@ -77,7 +79,9 @@ class ProjectionsConfig(StrictModel):
     """The training files written beside the canonical table."""
 
     # triplet / n-tuple: sentence-transformers Parquet; flagembedding: FlagEmbedding's JSONL.
-    formats: list[Projection] = Field(default_factory=lambda: ["triplet", "n-tuple", "flagembedding"])
+    formats: list[Projection] = Field(
+        default_factory=lambda: ["triplet", "n-tuple", "flagembedding"]
+    )
     # Score columns in the sentence-transformers files: "margin" adds `label` = positive score - negative
     # score (a float for triplets, a list for n-tuples), which MarginMSELoss reads; "scores" adds `scores` =
     # [positive, negative...] as mine_hard_negatives(output_scores=True) writes them; "none" adds nothing.
@@ -114,10 +118,14 @@ class HardNegativesConfig(StrictModel):
     @classmethod
     def _rerank_scores_every_candidate(cls, rerank: RerankConfig) -> RerankConfig:
         if rerank.output.top_k is not None:
-            raise ValueError("rerank.output.top_k must stay unset: every candidate needs its score (a positive "
-                             "ranked below k would go unseen); limit candidates with selection.range_max")
+            raise ValueError(
+                "rerank.output.top_k must stay unset: every candidate needs its score (a positive "
+                "ranked below k would go unseen); limit candidates with selection.range_max"
+            )
         if rerank.storage_options:
-            raise ValueError("set storage_options at the top level; the rerank step uses the same options")
+            raise ValueError(
+                "set storage_options at the top level; the rerank step uses the same options"
+            )
         return rerank
 
     def result_settings(self) -> dict:
@@ -132,6 +140,9 @@ class HardNegativesConfig(StrictModel):
     def rerank_config(self) -> RerankConfig:
         """The rerank step's settings, with this job's storage options. Texts are carried to ranked/ (the
         projections and the duplicate-of-positive rule need them), so the input is read once, by the rerank."""
-        return self.rerank.model_copy(update={
-            "storage_options": self.storage_options,
-            "output": self.rerank.output.model_copy(update={"carry_texts": True})})
+        return self.rerank.model_copy(
+            update={
+                "storage_options": self.storage_options,
+                "output": self.rerank.output.model_copy(update={"carry_texts": True}),
+            }
+        )

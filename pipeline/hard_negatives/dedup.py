@@ -34,7 +34,7 @@ def shingles(text: str, n: int) -> frozenset[tuple[str, ...]]:
     words = _WORD.findall(normalize_text(text))
     if len(words) <= n:
         return frozenset([tuple(words)]) if words else frozenset()
-    return frozenset(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+    return frozenset(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
 
 
 def jaccard(a: frozenset, b: frozenset) -> float:

@@ -54,8 +54,15 @@ def read_run_metadata(parquet_schema: pa.Schema) -> dict:
     return json.loads(parquet_schema.metadata[METADATA_KEY])
 
 
-def write_outputs(output: str, canonical: pa.Table, texts: pa.Table, config: HardNegativesConfig,
-                  run: dict, qrels: pa.Table | None = None, unscored: int | None = None) -> dict:
+def write_outputs(
+    output: str,
+    canonical: pa.Table,
+    texts: pa.Table,
+    config: HardNegativesConfig,
+    run: dict,
+    qrels: pa.Table | None = None,
+    unscored: int | None = None,
+) -> dict:
     """Write the canonical table, the configured projections and stats.json (last); return the stats.
 
     run: what produced the data (model, revision, dtype, seed, config, config_hash), stored in the Parquet
@@ -79,7 +86,9 @@ def write_outputs(output: str, canonical: pa.Table, texts: pa.Table, config: Har
             table = proj.n_tuples(examples, config.selection, config.projections)
             _write_parquet(fs, join(root, name), with_run_metadata(table, run))
             counts["n_tuple_rows"] = table.num_rows
-            counts["n_tuple_rows_left_out_short"] = proj.tuple_rows_short(examples, config.selection)
+            counts["n_tuple_rows_left_out_short"] = proj.tuple_rows_short(
+                examples, config.selection
+            )
         elif name == "flagembedding":
             records = proj.flagembedding_records(examples)
             fs.makedirs(join(root, name), exist_ok=True)

@@ -34,28 +34,35 @@ from pipeline.trec import read_qrels
 log = logging.getLogger("hard_negatives")
 
 RERANK = "rerank"
-WORK = "_work"  # fragments of the output parts while the actors write them; removed before stats.json
+WORK = (
+    "_work"  # fragments of the output parts while the actors write them; removed before stats.json
+)
 
 
 def hash_settings(settings: dict) -> str:
     return hashlib.sha256(json.dumps(redact(settings), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def read_positives(config: HardNegativesConfig, input_uri: str, positives_uri: str | None) -> pa.Table | None:
+def read_positives(
+    config: HardNegativesConfig, input_uri: str, positives_uri: str | None
+) -> pa.Table | None:
     """The qrels table (TREC qrels text or Parquet), or None when the input's `label` column says instead."""
     if positives_uri is not None:
         return read_qrels(positives_uri, config.storage_options)
     rerank = config.rerank_config()
     fs, files = list_input_files(input_uri, rerank.storage_options)
     if schema.LABEL not in io.input_layout(fs, files, rerank).carried_names:
-        raise InputError("no positives: pass --positives (TREC qrels text or Parquet query_id, doc_id, label) "
-                         f"or give the input a `{schema.LABEL}` column (label >= selection.min_positive_label "
-                         "is a positive)")
+        raise InputError(
+            "no positives: pass --positives (TREC qrels text or Parquet query_id, doc_id, label) "
+            f"or give the input a `{schema.LABEL}` column (label >= selection.min_positive_label "
+            "is a positive)"
+        )
     return None
 
 
-def check_positives_meet_input(config: HardNegativesConfig, input_uri: str, positives_uri: str,
-                               qrels: pa.Table) -> dict:
+def check_positives_meet_input(
+    config: HardNegativesConfig, input_uri: str, positives_uri: str, qrels: pa.Table
+) -> dict:
     """The positives file's query ids against the input's, from the input's query id column alone, before any
     scoring: none in common is an error naming examples of both (a qrels file of another collection, or ids
     written another way, would otherwise cost a whole rerank for 0 negatives); some in common is a warning.
@@ -66,22 +73,31 @@ def check_positives_meet_input(config: HardNegativesConfig, input_uri: str, posi
     rerank = config.rerank_config()
     fs, files = list_input_files(input_uri, rerank.storage_options)
     column = rerank.input.query_id_column
-    ids = [pc.unique(pq.read_table(path, columns=[column], filesystem=fs)[column].cast(pa.string()))
-           for path in files]
+    ids = [
+        pc.unique(pq.read_table(path, columns=[column], filesystem=fs)[column].cast(pa.string()))
+        for path in files
+    ]
     input_ids = pc.unique(pa.chunked_array(ids, pa.string())).drop_null()
     judged = pc.unique(qrels[schema.QUERY_ID].cast(pa.string()))
-    positive = qrels.filter(pc.greater_equal(qrels[schema.LABEL], config.selection.min_positive_label))
+    positive = qrels.filter(
+        pc.greater_equal(qrels[schema.LABEL], config.selection.min_positive_label)
+    )
     positive_ids = pc.unique(positive[schema.QUERY_ID].cast(pa.string()))
     if len(input_ids) and not pc.any(pc.is_in(input_ids, value_set=judged)).as_py():
         raise InputError(
             f"no query of --input {input_uri} is in --positives {positives_uri} (input query ids like "
             f"{sorted(input_ids.to_pylist())[:3]}, positives query ids like {sorted(judged.to_pylist())[:3]}); "
-            "pass the positives of this input's queries, with the same query ids")
+            "pass the positives of this input's queries, with the same query ids"
+        )
     without = int(pc.sum(pc.invert(pc.is_in(input_ids, value_set=positive_ids))).as_py() or 0)
     if without:
-        log.warning("%s of %s input queries have no positive in %s (label >= selection.min_positive_label); "
-                    "they get no negatives (stats.json: qrels.input_queries_without_positives)",
-                    f"{without:,}", f"{len(input_ids):,}", positives_uri)
+        log.warning(
+            "%s of %s input queries have no positive in %s (label >= selection.min_positive_label); "
+            "they get no negatives (stats.json: qrels.input_queries_without_positives)",
+            f"{without:,}",
+            f"{len(input_ids):,}",
+            positives_uri,
+        )
     return {"input_queries": len(input_ids), "input_queries_without_positives": without}
 
 
@@ -97,36 +113,61 @@ def check_reusable_scores(config: HardNegativesConfig, output_uri: str) -> None:
     except (ValueError, UnicodeDecodeError) as e:  # json's errors are ValueErrors
         previous = f"is not JSON ({str(e).splitlines()[0][:120]})"
     if not isinstance(previous, dict) or not isinstance(previous.get("config_hash"), str):
-        what = previous if isinstance(previous, str) else "is not a rerank summary (no `config_hash`)"
-        raise InputError(f"{join(output_uri, RERANK, 'summary.json')} {what}; delete the folder "
-                         f"{join(output_uri, RERANK)} to score again, or use another --output")
+        what = (
+            previous if isinstance(previous, str) else "is not a rerank summary (no `config_hash`)"
+        )
+        raise InputError(
+            f"{join(output_uri, RERANK, 'summary.json')} {what}; delete the folder "
+            f"{join(output_uri, RERANK)} to score again, or use another --output"
+        )
     if previous.get("config_hash") != settings_hash(config.rerank_config()):
-        raise InputError(f"{join(output_uri, RERANK)} holds scores from other rerank settings (model there: "
-                         f"{previous.get('model')!r}); use another --output, or delete that folder to score again")
+        raise InputError(
+            f"{join(output_uri, RERANK)} holds scores from other rerank settings (model there: "
+            f"{previous.get('model')!r}); use another --output, or delete that folder to score again"
+        )
 
 
-def run_hard_negatives(config: HardNegativesConfig, input_uri: str, positives_uri: str | None,
-                       output_uri: str) -> dict:
+def run_hard_negatives(
+    config: HardNegativesConfig, input_uri: str, positives_uri: str | None, output_uri: str
+) -> dict:
     """Mine `input_uri` into `output_uri`; returns the stats (also written to stats.json)."""
     qrels = read_positives(config, input_uri, positives_uri)
-    coverage = None if qrels is None else check_positives_meet_input(config, input_uri, positives_uri, qrels)
+    coverage = (
+        None
+        if qrels is None
+        else check_positives_meet_input(config, input_uri, positives_uri, qrels)
+    )
     check_reusable_scores(config, output_uri)
     rerank_uri = join(output_uri, RERANK)
     result = rerank(config.rerank_config(), input_uri, rerank_uri)
     summary = result.summary
-    log.info("selecting negatives among %s scored pairs in %d bucket(s) (%s rejected by the rerank, see %s)",
-             f"{summary['scored_rows']:,}", len(result.parts()), f"{summary['rejected_rows']:,}",
-             join(rerank_uri, "rejected"))
+    log.info(
+        "selecting negatives among %s scored pairs in %d bucket(s) (%s rejected by the rerank, see %s)",
+        f"{summary['scored_rows']:,}",
+        len(result.parts()),
+        f"{summary['rejected_rows']:,}",
+        join(rerank_uri, "rejected"),
+    )
     run = {
-        "model": summary["model"], "revision": summary["revision"], "dtype": summary["dtype"],
-        "random_weights": summary["random_weights"], "seed": config.selection.seed,
-        "config_hash": hash_settings(config.result_settings()), "config": redact(config.result_settings()),
+        "model": summary["model"],
+        "revision": summary["revision"],
+        "dtype": summary["dtype"],
+        "random_weights": summary["random_weights"],
+        "seed": config.selection.seed,
+        "config_hash": hash_settings(config.result_settings()),
+        "config": redact(config.result_settings()),
     }
     return select_per_bucket(config, result, qrels, output_uri, run, coverage)
 
 
-def select_per_bucket(config: HardNegativesConfig, result: RerankResult, qrels: pa.Table | None, output_uri: str,
-                      run: dict, coverage: dict | None = None) -> dict:
+def select_per_bucket(
+    config: HardNegativesConfig,
+    result: RerankResult,
+    qrels: pa.Table | None,
+    output_uri: str,
+    run: dict,
+    coverage: dict | None = None,
+) -> dict:
     """Select on actors, one ranked part (whole queries) per task, then merge the output parts on actors;
     only the stats pieces (counts and a few scores per query) reach this process. Returns the stats.
     coverage: `check_positives_meet_input`'s counts, added to stats.json's qrels section."""
@@ -149,21 +190,37 @@ def select_per_bucket(config: HardNegativesConfig, result: RerankResult, qrels: 
     workers = config.workers
     have = ray.cluster_resources().get("CPU", 0)
     if workers.num_actors * workers.num_cpus > have + 1e-9:
-        raise InputError(f"workers.num_actors x workers.num_cpus asks for {workers.num_actors * workers.num_cpus:g} "
-                         f"CPUs but the Ray cluster has {have:g}; lower workers.num_actors or workers.num_cpus")
-    pool = dict(compute=ActorPoolStrategy(size=workers.num_actors), num_cpus=workers.num_cpus, batch_size=1,
-                batch_format="pyarrow")
+        raise InputError(
+            f"workers.num_actors x workers.num_cpus asks for {workers.num_actors * workers.num_cpus:g} "
+            f"CPUs but the Ray cluster has {have:g}; lower workers.num_actors or workers.num_cpus"
+        )
+    pool = dict(
+        compute=ActorPoolStrategy(size=workers.num_actors),
+        num_cpus=workers.num_cpus,
+        batch_size=1,
+        batch_format="pyarrow",
+    )
     items = [{"bucket": b, "uri": uri} for b, uri in enumerate(result.parts())]
     pieces = []
     if items:
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            buckets.SelectBucket, fn_constructor_kwargs=dict(config=config, qrels=qrels, work_uri=work_uri,
-                                                             num_parts=num_parts), **pool)
+            buckets.SelectBucket,
+            fn_constructor_kwargs=dict(
+                config=config, qrels=qrels, work_uri=work_uri, num_parts=num_parts
+            ),
+            **pool,
+        )
         for batch in worker_errors(ds.iter_batches(batch_size=None, batch_format="pyarrow")):
             pieces += [json.loads(piece) for piece in batch["piece"].to_pylist()]
-    ds = ray.data.from_items([{"part": p} for p in range(num_parts)], override_num_blocks=num_parts).map_batches(
-        buckets.WritePart, fn_constructor_kwargs=dict(config=config, work_uri=work_uri, output_uri=output_uri,
-                                                      num_parts=num_parts, run=run), **pool)
+    ds = ray.data.from_items(
+        [{"part": p} for p in range(num_parts)], override_num_blocks=num_parts
+    ).map_batches(
+        buckets.WritePart,
+        fn_constructor_kwargs=dict(
+            config=config, work_uri=work_uri, output_uri=output_uri, num_parts=num_parts, run=run
+        ),
+        **pool,
+    )
     for _ in worker_errors(ds.iter_batches(batch_size=None, batch_format="pyarrow")):
         pass
 

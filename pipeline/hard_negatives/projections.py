@@ -59,34 +59,53 @@ class QueryExamples:
 
 def query_examples(canonical: pa.Table, texts: pa.Table) -> Iterator[QueryExamples]:
     """Group the positives and kept negatives of each query that has a positive, with their texts."""
-    missing = [c for c in (schema.QUERY_ID, schema.QUERY, schema.DOC_ID, schema.DOCUMENT) if c not in texts.column_names]
+    missing = [
+        c
+        for c in (schema.QUERY_ID, schema.QUERY, schema.DOC_ID, schema.DOCUMENT)
+        if c not in texts.column_names
+    ]
     if missing:
-        raise InputError(f"the texts for the training files lack column(s) {missing}; they have {texts.column_names}")
+        raise InputError(
+            f"the texts for the training files lack column(s) {missing}; they have {texts.column_names}"
+        )
     rows = canonical.filter(pc.or_(canonical[IS_POSITIVE], canonical[KEEP]))
-    key = lambda t: pc.binary_join_element_wise(t[schema.QUERY_ID].cast(pa.string()),
-                                                t[schema.DOC_ID].cast(pa.string()), "\x00")
+    key = lambda t: pc.binary_join_element_wise(
+        t[schema.QUERY_ID].cast(pa.string()), t[schema.DOC_ID].cast(pa.string()), "\x00"
+    )
     text_keys = key(texts)
     wanted = pc.is_in(text_keys, value_set=key(rows).combine_chunks())
-    documents = dict(zip(text_keys.filter(wanted).to_pylist(), texts[schema.DOCUMENT].filter(wanted).to_pylist()))
-    queries = dict(zip(texts[schema.QUERY_ID].cast(pa.string()).to_pylist(), texts[schema.QUERY].to_pylist()))
+    documents = dict(
+        zip(text_keys.filter(wanted).to_pylist(), texts[schema.DOCUMENT].filter(wanted).to_pylist())
+    )
+    queries = dict(
+        zip(texts[schema.QUERY_ID].cast(pa.string()).to_pylist(), texts[schema.QUERY].to_pylist())
+    )
 
     current: QueryExamples | None = None
-    for qid, did, positive, score in zip(rows[schema.QUERY_ID].to_pylist(), rows[schema.DOC_ID].to_pylist(),
-                                         rows[IS_POSITIVE].to_pylist(), rows[schema.SCORE].to_pylist()):
+    for qid, did, positive, score in zip(
+        rows[schema.QUERY_ID].to_pylist(),
+        rows[schema.DOC_ID].to_pylist(),
+        rows[IS_POSITIVE].to_pylist(),
+        rows[schema.SCORE].to_pylist(),
+    ):
         if current is None or current.query_id != qid:
             if current is not None:
                 yield current
             current = QueryExamples(qid, queries[qid])
         document = documents.get(f"{qid}\x00{did}")
         if document is None:
-            raise InputError(f"no text for query {qid!r}, document {did!r}: the texts table must hold every "
-                             "candidate of the canonical table")
+            raise InputError(
+                f"no text for query {qid!r}, document {did!r}: the texts table must hold every "
+                "candidate of the canonical table"
+            )
         (current.positives if positive else current.negatives).append(Passage(did, document, score))
     if current is not None:
         yield current
 
 
-def triplets(examples: list[QueryExamples], selection: SelectionConfig, projections: ProjectionsConfig) -> pa.Table:
+def triplets(
+    examples: list[QueryExamples], selection: SelectionConfig, projections: ProjectionsConfig
+) -> pa.Table:
     columns: dict[str, list] = {"query": [], "positive": [], "negative": []}
     pos_scores, neg_scores = [], []
     for example in examples:
@@ -103,13 +122,21 @@ def triplets(examples: list[QueryExamples], selection: SelectionConfig, projecti
     if projections.scores == "margin":
         table = table.append_column("label", pa.array(pos - neg, pa.float32()))
     elif projections.scores == "scores":
-        table = table.append_column("scores", pa.array(np.stack([pos, neg], axis=1).tolist(), pa.list_(pa.float32())))
+        table = table.append_column(
+            "scores", pa.array(np.stack([pos, neg], axis=1).tolist(), pa.list_(pa.float32()))
+        )
     return table
 
 
-def n_tuples(examples: list[QueryExamples], selection: SelectionConfig, projections: ProjectionsConfig) -> pa.Table:
+def n_tuples(
+    examples: list[QueryExamples], selection: SelectionConfig, projections: ProjectionsConfig
+) -> pa.Table:
     n = selection.num_negatives
-    columns: dict[str, list] = {"query": [], "positive": [], **{f"negative_{i}": [] for i in range(1, n + 1)}}
+    columns: dict[str, list] = {
+        "query": [],
+        "positive": [],
+        **{f"negative_{i}": [] for i in range(1, n + 1)},
+    }
     scores: list[list[float]] = []
     for example in examples:
         for positive, negatives in example.pairs(selection.negatives_per):
@@ -123,7 +150,9 @@ def n_tuples(examples: list[QueryExamples], selection: SelectionConfig, projecti
     table = pa.table({name: pa.array(values, pa.string()) for name, values in columns.items()})
     matrix = np.array(scores, dtype=np.float32).reshape(len(scores), n + 1)
     if projections.scores == "margin":
-        table = table.append_column("label", pa.array((matrix[:, :1] - matrix[:, 1:]).tolist(), pa.list_(pa.float32())))
+        table = table.append_column(
+            "label", pa.array((matrix[:, :1] - matrix[:, 1:]).tolist(), pa.list_(pa.float32()))
+        )
     elif projections.scores == "scores":
         table = table.append_column("scores", pa.array(matrix.tolist(), pa.list_(pa.float32())))
     return table
@@ -132,12 +161,22 @@ def n_tuples(examples: list[QueryExamples], selection: SelectionConfig, projecti
 def flagembedding_records(examples: list[QueryExamples]) -> list[dict]:
     """FlagEmbedding's training lines; a query with no negative is left out (its trainer needs one)."""
     return [
-        {"query": e.query, "pos": [p.text for p in e.positives], "neg": [p.text for p in e.negatives],
-         "pos_scores": [p.score for p in e.positives], "neg_scores": [p.score for p in e.negatives]}
-        for e in examples if e.negatives
+        {
+            "query": e.query,
+            "pos": [p.text for p in e.positives],
+            "neg": [p.text for p in e.negatives],
+            "pos_scores": [p.score for p in e.positives],
+            "neg_scores": [p.score for p in e.negatives],
+        }
+        for e in examples
+        if e.negatives
     ]
 
 
 def tuple_rows_short(examples: list[QueryExamples], selection: SelectionConfig) -> int:
     """(query, positive) rows the n-tuple format leaves out for having fewer than num_negatives negatives."""
-    return sum(len(negs) < selection.num_negatives for e in examples for _, negs in e.pairs(selection.negatives_per))
+    return sum(
+        len(negs) < selection.num_negatives
+        for e in examples
+        for _, negs in e.pairs(selection.negatives_per)
+    )

@@ -69,22 +69,33 @@ MAX_SCORE = "max_score"
 MIN_SCORE = "min_score"
 NOT_SAMPLED = "not_sampled"
 # Precedence order: a candidate's drop_reason is the first of these that applies.
-DROP_REASONS = (NO_POSITIVE, POSITIVE, DUPLICATE_OF_POSITIVE, NEAR_DUPLICATE_OF_POSITIVE, RANK_WINDOW, MARGIN,
-                MAX_SCORE, MIN_SCORE, NOT_SAMPLED)
+DROP_REASONS = (
+    NO_POSITIVE,
+    POSITIVE,
+    DUPLICATE_OF_POSITIVE,
+    NEAR_DUPLICATE_OF_POSITIVE,
+    RANK_WINDOW,
+    MARGIN,
+    MAX_SCORE,
+    MIN_SCORE,
+    NOT_SAMPLED,
+)
 
-CANONICAL_SCHEMA = pa.schema([
-    (schema.QUERY_ID, pa.string()),
-    (schema.DOC_ID, pa.string()),
-    (IS_POSITIVE, pa.bool_()),
-    (PSEUDO_POSITIVE, pa.bool_()),
-    (schema.LABEL, pa.int32()),
-    (schema.FIRST_STAGE_RANK, pa.int32()),
-    (schema.FIRST_STAGE_SCORE, pa.float64()),
-    (schema.SCORE, pa.float32()),
-    (POS_MIN_SCORE, pa.float32()),
-    (KEEP, pa.bool_()),
-    (DROP_REASON, pa.string()),
-])
+CANONICAL_SCHEMA = pa.schema(
+    [
+        (schema.QUERY_ID, pa.string()),
+        (schema.DOC_ID, pa.string()),
+        (IS_POSITIVE, pa.bool_()),
+        (PSEUDO_POSITIVE, pa.bool_()),
+        (schema.LABEL, pa.int32()),
+        (schema.FIRST_STAGE_RANK, pa.int32()),
+        (schema.FIRST_STAGE_SCORE, pa.float64()),
+        (schema.SCORE, pa.float32()),
+        (POS_MIN_SCORE, pa.float32()),
+        (KEEP, pa.bool_()),
+        (DROP_REASON, pa.string()),
+    ]
+)
 
 _KEY_SEPARATOR = "\x00"  # joins query_id and doc_id into one lookup key; cannot occur in a TREC id
 
@@ -99,7 +110,9 @@ def sample_order_key(seed: int, query_id: str, doc_id: str) -> int:
     return int.from_bytes(digest[:8], "big")
 
 
-def select_negatives(candidates: pa.Table, config: SelectionConfig, qrels: pa.Table | None = None) -> pa.Table:
+def select_negatives(
+    candidates: pa.Table, config: SelectionConfig, qrels: pa.Table | None = None
+) -> pa.Table:
     """Label every candidate kept or dropped (with the reason); see the module docstring for the tables."""
     table = _prepare(candidates, config, qrels)
     n = table.num_rows
@@ -113,28 +126,39 @@ def select_negatives(candidates: pa.Table, config: SelectionConfig, qrels: pa.Ta
 
     label = table[schema.LABEL]
     is_positive = pc.fill_null(pc.greater_equal(label, config.min_positive_label), False).to_numpy(
-        zero_copy_only=False)
+        zero_copy_only=False
+    )
     pseudo_positive = np.zeros(n, dtype=bool)
     num_positives = np.add.reduceat(is_positive.astype(np.int64), starts)
     if config.pseudo_positive_min_score is not None:
         # The first row of a query is its top-scored candidate (ties: lowest doc_id).
-        promoted = starts[(num_positives == 0) & (score[starts] >= np.float32(config.pseudo_positive_min_score))]
+        promoted = starts[
+            (num_positives == 0) & (score[starts] >= np.float32(config.pseudo_positive_min_score))
+        ]
         pseudo_positive[promoted] = True
         is_positive = is_positive | pseudo_positive
         num_positives = np.add.reduceat(is_positive.astype(np.int64), starts)
     has_positive = (num_positives > 0)[group]  # (n,)
 
-    pos_min = np.minimum.reduceat(np.where(is_positive, score, np.float32(np.inf)), starts)  # (num_queries,)
+    pos_min = np.minimum.reduceat(
+        np.where(is_positive, score, np.float32(np.inf)), starts
+    )  # (num_queries,)
     pos_min_row = pos_min[group]  # (n,) +inf where the query has no positive
 
     hashes = dedup.text_hashes(table[schema.DOCUMENT].to_pylist())
-    positive_texts = {(g, hashes[i]) for i, g in zip(np.flatnonzero(is_positive), group[is_positive].tolist())}
-    duplicate = np.fromiter(((g, h) in positive_texts for g, h in zip(group.tolist(), hashes)), dtype=bool, count=n)
+    positive_texts = {
+        (g, hashes[i]) for i, g in zip(np.flatnonzero(is_positive), group[is_positive].tolist())
+    }
+    duplicate = np.fromiter(
+        ((g, h) in positive_texts for g, h in zip(group.tolist(), hashes)), dtype=bool, count=n
+    )
     duplicate &= ~is_positive
 
     near_duplicate = np.zeros(n, dtype=bool)
     if config.near_duplicate_threshold is not None:
-        near_duplicate = _near_duplicates(table[schema.DOCUMENT].to_pylist(), is_positive, starts, sizes, config)
+        near_duplicate = _near_duplicates(
+            table[schema.DOCUMENT].to_pylist(), is_positive, starts, sizes, config
+        )
         near_duplicate &= ~is_positive
 
     rank_window = np.zeros(n, dtype=bool)
@@ -147,27 +171,51 @@ def select_negatives(candidates: pa.Table, config: SelectionConfig, qrels: pa.Ta
     # Threshold arithmetic in float32, written as sentence-transformers writes it (torch float32 tensors), so
     # candidates on the boundary fall on the same side: removed when score > threshold.
     margin = np.zeros(n, dtype=bool)
-    with np.errstate(invalid="ignore"):  # inf - inf for queries without a positive; those rows are no_positive
+    with np.errstate(
+        invalid="ignore"
+    ):  # inf - inf for queries without a positive; those rows are no_positive
         if config.relative_margin is not None:
             margin |= score > pos_min_row - np.abs(pos_min_row) * np.float32(config.relative_margin)
         if config.absolute_margin is not None:
             margin |= score + np.float32(config.absolute_margin) > pos_min_row
-    above_max = score > np.float32(config.max_score) if config.max_score is not None else np.zeros(n, dtype=bool)
-    below_min = score < np.float32(config.min_score) if config.min_score is not None else np.zeros(n, dtype=bool)
+    above_max = (
+        score > np.float32(config.max_score)
+        if config.max_score is not None
+        else np.zeros(n, dtype=bool)
+    )
+    below_min = (
+        score < np.float32(config.min_score)
+        if config.min_score is not None
+        else np.zeros(n, dtype=bool)
+    )
 
-    reasons = [~has_positive, is_positive, duplicate, near_duplicate, rank_window, margin, above_max, below_min]
+    reasons = [
+        ~has_positive,
+        is_positive,
+        duplicate,
+        near_duplicate,
+        rank_window,
+        margin,
+        above_max,
+        below_min,
+    ]
     reason_code = np.full(n, -1, dtype=np.int64)
     for code in reversed(range(len(reasons))):  # the earliest rule in DROP_REASONS wins
         reason_code[reasons[code]] = code
     survivor = reason_code < 0
 
-    quota = np.array([config.quota(int(p)) for p in num_positives], dtype=np.int64)  # (num_queries,)
+    quota = np.array(
+        [config.quota(int(p)) for p in num_positives], dtype=np.int64
+    )  # (num_queries,)
     if config.sampling == "top":
-        order_key = np.arange(n, dtype=np.uint64)  # rows are already hardest-first within each query
+        order_key = np.arange(
+            n, dtype=np.uint64
+        )  # rows are already hardest-first within each query
     else:
         pairs = zip(table[schema.QUERY_ID].to_pylist(), table[schema.DOC_ID].to_pylist())
-        order_key = np.fromiter((sample_order_key(config.seed, q, d) for q, d in pairs),
-                                dtype=np.uint64, count=n)
+        order_key = np.fromiter(
+            (sample_order_key(config.seed, q, d) for q, d in pairs), dtype=np.uint64, count=n
+        )
     keep = _take_per_query(survivor, order_key, group, quota)
     reason_code[survivor & ~keep] = DROP_REASONS.index(NOT_SAMPLED)
 
@@ -188,7 +236,9 @@ def select_negatives(candidates: pa.Table, config: SelectionConfig, qrels: pa.Ta
     return pa.table(columns, schema=CANONICAL_SCHEMA)
 
 
-def _take_per_query(survivor: np.ndarray, order_key: np.ndarray, group: np.ndarray, quota: np.ndarray) -> np.ndarray:
+def _take_per_query(
+    survivor: np.ndarray, order_key: np.ndarray, group: np.ndarray, quota: np.ndarray
+) -> np.ndarray:
     """The first `quota[q]` survivors of each query q in `order_key` order (ties: row order). -> bool (n,)"""
     n = len(survivor)
     order = np.lexsort((np.arange(n), order_key, ~survivor, group))  # survivors first, then by key
@@ -200,19 +250,31 @@ def _take_per_query(survivor: np.ndarray, order_key: np.ndarray, group: np.ndarr
     return taken
 
 
-def _near_duplicates(documents: list[str], is_positive: np.ndarray, starts: np.ndarray, sizes: np.ndarray,
-                     config: SelectionConfig) -> np.ndarray:
+def _near_duplicates(
+    documents: list[str],
+    is_positive: np.ndarray,
+    starts: np.ndarray,
+    sizes: np.ndarray,
+    config: SelectionConfig,
+) -> np.ndarray:
     """Rows whose word n-gram Jaccard with a positive of their query reaches the threshold. -> bool (n,)"""
     out = np.zeros(len(documents), dtype=bool)
     for start, size in zip(starts.tolist(), sizes.tolist()):
         rows = range(start, start + size)
-        positives = [dedup.shingles(documents[i], config.near_duplicate_ngram) for i in rows if is_positive[i]]
+        positives = [
+            dedup.shingles(documents[i], config.near_duplicate_ngram)
+            for i in rows
+            if is_positive[i]
+        ]
         if not positives:
             continue
         for i in rows:
             if not is_positive[i]:
                 candidate = dedup.shingles(documents[i], config.near_duplicate_ngram)
-                out[i] = any(dedup.jaccard(candidate, p) >= config.near_duplicate_threshold for p in positives)
+                out[i] = any(
+                    dedup.jaccard(candidate, p) >= config.near_duplicate_threshold
+                    for p in positives
+                )
     return out
 
 
@@ -221,8 +283,10 @@ def _prepare(candidates: pa.Table, config: SelectionConfig, qrels: pa.Table | No
     required = [schema.QUERY_ID, schema.DOC_ID, schema.DOCUMENT, schema.SCORE]
     missing = [c for c in required if c not in candidates.column_names]
     if missing:
-        raise InputError(f"candidate table lacks column(s) {missing}; it has {candidates.column_names}. "
-                         f"Hard-negative selection needs {required} (score = the reranker's logit)")
+        raise InputError(
+            f"candidate table lacks column(s) {missing}; it has {candidates.column_names}. "
+            f"Hard-negative selection needs {required} (score = the reranker's logit)"
+        )
     columns = {
         schema.QUERY_ID: _id_column(candidates, schema.QUERY_ID),
         schema.DOC_ID: _id_column(candidates, schema.DOC_ID),
@@ -230,47 +294,69 @@ def _prepare(candidates: pa.Table, config: SelectionConfig, qrels: pa.Table | No
         schema.SCORE: _not_null(candidates, schema.SCORE).cast(pa.float32()),
     }
     if pc.any(pc.is_nan(columns[schema.SCORE])).as_py():
-        raise InputError("column `score` holds NaN; rescore those rows (the rerank job rejects pairs it "
-                         "cannot score) before selecting negatives")
+        raise InputError(
+            "column `score` holds NaN; rescore those rows (the rerank job rejects pairs it "
+            "cannot score) before selecting negatives"
+        )
     window = config.range_min > 0 or config.range_max is not None
-    for name, dtype in ((schema.FIRST_STAGE_RANK, pa.int32()), (schema.FIRST_STAGE_SCORE, pa.float64())):
+    for name, dtype in (
+        (schema.FIRST_STAGE_RANK, pa.int32()),
+        (schema.FIRST_STAGE_SCORE, pa.float64()),
+    ):
         if name in candidates.column_names:
             columns[name] = candidates[name].cast(dtype)
         else:
             columns[name] = pa.nulls(candidates.num_rows, dtype)
     if window and columns[schema.FIRST_STAGE_RANK].null_count:
-        raise InputError("range_min/range_max select by first-stage rank, but column `first_stage_rank` is "
-                         "missing or has nulls; add the ranks or leave range_min=0 and range_max unset")
+        raise InputError(
+            "range_min/range_max select by first-stage rank, but column `first_stage_rank` is "
+            "missing or has nulls; add the ranks or leave range_min=0 and range_max unset"
+        )
     table = pa.table(columns)
 
     keys = _pair_keys(table)
     if pc.count_distinct(keys).as_py() != table.num_rows:
         counts = pc.value_counts(keys)
-        repeated = counts.filter(pc.greater(counts.field("counts"), 1)).field("values")[:3].to_pylist()
-        raise InputError(f"(query_id, doc_id) pairs repeat in the candidates, e.g. "
-                         f"{[k.replace(_KEY_SEPARATOR, ' / ') for k in repeated]}; give each pair once")
+        repeated = (
+            counts.filter(pc.greater(counts.field("counts"), 1)).field("values")[:3].to_pylist()
+        )
+        raise InputError(
+            f"(query_id, doc_id) pairs repeat in the candidates, e.g. "
+            f"{[k.replace(_KEY_SEPARATOR, ' / ') for k in repeated]}; give each pair once"
+        )
     table = table.append_column(schema.LABEL, _labels(candidates, qrels, keys))
-    return table.sort_by([(schema.QUERY_ID, "ascending"), (schema.SCORE, "descending"),
-                          (schema.DOC_ID, "ascending")])
+    return table.sort_by(
+        [(schema.QUERY_ID, "ascending"), (schema.SCORE, "descending"), (schema.DOC_ID, "ascending")]
+    )
 
 
 def _labels(candidates: pa.Table, qrels: pa.Table | None, keys: pa.ChunkedArray) -> pa.ChunkedArray:
     """Each candidate's judgement (int32, null when unjudged), from qrels or else the input's `label`."""
     if qrels is None:
         if schema.LABEL not in candidates.column_names:
-            raise InputError("no positives given: pass a qrels table (--positives) or an input column `label`")
+            raise InputError(
+                "no positives given: pass a qrels table (--positives) or an input column `label`"
+            )
         return candidates[schema.LABEL].cast(pa.int32())
     if schema.LABEL in candidates.column_names:
         log.warning("the input's `label` column is ignored: positives come from the qrels table")
-    missing = [c for c in (schema.QUERY_ID, schema.DOC_ID, schema.LABEL) if c not in qrels.column_names]
+    missing = [
+        c for c in (schema.QUERY_ID, schema.DOC_ID, schema.LABEL) if c not in qrels.column_names
+    ]
     if missing:
         raise InputError(f"qrels table lacks column(s) {missing}; it has {qrels.column_names}")
-    qrels = pa.table({schema.QUERY_ID: _id_column(qrels, schema.QUERY_ID),
-                      schema.DOC_ID: _id_column(qrels, schema.DOC_ID),
-                      schema.LABEL: _not_null(qrels, schema.LABEL).cast(pa.int32())})
+    qrels = pa.table(
+        {
+            schema.QUERY_ID: _id_column(qrels, schema.QUERY_ID),
+            schema.DOC_ID: _id_column(qrels, schema.DOC_ID),
+            schema.LABEL: _not_null(qrels, schema.LABEL).cast(pa.int32()),
+        }
+    )
     qrel_keys = _pair_keys(qrels)
     if pc.count_distinct(qrel_keys).as_py() != qrels.num_rows:
-        raise InputError("the qrels judge some (query_id, doc_id) pair twice; keep one judgement per pair")
+        raise InputError(
+            "the qrels judge some (query_id, doc_id) pair twice; keep one judgement per pair"
+        )
     index = pc.index_in(keys, value_set=qrel_keys.combine_chunks())
     return pc.take(qrels[schema.LABEL], index)
 
@@ -282,7 +368,9 @@ def _pair_keys(table: pa.Table) -> pa.ChunkedArray:
 def _not_null(table: pa.Table, name: str) -> pa.ChunkedArray:
     column = table[name]
     if column.null_count:
-        raise InputError(f"column `{name}` has {column.null_count} null value(s); every row needs one")
+        raise InputError(
+            f"column `{name}` has {column.null_count} null value(s); every row needs one"
+        )
     return column
 
 

@@ -7,9 +7,16 @@ driver, the tokenize and write stages) does not import torch.
 import importlib
 
 _HOMES = {
-    "CrossEncoder": "cross_encoder", "resolve_device": "cross_encoder", "resolve_dtype": "cross_encoder",
-    "CrossEncoderModel": "modeling", "select_attention_backend": "modeling", "ModelConfig": "model_config",
-    "PackedBatch": "packing", "pack": "packing", "token_budget_batches": "packing", "Int8Options": "quantization",
+    "CrossEncoder": "cross_encoder",
+    "resolve_device": "cross_encoder",
+    "resolve_dtype": "cross_encoder",
+    "CrossEncoderModel": "modeling",
+    "select_attention_backend": "modeling",
+    "ModelConfig": "model_config",
+    "PackedBatch": "packing",
+    "pack": "packing",
+    "token_budget_batches": "packing",
+    "Int8Options": "quantization",
 }
 __all__ = sorted(_HOMES)
 

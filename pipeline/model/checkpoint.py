@@ -37,11 +37,13 @@ from pipeline.model.model_config import ModelConfig
 @dataclass(frozen=True)
 class Layout:
     name: str
-    marker: str                            # regex matched against weight names to recognise the layout
-    renames: tuple[tuple[str, str], ...]   # (checkpoint-name regex, our name); first match wins
-    ignored: tuple[str, ...] = ()          # regexes of weights that exist in such checkpoints but are unused
+    marker: str  # regex matched against weight names to recognise the layout
+    renames: tuple[tuple[str, str], ...]  # (checkpoint-name regex, our name); first match wins
+    ignored: tuple[
+        str, ...
+    ] = ()  # regexes of weights that exist in such checkpoints but are unused
     fuse_qkv: bool = False
-    roberta_positions: bool = True         # positions start at padding_idx + 1 (RoBERTa) or 0 (BERT)
+    roberta_positions: bool = True  # positions start at padding_idx + 1 (RoBERTa) or 0 (BERT)
 
 
 def _transformers_layer_renames(prefix: str) -> tuple[tuple[str, str], ...]:
@@ -80,7 +82,8 @@ LAYOUTS: dict[str, Layout] = {
     "bert": Layout(
         name="bert",
         marker=r"^bert\.encoder\.layer\.\d+\.attention\.self\.query\.weight$",
-        renames=_transformers_layer_renames("bert") + (
+        renames=_transformers_layer_renames("bert")
+        + (
             (r"^bert\.pooler\.dense\.", "head.dense."),
             (r"^classifier\.", "head.out_proj."),
         ),
@@ -98,7 +101,8 @@ def detect_layout(names: list[str]) -> Layout:
     sample = ", ".join(sorted(names)[:5])
     raise CheckpointError(
         f"unknown checkpoint layout (weights start with: {sample}, ...); supported: jina-reranker-v2 "
-        "(flash layout), XLM-RoBERTa and BERT sequence classification as saved by transformers")
+        "(flash layout), XLM-RoBERTa and BERT sequence classification as saved by transformers"
+    )
 
 
 def model_config_from_json(config: dict, layout: Layout) -> ModelConfig:
@@ -108,38 +112,62 @@ def model_config_from_json(config: dict, layout: Layout) -> ModelConfig:
         return config[key]
 
     if config.get("position_embedding_type", "absolute") != "absolute":
-        raise CheckpointError(f"position_embedding_type={config['position_embedding_type']!r} is not supported "
-                              "(only absolute positions, as in XLM-RoBERTa and BERT)")
-    acts = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh"}
+        raise CheckpointError(
+            f"position_embedding_type={config['position_embedding_type']!r} is not supported "
+            "(only absolute positions, as in XLM-RoBERTa and BERT)"
+        )
+    acts = {
+        "gelu": "gelu",
+        "gelu_new": "gelu_tanh",
+        "gelu_pytorch_tanh": "gelu_tanh",
+        "gelu_fast": "gelu_tanh",
+    }
     if config.get("hidden_act", "gelu") not in acts:
-        raise CheckpointError(f"hidden_act={config['hidden_act']!r} is not supported; supported: {sorted(acts)}")
+        raise CheckpointError(
+            f"hidden_act={config['hidden_act']!r} is not supported; supported: {sorted(acts)}"
+        )
     num_labels = len(config["id2label"]) if config.get("id2label") else config.get("num_labels", 1)
     if num_labels != 1:
-        raise CheckpointError(f"the checkpoint has {num_labels} labels; a reranker has exactly one relevance logit")
+        raise CheckpointError(
+            f"the checkpoint has {num_labels} labels; a reranker has exactly one relevance logit"
+        )
     pad = int(config.get("pad_token_id", 1 if layout.roberta_positions else 0))
     return ModelConfig(
-        vocab_size=need("vocab_size"), hidden_size=need("hidden_size"),
-        num_hidden_layers=need("num_hidden_layers"), num_attention_heads=need("num_attention_heads"),
-        intermediate_size=need("intermediate_size"), max_position_embeddings=need("max_position_embeddings"),
-        type_vocab_size=config.get("type_vocab_size", 2), layer_norm_eps=config.get("layer_norm_eps", 1e-12),
-        pad_token_id=pad, position_offset=pad + 1 if layout.roberta_positions else 0,
-        hidden_act=acts[config.get("hidden_act", "gelu")], num_labels=1,
+        vocab_size=need("vocab_size"),
+        hidden_size=need("hidden_size"),
+        num_hidden_layers=need("num_hidden_layers"),
+        num_attention_heads=need("num_attention_heads"),
+        intermediate_size=need("intermediate_size"),
+        max_position_embeddings=need("max_position_embeddings"),
+        type_vocab_size=config.get("type_vocab_size", 2),
+        layer_norm_eps=config.get("layer_norm_eps", 1e-12),
+        pad_token_id=pad,
+        position_offset=pad + 1 if layout.roberta_positions else 0,
+        hidden_act=acts[config.get("hidden_act", "gelu")],
+        num_labels=1,
     )
 
 
 def resolve_checkpoint(name_or_path: str, revision: str | None = None) -> tuple[str, str]:
     """A local directory, or a hub id downloaded (and cached) by huggingface_hub. Returns (directory, revision)."""
     expanded = os.path.expanduser(name_or_path)
-    looks_local = os.path.isabs(expanded) or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1
+    looks_local = (
+        os.path.isabs(expanded)
+        or name_or_path.startswith((".", "~"))
+        or name_or_path.count("/") > 1
+    )
     if os.path.isdir(expanded):
         return expanded, revision or f"local:{fingerprint(expanded)}"
     if looks_local or os.path.exists(expanded):
-        raise CheckpointError(f"checkpoint directory {name_or_path!r} not found (or not a directory)")
+        raise CheckpointError(
+            f"checkpoint directory {name_or_path!r} not found (or not a directory)"
+        )
     from huggingface_hub import snapshot_download
 
     try:
         directory = snapshot_download(
-            repo_id=name_or_path, revision=revision,
+            repo_id=name_or_path,
+            revision=revision,
             allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"],
         )
     except Exception as e:  # offline, unknown repo, gated repo: all need the same advice
@@ -147,14 +175,18 @@ def resolve_checkpoint(name_or_path: str, revision: str | None = None) -> tuple[
         raise CheckpointError(
             f"could not fetch {name_or_path!r} from the Hugging Face hub and it is not in the local cache "
             f"({first}); on an offline machine pass a local checkpoint directory to --model "
-            "(or `dummy:<architecture>` for a random-weight smoke run)") from None
+            "(or `dummy:<architecture>` for a random-weight smoke run)"
+        ) from None
     return directory, os.path.basename(os.path.normpath(directory))
 
 
 def fingerprint(directory: str) -> str:
     """A cheap content id for a local checkpoint: weight file names, sizes and safetensors headers."""
     digest = hashlib.sha256()
-    for path in sorted(glob.glob(os.path.join(directory, "*.safetensors")) + [os.path.join(directory, "config.json")]):
+    for path in sorted(
+        glob.glob(os.path.join(directory, "*.safetensors"))
+        + [os.path.join(directory, "config.json")]
+    ):
         if not os.path.isfile(path):
             continue
         digest.update(os.path.basename(path).encode())
@@ -172,24 +204,31 @@ def refuse_pickles(directory: str, pickles: list[str]) -> None:
     raise CheckpointError(
         f"{directory!r} only has pickle weights ({os.path.basename(pickles[0])}); pickles can run code when "
         "loaded. Convert them to safetensors, or set allow_pickle=true (`--set allow_pickle=true`) if you "
-        "trust the file")
+        "trust the file"
+    )
 
 
 def unreadable_weights(path: str, error: Exception) -> CheckpointError:
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return CheckpointError(f"{path} is not a readable safetensors file ({first}); download or convert the "
-                           "checkpoint again")
+    return CheckpointError(
+        f"{path} is not a readable safetensors file ({first}); download or convert the "
+        "checkpoint again"
+    )
 
 
 def read_config(directory: str) -> dict:
     path = os.path.join(directory, "config.json")
     if not os.path.isfile(path):
-        raise CheckpointError(f"{directory!r} has no config.json; is it a model checkpoint directory?")
+        raise CheckpointError(
+            f"{directory!r} has no config.json; is it a model checkpoint directory?"
+        )
     with open(path) as f:
         return json.load(f)
 
 
-def inspect_checkpoint(directory: str, allow_pickle: bool = False) -> tuple[Layout | None, ModelConfig]:
+def inspect_checkpoint(
+    directory: str, allow_pickle: bool = False
+) -> tuple[Layout | None, ModelConfig]:
     """Layout and config of a checkpoint without loading its weights: safetensors headers only, and for a
     pickle-only checkpoint the file names alone (it is never unpickled here, on the driver). The layout of a
     pickle checkpoint is None: the scorers find it when they load the weights."""

@@ -45,8 +45,13 @@ from pipeline.model.weights import load_model
 logger = logging.getLogger(__name__)
 
 # int8 is asked for by name only (`auto` never picks it): int8 Linear layers, everything else float32 (quantization.py).
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.int8,
-          "float8": torch.float8_e4m3fn}
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "int8": torch.int8,
+    "float8": torch.float8_e4m3fn,
+}
 
 
 def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -57,6 +62,7 @@ def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     if dtype == torch.float8_e4m3fn:
         return torch.bfloat16 if runtime.is_cuda(device) else torch.float32
     return dtype
+
 
 # Tokens per micro-batch. CPU, measured (the engine on the jina-base-sized benchmark checkpoint, bf16, 2-core
 # AMD EPYC Zen 5 with AVX512-BF16, best of 2-3 interleaved passes): DL19 pairs (~98 tokens) reach
@@ -90,19 +96,25 @@ BF16_MIN_SPEEDUP = 1.2
 # shape 1.7-3.6x (the benchmark measured bf16's GEMM peak at 2.0x fp32's on that CPU).
 PROBE_SHAPE = (512, 768, 3072)
 PROBE_SECONDS = 0.05  # per dtype and round, after one warm-up call
-PROBE_ROUNDS = 3      # the dtypes alternate and each keeps its best round, so a busy spell slows both alike
+PROBE_ROUNDS = (
+    3  # the dtypes alternate and each keeps its best round, so a busy spell slows both alike
+)
 
 
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+            name = next(
+                (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), ""
+            )
     except OSError:
         name = ""
     return name or platform.processor() or platform.machine()
 
 
-def gemm_rate(dtype: torch.dtype, shape: tuple[int, int, int] = PROBE_SHAPE, seconds: float = PROBE_SECONDS) -> float:
+def gemm_rate(
+    dtype: torch.dtype, shape: tuple[int, int, int] = PROBE_SHAPE, seconds: float = PROBE_SECONDS
+) -> float:
     """GFLOP/s of one (tokens, in) x (in, out) Linear layer in `dtype` on this CPU: best call within `seconds`."""
     tokens, d_in, d_out = shape
     device = torch.device("cpu")
@@ -112,7 +124,9 @@ def gemm_rate(dtype: torch.dtype, shape: tuple[int, int, int] = PROBE_SHAPE, sec
     x = torch.randn(tokens, d_in, generator=generator).to(dtype)
     packed = PackedWeights(tokens) if kernel == ONEDNN_FUSED else None
     with torch.inference_mode():
-        linear(kernel, x, layer, packed=packed)  # warm-up: oneDNN builds its primitive, packs the weights
+        linear(
+            kernel, x, layer, packed=packed
+        )  # warm-up: oneDNN builds its primitive, packs the weights
         best, deadline = float("inf"), time.perf_counter() + seconds
         for _ in range(1000):
             start = time.perf_counter()
@@ -124,11 +138,15 @@ def gemm_rate(dtype: torch.dtype, shape: tuple[int, int, int] = PROBE_SHAPE, sec
 
 
 def _dtype_cache_path() -> str:
-    root = os.environ.get("RERANK_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "rerank-pipeline"))
+    root = os.environ.get(
+        "RERANK_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "rerank-pipeline")
+    )
     return os.path.join(root, "cpu-dtype.json")
 
 
-def cpu_auto_dtype(rate: Callable[[torch.dtype], float] = gemm_rate, path: str | None = None) -> torch.dtype:
+def cpu_auto_dtype(
+    rate: Callable[[torch.dtype], float] = gemm_rate, path: str | None = None
+) -> torch.dtype:
     """What `dtype: auto` runs on this CPU: bfloat16 if its GEMM probe is at least BF16_MIN_SPEEDUP x float32's.
 
     Decided once per machine and torch version and remembered in `path` (default: cpu-dtype.json in the
@@ -150,10 +168,21 @@ def cpu_auto_dtype(rate: Callable[[torch.dtype], float] = gemm_rate, path: str |
     for _ in range(PROBE_ROUNDS):
         fp32, bf16 = max(fp32, rate(torch.float32)), max(bf16, rate(torch.bfloat16))
     choice = "bfloat16" if bf16 >= BF16_MIN_SPEEDUP * fp32 else "float32"
-    logger.info("dtype auto on this CPU: %s (GEMM probe: float32 %.0f GFLOP/s, bfloat16 %.0f GFLOP/s; bfloat16 "
-                "needs %.1fx); remembered in %s", choice, fp32, bf16, BF16_MIN_SPEEDUP, path)
+    logger.info(
+        "dtype auto on this CPU: %s (GEMM probe: float32 %.0f GFLOP/s, bfloat16 %.0f GFLOP/s; bfloat16 "
+        "needs %.1fx); remembered in %s",
+        choice,
+        fp32,
+        bf16,
+        BF16_MIN_SPEEDUP,
+        path,
+    )
     known = known if isinstance(known, dict) else {}
-    known[key] = {"dtype": choice, "float32_gflops": round(fp32, 1), "bfloat16_gflops": round(bf16, 1)}
+    known[key] = {
+        "dtype": choice,
+        "float32_gflops": round(fp32, 1),
+        "bfloat16_gflops": round(bf16, 1),
+    }
     try:  # written whole and renamed: concurrent scorers starting together read either nothing or all of it
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd, staging = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".cpu-dtype-")
@@ -161,17 +190,25 @@ def cpu_auto_dtype(rate: Callable[[torch.dtype], float] = gemm_rate, path: str |
             json.dump(known, f, indent=1)
         os.replace(staging, path)
     except OSError as e:  # a read-only home still scores, it only probes again next time
-        logger.warning("could not remember the dtype choice in %s (%s); it is probed again next start", path, e)
+        logger.warning(
+            "could not remember the dtype choice in %s (%s); it is probed again next start", path, e
+        )
     return DTYPES[choice]
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None or device == "auto":
-        return runtime.RUNTIME.placement(torch.device("cuda")) if runtime.RUNTIME.available() else torch.device("cpu")
+        return (
+            runtime.RUNTIME.placement(torch.device("cuda"))
+            if runtime.RUNTIME.available()
+            else torch.device("cpu")
+        )
     device = torch.device(device)
     if device.type == "cuda":
         if not runtime.RUNTIME.available():
-            raise CheckpointError("device 'cuda' was requested but no CUDA device is available; use device='cpu'")
+            raise CheckpointError(
+                "device 'cuda' was requested but no CUDA device is available; use device='cpu'"
+            )
         return runtime.RUNTIME.placement(device)
     return device
 
@@ -188,11 +225,15 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if dtype not in DTYPES:
         raise CheckpointError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
     if DTYPES[dtype] == torch.int8 and (device.type != "cpu" or runtime.is_cuda(device)):
-        raise CheckpointError(f"dtype int8 runs on CPU only (oneDNN's int8 linear), not on {device.type}; "
-                              "use bfloat16 there")
+        raise CheckpointError(
+            f"dtype int8 runs on CPU only (oneDNN's int8 linear), not on {device.type}; "
+            "use bfloat16 there"
+        )
     if DTYPES[dtype] == torch.float8_e4m3fn and not fp8_kernel_works(device):
-        raise CheckpointError(f"dtype float8 needs float8 tensor cores (Hopper or Ada GPUs, torch._scaled_mm), which "
-                              f"{device.type} here lacks; use bfloat16")
+        raise CheckpointError(
+            f"dtype float8 needs float8 tensor cores (Hopper or Ada GPUs, torch._scaled_mm), which "
+            f"{device.type} here lacks; use bfloat16"
+        )
     return DTYPES[dtype]
 
 
@@ -203,9 +244,20 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 class CrossEncoder:
     """A reranker: checkpoint weights + the checkpoint's tokenizer + the packed-sequence model."""
 
-    def __init__(self, model: CrossEncoderModel, tokenizer: PairTokenizer, *, name: str, revision: str,
-                 layout: str, device: torch.device, dtype: torch.dtype, is_dummy: bool = False,
-                 attention_backend: str | None = None, int8: Int8Options | None = None):
+    def __init__(
+        self,
+        model: CrossEncoderModel,
+        tokenizer: PairTokenizer,
+        *,
+        name: str,
+        revision: str,
+        layout: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        is_dummy: bool = False,
+        attention_backend: str | None = None,
+        int8: Int8Options | None = None,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
@@ -216,11 +268,15 @@ class CrossEncoder:
         self.is_dummy = is_dummy
         self.int8_options: Int8Options | None = None
         compute = compute_dtype(dtype, device)  # int8, float8: all but the encoder's Linear layers
-        self.model.attention_backend = select_attention_backend(device, compute, prefer=attention_backend)
+        self.model.attention_backend = select_attention_backend(
+            device, compute, prefer=attention_backend
+        )
         self.model.linear_kernel = select_linear_kernel(device, compute)
         self.max_length = model.config.max_tokens_per_sequence
         self.max_tokens_per_batch = DEFAULT_MAX_TOKENS["cuda" if runtime.is_cuda(device) else "cpu"]
-        self._copy_stream = None  # CUDA: the side stream host-to-device copies run on (`_score_on_cuda`)
+        self._copy_stream = (
+            None  # CUDA: the side stream host-to-device copies run on (`_score_on_cuda`)
+        )
         if self.model.linear_kernel == ONEDNN_FUSED:
             self.model.packed_weights = PackedWeights(self.max_tokens_per_batch)
         if dtype == torch.int8:
@@ -240,7 +296,9 @@ class CrossEncoder:
         except ValueError as e:
             raise CheckpointError(str(e)) from None
         fp32_kernel = select_linear_kernel(self.device, torch.float32)
-        fp32_weights = PackedWeights(self.max_tokens_per_batch) if fp32_kernel == ONEDNN_FUSED else None
+        fp32_weights = (
+            PackedWeights(self.max_tokens_per_batch) if fp32_kernel == ONEDNN_FUSED else None
+        )
         smooth = None
         if options.smooth_alpha is not None:
             observer = InputRangeObserver(self.model)
@@ -248,15 +306,25 @@ class CrossEncoder:
             pairs = list(options.calibration_pairs or CALIBRATION_PAIRS)
             self.compute_score(pairs, max_length=min(512, self.max_length), return_logits=True)
             smooth = smoothing_for(self.model, observer.input_amax, options.smooth_alpha)
-        self.model.packed_weights = Int8Weights(self.model, options, smooth, self.max_tokens_per_batch, fp32_weights)
+        self.model.packed_weights = Int8Weights(
+            self.model, options, smooth, self.max_tokens_per_batch, fp32_weights
+        )
         self.model.linear_kernel = int8_kernel
         self.int8_options = options
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, device: str | torch.device | None = None,
-                        dtype: str | torch.dtype | None = None, revision: str | None = None, *,
-                        allow_pickle: bool = False, attention_backend: str | None = None,
-                        max_chars_per_token: int | None = None, int8: Int8Options | None = None) -> CrossEncoder:
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        revision: str | None = None,
+        *,
+        allow_pickle: bool = False,
+        attention_backend: str | None = None,
+        max_chars_per_token: int | None = None,
+        int8: Int8Options | None = None,
+    ) -> CrossEncoder:
         """A local directory, a Hugging Face hub id, or `dummy:<architecture>` (random weights, see dummy.py).
 
         dtype "int8": Linear layers in int8 on CPU (see quantization.py), tuned by `int8` (default
@@ -266,45 +334,84 @@ class CrossEncoder:
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         if int8 is not None and dtype != torch.int8:
-            raise CheckpointError(f"int8 options were given for dtype {str(dtype).replace('torch.', '')}; "
-                                  "pass dtype='int8' or drop them")
+            raise CheckpointError(
+                f"int8 options were given for dtype {str(dtype).replace('torch.', '')}; "
+                "pass dtype='int8' or drop them"
+            )
         model, layout, raw_config = load_model(directory, allow_pickle=allow_pickle)
         model.to(device=device, dtype=compute_dtype(dtype, device))
         # The head stays float32: two tiny matrices, and the raw logit is the product.
         model.head.float()
         kwargs = {} if max_chars_per_token is None else {"max_chars_per_token": max_chars_per_token}
-        tokenizer = PairTokenizer.from_dir(directory, return_token_types=model.config.type_vocab_size > 1, **kwargs)
-        encoder = cls(model, tokenizer, name=name_or_path, revision=revision, layout=layout.name, device=device,
-                      dtype=dtype, is_dummy=bool(raw_config.get(DUMMY_MARKER)), attention_backend=attention_backend,
-                      int8=int8)
+        tokenizer = PairTokenizer.from_dir(
+            directory, return_token_types=model.config.type_vocab_size > 1, **kwargs
+        )
+        encoder = cls(
+            model,
+            tokenizer,
+            name=name_or_path,
+            revision=revision,
+            layout=layout.name,
+            device=device,
+            dtype=dtype,
+            is_dummy=bool(raw_config.get(DUMMY_MARKER)),
+            attention_backend=attention_backend,
+            int8=int8,
+        )
         encoder.directory = directory
-        logger.info("loaded %s (%s layout, revision %s) on %s in %s", name_or_path, layout.name, revision,
-                    device, str(dtype).replace("torch.", ""))
+        logger.info(
+            "loaded %s (%s layout, revision %s) on %s in %s",
+            name_or_path,
+            layout.name,
+            revision,
+            device,
+            str(dtype).replace("torch.", ""),
+        )
         return encoder
 
     def describe(self) -> dict:
         """What a job's summary records about the model."""
-        return {
-            "model": self.name, "revision": self.revision, "layout": self.layout,
-            "dtype": str(self.dtype).replace("torch.", ""), "device": str(self.device),
-            "attention_backend": self.model.attention_backend, "linear_kernel": self.model.linear_kernel,
-            "random_weights": self.is_dummy,
-            "num_parameters": sum(p.numel() for p in self.model.parameters()),
-        } | ({} if self.int8_options is None else {"int8": self.model.packed_weights.describe()}) \
-          | ({"float8": self.model.packed_weights.describe()} if self.dtype == torch.float8_e4m3fn else {})
+        return (
+            {
+                "model": self.name,
+                "revision": self.revision,
+                "layout": self.layout,
+                "dtype": str(self.dtype).replace("torch.", ""),
+                "device": str(self.device),
+                "attention_backend": self.model.attention_backend,
+                "linear_kernel": self.model.linear_kernel,
+                "random_weights": self.is_dummy,
+                "num_parameters": sum(p.numel() for p in self.model.parameters()),
+            }
+            | ({} if self.int8_options is None else {"int8": self.model.packed_weights.describe()})
+            | (
+                {"float8": self.model.packed_weights.describe()}
+                if self.dtype == torch.float8_e4m3fn
+                else {}
+            )
+        )
 
     # -- scoring token ids ------------------------------------------------------------------------------
 
     def score_packed(self, batch: PackedBatch) -> np.ndarray:
         """Raw float32 logits, (batch,), for one packed micro-batch."""
-        logits = self.model(batch.input_ids.to(self.device), batch.cu_seqlens.to(self.device), batch.max_seqlen,
-                            None if batch.token_type_ids is None else batch.token_type_ids.to(self.device),
-                            seqlens=batch.seqlens)
+        logits = self.model(
+            batch.input_ids.to(self.device),
+            batch.cu_seqlens.to(self.device),
+            batch.max_seqlen,
+            None if batch.token_type_ids is None else batch.token_type_ids.to(self.device),
+            seqlens=batch.seqlens,
+        )
         return logits.cpu().numpy()
 
-    def score_tokens(self, input_ids: Sequence[np.ndarray], token_type_ids: Sequence[np.ndarray] | None = None,
-                     max_tokens_per_batch: int | None = None, max_batch_size: int | None = None,
-                     on_micro_batch: Callable[[], None] | None = None) -> np.ndarray:
+    def score_tokens(
+        self,
+        input_ids: Sequence[np.ndarray],
+        token_type_ids: Sequence[np.ndarray] | None = None,
+        max_tokens_per_batch: int | None = None,
+        max_batch_size: int | None = None,
+        on_micro_batch: Callable[[], None] | None = None,
+    ) -> np.ndarray:
         """Raw logits (n,) float32 in input order; micro-batches cut by a token budget over length-sorted rows.
         `on_micro_batch()` is called as each micro-batch's logits are back (a heartbeat for long calls)."""
         logits = np.empty(len(input_ids), dtype=np.float32)
@@ -323,8 +430,14 @@ class CrossEncoder:
                 on_micro_batch()
         return logits
 
-    def _score_on_cuda(self, input_ids, token_type_ids, batches: list[np.ndarray], logits: np.ndarray,
-                       on_micro_batch: Callable[[], None] | None = None) -> None:
+    def _score_on_cuda(
+        self,
+        input_ids,
+        token_type_ids,
+        batches: list[np.ndarray],
+        logits: np.ndarray,
+        on_micro_batch: Callable[[], None] | None = None,
+    ) -> None:
         """`score_tokens` on a GPU: one host sync per micro-batch, and the GPU never waits for the host.
 
         Per micro-batch i: the host packs batch i+1 into pinned memory and queues its copy on a side stream
@@ -338,7 +451,11 @@ class CrossEncoder:
         def upload(index: np.ndarray):
             types = None if token_type_ids is None else [token_type_ids[i] for i in index]
             batch = pack([input_ids[i] for i in index], types)
-            host = [rt.pin(t) for t in (batch.input_ids, batch.cu_seqlens, batch.token_type_ids) if t is not None]
+            host = [
+                rt.pin(t)
+                for t in (batch.input_ids, batch.cu_seqlens, batch.token_type_ids)
+                if t is not None
+            ]
             with rt.on(self._copy_stream):
                 on_device = [t.to(self.device, non_blocking=True) for t in host]
                 copied = rt.record(self._copy_stream)
@@ -359,7 +476,9 @@ class CrossEncoder:
                 rt.keep_for_current_stream(t)
             ids, cu_seqlens = on_device[0], on_device[1]
             types = on_device[2] if len(on_device) > 2 else None
-            out = self.model(ids, cu_seqlens, batch.max_seqlen, types, seqlens=batch.seqlens)     # (batch,) float32
+            out = self.model(
+                ids, cu_seqlens, batch.max_seqlen, types, seqlens=batch.seqlens
+            )  # (batch,) float32
             host_logits = rt.empty_pinned((len(index),), torch.float32)
             host_logits.copy_(out, non_blocking=True)
             done = rt.record()
@@ -372,31 +491,57 @@ class CrossEncoder:
 
     # -- jina's API -------------------------------------------------------------------------------------
 
-    def compute_score(self, sentence_pairs, batch_size: int | None = None, max_length: int = 1024, *,
-                      return_logits: bool = False, max_tokens_per_batch: int | None = None):
+    def compute_score(
+        self,
+        sentence_pairs,
+        batch_size: int | None = None,
+        max_length: int = 1024,
+        *,
+        return_logits: bool = False,
+        max_tokens_per_batch: int | None = None,
+    ):
         """Scores of (query, document) pairs in input order: sigmoid(logit) like jina, or raw logits.
 
         A single pair (a 2-tuple of strings, or a list holding one pair) returns a bare float, as jina does.
         `batch_size` caps pairs per micro-batch; the token budget `max_tokens_per_batch` is what really cuts them.
         """
-        if isinstance(sentence_pairs, (tuple, list)) and len(sentence_pairs) == 2 and all(
-                isinstance(x, str) for x in sentence_pairs):
+        if (
+            isinstance(sentence_pairs, (tuple, list))
+            and len(sentence_pairs) == 2
+            and all(isinstance(x, str) for x in sentence_pairs)
+        ):
             sentence_pairs = [tuple(sentence_pairs)]
         pairs = list(sentence_pairs)
         for i, pair in enumerate(pairs):
-            if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
-                raise TypeError(f"sentence_pairs[{i}] must be a (query, document) pair of strings, got {pair!r:.80}")
+            if not (
+                isinstance(pair, (tuple, list))
+                and len(pair) == 2
+                and all(isinstance(x, str) for x in pair)
+            ):
+                raise TypeError(
+                    f"sentence_pairs[{i}] must be a (query, document) pair of strings, got {pair!r:.80}"
+                )
         if not pairs:
             return []
         max_length = min(max_length, self.max_length)
-        ids, types = self.tokenizer.encode_pairs([p[0] for p in pairs], [p[1] for p in pairs], max_length)
+        ids, types = self.tokenizer.encode_pairs(
+            [p[0] for p in pairs], [p[1] for p in pairs], max_length
+        )
         logits = self.score_tokens(ids, types, max_tokens_per_batch, batch_size)
         scores = logits if return_logits else _sigmoid(logits)
         result = [float(s) for s in scores]
         return result[0] if len(result) == 1 else result
 
-    def rerank(self, query: str, documents: Sequence[str], max_query_length: int = 512, max_length: int = 1024,
-               overlap: int = 80, top_n: int | None = None, batch_size: int | None = None) -> list[dict]:
+    def rerank(
+        self,
+        query: str,
+        documents: Sequence[str],
+        max_query_length: int = 512,
+        max_length: int = 1024,
+        overlap: int = 80,
+        top_n: int | None = None,
+        batch_size: int | None = None,
+    ) -> list[dict]:
         """Documents best first: [{"index", "document", "relevance_score"}], jina's windowing and max-combination.
 
         Long documents are split into overlapping windows (see `PairTokenizer.windows`); a document's score
@@ -406,11 +551,15 @@ class CrossEncoder:
         if not documents:
             return []
         max_length = min(max_length, self.max_length)
-        ids, types, owners = self.tokenizer.windows(query, documents, max_length, max_query_length, overlap)
+        ids, types, owners = self.tokenizer.windows(
+            query, documents, max_length, max_query_length, overlap
+        )
         window_scores = _sigmoid(self.score_tokens(ids, types, max_batch_size=batch_size))
         best = np.full(len(documents), -np.inf)
         np.maximum.at(best, np.asarray(owners), window_scores)
         order = sorted(range(len(documents)), key=lambda i: (-best[i], i))
         top_n = len(order) if top_n is None else min(top_n, len(order))
-        return [{"index": int(i), "document": documents[i], "relevance_score": float(best[i])} for i in order[:top_n]]
-
+        return [
+            {"index": int(i), "document": documents[i], "relevance_score": float(best[i])}
+            for i in order[:top_n]
+        ]

@@ -25,13 +25,13 @@ DUMMY_MARKER = "rerank_pipeline_dummy"
 
 @dataclass(frozen=True)
 class Architecture:
-    layout: str                 # jina_flash | xlm_roberta | bert
+    layout: str  # jina_flash | xlm_roberta | bert
     hidden_size: int
     num_hidden_layers: int
     num_attention_heads: int
     intermediate_size: int
     max_position_embeddings: int
-    vocab_size: int | None      # None: the trained tokenizer's size
+    vocab_size: int | None  # None: the trained tokenizer's size
     tokenizer_vocab: int = 8000
     initializer_range: float = 0.02
     seed: int = 0
@@ -45,7 +45,9 @@ ARCHITECTURES: dict[str, Architecture] = {
     # cross-encoder/ms-marco-MiniLM-L6-v2: 22M parameters, BERT.
     "ms-marco-minilm-l6": Architecture("bert", 384, 6, 12, 1536, 512, 30522),
     # For tests and smoke runs: the jina layout at toy size.
-    "tiny": Architecture("jina_flash", 64, 2, 4, 128, 1026, None, tokenizer_vocab=2000, initializer_range=0.2),
+    "tiny": Architecture(
+        "jina_flash", 64, 2, 4, 128, 1026, None, tokenizer_vocab=2000, initializer_range=0.2
+    ),
 }
 
 # A few sentences in several scripts so the default tokenizer covers them; benchmarks pass their own corpus.
@@ -86,11 +88,15 @@ def train_tokenizer(layout: str, corpus: Iterable[str], vocab_size: int):
         tok.normalizer = normalizers.BertNormalizer(lowercase=True)
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece()
-        tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+        tok.train_from_iterator(
+            texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials)
+        )
         cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
         tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-            special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+            single="[CLS] $A [SEP]",
+            pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+        )
     else:
         # XLM-R's ids: <s>=0, <pad>=1, </s>=2, <unk>=3; pad=1 sets the RoBERTa position offset.
         specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
@@ -98,11 +104,20 @@ def train_tokenizer(layout: str, corpus: Iterable[str], vocab_size: int):
         tok.normalizer = normalizers.NFKC()
         tok.pre_tokenizer = pre_tokenizers.Metaspace()
         tok.decoder = decoders.Metaspace()
-        tok.train_from_iterator(texts, trainers.UnigramTrainer(
-            vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>", shrinking_factor=0.75))
+        tok.train_from_iterator(
+            texts,
+            trainers.UnigramTrainer(
+                vocab_size=vocab_size,
+                special_tokens=specials,
+                unk_token="<unk>",
+                shrinking_factor=0.75,
+            ),
+        )
         tok.post_processor = processors.TemplateProcessing(
-            single="<s> $A </s>", pair="<s> $A </s> </s> $B:0 </s>:0",
-            special_tokens=[("<s>", 0), ("</s>", 2)])
+            single="<s> $A </s>",
+            pair="<s> $A </s> </s> $B:0 </s>:0",
+            special_tokens=[("<s>", 0), ("</s>", 2)],
+        )
     return tok
 
 
@@ -111,12 +126,27 @@ def _save_tokenizer(tok, layout: str, directory: str) -> None:
     from transformers import PreTrainedTokenizerFast
 
     if layout == "bert":
-        special = dict(unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
-                       model_input_names=["input_ids", "token_type_ids", "attention_mask"])
+        special = dict(
+            unk_token="[UNK]",
+            pad_token="[PAD]",
+            cls_token="[CLS]",
+            sep_token="[SEP]",
+            mask_token="[MASK]",
+            model_input_names=["input_ids", "token_type_ids", "attention_mask"],
+        )
     else:
-        special = dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-                       cls_token="<s>", sep_token="</s>", mask_token="<mask>")
-    PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=1024, **special).save_pretrained(directory)
+        special = dict(
+            bos_token="<s>",
+            eos_token="</s>",
+            unk_token="<unk>",
+            pad_token="<pad>",
+            cls_token="<s>",
+            sep_token="</s>",
+            mask_token="<mask>",
+        )
+    PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=1024, **special).save_pretrained(
+        directory
+    )
 
 
 def reference_model(directory: str):
@@ -138,13 +168,24 @@ def _reference_model(arch: Architecture, vocab_size: int, pad_token_id: int):
     )
 
     torch.manual_seed(arch.seed)
-    common = dict(vocab_size=vocab_size, hidden_size=arch.hidden_size, num_hidden_layers=arch.num_hidden_layers,
-                  num_attention_heads=arch.num_attention_heads, intermediate_size=arch.intermediate_size,
-                  max_position_embeddings=arch.max_position_embeddings, num_labels=1, pad_token_id=pad_token_id,
-                  initializer_range=arch.initializer_range)
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=arch.hidden_size,
+        num_hidden_layers=arch.num_hidden_layers,
+        num_attention_heads=arch.num_attention_heads,
+        intermediate_size=arch.intermediate_size,
+        max_position_embeddings=arch.max_position_embeddings,
+        num_labels=1,
+        pad_token_id=pad_token_id,
+        initializer_range=arch.initializer_range,
+    )
     if arch.layout == "bert":
-        return BertForSequenceClassification(BertConfig(**common, type_vocab_size=2, layer_norm_eps=1e-12)).eval()
-    config = XLMRobertaConfig(**common, type_vocab_size=1, layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=2)
+        return BertForSequenceClassification(
+            BertConfig(**common, type_vocab_size=2, layer_norm_eps=1e-12)
+        ).eval()
+    config = XLMRobertaConfig(
+        **common, type_vocab_size=1, layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=2
+    )
     return XLMRobertaForSequenceClassification(config).eval()
 
 
@@ -168,27 +209,36 @@ def to_jina_flash(state: dict) -> dict:
             kind = rest.rsplit(".", 1)[1]
             base = f"roberta.encoder.layer.{i}.attention.self."
             out[prefix + "mixer.Wqkv." + kind] = torch.cat(
-                [state[base + p + "." + kind] for p in ("query", "key", "value")], dim=0)
+                [state[base + p + "." + kind] for p in ("query", "key", "value")], dim=0
+            )
         elif rest.startswith(("attention.self.key.", "attention.self.value.")):
             continue
         else:
-            renames = {"attention.output.dense.": "mixer.out_proj.", "attention.output.LayerNorm.": "norm1.",
-                       "intermediate.dense.": "mlp.fc1.", "output.dense.": "mlp.fc2.", "output.LayerNorm.": "norm2."}
+            renames = {
+                "attention.output.dense.": "mixer.out_proj.",
+                "attention.output.LayerNorm.": "norm1.",
+                "intermediate.dense.": "mlp.fc1.",
+                "output.dense.": "mlp.fc2.",
+                "output.LayerNorm.": "norm2.",
+            }
             for old, new in renames.items():
                 if rest.startswith(old):
-                    out[prefix + new + rest[len(old):]] = tensor
+                    out[prefix + new + rest[len(old) :]] = tensor
                     break
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def build_checkpoint(directory: str, arch: Architecture, corpus: Iterable[str] | None = None,
-                     dtype: str = "float32") -> str:
+def build_checkpoint(
+    directory: str, arch: Architecture, corpus: Iterable[str] | None = None, dtype: str = "float32"
+) -> str:
     """Write a complete random-weight checkpoint for `arch` into `directory` (created)."""
     import torch
     from safetensors.torch import save_file
 
     os.makedirs(directory, exist_ok=True)
-    tok = train_tokenizer(arch.layout, corpus if corpus is not None else DEFAULT_CORPUS, arch.tokenizer_vocab)
+    tok = train_tokenizer(
+        arch.layout, corpus if corpus is not None else DEFAULT_CORPUS, arch.tokenizer_vocab
+    )
     _save_tokenizer(tok, arch.layout, directory)
     pad_id = tok.token_to_id("[PAD]" if arch.layout == "bert" else "<pad>")
     vocab = arch.vocab_size or tok.get_vocab_size()
@@ -197,16 +247,31 @@ def build_checkpoint(directory: str, arch: Architecture, corpus: Iterable[str] |
     if arch.layout == "jina_flash":
         state = to_jina_flash(model.state_dict())
         config = {  # the shape of jina-reranker-v2's config.json: no model_type, flash-attention options
-            "architectures": ["XLMRobertaForSequenceClassification"], "attention_probs_dropout_prob": 0.1,
-            "bos_token_id": 0, "eos_token_id": 2, "hidden_act": "gelu", "hidden_dropout_prob": 0.1,
-            "hidden_size": arch.hidden_size, "initializer_range": arch.initializer_range,
-            "intermediate_size": arch.intermediate_size, "layer_norm_eps": 1e-05,
-            "max_position_embeddings": arch.max_position_embeddings, "num_attention_heads": arch.num_attention_heads,
-            "num_hidden_layers": arch.num_hidden_layers, "pad_token_id": pad_id,
-            "position_embedding_type": "absolute", "type_vocab_size": 1, "vocab_size": vocab,
-            "use_flash_attn": True, "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0},
+            "architectures": ["XLMRobertaForSequenceClassification"],
+            "attention_probs_dropout_prob": 0.1,
+            "bos_token_id": 0,
+            "eos_token_id": 2,
+            "hidden_act": "gelu",
+            "hidden_dropout_prob": 0.1,
+            "hidden_size": arch.hidden_size,
+            "initializer_range": arch.initializer_range,
+            "intermediate_size": arch.intermediate_size,
+            "layer_norm_eps": 1e-05,
+            "max_position_embeddings": arch.max_position_embeddings,
+            "num_attention_heads": arch.num_attention_heads,
+            "num_hidden_layers": arch.num_hidden_layers,
+            "pad_token_id": pad_id,
+            "position_embedding_type": "absolute",
+            "type_vocab_size": 1,
+            "vocab_size": vocab,
+            "use_flash_attn": True,
+            "id2label": {"0": "LABEL_0"},
+            "label2id": {"LABEL_0": 0},
         }
-        save_file({k: v.to(torch_dtype) for k, v in state.items()}, os.path.join(directory, "model.safetensors"))
+        save_file(
+            {k: v.to(torch_dtype) for k, v in state.items()},
+            os.path.join(directory, "model.safetensors"),
+        )
         with open(os.path.join(directory, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
     else:
@@ -220,13 +285,21 @@ def build_checkpoint(directory: str, arch: Architecture, corpus: Iterable[str] |
     return directory
 
 
-def dummy_checkpoint(name: str, cache_dir: str | None = None, corpus: list[str] | None = None, **overrides) -> str:
+def dummy_checkpoint(
+    name: str, cache_dir: str | None = None, corpus: list[str] | None = None, **overrides
+) -> str:
     """The directory of the named dummy checkpoint, built once and cached (safe under concurrent builders)."""
     if name not in ARCHITECTURES:
-        raise ValueError(f"unknown dummy architecture {name!r}; choose one of {sorted(ARCHITECTURES)}")
+        raise ValueError(
+            f"unknown dummy architecture {name!r}; choose one of {sorted(ARCHITECTURES)}"
+        )
     arch = replace(ARCHITECTURES[name], **overrides)
-    key = hashlib.sha256(json.dumps([asdict(arch), corpus], sort_keys=True).encode()).hexdigest()[:12]
-    root = cache_dir or os.environ.get("RERANK_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "rerank-pipeline"))
+    key = hashlib.sha256(json.dumps([asdict(arch), corpus], sort_keys=True).encode()).hexdigest()[
+        :12
+    ]
+    root = cache_dir or os.environ.get(
+        "RERANK_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "rerank-pipeline")
+    )
     target = os.path.join(root, "dummy", f"{name}-{key}")
     if os.path.isfile(os.path.join(target, "config.json")):
         return target

@@ -44,7 +44,9 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     A bf16 `x` is divided in bf16 by a scale rounded to bf16 (so the scale it was divided by is exactly the one
     returned): no float32 copy of the activations; the one extra rounding is 2^-8 against e4m3's 2^-4."""
     x = x.detach()
-    amax = torch.linalg.vector_norm(x, ord=math.inf, dim=1, keepdim=True, dtype=torch.float32)  # (rows, 1)
+    amax = torch.linalg.vector_norm(
+        x, ord=math.inf, dim=1, keepdim=True, dtype=torch.float32
+    )  # (rows, 1)
     scale = torch.where(amax > 0, amax / E4M3_MAX, 1.0)
     work = x if x.dtype == torch.bfloat16 else x.float()
     if work.dtype != torch.float32:
@@ -59,20 +61,29 @@ class Fp8Linear:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         out_features, in_features = weight.shape
         if out_features % WIDTH_MULTIPLE or in_features % WIDTH_MULTIPLE:
-            raise ValueError(f"float8 needs Linear layers whose widths are multiples of {WIDTH_MULTIPLE}, got "
-                             f"{in_features} -> {out_features}; use bfloat16 for this model")
-        q, scale = quantize_rows(weight)                                                # (out, in), (out, 1)
-        self.q_weight_t = q.t()                       # (in, out), column-major: the layout _scaled_mm wants
-        self.weight_scale = scale.reshape(1, -1).contiguous()                           # (1, out)
+            raise ValueError(
+                f"float8 needs Linear layers whose widths are multiples of {WIDTH_MULTIPLE}, got "
+                f"{in_features} -> {out_features}; use bfloat16 for this model"
+            )
+        q, scale = quantize_rows(weight)  # (out, in), (out, 1)
+        self.q_weight_t = q.t()  # (in, out), column-major: the layout _scaled_mm wants
+        self.weight_scale = scale.reshape(1, -1).contiguous()  # (1, out)
         self.bias = None if bias is None else bias.detach()
 
-    def __call__(self, x: torch.Tensor, activation: str | None = None,
-                 residual: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(
+        self, x: torch.Tensor, activation: str | None = None, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """x (n, in) -> (n, out) in x's dtype; then GELU (`activation`: "none" = erf, or "tanh") or + residual."""
-        q_x, x_scale = quantize_rows(x)                                                 # (n, in), (n, 1)
+        q_x, x_scale = quantize_rows(x)  # (n, in), (n, 1)
         bias = self.bias if self.bias is not None and self.bias.dtype == x.dtype else None
-        out = torch._scaled_mm(q_x, self.q_weight_t, scale_a=x_scale, scale_b=self.weight_scale, bias=bias,
-                               out_dtype=x.dtype)                                       # (n, out)
+        out = torch._scaled_mm(
+            q_x,
+            self.q_weight_t,
+            scale_a=x_scale,
+            scale_b=self.weight_scale,
+            bias=bias,
+            out_dtype=x.dtype,
+        )  # (n, out)
         if self.bias is not None and bias is None:
             out.add_(self.bias)
         if activation is not None:
@@ -100,8 +111,11 @@ class Fp8Weights:
         return hit
 
     def describe(self) -> dict:
-        return {"activations": "e4m3 per token, dynamic", "weights": "e4m3 per output channel",
-                "layers": len(self.names)}
+        return {
+            "activations": "e4m3 per token, dynamic",
+            "weights": "e4m3 per output channel",
+            "layers": len(self.names),
+        }
 
 
 def fp8_kernel_works(device: torch.device) -> bool:
@@ -112,8 +126,13 @@ def fp8_kernel_works(device: torch.device) -> bool:
     place = runtime.RUNTIME.placement(device)
     try:
         q = torch.zeros(16, 16, device=place).to(E4M3)
-        torch._scaled_mm(q, q.t(), scale_a=torch.ones(16, 1, device=place),
-                         scale_b=torch.ones(1, 16, device=place), out_dtype=torch.bfloat16)
+        torch._scaled_mm(
+            q,
+            q.t(),
+            scale_a=torch.ones(16, 1, device=place),
+            scale_b=torch.ones(1, 16, device=place),
+            out_dtype=torch.bfloat16,
+        )
         return True
     except (RuntimeError, TypeError, NotImplementedError):
         return False

@@ -30,20 +30,37 @@ from pipeline.model.modeling import ONEDNN_FUSED, PackedWeights, linear
 from pipeline.model.quantization import Int8Linear, quantize_per_channel, weight_qmax
 
 HIDDEN, INTERMEDIATE = 768, 3072
-SHAPES = {"Wqkv": (HIDDEN, 3 * HIDDEN, None), "out_proj": (HIDDEN, HIDDEN, "add"),
-          "fc1": (HIDDEN, INTERMEDIATE, "gelu"), "fc2": (INTERMEDIATE, HIDDEN, "add")}
+SHAPES = {
+    "Wqkv": (HIDDEN, 3 * HIDDEN, None),
+    "out_proj": (HIDDEN, HIDDEN, "add"),
+    "fc1": (HIDDEN, INTERMEDIATE, "gelu"),
+    "fc2": (INTERMEDIATE, HIDDEN, "add"),
+}
 
 
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+            name = next(
+                (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), ""
+            )
         with open("/proc/cpuinfo") as f:
             flags = set(next((line for line in f if line.startswith("flags")), "").split())
     except OSError:
         return platform.processor()
-    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-           if f in flags]
+    isa = [
+        f
+        for f in (
+            "avx2",
+            "avx512f",
+            "avx512_vnni",
+            "avx_vnni",
+            "avx512_bf16",
+            "amx_bf16",
+            "amx_int8",
+        )
+        if f in flags
+    ]
     return f"{name} ({', '.join(isa)})"
 
 
@@ -56,19 +73,28 @@ class Case:
         self.layer = nn.Linear(d_in, d_out)
         self.residual = torch.randn(tokens, d_out) if post == "add" else None
         self.activation = "none" if post == "gelu" else None
-        self.int8 = Int8Linear(self.layer.weight, self.layer.bias, qmax=qmax, batch_size_hint=tokens)
-        self.int8_smooth = Int8Linear(self.layer.weight, self.layer.bias, torch.rand(d_in) + 0.5, qmax, tokens)
+        self.int8 = Int8Linear(
+            self.layer.weight, self.layer.bias, qmax=qmax, batch_size_hint=tokens
+        )
+        self.int8_smooth = Int8Linear(
+            self.layer.weight, self.layer.bias, torch.rand(d_in) + 0.5, qmax, tokens
+        )
         self.q_x = torch.randint(-127, 128, (tokens, d_in), dtype=torch.int8)
         # The engine's bf16 path on the same layer (what `dtype: auto` runs where the CPU has bf16 units).
         self.x_bf16 = self.x.bfloat16()
         self.layer_bf16 = copy.deepcopy(self.layer).bfloat16()
         self.residual_bf16 = None if self.residual is None else self.residual.bfloat16()
-        self.qweight_t = self.int8.qweight.t().contiguous()                      # (in, out) for torch._int_mm
+        self.qweight_t = self.int8.qweight.t().contiguous()  # (in, out) for torch._int_mm
         with warnings.catch_warnings(record=True) as self.fbgemm_warnings:
             warnings.simplefilter("always")
             q, scale = quantize_per_channel(self.layer.weight.detach(), qmax)
-            qw = torch.quantize_per_channel(q.float() * scale[:, None], scale.double(),
-                                            torch.zeros_like(scale, dtype=torch.int64), 0, torch.qint8)
+            qw = torch.quantize_per_channel(
+                q.float() * scale[:, None],
+                scale.double(),
+                torch.zeros_like(scale, dtype=torch.int64),
+                0,
+                torch.qint8,
+            )
             self.fbgemm = torch.ops.quantized.linear_prepack(qw, self.layer.bias.detach())
 
 
@@ -83,7 +109,14 @@ def fp32_onednn(case: Case, packed: PackedWeights):
 
 
 def bf16_onednn(case: Case, packed: PackedWeights):
-    return linear(ONEDNN_FUSED, case.x_bf16, case.layer_bf16, case.activation, case.residual_bf16, packed=packed)
+    return linear(
+        ONEDNN_FUSED,
+        case.x_bf16,
+        case.layer_bf16,
+        case.activation,
+        case.residual_bf16,
+        packed=packed,
+    )
 
 
 def int8_per_token(case: Case):
@@ -102,18 +135,60 @@ def int8_per_tensor_fused(case: Case):
     i8, zero_points = case.int8, case.int8.zero_points
     if case.post == "add":
         return torch.ops.onednn.qlinear_pointwise.binary(
-            q_x, scale, 0, i8.packed, i8.weight_scale, zero_points, case.residual.clone(), i8.bias, 1.0, 0,
-            torch.float32, 1.0, 0, "sum", 1.0, "none", [], "")
-    return torch.ops.onednn.qlinear_pointwise(q_x, scale, 0, i8.packed, i8.weight_scale, zero_points, i8.bias, 1.0, 0,
-                                              torch.float32, "gelu" if case.post else "none", [],
-                                              "none" if case.post else "")
+            q_x,
+            scale,
+            0,
+            i8.packed,
+            i8.weight_scale,
+            zero_points,
+            case.residual.clone(),
+            i8.bias,
+            1.0,
+            0,
+            torch.float32,
+            1.0,
+            0,
+            "sum",
+            1.0,
+            "none",
+            [],
+            "",
+        )
+    return torch.ops.onednn.qlinear_pointwise(
+        q_x,
+        scale,
+        0,
+        i8.packed,
+        i8.weight_scale,
+        zero_points,
+        i8.bias,
+        1.0,
+        0,
+        torch.float32,
+        "gelu" if case.post else "none",
+        [],
+        "none" if case.post else "",
+    )
 
 
 def int8_gemm_only(case: Case):
     """The int8 matmul alone, input already quantized, no epilogue: the kernel's ceiling."""
     i8 = case.int8
-    return torch.ops.onednn.qlinear_pointwise(case.q_x, 1.0, 0, i8.packed, i8.weight_scale, i8.zero_points, None,
-                                              1.0, 0, torch.float32, "none", [], "")
+    return torch.ops.onednn.qlinear_pointwise(
+        case.q_x,
+        1.0,
+        0,
+        i8.packed,
+        i8.weight_scale,
+        i8.zero_points,
+        None,
+        1.0,
+        0,
+        torch.float32,
+        "none",
+        [],
+        "",
+    )
 
 
 def fbgemm_dynamic(case: Case):
@@ -125,7 +200,9 @@ def int_mm(case: Case):
     from pipeline.model.quantization import quantize_per_token
 
     q_x, scale = quantize_per_token(case.x)
-    out = torch._int_mm(q_x, case.qweight_t).float() * scale * case.int8.weight_scale + case.int8.bias
+    out = (
+        torch._int_mm(q_x, case.qweight_t).float() * scale * case.int8.weight_scale + case.int8.bias
+    )
     return epilogue(case, out)
 
 
@@ -147,10 +224,14 @@ def format_rate(gops: float) -> str:
     return f"{gops:.0f}" if gops >= 1000 else f"{gops:.3g}"
 
 
-def measure(tokens: int, repeats: int, with_int_mm: bool, min_seconds: float = 0.2) -> dict[str, float]:
+def measure(
+    tokens: int, repeats: int, with_int_mm: bool, min_seconds: float = 0.2
+) -> dict[str, float]:
     torch.manual_seed(0)
     qmax = weight_qmax()
-    cases = {name: Case(tokens, d_in, d_out, post, qmax) for name, (d_in, d_out, post) in SHAPES.items()}
+    cases = {
+        name: Case(tokens, d_in, d_out, post, qmax) for name, (d_in, d_out, post) in SHAPES.items()
+    }
     packed = PackedWeights(tokens)
     contenders = {
         "fp32 oneDNN fused linear (the engine's float32)": lambda c: fp32_onednn(c, packed),
@@ -162,9 +243,13 @@ def measure(tokens: int, repeats: int, with_int_mm: bool, min_seconds: float = 0
     }
     if with_int_mm:
         contenders["torch._int_mm + per-token scales"] = int_mm
-    if cpu_has_bf16_matrix_units():  # elsewhere bf16 is emulated: slower than fp32, and not what auto picks
+    if (
+        cpu_has_bf16_matrix_units()
+    ):  # elsewhere bf16 is emulated: slower than fp32, and not what auto picks
         packed_bf16 = PackedWeights(tokens)
-        contenders["bf16 oneDNN fused linear (the engine's bf16, dtype auto)"] = lambda c: bf16_onednn(c, packed_bf16)
+        contenders["bf16 oneDNN fused linear (the engine's bf16, dtype auto)"] = lambda c: (
+            bf16_onednn(c, packed_bf16)
+        )
     ops = sum(2 * tokens * d_in * d_out for d_in, d_out, _ in SHAPES.values())
     best = dict.fromkeys(contenders, float("inf"))
     for run in contenders.values():
@@ -173,22 +258,38 @@ def measure(tokens: int, repeats: int, with_int_mm: bool, min_seconds: float = 0
     for _ in range(repeats):
         for name, run in contenders.items():
             best[name] = min(best[name], timed(run, cases, min_seconds))
-    deprecated = {str(w.message).split(".")[0] for case in cases.values() for w in case.fbgemm_warnings}
+    deprecated = {
+        str(w.message).split(".")[0] for case in cases.values() for w in case.fbgemm_warnings
+    }
     return {name: ops / seconds / 1e9 for name, seconds in best.items()}, deprecated
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m pipeline.model.int8_kernels", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.model.int8_kernels", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 4096])
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--int-mm-tokens", type=int, default=512,
-                        help="tokens for torch._int_mm (slow on CPUs without its fast path; 0 skips it)")
-    parser.add_argument("--min-seconds", type=float, default=0.2,
-                        help="each repeat of a contender runs the layers again until it lasts this long")
+    parser.add_argument(
+        "--int-mm-tokens",
+        type=int,
+        default=512,
+        help="tokens for torch._int_mm (slow on CPUs without its fast path; 0 skips it)",
+    )
+    parser.add_argument(
+        "--min-seconds",
+        type=float,
+        default=0.2,
+        help="each repeat of a contender runs the layers again until it lasts this long",
+    )
     args = parser.parse_args(argv)
-    print(f"{cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads, int8 weights in "
-          f"[-{weight_qmax()}, {weight_qmax()}]")
-    runs = [(tokens, False) for tokens in args.tokens] + ([(args.int_mm_tokens, True)] if args.int_mm_tokens else [])
+    print(
+        f"{cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads, int8 weights in "
+        f"[-{weight_qmax()}, {weight_qmax()}]"
+    )
+    runs = [(tokens, False) for tokens in args.tokens] + (
+        [(args.int_mm_tokens, True)] if args.int_mm_tokens else []
+    )
     for tokens, with_int_mm in runs:
         figures, deprecated = measure(tokens, args.repeats, with_int_mm, args.min_seconds)
         fp32 = next(iter(figures.values()))

@@ -35,5 +35,8 @@ def linear_layer_names(num_hidden_layers: int) -> list[str]:
     """The encoder's Linear layers by name, as int8's `fp32_layers` patterns match them ("layers.0.mixer.Wqkv" ...
     "layers.11.mlp.fc2"): `quantization.encoder_linears` of the model, known here from the layer count alone, so
     the driver checks patterns without loading weights (or torch)."""
-    return [f"layers.{i}.{name}" for i in range(num_hidden_layers)
-            for name in ("mixer.Wqkv", "mixer.out_proj", "mlp.fc1", "mlp.fc2")]
+    return [
+        f"layers.{i}.{name}"
+        for i in range(num_hidden_layers)
+        for name in ("mixer.Wqkv", "mixer.out_proj", "mlp.fc1", "mlp.fc2")
+    ]

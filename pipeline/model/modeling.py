@@ -39,8 +39,10 @@ logger = logging.getLogger(__name__)
 # Attention backends. Chosen in exactly one place (`select_attention_backend`) and logged once per choice.
 # ---------------------------------------------------------------------------------------------------------
 
-FLASH_ATTN = "flash_attn_varlen"    # the flash-attn package's varlen kernel (CUDA, fp16/bf16)
-TORCH_VARLEN = "torch_varlen_attn"  # torch.nn.attention.varlen.varlen_attn (CUDA, fp16/bf16, no extra package)
+FLASH_ATTN = "flash_attn_varlen"  # the flash-attn package's varlen kernel (CUDA, fp16/bf16)
+TORCH_VARLEN = (
+    "torch_varlen_attn"  # torch.nn.attention.varlen.varlen_attn (CUDA, fp16/bf16, no extra package)
+)
 SDPA_GROUPED = "sdpa_length_grouped"  # SDPA over length-grouped sub-batches (any device, any dtype)
 
 _logged_choices: set[tuple] = set()
@@ -81,7 +83,9 @@ def _call_varlen(kernel: str, fn, q, k, v, cu_q, cu_k, max_q: int, max_k: int, s
     if _varlen_takes_scale(fn):
         return fn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, **_varlen_options(fn))
     if not math.isclose(scale, 1.0 / math.sqrt(q.shape[-1])):
-        raise ValueError("this torch's varlen_attn has no `scale` argument and the model needs a non-default one")
+        raise ValueError(
+            "this torch's varlen_attn has no `scale` argument and the model needs a non-default one"
+        )
     return fn(q, k, v, cu_q, cu_k, max_q, max_k, **_varlen_options(fn))
 
 
@@ -96,21 +100,30 @@ def _probe_varlen(kernel: str, device: torch.device, dtype: torch.dtype) -> tupl
         try:
             fn = _flash_attn_varlen() if kernel == FLASH_ATTN else _torch_varlen_attn()
             if fn is None:
-                raise ImportError("torch.nn.attention.varlen.varlen_attn is missing (torch older than 2.9)")
+                raise ImportError(
+                    "torch.nn.attention.varlen.varlen_attn is missing (torch older than 2.9)"
+                )
             place = runtime.RUNTIME.placement(device)
-            x = torch.ones(3, 1, 8, dtype=dtype, device=place)                     # (tokens, heads, head_dim)
+            x = torch.ones(3, 1, 8, dtype=dtype, device=place)  # (tokens, heads, head_dim)
             cu = torch.tensor([0, 1, 3], dtype=torch.int32, device=place)
             out = _call_varlen(kernel, fn, x, x, x, cu, cu, 2, 2, 1.0 / math.sqrt(8))
             if tuple(out.shape) != (3, 1, 8):
                 raise RuntimeError(f"returned shape {tuple(out.shape)}")
             _probes[key] = (True, "")
         except Exception as e:  # noqa: BLE001 - a broken extension raises anything (ImportError, OSError, RuntimeError)
-            _probes[key] = (False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300])
-            logger.warning("attention backend %s unusable, falling back (%s)", kernel, _probes[key][1])
+            _probes[key] = (
+                False,
+                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300],
+            )
+            logger.warning(
+                "attention backend %s unusable, falling back (%s)", kernel, _probes[key][1]
+            )
     return _probes[key]
 
 
-def select_attention_backend(device: torch.device, dtype: torch.dtype, prefer: str | None = None) -> str:
+def select_attention_backend(
+    device: torch.device, dtype: torch.dtype, prefer: str | None = None
+) -> str:
     """Pick the fastest exact kernel available for (device, dtype); log the choice and why, once.
 
     Every backend computes the same softmax(QK^T / sqrt(d)) V per sequence; they differ only in float
@@ -124,15 +137,24 @@ def select_attention_backend(device: torch.device, dtype: torch.dtype, prefer: s
     elif cuda and half and _probe_varlen(FLASH_ATTN, device, dtype)[0]:
         choice, why = FLASH_ATTN, "CUDA, half precision and the flash-attn package works"
     elif cuda and half and _probe_varlen(TORCH_VARLEN, device, dtype)[0]:
-        choice, why = TORCH_VARLEN, ("CUDA, half precision, this torch has varlen_attn (flash-attn: "
-                                     f"{_probe_varlen(FLASH_ATTN, device, dtype)[1] or 'not installed'})")
+        choice, why = (
+            TORCH_VARLEN,
+            (
+                "CUDA, half precision, this torch has varlen_attn (flash-attn: "
+                f"{_probe_varlen(FLASH_ATTN, device, dtype)[1] or 'not installed'})"
+            ),
+        )
     else:
         choice = SDPA_GROUPED
-        why = (f"{device.type} with {str(dtype).replace('torch.', '')}: no varlen kernel here; SDPA runs on "
-               "sub-batches of similar length, so padding touches attention only, never the Linear layers")
+        why = (
+            f"{device.type} with {str(dtype).replace('torch.', '')}: no varlen kernel here; SDPA runs on "
+            "sub-batches of similar length, so padding touches attention only, never the Linear layers"
+        )
         if cuda and half:
-            why = (f"CUDA without a working varlen kernel (flash-attn: {_probe_varlen(FLASH_ATTN, device, dtype)[1]}; "
-                   f"torch varlen_attn: {_probe_varlen(TORCH_VARLEN, device, dtype)[1]}): padded SDPA groups")
+            why = (
+                f"CUDA without a working varlen kernel (flash-attn: {_probe_varlen(FLASH_ATTN, device, dtype)[1]}; "
+                f"torch varlen_attn: {_probe_varlen(TORCH_VARLEN, device, dtype)[1]}): padded SDPA groups"
+            )
     key = (choice, device.type, dtype)
     if key not in _logged_choices:
         _logged_choices.add(key)
@@ -199,18 +221,26 @@ def _sdpa_equal_length_runs(q, k, v, starts, seqlens, cls_only, scale):
     out = torch.empty_like(q)
     heads, head_dim = k.shape[1], k.shape[2]
     if not cls_only:
-        out[starts[-1] + seqlens[-1]:] = 0  # rows past the last sequence (GEMM_ROWS_MULTIPLE): no attention
+        out[starts[-1] + seqlens[-1] :] = (
+            0  # rows past the last sequence (GEMM_ROWS_MULTIPLE): no attention
+        )
     for first, last in _equal_length_runs(seqlens):
         m, n, start = last - first, seqlens[first], starts[first]
         end = start + m * n
-        k_run = k[start:end].view(m, n, heads, head_dim).transpose(1, 2)           # (m, heads, n, head_dim)
+        k_run = k[start:end].view(m, n, heads, head_dim).transpose(1, 2)  # (m, heads, n, head_dim)
         v_run = v[start:end].view(m, n, heads, head_dim).transpose(1, 2)
         if cls_only:
-            q_run = q[first:last][:, :, None, :]                                    # (m, heads, 1, head_dim)
-            out[first:last] = F.scaled_dot_product_attention(q_run, k_run, v_run, scale=scale)[:, :, 0, :]
+            q_run = q[first:last][:, :, None, :]  # (m, heads, 1, head_dim)
+            out[first:last] = F.scaled_dot_product_attention(q_run, k_run, v_run, scale=scale)[
+                :, :, 0, :
+            ]
         else:
-            q_run = q[start:end].view(m, n, heads, head_dim).transpose(1, 2)        # (m, heads, n, head_dim)
-            o = F.scaled_dot_product_attention(q_run, k_run, v_run, scale=scale)    # (m, heads, n, head_dim)
+            q_run = (
+                q[start:end].view(m, n, heads, head_dim).transpose(1, 2)
+            )  # (m, heads, n, head_dim)
+            o = F.scaled_dot_product_attention(
+                q_run, k_run, v_run, scale=scale
+            )  # (m, heads, n, head_dim)
             out[start:end].view(m, n, heads, head_dim).copy_(o.transpose(1, 2))
     return out
 
@@ -226,6 +256,7 @@ class _PaddedGroup:
     tokens  (valid,) int64      packed index of that token (same order)
     rows    (g,) int64          the group's sequences (the query row of each when `cls_only`)
     """
+
     gather: torch.Tensor
     mask: torch.Tensor | None
     slots: torch.Tensor
@@ -233,8 +264,11 @@ class _PaddedGroup:
     rows: torch.Tensor
 
 
-def _padded_groups(starts: list[int], seqlens: list[int], device: torch.device) -> list[_PaddedGroup]:
+def _padded_groups(
+    starts: list[int], seqlens: list[int], device: torch.device
+) -> list[_PaddedGroup]:
     """`_length_groups` of a packed batch as `_PaddedGroup`s on `device` (host arithmetic, pinned copies)."""
+
     def upload(array: np.ndarray) -> torch.Tensor:
         host = torch.from_numpy(array)
         if runtime.is_cuda(device):
@@ -243,18 +277,24 @@ def _padded_groups(starts: list[int], seqlens: list[int], device: torch.device) 
 
     groups = []
     for group in _length_groups(seqlens):
-        lengths = np.asarray([seqlens[i] for i in group], dtype=np.int64)             # (g,)
-        first = np.asarray([starts[i] for i in group], dtype=np.int64)                # (g,)
+        lengths = np.asarray([seqlens[i] for i in group], dtype=np.int64)  # (g,)
+        first = np.asarray([starts[i] for i in group], dtype=np.int64)  # (g,)
         max_len = int(lengths.max())
         offsets = np.arange(max_len, dtype=np.int64)
-        valid = offsets[None, :] < lengths[:, None]                                    # (g, max_len)
+        valid = offsets[None, :] < lengths[:, None]  # (g, max_len)
         # Pad by repeating each sequence's last token: the mask hides it as a key, and padded query rows
         # are dropped, so its value never matters.
         gather = first[:, None] + np.minimum(offsets[None, :], lengths[:, None] - 1)  # (g, max_len)
         slots = np.flatnonzero(valid)
-        groups.append(_PaddedGroup(upload(gather), None if valid.all() else upload(valid)[:, None, None, :],
-                                   upload(slots), upload(gather.reshape(-1)[slots]),
-                                   upload(np.asarray(group, dtype=np.int64))))
+        groups.append(
+            _PaddedGroup(
+                upload(gather),
+                None if valid.all() else upload(valid)[:, None, None, :],
+                upload(slots),
+                upload(gather.reshape(-1)[slots]),
+                upload(np.asarray(group, dtype=np.int64)),
+            )
+        )
     return groups
 
 
@@ -274,15 +314,19 @@ def _sdpa_grouped(q, k, v, packed: _PackedView, cls_only, scale):
     out = torch.empty_like(q)
     heads, head_dim = k.shape[1], k.shape[2]
     for group in packed.padded_groups:
-        k_pad = k[group.gather].transpose(1, 2)                                    # (g, heads, max_len, head_dim)
+        k_pad = k[group.gather].transpose(1, 2)  # (g, heads, max_len, head_dim)
         v_pad = v[group.gather].transpose(1, 2)
         if not cls_only:
-            q_pad = q[group.gather].transpose(1, 2)                                # (g, heads, max_len, head_dim)
-            o = F.scaled_dot_product_attention(q_pad, k_pad, v_pad, attn_mask=group.mask, scale=scale)
+            q_pad = q[group.gather].transpose(1, 2)  # (g, heads, max_len, head_dim)
+            o = F.scaled_dot_product_attention(
+                q_pad, k_pad, v_pad, attn_mask=group.mask, scale=scale
+            )
             out[group.tokens] = o.transpose(1, 2).reshape(-1, heads, head_dim)[group.slots]
         else:
-            q_one = q[group.rows][:, :, None, :]                                   # (g, heads, 1, head_dim)
-            o = F.scaled_dot_product_attention(q_one, k_pad, v_pad, attn_mask=group.mask, scale=scale)
+            q_one = q[group.rows][:, :, None, :]  # (g, heads, 1, head_dim)
+            o = F.scaled_dot_product_attention(
+                q_one, k_pad, v_pad, attn_mask=group.mask, scale=scale
+            )
             out[group.rows] = o[:, :, 0, :]
     return out
 
@@ -298,7 +342,9 @@ def varlen_attention(backend, q, k, v, packed: _PackedView, cls_only: bool, scal
     cu_seqlens, max_seqlen = packed.cu_seqlens, packed.max_seqlen
     if cls_only:
         if packed.cu_queries is None:
-            packed.cu_queries = torch.arange(len(packed.seqlens) + 1, dtype=torch.int32, device=q.device)
+            packed.cu_queries = torch.arange(
+                len(packed.seqlens) + 1, dtype=torch.int32, device=q.device
+            )
         cu_q, max_q = packed.cu_queries, 1
     else:
         cu_q, max_q = cu_seqlens, max_seqlen
@@ -317,9 +363,11 @@ def varlen_attention(backend, q, k, v, packed: _PackedView, cls_only: bool, scal
 # ---------------------------------------------------------------------------------------------------------
 
 ONEDNN_FUSED = "onednn_fused"  # torch.ops.mkldnn._linear_pointwise (CPU): the op torch.compile's CPU backend emits
-ATEN_LINEAR = "aten"           # F.linear, then F.gelu / + as separate ops (any device)
-ONEDNN_INT8 = "onednn_int8"    # torch.ops.onednn.qlinear_pointwise (CPU): int8 weights and activations (quantization.py)
-SCALED_MM_FP8 = "scaled_mm_fp8"  # torch._scaled_mm (Hopper/Ada GPUs): e4m3 weights and activations (fp8.py)
+ATEN_LINEAR = "aten"  # F.linear, then F.gelu / + as separate ops (any device)
+ONEDNN_INT8 = "onednn_int8"  # torch.ops.onednn.qlinear_pointwise (CPU): int8 weights and activations (quantization.py)
+SCALED_MM_FP8 = (
+    "scaled_mm_fp8"  # torch._scaled_mm (Hopper/Ada GPUs): e4m3 weights and activations (fp8.py)
+)
 
 
 def _onednn_linear_works(dtype: torch.dtype) -> bool:
@@ -328,15 +376,26 @@ def _onednn_linear_works(dtype: torch.dtype) -> bool:
     if op is None or not torch.backends.mkldnn.is_available():
         return False
     try:
-        x, w, b = torch.ones(2, 8, dtype=dtype), torch.ones(4, 8, dtype=dtype), torch.zeros(4, dtype=dtype)
-        y = op.binary(op(x, w, b, "gelu", [], "none"), torch.ones(2, 8, dtype=dtype), torch.ones(8, 4, dtype=dtype),
-                      torch.zeros(8, dtype=dtype), "add")
+        x, w, b = (
+            torch.ones(2, 8, dtype=dtype),
+            torch.ones(4, 8, dtype=dtype),
+            torch.zeros(4, dtype=dtype),
+        )
+        y = op.binary(
+            op(x, w, b, "gelu", [], "none"),
+            torch.ones(2, 8, dtype=dtype),
+            torch.ones(8, 4, dtype=dtype),
+            torch.zeros(8, dtype=dtype),
+            "add",
+        )
         return y.shape == (2, 8) and bool(torch.isfinite(y).all())
     except (RuntimeError, NotImplementedError, TypeError):
         return False
 
 
-def select_linear_kernel(device: torch.device, dtype: torch.dtype, prefer: str | None = None) -> str:
+def select_linear_kernel(
+    device: torch.device, dtype: torch.dtype, prefer: str | None = None
+) -> str:
     """oneDNN's fused linear on CPU when this build has it, aten elsewhere; log the choice once.
 
     `dtype` torch.int8 (asked for, never chosen by `auto`) takes oneDNN's int8 linear on CPU: the choice
@@ -355,12 +414,22 @@ def select_linear_kernel(device: torch.device, dtype: torch.dtype, prefer: str |
     elif dtype == torch.int8:
         on_cpu = device.type == "cpu" and not runtime.is_cuda(device)
         if not (on_cpu and int8_kernel_works() and _onednn_linear_works(torch.float32)):
-            raise ValueError(f"int8 scoring needs oneDNN's int8 linear on CPU, which {device.type} with this torch "
-                             "build lacks; use dtype bfloat16 or float32")
-        choice, why = ONEDNN_INT8, ("int8 asked for: int8 weights per channel, activations per token; "
-                                    "embeddings, LayerNorm, attention and the head in float32")
+            raise ValueError(
+                f"int8 scoring needs oneDNN's int8 linear on CPU, which {device.type} with this torch "
+                "build lacks; use dtype bfloat16 or float32"
+            )
+        choice, why = (
+            ONEDNN_INT8,
+            (
+                "int8 asked for: int8 weights per channel, activations per token; "
+                "embeddings, LayerNorm, attention and the head in float32"
+            ),
+        )
     elif device.type == "cpu" and not runtime.is_cuda(device) and _onednn_linear_works(dtype):
-        choice, why = ONEDNN_FUSED, "CPU with oneDNN: bias, GELU and residual adds fused into the GEMMs"
+        choice, why = (
+            ONEDNN_FUSED,
+            "CPU with oneDNN: bias, GELU and residual adds fused into the GEMMs",
+        )
     else:
         choice, why = ATEN_LINEAR, f"{device.type}: separate aten ops"
     key = ("linear", choice, device.type, dtype)
@@ -389,14 +458,25 @@ class PackedWeights:
         hit = self._cache.get(key)
         if hit is None or hit[0] != source:
             weight = layer.weight if rows is None else layer.weight[rows]
-            hit = (source, torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), self.batch_size_hint))
+            hit = (
+                source,
+                torch.ops.mkldnn._reorder_linear_weight(
+                    weight.detach().contiguous(), self.batch_size_hint
+                ),
+            )
             self._cache[key] = hit
         return hit[1]
 
 
-def linear(kernel: str, x: torch.Tensor, layer: nn.Linear, activation: str | None = None,
-           residual: torch.Tensor | None = None, rows: slice | None = None,
-           packed: PackedWeights | None = None) -> torch.Tensor:
+def linear(
+    kernel: str,
+    x: torch.Tensor,
+    layer: nn.Linear,
+    activation: str | None = None,
+    residual: torch.Tensor | None = None,
+    rows: slice | None = None,
+    packed: PackedWeights | None = None,
+) -> torch.Tensor:
     """layer(x), then GELU (`activation` "none" = erf or "tanh") or `+ residual`: (n, in) -> (n, out).
 
     `rows` takes a slice of the layer's output features (e.g. only keys and values of a fused Wqkv);
@@ -413,8 +493,11 @@ def linear(kernel: str, x: torch.Tensor, layer: nn.Linear, activation: str | Non
         kernel, packed = ONEDNN_FUSED, packed.fp32
     bias = layer.bias if rows is None or layer.bias is None else layer.bias[rows]
     if kernel == ONEDNN_FUSED:
-        weight = packed.get(layer, rows) if packed is not None else \
-            (layer.weight if rows is None else layer.weight[rows])
+        weight = (
+            packed.get(layer, rows)
+            if packed is not None
+            else (layer.weight if rows is None else layer.weight[rows])
+        )
         op = torch.ops.mkldnn._linear_pointwise
         if residual is not None:
             return op.binary(x, residual, weight, bias, "add")
@@ -462,16 +545,38 @@ class SelfAttention(nn.Module):
         heads, head_dim, width = self.num_heads, self.head_dim, self.num_heads * self.head_dim
         if cls_only:
             # Keys and values for every token, the query for the first token only.
-            kv = linear(packed.linear_kernel, hidden, self.Wqkv, rows=slice(width, 3 * width), packed=packed.weights)
-            k, v = kv.view(-1, 2, heads, head_dim).unbind(dim=1)                 # each (total_tokens, heads, head_dim)
-            q = linear(packed.linear_kernel, hidden[packed.cls_index], self.Wqkv, rows=slice(0, width),
-                       packed=packed.weights).view(-1, heads, head_dim)           # (batch, heads, head_dim)
+            kv = linear(
+                packed.linear_kernel,
+                hidden,
+                self.Wqkv,
+                rows=slice(width, 3 * width),
+                packed=packed.weights,
+            )
+            k, v = kv.view(-1, 2, heads, head_dim).unbind(
+                dim=1
+            )  # each (total_tokens, heads, head_dim)
+            q = linear(
+                packed.linear_kernel,
+                hidden[packed.cls_index],
+                self.Wqkv,
+                rows=slice(0, width),
+                packed=packed.weights,
+            ).view(-1, heads, head_dim)  # (batch, heads, head_dim)
         else:
-            qkv = linear(packed.linear_kernel, hidden, self.Wqkv, packed=packed.weights).view(-1, 3, heads, head_dim)
-            q, k, v = qkv.unbind(dim=1)                                          # each (total_tokens, heads, head_dim)
-        attn = varlen_attention(packed.backend, q, k, v, packed, cls_only, 1.0 / math.sqrt(head_dim))
-        return linear(packed.linear_kernel, attn.reshape(attn.shape[0], -1), self.out_proj, residual=residual,
-                      packed=packed.weights)
+            qkv = linear(packed.linear_kernel, hidden, self.Wqkv, packed=packed.weights).view(
+                -1, 3, heads, head_dim
+            )
+            q, k, v = qkv.unbind(dim=1)  # each (total_tokens, heads, head_dim)
+        attn = varlen_attention(
+            packed.backend, q, k, v, packed, cls_only, 1.0 / math.sqrt(head_dim)
+        )
+        return linear(
+            packed.linear_kernel,
+            attn.reshape(attn.shape[0], -1),
+            self.out_proj,
+            residual=residual,
+            packed=packed.weights,
+        )
 
 
 class Mlp(nn.Module):
@@ -481,7 +586,9 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
         self.approximate = "tanh" if config.hidden_act == "gelu_tanh" else "none"
 
-    def forward(self, hidden, kernel: str = ATEN_LINEAR, residual=None, packed: PackedWeights | None = None):
+    def forward(
+        self, hidden, kernel: str = ATEN_LINEAR, residual=None, packed: PackedWeights | None = None
+    ):
         """fc2(gelu(fc1(hidden))) + residual: (tokens, hidden) -> (tokens, hidden)."""
         inner = linear(kernel, hidden, self.fc1, activation=self.approximate, packed=packed)
         return linear(kernel, inner, self.fc2, residual=residual, packed=packed)
@@ -501,7 +608,9 @@ class Layer(nn.Module):
         """(total_tokens, hidden) -> (total_tokens, hidden), or (batch, hidden) when `cls_only`."""
         residual = hidden[packed.cls_index] if cls_only else hidden
         hidden = self.norm1(self.mixer(hidden, packed, cls_only, residual))
-        return self.norm2(self.mlp(hidden, packed.linear_kernel, residual=hidden, packed=packed.weights))
+        return self.norm2(
+            self.mlp(hidden, packed.linear_kernel, residual=hidden, packed=packed.weights)
+        )
 
 
 class ClassificationHead(nn.Module):
@@ -520,14 +629,18 @@ class ClassificationHead(nn.Module):
 class _PackedView:
     cu_seqlens: torch.Tensor  # (batch + 1,) int32
     max_seqlen: int
-    seqlens: list[int]        # host copies of the lengths and starts: attention never reads them back
+    seqlens: list[int]  # host copies of the lengths and starts: attention never reads them back
     starts: list[int]
-    cls_index: torch.Tensor   # (batch,) int64, = cu_seqlens[:-1]
-    backend: str              # attention backend
+    cls_index: torch.Tensor  # (batch,) int64, = cu_seqlens[:-1]
+    backend: str  # attention backend
     linear_kernel: str = ATEN_LINEAR
-    weights: object = None    # PackedWeights (ONEDNN_FUSED) or quantization.Int8Weights (ONEDNN_INT8)
-    padded_groups: list | None = None          # SDPA_GROUPED on CUDA: made by the first layer, reused by the rest
-    cu_queries: torch.Tensor | None = field(default=None)  # (batch + 1,) int32 0..batch, the last layer's queries
+    weights: object = None  # PackedWeights (ONEDNN_FUSED) or quantization.Int8Weights (ONEDNN_INT8)
+    padded_groups: list | None = (
+        None  # SDPA_GROUPED on CUDA: made by the first layer, reused by the rest
+    )
+    cu_queries: torch.Tensor | None = field(
+        default=None
+    )  # (batch + 1,) int32 0..batch, the last layer's queries
 
 
 def packed_position_ids(cu_seqlens: torch.Tensor, total_tokens: int, offset: int) -> torch.Tensor:
@@ -558,32 +671,53 @@ class CrossEncoderModel(nn.Module):
         self.packed_weights = None
 
     @torch.inference_mode()
-    def forward(self, input_ids, cu_seqlens, max_seqlen: int, token_type_ids=None, seqlens: list[int] | None = None):
+    def forward(
+        self,
+        input_ids,
+        cu_seqlens,
+        max_seqlen: int,
+        token_type_ids=None,
+        seqlens: list[int] | None = None,
+    ):
         """input_ids (total_tokens,), cu_seqlens (batch+1,) int32 -> logits (batch,) float32.
 
         `seqlens`: the host's copy of the lengths (cu_seqlens[1:] - cu_seqlens[:-1]); without it they are read
         back from cu_seqlens, which on a GPU waits for the device.
         """
         if max_seqlen > self.config.max_tokens_per_sequence:
-            raise ValueError(f"a sequence of {max_seqlen} tokens exceeds the model's "
-                             f"{self.config.max_tokens_per_sequence}-token limit; truncate it first")
+            raise ValueError(
+                f"a sequence of {max_seqlen} tokens exceeds the model's "
+                f"{self.config.max_tokens_per_sequence}-token limit; truncate it first"
+            )
         param = self.emb_ln.weight
         backend = self.attention_backend or select_attention_backend(param.device, param.dtype)
         if seqlens is None:
             seqlens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
         starts = np.concatenate(([0], np.cumsum(seqlens[:-1], dtype=np.int64))).tolist()
         kernel = self.linear_kernel or select_linear_kernel(param.device, param.dtype)
-        packed = _PackedView(cu_seqlens, max_seqlen, seqlens, starts, cu_seqlens[:-1].long(), backend, kernel,
-                             self.packed_weights if kernel in (ONEDNN_FUSED, ONEDNN_INT8, SCALED_MM_FP8) else None)
+        packed = _PackedView(
+            cu_seqlens,
+            max_seqlen,
+            seqlens,
+            starts,
+            cu_seqlens[:-1].long(),
+            backend,
+            kernel,
+            self.packed_weights if kernel in (ONEDNN_FUSED, ONEDNN_INT8, SCALED_MM_FP8) else None,
+        )
 
-        position_ids = packed_position_ids(cu_seqlens, input_ids.numel(), self.config.position_offset)
-        hidden = self.emb_ln(self.embeddings(input_ids, position_ids, token_type_ids))  # (total_tokens, hidden)
+        position_ids = packed_position_ids(
+            cu_seqlens, input_ids.numel(), self.config.position_offset
+        )
+        hidden = self.emb_ln(
+            self.embeddings(input_ids, position_ids, token_type_ids)
+        )  # (total_tokens, hidden)
         if kernel == ONEDNN_FUSED:
             hidden = _pad_rows(hidden, GEMM_ROWS_MULTIPLE)
         for layer in self.layers[:-1]:
             hidden = layer(hidden, packed)
         # Only the first token feeds the head, so the last layer computes queries, the MLP and the norms
         # for that token alone (flash-attention's `last_layer_subset`): about 1/num_layers less work.
-        cls_hidden = self.layers[-1](hidden, packed, cls_only=True)                   # (batch, hidden)
+        cls_hidden = self.layers[-1](hidden, packed, cls_only=True)  # (batch, hidden)
         # The head is kept in float32 (see `CrossEncoder`): it is tiny, and raw logits are the product.
         return self.head(cls_hidden.to(self.head.dense.weight.dtype))[:, 0].float()

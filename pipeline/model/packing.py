@@ -43,29 +43,38 @@ class PackedBatch:
             self.input_ids.to(device, non_blocking=True),
             self.cu_seqlens.to(device, non_blocking=True),
             self.max_seqlen,
-            None if self.token_type_ids is None else self.token_type_ids.to(device, non_blocking=True),
+            None
+            if self.token_type_ids is None
+            else self.token_type_ids.to(device, non_blocking=True),
             self.seqlens,
         )
 
 
-def pack(input_ids: Sequence[np.ndarray], token_type_ids: Sequence[np.ndarray] | None = None) -> PackedBatch:
+def pack(
+    input_ids: Sequence[np.ndarray], token_type_ids: Sequence[np.ndarray] | None = None
+) -> PackedBatch:
     """Concatenate token id arrays (each (seqlen,)) into one PackedBatch."""
     if len(input_ids) == 0:
         raise ValueError("cannot pack an empty batch")
     lengths = np.fromiter((len(ids) for ids in input_ids), dtype=np.int64, count=len(input_ids))
     if (lengths == 0).any():
-        raise ValueError("cannot pack an empty sequence (every pair has at least its special tokens)")
+        raise ValueError(
+            "cannot pack an empty sequence (every pair has at least its special tokens)"
+        )
     cu_seqlens = np.zeros(len(lengths) + 1, dtype=np.int32)
     np.cumsum(lengths, out=cu_seqlens[1:])
     flat = torch.from_numpy(np.concatenate(input_ids).astype(np.int64, copy=False))
     types = None
     if token_type_ids is not None:
         types = torch.from_numpy(np.concatenate(token_type_ids).astype(np.int64, copy=False))
-    return PackedBatch(flat, torch.from_numpy(cu_seqlens), int(lengths.max()), types, lengths.tolist())
+    return PackedBatch(
+        flat, torch.from_numpy(cu_seqlens), int(lengths.max()), types, lengths.tolist()
+    )
 
 
-def token_budget_batches(lengths: Sequence[int] | np.ndarray, max_tokens: int,
-                         max_sequences: int | None = None) -> list[np.ndarray]:
+def token_budget_batches(
+    lengths: Sequence[int] | np.ndarray, max_tokens: int, max_sequences: int | None = None
+) -> list[np.ndarray]:
     """Split sequences into micro-batches of at most `max_tokens` tokens (and `max_sequences` rows).
 
     Sequences are taken longest first, so each micro-batch holds similar lengths (attention, the only
@@ -81,7 +90,9 @@ def token_budget_batches(lengths: Sequence[int] | np.ndarray, max_tokens: int,
     start, tokens = 0, 0
     for pos, idx in enumerate(order):
         rows = pos - start
-        if rows and (tokens + lengths[idx] > max_tokens or (max_sequences and rows >= max_sequences)):
+        if rows and (
+            tokens + lengths[idx] > max_tokens or (max_sequences and rows >= max_sequences)
+        ):
             batches.append(order[start:pos])
             start, tokens = pos, 0
         tokens += int(lengths[idx])

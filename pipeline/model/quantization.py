@@ -90,11 +90,26 @@ logger = logging.getLogger(__name__)
 # A few (query, passage) pairs in several scripts: enough to find a checkpoint's outlier channels, which are a
 # property of the weights (the same channels light up for any text), not of the data.
 CALIBRATION_PAIRS = [
-    ("what is the capital of germany", "Berlin is the capital and largest city of Germany, with 3.7 million people."),
-    ("how do vaccines work", "Vaccines train the immune system to recognise a pathogen without causing the disease."),
-    ("best skincare for sensitive skin", "Organic skincare products for sensitive skin contain natural ingredients."),
-    ("python sort list of dicts by key", "Use sorted(items, key=lambda d: d['name']) to sort dictionaries by a key."),
-    ("Hauptstadt von Deutschland", "Die Hauptstadt von Deutschland ist Berlin, eine Stadt mit langer Geschichte."),
+    (
+        "what is the capital of germany",
+        "Berlin is the capital and largest city of Germany, with 3.7 million people.",
+    ),
+    (
+        "how do vaccines work",
+        "Vaccines train the immune system to recognise a pathogen without causing the disease.",
+    ),
+    (
+        "best skincare for sensitive skin",
+        "Organic skincare products for sensitive skin contain natural ingredients.",
+    ),
+    (
+        "python sort list of dicts by key",
+        "Use sorted(items, key=lambda d: d['name']) to sort dictionaries by a key.",
+    ),
+    (
+        "Hauptstadt von Deutschland",
+        "Die Hauptstadt von Deutschland ist Berlin, eine Stadt mit langer Geschichte.",
+    ),
     ("capital de España", "La capital de España es Madrid y tiene muchos museos famosos."),
     ("столица России", "Столица России — Москва, крупнейший город страны."),
     ("中国的首都", "中国的首都是北京，一个历史悠久的城市。"),
@@ -104,8 +119,10 @@ CALIBRATION_PAIRS = [
     ("SQL singers older than 30", "SELECT name FROM singer WHERE age > 30 ORDER BY name;"),
     ("weather tool schema", '{"name": "get_weather", "parameters": {"city": {"type": "string"}}}'),
     ("quick brown fox", "The quick brown fox jumps over the lazy dog near the river bank."),
-    ("rerank documents with a cross-encoder",
-     "Batch reranking scores every query and candidate document pair with a cross-encoder; " * 6),
+    (
+        "rerank documents with a cross-encoder",
+        "Batch reranking scores every query and candidate document pair with a cross-encoder; " * 6,
+    ),
     ("x", "y"),
 ]
 
@@ -125,14 +142,17 @@ class Int8Options:
 # The arithmetic.
 # ---------------------------------------------------------------------------------------------------------
 
-def quantize_per_channel(weight: torch.Tensor, qmax: int = 127) -> tuple[torch.Tensor, torch.Tensor]:
+
+def quantize_per_channel(
+    weight: torch.Tensor, qmax: int = 127
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per output channel: weight (out, in) -> (q int8 (out, in), scale float32 (out,)).
 
     Each row's largest |w| maps to `qmax`; weight ~ q * scale[:, None], within scale / 2 per element.
     """
     weight = weight.float()
-    scale = weight.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / qmax   # (out,)
-    q = torch.round(weight / scale[:, None]).clamp_(-qmax, qmax).to(torch.int8)           # (out, in)
+    scale = weight.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / qmax  # (out,)
+    q = torch.round(weight / scale[:, None]).clamp_(-qmax, qmax).to(torch.int8)  # (out, in)
     return q, scale
 
 
@@ -142,9 +162,9 @@ def quantize_per_token(x: torch.Tensor, qmax: int = 127) -> tuple[torch.Tensor, 
     Each row's largest |x| maps to `qmax`; x ~ q * scale, within scale / 2 per element. A row of zeros gets
     the smallest positive scale and quantizes to zeros.
     """
-    amax = torch.maximum(x.amax(dim=1, keepdim=True), x.amin(dim=1, keepdim=True).neg_())   # (n, 1)
-    scale = amax.clamp_min_(torch.finfo(torch.float32).tiny).div_(qmax)                       # (n, 1)
-    return torch.div(x, scale).round_().to(torch.int8), scale                                 # |x / scale| <= qmax
+    amax = torch.maximum(x.amax(dim=1, keepdim=True), x.amin(dim=1, keepdim=True).neg_())  # (n, 1)
+    scale = amax.clamp_min_(torch.finfo(torch.float32).tiny).div_(qmax)  # (n, 1)
+    return torch.div(x, scale).round_().to(torch.int8), scale  # |x / scale| <= qmax
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -154,18 +174,24 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def smoothing_factors(input_amax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
     """SmoothQuant's s (in,): max|x_j|^alpha / max|W_:j|^(1-alpha), with input_amax (in,) and weight (out, in)."""
-    weight_amax = weight.float().abs().amax(dim=0).clamp_min(1e-5)                # (in,)
-    return (input_amax.float().clamp_min(1e-5).pow(alpha) / weight_amax.pow(1 - alpha)).clamp_min(1e-5)
+    weight_amax = weight.float().abs().amax(dim=0).clamp_min(1e-5)  # (in,)
+    return (input_amax.float().clamp_min(1e-5).pow(alpha) / weight_amax.pow(1 - alpha)).clamp_min(
+        1e-5
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The kernel.
 # ---------------------------------------------------------------------------------------------------------
 
-def _qlinear(q_x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor, zero_points: torch.Tensor):
+
+def _qlinear(
+    q_x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor, zero_points: torch.Tensor
+):
     """(q_x @ q_w^T) * weight_scale: int8 (n, in) x prepacked int8 (in, out) -> float32 (n, out)."""
-    return torch.ops.onednn.qlinear_pointwise(q_x, 1.0, 0, packed, weight_scale, zero_points, None, 1.0, 0,
-                                              torch.float32, "none", [], "")
+    return torch.ops.onednn.qlinear_pointwise(
+        q_x, 1.0, 0, packed, weight_scale, zero_points, None, 1.0, 0, torch.float32, "none", [], ""
+    )
 
 
 @functools.cache
@@ -176,8 +202,12 @@ def int8_kernel_works() -> bool:
         return False
     try:
         q = torch.ones(4, 8, dtype=torch.int8)
-        y = _qlinear(torch.ones(2, 8, dtype=torch.int8), ops.qlinear_prepack(q, [2, 8]), torch.ones(4),
-                     torch.zeros(4, dtype=torch.int64))
+        y = _qlinear(
+            torch.ones(2, 8, dtype=torch.int8),
+            ops.qlinear_prepack(q, [2, 8]),
+            torch.ones(4),
+            torch.zeros(4, dtype=torch.int64),
+        )
         return y.shape == (2, 4) and bool((y == 8).all())
     except (RuntimeError, NotImplementedError, TypeError, AttributeError):
         return False
@@ -191,16 +221,21 @@ def weight_qmax() -> int:
     sum; AVX2's int16 pair-adds saturate there (see the module docstring).
     """
     k = 64
-    y = _qlinear(torch.full((2, k), 127, dtype=torch.int8),
-                 torch.ops.onednn.qlinear_prepack(torch.full((4, k), 127, dtype=torch.int8), [2, k]),
-                 torch.ones(4), torch.zeros(4, dtype=torch.int64))
+    y = _qlinear(
+        torch.full((2, k), 127, dtype=torch.int8),
+        torch.ops.onednn.qlinear_prepack(torch.full((4, k), 127, dtype=torch.int8), [2, k]),
+        torch.ones(4),
+        torch.zeros(4, dtype=torch.int64),
+    )
     exact = bool((y == k * 127 * 127).all())
     if exact:
         logger.info("int8 weights in [-127, 127]: this CPU's int8 dot products accumulate exactly")
         return 127
-    logger.warning("int8 weights in [-63, 63]: without VNNI, 8-bit weights would saturate oneDNN's int16 pair "
-                   "sums. On such CPUs int8 measured about float32's speed (0.9-1.3x) at lower fidelity: "
-                   "float32 is the better choice here")
+    logger.warning(
+        "int8 weights in [-63, 63]: without VNNI, 8-bit weights would saturate oneDNN's int16 pair "
+        "sums. On such CPUs int8 measured about float32's speed (0.9-1.3x) at lower fidelity: "
+        "float32 is the better choice here"
+    )
     return 63
 
 
@@ -212,30 +247,47 @@ class Int8Linear:
     or `+ residual` (n, out), like `modeling.linear`.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, smooth: torch.Tensor | None = None,
-                 qmax: int | None = None, batch_size_hint: int = 4096):
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        smooth: torch.Tensor | None = None,
+        qmax: int | None = None,
+        batch_size_hint: int = 4096,
+    ):
         weight = weight.detach().float()
         if smooth is not None:
             weight = weight * smooth[None, :]
-            self.inv_smooth = (1.0 / smooth).float().contiguous()                    # (in,)
+            self.inv_smooth = (1.0 / smooth).float().contiguous()  # (in,)
         else:
             self.inv_smooth = None
         self.qmax = qmax or weight_qmax()
-        self.qweight, self.weight_scale = quantize_per_channel(weight, self.qmax)  # (out, in) int8, (out,)
-        self.packed = torch.ops.onednn.qlinear_prepack(self.qweight, [batch_size_hint, weight.shape[1]])
+        self.qweight, self.weight_scale = quantize_per_channel(
+            weight, self.qmax
+        )  # (out, in) int8, (out,)
+        self.packed = torch.ops.onednn.qlinear_prepack(
+            self.qweight, [batch_size_hint, weight.shape[1]]
+        )
         self.zero_points = torch.zeros(weight.shape[0], dtype=torch.int64)
         self.bias = None if bias is None else bias.detach().float().contiguous()
 
-    def __call__(self, x: torch.Tensor, activation: str | None = None,
-                 residual: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(
+        self, x: torch.Tensor, activation: str | None = None, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if self.inv_smooth is not None:
             x = x * self.inv_smooth
-        q_x, x_scale = quantize_per_token(x.contiguous())                        # (n, in) int8, (n, 1)
-        out = _qlinear(q_x, self.packed, self.weight_scale, self.zero_points)    # (n, out), still / x_scale
+        q_x, x_scale = quantize_per_token(x.contiguous())  # (n, in) int8, (n, 1)
+        out = _qlinear(
+            q_x, self.packed, self.weight_scale, self.zero_points
+        )  # (n, out), still / x_scale
         if residual is not None:
             out = torch.addcmul(residual, out, x_scale, out=out)
             return out if self.bias is None else out.add_(self.bias)
-        out = out.mul_(x_scale) if self.bias is None else torch.addcmul(self.bias, out, x_scale, out=out)
+        out = (
+            out.mul_(x_scale)
+            if self.bias is None
+            else torch.addcmul(self.bias, out, x_scale, out=out)
+        )
         return out if activation is None else F.gelu(out, approximate=activation)
 
 
@@ -243,10 +295,14 @@ class Int8Linear:
 # The model's Linear layers.
 # ---------------------------------------------------------------------------------------------------------
 
+
 def encoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
     """The Linear layers that run in int8, by name ("layers.0.mixer.Wqkv" ... "layers.11.mlp.fc2")."""
-    return {name: module for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and name.startswith("layers.")}
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.startswith("layers.")
+    }
 
 
 class Int8Weights:
@@ -257,18 +313,29 @@ class Int8Weights:
     per-channel scales make a slice's int8 weights equal to those rows of the whole layer's.
     """
 
-    def __init__(self, model: nn.Module, options: Int8Options, smooth: dict[str, torch.Tensor] | None = None,
-                 batch_size_hint: int = 4096, fp32=None):
+    def __init__(
+        self,
+        model: nn.Module,
+        options: Int8Options,
+        smooth: dict[str, torch.Tensor] | None = None,
+        batch_size_hint: int = 4096,
+        fp32=None,
+    ):
         self.options = options
         self.fp32 = fp32
         self.batch_size_hint = batch_size_hint
         self.names = {id(module): name for name, module in encoder_linears(model).items()}
         self.smooth = smooth or {}
-        self.fp32_names = sorted(name for name in self.names.values()
-                                 if any(fnmatch.fnmatchcase(name, p) for p in options.fp32_layers))
+        self.fp32_names = sorted(
+            name
+            for name in self.names.values()
+            if any(fnmatch.fnmatchcase(name, p) for p in options.fp32_layers)
+        )
         self.weight_qmax = weight_qmax()
         self._cache: dict[tuple, Int8Linear] = {}
-        for _name, module in encoder_linears(model).items():  # quantize at load, not on the first batch
+        for _name, module in encoder_linears(
+            model
+        ).items():  # quantize at load, not on the first batch
             self.get(module, None)
 
     def get(self, layer: nn.Linear, rows: slice | None) -> Int8Linear | None:
@@ -280,15 +347,21 @@ class Int8Weights:
         if hit is None:
             weight = layer.weight if rows is None else layer.weight[rows]
             bias = layer.bias if rows is None or layer.bias is None else layer.bias[rows]
-            hit = Int8Linear(weight, bias, self.smooth.get(name), self.weight_qmax, self.batch_size_hint)
+            hit = Int8Linear(
+                weight, bias, self.smooth.get(name), self.weight_qmax, self.batch_size_hint
+            )
             self._cache[key] = hit
         return hit
 
     def describe(self) -> dict:
         """What a job's summary records about the int8 layers."""
-        return {"activations": "per token, dynamic", "weights": "per output channel",
-                "weight_qmax": self.weight_qmax, "smooth_alpha": self.options.smooth_alpha if self.smooth else None,
-                "fp32_layers": self.fp32_names}
+        return {
+            "activations": "per token, dynamic",
+            "weights": "per output channel",
+            "weight_qmax": self.weight_qmax,
+            "smooth_alpha": self.options.smooth_alpha if self.smooth else None,
+            "fp32_layers": self.fp32_names,
+        }
 
 
 class InputRangeObserver:
@@ -303,11 +376,14 @@ class InputRangeObserver:
         name = self.names[id(layer)]
 
         def observe(x, activation=None, residual=None):
-            amax = x.detach().abs().amax(dim=0).float()                                 # (in,)
+            amax = x.detach().abs().amax(dim=0).float()  # (in,)
             seen = self.input_amax.get(name)
             self.input_amax[name] = amax if seen is None else torch.maximum(seen, amax)
-            out = F.linear(x, layer.weight if rows is None else layer.weight[rows],
-                           layer.bias if rows is None or layer.bias is None else layer.bias[rows])
+            out = F.linear(
+                x,
+                layer.weight if rows is None else layer.weight[rows],
+                layer.bias if rows is None or layer.bias is None else layer.bias[rows],
+            )
             if activation is not None:
                 out = F.gelu(out, approximate=activation)
             return out if residual is None else out + residual
@@ -315,7 +391,12 @@ class InputRangeObserver:
         return observe
 
 
-def smoothing_for(model: nn.Module, input_amax: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+def smoothing_for(
+    model: nn.Module, input_amax: dict[str, torch.Tensor], alpha: float
+) -> dict[str, torch.Tensor]:
     """SmoothQuant factors (in,) per Linear layer name, from the observed input ranges."""
     linears = encoder_linears(model)
-    return {name: smoothing_factors(amax, linears[name].weight.detach(), alpha) for name, amax in input_amax.items()}
+    return {
+        name: smoothing_factors(amax, linears[name].weight.detach(), alpha)
+        for name, amax in input_amax.items()
+    }

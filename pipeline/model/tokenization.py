@@ -57,20 +57,33 @@ class PairTemplate:
         single_with = tokenizer.encode("a", add_special_tokens=True)
         single_without = tokenizer.encode("a", add_special_tokens=False)
         return cls(
-            prefix=tuple(ids[:first_a]), middle=tuple(ids[last_a + 1:first_b]), suffix=tuple(ids[last_b + 1:]),
-            prefix_types=tuple(types[:first_a]), middle_types=tuple(types[last_a + 1:first_b]),
-            suffix_types=tuple(types[last_b + 1:]),
-            query_type=types[first_a], document_type=types[first_b],
+            prefix=tuple(ids[:first_a]),
+            middle=tuple(ids[last_a + 1 : first_b]),
+            suffix=tuple(ids[last_b + 1 :]),
+            prefix_types=tuple(types[:first_a]),
+            middle_types=tuple(types[last_a + 1 : first_b]),
+            suffix_types=tuple(types[last_b + 1 :]),
+            query_type=types[first_a],
+            document_type=types[first_b],
             single_specials=len(single_with.ids) - len(single_without.ids),
         )
 
-    def build(self, query_ids: Sequence[int], document_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    def build(
+        self, query_ids: Sequence[int], document_ids: Sequence[int]
+    ) -> tuple[np.ndarray, np.ndarray]:
         """prefix + query + middle + document + suffix, and the matching token types."""
-        ids = np.concatenate([self.prefix, query_ids, self.middle, document_ids, self.suffix]).astype(np.int32)
-        types = np.concatenate([
-            self.prefix_types, np.full(len(query_ids), self.query_type), self.middle_types,
-            np.full(len(document_ids), self.document_type), self.suffix_types,
-        ]).astype(np.int8)
+        ids = np.concatenate(
+            [self.prefix, query_ids, self.middle, document_ids, self.suffix]
+        ).astype(np.int32)
+        types = np.concatenate(
+            [
+                self.prefix_types,
+                np.full(len(query_ids), self.query_type),
+                self.middle_types,
+                np.full(len(document_ids), self.document_type),
+                self.suffix_types,
+            ]
+        ).astype(np.int8)
         return ids, types
 
 
@@ -82,19 +95,27 @@ def load_tokenizer(directory: str) -> Tokenizer:
     try:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(directory, use_fast=True, trust_remote_code=False).backend_tokenizer
+        return AutoTokenizer.from_pretrained(
+            directory, use_fast=True, trust_remote_code=False
+        ).backend_tokenizer
     except Exception as e:  # transformers raises many types here; all mean the same to the user
         raise CheckpointError(
             f"no usable tokenizer in {directory!r}: tokenizer.json is missing and transformers could not "
             f"build a fast tokenizer ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-            "copy the model's tokenizer.json into the checkpoint directory") from None
+            "copy the model's tokenizer.json into the checkpoint directory"
+        ) from None
 
 
 class PairTokenizer:
     """Encodes (query, document) pairs into unpadded token id arrays."""
 
-    def __init__(self, tokenizer: Tokenizer, *, return_token_types: bool,
-                 max_chars_per_token: int = DEFAULT_MAX_CHARS_PER_TOKEN):
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        *,
+        return_token_types: bool,
+        max_chars_per_token: int = DEFAULT_MAX_CHARS_PER_TOKEN,
+    ):
         self.tokenizer = tokenizer
         self.tokenizer.no_padding()
         self.tokenizer.no_truncation()
@@ -122,17 +143,26 @@ class PairTokenizer:
         limit = max_length * self.max_chars_per_token
         return text if len(text) <= limit else text[:limit]
 
-    def encode_pairs(self, queries: Sequence[str], documents: Sequence[str], max_length: int
-                     ) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+    def encode_pairs(
+        self, queries: Sequence[str], documents: Sequence[str], max_length: int
+    ) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
         """Token ids (and token types for BERT) per pair, each (seqlen,) with seqlen <= max_length."""
         min_length = self.template.pair_specials + 2
         if max_length < min_length:
-            raise ValueError(f"max_length={max_length} leaves no room for text; use at least {min_length}")
+            raise ValueError(
+                f"max_length={max_length} leaves no room for text; use at least {min_length}"
+            )
         self._set_truncation(max_length)
-        pairs = [(self._cap(q, max_length), self._cap(d, max_length)) for q, d in zip(queries, documents)]
+        pairs = [
+            (self._cap(q, max_length), self._cap(d, max_length)) for q, d in zip(queries, documents)
+        ]
         encodings: list[Encoding] = self.tokenizer.encode_batch(pairs, add_special_tokens=True)
         ids = [np.asarray(e.ids, dtype=np.int32) for e in encodings]
-        types = [np.asarray(e.type_ids, dtype=np.int8) for e in encodings] if self.return_token_types else None
+        types = (
+            [np.asarray(e.type_ids, dtype=np.int8) for e in encodings]
+            if self.return_token_types
+            else None
+        )
         return ids, types
 
     def encode_texts(self, texts: Sequence[str]) -> list[list[int]]:
@@ -140,13 +170,22 @@ class PairTokenizer:
         self._set_truncation(None)
         return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
 
-    def windows(self, query: str, documents: Sequence[str], max_length: int = 1024,
-                max_query_length: int = 512, overlap: int = 80
-                ) -> tuple[list[np.ndarray], list[np.ndarray] | None, list[int]]:
+    def windows(
+        self,
+        query: str,
+        documents: Sequence[str],
+        max_length: int = 1024,
+        max_query_length: int = 512,
+        overlap: int = 80,
+    ) -> tuple[list[np.ndarray], list[np.ndarray] | None, list[int]]:
         """jina's rerank chunking. Returns (input_ids per window, token types or None, document index per window)."""
         if max_length < 2 * max_query_length:
-            raise ValueError(f"max_length ({max_length}) must be at least 2 * max_query_length ({max_query_length})")
-        query_ids = self.encode_texts([query])[0][: max_query_length - self.template.single_specials]
+            raise ValueError(
+                f"max_length ({max_length}) must be at least 2 * max_query_length ({max_query_length})"
+            )
+        query_ids = self.encode_texts([query])[0][
+            : max_query_length - self.template.single_specials
+        ]
         window = max_length - len(query_ids) - self.template.pair_specials
         stride_overlap = min(overlap, window // 4)
         all_ids, all_types, owners = [], [], []
@@ -175,4 +214,3 @@ def _chunks(doc_ids: list[int], window: int, overlap: int) -> list[list[int]]:
         chunks.append(doc_ids[start:end])
         start = end - overlap
     return chunks
-

@@ -27,7 +27,9 @@ from pipeline.model.checkpoint import (
 )
 from pipeline.model.modeling import CrossEncoderModel
 
-logger = logging.getLogger("pipeline.model.checkpoint")  # the RANDOM WEIGHTS warning's logger, as users filter it
+logger = logging.getLogger(
+    "pipeline.model.checkpoint"
+)  # the RANDOM WEIGHTS warning's logger, as users filter it
 
 
 def convert_state_dict(state: dict[str, torch.Tensor], layout: Layout) -> dict[str, torch.Tensor]:
@@ -44,13 +46,17 @@ def convert_state_dict(state: dict[str, torch.Tensor], layout: Layout) -> dict[s
         else:
             unexpected.append(name)
     if unexpected:
-        raise CheckpointError(f"unexpected weight(s) for the {layout.name} layout: {', '.join(sorted(unexpected)[:5])}")
+        raise CheckpointError(
+            f"unexpected weight(s) for the {layout.name} layout: {', '.join(sorted(unexpected)[:5])}"
+        )
     if layout.fuse_qkv:
         for q_name in [n for n in out if ".mixer.query." in n]:
             names = [q_name.replace(".query.", f".{p}.") for p in ("query", "key", "value")]
             absent = [n for n in names if n not in out]
             if absent:
-                raise CheckpointError(f"checkpoint lacks {absent[0]} (needed to fuse query, key, value)")
+                raise CheckpointError(
+                    f"checkpoint lacks {absent[0]} (needed to fuse query, key, value)"
+                )
             out[q_name.replace(".query.", ".Wqkv.")] = torch.cat([out.pop(n) for n in names], dim=0)
     return out
 
@@ -64,7 +70,9 @@ def read_weights(directory: str, allow_pickle: bool = False) -> dict[str, torch.
         for path in files:
             try:
                 state.update(load_file(path))
-            except Exception as e:  # SafetensorError, OSError: a truncated download or another format
+            except (
+                Exception
+            ) as e:  # SafetensorError, OSError: a truncated download or another format
                 raise unreadable_weights(path, e) from None
         return state
     pickles = pickle_files(directory)
@@ -77,16 +85,28 @@ def read_weights(directory: str, allow_pickle: bool = False) -> dict[str, torch.
         try:
             state.update(torch.load(path, map_location="cpu", weights_only=True))
         except Exception as e:  # torch's own message advises weights_only=False: never pass that on
-            raise CheckpointError(f"{path} cannot be read as plain tensors ({type(e).__name__}); it may hold "
-                                  "code or be corrupt. Convert the checkpoint to safetensors") from None
+            raise CheckpointError(
+                f"{path} cannot be read as plain tensors ({type(e).__name__}); it may hold "
+                "code or be corrupt. Convert the checkpoint to safetensors"
+            ) from None
     return state
 
 
 # The torch.nn.init functions a module's reset_parameters calls. On the meta device they run through
 # torch._refs, whose first call imports torch._dynamo: 2.3 s of a scorer actor's 4 s start (measured
 # 2026-12-01, AMD EPYC, torch 2.13 CPU) for values load_state_dict then replaces anyway.
-_INIT_FUNCTIONS = ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_",
-                   "trunc_normal_", "ones_", "zeros_", "constant_")
+_INIT_FUNCTIONS = (
+    "normal_",
+    "uniform_",
+    "kaiming_uniform_",
+    "kaiming_normal_",
+    "xavier_uniform_",
+    "xavier_normal_",
+    "trunc_normal_",
+    "ones_",
+    "zeros_",
+    "constant_",
+)
 
 
 @contextlib.contextmanager
@@ -102,7 +122,9 @@ def _no_init():
             setattr(torch.nn.init, name, function)
 
 
-def load_model(directory: str, allow_pickle: bool = False) -> tuple[CrossEncoderModel, Layout, dict]:
+def load_model(
+    directory: str, allow_pickle: bool = False
+) -> tuple[CrossEncoderModel, Layout, dict]:
     """Build the model from a checkpoint directory, checking every key and shape. Returns (model, layout, config.json)."""
     raw_config = read_config(directory)
     state = read_weights(directory, allow_pickle)
@@ -114,14 +136,22 @@ def load_model(directory: str, allow_pickle: bool = False) -> tuple[CrossEncoder
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     missing = sorted(set(expected) - set(converted))
     if missing:
-        raise CheckpointError(f"checkpoint lacks weight(s) for the {layout.name} layout: {', '.join(missing[:5])}")
+        raise CheckpointError(
+            f"checkpoint lacks weight(s) for the {layout.name} layout: {', '.join(missing[:5])}"
+        )
     extra = sorted(set(converted) - set(expected))
     if extra:
-        raise CheckpointError(f"unexpected weight(s) for a {config.num_hidden_layers}-layer model: {', '.join(extra[:5])}")
+        raise CheckpointError(
+            f"unexpected weight(s) for a {config.num_hidden_layers}-layer model: {', '.join(extra[:5])}"
+        )
     for name, shape in expected.items():
         if tuple(converted[name].shape) != shape:
-            raise CheckpointError(f"weight {name} has shape {tuple(converted[name].shape)}, the config implies {shape}")
+            raise CheckpointError(
+                f"weight {name} has shape {tuple(converted[name].shape)}, the config implies {shape}"
+            )
     model.load_state_dict(converted, assign=True)
     if raw_config.get(DUMMY_MARKER):
-        logger.warning("RANDOM WEIGHTS: %s is a dummy checkpoint; its scores mean nothing", directory)
+        logger.warning(
+            "RANDOM WEIGHTS: %s is a dummy checkpoint; its scores mean nothing", directory
+        )
     return model.eval(), layout, raw_config

@@ -30,10 +30,10 @@ class Comparison:
     """One measure, tonight vs the previous night, over the queries both nights evaluated."""
 
     measure: str
-    tonight: float | None   # None when no query was evaluated on both nights
+    tonight: float | None  # None when no query was evaluated on both nights
     previous: float | None
-    delta: float            # tonight - previous (mean of per-query differences), 0 without paired queries
-    p_value: float | None   # None when fewer than 2 paired queries
+    delta: float  # tonight - previous (mean of per-query differences), 0 without paired queries
+    p_value: float | None  # None when fewer than 2 paired queries
     num_paired: int
     max_drop: float | None  # the alert threshold, None = not alerted on
     alpha: float
@@ -50,7 +50,9 @@ class Comparison:
         )
 
 
-def paired_p_value(tonight: np.ndarray, previous: np.ndarray, permutations: int = 10_000, seed: int = 0) -> float:
+def paired_p_value(
+    tonight: np.ndarray, previous: np.ndarray, permutations: int = 10_000, seed: int = 0
+) -> float:
     """Two-sided p-value of the paired randomization test of mean(tonight - previous) == 0. Inputs (n,)."""
     difference = tonight - previous
     if np.all(difference == 0):
@@ -85,22 +87,36 @@ def compare_nights(
     max_drop = max_drop or {}
     shared = [m for m in _measures(tonight) if m in set(_measures(previous))]
     paired = tonight.select([QUERY_ID, *shared]).join(
-        previous.select([QUERY_ID, *shared]), keys=QUERY_ID, join_type="inner", right_suffix=".previous"
+        previous.select([QUERY_ID, *shared]),
+        keys=QUERY_ID,
+        join_type="inner",
+        right_suffix=".previous",
     )
     comparisons = []
     for measure in shared:
-        both = paired.filter(pc.and_(pc.is_valid(paired[measure]), pc.is_valid(paired[f"{measure}.previous"])))
+        both = paired.filter(
+            pc.and_(pc.is_valid(paired[measure]), pc.is_valid(paired[f"{measure}.previous"]))
+        )
         now = both[measure].to_numpy().astype(np.float64)
         before = both[f"{measure}.previous"].to_numpy().astype(np.float64)
         n = len(now)
         delta = float(np.mean(now - before)) if n else 0.0
         p_value = paired_p_value(now, before, permutations, seed) if n >= 2 else None
         threshold = max_drop.get(measure, default_max_drop)
-        alert = threshold is not None and p_value is not None and delta < -threshold and p_value < alpha
-        comparisons.append(Comparison(
-            measure=measure,
-            tonight=float(np.mean(now)) if n else None,
-            previous=float(np.mean(before)) if n else None,
-            delta=delta, p_value=p_value, num_paired=n, max_drop=threshold, alpha=alpha, alert=alert,
-        ))
+        alert = (
+            threshold is not None and p_value is not None and delta < -threshold and p_value < alpha
+        )
+        comparisons.append(
+            Comparison(
+                measure=measure,
+                tonight=float(np.mean(now)) if n else None,
+                previous=float(np.mean(before)) if n else None,
+                delta=delta,
+                p_value=p_value,
+                num_paired=n,
+                max_drop=threshold,
+                alpha=alpha,
+                alert=alert,
+            )
+        )
     return comparisons

@@ -30,11 +30,19 @@ QUERY_ID = "query_id"
 
 # history.parquet's schema: these columns with these kinds of type (written_at and the counts may be absent in
 # a history an older version wrote); every other column is a measure's nightly mean, a number.
-HISTORY_COLUMNS = {NIGHT: ("text", True), "run": ("text", False), "config_hash": ("text", False),
-                   "num_queries": ("integer", False), "written_at": ("timestamp", False)}
-_KINDS = {"text": lambda t: pa.types.is_string(t) or pa.types.is_large_string(t),
-          "integer": pa.types.is_integer, "timestamp": pa.types.is_timestamp,
-          "number": lambda t: pa.types.is_floating(t) or pa.types.is_integer(t) or pa.types.is_null(t)}
+HISTORY_COLUMNS = {
+    NIGHT: ("text", True),
+    "run": ("text", False),
+    "config_hash": ("text", False),
+    "num_queries": ("integer", False),
+    "written_at": ("timestamp", False),
+}
+_KINDS = {
+    "text": lambda t: pa.types.is_string(t) or pa.types.is_large_string(t),
+    "integer": pa.types.is_integer,
+    "timestamp": pa.types.is_timestamp,
+    "number": lambda t: pa.types.is_floating(t) or pa.types.is_integer(t) or pa.types.is_null(t),
+}
 NIGHT_FORMAT = re.compile(r"\d{4}-\d\d-\d\d")
 
 
@@ -44,7 +52,9 @@ def check_history_table(table: pa.Table) -> str | None:
         if column not in table.column_names:
             if required:
                 return f"it has no `{column}` column"
-        elif not _KINDS[kind](table.schema.field(column).type) and not pa.types.is_null(table.schema.field(column).type):
+        elif not _KINDS[kind](table.schema.field(column).type) and not pa.types.is_null(
+            table.schema.field(column).type
+        ):
             return f"column `{column}` has type {table.schema.field(column).type}, not {kind}"
     for field in table.schema:
         if field.name not in HISTORY_COLUMNS and not _KINDS["number"](field.type):
@@ -91,13 +101,18 @@ class History:
         does not hold a history's columns is one InputError naming the file."""
         if not self.fs.exists(self.table_path):
             return None
-        fix = (f"pass this index's history folder, restore its {HISTORY_FILE} from a backup, or pass an empty "
-               "folder to start a new history")
+        fix = (
+            f"pass this index's history folder, restore its {HISTORY_FILE} from a backup, or pass an empty "
+            "folder to start a new history"
+        )
         try:
             table = pq.read_table(self.table_path, filesystem=self.fs)
         except (pa.ArrowException, OSError) as e:
-            raise self._bad(HISTORY_FILE, f"is not a readable Parquet file ({str(e).splitlines()[0][:200]})",
-                            fix) from None
+            raise self._bad(
+                HISTORY_FILE,
+                f"is not a readable Parquet file ({str(e).splitlines()[0][:200]})",
+                fix,
+            ) from None
         problem = check_history_table(table)
         if problem:
             raise self._bad(HISTORY_FILE, f"is not a history table: {problem}", fix)
@@ -119,14 +134,20 @@ class History:
         if not self.fs.exists(path):
             return None
         name = f"{PER_QUERY_DIR}/{night}.parquet"
-        fix = (f"delete {name} (tonight is then not compared with night {night}; its row in {HISTORY_FILE} stays) "
-               "or restore it from a backup")
+        fix = (
+            f"delete {name} (tonight is then not compared with night {night}; its row in {HISTORY_FILE} stays) "
+            "or restore it from a backup"
+        )
         try:
             table = pq.read_table(path, filesystem=self.fs)
         except (pa.ArrowException, OSError) as e:
-            raise self._bad(name, f"is not a readable Parquet file ({str(e).splitlines()[0][:200]})", fix) from None
+            raise self._bad(
+                name, f"is not a readable Parquet file ({str(e).splitlines()[0][:200]})", fix
+            ) from None
         history = self.read()
-        measures = [] if history is None else [c for c in history.column_names if c not in HISTORY_COLUMNS]
+        measures = (
+            [] if history is None else [c for c in history.column_names if c not in HISTORY_COLUMNS]
+        )
         problem = check_per_query_table(table, measures)
         if problem:
             raise self._bad(name, f"is not a night's per-query table: {problem}", fix)

@@ -49,9 +49,13 @@ def judge_gain(score: np.ndarray, score_is_logit: bool = True) -> np.ndarray:
 
 
 def _require_columns(table: pa.Table) -> None:
-    missing = [c for c in (QUERY_ID, DOC_ID, FIRST_STAGE_RANK, SCORE) if c not in table.column_names]
+    missing = [
+        c for c in (QUERY_ID, DOC_ID, FIRST_STAGE_RANK, SCORE) if c not in table.column_names
+    ]
     if missing:
-        raise InputError(f"label-free measures need columns {missing}; columns are {table.column_names}")
+        raise InputError(
+            f"label-free measures need columns {missing}; columns are {table.column_names}"
+        )
 
 
 def rank_both(table: pa.Table) -> pa.Table:
@@ -61,13 +65,17 @@ def rank_both(table: pa.Table) -> pa.Table:
     run cut or filtered upstream still has gap-free ranks.
     """
     _require_columns(table)
-    keyed = table.append_column(_RETRIEVER_KEY, pc.negate(table[FIRST_STAGE_RANK].cast(pa.float64())))
+    keyed = table.append_column(
+        _RETRIEVER_KEY, pc.negate(table[FIRST_STAGE_RANK].cast(pa.float64()))
+    )
     by_retriever = rank_by_score(keyed, score_column=_RETRIEVER_KEY, rank_column=FIRST_STAGE_RANK)
     both = rank_by_score(by_retriever, score_column=SCORE, rank_column=RERANKER_RANK)
     return both.drop_columns([_RETRIEVER_KEY])
 
 
-def _rbo_ext(qidx: np.ndarray, a: np.ndarray, b: np.ndarray, n: np.ndarray, p: float, depth: int) -> np.ndarray:
+def _rbo_ext(
+    qidx: np.ndarray, a: np.ndarray, b: np.ndarray, n: np.ndarray, p: float, depth: int
+) -> np.ndarray:
     """(Q,) extrapolated RBO of two rankings of the same n_q items, to depth L_q = min(depth, n_q).
 
     A document joins the overlap X_d of both prefixes once d reaches the larger of its two ranks, so X is a
@@ -114,18 +122,30 @@ def label_free_measures(
     n = np.bincount(qidx, minlength=num_queries)
 
     def share(mask: np.ndarray, denominator: np.ndarray) -> np.ndarray:
-        return np.bincount(qidx, weights=mask.astype(np.float64), minlength=num_queries) / denominator
+        return (
+            np.bincount(qidx, weights=mask.astype(np.float64), minlength=num_queries) / denominator
+        )
 
     columns: dict[str, pa.Array] = {QUERY_ID: query_ids}
     for k in cutoffs:
         # Rows are in the judge's order, so (qidx, judge rank, gain) is already the ideal ranking.
-        columns[f"{PREFIX}nDCG@{k}"] = ndcg(qidx, retriever, gain, qidx, judge, gain, num_queries, k)
+        columns[f"{PREFIX}nDCG@{k}"] = ndcg(
+            qidx, retriever, gain, qidx, judge, gain, num_queries, k
+        )
         columns[f"{PREFIX}Overlap@{k}"] = share((retriever <= k) & (judge <= k), np.minimum(n, k))
-    columns[f"{PREFIX}RBO(p={rbo_p:g})@{rbo_depth}"] = _rbo_ext(qidx, retriever, judge, n, rbo_p, rbo_depth)
+    columns[f"{PREFIX}RBO(p={rbo_p:g})@{rbo_depth}"] = _rbo_ext(
+        qidx, retriever, judge, n, rbo_p, rbo_depth
+    )
     for top, k in held:
-        columns[f"{PREFIX}Held{top}@{k}"] = share((judge <= top) & (retriever <= k), np.minimum(n, top))
-    return pa.table({name: pa.array(values, pa.float64()) if name != QUERY_ID else values
-                     for name, values in columns.items()})
+        columns[f"{PREFIX}Held{top}@{k}"] = share(
+            (judge <= top) & (retriever <= k), np.minimum(n, top)
+        )
+    return pa.table(
+        {
+            name: pa.array(values, pa.float64()) if name != QUERY_ID else values
+            for name, values in columns.items()
+        }
+    )
 
 
 def score_summary(scores: pa.ChunkedArray | pa.Array) -> dict[str, float]:
@@ -133,7 +153,17 @@ def score_summary(scores: pa.ChunkedArray | pa.Array) -> dict[str, float]:
     values = pc.drop_null(scores).to_numpy(zero_copy_only=False).astype(np.float64)
     if len(values) == 0:
         return {"count": 0}
-    quantiles = dict(zip(("p01", "p10", "p25", "p50", "p75", "p90", "p99"),
-                         np.quantile(values, [0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99])))
-    return {"count": int(len(values)), "mean": float(values.mean()), "std": float(values.std()),
-            "min": float(values.min()), **{k: float(v) for k, v in quantiles.items()}, "max": float(values.max())}
+    quantiles = dict(
+        zip(
+            ("p01", "p10", "p25", "p50", "p75", "p90", "p99"),
+            np.quantile(values, [0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99]),
+        )
+    )
+    return {
+        "count": int(len(values)),
+        "mean": float(values.mean()),
+        "std": float(values.std()),
+        "min": float(values.min()),
+        **{k: float(v) for k, v in quantiles.items()},
+        "max": float(values.max()),
+    }

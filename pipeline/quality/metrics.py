@@ -43,7 +43,14 @@ from pipeline.schema import DOC_ID, LABEL, QUERY_ID, RANK, SCORE
 
 # name -> whether a cut-off is required (True), optional (None) or not allowed (False)
 MEASURES: dict[str, bool | None] = {
-    "nDCG": None, "RR": None, "AP": None, "P": True, "R": True, "Success": True, "Judged": True, "Rprec": False,
+    "nDCG": None,
+    "RR": None,
+    "AP": None,
+    "P": True,
+    "R": True,
+    "Success": True,
+    "Judged": True,
+    "Rprec": False,
 }
 _MEASURE_RE = re.compile(r"^(?P<name>[A-Za-z]+)(?:@(?P<cutoff>\d+))?$")
 
@@ -61,9 +68,13 @@ class Measure:
 
 def parse_measure(text: str) -> Measure:
     match = _MEASURE_RE.match(text.strip())
-    known = ", ".join(f"{n}@k" if c else (f"{n}[@k]" if c is None else n) for n, c in MEASURES.items())
+    known = ", ".join(
+        f"{n}@k" if c else (f"{n}[@k]" if c is None else n) for n, c in MEASURES.items()
+    )
     if not match or match["name"] not in MEASURES:
-        raise InputError(f"unknown measure {text!r}; known measures: {known} (ir_measures notation)")
+        raise InputError(
+            f"unknown measure {text!r}; known measures: {known} (ir_measures notation)"
+        )
     name, cutoff = match["name"], int(match["cutoff"]) if match["cutoff"] else None
     need = MEASURES[name]
     if need is True and cutoff is None:
@@ -83,19 +94,21 @@ class JudgedRanking:
     M = judged documents with a positive label (the ideal ranking).
     """
 
-    query_ids: pa.Array     # (Q,) string, ascending
-    qidx: np.ndarray        # (N,) int64, query of each retrieved row
-    rank: np.ndarray        # (N,) int64, 1 = best within its query
-    label: np.ndarray       # (N,) float64, NaN = not in the qrels
-    num_ret: np.ndarray     # (Q,) int64
-    num_rel: np.ndarray     # (Q,) int64, judged documents with label >= relevance_level
+    query_ids: pa.Array  # (Q,) string, ascending
+    qidx: np.ndarray  # (N,) int64, query of each retrieved row
+    rank: np.ndarray  # (N,) int64, 1 = best within its query
+    label: np.ndarray  # (N,) float64, NaN = not in the qrels
+    num_ret: np.ndarray  # (Q,) int64
+    num_rel: np.ndarray  # (Q,) int64, judged documents with label >= relevance_level
     ideal_qidx: np.ndarray  # (M,) int64
     ideal_rank: np.ndarray  # (M,) int64, position in the query's ideal ranking
     ideal_gain: np.ndarray  # (M,) float64, sorted descending within each query
     relevance_level: int
 
     @property
-    def relevant(self) -> np.ndarray:  # (N,) bool; NaN >= level is False, so unjudged rows are non-relevant
+    def relevant(
+        self,
+    ) -> np.ndarray:  # (N,) bool; NaN >= level is False, so unjudged rows are non-relevant
         return self.label >= self.relevance_level
 
     @property
@@ -108,7 +121,10 @@ class JudgedRanking:
 
 
 def judge_run(
-    run: pa.Table, qrels: pa.Table, relevance_level: int = 1, complete_queries: bool = False,
+    run: pa.Table,
+    qrels: pa.Table,
+    relevance_level: int = 1,
+    complete_queries: bool = False,
     require_judged: bool = True,
 ) -> JudgedRanking:
     """run (query_id, doc_id, score) + qrels (query_id, doc_id, label) -> JudgedRanking.
@@ -120,9 +136,15 @@ def judge_run(
     qrels = qrels.select([QUERY_ID, DOC_ID, LABEL])
     qrels_queries = pc.unique(qrels[QUERY_ID])
     run_queries = pc.unique(run[QUERY_ID])
-    universe = qrels_queries if complete_queries else run_queries.filter(pc.is_in(run_queries, qrels_queries))
+    universe = (
+        qrels_queries
+        if complete_queries
+        else run_queries.filter(pc.is_in(run_queries, qrels_queries))
+    )
     universe = universe.take(pc.sort_indices(universe))
-    if require_judged and (len(universe) == 0 or not pc.any(pc.is_in(run[QUERY_ID], universe)).as_py()):
+    if require_judged and (
+        len(universe) == 0 or not pc.any(pc.is_in(run[QUERY_ID], universe)).as_py()
+    ):
         raise InputError(
             f"no query of the run has judgements in the qrels (run query ids like "
             f"{run_queries[:3].to_pylist()}, qrels query ids like {qrels_queries[:3].to_pylist()}); "
@@ -166,16 +188,23 @@ def _divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
     return out
 
 
-def dcg(qidx: np.ndarray, rank: np.ndarray, gain: np.ndarray, num_queries: int, cutoff: int | None) -> np.ndarray:
+def dcg(
+    qidx: np.ndarray, rank: np.ndarray, gain: np.ndarray, num_queries: int, cutoff: int | None
+) -> np.ndarray:
     """(N,) rows -> (Q,) sum of gain / log2(rank + 1) over rank <= cutoff (all ranks when cutoff is None)."""
     kept = rank <= cutoff if cutoff is not None else np.ones(len(rank), bool)
     return _per_query_sum(qidx[kept], gain[kept] / np.log2(rank[kept] + 1.0), num_queries)
 
 
 def ndcg(
-    qidx: np.ndarray, rank: np.ndarray, gain: np.ndarray,
-    ideal_qidx: np.ndarray, ideal_rank: np.ndarray, ideal_gain: np.ndarray,
-    num_queries: int, cutoff: int | None,
+    qidx: np.ndarray,
+    rank: np.ndarray,
+    gain: np.ndarray,
+    ideal_qidx: np.ndarray,
+    ideal_rank: np.ndarray,
+    ideal_gain: np.ndarray,
+    num_queries: int,
+    cutoff: int | None,
 ) -> np.ndarray:
     """(Q,) DCG@k of the ranking divided by DCG@k of the ideal ranking; 0 when the ideal DCG is 0.
 
@@ -215,15 +244,21 @@ def measure_values(j: JudgedRanking, measure: Measure) -> np.ndarray:
         precision = np.where(relevant & in_top_k, relevant_so_far / j.rank, 0.0)
         return _divide(_per_query_sum(j.qidx, precision, num_queries), j.num_rel)
     if name == "nDCG":
-        return ndcg(j.qidx, j.rank, j.gain, j.ideal_qidx, j.ideal_rank, j.ideal_gain, num_queries, k)
+        return ndcg(
+            j.qidx, j.rank, j.gain, j.ideal_qidx, j.ideal_rank, j.ideal_gain, num_queries, k
+        )
     if name == "Judged":
         return _divide(count(j.judged & in_top_k), np.minimum(j.num_ret, k))
     raise AssertionError(f"measure {name} is listed in MEASURES but not computed")
 
 
 def evaluate(
-    run: pa.Table, qrels: pa.Table, measures: list[str | Measure],
-    relevance_level: int = 1, complete_queries: bool = False, require_judged: bool = True,
+    run: pa.Table,
+    qrels: pa.Table,
+    measures: list[str | Measure],
+    relevance_level: int = 1,
+    complete_queries: bool = False,
+    require_judged: bool = True,
 ) -> pa.Table:
     """run (query_id, doc_id, score) x qrels (query_id, doc_id, label) -> per-query table.
 

@@ -55,8 +55,10 @@ from pipeline.trec import read_qrels
 log = logging.getLogger(__name__)
 
 REJECTED_PARQUET = "rejected.parquet"
-GAIN_NOTE = ("judge/nDCG gains: sigmoid(reranker score) as the probability of relevance; ideal ranking = the "
-             "reranker's order of the same candidates")
+GAIN_NOTE = (
+    "judge/nDCG gains: sigmoid(reranker score) as the probability of relevance; ideal ranking = the "
+    "reranker's order of the same candidates"
+)
 
 
 def _outer_join(tables: list[pa.Table]) -> pa.Table:
@@ -66,7 +68,9 @@ def _outer_join(tables: list[pa.Table]) -> pa.Table:
     return joined.sort_by(QUERY_ID)
 
 
-def _judge_table(run_pairs: pa.Table, reranker_scores: pa.Table | None) -> tuple[pa.Table | None, int]:
+def _judge_table(
+    run_pairs: pa.Table, reranker_scores: pa.Table | None
+) -> tuple[pa.Table | None, int]:
     """(query_id, doc_id, first_stage_rank, score = the judge's) and how many run pairs lack a judge score."""
     return judge_table(run_pairs, reranker_scores)
 
@@ -76,11 +80,15 @@ class Measured:
     """Tonight's measures: per query (query_id, <measure>: float64 ...) and their means, by family."""
 
     per_query: pa.Table
-    overall: dict[str, float] = field(default_factory=dict)     # judged, first-stage order
-    reranked: dict[str, float] = field(default_factory=dict)    # judged, reranker's order (reranked/...)
+    overall: dict[str, float] = field(default_factory=dict)  # judged, first-stage order
+    reranked: dict[str, float] = field(
+        default_factory=dict
+    )  # judged, reranker's order (reranked/...)
     label_free: dict[str, float] = field(default_factory=dict)  # reranker as judge (judge/...)
     score_summary: dict | None = None
-    judge_pairs: pa.Table | None = None  # (first_stage_rank, reranker_rank, score) for the report's plots
+    judge_pairs: pa.Table | None = (
+        None  # (first_stage_rank, reranker_rank, score) for the report's plots
+    )
 
     @property
     def means(self) -> dict[str, float]:
@@ -99,11 +107,15 @@ def _measured(tables: dict[str, pa.Table]) -> Measured:
     if RERANKED in tables:
         result.reranked = means(tables[RERANKED])
         parts.append(tables[RERANKED])
-    result.per_query = _outer_join(parts) if parts else pa.table({QUERY_ID: pa.array([], pa.string())})
+    result.per_query = (
+        _outer_join(parts) if parts else pa.table({QUERY_ID: pa.array([], pa.string())})
+    )
     return result
 
 
-def measure(config: IndexQualityConfig, pairs: pa.Table, qrels: pa.Table | None, judge: pa.Table | None) -> Measured:
+def measure(
+    config: IndexQualityConfig, pairs: pa.Table, qrels: pa.Table | None, judge: pa.Table | None
+) -> Measured:
     """Every measure the inputs allow, from a whole run in this process. pairs: load_run's; judge: (query_id,
     doc_id, first_stage_rank, score)."""
     result = _measured(measure_families(config, pairs, qrels, judge))
@@ -126,23 +138,43 @@ def _combined_score_summary(combined: Combined) -> dict | None:
     count = moments["count"]
     mean = moments["sum"] / count
     std = math.sqrt(max(0.0, moments["sum_sq"] / count - mean * mean))
-    return {**summary, "count": int(count), "mean": mean, "std": std, "min": moments["min"], "max": moments["max"],
-            "quantiles_from_pairs": 0 if sample is None else sample.num_rows}
+    return {
+        **summary,
+        "count": int(count),
+        "mean": mean,
+        "std": std,
+        "min": moments["min"],
+        "max": moments["max"],
+        "quantiles_from_pairs": 0 if sample is None else sample.num_rows,
+    }
 
 
-def measure_in_parts(config: IndexQualityConfig, plan: RunPlan, output: str, qrels: pa.Table | None,
-                     reranker_parts: list[str] | None) -> tuple[Measured, Combined]:
+def measure_in_parts(
+    config: IndexQualityConfig,
+    plan: RunPlan,
+    output: str,
+    qrels: pa.Table | None,
+    reranker_parts: list[str] | None,
+) -> tuple[Measured, Combined]:
     """Measure the run part by part (`parts.py`); this process receives queries x measures only."""
     combined = measure_run(config, plan, output, qrels, reranker_parts)
     if combined.pairs == 0:
-        raise no_usable_rows(plan.uri, combined.rejected if combined.rejected is not None
-                             else pa.table({REASON: pa.array([], pa.string())}))
+        raise no_usable_rows(
+            plan.uri,
+            combined.rejected
+            if combined.rejected is not None
+            else pa.table({REASON: pa.array([], pa.string())}),
+        )
     qrels_queries = None if qrels is None else pc.unique(qrels[QUERY_ID].cast(pa.string()))
-    if qrels is not None and not pc.any(pc.is_in(combined.segments[QUERY_ID], qrels_queries)).as_py():
+    if (
+        qrels is not None
+        and not pc.any(pc.is_in(combined.segments[QUERY_ID], qrels_queries)).as_py()
+    ):
         raise InputError(
             f"no query of the run has judgements in the qrels (run query ids like "
             f"{combined.segments[QUERY_ID][:3].to_pylist()}, qrels query ids like "
-            f"{qrels_queries[:3].to_pylist()}); check that both use the same query ids")
+            f"{qrels_queries[:3].to_pylist()}); check that both use the same query ids"
+        )
     result = _measured(combined.tables)
     result.score_summary = _combined_score_summary(combined)
     result.judge_pairs = combined.judge_pairs
@@ -158,23 +190,40 @@ def compare_with_previous(
     if previous is None:
         return previous_night, [], {}, None
     a = config.alerts
-    comparisons = compare_nights(per_query, previous, a.max_drop, a.default_max_drop, a.alpha, a.permutations, a.seed)
+    comparisons = compare_nights(
+        per_query, previous, a.max_drop, a.default_max_drop, a.alpha, a.permutations, a.seed
+    )
     kept = [c for c in config.segment_columns if c in previous.column_names]
     previous_segments = {}
     if kept:
-        measures_only = previous.drop_columns([c for c in config.segment_columns if c in previous.column_names])
+        measures_only = previous.drop_columns(
+            [c for c in config.segment_columns if c in previous.column_names]
+        )
         previous_segments = segment_means(measures_only, previous.select([QUERY_ID, *kept]), kept)
     return previous_night, comparisons, previous_segments, previous
 
 
-def _report_measures(config: IndexQualityConfig, measured: list[str]) -> tuple[list[str], str | None]:
+def _report_measures(
+    config: IndexQualityConfig, measured: list[str]
+) -> tuple[list[str], str | None]:
     """(trend measures, segment measure) for the plots: the configured ones, else the first measures."""
     report = config.report
-    for name in [*report.trend_measures, *([report.segment_measure] if report.segment_measure else [])]:
+    for name in [
+        *report.trend_measures,
+        *([report.segment_measure] if report.segment_measure else []),
+    ]:
         if name not in measured:
-            log.warning("report measure %r was not measured tonight (measured: %s); using the defaults", name, measured)
+            log.warning(
+                "report measure %r was not measured tonight (measured: %s); using the defaults",
+                name,
+                measured,
+            )
     trend = [t for t in report.trend_measures if t in measured] or measured[:2]
-    segment = report.segment_measure if report.segment_measure in measured else (measured[0] if measured else None)
+    segment = (
+        report.segment_measure
+        if report.segment_measure in measured
+        else (measured[0] if measured else None)
+    )
     return trend, segment
 
 
@@ -198,21 +247,38 @@ def evaluate_night(
     plan = plan_run(config, run)
     qrels_table = read_qrels(qrels, options) if qrels else None
     if qrels_table is None and reranker_parts is None and not config.input.judge_score_column:
-        raise InputError("nothing to measure: pass --qrels for judged measures, and/or --model (or a run carrying "
-                         "reranker scores with `--set input.judge_score_column=<column>`) for label-free measures")
-    log.info("run %s: %s file(s), about %s pairs, measured in %d part(s) by hash of query_id, first-stage order "
-             "from `%s`", run, len(plan.files), f"{plan.estimated_rows:,}", plan.num_buckets, plan.order)
+        raise InputError(
+            "nothing to measure: pass --qrels for judged measures, and/or --model (or a run carrying "
+            "reranker scores with `--set input.judge_score_column=<column>`) for label-free measures"
+        )
+    log.info(
+        "run %s: %s file(s), about %s pairs, measured in %d part(s) by hash of query_id, first-stage order "
+        "from `%s`",
+        run,
+        len(plan.files),
+        f"{plan.estimated_rows:,}",
+        plan.num_buckets,
+        plan.order,
+    )
     measured, combined = measure_in_parts(config, plan, output, qrels_table, reranker_parts)
     segments = combined.segments
     rejected_rows = 0 if combined.rejected is None else combined.rejected.num_rows
-    log.info("run %s: %d pairs over %d queries (%d rows rejected)", run, combined.pairs, segments.num_rows,
-             rejected_rows)
+    log.info(
+        "run %s: %d pairs over %d queries (%d rows rejected)",
+        run,
+        combined.pairs,
+        segments.num_rows,
+        rejected_rows,
+    )
     judged = reranker_parts is not None or bool(config.input.judge_score_column)
 
     store = History(history, options) if history else None
     previous_night, comparisons, previous_segments, previous_per_query = compare_with_previous(
-        config, store, night, measured.per_query)
-    per_query = measured.per_query.join(segments, keys=QUERY_ID, join_type="left outer").sort_by(QUERY_ID)
+        config, store, night, measured.per_query
+    )
+    per_query = measured.per_query.join(segments, keys=QUERY_ID, join_type="left outer").sort_by(
+        QUERY_ID
+    )
 
     facts = {
         "qrels": qrels,
@@ -229,21 +295,40 @@ def evaluate_night(
         "num_parts": plan.num_buckets,
         "reranker_model": None if reranker is None else reranker["model"],
         "reranker_random_weights": None if reranker is None else bool(reranker["random_weights"]),
-        "warning": random_weights_warning(reranker["model"]) if reranker and reranker["random_weights"] else None,
+        "warning": random_weights_warning(reranker["model"])
+        if reranker and reranker["random_weights"]
+        else None,
         "config_hash": config_hash(config),
         "config": redact(config.model_dump(mode="json")),
     }
-    row = {NIGHT: night, "written_at": dt.datetime.now(dt.timezone.utc), "run": run,
-           "num_queries": segments.num_rows, "config_hash": facts["config_hash"], **measured.means}
+    row = {
+        NIGHT: night,
+        "written_at": dt.datetime.now(dt.timezone.utc),
+        "run": run,
+        "num_queries": segments.num_rows,
+        "config_hash": facts["config_hash"],
+        **measured.means,
+    }
     trend_measures, segment_measure = _report_measures(config, list(measured.means))
     report = NightReport(
-        night=night, run=run, overall=measured.overall, per_query=per_query, reranked=measured.reranked,
-        label_free=measured.label_free, score_summary=measured.score_summary,
+        night=night,
+        run=run,
+        overall=measured.overall,
+        per_query=per_query,
+        reranked=measured.reranked,
+        label_free=measured.label_free,
+        score_summary=measured.score_summary,
         segments=segment_means(measured.per_query, segments, config.segment_columns),
-        previous_segments=previous_segments, previous_night=previous_night, comparisons=comparisons,
+        previous_segments=previous_segments,
+        previous_night=previous_night,
+        comparisons=comparisons,
         alerts=[c.alert_line() for c in comparisons if c.alert],
-        history=store.with_row(row) if store else None, judge_pairs=measured.judge_pairs, extra=facts,
-        trend_measures=trend_measures, segment_measure=segment_measure, previous_per_query=previous_per_query,
+        history=store.with_row(row) if store else None,
+        judge_pairs=measured.judge_pairs,
+        extra=facts,
+        trend_measures=trend_measures,
+        segment_measure=segment_measure,
+        previous_per_query=previous_per_query,
         parts=combined.buckets,
     )
     write_report(report, output, options)

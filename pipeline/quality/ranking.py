@@ -27,7 +27,8 @@ def rank_by_score(table: pa.Table, score_column: str = SCORE, rank_column: str =
     sorted, plus `rank_column`. Scores must be non-null (callers reject null rows first).
     """
     order = pc.sort_indices(
-        table, sort_keys=[(QUERY_ID, "ascending"), (score_column, "descending"), (DOC_ID, "descending")]
+        table,
+        sort_keys=[(QUERY_ID, "ascending"), (score_column, "descending"), (DOC_ID, "descending")],
     )
     ranked = table.take(order)
     if rank_column in ranked.column_names:

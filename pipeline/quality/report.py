@@ -46,8 +46,10 @@ RERANKED_PREFIX = "reranked/"  # judged measures of the reranker's order (nightl
 CONFIDENCE = 0.95
 BOOTSTRAP_RESAMPLES = 2_000
 BOOTSTRAP_SEED = 0
-BOOTSTRAP_METHOD = (f"percentile bootstrap of the mean over queries, {BOOTSTRAP_RESAMPLES:,} resamples, "
-                    f"seed {BOOTSTRAP_SEED}")
+BOOTSTRAP_METHOD = (
+    f"percentile bootstrap of the mean over queries, {BOOTSTRAP_RESAMPLES:,} resamples, "
+    f"seed {BOOTSTRAP_SEED}"
+)
 
 CAVEAT = (
     "The label-free measures use the cross-encoder as the judge. When that judge is also the production "
@@ -56,11 +58,14 @@ CAVEAT = (
     "for quality."
 )
 
+
 # Run facts as the report names them; facts not listed here are shown with their key made readable.
 def random_weights_warning(model: str) -> str:
     """The caveat of a report whose reranker has random weights (a `dummy:` model, for trying the pipeline)."""
-    return (f"RANDOM WEIGHTS: the reranker {model} has random weights, so every measure after reranking and every "
-            "measure with the reranker as judge is noise; rerank with a trained model to measure anything")
+    return (
+        f"RANDOM WEIGHTS: the reranker {model} has random weights, so every measure after reranking and every "
+        "measure with the reranker as judge is noise; rerank with a trained model to measure anything"
+    )
 
 
 FACT_LABELS = {
@@ -83,8 +88,12 @@ FACT_LABELS = {
 }
 
 
-def bootstrap_interval(values: np.ndarray, confidence: float = CONFIDENCE, resamples: int = BOOTSTRAP_RESAMPLES,
-                       seed: int = BOOTSTRAP_SEED) -> tuple[float, float] | None:
+def bootstrap_interval(
+    values: np.ndarray,
+    confidence: float = CONFIDENCE,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+) -> tuple[float, float] | None:
     """Percentile bootstrap interval of the mean of (n,) per-query values; None with fewer than 2 values.
 
     Every measure of a night draws the same resamples from the same seed, so intervals are reproducible.
@@ -118,23 +127,31 @@ class NightReport:
 
     night: str
     run: str
-    overall: dict[str, float]                   # labelled measures of the first-stage run
-    per_query: pa.Table                         # (query_id, <measure> ..., <segment column> ...)
-    reranked: dict[str, float] = field(default_factory=dict)    # labelled measures of the reranker's order
+    overall: dict[str, float]  # labelled measures of the first-stage run
+    per_query: pa.Table  # (query_id, <measure> ..., <segment column> ...)
+    reranked: dict[str, float] = field(
+        default_factory=dict
+    )  # labelled measures of the reranker's order
     label_free: dict[str, float] = field(default_factory=dict)  # judge/... means
     score_summary: dict[str, float] | None = None
-    segments: dict[str, dict] = field(default_factory=dict)          # segments.segment_means of tonight
+    segments: dict[str, dict] = field(default_factory=dict)  # segments.segment_means of tonight
     previous_segments: dict[str, dict] = field(default_factory=dict)  # ... of the previous night
     previous_night: str | None = None
     comparisons: list[Comparison] = field(default_factory=list)
     alerts: list[str] = field(default_factory=list)
-    history: pa.Table | None = None             # history table including tonight's row
-    judge_pairs: pa.Table | None = None         # (first_stage_rank, reranker_rank, score) for the plots
-    extra: dict = field(default_factory=dict)   # run facts for metrics.json (qrels, rows, rejected, config ...)
-    parts: list = field(default_factory=list)   # where each part of the run was measured: bucket, pid, pairs, queries
+    history: pa.Table | None = None  # history table including tonight's row
+    judge_pairs: pa.Table | None = None  # (first_stage_rank, reranker_rank, score) for the plots
+    extra: dict = field(
+        default_factory=dict
+    )  # run facts for metrics.json (qrels, rows, rejected, config ...)
+    parts: list = field(
+        default_factory=list
+    )  # where each part of the run was measured: bucket, pid, pairs, queries
     trend_measures: list[str] = field(default_factory=list)
     segment_measure: str | None = None
-    previous_per_query: pa.Table | None = None  # the previous night's (query_id, <measure> ...), for per-query change
+    previous_per_query: pa.Table | None = (
+        None  # the previous night's (query_id, <measure> ...), for per-query change
+    )
 
     def all_means(self) -> dict[str, float]:
         return {**self.overall, **self.reranked, **self.label_free}
@@ -188,19 +205,40 @@ def plot_distribution(per_query: pa.Table, measures: list[str], intervals: dict)
     ax = fig.subplots()
     jitter = np.random.default_rng(0)  # fixed, so the same night draws the same picture
     most = max(len(v) for _, v in rows)
-    dot_alpha = float(np.clip(8.0 / math.sqrt(most), 0.08, 0.6))  # thousands of queries stay readable
+    dot_alpha = float(
+        np.clip(8.0 / math.sqrt(most), 0.08, 0.6)
+    )  # thousands of queries stay readable
     for i, (measure, values) in enumerate(rows):
         y = len(rows) - 1 - i  # the first measure on top, as in the table
-        ax.boxplot(values, positions=[y], orientation="horizontal", widths=0.62, whis=(0, 100), showfliers=False,
-                   patch_artist=True, boxprops={"facecolor": "#e8eef6", "edgecolor": "#5b6b7d"},
-                   medianprops={"color": "#1d3f66", "linewidth": 1.6}, whiskerprops={"color": "#5b6b7d"},
-                   capprops={"color": "#5b6b7d"}, zorder=1)
-        ax.scatter(values, y + jitter.uniform(-0.2, 0.2, len(values)), s=10, color=BLUE, alpha=dot_alpha,
-                   linewidths=0, zorder=2)
+        ax.boxplot(
+            values,
+            positions=[y],
+            orientation="horizontal",
+            widths=0.62,
+            whis=(0, 100),
+            showfliers=False,
+            patch_artist=True,
+            boxprops={"facecolor": "#e8eef6", "edgecolor": "#5b6b7d"},
+            medianprops={"color": "#1d3f66", "linewidth": 1.6},
+            whiskerprops={"color": "#5b6b7d"},
+            capprops={"color": "#5b6b7d"},
+            zorder=1,
+        )
+        ax.scatter(
+            values,
+            y + jitter.uniform(-0.2, 0.2, len(values)),
+            s=10,
+            color=BLUE,
+            alpha=dot_alpha,
+            linewidths=0,
+            zorder=2,
+        )
         mean = float(values.mean())
         interval = intervals.get(measure)
         xerr = [[mean - interval[0]], [interval[1] - mean]] if interval else None
-        ax.errorbar(mean, y, xerr=xerr, fmt="D", color=RED, markersize=6, capsize=5, elinewidth=2, zorder=3)
+        ax.errorbar(
+            mean, y, xerr=xerr, fmt="D", color=RED, markersize=6, capsize=5, elinewidth=2, zorder=3
+        )
     ax.set_yticks(range(len(rows)), [m for m, _ in reversed(rows)])
     low = min(0.0, min(float(v.min()) for _, v in rows))
     high = max(1.0, max(float(v.max()) for _, v in rows))
@@ -208,12 +246,20 @@ def plot_distribution(per_query: pa.Table, measures: list[str], intervals: dict)
     ax.set_ylim(-0.6, len(rows) - 0.4)
     ax.set_xlabel("per-query value")
     ax.grid(axis="x", alpha=0.3)
-    handles = [Line2D([], [], marker="o", linestyle="", color=BLUE, alpha=0.6, label="one query"),
-               Patch(facecolor="#e8eef6", edgecolor="#5b6b7d", label="middle half of queries, line at the median"),
-               Line2D([], [], marker="D", color=RED, label=f"mean, {CONFIDENCE:.0%} bootstrap interval")]
+    handles = [
+        Line2D([], [], marker="o", linestyle="", color=BLUE, alpha=0.6, label="one query"),
+        Patch(
+            facecolor="#e8eef6",
+            edgecolor="#5b6b7d",
+            label="middle half of queries, line at the median",
+        ),
+        Line2D([], [], marker="D", color=RED, label=f"mean, {CONFIDENCE:.0%} bootstrap interval"),
+    ]
     fig.legend(handles=handles, loc="outside lower center", ncol=3, fontsize="small", frameon=False)
     counts = sorted({len(v) for _, v in rows})
-    ax.set_title(f"Per-query values ({counts[0]:,} queries)" if len(counts) == 1 else "Per-query values")
+    ax.set_title(
+        f"Per-query values ({counts[0]:,} queries)" if len(counts) == 1 else "Per-query values"
+    )
     return _png(fig)
 
 
@@ -227,9 +273,16 @@ def plot_trend(history: pa.Table, measures: list[str]) -> str | None:
     ax = fig.subplots()
     x = np.arange(len(nights))
     for measure in measures:
-        values = np.array([np.nan if v is None else v for v in history[measure].to_pylist()], dtype=float)
+        values = np.array(
+            [np.nan if v is None else v for v in history[measure].to_pylist()], dtype=float
+        )
         ax.plot(x, values, marker="o", label=measure)
-    ax.set_xticks(x, nights, rotation=45 if len(nights) > 6 else 0, ha="right" if len(nights) > 6 else "center")
+    ax.set_xticks(
+        x,
+        nights,
+        rotation=45 if len(nights) > 6 else 0,
+        ha="right" if len(nights) > 6 else "center",
+    )
     ax.set_ylabel("mean over queries")
     ax.set_title("Measures over nights")
     ax.grid(alpha=0.3)
@@ -241,9 +294,15 @@ def paired_changes(tonight: pa.Table, previous: pa.Table, measure: str) -> np.nd
     """(n,) tonight - previous of `measure` for the queries measured on both nights, sorted ascending."""
     if measure not in tonight.column_names or measure not in previous.column_names:
         return np.empty(0)
-    both = tonight.select([QUERY_ID, measure]).join(previous.select([QUERY_ID, measure]), keys=QUERY_ID,
-                                                    join_type="inner", right_suffix=".previous")
-    both = both.filter(pc.and_(pc.is_valid(both[measure]), pc.is_valid(both[f"{measure}.previous"])))
+    both = tonight.select([QUERY_ID, measure]).join(
+        previous.select([QUERY_ID, measure]),
+        keys=QUERY_ID,
+        join_type="inner",
+        right_suffix=".previous",
+    )
+    both = both.filter(
+        pc.and_(pc.is_valid(both[measure]), pc.is_valid(both[f"{measure}.previous"]))
+    )
     now = both[measure].to_numpy().astype(np.float64)
     before = both[f"{measure}.previous"].to_numpy().astype(np.float64)
     return np.sort(now - before)
@@ -256,13 +315,22 @@ def plot_changes(changes: np.ndarray, measure: str, night: str, previous_night: 
     fig = Figure(figsize=(8, 3.4))
     ax = fig.subplots()
     colours = np.where(changes < 0, RED, np.where(changes > 0, GREEN, GREY))
-    ax.bar(np.arange(len(changes)), changes, width=1.0 if len(changes) > 200 else 0.8, color=colours)
+    ax.bar(
+        np.arange(len(changes)), changes, width=1.0 if len(changes) > 200 else 0.8, color=colours
+    )
     ax.axhline(0.0, color="#444", linewidth=0.8)
-    ax.axhline(float(changes.mean()), color=BLUE, linestyle="--", linewidth=1.2,
-               label=f"mean change {changes.mean():+.4f}")
+    ax.axhline(
+        float(changes.mean()),
+        color=BLUE,
+        linestyle="--",
+        linewidth=1.2,
+        label=f"mean change {changes.mean():+.4f}",
+    )
     worse, better = int((changes < 0).sum()), int((changes > 0).sum())
-    ax.set_title(f"{measure} per query, {previous_night} → {night}: {worse} worse, {better} better, "
-                 f"{len(changes) - worse - better} unchanged")
+    ax.set_title(
+        f"{measure} per query, {previous_night} → {night}: {worse} worse, {better} better, "
+        f"{len(changes) - worse - better} unchanged"
+    )
     ax.set_xlabel(f"queries measured on both nights ({len(changes):,}), sorted by change")
     ax.set_ylabel(f"change in {measure}")
     ax.set_xticks([])
@@ -273,7 +341,9 @@ def plot_changes(changes: np.ndarray, measure: str, night: str, previous_night: 
     return _png(fig)
 
 
-def plot_segments(tonight: dict, previous: dict, measure: str, night: str, previous_night: str | None) -> str | None:
+def plot_segments(
+    tonight: dict, previous: dict, measure: str, night: str, previous_night: str | None
+) -> str | None:
     """Bars per segment value, one panel per segment column: tonight, beside the previous night when there is one.
 
     Inputs: segment_means output ({column: {value: {measure: mean, "num_queries": n}}}).
@@ -296,8 +366,12 @@ def plot_segments(tonight: dict, previous: dict, measure: str, night: str, previ
         else:
             ax.bar(x, now, 0.5, color=BLUE)
         top = np.nanmax(np.asarray([*now, *before], dtype=float))
-        ax.set_ylim(0, 1.25 * top if np.isfinite(top) and top > 0 else 1.0)  # room for the legend above the bars
-        ax.set_xticks(x, [f"{v}\n{tonight[column][v].get('num_queries', 0):,} queries" for v in values])
+        ax.set_ylim(
+            0, 1.25 * top if np.isfinite(top) and top > 0 else 1.0
+        )  # room for the legend above the bars
+        ax.set_xticks(
+            x, [f"{v}\n{tonight[column][v].get('num_queries', 0):,} queries" for v in values]
+        )
         ax.set_ylabel(measure)
         ax.set_title(f"{measure} by {column}")
         ax.grid(axis="y", alpha=0.3)
@@ -325,8 +399,14 @@ def plot_agreement(first_stage_rank: np.ndarray, reranker_rank: np.ndarray) -> s
     bins = min(depth, 50)
     fig = Figure(figsize=(5.5, 4.6))
     ax = fig.subplots()
-    counts, _, _, image = ax.hist2d(first_stage_rank, reranker_rank, bins=bins, range=[[0.5, depth + 0.5]] * 2,
-                                    cmap="Blues", cmin=1)
+    counts, _, _, image = ax.hist2d(
+        first_stage_rank,
+        reranker_rank,
+        bins=bins,
+        range=[[0.5, depth + 0.5]] * 2,
+        cmap="Blues",
+        cmin=1,
+    )
     fig.colorbar(image, ax=ax, label="pairs")
     ax.plot([1, depth], [1, depth], color=RED, linewidth=0.8, label="same rank")
     ax.set_xlabel("first-stage rank")
@@ -338,6 +418,7 @@ def plot_agreement(first_stage_rank: np.ndarray, reranker_rank: np.ndarray) -> s
 
 # ---------------------------------------------------------------- HTML
 
+
 def _num(value: float) -> str:
     return f"{value:.4f}"
 
@@ -347,8 +428,10 @@ def _p(value: float) -> str:
 
 
 def _figure(title: str, png: str) -> str:
-    return (f'<figure><figcaption>{html.escape(title)}</figcaption>'
-            f'<img alt="{html.escape(title)}" src="data:image/png;base64,{png}"></figure>')
+    return (
+        f"<figure><figcaption>{html.escape(title)}</figcaption>"
+        f'<img alt="{html.escape(title)}" src="data:image/png;base64,{png}"></figure>'
+    )
 
 
 def _verdict(c: Comparison) -> str:
@@ -375,45 +458,62 @@ def _measure_table(report: NightReport, measures: list[str]) -> str:
     rows = []
     for measure in measures:
         interval = report.intervals.get(measure)
-        cells = [html.escape(measure), _num(means[measure]),
-                 f"{_num(interval[0])}–{_num(interval[1])}" if interval else "too few queries",
-                 f"{len(_values(report.per_query, measure)):,}"]
+        cells = [
+            html.escape(measure),
+            _num(means[measure]),
+            f"{_num(interval[0])}–{_num(interval[1])}" if interval else "too few queries",
+            f"{len(_values(report.per_query, measure)):,}",
+        ]
         c = by_measure.get(measure)
         css = ' class="alert"' if c and c.alert else ""
         cells = [f"<td>{cell}</td>" for cell in cells]
         if compared and c is not None and c.num_paired:
-            cells += [f"<td>{_num(c.previous)}</td>", f"<td>{c.delta:+.4f}</td>",
-                      f"<td>{_p(c.p_value) if c.p_value is not None else 'under 2 queries'}</td>",
-                      f"<td>{c.num_paired:,}</td>", f"<td class=\"verdict\">{_verdict(c)}</td>"]
+            cells += [
+                f"<td>{_num(c.previous)}</td>",
+                f"<td>{c.delta:+.4f}</td>",
+                f"<td>{_p(c.p_value) if c.p_value is not None else 'under 2 queries'}</td>",
+                f"<td>{c.num_paired:,}</td>",
+                f'<td class="verdict">{_verdict(c)}</td>',
+            ]
         elif compared:
-            why = "no query measured on both nights" if c is not None else f"not measured on {report.previous_night}"
+            why = (
+                "no query measured on both nights"
+                if c is not None
+                else f"not measured on {report.previous_night}"
+            )
             cells.append(f'<td colspan="5" class="note">{html.escape(why)}</td>')
         rows.append(f"<tr{css}>{''.join(cells)}</tr>")
     verdict = ' class="verdict"'
     header = "".join(f"<th{verdict if h == 'verdict' else ''}>{html.escape(h)}</th>" for h in head)
-    return f'<div class="wide"><table class="measures"><tr>{header}</tr>{"".join(rows)}</table></div>'
+    return (
+        f'<div class="wide"><table class="measures"><tr>{header}</tr>{"".join(rows)}</table></div>'
+    )
 
 
 def _judge_definitions(measures: list[str]) -> str:
     """What each label-free measure of tonight means, from its name (label_free.py defines them)."""
     items = []
     for measure in measures:
-        name = measure[len(JUDGE_PREFIX):]
+        name = measure[len(JUDGE_PREFIX) :]
         kind, _, k = name.partition("@")
         if kind == "nDCG":
-            text = (f"nDCG of the retriever's top {k} with the judge's probability of relevance as the gain; "
-                    "1 = the retriever's top already matches the judge's own order")
+            text = (
+                f"nDCG of the retriever's top {k} with the judge's probability of relevance as the gain; "
+                "1 = the retriever's top already matches the judge's own order"
+            )
         elif kind == "Overlap":
             text = f"share of the judge's top {k} that is also in the retriever's top {k}"
         elif kind.startswith("RBO"):
-            text = (f"rank-biased overlap of the two orders to depth {k} ({kind[4:-1]}, top-weighted); "
-                    "1 = identical orders")
+            text = (
+                f"rank-biased overlap of the two orders to depth {k} ({kind[4:-1]}, top-weighted); "
+                "1 = identical orders"
+            )
         elif kind.startswith("Held"):
             text = f"share of the judge's top {kind[4:]} that the retriever's top {k} holds"
         else:
             continue
         items.append(f"<dt>{html.escape(measure)}</dt><dd>{html.escape(text)}</dd>")
-    return f"<dl class=\"defs\">{''.join(items)}</dl>" if items else ""
+    return f'<dl class="defs">{"".join(items)}</dl>' if items else ""
 
 
 def _segment_tables(report: NightReport) -> str:
@@ -429,17 +529,25 @@ def _segment_tables(report: NightReport) -> str:
             return _num(value) if value is not None and not math.isnan(value) else "not measured"
 
         rows = "".join(
-            f"<tr><td>{html.escape(m)}</td>" + "".join(f"<td>{cell(values[v].get(m))}</td>" for v in names) + "</tr>"
+            f"<tr><td>{html.escape(m)}</td>"
+            + "".join(f"<td>{cell(values[v].get(m))}</td>" for v in names)
+            + "</tr>"
             for m in measures
         )
-        parts.append(f"<h3>Means by {html.escape(column)}</h3><div class=\"wide\"><table>"
-                     f"<tr><th>measure</th>{head}</tr><tr><td>queries</td>{count}</tr>{rows}</table></div>")
+        parts.append(
+            f'<h3>Means by {html.escape(column)}</h3><div class="wide"><table>'
+            f"<tr><th>measure</th>{head}</tr><tr><td>queries</td>{count}</tr>{rows}</table></div>"
+        )
     return "".join(parts)
 
 
 def _fact(key: str, value) -> tuple[str, str] | None:
     """(label, text) of one run fact, None when it has no value to show."""
-    if value is None or isinstance(value, (dict, list)) or (isinstance(value, float) and math.isnan(value)):
+    if (
+        value is None
+        or isinstance(value, (dict, list))
+        or (isinstance(value, float) and math.isnan(value))
+    ):
         return None
     label = FACT_LABELS.get(key, key.replace("_", " ").capitalize())
     if key == "complete_queries":
@@ -465,20 +573,27 @@ def _lead(report: NightReport) -> str:
     measured = f"{queries:,} queries measured." if isinstance(queries, int) else ""
     if report.comparisons:
         paired = sorted({c.num_paired for c in report.comparisons})
-        over = (f"over the {paired[0]:,} queries measured on both nights" if len(paired) == 1
-                else "over the queries measured on both nights")
+        over = (
+            f"over the {paired[0]:,} queries measured on both nights"
+            if len(paired) == 1
+            else "over the queries measured on both nights"
+        )
         compared = f"Compared with night {html.escape(report.previous_night)}, {over}."
     elif report.previous_night:
-        compared = (f"The history holds no per-query values for night {html.escape(report.previous_night)}, "
-                    "so tonight is not compared with it.")
+        compared = (
+            f"The history holds no per-query values for night {html.escape(report.previous_night)}, "
+            "so tonight is not compared with it."
+        )
     elif report.history is not None:
-        compared = ("First night in the history: from the next night on, every measure is compared with the "
-                    "previous night and can raise an alert.")
+        compared = (
+            "First night in the history: from the next night on, every measure is compared with the "
+            "previous night and can raise an alert."
+        )
     else:
         compared = "Not compared with other nights: pass --history to keep a history, compare nights and raise alerts."
     model = report.extra.get("reranker_model")
     reranked = f" Reranked by <code>{html.escape(model)}</code>." if model else ""
-    return f"<p class=\"lead\">Run <code>{html.escape(report.run)}</code>.{reranked} {measured} {compared}</p>"
+    return f'<p class="lead">Run <code>{html.escape(report.run)}</code>.{reranked} {measured} {compared}</p>'
 
 
 _CSS = """
@@ -501,49 +616,79 @@ table.facts td:last-child{text-align:left;white-space:normal}
 
 
 def render_html(report: NightReport) -> str:
-    overall, reranked, label_free = list(report.overall), list(report.reranked), list(report.label_free)
+    overall, reranked, label_free = (
+        list(report.overall),
+        list(report.reranked),
+        list(report.label_free),
+    )
     means = report.all_means()
     compared = bool(report.comparisons)
     parts = [f"<h1>Index quality, night {html.escape(report.night)}</h1>", _lead(report)]
     # Loud, at the top and beside each table it spoils: a random reranker's "after reranking" shows as a drop.
-    random_weights = report.extra.get("warning") if report.extra.get("reranker_random_weights") else None
-    banner = f"<p class=\"caveat random\"><strong>{html.escape(random_weights)}</strong></p>" if random_weights else ""
+    random_weights = (
+        report.extra.get("warning") if report.extra.get("reranker_random_weights") else None
+    )
+    banner = (
+        f'<p class="caveat random"><strong>{html.escape(random_weights)}</strong></p>'
+        if random_weights
+        else ""
+    )
     parts.append(banner)
 
     if compared:
         alpha = report.comparisons[0].alpha
-        parts.append("<h2>Alerts</h2>" + (
-            "<ul class=\"alerts\">" + "".join(f"<li>{html.escape(a)}</li>" for a in report.alerts) + "</ul>"
-            if report.alerts else
-            f"<p class=\"ok\">No alerts: no measure dropped by more than its allowed drop with p &lt; {alpha:g}.</p>"))
+        parts.append(
+            "<h2>Alerts</h2>"
+            + (
+                '<ul class="alerts">'
+                + "".join(f"<li>{html.escape(a)}</li>" for a in report.alerts)
+                + "</ul>"
+                if report.alerts
+                else f'<p class="ok">No alerts: no measure dropped by more than its allowed drop with p &lt; {alpha:g}.</p>'
+            )
+        )
 
-    how = (f"Each value is the mean over queries; the {CONFIDENCE:.0%} interval is a percentile bootstrap of that "
-           f"mean ({BOOTSTRAP_RESAMPLES:,} resamples of the queries from a fixed seed, so a rerun gives the same "
-           "interval). Below each table, the per-query values behind the means.")
+    how = (
+        f"Each value is the mean over queries; the {CONFIDENCE:.0%} interval is a percentile bootstrap of that "
+        f"mean ({BOOTSTRAP_RESAMPLES:,} resamples of the queries from a fixed seed, so a rerun gives the same "
+        "interval). Below each table, the per-query values behind the means."
+    )
     if compared:
-        how += (f" Previous, change and p pair each query with itself on night {report.previous_night}: both means "
-                "are over the queries measured on both nights (paired), p is a two-sided paired randomization "
-                f"test, a verdict is significant at p < {report.comparisons[0].alpha:g}, and an alert needs a "
-                "significant drop beyond the measure's allowed drop.")
+        how += (
+            f" Previous, change and p pair each query with itself on night {report.previous_night}: both means "
+            "are over the queries measured on both nights (paired), p is a two-sided paired randomization "
+            f"test, a verdict is significant at p < {report.comparisons[0].alpha:g}, and an alert needs a "
+            "significant drop beyond the measure's allowed drop."
+        )
     parts.append(f"<h2>Measures</h2><p>{html.escape(how)}</p>")
 
     if overall:
         level = report.extra.get("relevance_level")
-        binary = f"; a label ≥ {level} counts as relevant for the binary measures" if level is not None else ""
-        parts.append(f"<h3>Judged measures of the first-stage order</h3><p>Against the human judgements (qrels), "
-                     f"with trec_eval's conventions{html.escape(binary)}.</p>")
+        binary = (
+            f"; a label ≥ {level} counts as relevant for the binary measures"
+            if level is not None
+            else ""
+        )
+        parts.append(
+            f"<h3>Judged measures of the first-stage order</h3><p>Against the human judgements (qrels), "
+            f"with trec_eval's conventions{html.escape(binary)}.</p>"
+        )
         parts.append(_measure_table(report, overall))
         if png := plot_distribution(report.per_query, overall, report.intervals):
             parts.append(_figure("Per-query distribution of the judged measures", png))
 
     if reranked:
-        text = ("The same judged measures on the reranker's order of the same candidates: what reranking "
-                "would add.")
-        headline = next((m for m in reranked if m[len(RERANKED_PREFIX):] in report.overall), None)
+        text = (
+            "The same judged measures on the reranker's order of the same candidates: what reranking "
+            "would add."
+        )
+        headline = next((m for m in reranked if m[len(RERANKED_PREFIX) :] in report.overall), None)
         if headline:
-            base = headline[len(RERANKED_PREFIX):]
-            text += (f" {base}: {_num(report.overall[base])} for the first stage, {_num(means[headline])} "
-                     f"after reranking ({means[headline] - report.overall[base]:+.4f}).")
+            base = headline[len(RERANKED_PREFIX) :]
+            text += (
+                f" {base}: {_num(report.overall[base])} for the first stage, {_num(means[headline])} "
+                f"after reranking ({means[headline] - report.overall[base]:+.4f})."
+            )
         parts.append(f"<h3>After reranking</h3>{banner}<p>{html.escape(text)}</p>")
         parts.append(_measure_table(report, reranked))
         if png := plot_distribution(report.per_query, reranked, report.intervals):
@@ -551,7 +696,7 @@ def render_html(report: NightReport) -> str:
 
     if label_free:
         parts.append(f"<h3>Reranker as judge (no labels)</h3>{banner}")
-        parts.append(f"<p class=\"caveat\">{html.escape(CAVEAT)}</p>")
+        parts.append(f'<p class="caveat">{html.escape(CAVEAT)}</p>')
         parts.append(_judge_definitions(label_free))
         parts.append(_measure_table(report, label_free))
         if png := plot_distribution(report.per_query, label_free, report.intervals):
@@ -560,17 +705,23 @@ def render_html(report: NightReport) -> str:
             pairs = report.judge_pairs
             if png := plot_score_histogram(pairs["score"].to_numpy().astype(float)):
                 parts.append(_figure("Histogram of reranker scores", png))
-            if png := plot_agreement(pairs["first_stage_rank"].to_numpy(), pairs["reranker_rank"].to_numpy()):
+            if png := plot_agreement(
+                pairs["first_stage_rank"].to_numpy(), pairs["reranker_rank"].to_numpy()
+            ):
                 parts.append(_figure("Retriever vs reranker agreement", png))
 
     missing = []
     if not overall:
         missing.append("judged measures (pass --qrels with human judgements)")
     if not label_free:
-        missing.append("label-free measures with the reranker as judge (pass --model, or set "
-                       "input.judge_score_column to the run's reranker score column)")
+        missing.append(
+            "label-free measures with the reranker as judge (pass --model, or set "
+            "input.judge_score_column to the run's reranker score column)"
+        )
     if missing:
-        parts.append(f"<p class=\"note\">Not measured tonight: {html.escape('; '.join(missing))}.</p>")
+        parts.append(
+            f'<p class="note">Not measured tonight: {html.escape("; ".join(missing))}.</p>'
+        )
 
     over_nights = []
     if report.history is not None and (png := plot_trend(report.history, report.trend_measures)):
@@ -585,16 +736,26 @@ def render_html(report: NightReport) -> str:
 
     if report.segments:
         parts.append("<h2>By segment</h2>")
-        if headline and (png := plot_segments(report.segments, report.previous_segments, headline, report.night,
-                                              report.previous_night if compared else None)):
+        if headline and (
+            png := plot_segments(
+                report.segments,
+                report.previous_segments,
+                headline,
+                report.night,
+                report.previous_night if compared else None,
+            )
+        ):
             title = f"By segment ({headline})" + (", tonight vs last night" if compared else "")
             parts.append(_figure(title, png))
         parts.append(_segment_tables(report))
 
     facts = [f for k, v in report.extra.items() if (f := _fact(k, v))]
     if facts:
-        rows = "".join(f"<tr><td>{html.escape(label)}</td><td>{html.escape(text)}</td></tr>" for label, text in facts)
-        parts.append(f"<h2>Run facts</h2><table class=\"facts\">{rows}</table>")
+        rows = "".join(
+            f"<tr><td>{html.escape(label)}</td><td>{html.escape(text)}</td></tr>"
+            for label, text in facts
+        )
+        parts.append(f'<h2>Run facts</h2><table class="facts">{rows}</table>')
 
     body = "\n".join(parts)
     return f"""<!DOCTYPE html>
@@ -605,7 +766,9 @@ def render_html(report: NightReport) -> str:
 """
 
 
-def write_report(report: NightReport, output: str, storage_options: dict | None = None) -> dict[str, str]:
+def write_report(
+    report: NightReport, output: str, storage_options: dict | None = None
+) -> dict[str, str]:
     """Write metrics.json, per_query.parquet and report.html under `output`; returns their paths."""
     fs, root = url_to_fs(output, storage_options)
     fs.makedirs(root, exist_ok=True)
@@ -613,5 +776,7 @@ def write_report(report: NightReport, output: str, storage_options: dict | None 
     pq.write_table(report.per_query, paths[PER_QUERY_PARQUET], filesystem=fs)
     with fs.open(paths[REPORT_HTML], "w", encoding="utf-8") as f:
         f.write(render_html(report))
-    write_json(fs, paths[METRICS_JSON], report.metrics_json())  # last: its presence marks a finished report
+    write_json(
+        fs, paths[METRICS_JSON], report.metrics_json()
+    )  # last: its presence marks a finished report
     return paths

@@ -62,7 +62,9 @@ def _explode_grouped(table: pa.Table) -> pa.Table:
     parents = pc.list_parent_indices(candidates)
     flat = pc.list_flatten(candidates)
     if not pa.types.is_struct(flat.type):
-        raise InputError(f"column `{CANDIDATES}` must be a list of structs (doc_id, ...), got {candidates.type}")
+        raise InputError(
+            f"column `{CANDIDATES}` must be a list of structs (doc_id, ...), got {candidates.type}"
+        )
     per_query = table.drop_columns([CANDIDATES]).take(parents)
     for i, field in enumerate(flat.type):
         per_query = per_query.append_column(field.name, flat.field(i))
@@ -87,7 +89,9 @@ def _order_column(
     with `column_names` (a table, or a schema's names as `RunColumns`)."""
     for column in (score_column, rank_column):
         if column and column not in table.column_names:
-            raise InputError(f"run column `{column}` (from input config) not found; columns are {table.column_names}")
+            raise InputError(
+                f"run column `{column}` (from input config) not found; columns are {table.column_names}"
+            )
     if score_column:
         return score_column, True
     if rank_column:
@@ -108,12 +112,19 @@ class RunColumns:
     column_names: list[str]
 
 
-def check_columns(uri: str, table, score_column: str | None, rank_column: str | None,
-                  judge_score_column: str | None) -> tuple[str, bool]:
+def check_columns(
+    uri: str,
+    table,
+    score_column: str | None,
+    rank_column: str | None,
+    judge_score_column: str | None,
+) -> tuple[str, bool]:
     """The checks `load_run` makes on the run's columns; returns the first-stage order (column, is_score)."""
     for column in (QUERY_ID, DOC_ID):
         if column not in table.column_names:
-            raise InputError(f"run {uri!r} has no `{column}` column; columns are {table.column_names}")
+            raise InputError(
+                f"run {uri!r} has no `{column}` column; columns are {table.column_names}"
+            )
     if judge_score_column and judge_score_column not in table.column_names:
         raise InputError(
             f"judge score column `{judge_score_column}` not in the run; columns are {table.column_names}"
@@ -124,10 +135,16 @@ def check_columns(uri: str, table, score_column: str | None, rank_column: str | 
 def _reject_reasons(table: pa.Table, key: pa.ChunkedArray, order: str) -> pa.Array:
     """(N,) string: why a row cannot be evaluated, null for good rows."""
     conditions = pc.make_struct(
-        pc.is_null(table[QUERY_ID]), pc.is_null(table[DOC_ID]), pc.is_nan(pc.fill_null(key, float("nan"))),
+        pc.is_null(table[QUERY_ID]),
+        pc.is_null(table[DOC_ID]),
+        pc.is_nan(pc.fill_null(key, float("nan"))),
         field_names=["q", "d", "k"],
     )
-    reasons = [pa.scalar(f"null {QUERY_ID}"), pa.scalar(f"null {DOC_ID}"), pa.scalar(f"null or NaN first-stage {order}")]
+    reasons = [
+        pa.scalar(f"null {QUERY_ID}"),
+        pa.scalar(f"null {DOC_ID}"),
+        pa.scalar(f"null or NaN first-stage {order}"),
+    ]
     return pc.case_when(conditions, *reasons)
 
 
@@ -152,24 +169,38 @@ def load_run(
 
 
 def no_usable_rows(uri: str, rejected: pa.Table) -> InputError:
-    return InputError(f"run {uri!r}: no usable rows ({rejected.num_rows} rejected, first reason: "
-                      f"{rejected[REASON][0].as_py() if rejected.num_rows else 'empty input'})")
+    return InputError(
+        f"run {uri!r}: no usable rows ({rejected.num_rows} rejected, first reason: "
+        f"{rejected[REASON][0].as_py() if rejected.num_rows else 'empty input'})"
+    )
 
 
-def prepare_run(table: pa.Table, uri: str, order: str, is_score: bool, judge_score_column: str | None = None,
-                keep_columns: list[str] = ()) -> RunInput:
+def prepare_run(
+    table: pa.Table,
+    uri: str,
+    order: str,
+    is_score: bool,
+    judge_score_column: str | None = None,
+    keep_columns: list[str] = (),
+) -> RunInput:
     """Rows of a run (all of it, or whole queries of it) -> RunInput: order key, rejected rows, duplicate check,
     trec_eval ranks. `order`/`is_score` from `check_columns`."""
     try:
         key = table[order].cast(pa.float64())
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        raise InputError(f"run column `{order}` must be numeric, got {table.schema.field(order).type}") from None
+        raise InputError(
+            f"run column `{order}` must be numeric, got {table.schema.field(order).type}"
+        ) from None
     key = key if is_score else pc.negate(key)
     reason = _reject_reasons(table, key, order)
     good = pc.is_null(reason)
     rejected = table.filter(pc.invert(good)).append_column(REASON, pc.drop_null(reason))
 
-    columns = {QUERY_ID: table[QUERY_ID].cast(pa.string()), DOC_ID: table[DOC_ID].cast(pa.string()), SCORE: key}
+    columns = {
+        QUERY_ID: table[QUERY_ID].cast(pa.string()),
+        DOC_ID: table[DOC_ID].cast(pa.string()),
+        SCORE: key,
+    }
     if judge_score_column:
         columns[JUDGE_SCORE] = table[judge_score_column].cast(pa.float64())
     for column in [*keep_columns, QUERY, DOCUMENT]:
@@ -184,4 +215,6 @@ def prepare_run(table: pa.Table, uri: str, order: str, is_score: bool, judge_sco
             f"{duplicated[QUERY_ID][0].as_py()!r} more than once ({duplicated.num_rows} duplicated pairs); "
             "each (query_id, doc_id) must appear once"
         )
-    return RunInput(pairs=rank_by_score(pairs, SCORE, FIRST_STAGE_RANK), rejected=rejected, order_column=order)
+    return RunInput(
+        pairs=rank_by_score(pairs, SCORE, FIRST_STAGE_RANK), rejected=rejected, order_column=order
+    )

@@ -30,7 +30,8 @@ def query_segments(table: pa.Table, columns: list[str]) -> pa.Table:
     per_query = table.select([QUERY_ID, *columns])
     for column in columns:
         per_query = per_query.set_column(
-            per_query.schema.get_field_index(column), column,
+            per_query.schema.get_field_index(column),
+            column,
             pc.fill_null(per_query[column].cast(pa.string()), NULL_SEGMENT),
         )
     distinct = per_query.group_by(QUERY_ID).aggregate([(c, "count_distinct") for c in columns])
@@ -42,25 +43,37 @@ def query_segments(table: pa.Table, columns: list[str]) -> pa.Table:
                 f"({several.num_rows} such queries); a segment must be a property of the query"
             )
     # "first" is an ordered aggregation, which Arrow only runs single-threaded.
-    return per_query.group_by(QUERY_ID, use_threads=False).aggregate([(c, "first") for c in columns]).rename_columns(
-        [QUERY_ID, *columns]
+    return (
+        per_query.group_by(QUERY_ID, use_threads=False)
+        .aggregate([(c, "first") for c in columns])
+        .rename_columns([QUERY_ID, *columns])
     )
 
 
-def segment_means(per_query: pa.Table, segments: pa.Table, columns: list[str]) -> dict[str, dict[str, dict]]:
+def segment_means(
+    per_query: pa.Table, segments: pa.Table, columns: list[str]
+) -> dict[str, dict[str, dict]]:
     """{column: {value: {measure: mean, ..., "num_queries": n}}} for every float column of `per_query`.
 
     per_query: (query_id, <measure>: float64 ...); segments: (query_id, <columns>: string) from query_segments.
     Queries without a segment row land in "(null)".
     """
-    measures = [n for n in per_query.column_names if pa.types.is_floating(per_query.schema.field(n).type)]
-    joined = per_query.join(segments.select([QUERY_ID, *columns]), keys=QUERY_ID, join_type="left outer")
+    measures = [
+        n for n in per_query.column_names if pa.types.is_floating(per_query.schema.field(n).type)
+    ]
+    joined = per_query.join(
+        segments.select([QUERY_ID, *columns]), keys=QUERY_ID, join_type="left outer"
+    )
     out: dict[str, dict[str, dict]] = {}
     for column in columns:
         keyed = joined.set_column(
-            joined.schema.get_field_index(column), column, pc.fill_null(joined[column], NULL_SEGMENT)
+            joined.schema.get_field_index(column),
+            column,
+            pc.fill_null(joined[column], NULL_SEGMENT),
         )
-        grouped = keyed.group_by(column).aggregate([(m, "mean") for m in measures] + [([], "count_all")])
+        grouped = keyed.group_by(column).aggregate(
+            [(m, "mean") for m in measures] + [([], "count_all")]
+        )
         grouped = grouped.sort_by(column)
         out[column] = {
             row[column]: {**{m: row[f"{m}_mean"] for m in measures}, NUM_QUERIES: row["count_all"]}

@@ -34,12 +34,22 @@ def rank_rows(table: pa.Table, top_k: int | None) -> tuple[pa.Table, pa.Table, i
     table = table.sort_by([(ROW, "ascending"), (S.WINDOW, "ascending")])
     table = table.filter(pa.array(group_positions(table.column(ROW), table.column(S.WINDOW)).first))
     best = table.group_by(ROW).aggregate([(S.SCORE, "max")]).rename_columns([ROW, S.BEST])
-    table = table.filter(pc.equal(table.column(S.WINDOW), 0)).join(best, ROW).sort_by([(ROW, "ascending")])
-    table = table.set_column(table.schema.get_field_index(S.SCORE), S.SCORE, table.column(S.BEST).cast(pa.float32()))
-    by_pair = table.sort_by([(S.QUERY_ID, "ascending"), (S.DOC_ID, "ascending"), (ROW, "ascending")])
+    table = (
+        table.filter(pc.equal(table.column(S.WINDOW), 0))
+        .join(best, ROW)
+        .sort_by([(ROW, "ascending")])
+    )
+    table = table.set_column(
+        table.schema.get_field_index(S.SCORE), S.SCORE, table.column(S.BEST).cast(pa.float32())
+    )
+    by_pair = table.sort_by(
+        [(S.QUERY_ID, "ascending"), (S.DOC_ID, "ascending"), (ROW, "ascending")]
+    )
     first = group_positions(by_pair.column(S.QUERY_ID), by_pair.column(S.DOC_ID)).first
     duplicates, table = by_pair.filter(pa.array(~first)), by_pair.filter(pa.array(first))
-    table = table.sort_by([(S.QUERY_ID, "ascending"), (S.SCORE, "descending"), (S.DOC_ID, "ascending")])
+    table = table.sort_by(
+        [(S.QUERY_ID, "ascending"), (S.SCORE, "descending"), (S.DOC_ID, "ascending")]
+    )
     rank = group_positions(table.column(S.QUERY_ID)).position.astype(np.int32)
     table = table.append_column(S.RANK, pa.array(rank))
     scored = table.num_rows
@@ -53,9 +63,18 @@ def rank_rows(table: pa.Table, top_k: int | None) -> tuple[pa.Table, pa.Table, i
 
 
 class RankBucket:
-    def __init__(self, output_uri: str, storage_options: dict, top_k: int | None, rejected_schema: pa.Schema,
-                 shards: list[dict], layout: InputLayout, input_uri: str, file_metadata: dict | None = None,
-                 fill_files: list[str] | None = None):
+    def __init__(
+        self,
+        output_uri: str,
+        storage_options: dict,
+        top_k: int | None,
+        rejected_schema: pa.Schema,
+        shards: list[dict],
+        layout: InputLayout,
+        input_uri: str,
+        file_metadata: dict | None = None,
+        fill_files: list[str] | None = None,
+    ):
         """`file_metadata`: Parquet key-value metadata written on every ranked file (what produced it);
         `fill_files`: the score cache's scores for pairs that waited for a twin of the same texts."""
         self.fill_files = fill_files or []
@@ -63,11 +82,15 @@ class RankBucket:
         self.file_metadata = file_metadata or {}
         self.top_k = top_k
         self.rejected_schema = rejected_schema
-        self.shards = {int(item["shard"]): Shard.from_item(item) for item in shards}  # the whole plan, by number
+        self.shards = {
+            int(item["shard"]): Shard.from_item(item) for item in shards
+        }  # the whole plan, by number
         self.reader = ReadShard(layout, storage_options, input_uri)
 
     def _write_atomic(self, table: pa.Table, path: str) -> None:
-        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **self.file_metadata})
+        table = table.replace_schema_metadata(
+            {**(table.schema.metadata or {}), **self.file_metadata}
+        )
         atomic_write(self.fs, path, lambda f: pq.write_table(table, f))
 
     def _read(self, path: str) -> pa.Table:
@@ -89,12 +112,17 @@ class RankBucket:
                     staged = duplicates.slice(done, rows.num_rows)
                     for key in (S.QUERY_ID, S.DOC_ID):
                         if not rows.column(key).equals(staged.column(key)):
-                            raise InputError(f"{shard.path} changed while the job ran (its rows no longer hold the "
-                                             "ids that were scored); rerun with a new --output")
+                            raise InputError(
+                                f"{shard.path} changed while the job ran (its rows no longer hold the "
+                                "ids that were scored); rerun with a new --output"
+                            )
                     done += rows.num_rows
                     rows = rows.select(names).cast(self.rejected_schema)
-                    writer.write_table(rows.set_column(reason, S.REASON, pa.array([DUPLICATE] * rows.num_rows,
-                                                                                   pa.string())))
+                    writer.write_table(
+                        rows.set_column(
+                            reason, S.REASON, pa.array([DUPLICATE] * rows.num_rows, pa.string())
+                        )
+                    )
         self.fs.mv(tmp, path)
 
     def _fill(self, rows: pa.Table, bucket: int) -> pa.Table:
@@ -108,24 +136,45 @@ class RankBucket:
         filled = fills.column(S.SCORE).take(pc.index_in(rows.column(ROW), fills.column(ROW)))
         score = pc.coalesce(rows.column(S.SCORE), filled)
         if score.null_count:
-            raise PipelineError(f"{score.null_count} pair(s) of ranking bucket {bucket} have no score; delete the "
-                                "output's _work folder and rerun")
+            raise PipelineError(
+                f"{score.null_count} pair(s) of ranking bucket {bucket} have no score; delete the "
+                "output's _work folder and rerun"
+            )
         return rows.set_column(rows.schema.get_field_index(S.SCORE), S.SCORE, score)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         reports = []
         for item in batch.to_pylist():
             # A bucket's staging files, read 16 at a time: on object storage each is a round trip.
-            rows = pa.concat_tables(map_paths(self._read, item["files"], max_workers=16), promote_options="default")
+            rows = pa.concat_tables(
+                map_paths(self._read, item["files"], max_workers=16), promote_options="default"
+            )
             rows = self._fill(rows, int(item["bucket"]))
             ranked, duplicates, scored = rank_rows(rows, self.top_k)
             self.fs.makedirs(join(self.root, "ranked"), exist_ok=True)
-            self._write_atomic(ranked, join(self.root, "ranked", f"part-{item['bucket']:05d}.parquet"))
+            self._write_atomic(
+                ranked, join(self.root, "ranked", f"part-{item['bucket']:05d}.parquet")
+            )
             if duplicates.num_rows:
                 self.fs.makedirs(join(self.root, "rejected"), exist_ok=True)
                 path = join(self.root, "rejected", f"duplicates-{item['bucket']:05d}.parquet")
                 self._write_duplicates(duplicates, path)
-            reports.append({"bucket": item["bucket"], "scored": scored, "written": ranked.num_rows,
-                            "duplicates": duplicates.num_rows})
-        return pa.Table.from_pylist(reports, schema=pa.schema([("bucket", pa.int64()), ("scored", pa.int64()),
-                                                               ("written", pa.int64()), ("duplicates", pa.int64())]))
+            reports.append(
+                {
+                    "bucket": item["bucket"],
+                    "scored": scored,
+                    "written": ranked.num_rows,
+                    "duplicates": duplicates.num_rows,
+                }
+            )
+        return pa.Table.from_pylist(
+            reports,
+            schema=pa.schema(
+                [
+                    ("bucket", pa.int64()),
+                    ("scored", pa.int64()),
+                    ("written", pa.int64()),
+                    ("duplicates", pa.int64()),
+                ]
+            ),
+        )

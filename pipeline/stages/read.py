@@ -48,9 +48,13 @@ class Shard:
     shard: int
     path: str
     row_groups: tuple[int, ...]
-    num_rows: int      # rows in the file's row groups (queries, for grouped input)
-    num_pairs: int     # pairs they expand to (= num_rows for long input; computed at plan time for grouped)
-    group_pairs: tuple[int, ...]  # pairs per row group, in `row_groups` order (they sum to num_pairs)
+    num_rows: int  # rows in the file's row groups (queries, for grouped input)
+    num_pairs: (
+        int  # pairs they expand to (= num_rows for long input; computed at plan time for grouped)
+    )
+    group_pairs: tuple[
+        int, ...
+    ]  # pairs per row group, in `row_groups` order (they sum to num_pairs)
 
     def to_item(self) -> dict:
         item = asdict(self)
@@ -59,13 +63,26 @@ class Shard:
 
     @classmethod
     def from_item(cls, item: dict) -> Shard:
-        return cls(int(item["shard"]), str(item["path"]), tuple(int(g) for g in item["row_groups"]),
-                   int(item["num_rows"]), int(item["num_pairs"]), tuple(int(p) for p in item["group_pairs"]))
+        return cls(
+            int(item["shard"]),
+            str(item["path"]),
+            tuple(int(g) for g in item["row_groups"]),
+            int(item["num_rows"]),
+            int(item["num_pairs"]),
+            tuple(int(p) for p in item["group_pairs"]),
+        )
 
 
 # Errors that mean "these bytes do not decode" (pyarrow raises a plain OSError for corrupt compressed data,
 # page headers and checksums), as opposed to the storage failing to deliver them.
-_NOT_DATA = (FileNotFoundError, PermissionError, ConnectionError, TimeoutError, InterruptedError, MemoryError)
+_NOT_DATA = (
+    FileNotFoundError,
+    PermissionError,
+    ConnectionError,
+    TimeoutError,
+    InterruptedError,
+    MemoryError,
+)
 
 
 def _undecodable(error: Exception) -> bool:
@@ -83,8 +100,10 @@ def _unreadable(layout: InputLayout, path: str, group: int, error: Exception) ->
     """A row group's data cannot be decoded: an InputError, unless input.on_unreadable=reject."""
     if layout.config.on_unreadable == "fail":
         detail = " ".join(str(error).split())
-        raise InputError(f"{path}: row group {group} cannot be decoded ({detail}); replace or remove the file, "
-                         "or set input.on_unreadable=reject to reject its rows") from None
+        raise InputError(
+            f"{path}: row group {group} cannot be decoded ({detail}); replace or remove the file, "
+            "or set input.on_unreadable=reject to reject its rows"
+        ) from None
 
 
 def _parquet(f) -> pq.ParquetFile:
@@ -96,7 +115,11 @@ def _parquet(f) -> pq.ParquetFile:
 def list_input_files(uri: str, storage_options: dict) -> tuple[object, list[str]]:
     fs, path = url_to_fs(uri, storage_options)
     if fs.isdir(path):
-        files = sorted(p for p in fs.find(path) if p.endswith(".parquet") and not posixpath.basename(p).startswith((".", "_")))
+        files = sorted(
+            p
+            for p in fs.find(path)
+            if p.endswith(".parquet") and not posixpath.basename(p).startswith((".", "_"))
+        )
         if not files:
             raise InputError(f"no .parquet files under {uri!r}")
     elif fs.isfile(path):
@@ -104,7 +127,9 @@ def list_input_files(uri: str, storage_options: dict) -> tuple[object, list[str]
     else:
         matches = sorted(fs.glob(path)) if any(c in path for c in "*?[") else []
         if not matches:
-            raise InputError(f"input {uri!r} not found; pass a Parquet file, a folder of them or a glob")
+            raise InputError(
+                f"input {uri!r} not found; pass a Parquet file, a folder of them or a glob"
+            )
         files = matches
     return fs, files
 
@@ -142,10 +167,16 @@ def plan_shards(fs, files: list[str], layout: InputLayout, rows_per_shard: int) 
                         if not _undecodable(e):
                             raise
                         _unreadable(layout, path, g, e)
-                        lists = None  # rejected: one row per query, its candidates cannot be counted
+                        lists = (
+                            None  # rejected: one row per query, its candidates cannot be counted
+                        )
                     if lists is not None:
                         # A query without candidates still yields one (rejected) row.
-                        p = int(pc.sum(pc.max_element_wise(pc.fill_null(pc.list_value_length(lists), 0), 1)).as_py())
+                        p = int(
+                            pc.sum(
+                                pc.max_element_wise(pc.fill_null(pc.list_value_length(lists), 0), 1)
+                            ).as_py()
+                        )
                 if groups and sum(counts) + p > rows_per_shard:
                     shards.append(_shard(len(shards), path, groups, counts, pf))
                     groups, counts = [], []
@@ -156,7 +187,9 @@ def plan_shards(fs, files: list[str], layout: InputLayout, rows_per_shard: int) 
     return shards
 
 
-def _shard(number: int, path: str, groups: list[int], counts: list[int], pf: pq.ParquetFile) -> Shard:
+def _shard(
+    number: int, path: str, groups: list[int], counts: list[int], pf: pq.ParquetFile
+) -> Shard:
     rows = sum(pf.metadata.row_group(g).num_rows for g in groups)
     return Shard(number, path, tuple(groups), rows, sum(counts), tuple(counts))
 
@@ -194,10 +227,19 @@ class ReadShard:
     def read(self, shard: Shard) -> pa.Table:
         with self.fs.open(shard.path, "rb") as f:
             pf = _parquet(f)
-            parts = [self._read_group(pf, shard, g, p) for g, p in zip(shard.row_groups, shard.group_pairs)]
-        table = pa.concat_tables(parts) if parts else self.layout.empty_rows().drop_columns([SHARD, ROW])
+            parts = [
+                self._read_group(pf, shard, g, p)
+                for g, p in zip(shard.row_groups, shard.group_pairs)
+            ]
+        table = (
+            pa.concat_tables(parts)
+            if parts
+            else self.layout.empty_rows().drop_columns([SHARD, ROW])
+        )
         rows = (shard.shard << 32) + np.arange(table.num_rows, dtype=np.int64)
-        table = table.add_column(table.num_columns - 1, SHARD, pa.array(np.full(table.num_rows, shard.shard, np.int32)))
+        table = table.add_column(
+            table.num_columns - 1, SHARD, pa.array(np.full(table.num_rows, shard.shard, np.int32))
+        )
         return table.add_column(table.num_columns - 1, ROW, pa.array(rows))
 
     def read_rows(self, shard: Shard, index: np.ndarray) -> Iterator[pa.Table]:
@@ -222,8 +264,10 @@ class ReadShard:
             raw = None
         table = self.layout.normalize(raw if raw is not None else self._salvage(pf, group))
         if table.num_rows != pairs:
-            raise InputError(f"{shard.path}: row group {group} read as {table.num_rows} rows, planned {pairs}; "
-                             "was the input modified while the job ran?")
+            raise InputError(
+                f"{shard.path}: row group {group} read as {table.num_rows} rows, planned {pairs}; "
+                "was the input modified while the job ran?"
+            )
         table, bad_utf8 = repair_utf8(table)
         if raw is None:
             reason = pa.array([UNREADABLE_FILE] * table.num_rows, pa.string())
@@ -241,7 +285,9 @@ class ReadShard:
                 columns[name] = self._salvage_candidates(pf, group, n)
             else:
                 read = _try_read(pf, group, name)
-                columns[name] = read if read is not None else pa.nulls(n, pf.schema_arrow.field(name).type)
+                columns[name] = (
+                    read if read is not None else pa.nulls(n, pf.schema_arrow.field(name).type)
+                )
         return pa.table(columns)
 
     def _salvage_candidates(self, pf: pq.ParquetFile, group: int, n: int) -> pa.Array:
@@ -257,11 +303,19 @@ class ReadShard:
             return pa.nulls(n, list_type)
         fields = []
         for f in list_type.value_type:
-            leaf = ids if f.name == doc_id else _try_read(pf, group, f"{name}.list.element.{f.name}")
-            same = (leaf is not None and leaf.offsets.equals(ids.offsets) and leaf.is_null().equals(ids.is_null())
-                    and leaf.values.is_null().equals(ids.values.is_null()))
+            leaf = (
+                ids if f.name == doc_id else _try_read(pf, group, f"{name}.list.element.{f.name}")
+            )
+            same = (
+                leaf is not None
+                and leaf.offsets.equals(ids.offsets)
+                and leaf.is_null().equals(ids.is_null())
+                and leaf.values.is_null().equals(ids.values.is_null())
+            )
             fields.append(leaf.values.field(0) if same else pa.nulls(len(ids.values), f.type))
-        values = pa.StructArray.from_arrays(fields, fields=list(list_type.value_type), mask=ids.values.is_null())
+        values = pa.StructArray.from_arrays(
+            fields, fields=list(list_type.value_type), mask=ids.values.is_null()
+        )
         lists = pa.LargeListArray if pa.types.is_large_list(list_type) else pa.ListArray
         return lists.from_arrays(ids.offsets, values, mask=ids.is_null())
 

@@ -29,7 +29,9 @@ from pipeline.storage import atomic_write, join, url_to_fs
 # receive a batch creates it and dies mid-batch (a real process exit, as an OOM kill would be).
 FAULT_ENV = "RERANK_FAULT_KILL_SCORER_ONCE"
 RECORD_EVERY_S = 10.0
-HEARTBEAT_S = 10.0  # a long call reports "still working" to the progress counter this often (see _heartbeat)
+HEARTBEAT_S = (
+    10.0  # a long call reports "still working" to the progress counter this often (see _heartbeat)
+)
 
 
 def _ray_node_id() -> str | None:
@@ -40,9 +42,18 @@ def _ray_node_id() -> str | None:
 
 
 class ScoreStage:
-    def __init__(self, model: str, revision: str | None, dtype: str, config: ScorerConfig,
-                 scorers_uri: str, storage_options: dict, allow_pickle: bool = False,
-                 on_scored: Callable[[int, int], None] | None = None, int8: Int8Config | None = None):
+    def __init__(
+        self,
+        model: str,
+        revision: str | None,
+        dtype: str,
+        config: ScorerConfig,
+        scorers_uri: str,
+        storage_options: dict,
+        allow_pickle: bool = False,
+        on_scored: Callable[[int, int], None] | None = None,
+        int8: Int8Config | None = None,
+    ):
         """`on_scored(pairs, rejected)` is called after each batch (progress); `allow_pickle` lets a pickle-only
         checkpoint load (the job's opt-in, checked on the driver); `int8`: the job's int8 section, dtype int8 only."""
         # Imported here, in the actor: the driver builds the plan with this class and never needs torch.
@@ -57,26 +68,42 @@ class ScoreStage:
         # Ray sets OMP_NUM_THREADS to the actor's num_cpus (1), which would leave cores idle while scoring is
         # the bottleneck; on CPU the scorer takes every core it may run on unless told otherwise (tokenizing is cheap next to it);
         # set scorer.torch_threads when several CPU scorer actors share a node.
-        threads = config.torch_threads or (len(os.sched_getaffinity(0)) if device == "cpu" else None)
+        threads = config.torch_threads or (
+            len(os.sched_getaffinity(0)) if device == "cpu" else None
+        )
         if threads:
             torch.set_num_threads(threads)
-        options = None if int8 is None else Int8Options(smooth_alpha=int8.smooth_alpha,
-                                                        fp32_layers=tuple(int8.fp32_layers))
-        self.encoder = CrossEncoder.from_pretrained(model, device=device, dtype=dtype, revision=revision,
-                                                    allow_pickle=allow_pickle, int8=options)
+        options = (
+            None
+            if int8 is None
+            else Int8Options(smooth_alpha=int8.smooth_alpha, fp32_layers=tuple(int8.fp32_layers))
+        )
+        self.encoder = CrossEncoder.from_pretrained(
+            model,
+            device=device,
+            dtype=dtype,
+            revision=revision,
+            allow_pickle=allow_pickle,
+            int8=options,
+        )
         self.on_scored = on_scored
         self.max_tokens = config.max_tokens_per_batch
         # Record what really ran (dtype, kernel, device) for the job's summary.
         self.fs, path = url_to_fs(scorers_uri, storage_options)
         self.fs.makedirs(path, exist_ok=True)
         self.record_path = join(path, f"{uuid.uuid4().hex}.json")
-        self.info = self.encoder.describe() | {"torch_threads": torch.get_num_threads(), "pid": os.getpid(),
-                                               "node_id": _ray_node_id()}
+        self.info = self.encoder.describe() | {
+            "torch_threads": torch.get_num_threads(),
+            "pid": os.getpid(),
+            "node_id": _ray_node_id(),
+        }
         # How busy the scorer is: seconds inside its calls over seconds since it was ready (model loaded), as of
         # its record's last write; the summary's busy fraction. Well below 1 means it waited for tokens.
         self.ready, self.busy_s, self.written = time.monotonic(), 0.0, None
         self._beat = self.ready
-        self.info["ready_unix"] = round(time.time(), 3)  # the driver counts this scorer's wall time up to the phase's end
+        self.info["ready_unix"] = round(
+            time.time(), 3
+        )  # the driver counts this scorer's wall time up to the phase's end
         self._write_record()
 
     def _write_record(self) -> None:
@@ -112,24 +139,42 @@ class ScoreStage:
             open(marker, "w").close()
             os._exit(1)
         valid = pc.is_null(batch.column(S.REASON)).to_numpy(zero_copy_only=False)
-        cached = batch.column(S.CACHED).to_numpy() if S.CACHED in batch.column_names else np.zeros(len(valid), np.int8)
+        cached = (
+            batch.column(S.CACHED).to_numpy()
+            if S.CACHED in batch.column_names
+            else np.zeros(len(valid), np.int8)
+        )
         index = np.flatnonzero(valid & (cached == 0))
         ids = list_to_numpy(batch.column(S.INPUT_IDS))
-        types = list_to_numpy(batch.column(S.TOKEN_TYPE_IDS)) if S.TOKEN_TYPE_IDS in batch.column_names else None
-        logits = self.encoder.score_tokens([ids[i] for i in index],
-                                           None if types is None else [types[i] for i in index],
-                                           max_tokens_per_batch=self.max_tokens, on_micro_batch=self._heartbeat)
+        types = (
+            list_to_numpy(batch.column(S.TOKEN_TYPE_IDS))
+            if S.TOKEN_TYPE_IDS in batch.column_names
+            else None
+        )
+        logits = self.encoder.score_tokens(
+            [ids[i] for i in index],
+            None if types is None else [types[i] for i in index],
+            max_tokens_per_batch=self.max_tokens,
+            on_micro_batch=self._heartbeat,
+        )
         score = np.zeros(batch.num_rows, dtype=np.float32)
         score[index] = logits
         missing = ~valid
-        if S.CACHED_SCORE in batch.column_names:  # cache hits keep their score; pairs waiting for a twin have none
+        if (
+            S.CACHED_SCORE in batch.column_names
+        ):  # cache hits keep their score; pairs waiting for a twin have none
             hit = cached == 1
             score[hit] = batch.column(S.CACHED_SCORE).to_numpy(zero_copy_only=False)[hit]
             missing |= cached == 2
-        out = batch.drop_columns([c for c in (S.INPUT_IDS, S.TOKEN_TYPE_IDS, S.CACHED_SCORE) if c in batch.column_names])
+        out = batch.drop_columns(
+            [c for c in (S.INPUT_IDS, S.TOKEN_TYPE_IDS, S.CACHED_SCORE) if c in batch.column_names]
+        )
         if self.on_scored is not None:
-            first = (pc.equal(batch.column(S.WINDOW), 0).to_numpy(zero_copy_only=False) if S.WINDOW in batch.column_names
-                     else np.ones(batch.num_rows, dtype=bool))  # a pair's later windows are not more pairs
+            first = (
+                pc.equal(batch.column(S.WINDOW), 0).to_numpy(zero_copy_only=False)
+                if S.WINDOW in batch.column_names
+                else np.ones(batch.num_rows, dtype=bool)
+            )  # a pair's later windows are not more pairs
             self.on_scored(int((valid & first).sum()), int((~valid & first).sum()))
         # The actor lives for the whole job: without this its heap grows with every batch (see heap.py).
         release_free_heap()

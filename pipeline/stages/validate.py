@@ -37,7 +37,9 @@ from pipeline.rerank_config import InputConfig
 FIRST_STAGE_RENAMES = {S.SCORE: S.FIRST_STAGE_SCORE, S.RANK: S.FIRST_STAGE_RANK}
 NO_CANDIDATES = "query has no candidates"
 INVALID_UTF8 = "invalid_utf8"
-UNREADABLE_FILE = "unreadable_file"  # set by the read stage (input.on_unreadable=reject), see read.py
+UNREADABLE_FILE = (
+    "unreadable_file"  # set by the read stage (input.on_unreadable=reject), see read.py
+)
 # Rows validated per call when looking for invalid UTF-8: a block that validates as a whole is clean; only a
 # failing block is checked row by row.
 UTF8_BLOCK = 1024
@@ -53,8 +55,10 @@ def _id_type(column: str, types: set[pa.DataType], key: str) -> pa.DataType:
     if all(pa.types.is_integer(t) or _is_text(t) or pa.types.is_null(t) for t in types):
         return pa.string()
     found = ", ".join(sorted(str(t) for t in types))
-    raise InputError(f"id column `{column}` has type {found}; ids must be integers or strings "
-                     f"(cast the column, or point `{key}` at another column)")
+    raise InputError(
+        f"id column `{column}` has type {found}; ids must be integers or strings "
+        f"(cast the column, or point `{key}` at another column)"
+    )
 
 
 @dataclass
@@ -65,9 +69,11 @@ class InputLayout:
     config: InputConfig
     query_id_type: pa.DataType
     doc_id_type: pa.DataType
-    carried: list[pa.Field] = field(default_factory=list)        # query-level extra columns, output names
-    candidate_carried: list[pa.Field] = field(default_factory=list)  # grouped: extra candidate struct fields
-    renamed: dict[str, str] = field(default_factory=dict)        # output name -> input name (score, rank)
+    carried: list[pa.Field] = field(default_factory=list)  # query-level extra columns, output names
+    candidate_carried: list[pa.Field] = field(
+        default_factory=list
+    )  # grouped: extra candidate struct fields
+    renamed: dict[str, str] = field(default_factory=dict)  # output name -> input name (score, rank)
 
     @property
     def candidates(self) -> str:
@@ -86,41 +92,56 @@ class InputLayout:
     @property
     def pair_schema(self) -> pa.Schema:
         """Long-format rows after normalization (before stage bookkeeping columns)."""
-        return pa.schema([
-            pa.field(S.QUERY_ID, self.query_id_type), pa.field(S.QUERY, pa.string()),
-            pa.field(S.DOC_ID, self.doc_id_type), pa.field(S.DOCUMENT, pa.string()),
-            *self.carried, *self.candidate_carried,
-        ])
+        return pa.schema(
+            [
+                pa.field(S.QUERY_ID, self.query_id_type),
+                pa.field(S.QUERY, pa.string()),
+                pa.field(S.DOC_ID, self.doc_id_type),
+                pa.field(S.DOCUMENT, pa.string()),
+                *self.carried,
+                *self.candidate_carried,
+            ]
+        )
 
     @property
     def carried_names(self) -> list[str]:
         return [f.name for f in self.carried] + [f.name for f in self.candidate_carried]
 
     def empty_rows(self) -> pa.Table:
-        schema = self.pair_schema.append(pa.field(S.SHARD, pa.int32())).append(pa.field(S.ROW, pa.int64()))
+        schema = self.pair_schema.append(pa.field(S.SHARD, pa.int32())).append(
+            pa.field(S.ROW, pa.int64())
+        )
         return schema.append(pa.field(S.REASON, pa.string())).empty_table()
 
     @classmethod
-    def from_schemas(cls, schemas: list[pa.Schema], config: InputConfig, files: list[str] | None = None
-                     ) -> InputLayout:
+    def from_schemas(
+        cls, schemas: list[pa.Schema], config: InputConfig, files: list[str] | None = None
+    ) -> InputLayout:
         c = config
         names = set().union(*(s.names for s in schemas))
         grouped = c.format == "grouped" or (c.format == "auto" and c.candidates_column in names)
         required = [c.query_id_column, c.query_column] + (
-            [c.candidates_column] if grouped else [c.doc_id_column, c.document_column])
-        keys = {c.query_id_column: "input.query_id_column", c.query_column: "input.query_column",
-                c.doc_id_column: "input.doc_id_column", c.document_column: "input.document_column",
-                c.candidates_column: "input.candidates_column"}
+            [c.candidates_column] if grouped else [c.doc_id_column, c.document_column]
+        )
+        keys = {
+            c.query_id_column: "input.query_id_column",
+            c.query_column: "input.query_column",
+            c.doc_id_column: "input.doc_id_column",
+            c.document_column: "input.document_column",
+            c.candidates_column: "input.candidates_column",
+        }
         for i, s in enumerate(schemas):
             # Every missing column in one line: a user fixing them one run at a time reruns once per column.
             missing = [col for col in required if col not in s.names]
             if missing:
                 where = files[i] if files else f"input file {i + 1}"
                 plural = len(missing) > 1
-                raise InputError(f"column{'s' if plural else ''} {', '.join(f'`{col}`' for col in missing)} not "
-                                 f"found in {where}; columns are {s.names}; set "
-                                 f"{', '.join(f'`{keys[col]}`' for col in missing)} to the right "
-                                 f"name{'s' if plural else ''}")
+                raise InputError(
+                    f"column{'s' if plural else ''} {', '.join(f'`{col}`' for col in missing)} not "
+                    f"found in {where}; columns are {s.names}; set "
+                    f"{', '.join(f'`{keys[col]}`' for col in missing)} to the right "
+                    f"name{'s' if plural else ''}"
+                )
 
         def types(col):
             return {s.field(col).type for s in schemas if col in s.names}
@@ -128,30 +149,44 @@ class InputLayout:
         for col in [c.query_column] + ([] if grouped else [c.document_column]):
             bad = [t for t in types(col) if not (_is_text(t) or pa.types.is_null(t))]
             if bad:
-                raise InputError(f"text column `{col}` has type {bad[0]}, not string; cast it to string "
-                                 f"or set `{keys[col]}` to the text column")
-        query_id_type = _id_type(c.query_id_column, types(c.query_id_column), keys[c.query_id_column])
+                raise InputError(
+                    f"text column `{col}` has type {bad[0]}, not string; cast it to string "
+                    f"or set `{keys[col]}` to the text column"
+                )
+        query_id_type = _id_type(
+            c.query_id_column, types(c.query_id_column), keys[c.query_id_column]
+        )
         candidate_carried: list[pa.Field] = []
         if grouped:
             doc_id_types, doc_types, extra = set(), set(), {}
             for t in types(c.candidates_column):
-                if not (pa.types.is_list(t) or pa.types.is_large_list(t)) or not pa.types.is_struct(t.value_type):
-                    raise InputError(f"`{c.candidates_column}` has type {t}; grouped input needs "
-                                     "list<struct<doc_id, document, ...>>")
+                if not (pa.types.is_list(t) or pa.types.is_large_list(t)) or not pa.types.is_struct(
+                    t.value_type
+                ):
+                    raise InputError(
+                        f"`{c.candidates_column}` has type {t}; grouped input needs "
+                        "list<struct<doc_id, document, ...>>"
+                    )
                 struct = t.value_type
                 for need in (c.doc_id_column, c.document_column):
                     if struct.get_field_index(need) < 0:
-                        raise InputError(f"`{c.candidates_column}` structs lack the field `{need}`; fields are "
-                                         f"{[f.name for f in struct]}")
+                        raise InputError(
+                            f"`{c.candidates_column}` structs lack the field `{need}`; fields are "
+                            f"{[f.name for f in struct]}"
+                        )
                 doc_id_types.add(struct.field(c.doc_id_column).type)
                 doc_types.add(struct.field(c.document_column).type)
                 for f in struct:
                     if f.name not in (c.doc_id_column, c.document_column):
                         extra[f.name] = f
             if any(not (_is_text(t) or pa.types.is_null(t)) for t in doc_types):
-                raise InputError(f"candidate field `{c.document_column}` is not text ({doc_types}); cast it to string")
+                raise InputError(
+                    f"candidate field `{c.document_column}` is not text ({doc_types}); cast it to string"
+                )
             doc_id_type = _id_type(c.doc_id_column, doc_id_types, keys[c.doc_id_column])
-            candidate_carried = [pa.field(FIRST_STAGE_RENAMES.get(n, n), f.type) for n, f in extra.items()]
+            candidate_carried = [
+                pa.field(FIRST_STAGE_RENAMES.get(n, n), f.type) for n, f in extra.items()
+            ]
         else:
             doc_id_type = _id_type(c.doc_id_column, types(c.doc_id_column), keys[c.doc_id_column])
 
@@ -164,15 +199,24 @@ class InputLayout:
         carried, renamed = [], {}
         for name, ts in others.items():
             try:
-                unified = pa.unify_schemas([pa.schema([pa.field(name, t)]) for t in ts],
-                                           promote_options="permissive").field(name).type
+                unified = (
+                    pa.unify_schemas(
+                        [pa.schema([pa.field(name, t)]) for t in ts], promote_options="permissive"
+                    )
+                    .field(name)
+                    .type
+                )
             except (pa.ArrowInvalid, pa.ArrowTypeError):
-                raise InputError(f"column `{name}` has different types across input files ({sorted(map(str, ts))}); "
-                                 "make them agree") from None
+                raise InputError(
+                    f"column `{name}` has different types across input files ({sorted(map(str, ts))}); "
+                    "make them agree"
+                ) from None
             out = FIRST_STAGE_RENAMES.get(name, name)
             if out != name:
                 if out in others:
-                    out = name  # the input already has first_stage_*: keep both under their own names
+                    out = (
+                        name  # the input already has first_stage_*: keep both under their own names
+                    )
                 else:
                     renamed[out] = name
             carried.append(pa.field(out, unified))
@@ -186,15 +230,24 @@ class InputLayout:
     def normalize(self, table: pa.Table) -> pa.Table:
         """Raw input rows -> long-format pair rows with canonical names and types (grouped input exploded)."""
         c = self.config
-        columns = {f.name: (table.column(self._source_name(f.name)).cast(f.type)
-                            if self._source_name(f.name) in table.column_names else pa.nulls(table.num_rows, f.type))
-                   for f in self.carried}
+        columns = {
+            f.name: (
+                table.column(self._source_name(f.name)).cast(f.type)
+                if self._source_name(f.name) in table.column_names
+                else pa.nulls(table.num_rows, f.type)
+            )
+            for f in self.carried
+        }
         query_id = table.column(c.query_id_column).cast(self.query_id_type)
         query = table.column(c.query_column).cast(pa.string())
         if not self.grouped:
-            out = {S.QUERY_ID: query_id, S.QUERY: query,
-                   S.DOC_ID: table.column(c.doc_id_column).cast(self.doc_id_type),
-                   S.DOCUMENT: table.column(c.document_column).cast(pa.string()), **columns}
+            out = {
+                S.QUERY_ID: query_id,
+                S.QUERY: query,
+                S.DOC_ID: table.column(c.doc_id_column).cast(self.doc_id_type),
+                S.DOCUMENT: table.column(c.document_column).cast(pa.string()),
+                **columns,
+            }
             return pa.table(out, schema=self.pair_schema.remove_metadata())
         # Grouped: one row per candidate; a query with no candidates keeps one row (rejected later), a null
         # candidate in its place. Arrow kernels only: Python objects would decode (and choke on) every text.
@@ -203,30 +256,45 @@ class InputLayout:
         lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False)
         empty_rows = np.flatnonzero(lengths == 0)
         values = pc.list_flatten(lists)
-        parents = np.concatenate([pc.list_parent_indices(lists).to_numpy(zero_copy_only=False), empty_rows])
+        parents = np.concatenate(
+            [pc.list_parent_indices(lists).to_numpy(zero_copy_only=False), empty_rows]
+        )
         order = np.argsort(parents, kind="stable")  # back to row order, candidates in list order
         take = np.concatenate([np.arange(len(values)), np.full(len(empty_rows), -1)])[order]
         flat = values.take(pa.array(take, mask=take < 0))
         parent = pa.array(parents[order])
         empty = pa.array(lengths == 0)
-        out = {S.QUERY_ID: query_id.take(parent), S.QUERY: query.take(parent),
-               S.DOC_ID: pc.struct_field(flat, c.doc_id_column).cast(self.doc_id_type),
-               S.DOCUMENT: pc.struct_field(flat, c.document_column).cast(pa.string())}
+        out = {
+            S.QUERY_ID: query_id.take(parent),
+            S.QUERY: query.take(parent),
+            S.DOC_ID: pc.struct_field(flat, c.doc_id_column).cast(self.doc_id_type),
+            S.DOCUMENT: pc.struct_field(flat, c.document_column).cast(pa.string()),
+        }
         for f in self.carried:
             out[f.name] = columns[f.name].take(parent)
         inverse = {v: k for k, v in FIRST_STAGE_RENAMES.items()}
         for f in self.candidate_carried:
-            src = f.name if struct_type.get_field_index(f.name) >= 0 else inverse.get(f.name, f.name)
-            out[f.name] = (pc.struct_field(flat, src).cast(f.type) if struct_type.get_field_index(src) >= 0
-                           else pa.nulls(len(flat), f.type))
+            src = (
+                f.name if struct_type.get_field_index(f.name) >= 0 else inverse.get(f.name, f.name)
+            )
+            out[f.name] = (
+                pc.struct_field(flat, src).cast(f.type)
+                if struct_type.get_field_index(src) >= 0
+                else pa.nulls(len(flat), f.type)
+            )
         result = pa.table(out, schema=self.pair_schema.remove_metadata())
         no_candidates = empty.take(parent)
         return result.append_column(S.NO_CANDIDATES_FLAG, no_candidates)
 
 
 def _binary(t: pa.DataType) -> pa.DataType:
-    return pa.large_binary() if pa.types.is_large_string(t) else pa.binary_view() if pa.types.is_string_view(t) \
+    return (
+        pa.large_binary()
+        if pa.types.is_large_string(t)
+        else pa.binary_view()
+        if pa.types.is_string_view(t)
         else pa.binary()
+    )
 
 
 def _is_utf8(values: pa.Array) -> bool:
@@ -251,7 +319,9 @@ def invalid_utf8(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
         for start in range(0, len(chunk), UTF8_BLOCK):
             block = chunk.slice(start, UTF8_BLOCK)
             if not _is_utf8(block):
-                bad[start:start + len(block)] = [not _is_utf8(block.slice(i, 1)) for i in range(len(block))]
+                bad[start : start + len(block)] = [
+                    not _is_utf8(block.slice(i, 1)) for i in range(len(block))
+                ]
     return np.concatenate(out) if out else np.zeros(0, dtype=bool)
 
 
@@ -269,7 +339,9 @@ def repair_utf8(table: pa.Table) -> tuple[pa.Table, np.ndarray]:
         column = table.column(i).combine_chunks()
         index = pa.array(np.flatnonzero(bad))
         raw = column.take(index).view(_binary(f.type)).to_pylist()
-        work = pa.large_string() if pa.types.is_string_view(f.type) else f.type  # replace_with_mask lacks views
+        work = (
+            pa.large_string() if pa.types.is_string_view(f.type) else f.type
+        )  # replace_with_mask lacks views
         fixed = pa.array([b.decode("utf-8", errors="replace") for b in raw], work)
         repaired = pc.replace_with_mask(column.cast(work), pa.array(bad), fixed).cast(f.type)
         table = table.set_column(i, f, repaired)
@@ -280,8 +352,11 @@ def row_reasons(table: pa.Table, invalid_utf8_rows: np.ndarray | None = None) ->
     """Why each row cannot be scored (null where it can), first failing check wins. The texts must be valid
     UTF-8 by now (`repair_utf8`); `invalid_utf8_rows` is its mask."""
     n = table.num_rows
-    no_candidates = (table.column(S.NO_CANDIDATES_FLAG) if S.NO_CANDIDATES_FLAG in table.column_names
-                     else pa.array(np.zeros(n, dtype=bool)))
+    no_candidates = (
+        table.column(S.NO_CANDIDATES_FLAG)
+        if S.NO_CANDIDATES_FLAG in table.column_names
+        else pa.array(np.zeros(n, dtype=bool))
+    )
     bad_utf8 = pa.array(np.zeros(n, dtype=bool) if invalid_utf8_rows is None else invalid_utf8_rows)
     query, document = table.column(S.QUERY), table.column(S.DOCUMENT)
     checks = [
@@ -290,9 +365,15 @@ def row_reasons(table: pa.Table, invalid_utf8_rows: np.ndarray | None = None) ->
         (pc.is_null(table.column(S.QUERY_ID)), "missing query_id"),
         (pc.is_null(table.column(S.DOC_ID)), "missing doc_id"),
         (pc.is_null(query), "query is null"),
-        (pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(pc.fill_null(query, "x"))), 0), "empty query"),
+        (
+            pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(pc.fill_null(query, "x"))), 0),
+            "empty query",
+        ),
         (pc.is_null(document), "document is null"),
-        (pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(pc.fill_null(document, "x"))), 0), "empty document"),
+        (
+            pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(pc.fill_null(document, "x"))), 0),
+            "empty document",
+        ),
     ]
     reason = pa.nulls(n, pa.string())
     for mask, text in reversed(checks):

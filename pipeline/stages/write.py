@@ -26,11 +26,20 @@ from pipeline import schema as S
 from pipeline.stages.read import ROW, SHARD
 from pipeline.storage import join, url_to_fs, with_filename
 
-REPORT_SCHEMA = pa.schema([
-    ("shard", pa.int32()), ("kind", pa.string()), ("path", pa.string()), ("bucket", pa.int32()),
-    ("pairs", pa.int64()), ("rows", pa.int64()), ("tokens", pa.int64()), ("windows_expected", pa.int64()),
-    ("hits", pa.int64()), ("same_texts", pa.int64()),
-])
+REPORT_SCHEMA = pa.schema(
+    [
+        ("shard", pa.int32()),
+        ("kind", pa.string()),
+        ("path", pa.string()),
+        ("bucket", pa.int32()),
+        ("pairs", pa.int64()),
+        ("rows", pa.int64()),
+        ("tokens", pa.int64()),
+        ("windows_expected", pa.int64()),
+        ("hits", pa.int64()),
+        ("same_texts", pa.int64()),
+    ]
+)
 # With the score cache: "cache" files hold the scores of pairs this run scored (cache-KKKKK-*, by cache
 # bucket), "waiting" files the pairs that wait for a twin of the same texts (waiting-KKKKK-*). Both are staged
 # beside the shard's scored files and listed in its manifest, so they exist only for committed shards. A
@@ -40,14 +49,27 @@ REPORT_SCHEMA = pa.schema([
 def bucket_of(query_ids: pa.Array, num_buckets: int) -> np.ndarray:
     """A stable bucket per query id (the same in every process and on every machine)."""
     unique = pc.unique(query_ids)
-    buckets = np.array([int.from_bytes(hashlib.blake2b(str(v).encode(), digest_size=8).digest(), "little") % num_buckets
-                        for v in unique.to_pylist()], dtype=np.int32)
+    buckets = np.array(
+        [
+            int.from_bytes(hashlib.blake2b(str(v).encode(), digest_size=8).digest(), "little")
+            % num_buckets
+            for v in unique.to_pylist()
+        ],
+        dtype=np.int32,
+    )
     return buckets[pc.index_in(query_ids, unique).to_numpy(zero_copy_only=False)]
 
 
 class WriteScored:
-    def __init__(self, work_uri: str, storage_options: dict, num_buckets: int, bucket_by_shard: bool,
-                 keep_texts: bool = False, cache_buckets: int | None = None):
+    def __init__(
+        self,
+        work_uri: str,
+        storage_options: dict,
+        num_buckets: int,
+        bucket_by_shard: bool,
+        keep_texts: bool = False,
+        cache_buckets: int | None = None,
+    ):
         """keep_texts: scored rows keep their query and document (`output.carry_texts`); cache_buckets: the
         score cache's number of buckets (None: no cache)."""
         self.fs, self.root = url_to_fs(work_uri, storage_options)
@@ -60,8 +82,12 @@ class WriteScored:
         """`rows`: the scored rows `table` was made from, if it holds no `_row` (its name's digest)."""
         source = table if rows is None else rows
         keys = source.column(ROW).to_numpy()
-        window = source.column(S.WINDOW).to_numpy() if S.WINDOW in source.column_names else np.zeros(0)
-        digest = hashlib.blake2b(np.sort(keys).tobytes() + np.sort(window).tobytes(), digest_size=8).hexdigest()
+        window = (
+            source.column(S.WINDOW).to_numpy() if S.WINDOW in source.column_names else np.zeros(0)
+        )
+        digest = hashlib.blake2b(
+            np.sort(keys).tobytes() + np.sort(window).tobytes(), digest_size=8
+        ).hexdigest()
         path = join(self.root, "scored", f"shard-{shard:05d}", f"{name}-{digest}.parquet")
         self.fs.makedirs(join(self.root, "scored", f"shard-{shard:05d}"), exist_ok=True)
         try:
@@ -84,20 +110,54 @@ class WriteScored:
         for shard in np.unique(shards):
             part = batch.filter(pa.array(shards == shard))
             mask = pc.is_valid(part.column(S.REASON))
-            rejected = part.filter(mask).drop_columns([c for c in (S.INPUT_IDS, S.TOKEN_TYPE_IDS, S.NUM_TOKENS,
-                                                                      S.WINDOW, S.NUM_WINDOWS, S.SCORE, S.CACHE_KEY,
-                                                                      S.CACHED)
-                                                       if c in part.column_names])
+            rejected = part.filter(mask).drop_columns(
+                [
+                    c
+                    for c in (
+                        S.INPUT_IDS,
+                        S.TOKEN_TYPE_IDS,
+                        S.NUM_TOKENS,
+                        S.WINDOW,
+                        S.NUM_WINDOWS,
+                        S.SCORE,
+                        S.CACHE_KEY,
+                        S.CACHED,
+                    )
+                    if c in part.column_names
+                ]
+            )
             if rejected.num_rows:
-                path = self._write(rejected.append_column(S.WINDOW, pa.array(np.zeros(rejected.num_rows, np.int32))),
-                                   int(shard), "rejected")
-                reports.append((int(shard), "rejected", path, -1, rejected.num_rows, rejected.num_rows, 0, 0, 0, 0))
+                path = self._write(
+                    rejected.append_column(
+                        S.WINDOW, pa.array(np.zeros(rejected.num_rows, np.int32))
+                    ),
+                    int(shard),
+                    "rejected",
+                )
+                reports.append(
+                    (
+                        int(shard),
+                        "rejected",
+                        path,
+                        -1,
+                        rejected.num_rows,
+                        rejected.num_rows,
+                        0,
+                        0,
+                        0,
+                        0,
+                    )
+                )
             scored = part.filter(pc.invert(mask)).drop_columns(
-                [S.REASON] if self.keep_texts else [S.QUERY, S.DOCUMENT, S.REASON])
+                [S.REASON] if self.keep_texts else [S.QUERY, S.DOCUMENT, S.REASON]
+            )
             if not scored.num_rows:
                 continue
-            buckets = (np.full(scored.num_rows, shard, dtype=np.int32) if self.bucket_by_shard
-                       else bucket_of(scored.column(S.QUERY_ID).combine_chunks(), self.num_buckets))
+            buckets = (
+                np.full(scored.num_rows, shard, dtype=np.int32)
+                if self.bucket_by_shard
+                else bucket_of(scored.column(S.QUERY_ID).combine_chunks(), self.num_buckets)
+            )
             states = None
             if self.cache_buckets is not None:
                 reports += self._stage_cache(scored, buckets, int(shard))
@@ -107,15 +167,32 @@ class WriteScored:
                 rows = scored.filter(pa.array(buckets == bucket))
                 path = self._write(rows, int(shard), f"b{int(bucket):05d}")
                 # Cached pairs are one row each (window 0): counting rows counts pairs.
-                hits, waiting = (0, 0) if states is None else (int(np.sum(states[buckets == bucket] == state))
-                                                              for state in (1, 2))
+                hits, waiting = (
+                    (0, 0)
+                    if states is None
+                    else (int(np.sum(states[buckets == bucket] == state)) for state in (1, 2))
+                )
                 first = pc.equal(rows.column(S.WINDOW), 0)
                 pairs = int(pc.sum(first).as_py() or 0)
                 tokens = int(pc.sum(rows.column(S.NUM_TOKENS)).as_py() or 0)
                 expected = int(pc.sum(rows.column(S.NUM_WINDOWS).filter(first)).as_py() or 0)
-                reports.append((int(shard), "scored", path, int(bucket), pairs, rows.num_rows, tokens, expected,
-                                hits, waiting))
-        return pa.table(list(zip(*reports)) if reports else [[] for _ in REPORT_SCHEMA], schema=REPORT_SCHEMA)
+                reports.append(
+                    (
+                        int(shard),
+                        "scored",
+                        path,
+                        int(bucket),
+                        pairs,
+                        rows.num_rows,
+                        tokens,
+                        expected,
+                        hits,
+                        waiting,
+                    )
+                )
+        return pa.table(
+            list(zip(*reports)) if reports else [[] for _ in REPORT_SCHEMA], schema=REPORT_SCHEMA
+        )
 
     def _stage_cache(self, scored: pa.Table, buckets: np.ndarray, shard: int) -> list[tuple]:
         """Stage the scores this run computed (new cache entries) and the pairs waiting for a twin, by cache bucket."""
@@ -130,12 +207,24 @@ class WriteScored:
                 select = pa.array((states == state) & (cache_bucket == k))
                 rows = scored.filter(select)
                 if kind == "cache":
-                    table = pa.table([rows.column(S.CACHE_KEY), rows.column(S.WINDOW), rows.column(S.NUM_WINDOWS),
-                                      rows.column(S.SCORE)], schema=NEW_SCHEMA)
+                    table = pa.table(
+                        [
+                            rows.column(S.CACHE_KEY),
+                            rows.column(S.WINDOW),
+                            rows.column(S.NUM_WINDOWS),
+                            rows.column(S.SCORE),
+                        ],
+                        schema=NEW_SCHEMA,
+                    )
                 else:
-                    table = pa.table([rows.column(S.CACHE_KEY), rows.column(ROW),
-                                      pa.array(buckets[select.to_numpy(zero_copy_only=False)], pa.int32())],
-                                     schema=WAITING_SCHEMA)
+                    table = pa.table(
+                        [
+                            rows.column(S.CACHE_KEY),
+                            rows.column(ROW),
+                            pa.array(buckets[select.to_numpy(zero_copy_only=False)], pa.int32()),
+                        ],
+                        schema=WAITING_SCHEMA,
+                    )
                 path = self._write(table, shard, f"{kind}-{int(k):05d}", rows=rows)
                 reports.append((shard, kind, path, int(k), 0, rows.num_rows, 0, 0, 0, 0))
         return reports

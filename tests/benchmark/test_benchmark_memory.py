@@ -23,8 +23,10 @@ from pipeline.benchmark.streaming_memory import JOBS, _downsample, write_repeate
 from pipeline.errors import InputError
 from pipeline.model.dummy import ARCHITECTURES, build_checkpoint
 
-CHILD = "import sys, time; block = bytearray(200 * 2**20); block[::4096] = b'x' * len(block[::4096]); " \
-        "print('ready', flush=True); time.sleep(30)"
+CHILD = (
+    "import sys, time; block = bytearray(200 * 2**20); block[::4096] = b'x' * len(block[::4096]); "
+    "print('ready', flush=True); time.sleep(30)"
+)
 
 
 def _vm_rss_mb(pid: int) -> float:
@@ -60,22 +62,28 @@ def test_the_tree_sampler_counts_a_child_process():
     assert child_seen["name"] == "python -c" and min(mb for _, mb in child_seen["samples"]) >= 200
     assert os.getpid() in tree.processes
     grown = tree.growth(top=1)
-    assert len(grown) == 1 and grown[0]["growth_mb"] == max(round(p["samples"][-1][1] - p["samples"][0][1], 1)
-                                                           for p in tree.processes.values())
+    assert len(grown) == 1 and grown[0]["growth_mb"] == max(
+        round(p["samples"][-1][1] - p["samples"][0][1], 1) for p in tree.processes.values()
+    )
     assert tree.growth(since_s=1e9) == []  # nothing was seen after then
 
 
 def test_processes_are_named_by_what_they_run():
     from pipeline.benchmark.process_memory import process_name
 
-    module = subprocess.Popen([sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1"],
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    module = subprocess.Popen(
+        [sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
     program = subprocess.Popen(["sleep", "30"])
     try:
         assert module.stdout.readline().startswith(b"Serving HTTP")  # started (its exec long done)
         assert process_name(module.pid) == "python -m http.server"
         deadline = time.time() + 10
-        while process_name(program.pid) != "sleep" and time.time() < deadline:  # until its exec is done
+        while (
+            process_name(program.pid) != "sleep" and time.time() < deadline
+        ):  # until its exec is done
             time.sleep(0.05)
         assert process_name(program.pid) == "sleep"
     finally:
@@ -96,7 +104,9 @@ def test_downsample_keeps_the_peak_and_the_end():
 
 
 def test_repeated_pairs_have_unique_ids(tmp_path, shared_data):
-    info = write_repeated_pairs(str(tmp_path / "in.parquet"), 9_000, str(shared_data), row_group_size=4_000)
+    info = write_repeated_pairs(
+        str(tmp_path / "in.parquet"), 9_000, str(shared_data), row_group_size=4_000
+    )
     table = pq.read_table(tmp_path / "in.parquet")
     assert info["rows"] == table.num_rows == 9_000
     assert pq.ParquetFile(tmp_path / "in.parquet").metadata.num_row_groups == 3
@@ -110,9 +120,23 @@ def test_repeated_pairs_have_unique_ids(tmp_path, shared_data):
 def test_repeated_pairs_with_labels_carry_the_nist_judgements(tmp_path, shared_data):
     from pipeline.datasets import trec_dl
 
-    write_repeated_pairs(str(tmp_path / "in.parquet"), 9_000, str(shared_data), row_group_size=4_000, with_labels=True)
+    write_repeated_pairs(
+        str(tmp_path / "in.parquet"),
+        9_000,
+        str(shared_data),
+        row_group_size=4_000,
+        with_labels=True,
+    )
     table = pq.read_table(tmp_path / "in.parquet")
-    assert table.column_names == ["query_id", "query", "doc_id", "document", "rank", "score", "label"]
+    assert table.column_names == [
+        "query_id",
+        "query",
+        "doc_id",
+        "document",
+        "rank",
+        "score",
+        "label",
+    ]
     assert table.num_rows == 9_000
     pairs, qrels = trec_dl(2019, str(shared_data))
     judged = {(r["query_id"], r["doc_id"]): r["label"] for r in qrels.to_pylist()}
@@ -127,8 +151,10 @@ def test_repeated_pairs_with_labels_carry_the_nist_judgements(tmp_path, shared_d
     assert table.slice(4_300, 4_300)["label"].equals(table.slice(0, 4_300)["label"])
 
 
-DRIVER_CHILD = "import sys; block = bytearray(300 * 2**20); block[::4096] = b'x' * len(block[::4096]); " \
-               "del block; sys.exit(int(sys.argv[1]))"
+DRIVER_CHILD = (
+    "import sys; block = bytearray(300 * 2**20); block[::4096] = b'x' * len(block[::4096]); "
+    "del block; sys.exit(int(sys.argv[1]))"
+)
 
 
 @pytest.mark.parametrize("status", [0, 3])
@@ -136,9 +162,20 @@ def test_the_driver_peak_is_the_kernels_and_written_however_the_module_exits(tmp
     """A module that held 300 MiB and freed it: its peak (VmHWM) still holds them, its end does not."""
     (tmp_path / "allocate_then_exit.py").write_text(DRIVER_CHILD.replace("; ", "\n"))
     report = tmp_path / "driver.json"
-    result = subprocess.run([sys.executable, "-m", "pipeline.benchmark.driver_peak", str(report), "-m",
-                             "allocate_then_exit", str(status)], cwd=tmp_path, timeout=120,
-                            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])})
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.benchmark.driver_peak",
+            str(report),
+            "-m",
+            "allocate_then_exit",
+            str(status),
+        ],
+        cwd=tmp_path,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])},
+    )
     assert result.returncode == status
     driver = json.loads(report.read_text())
     assert driver["module"] == "allocate_then_exit" and driver["exit"] == status
@@ -155,16 +192,34 @@ def test_the_hard_negative_job_is_run_with_its_positives_and_bounded_buckets():
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> str:
-    return build_checkpoint(str(tmp_path_factory.mktemp("tiny")), replace(ARCHITECTURES["tiny"], tokenizer_vocab=500))
+    return build_checkpoint(
+        str(tmp_path_factory.mktemp("tiny")), replace(ARCHITECTURES["tiny"], tokenizer_vocab=500)
+    )
 
 
 @pytest.mark.slow  # two rerank jobs, each in a process of its own on a fresh local Ray
 def test_the_job_reports_every_size(tiny_model, shared_data, tmp_path):
     output = tmp_path / "memory.json"
-    code = benchmark_memory.main(["--pairs", "6000,2000", "--model", tiny_model, "--output", str(output),
-                                  "--data-dir", str(shared_data), "--interval", "0.5",
-                                  "--set", "input.rows_per_shard=1000", "--set", "io.rows_per_write=1000",
-                                  "--set", "progress_interval_s=0.1"])
+    code = benchmark_memory.main(
+        [
+            "--pairs",
+            "6000,2000",
+            "--model",
+            tiny_model,
+            "--output",
+            str(output),
+            "--data-dir",
+            str(shared_data),
+            "--interval",
+            "0.5",
+            "--set",
+            "input.rows_per_shard=1000",
+            "--set",
+            "io.rows_per_write=1000",
+            "--set",
+            "progress_interval_s=0.1",
+        ]
+    )
     assert code == 0
     report = json.loads(output.read_text())
     runs = report["runs"]
@@ -191,19 +246,34 @@ def test_the_job_reports_every_size(tiny_model, shared_data, tmp_path):
         assert max(p[3] for p in r["timeline"]) <= r["max_processes"]
         assert max(p[3] for p in r["timeline"]) == r["max_processes"] or not whole_timeline
         # The timeline holds the PSS peak (and, when whole, the RSS peak), rounded to 0.1 MB.
-        assert max(p[2] for p in r["timeline"] if p[2] is not None) == pytest.approx(r["peak_pss_mb"], abs=0.05)
+        assert max(p[2] for p in r["timeline"] if p[2] is not None) == pytest.approx(
+            r["peak_pss_mb"], abs=0.05
+        )
         assert max(p[1] for p in r["timeline"]) <= r["peak_rss_sum_mb"] + 0.05
-        assert max(p[1] for p in r["timeline"]) == pytest.approx(r["peak_rss_sum_mb"], abs=0.05) or not whole_timeline
+        assert (
+            max(p[1] for p in r["timeline"]) == pytest.approx(r["peak_rss_sum_mb"], abs=0.05)
+            or not whole_timeline
+        )
         # The processes that grew most, largest growth first, each growth its own last minus first PSS.
         growth = r["growth_by_process"]
-        assert 1 <= len(growth) <= 8 and [p["growth_mb"] for p in growth] == sorted((p["growth_mb"] for p in growth),
-                                                                                   reverse=True)
-        assert all(p["growth_mb"] == round(p["to_mb"] - p["from_mb"], 1) and p["from_s"] <= p["to_s"]
-                   and p["from_s"] >= r["growth_since_s"] and p["peak_mb"] >= max(p["from_mb"], p["to_mb"])
-                   for p in growth)
+        assert 1 <= len(growth) <= 8 and [p["growth_mb"] for p in growth] == sorted(
+            (p["growth_mb"] for p in growth), reverse=True
+        )
+        assert all(
+            p["growth_mb"] == round(p["to_mb"] - p["from_mb"], 1)
+            and p["from_s"] <= p["to_s"]
+            and p["from_s"] >= r["growth_since_s"]
+            and p["peak_mb"] >= max(p["from_mb"], p["to_mb"])
+            for p in growth
+        )
         # A tenth of the pairs were scored by then, as the job's own progress lines said.
-        assert r["growth_since_s"] == next(p["seconds"] for p in r["running_peak"] if p["pairs"] >= r["n_pairs"] / 10)
-        assert any(p["name"] == "ray::MapWorker(MapBatches(ScoreStage))" for p in growth) or len(growth) == 8
+        assert r["growth_since_s"] == next(
+            p["seconds"] for p in r["running_peak"] if p["pairs"] >= r["n_pairs"] / 10
+        )
+        assert (
+            any(p["name"] == "ray::MapWorker(MapBatches(ScoreStage))" for p in growth)
+            or len(growth) == 8
+        )
     # The job's progress lines were followed: pairs only go up, to all of them; the peak so far never falls.
     progress = runs[1]["running_peak"]
     pairs = [p["pairs"] for p in progress]
@@ -219,7 +289,9 @@ def test_the_job_reports_every_size(tiny_model, shared_data, tmp_path):
     assert across["ratio"] == runs[1]["peak_pss_mb"] / runs[0]["peak_pss_mb"]
     assert across["met"] == (across["ratio"] <= flat["goal"])
     within = flat["within_largest"]
-    assert within["peak_at_smallest_mb"] == next(p["peak_pss_mb"] for p in progress if p["pairs"] >= 2000)
+    assert within["peak_at_smallest_mb"] == next(
+        p["peak_pss_mb"] for p in progress if p["pairs"] >= 2000
+    )
     assert within["peak_at_end_mb"] == runs[1]["peak_pss_mb"]
     assert within["ratio"] == within["peak_at_end_mb"] / within["peak_at_smallest_mb"]
     assert within["met"] == (within["ratio"] <= flat["goal"])
@@ -232,14 +304,36 @@ def test_the_job_reports_every_size(tiny_model, shared_data, tmp_path):
 @pytest.mark.slow  # two hard-negative jobs (a rerank and a selection each), each in a process of its own
 def test_the_hard_negative_job_reports_every_size_and_its_driver(tiny_model, shared_data, tmp_path):
     output = tmp_path / "memory-hn.json"
-    code = benchmark_memory.main(["--job", "hard-negatives", "--pairs", "5000,2000", "--model", tiny_model,
-                                  "--output", str(output), "--data-dir", str(shared_data), "--interval", "0.5",
-                                  "--set", "rerank.input.rows_per_shard=1000", "--set", "rerank.io.rows_per_write=1000",
-                                  "--set", "rerank.progress_interval_s=0.1", "--set", "rerank.output.rows_per_bucket=2000"])
+    code = benchmark_memory.main(
+        [
+            "--job",
+            "hard-negatives",
+            "--pairs",
+            "5000,2000",
+            "--model",
+            tiny_model,
+            "--output",
+            str(output),
+            "--data-dir",
+            str(shared_data),
+            "--interval",
+            "0.5",
+            "--set",
+            "rerank.input.rows_per_shard=1000",
+            "--set",
+            "rerank.io.rows_per_write=1000",
+            "--set",
+            "rerank.progress_interval_s=0.1",
+            "--set",
+            "rerank.output.rows_per_bucket=2000",
+        ]
+    )
     assert code == 0
     report = json.loads(output.read_text())
     assert report["job"] == "hard-negatives"
-    assert report["overrides"][0] == "rerank.output.rows_per_bucket=100000"  # the job's own, then --set's
+    assert (
+        report["overrides"][0] == "rerank.output.rows_per_bucket=100000"
+    )  # the job's own, then --set's
     assert report["overrides"][-1] == "rerank.output.rows_per_bucket=2000"
     runs = report["runs"]
     assert [r["n_pairs"] for r in runs] == [2000, 5000]
@@ -249,12 +343,17 @@ def test_the_hard_negative_job_reports_every_size_and_its_driver(tiny_model, sha
         assert r["candidate_rows"] == r["scored_rows"] and r["kept_negatives"] > 0
         assert r["queries"] == -(-r["n_pairs"] // 100)  # DL19's 100 candidates per query, repeated
         assert r["ranked_parts"] >= 1 and r["output_parts"] == 1
-        assert r["command"].startswith("python -m jobs.hard_negatives ") and "--set rerank." in r["command"]
+        assert (
+            r["command"].startswith("python -m jobs.hard_negatives ")
+            and "--set rerank." in r["command"]
+        )
         assert r["max_processes"] >= 5 and 0 < r["peak_pss_mb"] <= r["peak_rss_sum_mb"]
         # The driver is one process of the tree: its own peak is positive, its end never above its peak.
         assert 0 < r["driver_end_rss_mb"] <= r["driver_peak_rss_mb"]
         assert r["pairs_per_s"] == r["n_pairs"] / r["seconds"] and r["attempts"] in (1, 2, 3)
-    assert runs[1]["ranked_parts"] > runs[0]["ranked_parts"]  # 2,000 rows per bucket: more buckets at 5,000
+    assert (
+        runs[1]["ranked_parts"] > runs[0]["ranked_parts"]
+    )  # 2,000 rows per bucket: more buckets at 5,000
     progress = runs[1]["running_peak"]
     assert progress and [p["pairs"] for p in progress][-1] == 5000
     drivers = [p["driver_peak_rss_mb"] for p in progress if p["driver_peak_rss_mb"] is not None]
@@ -263,11 +362,16 @@ def test_the_hard_negative_job_reports_every_size_and_its_driver(tiny_model, sha
     assert flat["goal"] == 1.2
     assert flat["across_runs"]["ratio"] == runs[1]["peak_pss_mb"] / runs[0]["peak_pss_mb"]
     driver = flat["driver"]
-    assert (driver["smallest_mb"], driver["largest_mb"]) == (runs[0]["driver_peak_rss_mb"], runs[1]["driver_peak_rss_mb"])
+    assert (driver["smallest_mb"], driver["largest_mb"]) == (
+        runs[0]["driver_peak_rss_mb"],
+        runs[1]["driver_peak_rss_mb"],
+    )
     assert driver["across_runs"]["ratio"] == driver["largest_mb"] / driver["smallest_mb"]
     assert driver["across_runs"]["met"] == (driver["across_runs"]["ratio"] <= flat["goal"])
     within = driver["within_largest"]
-    assert within["peak_at_smallest_mb"] == next(p["driver_peak_rss_mb"] for p in progress if p["pairs"] >= 2000)
+    assert within["peak_at_smallest_mb"] == next(
+        p["driver_peak_rss_mb"] for p in progress if p["pairs"] >= 2000
+    )
     assert within["ratio"] == within["peak_at_end_mb"] / within["peak_at_smallest_mb"]
     assert driver["limit_mb"] == 1024.0 and driver["under_limit"] == (driver["largest_mb"] < 1024.0)
     table = output.with_suffix(".md").read_text()
@@ -283,8 +387,19 @@ def test_bad_sizes_are_refused_before_any_work(run_entry_point):
 
 def test_an_outside_ray_is_refused(tmp_path):
     with pytest.raises(InputError, match="Ray of its own"):
-        benchmark_memory.main(["--pairs", "10", "--output", str(tmp_path / "m.json"),
-                               "--set", "ray_address=auto"])
+        benchmark_memory.main(
+            ["--pairs", "10", "--output", str(tmp_path / "m.json"), "--set", "ray_address=auto"]
+        )
     with pytest.raises(InputError, match="drop --set rerank.ray_address"):
-        benchmark_memory.main(["--job", "hard-negatives", "--pairs", "10", "--output", str(tmp_path / "m.json"),
-                               "--set", "rerank.ray_address=auto"])
+        benchmark_memory.main(
+            [
+                "--job",
+                "hard-negatives",
+                "--pairs",
+                "10",
+                "--output",
+                str(tmp_path / "m.json"),
+                "--set",
+                "rerank.ray_address=auto",
+            ]
+        )

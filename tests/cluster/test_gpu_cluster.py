@@ -25,13 +25,21 @@ ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "rerank_gpu_cluster.yaml"
 
 # Counts only, for 2 cores: one tokenizer and one actor per io pool, fractions of a CPU each.
-SCALED_DOWN = ["scorer.device=auto", "tokenizer.num_actors=1", "tokenizer.num_cpus=0.5", "scorer.num_cpus=0.25",
-               "io.num_actors=1", "io.num_cpus=0.25", "io.in_flight_mb=256", "scorer.max_tokens_per_batch=4096",
-               "tokenizer.max_length=128"]
+SCALED_DOWN = [
+    "scorer.device=auto",
+    "tokenizer.num_actors=1",
+    "tokenizer.num_cpus=0.5",
+    "scorer.num_cpus=0.25",
+    "io.num_actors=1",
+    "io.num_cpus=0.25",
+    "io.in_flight_mb=256",
+    "scorer.max_tokens_per_batch=4096",
+    "tokenizer.max_length=128",
+]
 
 # argv: config, input URI, output root URI, then the runs as JSON: [[name, [overrides...]], ...]. Prints one JSON
 # line: the nodes (id, labels, GPUs), each run's exit status and output, and the actors of the first run by class.
-CLUSTER_SCRIPT = r'''
+CLUSTER_SCRIPT = r"""
 import json, os, subprocess, sys
 import ray
 import ray._private.state as state  # the GCS actor table; the state API would need the dashboard
@@ -67,7 +75,7 @@ try:
     print(json.dumps(report))
 finally:
     cluster.shutdown()
-'''
+"""
 
 
 @pytest.fixture
@@ -77,8 +85,11 @@ def candidates(shared_data, s3_bucket) -> tuple[str, list[tuple], dict]:
 
     with open(shared_data / "trec-dl" / "retrieve_results_dl19.json") as f:
         topics = json.load(f)
-    rows = [dict(query_id=h["qid"], query=t["query"], doc_id=h["docid"],
-                 document=h["content"]) for t in topics[:2] for h in t["hits"][:20]]
+    rows = [
+        dict(query_id=h["qid"], query=t["query"], doc_id=h["docid"], document=h["content"])
+        for t in topics[:2]
+        for h in t["hits"][:20]
+    ]
     rows.append(dict(rows[7]))
     bucket, options = s3_bucket
     with s3fs.S3FileSystem(**options).open(f"{bucket}/in/dl19-40.parquet", "wb") as f:
@@ -91,8 +102,14 @@ def _cluster_runs(tmp_path: Path, source: str, out_root: str, runs: list, endpoi
     script.write_text(CLUSTER_SCRIPT)
     env = {**os.environ, "AWS_ENDPOINT_URL": endpoint, "PYTHONPATH": str(ROOT)}
     for _ in range(3):
-        result = subprocess.run([sys.executable, str(script), str(CONFIG), source, out_root, json.dumps(runs)],
-                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+        result = subprocess.run(
+            [sys.executable, str(script), str(CONFIG), source, out_root, json.dumps(runs)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1500,
+        )
         # Ray gives a starting raylet a fixed 30 s to register: too little on a heavily loaded machine.
         if result.returncode == 0 or "timed out during startup" not in result.stderr:
             break
@@ -109,11 +126,15 @@ def _one_error_line(run: dict) -> str:
 def _read(fs, folder: str) -> pa.Table:
     files = sorted(fs.glob(f"{folder}/*.parquet"))
     assert files, f"no Parquet files in {folder}"
-    return pa.concat_tables([pq.read_table(fs.open(f, "rb")) for f in files], promote_options="default")
+    return pa.concat_tables(
+        [pq.read_table(fs.open(f, "rb")) for f in files], promote_options="default"
+    )
 
 
 @pytest.mark.slow  # a four-node Ray cluster and five jobs in processes of their own
-def test_gpu_cluster_config_places_scorers_per_gpu_and_tokenizers_where_labelled(candidates, tmp_path, s3_endpoint):
+def test_gpu_cluster_config_places_scorers_per_gpu_and_tokenizers_where_labelled(
+    candidates, tmp_path, s3_endpoint
+):
     import s3fs
 
     source, keys, options = candidates
@@ -151,17 +172,28 @@ def test_gpu_cluster_config_places_scorers_per_gpu_and_tokenizers_where_labelled
     assert summary["scorers"] and {s["device"] for s in summary["scorers"]} == {"cpu"}
     assert {s["node_id"] for s in summary["scorers"]} <= gpu_nodes
     ranked = _read(fs, f"{out}/ranked")
-    ranked_keys = list(zip(ranked.column("query_id").to_pylist(), ranked.column("doc_id").to_pylist()))
+    ranked_keys = list(
+        zip(ranked.column("query_id").to_pylist(), ranked.column("doc_id").to_pylist())
+    )
     assert Counter(ranked_keys) == Counter(set(keys))  # every input pair, exactly once
     rejected = _read(fs, f"{out}/rejected")
-    assert list(zip(rejected.column("query_id").to_pylist(), rejected.column("doc_id").to_pylist())) == [keys[7]]
+    assert list(
+        zip(rejected.column("query_id").to_pylist(), rejected.column("doc_id").to_pylist())
+    ) == [keys[7]]
 
-    refused = {name: report["runs"][name] for name in ("no-such-label", "two-gpus-per-scorer", "tokenizer-too-big")}
+    refused = {
+        name: report["runs"][name]
+        for name in ("no-such-label", "two-gpus-per-scorer", "tokenizer-too-big")
+    }
     assert {name: r["rc"] for name, r in refused.items()} == dict.fromkeys(refused, 2)
     line = _one_error_line(refused["no-such-label"])
     assert "tokenizer.label_selector {'rerank/role': 'tokenizers'} matches no node" in line
-    assert "rerank/role=scorer" in line and "rerank/role=tokenizer" in line  # the labels the cluster does have
-    assert "a scorer actor asks for 0.25 CPU, 2 GPU" in _one_error_line(refused["two-gpus-per-scorer"])
+    assert (
+        "rerank/role=scorer" in line and "rerank/role=tokenizer" in line
+    )  # the labels the cluster does have
+    assert "a scorer actor asks for 0.25 CPU, 2 GPU" in _one_error_line(
+        refused["two-gpus-per-scorer"]
+    )
     assert "a tokenizer actor asks for 2 CPU" in _one_error_line(refused["tokenizer-too-big"])
     for name in refused:  # refused before any work: nothing written under its output
         assert not fs.exists(out_root.removeprefix("s3://") + f"/{name}/_work/manifests")

@@ -39,9 +39,15 @@ RAY = Path(sys.executable).parent / "ray"
 # the Ray client server's 10001 would collide with any other head on this machine); the README's command
 # names --port and --dashboard-port itself. Worker ports come from the OS (`--min/max-worker-port 0`).
 README_PORTS = ("--port", "--dashboard-port")
-OTHER_PORTS = ("--node-manager-port", "--object-manager-port", "--ray-client-server-port",
-               "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
-               "--metrics-export-port")
+OTHER_PORTS = (
+    "--node-manager-port",
+    "--object-manager-port",
+    "--ray-client-server-port",
+    "--dashboard-agent-listen-port",
+    "--dashboard-agent-grpc-port",
+    "--runtime-env-agent-port",
+    "--metrics-export-port",
+)
 
 
 def readme_cluster_commands() -> list[str]:
@@ -50,13 +56,20 @@ def readme_cluster_commands() -> list[str]:
     section = re.search(r"\*\*On a cluster\.\*\*(.*?)(?:\n## |$)", readme, flags=re.S)
     block = section and re.search(r"```bash\n(.*?)```", section.group(1), flags=re.S)
     assert block, "README: the 'On a cluster' paragraph has no ```bash block of commands"
-    commands = [shlex.split(line, comments=True) for line in block.group(1).replace("\\\n", " ").splitlines()]
-    return [" ".join(tokens) for tokens in commands if tokens]  # not shlex.join: it would quote a `>`
+    commands = [
+        shlex.split(line, comments=True)
+        for line in block.group(1).replace("\\\n", " ").splitlines()
+    ]
+    return [
+        " ".join(tokens) for tokens in commands if tokens
+    ]  # not shlex.join: it would quote a `>`
 
 
 def _one(commands: list[str], prefix: str) -> str:
     found = [c for c in commands if c.startswith(prefix)]
-    assert len(found) == 1, f"README: expected one `{prefix} ...` command in 'On a cluster', found {found}"
+    assert len(found) == 1, (
+        f"README: expected one `{prefix} ...` command in 'On a cluster', found {found}"
+    )
     return found[0]
 
 
@@ -84,7 +97,9 @@ def _processes() -> dict[int, tuple[int, int, str]]:
             continue
         try:
             with open(f"/proc/{entry}/stat") as f:
-                state, ppid, _, session = f.read().rpartition(")")[2].split()[:4]  # the name before ")" may hold spaces
+                state, ppid, _, session = (
+                    f.read().rpartition(")")[2].split()[:4]
+                )  # the name before ")" may hold spaces
             with open(f"/proc/{entry}/cmdline", "rb") as f:
                 cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
         except OSError:  # gone meanwhile
@@ -99,11 +114,16 @@ def _ours(session: int, markers: tuple[str, ...]) -> dict[int, str]:
     job's driver, which the job supervisor starts in a session of its own): pid -> command line."""
     procs = _processes()
     mine, pid = set(), os.getpid()
-    while pid in procs and pid not in mine:  # this test and its ancestors, whatever their command lines say
+    while (
+        pid in procs and pid not in mine
+    ):  # this test and its ancestors, whatever their command lines say
         mine.add(pid)
         pid = procs[pid][0]
-    return {pid: cmdline for pid, (_, sid, cmdline) in procs.items()
-            if pid not in mine and (sid == session or any(m in cmdline for m in markers))}
+    return {
+        pid: cmdline
+        for pid, (_, sid, cmdline) in procs.items()
+        if pid not in mine and (sid == session or any(m in cmdline for m in markers))
+    }
 
 
 def _signal_and_wait(pids, signum: int, timeout: float) -> None:
@@ -125,13 +145,16 @@ def _stop(session: int, markers: tuple[str, ...]) -> None:
     # the GCS server can outlive SIGTERM by more than 10 s once its raylet is gone; the cluster is thrown away
     _signal_and_wait(list(_ours(session, markers)), signal.SIGKILL, timeout=10)
     left = [f"{pid} {cmdline[:150]}" for pid, cmdline in _ours(session, markers).items()]
-    assert not left, "processes of the test's Ray head (gcs_server, raylet...) are still running:\n" + "\n".join(left)
+    assert not left, (
+        "processes of the test's Ray head (gcs_server, raylet...) are still running:\n"
+        + "\n".join(left)
+    )
 
 
 @dataclass
 class Head:
     env: dict
-    dashboard: str    # http://127.0.0.1:PORT
+    dashboard: str  # http://127.0.0.1:PORT
     token_file: Path  # the machine's ~/.ray/auth_token
     token_before: str | None
 
@@ -148,12 +171,17 @@ def head(request, tmp_path):
     token_before = token_file.read_text() if token_file.exists() else None
 
     cache = os.environ.get("RERANK_CACHE", str(Path.home() / ".cache" / "rerank-pipeline"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # no RAY_ADDRESS, RAY_AUTH_* of ours
-    env.update(HOME=str(home), PATH=f"{RAY.parent}{os.pathsep}{env.get('PATH', '')}",
-               RERANK_CACHE=cache,  # the dummy checkpoint already built, rather than a rebuild in the new HOME
-               # keeps the node on 127.0.0.1: on Linux, Ray otherwise swaps a loopback --node-ip-address for the
-               # machine's address and its servers listen there
-               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("RAY_")
+    }  # no RAY_ADDRESS, RAY_AUTH_* of ours
+    env.update(
+        HOME=str(home),
+        PATH=f"{RAY.parent}{os.pathsep}{env.get('PATH', '')}",
+        RERANK_CACHE=cache,  # the dummy checkpoint already built, rather than a rebuild in the new HOME
+        # keeps the node on 127.0.0.1: on Linux, Ray otherwise swaps a loopback --node-ip-address for the
+        # machine's address and its servers listen there
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+    )
     for line in commands:
         if line.startswith("export "):
             for assignment in line.split()[1:]:
@@ -161,8 +189,16 @@ def head(request, tmp_path):
                 env[name] = value
 
     generate = _one(commands, "ray get-auth-token")
-    result = subprocess.run(generate, shell=True, executable="/bin/bash", cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        generate,
+        shell=True,
+        executable="/bin/bash",
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
 
     with _head_started(_one(commands, "ray start --head"), env, tmp_path) as dashboard_port:
@@ -182,18 +218,41 @@ def _head_started(start_line: str, env: dict, tmp_path: Path):
             _set_flag(argv, flag, ports[flag])
         _set_flag(argv, "--dashboard-host", "127.0.0.1")
         argv += [a for flag in OTHER_PORTS for a in (flag, str(ports[flag]))]
-        argv += ["--node-ip-address", "127.0.0.1", "--min-worker-port", "0", "--max-worker-port", "0",
-                 "--temp-dir", temp_dir, "--num-cpus", "2", "--disable-usage-stats"]
-        starter = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                   text=True, start_new_session=True)
+        argv += [
+            "--node-ip-address",
+            "127.0.0.1",
+            "--min-worker-port",
+            "0",
+            "--max-worker-port",
+            "0",
+            "--temp-dir",
+            temp_dir,
+            "--num-cpus",
+            "2",
+            "--disable-usage-stats",
+        ]
+        starter = subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         try:
             output, _ = starter.communicate(timeout=300)
             # The raylet gives the dashboard agent a fixed 15 s to write its ports and exits if it is late
             # (ray-project/ray#65983): Ray's start-up losing to a machine loaded many times over, not the
             # README's commands. One more try, on new ports, once this one's processes are gone.
-            if starter.returncode != 0 and attempt == 1 and any(
+            if (
+                starter.returncode != 0
+                and attempt == 1
+                and any(
                     "Timed out waiting for file" in log.read_text(errors="replace")
-                    for log in Path(temp_dir).glob("session_*/logs/raylet.out")):
+                    for log in Path(temp_dir).glob("session_*/logs/raylet.out")
+                )
+            ):
                 continue
             assert starter.returncode == 0, output[-3000:]
             yield ports["--dashboard-port"]
@@ -212,8 +271,11 @@ def dl19_pairs(shared_data, tmp_path) -> tuple[Path, list[tuple]]:
     """200 DL19 pairs (two queries' BM25 top-100) and one repeated pair, which the job must reject."""
     with open(shared_data / "trec-dl" / "retrieve_results_dl19.json") as f:
         topics = json.load(f)
-    rows = [dict(query_id=h["qid"], query=t["query"], doc_id=h["docid"], document=h["content"]) for t in topics
-            for h in t["hits"]][:200]
+    rows = [
+        dict(query_id=h["qid"], query=t["query"], doc_id=h["docid"], document=h["content"])
+        for t in topics
+        for h in t["hits"]
+    ][:200]
     rows.append(dict(rows[7]))
     path = tmp_path / "in" / "dl19-200.parquet"
     path.parent.mkdir()
@@ -222,7 +284,9 @@ def dl19_pairs(shared_data, tmp_path) -> tuple[Path, list[tuple]]:
 
 
 def _status(url: str, token: str | None = None) -> int:
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    request = urllib.request.Request(
+        url, headers={"Authorization": f"Bearer {token}"} if token else {}
+    )
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.status
@@ -240,9 +304,13 @@ def _read(folder: Path) -> pa.Table:
 def test_the_readme_cluster_commands_run_the_rerank_job(head, dl19_pairs, tmp_path):
     token = head.token_file.read_text()
     if head.token_before is None:
-        assert token, "the README's `ray get-auth-token --generate` wrote no token on a fresh machine"
+        assert token, (
+            "the README's `ray get-auth-token --generate` wrote no token on a fresh machine"
+        )
     else:
-        assert token == head.token_before, "the README's commands replaced the machine's existing token"
+        assert token == head.token_before, (
+            "the README's commands replaced the machine's existing token"
+        )
     # The head asks for that token: a cluster anyone on the network could run code on is not what we document.
     assert _status(f"{head.dashboard}/api/jobs/") == 401
     assert _status(f"{head.dashboard}/api/jobs/", token) == 200
@@ -250,25 +318,50 @@ def test_the_readme_cluster_commands_run_the_rerank_job(head, dl19_pairs, tmp_pa
     input_path, input_keys = dl19_pairs
     output = tmp_path / "out"
     submit = shlex.split(_one(readme_cluster_commands(), "ray job submit"))
-    prefix = submit[:submit.index("--")]
-    assert submit[len(prefix) + 1:len(prefix) + 4] == ["python", "-m", "jobs.rerank"]
+    prefix = submit[: submit.index("--")]
+    assert submit[len(prefix) + 1 : len(prefix) + 4] == ["python", "-m", "jobs.rerank"]
     _set_flag(prefix, "--address", head.dashboard)
-    argv = prefix + ["--", "python", "-m", "jobs.rerank", "--input", str(input_path), "--output", str(output),
-                     "--model", "dummy:tiny"]
-    result = subprocess.run(argv, cwd=ROOT, env=head.env, capture_output=True, text=True, timeout=600)
+    argv = prefix + [
+        "--",
+        "python",
+        "-m",
+        "jobs.rerank",
+        "--input",
+        str(input_path),
+        "--output",
+        str(output),
+        "--model",
+        "dummy:tiny",
+    ]
+    result = subprocess.run(
+        argv, cwd=ROOT, env=head.env, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     assert re.search(r"Job 'raysubmit_\w+' succeeded", result.stdout), result.stdout[-2000:]
 
     summary = json.loads((output / "summary.json").read_text())
     assert summary["input_rows"] == len(input_keys) == 201
     assert summary["input_rows"] == summary["scored_rows"] + summary["rejected_rows"]
-    assert (summary["scored_rows"], summary["rejected_rows"], summary["random_weights"]) == (200, 1, True)
+    assert (summary["scored_rows"], summary["rejected_rows"], summary["random_weights"]) == (
+        200,
+        1,
+        True,
+    )
     ranked = _read(output / "ranked")
-    ranked_keys = list(zip(ranked.column("query_id").to_pylist(), ranked.column("doc_id").to_pylist()))
+    ranked_keys = list(
+        zip(ranked.column("query_id").to_pylist(), ranked.column("doc_id").to_pylist())
+    )
     assert Counter(ranked_keys) == Counter(set(input_keys))  # every input pair, exactly once
     rejected = _read(output / "rejected")
-    assert list(zip(rejected.column("query_id").to_pylist(), rejected.column("doc_id").to_pylist())) == [input_keys[7]]
+    assert list(
+        zip(rejected.column("query_id").to_pylist(), rejected.column("doc_id").to_pylist())
+    ) == [input_keys[7]]
     for query_id in set(ranked.column("query_id").to_pylist()):
-        ranks = [r for q, r in zip(ranked.column("query_id").to_pylist(), ranked.column("rank").to_pylist())
-                 if q == query_id]
+        ranks = [
+            r
+            for q, r in zip(
+                ranked.column("query_id").to_pylist(), ranked.column("rank").to_pylist()
+            )
+            if q == query_id
+        ]
         assert sorted(ranks) == list(range(1, 101))

@@ -36,7 +36,9 @@ def test_sample_queries_keeps_whole_queries_and_their_qrels(dl19):
     pairs, qrels = dl19
     sampled, sampled_qrels = sample_queries(pairs, qrels, 5, seed=7)
     assert len(pc.unique(sampled[schema.QUERY_ID])) == 5 and sampled.num_rows == 500
-    assert set(sampled_qrels[schema.QUERY_ID].to_pylist()) == set(sampled[schema.QUERY_ID].to_pylist())
+    assert set(sampled_qrels[schema.QUERY_ID].to_pylist()) == set(
+        sampled[schema.QUERY_ID].to_pylist()
+    )
     again, _ = sample_queries(pairs, qrels, 5, seed=7)
     other, _ = sample_queries(pairs, qrels, 5, seed=8)
     assert sampled.equals(again) and not sampled.equals(other)
@@ -45,7 +47,9 @@ def test_sample_queries_keeps_whole_queries_and_their_qrels(dl19):
 
 def test_dl19_qrels_are_the_whole_official_file(shared_data, dl19):
     _, qrels = dl19
-    assert qrels.num_rows == 9260  # every judgement, not only the candidates': nDCG's ideal ranking needs them
+    assert (
+        qrels.num_rows == 9260
+    )  # every judgement, not only the candidates': nDCG's ideal ranking needs them
     assert read_qrels(str(shared_data / "trec-dl" / "qrels.dl19-passage.txt")).equals(qrels)
 
 
@@ -57,10 +61,14 @@ def test_bm25_matches_lucene_formula_by_hand():
     idf = math.log(1 + (3 - 2 + 0.5) / (2 + 0.5))
     expected = [idf * 1 * 1.9 / (1 + 0.9 * (0.6 + 0.4 * dl / 4)) for dl in (3, 2)]
     scores = index.scores("Cat!")
-    assert scores[0] == pytest.approx(expected[0], rel=1e-12) and scores[1] == pytest.approx(expected[1], rel=1e-12)
+    assert scores[0] == pytest.approx(expected[0], rel=1e-12) and scores[1] == pytest.approx(
+        expected[1], rel=1e-12
+    )
     assert scores[2] == 0.0  # "cats" is not "cat": no stemming
     hits, hit_scores = index.search("cat", k=10)
-    assert hits.tolist() == [1, 0] and hit_scores.tolist() == sorted(hit_scores.tolist(), reverse=True)
+    assert hits.tolist() == [1, 0] and hit_scores.tolist() == sorted(
+        hit_scores.tolist(), reverse=True
+    )
 
 
 def test_bm25_breaks_ties_by_document_order():

@@ -14,7 +14,9 @@ from pipeline import schema
 from pipeline.datasets import trec_dl
 from pipeline.datasets.bm25 import BM25
 
-DL19_MIN_POSITIVE_LABEL = 2  # TREC DL passage: relevance 2 ("highly relevant") and 3 ("perfectly relevant")
+DL19_MIN_POSITIVE_LABEL = (
+    2  # TREC DL passage: relevance 2 ("highly relevant") and 3 ("perfectly relevant")
+)
 
 
 def bm25_scores(pairs: pa.Table) -> np.ndarray:
@@ -25,8 +27,9 @@ def bm25_scores(pairs: pa.Table) -> np.ndarray:
     bm25 = BM25(list(texts.values()))
     by_query: dict[str, np.ndarray] = {}
     scores = np.empty(pairs.num_rows, dtype=np.float32)
-    for row, (qid, query, doc_id) in enumerate(zip(pairs[schema.QUERY_ID].to_pylist(),
-                                                   pairs[schema.QUERY].to_pylist(), doc_ids)):
+    for row, (qid, query, doc_id) in enumerate(
+        zip(pairs[schema.QUERY_ID].to_pylist(), pairs[schema.QUERY].to_pylist(), doc_ids)
+    ):
         if qid not in by_query:
             by_query[qid] = bm25.scores(query)
         scores[row] = by_query[qid][index_of[doc_id]]
@@ -50,25 +53,51 @@ def tiny_bert(tmp_path_factory, dl19) -> dict[str, str]:
     from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizerFast
 
     candidates, _ = dl19
-    texts = list(dict.fromkeys(candidates[schema.QUERY].to_pylist() + candidates[schema.DOCUMENT].to_pylist()))
+    texts = list(
+        dict.fromkeys(
+            candidates[schema.QUERY].to_pylist() + candidates[schema.DOCUMENT].to_pylist()
+        )
+    )
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     wordpiece = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     wordpiece.normalizer = normalizers.BertNormalizer(lowercase=True)
     wordpiece.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    wordpiece.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=3000, special_tokens=specials,
-                                                                   show_progress=False))
+    wordpiece.train_from_iterator(
+        texts,
+        trainers.WordPieceTrainer(vocab_size=3000, special_tokens=specials, show_progress=False),
+    )
     cls, sep = wordpiece.token_to_id("[CLS]"), wordpiece.token_to_id("[SEP]")
     wordpiece.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
-    tokenizer = BertTokenizerFast(tokenizer_object=wordpiece, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                                  sep_token="[SEP]", mask_token="[MASK]", model_max_length=512)
-    config = BertConfig(vocab_size=wordpiece.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=512, num_labels=1,
-                        initializer_range=0.5)  # wide weights: scores spread out instead of all near one value
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
+    )
+    tokenizer = BertTokenizerFast(
+        tokenizer_object=wordpiece,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=512,
+    )
+    config = BertConfig(
+        vocab_size=wordpiece.get_vocab_size(),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        num_labels=1,
+        initializer_range=0.5,
+    )  # wide weights: scores spread out instead of all near one value
     root = tmp_path_factory.mktemp("tiny_bert")
     paths = {}
     torch.manual_seed(0)
-    for name, model_class in (("cross_encoder", BertForSequenceClassification), ("bi_encoder", BertModel)):
+    for name, model_class in (
+        ("cross_encoder", BertForSequenceClassification),
+        ("bi_encoder", BertModel),
+    ):
         paths[name] = str(root / name)
         model_class(config).save_pretrained(paths[name])
         tokenizer.save_pretrained(paths[name])
@@ -82,14 +111,23 @@ def four_queries(shared_data, tmp_path_factory):
     import pyarrow.parquet as pq
 
     pairs, qrels = trec_dl(2019, shared_data)
-    positive_queries = pc.unique(qrels.filter(pc.greater_equal(qrels[schema.LABEL], 2))[schema.QUERY_ID])
-    chosen = pc.unique(pairs.filter(pc.is_in(pairs[schema.QUERY_ID], value_set=positive_queries))[schema.QUERY_ID])[:4]
+    positive_queries = pc.unique(
+        qrels.filter(pc.greater_equal(qrels[schema.LABEL], 2))[schema.QUERY_ID]
+    )
+    chosen = pc.unique(
+        pairs.filter(pc.is_in(pairs[schema.QUERY_ID], value_set=positive_queries))[schema.QUERY_ID]
+    )[:4]
     path = tmp_path_factory.mktemp("hn_four_queries") / "input.parquet"
-    pq.write_table(pairs.filter(pc.is_in(pairs[schema.QUERY_ID], value_set=chosen)), path, row_group_size=100)
+    pq.write_table(
+        pairs.filter(pc.is_in(pairs[schema.QUERY_ID], value_set=chosen)), path, row_group_size=100
+    )
     return path, shared_data / "trec-dl" / "qrels.dl19-passage.txt"
 
 
 def hn_outputs(root) -> dict[str, bytes]:
     """Every file a hard-negative output holds outside rerank/ (the rerank job's own), by relative path."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.relative_to(root).parts[0] != "rerank"}
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.relative_to(root).parts[0] != "rerank"
+    }

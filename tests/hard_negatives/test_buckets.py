@@ -24,13 +24,23 @@ RUN = {"model": "bm25-test-scorer", "seed": 7}
 
 
 def job_config(**output) -> HardNegativesConfig:
-    return HardNegativesConfig.model_validate({
-        "selection": {"min_positive_label": 2, "num_negatives": 4, "sampling": "random", "seed": 7},
-        "projections": {"scores": "margin"}, "output": output,
-    })
+    return HardNegativesConfig.model_validate(
+        {
+            "selection": {
+                "min_positive_label": 2,
+                "num_negatives": 4,
+                "sampling": "random",
+                "seed": 7,
+            },
+            "projections": {"scores": "margin"},
+            "output": output,
+        }
+    )
 
 
-def run_in_buckets(dl19, root: Path, num_buckets: int, num_parts: int, config: HardNegativesConfig) -> list[dict]:
+def run_in_buckets(
+    dl19, root: Path, num_buckets: int, num_parts: int, config: HardNegativesConfig
+) -> list[dict]:
     """The ranked table cut into buckets by hash(query_id) as the rerank job cuts it, rows shuffled within each
     (a bucket's row order is the rerank's business), then both stages. Returns the stats pieces."""
     candidates, qrels = dl19
@@ -45,7 +55,11 @@ def run_in_buckets(dl19, root: Path, num_buckets: int, num_parts: int, config: H
         items.append({"bucket": b, "uri": str(path)})
     work, out = str(root / "_work"), str(root / "out")
     select = SelectBucket(config, qrels, work, num_parts)
-    pieces = [json.loads(p) for item in items for p in select(pa.Table.from_pylist([item]))["piece"].to_pylist()]
+    pieces = [
+        json.loads(p)
+        for item in items
+        for p in select(pa.Table.from_pylist([item]))["piece"].to_pylist()
+    ]
     write = WritePart(config, work, out, num_parts, RUN)
     for part in range(num_parts):
         write(pa.table({"part": [part]}))
@@ -53,7 +67,9 @@ def run_in_buckets(dl19, root: Path, num_buckets: int, num_parts: int, config: H
 
 
 def files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 @pytest.mark.parametrize("num_parts", [1, 3])
@@ -65,10 +81,15 @@ def test_output_bytes_do_not_depend_on_the_number_of_buckets(dl19, tmp_path, num
     assert a == b
     names = {"candidates", "triplet", "n-tuple"}
     expected = {f"{n}/part-{p:05d}.parquet" for n in names for p in range(num_parts)}
-    expected |= {"flagembedding/train.jsonl"} if num_parts == 1 else {f"flagembedding/train-{p:05d}.jsonl"
-                                                                      for p in range(num_parts)}
+    expected |= (
+        {"flagembedding/train.jsonl"}
+        if num_parts == 1
+        else {f"flagembedding/train-{p:05d}.jsonl" for p in range(num_parts)}
+    )
     assert set(a) == expected
-    assert reduce_stats(one, config.selection, dl19[1]) == reduce_stats(five, config.selection, dl19[1])
+    assert reduce_stats(one, config.selection, dl19[1]) == reduce_stats(
+        five, config.selection, dl19[1]
+    )
 
 
 def test_parts_hold_what_selecting_the_whole_table_gives(dl19, tmp_path):
@@ -78,21 +99,35 @@ def test_parts_hold_what_selecting_the_whole_table_gives(dl19, tmp_path):
     whole = select_negatives(candidates, config.selection, qrels)
     parts = [pq.read_table(p) for p in sorted((tmp_path / "out" / "candidates").glob("*.parquet"))]
     assert all(read_run_metadata(p.schema) == RUN for p in parts)
-    key = [(schema.QUERY_ID, "ascending"), (schema.SCORE, "descending"), (schema.DOC_ID, "ascending")]
+    key = [
+        (schema.QUERY_ID, "ascending"),
+        (schema.SCORE, "descending"),
+        (schema.DOC_ID, "ascending"),
+    ]
     merged = pa.concat_tables(parts).replace_schema_metadata(None).sort_by(key)
     assert merged.equals(whole)
     for part in parts:  # each part in the canonical order, and no query in two parts
-        assert part.replace_schema_metadata(None).equals(part.replace_schema_metadata(None).sort_by(key))
+        assert part.replace_schema_metadata(None).equals(
+            part.replace_schema_metadata(None).sort_by(key)
+        )
     ids = [set(p[schema.QUERY_ID].to_pylist()) for p in parts]
     assert sum(len(i) for i in ids) == len(set().union(*ids)) == 43
 
     stats = reduce_stats(pieces, config.selection, qrels)
     reference = compute_stats(whole, config.selection, qrels)
     assert stats == reference
-    counts = {name: sum(p["projections"][name] for p in pieces) for name in projection_counts([], config)}
-    assert counts["triplet_rows"] == sum(pq.read_table(p).num_rows
-                                         for p in (tmp_path / "out" / "triplet").glob("*.parquet")) > 0
-    lines = [line for p in sorted((tmp_path / "out" / "flagembedding").glob("*.jsonl"))
-             for line in p.read_text().splitlines()]
+    counts = {
+        name: sum(p["projections"][name] for p in pieces) for name in projection_counts([], config)
+    }
+    assert (
+        counts["triplet_rows"]
+        == sum(pq.read_table(p).num_rows for p in (tmp_path / "out" / "triplet").glob("*.parquet"))
+        > 0
+    )
+    lines = [
+        line
+        for p in sorted((tmp_path / "out" / "flagembedding").glob("*.jsonl"))
+        for line in p.read_text().splitlines()
+    ]
     assert len(lines) == counts["flagembedding_lines"] > 0
     assert len({json.loads(line)["query"] for line in lines}) == len(lines)  # one line per query

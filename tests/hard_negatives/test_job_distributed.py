@@ -13,9 +13,22 @@ from jobs.hard_negatives import main
 from pipeline import schema
 from tests.hard_negatives.conftest import hn_outputs
 
-FAST = ["--model", "dummy:tiny", "--dtype", "float32", "--set", "rerank.tokenizer.max_length=96",
-        "--set", "selection.min_positive_label=2", "--set", "selection.sampling=random", "--set", "selection.seed=3",
-        "--set", "output.rows_per_part=150"]
+FAST = [
+    "--model",
+    "dummy:tiny",
+    "--dtype",
+    "float32",
+    "--set",
+    "rerank.tokenizer.max_length=96",
+    "--set",
+    "selection.min_positive_label=2",
+    "--set",
+    "selection.sampling=random",
+    "--set",
+    "selection.seed=3",
+    "--set",
+    "output.rows_per_part=150",
+]
 
 
 @pytest.mark.slow  # two rerank runs on a local Ray, and selection on actors
@@ -26,19 +39,44 @@ def test_same_bytes_with_any_number_of_actors_and_buckets(four_queries, tmp_path
     assert main([*args, "--output", str(one), "--set", "workers.num_actors=1"]) == 0
     first = hn_outputs(one)
     assert {name for name in first if name.startswith("candidates/")} == {
-        f"candidates/part-{p:05d}.parquet" for p in range(3)}  # 400 rows, 150 per part
+        f"candidates/part-{p:05d}.parquet" for p in range(3)
+    }  # 400 rows, 150 per part
     assert not (one / "_work").exists()
 
     # The same output again with 4 actors: the scores are reused, the selection redone on more actors.
-    assert main([*args, "--output", str(one), "--set", "workers.num_actors=4", "--set",
-                 "workers.num_cpus=0.25"]) == 0
+    assert (
+        main(
+            [
+                *args,
+                "--output",
+                str(one),
+                "--set",
+                "workers.num_actors=4",
+                "--set",
+                "workers.num_cpus=0.25",
+            ]
+        )
+        == 0
+    )
     assert hn_outputs(one) == first
 
     # Five ranking buckets (a new rerank), the 4 queries hashed to 4 of them: one query per ranked part, selected
     # by two actors, and the same files.
     four = tmp_path / "four"
-    assert main([*args, "--output", str(four), "--set", "rerank.output.rows_per_bucket=80",
-                 "--set", "workers.num_actors=2"]) == 0
+    assert (
+        main(
+            [
+                *args,
+                "--output",
+                str(four),
+                "--set",
+                "rerank.output.rows_per_bucket=80",
+                "--set",
+                "workers.num_actors=2",
+            ]
+        )
+        == 0
+    )
     assert len(list((four / "rerank" / "ranked").glob("part-*.parquet"))) == 4
     assert hn_outputs(four) == first
 

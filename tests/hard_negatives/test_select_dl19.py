@@ -42,7 +42,9 @@ def positives_of(qrels: pa.Table, min_label: int = DL19_MIN_POSITIVE_LABEL) -> d
     return out
 
 
-def lowest_positive_scores(candidates: pa.Table, positives: dict[str, set[str]]) -> dict[str, np.float32]:
+def lowest_positive_scores(
+    candidates: pa.Table, positives: dict[str, set[str]]
+) -> dict[str, np.float32]:
     lowest: dict[str, np.float32] = {}
     for r in rows(candidates.select([schema.QUERY_ID, schema.DOC_ID, schema.SCORE])):
         if r[schema.DOC_ID] in positives.get(r[schema.QUERY_ID], ()):
@@ -53,7 +55,12 @@ def lowest_positive_scores(candidates: pa.Table, positives: dict[str, set[str]])
 
 def with_row(table: pa.Table, **values) -> pa.Table:
     """`table` plus one row: the given values, nulls elsewhere."""
-    row = pa.table({name: pa.array([values.get(name)], table.schema.field(name).type) for name in table.column_names})
+    row = pa.table(
+        {
+            name: pa.array([values.get(name)], table.schema.field(name).type)
+            for name in table.column_names
+        }
+    )
     return pa.concat_tables([table, row])
 
 
@@ -93,10 +100,19 @@ def test_every_kept_negative_clears_the_margin_of_its_lowest_positive(dl19):
 
 def test_queries_without_a_positive_are_skipped_whole(dl19):
     candidates, qrels = dl19
-    canonical = select_negatives(candidates, config(min_positive_label=3), qrels)  # "perfectly relevant" only
-    queries_with_positive = {q for q, docs in positives_of(qrels, 3).items()
-                             if docs & set(pc.filter(candidates[schema.DOC_ID],
-                                                     pc.equal(candidates[schema.QUERY_ID], q)).to_pylist())}
+    canonical = select_negatives(
+        candidates, config(min_positive_label=3), qrels
+    )  # "perfectly relevant" only
+    queries_with_positive = {
+        q
+        for q, docs in positives_of(qrels, 3).items()
+        if docs
+        & set(
+            pc.filter(
+                candidates[schema.DOC_ID], pc.equal(candidates[schema.QUERY_ID], q)
+            ).to_pylist()
+        )
+    }
     skipped = {r[schema.QUERY_ID] for r in rows(canonical) if r[DROP_REASON] == "no_positive"}
     assert skipped and queries_with_positive
     assert skipped == set(candidates[schema.QUERY_ID].to_pylist()) - queries_with_positive
@@ -106,9 +122,14 @@ def test_queries_without_a_positive_are_skipped_whole(dl19):
 def test_pseudo_positive_is_the_top_candidate_above_the_threshold(dl19):
     candidates, qrels = dl19
     threshold = 15.0  # a BM25 score some queries' top candidates reach and some do not
-    canonical = select_negatives(candidates, config(min_positive_label=3, pseudo_positive_min_score=threshold), qrels)
-    skipped_before = {r[schema.QUERY_ID] for r in rows(select_negatives(candidates, config(min_positive_label=3), qrels))
-                      if r[DROP_REASON] == "no_positive"}
+    canonical = select_negatives(
+        candidates, config(min_positive_label=3, pseudo_positive_min_score=threshold), qrels
+    )
+    skipped_before = {
+        r[schema.QUERY_ID]
+        for r in rows(select_negatives(candidates, config(min_positive_label=3), qrels))
+        if r[DROP_REASON] == "no_positive"
+    }
     top = {}
     for r in rows(candidates):
         best = top.get(r[schema.QUERY_ID])
@@ -143,12 +164,19 @@ def test_top_sampling_keeps_the_hardest_survivors(dl19):
 
 def test_random_sampling_follows_the_documented_hash_order(dl19):
     candidates, qrels = dl19
-    canonical = select_negatives(candidates, config(num_negatives=4, sampling="random", seed=7), qrels)
+    canonical = select_negatives(
+        candidates, config(num_negatives=4, sampling="random", seed=7), qrels
+    )
     survivors = collections.defaultdict(list)
     for r in rows(canonical):
         if r[KEEP] or r[DROP_REASON] == "not_sampled":
-            survivors[r[schema.QUERY_ID]].append((sample_order_key(7, r[schema.QUERY_ID], r[schema.DOC_ID]),
-                                                  r[schema.DOC_ID], r[KEEP]))
+            survivors[r[schema.QUERY_ID]].append(
+                (
+                    sample_order_key(7, r[schema.QUERY_ID], r[schema.DOC_ID]),
+                    r[schema.DOC_ID],
+                    r[KEEP],
+                )
+            )
     for q, items in survivors.items():
         expected = {d for _, d, _ in sorted(items)[:4]}
         assert {d for _, d, kept in items if kept} == expected, q
@@ -165,7 +193,9 @@ def test_a_different_seed_changes_only_the_random_sample(dl19):
     assert first.select(fixed).equals(other.select(fixed))
     assert sampled(first).equals(sampled(other))  # the same survivors to sample from
     outside = pc.invert(sampled(first))
-    assert first.filter(outside).equals(other.filter(outside))  # every other drop reason is unchanged
+    assert first.filter(outside).equals(
+        other.filter(outside)
+    )  # every other drop reason is unchanged
     assert not first[KEEP].equals(other[KEEP])  # and the sample itself moved
     assert pc.sum(first[KEEP]).as_py() == pc.sum(other[KEEP]).as_py()
 
@@ -175,35 +205,65 @@ def test_output_does_not_depend_on_input_row_order(dl19):
     shuffled = candidates.take(np.random.default_rng(0).permutation(candidates.num_rows))
     for sampling in ("top", "random"):
         cfg = config(num_negatives=3, sampling=sampling)
-        assert select_negatives(shuffled, cfg, qrels).equals(select_negatives(candidates, cfg, qrels))
+        assert select_negatives(shuffled, cfg, qrels).equals(
+            select_negatives(candidates, cfg, qrels)
+        )
 
 
 def test_copies_of_a_positive_under_other_ids_are_not_negatives(dl19):
     candidates, qrels = dl19
-    query_id, positive_id = next((r[schema.QUERY_ID], r[schema.DOC_ID]) for r in rows(qrels) if r[schema.LABEL] >= 2
-                                 and r[schema.DOC_ID] in set(candidates[schema.DOC_ID].to_pylist()))
-    original = next(r for r in rows(candidates) if (r[schema.QUERY_ID], r[schema.DOC_ID]) == (query_id, positive_id))
+    query_id, positive_id = next(
+        (r[schema.QUERY_ID], r[schema.DOC_ID])
+        for r in rows(qrels)
+        if r[schema.LABEL] >= 2 and r[schema.DOC_ID] in set(candidates[schema.DOC_ID].to_pylist())
+    )
+    original = next(
+        r
+        for r in rows(candidates)
+        if (r[schema.QUERY_ID], r[schema.DOC_ID]) == (query_id, positive_id)
+    )
     text = original[schema.DOCUMENT]
     # Same words, other case and spacing; given a low score, so only the duplicate rule can drop it.
     copy = "  " + text.upper().replace(" ", "\t ") + "\n"
     one_word_changed = text.rsplit(" ", 1)[0] + " elephant"
     extended = candidates
     for doc_id, document in (("copy-1", copy), ("near-1", one_word_changed)):
-        extended = with_row(extended, **{schema.QUERY_ID: query_id, schema.QUERY: original[schema.QUERY],
-                                         schema.DOC_ID: doc_id, schema.DOCUMENT: document, schema.SCORE: -100.0,
-                                         schema.FIRST_STAGE_RANK: 101})
-    reasons = lambda cfg: {r[schema.DOC_ID]: r[DROP_REASON] for r in rows(select_negatives(extended, cfg, qrels))
-                           if r[schema.QUERY_ID] == query_id}
+        extended = with_row(
+            extended,
+            **{
+                schema.QUERY_ID: query_id,
+                schema.QUERY: original[schema.QUERY],
+                schema.DOC_ID: doc_id,
+                schema.DOCUMENT: document,
+                schema.SCORE: -100.0,
+                schema.FIRST_STAGE_RANK: 101,
+            },
+        )
+    reasons = lambda cfg: {
+        r[schema.DOC_ID]: r[DROP_REASON]
+        for r in rows(select_negatives(extended, cfg, qrels))
+        if r[schema.QUERY_ID] == query_id
+    }
     plain = reasons(config(num_negatives=200))
     assert plain["copy-1"] == "duplicate_of_positive"
     assert plain["near-1"] is None  # kept: near-duplicates are opt-in
-    assert reasons(config(num_negatives=200, near_duplicate_threshold=0.8))["near-1"] == "near_duplicate_of_positive"
+    assert (
+        reasons(config(num_negatives=200, near_duplicate_threshold=0.8))["near-1"]
+        == "near_duplicate_of_positive"
+    )
 
 
 def test_score_and_rank_rules(dl19):
     candidates, qrels = dl19
-    cfg = config(num_negatives=100, relative_margin=None, absolute_margin=1.0, max_score=12.0, min_score=5.0,
-                 range_min=5, range_max=60)
+    cfg = config(
+        num_negatives=100,
+        relative_margin=None,
+        absolute_margin=1.0,
+        max_score=12.0,
+        min_score=5.0,
+        range_min=5,
+        range_max=60,
+    )
     canonical = select_negatives(candidates, cfg, qrels)
     lowest = lowest_positive_scores(candidates, positives_of(qrels))
     counts = collections.Counter(r[DROP_REASON] for r in rows(canonical))
@@ -213,12 +273,16 @@ def test_score_and_rank_rules(dl19):
         if r[schema.QUERY_ID] not in lowest or r[IS_POSITIVE]:
             continue
         score, rank = np.float32(r[schema.SCORE]), r[schema.FIRST_STAGE_RANK]
-        failing = [name for name, fails in (
-            ("rank_window", not 5 < rank <= 60),
-            ("margin", score + np.float32(1.0) > lowest[r[schema.QUERY_ID]]),
-            ("max_score", score > 12.0),
-            ("min_score", score < 5.0),
-        ) if fails]
+        failing = [
+            name
+            for name, fails in (
+                ("rank_window", not 5 < rank <= 60),
+                ("margin", score + np.float32(1.0) > lowest[r[schema.QUERY_ID]]),
+                ("max_score", score > 12.0),
+                ("min_score", score < 5.0),
+            )
+            if fails
+        ]
         if r[DROP_REASON] == "duplicate_of_positive":
             continue
         # The documented precedence: the first failing rule names the drop.
@@ -227,12 +291,14 @@ def test_score_and_rank_rules(dl19):
 
 def test_negatives_per_positive_scales_the_quota(dl19):
     candidates, qrels = dl19
-    canonical = select_negatives(candidates, config(num_negatives=2, negatives_per="positive", relative_margin=None),
-                                 qrels)
+    canonical = select_negatives(
+        candidates, config(num_negatives=2, negatives_per="positive", relative_margin=None), qrels
+    )
     kept = collections.Counter(r[schema.QUERY_ID] for r in rows(canonical) if r[KEEP])
     positives = collections.Counter(r[schema.QUERY_ID] for r in rows(canonical) if r[IS_POSITIVE])
-    survivors = collections.Counter(r[schema.QUERY_ID] for r in rows(canonical)
-                                    if r[KEEP] or r[DROP_REASON] == "not_sampled")
+    survivors = collections.Counter(
+        r[schema.QUERY_ID] for r in rows(canonical) if r[KEEP] or r[DROP_REASON] == "not_sampled"
+    )
     assert any(p > 1 for p in positives.values())
     for q, p in positives.items():
         assert kept[q] == min(2 * p, survivors[q]), q
@@ -245,17 +311,24 @@ def test_canonical_table_schema_and_order(dl19):
     assert canonical.num_rows == candidates.num_rows
     assert set(canonical[DROP_REASON].drop_null().to_pylist()) <= set(DROP_REASONS)
     assert pc.all(pc.equal(canonical[KEEP], pc.is_null(canonical[DROP_REASON]))).as_py()
-    order = canonical.sort_by([(schema.QUERY_ID, "ascending"), (schema.SCORE, "descending"),
-                               (schema.DOC_ID, "ascending")])
+    order = canonical.sort_by(
+        [(schema.QUERY_ID, "ascending"), (schema.SCORE, "descending"), (schema.DOC_ID, "ascending")]
+    )
     assert order.equals(canonical)
 
 
 @pytest.mark.parametrize("margin", [0.05, 0.5])
 def test_relative_margin_uses_the_magnitude_for_negative_logits(margin):
     """A logit can be negative: the threshold moves down by |pos_min| * margin (sentence-transformers #3819)."""
-    table = pa.table({schema.QUERY_ID: ["q"] * 4, schema.DOC_ID: ["p", "a", "b", "c"],
-                      schema.DOCUMENT: ["pos", "a", "b", "c"], schema.SCORE: pa.array([-2.0, -2.05, -2.2, -4.0], pa.float32()),
-                      schema.LABEL: [1, None, None, None]})
+    table = pa.table(
+        {
+            schema.QUERY_ID: ["q"] * 4,
+            schema.DOC_ID: ["p", "a", "b", "c"],
+            schema.DOCUMENT: ["pos", "a", "b", "c"],
+            schema.SCORE: pa.array([-2.0, -2.05, -2.2, -4.0], pa.float32()),
+            schema.LABEL: [1, None, None, None],
+        }
+    )
     canonical = select_negatives(table, SelectionConfig(relative_margin=margin, num_negatives=10))
     threshold = -2.0 - 2.0 * margin  # -2.1 or -3.0
     kept = {r[schema.DOC_ID] for r in rows(canonical) if r[KEEP]}

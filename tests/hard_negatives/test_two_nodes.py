@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # argv: nodes (1 or 2), input, qrels, output. One node: a head with 4 CPUs. Two nodes: a head with 1 CPU and a
 # worker node with 3, so the selection actors (1 CPU each, once the rerank's actors are gone) cannot all fit on
 # the head: at least one runs on the worker node.
-CLUSTER_SCRIPT = r'''
+CLUSTER_SCRIPT = r"""
 import json, sys
 import ray
 from ray.cluster_utils import Cluster
@@ -47,14 +47,19 @@ print(json.dumps({"nodes": [n["NodeID"] for n in ray.nodes() if n["Alive"]],
                   "placement": {k: sorted(v) for k, v in placement.items()}, "rows": stats["rows"]}))
 ray.shutdown()
 cluster.shutdown()
-'''
+"""
 
 
 def _run(nodes: int, source: Path, qrels: Path, output: Path, script: Path) -> dict:
     for _attempt in range(3):
-        result = subprocess.run([sys.executable, str(script), str(nodes), str(source), str(qrels), str(output)],
-                                cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
-                                text=True, timeout=900)
+        result = subprocess.run(
+            [sys.executable, str(script), str(nodes), str(source), str(qrels), str(output)],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         # Ray gives a starting raylet a fixed 30 s to register: too little on a heavily loaded machine. A new
         # process starts a new cluster; the job's output is written afresh (its rerank resumes if it had begun).
         if result.returncode == 0 or "timed out during startup" not in result.stderr:
@@ -78,7 +83,8 @@ def test_two_nodes_write_the_same_bytes_as_one(four_queries, tmp_path):
 
     first, second = hn_outputs(tmp_path / "one"), hn_outputs(tmp_path / "two")
     assert {name for name in first if name.startswith("candidates/")} == {
-        f"candidates/part-{p:05d}.parquet" for p in range(3)}  # 400 rows, 150 per part
+        f"candidates/part-{p:05d}.parquet" for p in range(3)
+    }  # 400 rows, 150 per part
     assert "stats.json" in first and "flagembedding/train-00000.jsonl" in first
     assert first.keys() == second.keys()
     assert [name for name in first if first[name] != second[name]] == []

@@ -11,11 +11,23 @@ from pipeline.model.dummy import ARCHITECTURES, build_checkpoint
 
 TINY = {
     # Wide init so random logits differ between pairs: parity must compare real numbers, not a constant.
-    "jina_flash": replace(ARCHITECTURES["tiny"], layout="jina_flash", initializer_range=0.2, seed=1),
-    "xlm_roberta": replace(ARCHITECTURES["tiny"], layout="xlm_roberta", initializer_range=0.2, seed=2,
-                           max_position_embeddings=514),
-    "bert": replace(ARCHITECTURES["tiny"], layout="bert", initializer_range=0.2, seed=3,
-                    max_position_embeddings=512),
+    "jina_flash": replace(
+        ARCHITECTURES["tiny"], layout="jina_flash", initializer_range=0.2, seed=1
+    ),
+    "xlm_roberta": replace(
+        ARCHITECTURES["tiny"],
+        layout="xlm_roberta",
+        initializer_range=0.2,
+        seed=2,
+        max_position_embeddings=514,
+    ),
+    "bert": replace(
+        ARCHITECTURES["tiny"],
+        layout="bert",
+        initializer_range=0.2,
+        seed=3,
+        max_position_embeddings=512,
+    ),
 }
 
 
@@ -33,7 +45,9 @@ def corpus(dl19_pairs, shared_data) -> list[str]:
     for lang in ("de", "ru", "zh", "ar", "th", "hi"):
         with open(shared_data / "xquad-r" / f"{lang}.json") as f:
             data = json.load(f)
-        texts += [s for article in data["data"][:2] for p in article["paragraphs"] for s in p["sentences"]][:100]
+        texts += [
+            s for article in data["data"][:2] for p in article["paragraphs"] for s in p["sentences"]
+        ][:100]
     return texts
 
 
@@ -41,4 +55,6 @@ def corpus(dl19_pairs, shared_data) -> list[str]:
 def checkpoints(tmp_path_factory, corpus) -> dict[str, str]:
     """layout -> directory of a tiny float32 checkpoint in that layout."""
     root = tmp_path_factory.mktemp("checkpoints")
-    return {layout: build_checkpoint(str(root / layout), arch, corpus) for layout, arch in TINY.items()}
+    return {
+        layout: build_checkpoint(str(root / layout), arch, corpus) for layout, arch in TINY.items()
+    }

@@ -63,6 +63,7 @@ def _kernel(fn):
             return fn(*args, **kwargs)
         finally:
             _in_kernel[0] -= 1
+
     return run
 
 
@@ -80,26 +81,48 @@ def _check(ok: bool, message: str) -> None:
 
 def _check_varlen(kernel, q, k, v, cu_q, cu_k, max_q, max_k) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
-        _check(t.dim() == 3, f"{kernel}: {name} must be (tokens, heads, head_dim), got {tuple(t.shape)}")
+        _check(
+            t.dim() == 3,
+            f"{kernel}: {name} must be (tokens, heads, head_dim), got {tuple(t.shape)}",
+        )
         _check(t.dtype in HALF, f"{kernel} only supports fp16 and bf16, got {name} {t.dtype}")
         _check(t.dtype == q.dtype, f"{kernel}: q, k, v must share one dtype")
-        _check(t.stride(-1) == 1, f"{kernel}: {name} must have contiguous last dimension, stride {t.stride()}")
+        _check(
+            t.stride(-1) == 1,
+            f"{kernel}: {name} must have contiguous last dimension, stride {t.stride()}",
+        )
     head_dim = q.shape[-1]
-    _check(head_dim % 8 == 0 and head_dim <= 256, f"{kernel}: head_dim {head_dim} must be a multiple of 8, <= 256")
+    _check(
+        head_dim % 8 == 0 and head_dim <= 256,
+        f"{kernel}: head_dim {head_dim} must be a multiple of 8, <= 256",
+    )
     _check(k.shape[1:] == v.shape[1:] == q.shape[1:], f"{kernel}: q, k, v heads/head_dim differ")
     for name, cu in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
-        _check(isinstance(cu, torch.Tensor) and cu.dtype == torch.int32, f"{kernel}: {name} must be int32, got "
-               f"{getattr(cu, 'dtype', type(cu))}")
-        _check(cu.dim() == 1 and cu.is_contiguous(), f"{kernel}: {name} must be a contiguous 1-D tensor")
+        _check(
+            isinstance(cu, torch.Tensor) and cu.dtype == torch.int32,
+            f"{kernel}: {name} must be int32, got {getattr(cu, 'dtype', type(cu))}",
+        )
+        _check(
+            cu.dim() == 1 and cu.is_contiguous(),
+            f"{kernel}: {name} must be a contiguous 1-D tensor",
+        )
         _check(cu.device == q.device, f"{kernel}: {name} must be on q's device")
-    _check(cu_q.numel() == cu_k.numel(), f"{kernel}: cu_seqlens_q and cu_seqlens_k give different batch sizes")
+    _check(
+        cu_q.numel() == cu_k.numel(),
+        f"{kernel}: cu_seqlens_q and cu_seqlens_k give different batch sizes",
+    )
     for name, m in (("max_seqlen_q", max_q), ("max_seqlen_k", max_k)):
         _check(type(m) is int, f"{kernel}: {name} must be a Python int, got {type(m).__name__}")
     lengths_q, lengths_k = (cu_q[1:] - cu_q[:-1]).tolist(), (cu_k[1:] - cu_k[:-1]).tolist()
     _check(cu_q[0].item() == 0 and cu_k[0].item() == 0, f"{kernel}: cu_seqlens must start at 0")
-    _check(max(lengths_q) <= max_q and max(lengths_k) <= max_k,
-           f"{kernel}: max_seqlen smaller than a sequence (the kernel would read past it)")
-    _check(cu_q[-1].item() <= q.shape[0] and cu_k[-1].item() <= k.shape[0], f"{kernel}: cu_seqlens past the tokens")
+    _check(
+        max(lengths_q) <= max_q and max(lengths_k) <= max_k,
+        f"{kernel}: max_seqlen smaller than a sequence (the kernel would read past it)",
+    )
+    _check(
+        cu_q[-1].item() <= q.shape[0] and cu_k[-1].item() <= k.shape[0],
+        f"{kernel}: cu_seqlens past the tokens",
+    )
 
 
 def _reference_varlen(q, k, v, cu_q, cu_k, scale):
@@ -107,26 +130,62 @@ def _reference_varlen(q, k, v, cu_q, cu_k, scale):
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     for b in range(cu_q.numel() - 1):
         qs, qe, ks, ke = cu_q[b].item(), cu_q[b + 1].item(), cu_k[b].item(), cu_k[b + 1].item()
-        o = F.scaled_dot_product_attention(q[qs:qe].float().transpose(0, 1), k[ks:ke].float().transpose(0, 1),
-                                           v[ks:ke].float().transpose(0, 1), scale=scale)
+        o = F.scaled_dot_product_attention(
+            q[qs:qe].float().transpose(0, 1),
+            k[ks:ke].float().transpose(0, 1),
+            v[ks:ke].float().transpose(0, 1),
+            scale=scale,
+        )
         out[qs:qe] = o.transpose(0, 1).to(q.dtype)
     return out
 
 
 @_kernel
-def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
-                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                           deterministic=False, return_attn_probs=False, block_table=None):
+def flash_attn_varlen_func(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+    block_table=None,
+):
     """flash-attn 2's `flash_attn_varlen_func`, forward only (inference), non-causal."""
-    _check_varlen("flash_attn_varlen_func", q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    _check_varlen(
+        "flash_attn_varlen_func", q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
+    )
     _check(not causal and dropout_p == 0.0, "stand-in: only non-causal inference is implemented")
     CALLS["flash_attn_varlen_func"] += 1
     return _reference_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale)
 
 
 @_kernel
-def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
-                window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+def varlen_attn(
+    query,
+    key,
+    value,
+    cu_seq_q,
+    cu_seq_k,
+    max_q,
+    max_k,
+    *,
+    return_aux=None,
+    scale=None,
+    window_size=(-1, -1),
+    enable_gqa=False,
+    seqused_k=None,
+    block_table=None,
+    num_splits=None,
+):
     """torch.nn.attention.varlen.varlen_attn as torch 2.13 has it (same signature)."""
     _check_varlen("varlen_attn", query, key, value, cu_seq_q, cu_seq_k, max_q, max_k)
     _check(num_splits in (None, 1), "stand-in: num_splits other than 1")
@@ -135,8 +194,9 @@ def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_a
 
 
 @_kernel
-def varlen_attn_without_scale(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False,
-                              return_aux=None):
+def varlen_attn_without_scale(
+    query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None
+):
     """torch 2.9's varlen_attn (its documented signature): no `scale` (always 1/sqrt(head_dim)), no `num_splits`."""
     _check_varlen("varlen_attn", query, key, value, cu_seq_q, cu_seq_k, max_q, max_k)
     _check(not is_causal, "stand-in: only non-causal attention is implemented")
@@ -148,27 +208,59 @@ def varlen_attn_without_scale(query, key, value, cu_seq_q, cu_seq_k, max_q, max_
 
 
 @_kernel
-def scaled_mm_cuda(a, b, scale_a=None, scale_b=None, bias=None, scale_result=None, out_dtype=None,
-              use_fast_accum=False):
+def scaled_mm_cuda(
+    a,
+    b,
+    scale_a=None,
+    scale_b=None,
+    bias=None,
+    scale_result=None,
+    out_dtype=None,
+    use_fast_accum=False,
+):
     """CUDA `torch._scaled_mm` with row-wise scales: cuBLASLt / CUTLASS's layout, size and dtype rules."""
     _check(a.dim() == 2 and b.dim() == 2, "_scaled_mm: inputs must be 2-D")
-    _check(a.dtype in FP8 and b.dtype in FP8, f"_scaled_mm: expected float8 inputs, got {a.dtype} and {b.dtype}")
+    _check(
+        a.dtype in FP8 and b.dtype in FP8,
+        f"_scaled_mm: expected float8 inputs, got {a.dtype} and {b.dtype}",
+    )
     m, k = a.shape
-    _check(b.shape[0] == k, f"_scaled_mm: shapes {tuple(a.shape)} and {tuple(b.shape)} do not multiply")
+    _check(
+        b.shape[0] == k, f"_scaled_mm: shapes {tuple(a.shape)} and {tuple(b.shape)} do not multiply"
+    )
     n = b.shape[1]
-    _check(m == 0 or (a.stride(1) == 1 and a.stride(0) >= k), f"_scaled_mm: self must be row_major, got "
-           f"stride {a.stride()}")
-    _check(b.stride(0) == 1 and b.stride(1) >= k, f"_scaled_mm: mat2 must be col_major, got stride {b.stride()}")
+    _check(
+        m == 0 or (a.stride(1) == 1 and a.stride(0) >= k),
+        f"_scaled_mm: self must be row_major, got stride {a.stride()}",
+    )
+    _check(
+        b.stride(0) == 1 and b.stride(1) >= k,
+        f"_scaled_mm: mat2 must be col_major, got stride {b.stride()}",
+    )
     _check(k % 16 == 0, f"_scaled_mm: expected self.size(1) divisible by 16, got {k}")
-    _check(k % 16 == 0 and n % 16 == 0, f"_scaled_mm: expected both dimensions of mat2 divisible by 16, got "
-           f"{tuple(b.shape)}")
+    _check(
+        k % 16 == 0 and n % 16 == 0,
+        f"_scaled_mm: expected both dimensions of mat2 divisible by 16, got {tuple(b.shape)}",
+    )
     for name, s, shape in (("scale_a", scale_a, (m, 1)), ("scale_b", scale_b, (1, n))):
         _check(isinstance(s, torch.Tensor), f"_scaled_mm: {name} missing")
-        _check(tuple(s.shape) == shape, f"_scaled_mm: row-wise {name} must be {shape}, got {tuple(s.shape)}")
-        _check(s.dtype == torch.float32 and s.is_contiguous(), f"_scaled_mm: {name} must be contiguous float32")
-    _check(out_dtype == torch.bfloat16, f"_scaled_mm: row-wise scaling only supports bfloat16 output, got {out_dtype}")
+        _check(
+            tuple(s.shape) == shape,
+            f"_scaled_mm: row-wise {name} must be {shape}, got {tuple(s.shape)}",
+        )
+        _check(
+            s.dtype == torch.float32 and s.is_contiguous(),
+            f"_scaled_mm: {name} must be contiguous float32",
+        )
+    _check(
+        out_dtype == torch.bfloat16,
+        f"_scaled_mm: row-wise scaling only supports bfloat16 output, got {out_dtype}",
+    )
     if bias is not None:
-        _check(bias.shape == (n,) and bias.dtype == torch.bfloat16, "_scaled_mm: bias must be (N,) bfloat16")
+        _check(
+            bias.shape == (n,) and bias.dtype == torch.bfloat16,
+            "_scaled_mm: bias must be (N,) bfloat16",
+        )
     _check(scale_result is None, "stand-in: scale_result is not used with row-wise scaling")
     CALLS["_scaled_mm"] += 1
     out = (a.float() @ b.float()) * scale_a * scale_b
@@ -260,22 +352,40 @@ CALLS = {"flash_attn_varlen_func": 0, "varlen_attn": 0, "_scaled_mm": 0}
 class HostReads(TorchFunctionMode):
     """Counts reads of tensor values by the host: on a GPU each one waits for the device."""
 
-    NAMES = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__", "nonzero")
+    NAMES = (
+        "item",
+        "tolist",
+        "cpu",
+        "numpy",
+        "__bool__",
+        "__int__",
+        "__float__",
+        "__index__",
+        "nonzero",
+    )
 
     def __init__(self, runtime: FakeCudaRuntime | None = None):
         super().__init__()
         self.reads: list[str] = []
-        self.pinned = set() if runtime is None else runtime.pinned  # host memory: reading it waits for nothing
+        self.pinned = (
+            set() if runtime is None else runtime.pinned
+        )  # host memory: reading it waits for nothing
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
-        host = bool(args) and isinstance(args[0], torch.Tensor) and args[0].data_ptr() in self.pinned
+        host = (
+            bool(args) and isinstance(args[0], torch.Tensor) and args[0].data_ptr() in self.pinned
+        )
         if host or _in_kernel[0]:
             pass
         elif name in self.NAMES:
             self.reads.append(name)
-        elif name == "__getitem__" and len(args) > 1 and isinstance(args[1], torch.Tensor) \
-                and args[1].dtype == torch.bool:
+        elif (
+            name == "__getitem__"
+            and len(args) > 1
+            and isinstance(args[1], torch.Tensor)
+            and args[1].dtype == torch.bool
+        ):
             self.reads.append("boolean mask")  # its output size depends on the values
         return func(*args, **(kwargs or {}))
 
@@ -291,10 +401,14 @@ def _flash_attn_module(broken: bool = False) -> types.ModuleType:
     module.__spec__ = importlib.machinery.ModuleSpec("flash_attn", None)
     module.__version__ = "2.8.3"
     if broken:
+
         def flash_attn_varlen_func_broken(*args, **kwargs):
             # What an extension built for another torch does at its first call.
-            raise ImportError("flash_attn_2_cuda.cpython-311-x86_64-linux-gnu.so: undefined symbol: "
-                              "_ZN3c104cuda9SetDeviceEi")
+            raise ImportError(
+                "flash_attn_2_cuda.cpython-311-x86_64-linux-gnu.so: undefined symbol: "
+                "_ZN3c104cuda9SetDeviceEi"
+            )
+
         module.flash_attn_varlen_func = flash_attn_varlen_func_broken
     else:
         module.flash_attn_varlen_func = flash_attn_varlen_func
@@ -315,7 +429,9 @@ class _Patcher:
     def setitem(self, mapping, key, value):
         missing = key not in mapping
         old = mapping.get(key)
-        self._undo.append(lambda: mapping.pop(key, None) if missing else mapping.__setitem__(key, old))
+        self._undo.append(
+            lambda: mapping.pop(key, None) if missing else mapping.__setitem__(key, old)
+        )
         mapping[key] = value
 
     def delitem(self, mapping, key, raising=True):
@@ -329,8 +445,13 @@ class _Patcher:
             self._undo.pop()()
 
 
-def install(monkeypatch_or_none=None, *, flash_attn: str | None = "ok", varlen: str | None = "current",
-            scaled_mm: bool = True) -> FakeCudaRuntime:
+def install(
+    monkeypatch_or_none=None,
+    *,
+    flash_attn: str | None = "ok",
+    varlen: str | None = "current",
+    scaled_mm: bool = True,
+) -> FakeCudaRuntime:
     """Make the engine take its CUDA code paths on CPU tensors, with the stand-in kernels.
 
     monkeypatch_or_none: pytest's `monkeypatch` (undone after the test), or None: patched until
@@ -350,7 +471,9 @@ def install(monkeypatch_or_none=None, *, flash_attn: str | None = "ok", varlen: 
     runtime.undo = getattr(mp, "undo", lambda: None)
     mp.setattr(engine_device, "RUNTIME", runtime)
     if flash_attn is None:
-        mp.setitem(sys.modules, "flash_attn", None)  # None in sys.modules: `import flash_attn` raises ImportError
+        mp.setitem(
+            sys.modules, "flash_attn", None
+        )  # None in sys.modules: `import flash_attn` raises ImportError
     else:
         mp.setitem(sys.modules, "flash_attn", _flash_attn_module(broken=flash_attn == "broken"))
     if varlen == "current":
@@ -364,4 +487,3 @@ def install(monkeypatch_or_none=None, *, flash_attn: str | None = "ok", varlen: 
     for key in CALLS:
         CALLS[key] = 0
     return runtime
-

@@ -23,7 +23,9 @@ def test_compute_score_shapes_like_jina(encoder, dl19_pairs):
     assert isinstance(single, float) and 0 < single < 1
     assert encoder.compute_score([dl19_pairs[0]]) == single
     scores = encoder.compute_score(dl19_pairs[:20])
-    assert isinstance(scores, list) and len(scores) == 20 and all(isinstance(s, float) for s in scores)
+    assert (
+        isinstance(scores, list) and len(scores) == 20 and all(isinstance(s, float) for s in scores)
+    )
     # Input order is kept although scoring sorts by length internally.
     reversed_scores = encoder.compute_score(dl19_pairs[:20][::-1])
     assert np.allclose(reversed_scores[::-1], scores, atol=1e-6)
@@ -53,9 +55,13 @@ def test_rerank_best_first_with_max_over_windows(encoder, dl19_pairs):
     windows = 1 / (1 + np.exp(-encoder.score_tokens(ids).astype(np.float64)))
     assert by_index[6]["relevance_score"] == pytest.approx(windows.max(), abs=1e-6)
     # A document that fits one window scores as compute_score does.
-    assert by_index[7]["relevance_score"] == pytest.approx(encoder.compute_score((query, ""), max_length=128), abs=1e-6)
-    assert [r["index"] for r in encoder.rerank(query, docs, max_length=128, max_query_length=32, top_n=3)] == \
-        [r["index"] for r in result[:3]]
+    assert by_index[7]["relevance_score"] == pytest.approx(
+        encoder.compute_score((query, ""), max_length=128), abs=1e-6
+    )
+    assert [
+        r["index"]
+        for r in encoder.rerank(query, docs, max_length=128, max_query_length=32, top_n=3)
+    ] == [r["index"] for r in result[:3]]
     assert encoder.rerank(query, []) == []
 
 

@@ -15,6 +15,7 @@ def _rates(float32: float, bfloat16: float, calls: list):
     def rate(dtype: torch.dtype) -> float:
         calls.append(dtype)
         return {torch.float32: float32, torch.bfloat16: bfloat16}[dtype]
+
     return rate
 
 
@@ -22,10 +23,16 @@ def test_a_cpu_where_bf16_is_slower_runs_float32_and_the_choice_is_remembered(tm
     path = str(tmp_path / "cpu-dtype.json")
     calls: list = []
     with caplog.at_level(logging.INFO, logger="pipeline.model.cross_encoder"):
-        assert cpu_auto_dtype(_rates(100.0, 40.0, calls), path) == torch.float32  # emulated bf16: slower
-    assert calls == [torch.float32, torch.bfloat16] * PROBE_ROUNDS  # interleaved: load slows both alike
+        assert (
+            cpu_auto_dtype(_rates(100.0, 40.0, calls), path) == torch.float32
+        )  # emulated bf16: slower
+    assert (
+        calls == [torch.float32, torch.bfloat16] * PROBE_ROUNDS
+    )  # interleaved: load slows both alike
     (message,) = [r.getMessage() for r in caplog.records if "dtype auto" in r.getMessage()]
-    assert "float32 100 GFLOP/s" in message and "bfloat16 40 GFLOP/s" in message  # both rates logged
+    assert (
+        "float32 100 GFLOP/s" in message and "bfloat16 40 GFLOP/s" in message
+    )  # both rates logged
     (entry,) = json.loads(open(path).read()).values()
     assert entry["dtype"] == "float32"
     # A later start whose probe would say otherwise keeps the remembered choice, without probing.
@@ -36,8 +43,12 @@ def test_a_cpu_where_bf16_is_slower_runs_float32_and_the_choice_is_remembered(tm
 
 def test_bf16_only_when_clearly_faster(tmp_path):
     calls: list = []
-    barely = cpu_auto_dtype(_rates(100.0, 100.0 * BF16_MIN_SPEEDUP * 0.95, calls), str(tmp_path / "a.json"))
-    clearly = cpu_auto_dtype(_rates(100.0, 100.0 * BF16_MIN_SPEEDUP, calls), str(tmp_path / "b.json"))
+    barely = cpu_auto_dtype(
+        _rates(100.0, 100.0 * BF16_MIN_SPEEDUP * 0.95, calls), str(tmp_path / "a.json")
+    )
+    clearly = cpu_auto_dtype(
+        _rates(100.0, 100.0 * BF16_MIN_SPEEDUP, calls), str(tmp_path / "b.json")
+    )
     assert (barely, clearly) == (torch.float32, torch.bfloat16)
     # An unreadable file is probed again (and rewritten), not an error.
     (tmp_path / "c.json").write_text("{not json")

@@ -31,7 +31,9 @@ def _project_imports(module) -> tuple[list[str], list[str]]:
 
 def test_no_cycle_between_loader_and_dummy_builder():
     dummy_top, dummy_nested = _project_imports(dummy)
-    assert dummy_top == [] and dummy_nested == [], "the dummy builder imports nothing of the project"
+    assert dummy_top == [] and dummy_nested == [], (
+        "the dummy builder imports nothing of the project"
+    )
     checkpoint_top, checkpoint_nested = _project_imports(checkpoint)
     assert "pipeline.model.dummy" in checkpoint_top
     assert checkpoint_nested == [], "no lazy project import left in the loader"
@@ -41,8 +43,10 @@ def test_no_cycle_between_loader_and_dummy_builder():
 
 def test_each_module_imports_first_in_a_fresh_interpreter():
     for first in ("pipeline.model.dummy", "pipeline.model.checkpoint"):
-        code = (f"import {first}, sys; from pipeline.model.checkpoint import DUMMY_MARKER, resolve_model_directory; "
-                "assert 'pipeline.model.dummy' in sys.modules")
+        code = (
+            f"import {first}, sys; from pipeline.model.checkpoint import DUMMY_MARKER, resolve_model_directory; "
+            "assert 'pipeline.model.dummy' in sys.modules"
+        )
         subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 

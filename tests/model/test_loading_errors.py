@@ -82,8 +82,15 @@ def test_pickle_refused_without_opt_in(checkpoints, tmp_path):
     with pytest.raises(CheckpointError) as e:
         CrossEncoder.from_pretrained(d)
     assert "pickle" in _one_line(e) and "allow_pickle" in str(e.value)
-    reference = CrossEncoder.from_pretrained(checkpoints["bert"], dtype="float32").compute_score(("q", "d"))
-    assert CrossEncoder.from_pretrained(d, dtype="float32", allow_pickle=True).compute_score(("q", "d")) == reference
+    reference = CrossEncoder.from_pretrained(checkpoints["bert"], dtype="float32").compute_score(
+        ("q", "d")
+    )
+    assert (
+        CrossEncoder.from_pretrained(d, dtype="float32", allow_pickle=True).compute_score(
+            ("q", "d")
+        )
+        == reference
+    )
 
 
 def test_hub_id_offline_says_to_pass_a_local_directory(tmp_path, monkeypatch):

@@ -52,7 +52,9 @@ def test_pair_alone_equals_pair_in_mixed_batch(checkpoints, dl19_pairs):
         ce = CrossEncoder.from_pretrained(checkpoints[layout], device="cpu", dtype="float32")
         pairs = dl19_pairs[:40] + [("short", "x"), (dl19_pairs[0][0], dl19_pairs[0][1] * 4)]
         together = np.asarray(ce.compute_score(pairs, max_length=256, return_logits=True))
-        small_budget = np.asarray(ce.compute_score(pairs, max_length=256, return_logits=True, max_tokens_per_batch=300))
+        small_budget = np.asarray(
+            ce.compute_score(pairs, max_length=256, return_logits=True, max_tokens_per_batch=300)
+        )
         for i in (0, 17, 40, 41):
             alone = ce.compute_score([pairs[i]], max_length=256, return_logits=True)
             assert abs(alone - together[i]) <= 1e-5
@@ -60,7 +62,9 @@ def test_pair_alone_equals_pair_in_mixed_batch(checkpoints, dl19_pairs):
         assert len(set(np.round(together, 4))) > 10  # the pairs really score differently
 
 
-def test_gemm_rows_are_rounded_up_with_zero_rows_that_change_no_score(checkpoints, dl19_pairs, monkeypatch):
+def test_gemm_rows_are_rounded_up_with_zero_rows_that_change_no_score(
+    checkpoints, dl19_pairs, monkeypatch
+):
     """The packed token rows go through the GEMMs in multiples of GEMM_ROWS_MULTIPLE (few shapes, so few
     oneDNN primitives); the rows added are zeros past the last sequence and change no score."""
     from pipeline.model import modeling
@@ -72,13 +76,20 @@ def test_gemm_rows_are_rounded_up_with_zero_rows_that_change_no_score(checkpoint
 
     ce = CrossEncoder.from_pretrained(checkpoints["jina_flash"], device="cpu", dtype="float32")
     rows = []  # the rows the first layer's attention block gets, per micro-batch
-    ce.model.layers[0].mixer.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    ce.model.layers[0].mixer.register_forward_pre_hook(
+        lambda module, args: rows.append(args[0].shape[0])
+    )
     pairs = dl19_pairs[:23]
     rounded = np.asarray(ce.compute_score(pairs, max_length=256, return_logits=True))
     monkeypatch.setattr(modeling, "GEMM_ROWS_MULTIPLE", 1)
     exact = np.asarray(ce.compute_score(pairs, max_length=256, return_logits=True))
     assert np.abs(rounded - exact).max() <= 1e-5 and len(set(np.round(exact, 4))) > 5
-    tokens = sum(len(ids) for ids in ce.tokenizer.encode_pairs([q for q, _ in pairs], [d for _, d in pairs], 256)[0])
-    fused = modeling.select_linear_kernel(torch.device("cpu"), torch.float32) == modeling.ONEDNN_FUSED
+    tokens = sum(
+        len(ids)
+        for ids in ce.tokenizer.encode_pairs([q for q, _ in pairs], [d for _, d in pairs], 256)[0]
+    )
+    fused = (
+        modeling.select_linear_kernel(torch.device("cpu"), torch.float32) == modeling.ONEDNN_FUSED
+    )
     # One micro-batch each time: rounded up to a multiple of 64 with oneDNN's fused GEMMs, then exact.
     assert rows == [-(-tokens // 64) * 64 if fused else tokens, tokens]

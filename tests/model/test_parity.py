@@ -17,7 +17,10 @@ def _reference(layout: str, directory: str):
         # jina's weights cannot be read by transformers' class: rebuild the model they were fused from.
         model = reference_model(directory)
         jina = load_file(f"{directory}/model.safetensors")
-        assert torch.equal(model.roberta.embeddings.word_embeddings.weight, jina["roberta.embeddings.word_embeddings.weight"])
+        assert torch.equal(
+            model.roberta.embeddings.word_embeddings.weight,
+            jina["roberta.embeddings.word_embeddings.weight"],
+        )
         return model
     return AutoModelForSequenceClassification.from_pretrained(directory).eval()
 
@@ -26,8 +29,14 @@ def _reference_logits(model, tokenizer, pairs, max_length, dtype=torch.float32) 
     model = model.to(dtype)
     out = []
     for i in range(0, len(pairs), 16):
-        batch = tokenizer([q for q, _ in pairs[i:i + 16]], [d for _, d in pairs[i:i + 16]], padding=True,
-                          truncation=True, max_length=max_length, return_tensors="pt")
+        batch = tokenizer(
+            [q for q, _ in pairs[i : i + 16]],
+            [d for _, d in pairs[i : i + 16]],
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
         with torch.inference_mode():
             out.append(model(**batch).logits[:, 0].float().numpy())
     model.float()
@@ -39,7 +48,11 @@ def sample(dl19_pairs):
     rng = np.random.default_rng(0)
     picked = [dl19_pairs[i] for i in rng.choice(len(dl19_pairs), 48, replace=False)]
     # Add pairs that need truncation and a near-empty one.
-    return picked + [(picked[0][0], picked[1][1] * 8), ("a", "b"), (picked[2][1] * 3, picked[3][1] * 3)]
+    return picked + [
+        (picked[0][0], picked[1][1] * 8),
+        ("a", "b"),
+        (picked[2][1] * 3, picked[3][1] * 3),
+    ]
 
 
 @pytest.mark.parametrize("layout", ["jina_flash", "xlm_roberta", "bert"])
@@ -52,7 +65,9 @@ def test_float32_parity(layout, checkpoints, sample):
     max_length = min(256, ours.max_length)
     expected = _reference_logits(reference, tokenizer, sample, max_length)
     got = np.asarray(ours.compute_score(sample, max_length=max_length, return_logits=True))
-    assert expected.std() > 0.05, "random logits must differ between pairs for the comparison to mean anything"
+    assert expected.std() > 0.05, (
+        "random logits must differ between pairs for the comparison to mean anything"
+    )
     assert np.abs(got - expected).max() <= 1e-4
 
 

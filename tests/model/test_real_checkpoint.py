@@ -17,7 +17,10 @@ from skincare import DOCUMENTS, PUBLISHED_SCORES, QUERY  # noqa: E402
 CHECKPOINT = os.environ.get("RERANKER_CHECKPOINT")
 
 
-@pytest.mark.skipif(not CHECKPOINT, reason="needs RERANKER_CHECKPOINT=<local jina-reranker-v2-base-multilingual dir>")
+@pytest.mark.skipif(
+    not CHECKPOINT,
+    reason="needs RERANKER_CHECKPOINT=<local jina-reranker-v2-base-multilingual dir>",
+)
 @pytest.mark.parametrize("dtype,tolerance", [("float32", 2e-3), ("bfloat16", 2e-2)])
 def test_model_card_scores(dtype, tolerance):
     model = CrossEncoder.from_pretrained(CHECKPOINT, dtype=dtype)

@@ -14,15 +14,22 @@ def test_pair_encoding_and_truncation_match_transformers(layout, checkpoints, dl
     directory = checkpoints[layout]
     ours = PairTokenizer.from_dir(directory, return_token_types=layout == "bert")
     reference = AutoTokenizer.from_pretrained(directory)
-    pairs = dl19_pairs[:60] + [(dl19_pairs[0][1] * 5, dl19_pairs[1][1]), (dl19_pairs[2][0], dl19_pairs[3][1] * 9)]
+    pairs = dl19_pairs[:60] + [
+        (dl19_pairs[0][1] * 5, dl19_pairs[1][1]),
+        (dl19_pairs[2][0], dl19_pairs[3][1] * 9),
+    ]
     for max_length in (48, 128, 1024):
         ids, types = ours.encode_pairs([q for q, _ in pairs], [d for _, d in pairs], max_length)
-        expected = reference([q for q, _ in pairs], [d for _, d in pairs], truncation=True, max_length=max_length)
+        expected = reference(
+            [q for q, _ in pairs], [d for _, d in pairs], truncation=True, max_length=max_length
+        )
         assert [x.tolist() for x in ids] == expected["input_ids"]
         if layout == "bert":
             assert [t.tolist() for t in types] == expected["token_type_ids"]
         assert max(len(x) for x in ids) <= max_length
-    truncated = sum(len(x) == 48 for x in ours.encode_pairs([q for q, _ in pairs], [d for _, d in pairs], 48)[0])
+    truncated = sum(
+        len(x) == 48 for x in ours.encode_pairs([q for q, _ in pairs], [d for _, d in pairs], 48)[0]
+    )
     assert truncated > 10  # the truncation path was really exercised
 
 
@@ -85,10 +92,10 @@ def test_chunks_overlap_and_right_aligned_last_window():
     doc = list(range(25))
     chunks = _chunks(doc, window=10, overlap=2)
     assert chunks[0] == list(range(0, 10))
-    assert chunks[1] == list(range(8, 18))       # steps by window - overlap
-    assert chunks[-1] == list(range(15, 25))     # last window right-aligned and full
+    assert chunks[1] == list(range(8, 18))  # steps by window - overlap
+    assert chunks[-1] == list(range(15, 25))  # last window right-aligned and full
     assert all(len(c) == 10 for c in chunks)
-    assert _chunks([], 10, 2) == [[]]            # an empty document is one (empty) window
+    assert _chunks([], 10, 2) == [[]]  # an empty document is one (empty) window
     assert _chunks(list(range(10)), 10, 2) == [list(range(10))]
 
 
@@ -100,7 +107,7 @@ def test_windows_cover_every_token(checkpoints, dl19_pairs):
     covered = np.zeros(len(doc_ids), bool)
     pos = 0
     for c in chunks[:-1]:
-        covered[pos:pos + len(c)] = True
+        covered[pos : pos + len(c)] = True
         pos += len(c) - 20
-    covered[-len(chunks[-1]):] = True
+    covered[-len(chunks[-1]) :] = True
     assert covered.all()

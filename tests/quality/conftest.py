@@ -33,9 +33,13 @@ def dl19_long(shared_data: Path, tmp_path_factory) -> Path:
     rng = np.random.default_rng(0)
     queries = sorted(set(labels["query_id"].to_pylist()))
     kind = {q: "long" if i % 3 == 0 else "short" for i, q in enumerate(queries)}
-    table = labels.drop_columns(["label"]).append_column(
-        "query_type", pa.array([kind[q] for q in labels["query_id"].to_pylist()])
-    ).append_column("reranker_score", pa.array(2.0 * label - 3.0 + rng.normal(0.0, 1.0, len(label))))
+    table = (
+        labels.drop_columns(["label"])
+        .append_column("query_type", pa.array([kind[q] for q in labels["query_id"].to_pylist()]))
+        .append_column(
+            "reranker_score", pa.array(2.0 * label - 3.0 + rng.normal(0.0, 1.0, len(label)))
+        )
+    )
     path = tmp_path_factory.mktemp("dl19") / "dl19_long.parquet"
     pq.write_table(table, path)
     return path

@@ -19,7 +19,9 @@ MEASURES = ["nDCG@10", "AP@100", "R@100"]
 @pytest.fixture(scope="module")
 def bm25(shared_data):
     dl = shared_data / "trec-dl"
-    return read_run(str(dl / "runs" / "BM25_dl19.txt")), read_qrels(str(dl / "qrels.dl19-passage.txt"))
+    return read_run(str(dl / "runs" / "BM25_dl19.txt")), read_qrels(
+        str(dl / "qrels.dl19-passage.txt")
+    )
 
 
 def _with_scores(run: pa.Table, scores: np.ndarray) -> pa.Table:
@@ -34,9 +36,15 @@ def test_planted_regression_alerts(bm25):
     sunk = _with_scores(run, np.where(rank <= 3, -1e9, run["score"].to_numpy()))
     tonight = evaluate(sunk, qrels, MEASURES, relevance_level=2)
     result = {c.measure: c for c in compare_nights(tonight, last_night, default_max_drop=0.01)}
-    assert result["nDCG@10"].alert and result["nDCG@10"].delta < -0.05 and result["nDCG@10"].p_value < 0.01
+    assert (
+        result["nDCG@10"].alert
+        and result["nDCG@10"].delta < -0.05
+        and result["nDCG@10"].p_value < 0.01
+    )
     assert result["nDCG@10"].num_paired == 43
-    assert not result["R@100"].alert and result["R@100"].delta == 0.0  # same top 100: recall cannot move
+    assert (
+        not result["R@100"].alert and result["R@100"].delta == 0.0
+    )  # same top 100: recall cannot move
     line = result["nDCG@10"].alert_line()
     assert line.startswith("ALERT nDCG@10 regressed") and "p=" in line and "43 queries" in line
 
@@ -61,14 +69,18 @@ def _per_query(values: list[float]) -> pa.Table:
 
 def test_big_but_insignificant_drop_does_not_alert():
     previous = _per_query([0.5, 0.5, 0.5, 0.5])
-    tonight = _per_query([0.5, 0.5, 0.5, 0.1])  # one query fell: mean -0.1, but 1 of 4 queries is no evidence
+    tonight = _per_query(
+        [0.5, 0.5, 0.5, 0.1]
+    )  # one query fell: mean -0.1, but 1 of 4 queries is no evidence
     (c,) = compare_nights(tonight, previous, default_max_drop=0.01)
     assert c.delta == pytest.approx(-0.1) and c.p_value > 0.05 and not c.alert
 
 
 def test_significant_drop_within_threshold_does_not_alert():
     previous = _per_query([0.5] * 40)
-    tonight = _per_query([0.495] * 40)  # every query lost 0.005: significant, but within the allowed 0.01
+    tonight = _per_query(
+        [0.495] * 40
+    )  # every query lost 0.005: significant, but within the allowed 0.01
     (c,) = compare_nights(tonight, previous, max_drop={"nDCG@10": 0.01})
     assert c.p_value < 0.01 and not c.alert
     (c,) = compare_nights(tonight, previous, max_drop={"nDCG@10": 0.001})
@@ -84,7 +96,9 @@ def test_only_queries_of_both_nights_are_paired():
     previous = pa.table({"query_id": ["a", "b", "c"], "nDCG@10": [0.2, 0.4, 0.9]})
     tonight = pa.table({"query_id": ["b", "c", "d"], "nDCG@10": [0.5, 0.9, 0.0]})
     (c,) = compare_nights(tonight, previous)
-    assert c.num_paired == 2 and c.previous == pytest.approx(0.65) and c.tonight == pytest.approx(0.7)
+    assert (
+        c.num_paired == 2 and c.previous == pytest.approx(0.65) and c.tonight == pytest.approx(0.7)
+    )
 
 
 def test_p_value_is_the_exact_sign_flip_test_for_small_samples():
@@ -92,7 +106,11 @@ def test_p_value_is_the_exact_sign_flip_test_for_small_samples():
     previous = np.array([0.50, 0.45, 0.70, 0.30, 0.55, 0.60])
     difference = tonight - previous
     observed = abs(difference.mean())
-    flips = [abs((difference * np.array(signs)).mean()) for signs in itertools.product([1, -1], repeat=6)]
+    flips = [
+        abs((difference * np.array(signs)).mean()) for signs in itertools.product([1, -1], repeat=6)
+    ]
     exact = sum(f >= observed - 1e-12 for f in flips) / len(flips)
     assert paired_p_value(tonight, previous) == pytest.approx(exact)
-    assert paired_p_value(tonight, previous, seed=1) == paired_p_value(tonight, previous, seed=2)  # exact: no randomness
+    assert paired_p_value(tonight, previous, seed=1) == paired_p_value(
+        tonight, previous, seed=2
+    )  # exact: no randomness

@@ -12,22 +12,30 @@ from pipeline.quality.label_free import judge_gain, label_free_measures, rank_bo
 
 
 def _table(query_ids, first_stage_ranks, scores):
-    return pa.table({
-        "query_id": query_ids, "doc_id": [f"d{r}" for r in first_stage_ranks],
-        "first_stage_rank": pa.array(first_stage_ranks, pa.int32()), "score": pa.array(scores, pa.float64()),
-    })
+    return pa.table(
+        {
+            "query_id": query_ids,
+            "doc_id": [f"d{r}" for r in first_stage_ranks],
+            "first_stage_rank": pa.array(first_stage_ranks, pa.int32()),
+            "score": pa.array(scores, pa.float64()),
+        }
+    )
 
 
 def _rbo_reference(a: list[str], b: list[str], p: float, depth: int) -> float:
     """Webber et al. 2010, eq. 30, written as the paper states it: prefix sets, one depth at a time."""
     length = min(depth, len(a))
     overlap = [len(set(a[:d]) & set(b[:d])) for d in range(1, length + 1)]
-    return overlap[-1] / length * p**length + (1 - p) / p * sum(x / d * p**d for d, x in enumerate(overlap, 1))
+    return overlap[-1] / length * p**length + (1 - p) / p * sum(
+        x / d * p**d for d, x in enumerate(overlap, 1)
+    )
 
 
 def test_identical_orders_agree_perfectly():
     table = _table(["q"] * 30, list(range(1, 31)), list(np.linspace(5, -5, 30)))
-    row = label_free_measures(table, cutoffs=[10], rbo_p=0.9, rbo_depth=100, held=[(10, 10)]).to_pylist()[0]
+    row = label_free_measures(
+        table, cutoffs=[10], rbo_p=0.9, rbo_depth=100, held=[(10, 10)]
+    ).to_pylist()[0]
     assert row["judge/nDCG@10"] == pytest.approx(1.0)
     assert row["judge/Overlap@10"] == 1.0
     assert row["judge/RBO(p=0.9)@100"] == pytest.approx(1.0, abs=1e-12)
@@ -38,13 +46,16 @@ def test_reversed_order_hand_values():
     # 20 candidates, the judge ranks them in the opposite order of the retriever.
     n = 20
     scores = np.linspace(-8.0, 8.0, n)  # retriever rank 1 gets the judge's lowest score
-    row = label_free_measures(_table(["q"] * n, list(range(1, n + 1)), list(scores)),
-                              cutoffs=[10], held=[(5, 15)]).to_pylist()[0]
+    row = label_free_measures(
+        _table(["q"] * n, list(range(1, n + 1)), list(scores)), cutoffs=[10], held=[(5, 15)]
+    ).to_pylist()[0]
     assert row["judge/Overlap@10"] == 0.0
     assert row["judge/Held5@15"] == 0.0  # judge's top 5 = retriever's ranks 16..20
     gain = judge_gain(scores)
     discount = np.log2(np.arange(2, 12))
-    assert row["judge/nDCG@10"] == pytest.approx((gain[:10] / discount).sum() / (gain[::-1][:10] / discount).sum())
+    assert row["judge/nDCG@10"] == pytest.approx(
+        (gain[:10] / discount).sum() / (gain[::-1][:10] / discount).sum()
+    )
     assert row["judge/nDCG@10"] < 0.1
 
 
@@ -59,7 +70,9 @@ def test_rbo_matches_the_papers_formula_on_random_permutations():
         query_ids += [str(q)] * n
         ranks += list(range(1, n + 1))
         scores += list(judge_scores)
-    rows = label_free_measures(_table(query_ids, ranks, scores), rbo_p=0.8, rbo_depth=100).to_pylist()
+    rows = label_free_measures(
+        _table(query_ids, ranks, scores), rbo_p=0.8, rbo_depth=100
+    ).to_pylist()
     for row in rows:
         assert row["judge/RBO(p=0.8)@100"] == pytest.approx(references[row["query_id"]], abs=1e-12)
 
@@ -78,12 +91,18 @@ def test_retriever_ranks_with_gaps_are_renumbered_and_queries_kept_apart():
     table = _table(["a", "a", "b", "b"], [3, 7, 1, 2], [0.0, 1.0, 5.0, 4.0])
     ranked = rank_both(table).to_pylist()
     assert [(r["query_id"], r["first_stage_rank"], r["reranker_rank"]) for r in ranked] == [
-        ("a", 2, 1), ("a", 1, 2), ("b", 1, 1), ("b", 2, 2)]
+        ("a", 2, 1),
+        ("a", 1, 2),
+        ("b", 1, 1),
+        ("b", 2, 2),
+    ]
 
 
 def test_real_dl19_candidates_with_a_label_aware_judge(dl19_long):
     # The fixture's judge agrees with the qrels, so it must disagree with BM25 clearly but not totally.
-    table = pq.read_table(dl19_long, columns=["query_id", "doc_id", "first_stage_rank", "reranker_score"])
+    table = pq.read_table(
+        dl19_long, columns=["query_id", "doc_id", "first_stage_rank", "reranker_score"]
+    )
     table = table.rename_columns(["query_id", "doc_id", "first_stage_rank", "score"])
     per_query = label_free_measures(table, cutoffs=[10], held=[(10, 100), (10, 50)])
     assert per_query.num_rows == 43

@@ -34,7 +34,10 @@ _TREC_NAMES = [
     (re.compile(r"^recip_rank$"), "RR"),
     (re.compile(r"^success_(\d+)$"), "Success@{}"),
     (re.compile(r"^Rprec$"), "Rprec"),
-    (re.compile(r"^unj_(\d+)$"), "Judged@{}"),  # Judged@k = 1 - unj_k when at least k documents are retrieved
+    (
+        re.compile(r"^unj_(\d+)$"),
+        "Judged@{}",
+    ),  # Judged@k = 1 - unj_k when at least k documents are retrieved
 ]
 
 
@@ -68,16 +71,25 @@ CASES = [
 
 
 @pytest.mark.parametrize("expected_file, qrels_file, run_file, level, complete", CASES)
-def test_equals_trec_eval_expected_output(shared_data, expected_file, qrels_file, run_file, level, complete):
+def test_equals_trec_eval_expected_output(
+    shared_data, expected_file, qrels_file, run_file, level, complete
+):
     folder = shared_data / "trec-eval"
     expected = _expected(folder / expected_file)
     if complete:
         # trec_eval -c reports unj = 0 ("nothing unjudged") for a query the run lacks; ours scores every
         # measure of a missing query 0, Judged included, so Judged is not comparable there.
         expected = {m: v for m, v in expected.items() if not m.startswith("Judged")}
-    assert len(expected) >= 8  # the mapping found the measures: a renamed file cannot pass vacuously
-    per_query = evaluate(read_run(str(folder / run_file)), read_qrels(str(folder / qrels_file)),
-                         sorted(expected), relevance_level=level, complete_queries=complete)
+    assert (
+        len(expected) >= 8
+    )  # the mapping found the measures: a renamed file cannot pass vacuously
+    per_query = evaluate(
+        read_run(str(folder / run_file)),
+        read_qrels(str(folder / qrels_file)),
+        sorted(expected),
+        relevance_level=level,
+        complete_queries=complete,
+    )
     row = {q: i for i, q in enumerate(per_query["query_id"].to_pylist())}
     overall = means(per_query)
     compared = 0
@@ -85,7 +97,9 @@ def test_equals_trec_eval_expected_output(shared_data, expected_file, qrels_file
         for qid, value in by_query.items():
             ours = overall[measure] if qid == "all" else per_query[measure][row[qid]].as_py()
             # trec_eval prints 4 decimals: agreement means |ours - printed| <= half a unit of the last place.
-            assert abs(ours - value) <= 5e-5 + 1e-12, f"{measure} query {qid}: ours {ours:.6f}, trec_eval {value}"
+            assert abs(ours - value) <= 5e-5 + 1e-12, (
+                f"{measure} query {qid}: ours {ours:.6f}, trec_eval {value}"
+            )
             compared += 1
     assert compared == sum(len(v) for v in expected.values())
 
@@ -102,11 +116,16 @@ def test_graded_file_really_exercises_the_relevance_level(shared_data):
 
 # Published nDCG@10 of the first-stage runs (Pyserini's reproductions, the figures rank_llm starts from).
 PUBLISHED_NDCG10 = {
-    ("BM25", "dl19"): 0.5058, ("BM25", "dl20"): 0.4796,
-    ("BM25_RM3", "dl19"): 0.5216, ("BM25_RM3", "dl20"): 0.4896,
-    ("D_BERT_KD_TASB", "dl19"): 0.7210, ("D_BERT_KD_TASB", "dl20"): 0.6854,
-    ("OPEN_AI_ADA2", "dl19"): 0.7035, ("OPEN_AI_ADA2", "dl20"): 0.6759,
-    ("SPLADE_P_P_ENSEMBLE_DISTIL", "dl19"): 0.7308, ("SPLADE_P_P_ENSEMBLE_DISTIL", "dl20"): 0.7197,
+    ("BM25", "dl19"): 0.5058,
+    ("BM25", "dl20"): 0.4796,
+    ("BM25_RM3", "dl19"): 0.5216,
+    ("BM25_RM3", "dl20"): 0.4896,
+    ("D_BERT_KD_TASB", "dl19"): 0.7210,
+    ("D_BERT_KD_TASB", "dl20"): 0.6854,
+    ("OPEN_AI_ADA2", "dl19"): 0.7035,
+    ("OPEN_AI_ADA2", "dl20"): 0.6759,
+    ("SPLADE_P_P_ENSEMBLE_DISTIL", "dl19"): 0.7308,
+    ("SPLADE_P_P_ENSEMBLE_DISTIL", "dl20"): 0.7197,
 }
 
 
@@ -122,20 +141,26 @@ def test_first_stage_runs_give_published_ndcg10(shared_data, retriever, year):
 
 def test_ties_are_broken_by_doc_id_descending():
     # Three documents tie; only "a" is relevant. trec_eval ranks c, b, a, so RR = 1/3 (ascending would give 1).
-    run = pa.table({"query_id": ["q"] * 4, "doc_id": ["b", "a", "c", "d"], "score": [1.0, 1.0, 1.0, 0.5]})
+    run = pa.table(
+        {"query_id": ["q"] * 4, "doc_id": ["b", "a", "c", "d"], "score": [1.0, 1.0, 1.0, 0.5]}
+    )
     qrels = pa.table({"query_id": ["q"], "doc_id": ["a"], "label": pa.array([1], pa.int32())})
     assert evaluate(run, qrels, ["RR"])["RR"].to_pylist() == [pytest.approx(1 / 3)]
 
 
 def test_run_rank_field_is_ignored_in_favour_of_scores():
-    run = pa.table({"query_id": ["q", "q"], "doc_id": ["rel", "other"], "score": [0.1, 0.9], "rank": [1, 2]})
+    run = pa.table(
+        {"query_id": ["q", "q"], "doc_id": ["rel", "other"], "score": [0.1, 0.9], "rank": [1, 2]}
+    )
     qrels = pa.table({"query_id": ["q"], "doc_id": ["rel"], "label": pa.array([1], pa.int32())})
     assert evaluate(run, qrels, ["RR"])["RR"].to_pylist() == [0.5]
 
 
 def test_queries_missing_from_run_or_qrels():
     run = pa.table({"query_id": ["q1", "q3"], "doc_id": ["d", "d"], "score": [1.0, 1.0]})
-    qrels = pa.table({"query_id": ["q1", "q2"], "doc_id": ["d", "d"], "label": pa.array([1, 1], pa.int32())})
+    qrels = pa.table(
+        {"query_id": ["q1", "q2"], "doc_id": ["d", "d"], "label": pa.array([1, 1], pa.int32())}
+    )
     default = evaluate(run, qrels, ["P@1"])
     assert default["query_id"].to_pylist() == ["q1"] and default["P@1"].to_pylist() == [1.0]
     complete = evaluate(run, qrels, ["P@1"], complete_queries=True)
@@ -145,9 +170,18 @@ def test_queries_missing_from_run_or_qrels():
 def test_query_without_relevant_documents_scores_zero_not_nan():
     run = pa.table({"query_id": ["q"], "doc_id": ["d"], "score": [1.0]})
     qrels = pa.table({"query_id": ["q"], "doc_id": ["d"], "label": pa.array([0], pa.int32())})
-    values = evaluate(run, qrels, ["nDCG@10", "AP", "R@10", "Rprec", "RR", "Judged@10"]).to_pylist()[0]
-    assert values == {"query_id": "q", "nDCG@10": 0.0, "AP": 0.0, "R@10": 0.0, "Rprec": 0.0, "RR": 0.0,
-                      "Judged@10": 1.0}
+    values = evaluate(
+        run, qrels, ["nDCG@10", "AP", "R@10", "Rprec", "RR", "Judged@10"]
+    ).to_pylist()[0]
+    assert values == {
+        "query_id": "q",
+        "nDCG@10": 0.0,
+        "AP": 0.0,
+        "R@10": 0.0,
+        "Rprec": 0.0,
+        "RR": 0.0,
+        "Judged@10": 1.0,
+    }
 
 
 def test_no_shared_query_is_a_clear_error():
@@ -157,9 +191,15 @@ def test_no_shared_query_is_a_clear_error():
         evaluate(run, qrels, ["AP"])
 
 
-@pytest.mark.parametrize("text, message", [
-    ("MRR@10", "unknown measure"), ("P", "needs a cut-off"), ("Rprec@5", "takes no cut-off"), ("nDCG@0", "at least 1"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("MRR@10", "unknown measure"),
+        ("P", "needs a cut-off"),
+        ("Rprec@5", "takes no cut-off"),
+        ("nDCG@0", "at least 1"),
+    ],
+)
 def test_measure_names_are_checked(text, message):
     with pytest.raises(InputError, match=message):
         parse_measure(text)
@@ -191,10 +231,15 @@ def test_vectorized_measures_equal_a_per_query_loop_on_dl20(shared_data):
         first = next((i + 1 for i, r in enumerate(rel) if r), None)
         ap = sum(sum(rel[: i + 1]) / (i + 1) for i in range(min(100, len(rel))) if rel[i]) / num_rel
         expected = {
-            "nDCG@10": dcg / idcg, "AP@100": ap, "RR@10": 1 / first if first and first <= 10 else 0.0,
-            "R@20": sum(rel[:20]) / num_rel, "P@5": sum(rel[:5]) / 5, "Success@3": float(any(rel[:3])),
+            "nDCG@10": dcg / idcg,
+            "AP@100": ap,
+            "RR@10": 1 / first if first and first <= 10 else 0.0,
+            "R@20": sum(rel[:20]) / num_rel,
+            "P@5": sum(rel[:5]) / 5,
+            "Success@3": float(any(rel[:3])),
             "Rprec": sum(rel[:num_rel]) / num_rel,
-            "Judged@10": sum(lab is not None and lab >= 0 for lab in labels[:10]) / min(10, len(labels)),
+            "Judged@10": sum(lab is not None and lab >= 0 for lab in labels[:10])
+            / min(10, len(labels)),
         }
         for measure, value in expected.items():
             assert row[measure] == pytest.approx(value, abs=1e-12), (q, measure)

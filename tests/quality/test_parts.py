@@ -28,8 +28,12 @@ from pipeline.quality.parts import (
 from pipeline.quality.run_input import load_run
 from pipeline.trec import read_qrels
 
-SETTINGS = ["input.judge_score_column=reranker_score", "segment_columns=[query_type]", "metrics.relevance_level=2",
-            "metrics.measures=[nDCG@10,RR@10,R@100,P@10,AP,Judged@10]"]
+SETTINGS = [
+    "input.judge_score_column=reranker_score",
+    "segment_columns=[query_type]",
+    "metrics.relevance_level=2",
+    "metrics.measures=[nDCG@10,RR@10,R@100,P@10,AP,Judged@10]",
+]
 
 
 def _config(*extra: str) -> IndexQualityConfig:
@@ -40,15 +44,20 @@ def _config(*extra: str) -> IndexQualityConfig:
 def whole(dl19_long, dl19_qrels):
     """The old computation: the whole run loaded and measured in this process."""
     config = _config()
-    loaded = load_run(str(dl19_long), score_column=None, judge_score_column="reranker_score",
-                      keep_columns=["query_type"])
+    loaded = load_run(
+        str(dl19_long),
+        score_column=None,
+        judge_score_column="reranker_score",
+        keep_columns=["query_type"],
+    )
     qrels = read_qrels(str(dl19_qrels))
     judge, _ = _judge_table(loaded.pairs, None)
     return measure(config, loaded.pairs, qrels, judge), loaded
 
 
-def test_each_bucket_measures_only_its_queries_and_together_they_equal_the_whole_run(dl19_long, dl19_qrels,
-                                                                                      whole, tmp_path):
+def test_each_bucket_measures_only_its_queries_and_together_they_equal_the_whole_run(
+    dl19_long, dl19_qrels, whole, tmp_path
+):
     reference, loaded = whole
     config = _config("workers.rows_per_bucket=900")
     plan = plan_run(config, str(dl19_long))
@@ -56,13 +65,17 @@ def test_each_bucket_measures_only_its_queries_and_together_they_equal_the_whole
     work = str(tmp_path / "parts")
     assert scatter(RUN, 0, plan.files[0], plan.parquet, work, plan.num_buckets, {}) == 4300
     qrels = read_qrels(str(dl19_qrels))
-    results = [measure_bucket(b, work, config, plan, qrels, False, 1.0) for b in range(plan.num_buckets)]
+    results = [
+        measure_bucket(b, work, config, plan, qrels, False, 1.0) for b in range(plan.num_buckets)
+    ]
 
     seen: set[str] = set()
     for r in results:
         assert r.error is None and r.pid == os.getpid()  # called here, in this test's process
         queries = set(r.segments["query_id"].to_pylist())
-        assert r.pairs == 100 * len(queries) < 4300 and not queries & seen  # whole queries, in one bucket only
+        assert (
+            r.pairs == 100 * len(queries) < 4300 and not queries & seen
+        )  # whole queries, in one bucket only
         seen |= queries
         # What a bucket hands back is per query: one row per query of the bucket in every family ...
         for _name, table in r.tables.items():
@@ -75,13 +88,19 @@ def test_each_bucket_measures_only_its_queries_and_together_they_equal_the_whole
     assert combined.pairs == 4300 and combined.unjudged_pairs == 0
     assert set(combined.tables) == {LABELLED, LABEL_FREE, RERANKED}
     # Value for value the tables the whole run gives (sorted by query_id; floats compared exactly).
-    reference_tables = {LABELLED: reference.overall, LABEL_FREE: reference.label_free, RERANKED: reference.reranked}
+    reference_tables = {
+        LABELLED: reference.overall,
+        LABEL_FREE: reference.label_free,
+        RERANKED: reference.reranked,
+    }
     from pipeline.quality.nightly import _measured
 
     measured = _measured(combined.tables)
     assert measured.per_query.equals(reference.per_query)
     assert measured.means == reference.means and measured.overall == reference_tables[LABELLED]
-    assert sorted(combined.judge_pairs.to_pylist(), key=str) == sorted(reference.judge_pairs.to_pylist(), key=str)
+    assert sorted(combined.judge_pairs.to_pylist(), key=str) == sorted(
+        reference.judge_pairs.to_pylist(), key=str
+    )
     assert combined.score_moments["count"] == reference.score_summary["count"] == 4300
     # The same bytes with another split.
     one = _config("workers.rows_per_bucket=1000000")
@@ -100,7 +119,9 @@ def test_the_plot_sample_is_the_same_pairs_whatever_the_split(dl19_long, tmp_pat
         assert plan.num_buckets == buckets
         work = str(tmp_path / f"b{buckets}")
         scatter(RUN, 0, plan.files[0], True, work, buckets, {})
-        combined = combine([measure_bucket(b, work, config, plan, None, False, 0.25) for b in range(buckets)])
+        combined = combine(
+            [measure_bucket(b, work, config, plan, None, False, 0.25) for b in range(buckets)]
+        )
         samples.append(sorted(combined.judge_pairs.to_pylist(), key=str))
         # Exact moments over every judged pair, whatever was sampled.
         assert combined.score_moments["count"] == 4300
@@ -121,20 +142,30 @@ def test_a_bad_part_is_one_line_on_the_driver(tmp_path):
 
 @pytest.mark.slow  # the parts measured on Ray tasks, in worker processes
 def test_the_job_measures_its_parts_on_ray_tasks_and_the_driver_gets_queries_by_measures(
-        dl19_long, dl19_qrels, whole, tmp_path):
+    dl19_long, dl19_qrels, whole, tmp_path
+):
     import ray
 
     reference, _ = whole
     try:
-        config = _config("workers.rows_per_bucket=500", "workers.num_cpus=0.5", "workers.max_in_flight=3",
-                         "night=2024-05-01")
-        report = evaluate_night(config, run=str(dl19_long), output=str(tmp_path / "out"), qrels=str(dl19_qrels))
+        config = _config(
+            "workers.rows_per_bucket=500",
+            "workers.num_cpus=0.5",
+            "workers.max_in_flight=3",
+            "night=2024-05-01",
+        )
+        report = evaluate_night(
+            config, run=str(dl19_long), output=str(tmp_path / "out"), qrels=str(dl19_qrels)
+        )
     finally:
         ray.shutdown()
     # Nine parts, every one read and measured in a Ray worker, none in this (the driver's) process.
     assert len(report.parts) == 9 and report.extra["num_parts"] == 9
     assert all(p["pid"] != os.getpid() for p in report.parts)
-    assert sum(p["pairs"] for p in report.parts) == 4300 and max(p["pairs"] for p in report.parts) < 4300
+    assert (
+        sum(p["pairs"] for p in report.parts) == 4300
+        and max(p["pairs"] for p in report.parts) < 4300
+    )
     assert sum(p["queries"] for p in report.parts) == 43
     # The driver's tables: queries x measures, equal to the whole run measured in one process.
     per_query = pq.read_table(tmp_path / "out" / "per_query.parquet")

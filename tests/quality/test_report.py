@@ -37,22 +37,39 @@ RERANKED = ["reranked/nDCG@10", "reranked/RR@10"]
 LABEL_FREE = ["judge/nDCG@10", "judge/Overlap@10", "judge/RBO(p=0.9)@100", "judge/Held10@50"]
 
 
-def _night(measures: list[str], previous: pa.Table | None = None, shift: float = 0.0, **extra) -> NightReport:
+def _night(
+    measures: list[str], previous: pa.Table | None = None, shift: float = 0.0, **extra
+) -> NightReport:
     """A night over `measures`; with `previous`, compared with it like nightly.py does."""
     per_query = _per_query(1, measures, shift)
     values = means(per_query)
-    comparisons = compare_nights(per_query, previous, default_max_drop=0.01) if previous is not None else []
+    comparisons = (
+        compare_nights(per_query, previous, default_max_drop=0.01) if previous is not None else []
+    )
     return NightReport(
-        night="2024-05-02", run="run.parquet", per_query=per_query,
+        night="2024-05-02",
+        run="run.parquet",
+        per_query=per_query,
         overall={m: values[m] for m in measures if "/" not in m},
         reranked={m: values[m] for m in measures if m.startswith("reranked/")},
         label_free={m: values[m] for m in measures if m.startswith("judge/")},
-        previous_night="2024-05-01" if previous is not None else None, comparisons=comparisons,
-        alerts=[c.alert_line() for c in comparisons if c.alert], previous_per_query=previous,
-        extra={"num_queries": NUM_QUERIES, "num_evaluated_queries": NUM_QUERIES, "qrels": "qrels.txt",
-               "history": None, "pairs_without_reranker_score": None, "complete_queries": False,
-               "relevance_level": 2, "config": {"night": "2024-05-02"}, **extra},
-        trend_measures=measures[:2], segment_measure=measures[0],
+        previous_night="2024-05-01" if previous is not None else None,
+        comparisons=comparisons,
+        alerts=[c.alert_line() for c in comparisons if c.alert],
+        previous_per_query=previous,
+        extra={
+            "num_queries": NUM_QUERIES,
+            "num_evaluated_queries": NUM_QUERIES,
+            "qrels": "qrels.txt",
+            "history": None,
+            "pairs_without_reranker_score": None,
+            "complete_queries": False,
+            "relevance_level": 2,
+            "config": {"night": "2024-05-02"},
+            **extra,
+        },
+        trend_measures=measures[:2],
+        segment_measure=measures[0],
     )
 
 
@@ -98,20 +115,30 @@ def test_first_night_shows_measures_with_intervals_and_their_distribution():
     assert [cell for cell, _ in measures[0]] == ["measure", "mean", "95% interval", "queries"]
     low, high = bootstrap_interval(_per_query(1, JUDGED)["nDCG@10"].to_numpy())
     mean = means(_per_query(1, JUDGED))["nDCG@10"]
-    assert [cell for cell, _ in measures[1]] == ["nDCG@10", f"{mean:.4f}", f"{low:.4f}–{high:.4f}", "40"]
+    assert [cell for cell, _ in measures[1]] == [
+        "nDCG@10",
+        f"{mean:.4f}",
+        f"{low:.4f}–{high:.4f}",
+        "40",
+    ]
     assert 'alt="Per-query distribution of the judged measures"' in page and page.count("<img") == 1
     # Nothing about a previous night, a reranker or label-free measures that the page does not have.
     assert not re.search(r"\bnone\b", text, re.I) and "previous" not in text.lower()
     assert "reranked/" not in text and "judge/" not in text and CAVEAT[:40] not in text
     assert "Not compared with other nights: pass --history" in text
-    assert "Not measured tonight: label-free measures with the reranker as judge (pass --model" in text
+    assert (
+        "Not measured tonight: label-free measures with the reranker as judge (pass --model" in text
+    )
 
 
 def test_every_column_of_every_table_has_text():
     """The user's empty 7th column: each column of each table has a header and a value in every row."""
     previous = _per_query(2, JUDGED + RERANKED + LABEL_FREE)
-    for night in (_night(JUDGED), _night(JUDGED + RERANKED + LABEL_FREE, previous),
-                  _night(LABEL_FREE + ["judge/new@5"], _per_query(2, LABEL_FREE))):
+    for night in (
+        _night(JUDGED),
+        _night(JUDGED + RERANKED + LABEL_FREE, previous),
+        _night(LABEL_FREE + ["judge/new@5"], _per_query(2, LABEL_FREE)),
+    ):
         for table in _tables(render_html(night)):
             widths = {sum(span for _, span in row) for row in table}
             assert len(widths) == 1, table  # no row is shorter or longer than the header
@@ -136,11 +163,25 @@ def test_a_later_night_compares_with_the_previous_one():
     page = render_html(night)
     text = _text(page)
     header, first = _tables(page)[0][:2]
-    assert [cell for cell, _ in header] == ["measure", "mean", "95% interval", "queries", "previous", "change",
-                                            "p", "paired", "verdict"]
+    assert [cell for cell, _ in header] == [
+        "measure",
+        "mean",
+        "95% interval",
+        "queries",
+        "previous",
+        "change",
+        "p",
+        "paired",
+        "verdict",
+    ]
     comparison = night.comparisons[0]
-    assert [cell for cell, _ in first][4:] == [f"{comparison.previous:.4f}", f"{comparison.delta:+.4f}",
-                                               f"{comparison.p_value:.4f}", "40", "ALERT"]
+    assert [cell for cell, _ in first][4:] == [
+        f"{comparison.previous:.4f}",
+        f"{comparison.delta:+.4f}",
+        f"{comparison.p_value:.4f}",
+        "40",
+        "ALERT",
+    ]
     assert comparison.p_value < 0.001
     assert comparison.delta < -0.15 and "ALERT nDCG@10 regressed" in text
     assert "Compared with night 2024-05-01, over the 40 queries measured on both nights." in text
@@ -152,9 +193,18 @@ def test_a_later_night_compares_with_the_previous_one():
 
 def test_run_facts_have_labels_and_leave_out_facts_without_a_value():
     facts = {text for text, _ in sum(_tables(render_html(_night(JUDGED)))[-1], [])}
-    assert {"Queries in the run", "Judgements (qrels)", "label ≥ 2", "skipped, like trec_eval without -c"} <= facts
+    assert {
+        "Queries in the run",
+        "Judgements (qrels)",
+        "label ≥ 2",
+        "skipped, like trec_eval without -c",
+    } <= facts
     assert not any("_" in fact and fact != "skipped, like trec_eval without -c" for fact in facts)
-    assert "History" not in facts and "Pairs without a reranker score" not in facts and "–" not in facts
+    assert (
+        "History" not in facts
+        and "Pairs without a reranker score" not in facts
+        and "–" not in facts
+    )
 
 
 def test_bootstrap_interval_is_reproducible_and_matches_the_normal_approximation():
@@ -174,25 +224,45 @@ def test_write_report_files(tmp_path):
     paths = write_report(night, str(tmp_path / "out"))
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["overall"] == night.overall and metrics["night"] == "2024-05-02"
-    assert metrics["comparison"] == {"previous_night": None, "measures": [], "test": metrics["comparison"]["test"]}
+    assert metrics["comparison"] == {
+        "previous_night": None,
+        "measures": [],
+        "test": metrics["comparison"]["test"],
+    }
     assert "randomization" in metrics["comparison"]["test"]
     intervals = metrics["confidence_intervals"]
     assert intervals["confidence"] == 0.95 and "bootstrap" in intervals["method"]
     assert intervals["measures"]["nDCG@10"] == list(night.intervals["nDCG@10"])
-    assert sorted(p.rsplit("/", 1)[-1] for p in paths.values()) == ["metrics.json", "per_query.parquet", "report.html"]
+    assert sorted(p.rsplit("/", 1)[-1] for p in paths.values()) == [
+        "metrics.json",
+        "per_query.parquet",
+        "report.html",
+    ]
 
 
 def test_a_random_weights_reranker_is_named_and_said_loudly(tmp_path):
     warning = random_weights_warning("dummy:tiny")
-    random = _night(JUDGED + RERANKED + LABEL_FREE, reranker_model="dummy:tiny", reranker_random_weights=True,
-                    warning=warning)
+    random = _night(
+        JUDGED + RERANKED + LABEL_FREE,
+        reranker_model="dummy:tiny",
+        reranker_random_weights=True,
+        warning=warning,
+    )
     page = render_html(random)
     assert "Reranked by <code>dummy:tiny</code>" in page
     # At the top, and beside both families of measures a random reranker spoils.
     assert page.count(f'<p class="caveat random"><strong>{warning}</strong></p>') == 3
     metrics = random.metrics_json()
     assert (metrics["reranker_model"], metrics["reranker_random_weights"]) == ("dummy:tiny", True)
-    assert metrics["warning"].startswith("RANDOM WEIGHTS: the reranker dummy:tiny has random weights")
-    trained = render_html(_night(JUDGED + RERANKED, reranker_model="org/trained", reranker_random_weights=False,
-                                 warning=None))
+    assert metrics["warning"].startswith(
+        "RANDOM WEIGHTS: the reranker dummy:tiny has random weights"
+    )
+    trained = render_html(
+        _night(
+            JUDGED + RERANKED,
+            reranker_model="org/trained",
+            reranker_random_weights=False,
+            warning=None,
+        )
+    )
     assert "Reranked by <code>org/trained</code>" in trained and "RANDOM WEIGHTS" not in trained

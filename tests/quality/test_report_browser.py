@@ -25,21 +25,52 @@ from pipeline.quality.report import CAVEAT
 
 FIRST_NIGHT_PLOTS = ["Per-query distribution of the judged measures"]
 SECOND_NIGHT_PLOTS = [
-    "Per-query distribution of the judged measures", "Per-query distribution after reranking",
-    "Per-query distribution of the label-free measures", "Histogram of reranker scores",
-    "Retriever vs reranker agreement", "Measures over nights", "Per-query change since last night (nDCG@10)",
+    "Per-query distribution of the judged measures",
+    "Per-query distribution after reranking",
+    "Per-query distribution of the label-free measures",
+    "Histogram of reranker scores",
+    "Retriever vs reranker agreement",
+    "Measures over nights",
+    "Per-query change since last night (nDCG@10)",
     "By segment (nDCG@10), tonight vs last night",
 ]
-MEASURE_COLUMNS = ["measure", "mean", "95% interval", "queries", "previous", "change", "p", "paired", "verdict"]
-WINDOW_WIDTH = 1100  # a laptop browser window; the report's tables must fit it without hiding a column
+MEASURE_COLUMNS = [
+    "measure",
+    "mean",
+    "95% interval",
+    "queries",
+    "previous",
+    "change",
+    "p",
+    "paired",
+    "verdict",
+]
+WINDOW_WIDTH = (
+    1100  # a laptop browser window; the report's tables must fit it without hiding a column
+)
 
 
 @pytest.fixture(scope="module")
 def first_night(shared_data, dl19_qrels, tmp_path_factory) -> Path:
     """report.html of a first night: BM25's TREC run file with qrels, nothing to compare with, no reranker."""
     root = tmp_path_factory.mktemp("first-night")
-    assert main(["--run", str(shared_data / "trec-dl" / "runs" / "BM25_dl19.txt"), "--qrels", str(dl19_qrels),
-                 "--output", str(root), "--set", "night=2024-05-01", "--set", "metrics.relevance_level=2"]) == 0
+    assert (
+        main(
+            [
+                "--run",
+                str(shared_data / "trec-dl" / "runs" / "BM25_dl19.txt"),
+                "--qrels",
+                str(dl19_qrels),
+                "--output",
+                str(root),
+                "--set",
+                "night=2024-05-01",
+                "--set",
+                "metrics.relevance_level=2",
+            ]
+        )
+        == 0
+    )
     return root / "report.html"
 
 
@@ -48,10 +79,29 @@ def second_night(dl19_long, dl19_qrels, tmp_path_factory) -> Path:
     """report.html of the second of two nights: history, segments and a judge, so every plot has data."""
     root = tmp_path_factory.mktemp("report")
     for night in ("2024-05-01", "2024-05-02"):
-        assert main(["--run", str(dl19_long), "--qrels", str(dl19_qrels), "--output", str(root / night),
-                     "--history", str(root / "history"), "--set", f"night={night}",
-                     "--set", "input.judge_score_column=reranker_score", "--set", "segment_columns=[query_type]",
-                     "--set", "metrics.relevance_level=2"]) == 0
+        assert (
+            main(
+                [
+                    "--run",
+                    str(dl19_long),
+                    "--qrels",
+                    str(dl19_qrels),
+                    "--output",
+                    str(root / night),
+                    "--history",
+                    str(root / "history"),
+                    "--set",
+                    f"night={night}",
+                    "--set",
+                    "input.judge_score_column=reranker_score",
+                    "--set",
+                    "segment_columns=[query_type]",
+                    "--set",
+                    "metrics.relevance_level=2",
+                ]
+            )
+            == 0
+        )
     return root / "2024-05-02" / "report.html"
 
 
@@ -66,16 +116,31 @@ def _chromium() -> str:
     for name in ("chromium", "chromium-browser", "google-chrome"):
         if shutil.which(name):
             return shutil.which(name)
-    raise RuntimeError("no Chromium found: install it (Debian: apt-get install -y chromium) to run the report test")
+    raise RuntimeError(
+        "no Chromium found: install it (Debian: apt-get install -y chromium) to run the report test"
+    )
 
 
 def _headless(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     profile = tmp_path / "chromium-profile"  # fresh per call: no state leaks between runs
     return subprocess.run(
-        [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-extensions", f"--user-data-dir={profile}", *args],
-        capture_output=True, text=True, timeout=120,
+        [
+            _chromium(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-extensions",
+            f"--user-data-dir={profile}",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -87,7 +152,9 @@ def _probe(tmp_path: Path, report: Path, script: str, *args: str) -> object:
       document.body.appendChild(out);
     });</script>"""
     text = report.read_text(encoding="utf-8")
-    page.write_text(text.replace("</body>", f"<script>{script}</script>{reporter}</body>"), encoding="utf-8")
+    page.write_text(
+        text.replace("</body>", f"<script>{script}</script>{reporter}</body>"), encoding="utf-8"
+    )
     result = _headless(tmp_path, "--virtual-time-budget=10000", *args, "--dump-dom", page.as_uri())
     match = re.search(r'<pre id="probe">(.*?)</pre>', result.stdout, re.S)
     assert match, f"the page did not finish loading in Chromium: {result.stderr[-2000:]}"
@@ -119,7 +186,7 @@ def test_report_is_self_contained_with_decodable_pngs(report):
     for img in page.images:
         prefix = "data:image/png;base64,"
         assert img["src"].startswith(prefix)
-        picture = Image.open(io.BytesIO(base64.b64decode(img["src"][len(prefix):])))
+        picture = Image.open(io.BytesIO(base64.b64decode(img["src"][len(prefix) :])))
         assert picture.format == "PNG" and picture.width > 300 and picture.height > 200
     # The self-flattering judge caveat shows exactly when a reranker judged tonight's run.
     judged = "judge/nDCG@10" in text
@@ -130,12 +197,18 @@ def test_report_is_self_contained_with_decodable_pngs(report):
 def test_plots_are_visible_in_headless_chromium(report, tmp_path):
     path, plots = report
     # How the browser decoded and laid out each image, once loaded.
-    seen = _probe(tmp_path, path, """window.probe = () => [...document.images].map(i => ({alt: i.alt,
+    seen = _probe(
+        tmp_path,
+        path,
+        """window.probe = () => [...document.images].map(i => ({alt: i.alt,
       complete: i.complete, naturalWidth: i.naturalWidth, naturalHeight: i.naturalHeight,
-      shownWidth: i.getBoundingClientRect().width, shownHeight: i.getBoundingClientRect().height}));""")
+      shownWidth: i.getBoundingClientRect().width, shownHeight: i.getBoundingClientRect().height}));""",
+    )
     assert [image["alt"] for image in seen] == plots
     for image in seen:
-        assert image["complete"] and image["naturalWidth"] > 300 and image["naturalHeight"] > 200, image
+        assert image["complete"] and image["naturalWidth"] > 300 and image["naturalHeight"] > 200, (
+            image
+        )
         assert image["shownWidth"] > 300 and image["shownHeight"] > 200, image
 
     # And the rendered page is not blank: a screenshot of the top holds the measures table and the first plot.
@@ -144,8 +217,12 @@ def test_plots_are_visible_in_headless_chromium(report, tmp_path):
     assert shot.exists(), result.stderr[-2000:]
     pixels = Image.open(shot).convert("RGB")
     colours = pixels.getcolors(maxcolors=1 << 20)
-    non_white = sum(count for count, rgb in colours if min(rgb) < 240) / (pixels.width * pixels.height)
-    assert len(colours) > 100 and non_white > 0.05  # a near-blank page with one line of text: ~0.0002
+    non_white = sum(count for count, rgb in colours if min(rgb) < 240) / (
+        pixels.width * pixels.height
+    )
+    assert (
+        len(colours) > 100 and non_white > 0.05
+    )  # a near-blank page with one line of text: ~0.0002
 
 
 # Every table cell's box on the page, in CSS pixels, with the table's caption-like heading and the column
@@ -175,8 +252,12 @@ def _ink(picture: Image.Image, box: dict, inset: int = 3) -> int:
         return 0
     cell = picture.crop((left, top, right, bottom))
     colours = cell.getcolors(maxcolors=1 << 20)
-    background = max(colours)[1]  # the commonest colour: white, a header's grey or an alert row's pink
-    return sum(count for count, rgb in colours if max(abs(a - b) for a, b in zip(rgb, background)) > 80)
+    background = max(colours)[
+        1
+    ]  # the commonest colour: white, a header's grey or an alert row's pink
+    return sum(
+        count for count, rgb in colours if max(abs(a - b) for a, b in zip(rgb, background)) > 80
+    )
 
 
 def test_every_table_column_shows_content_on_screen(report, tmp_path):
@@ -187,15 +268,27 @@ def test_every_table_column_shows_content_on_screen(report, tmp_path):
     """
     path, plots = report
     size = (WINDOW_WIDTH, 1000)
-    layout = _probe(tmp_path, path, _CELLS, f"--window-size={size[0]},{size[1]}", "--force-device-scale-factor=1",
-                    "--hide-scrollbars")
+    layout = _probe(
+        tmp_path,
+        path,
+        _CELLS,
+        f"--window-size={size[0]},{size[1]}",
+        "--force-device-scale-factor=1",
+        "--hide-scrollbars",
+    )
     assert layout["cells"], "the report has no table"
     # Same window width (the layout depends only on it), tall enough for the whole page.
     height = min(int(layout["height"]) + 50, 16000)
     shot = tmp_path / "page.png"
-    result = _headless(tmp_path, f"--window-size={WINDOW_WIDTH},{height}", "--force-device-scale-factor=1",
-                       "--hide-scrollbars", "--virtual-time-budget=10000", f"--screenshot={shot}",
-                       (tmp_path / "probe.html").as_uri())
+    result = _headless(
+        tmp_path,
+        f"--window-size={WINDOW_WIDTH},{height}",
+        "--force-device-scale-factor=1",
+        "--hide-scrollbars",
+        "--virtual-time-budget=10000",
+        f"--screenshot={shot}",
+        (tmp_path / "probe.html").as_uri(),
+    )
     assert shot.exists(), result.stderr[-2000:]
     picture = Image.open(shot).convert("RGB")
     assert picture.size == (WINDOW_WIDTH, height)
@@ -203,8 +296,12 @@ def test_every_table_column_shows_content_on_screen(report, tmp_path):
     blank: dict[str, list[int]] = {}
     for cell in layout["cells"]:
         if _ink(picture, cell) < 10:  # one character is ~40 dark pixels at this font size
-            blank.setdefault(f"table {cell['table'] + 1}, column {cell['header']!r}", []).append(cell["row"])
+            blank.setdefault(f"table {cell['table'] + 1}, column {cell['header']!r}", []).append(
+                cell["row"]
+            )
     assert not blank, f"table cells with nothing on screen (rows listed): {blank}"
     # The first table (the judged measures) was really measured: tonight's 4 columns, 9 with a comparison.
     header = [cell["header"] for cell in layout["cells"] if cell["table"] == 0 and cell["row"] == 0]
-    assert header == MEASURE_COLUMNS[:len(header)] and len(header) == (4 if plots is FIRST_NIGHT_PLOTS else 9)
+    assert header == MEASURE_COLUMNS[: len(header)] and len(header) == (
+        4 if plots is FIRST_NIGHT_PLOTS else 9
+    )

@@ -22,7 +22,13 @@ def ray_local():
 
     # address="local": a fresh Ray of this process, never a cluster another test started with `ray start`
     # (ray.init() with no address joins the one named in /tmp/ray/ray_current_cluster).
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        ignore_reinit_error=True,
+    )
     yield ray
     ray.shutdown()
 
@@ -31,8 +37,18 @@ def ray_local():
 def dl19_rows(shared_data) -> list[dict]:
     with open(shared_data / "trec-dl" / "retrieve_results_dl19.json") as f:
         topics = json.load(f)
-    return [dict(query_id=h["qid"], query=t["query"], doc_id=h["docid"], document=h["content"], rank=h["rank"],
-                 score=h["score"]) for t in topics for h in t["hits"]]
+    return [
+        dict(
+            query_id=h["qid"],
+            query=t["query"],
+            doc_id=h["docid"],
+            document=h["content"],
+            rank=h["rank"],
+            score=h["score"],
+        )
+        for t in topics
+        for h in t["hits"]
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -45,11 +61,21 @@ def dl19_long(dl19_rows, tmp_path_factory) -> Path:
 
 def read_dir(path) -> pa.Table:
     files = sorted(Path(path).glob("*.parquet"))
-    return pa.concat_tables([pq.read_table(f) for f in files], promote_options="default") if files else None
+    return (
+        pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
+        if files
+        else None
+    )
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """The job as a user runs it: its own process, its own Ray."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=full_env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

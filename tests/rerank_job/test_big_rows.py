@@ -44,21 +44,43 @@ def test_big_rows_carried_under_a_small_budget_run_to_completion(ray_local, dl19
     rows = long_documents(dl19_rows, 1000)
     source = tmp_path / "big.parquet"
     pq.write_table(pa.Table.from_pylist(rows), source, row_group_size=250)
-    config = load_config(RerankConfig, None, ["output.carry_texts=true", "io.in_flight_mb=16",
-                                              "tokenizer.max_length=64", "io.stall_timeout_s=240"], model="dummy:tiny")
+    config = load_config(
+        RerankConfig,
+        None,
+        [
+            "output.carry_texts=true",
+            "io.in_flight_mb=16",
+            "tokenizer.max_length=64",
+            "io.stall_timeout_s=240",
+        ],
+        model="dummy:tiny",
+    )
 
     summary = run_rerank(config, str(source), str(tmp_path / "out"))
 
-    assert (summary["input_rows"], summary["scored_rows"], summary["rejected_rows"]) == (1000, 1000, 0)
-    ranked = pa.concat_tables([pq.read_table(f) for f in sorted((tmp_path / "out" / "ranked").glob("*.parquet"))])
+    assert (summary["input_rows"], summary["scored_rows"], summary["rejected_rows"]) == (
+        1000,
+        1000,
+        0,
+    )
+    ranked = pa.concat_tables(
+        [pq.read_table(f) for f in sorted((tmp_path / "out" / "ranked").glob("*.parquet"))]
+    )
     assert ranked.num_rows == 1000
-    got = {(q, d): doc for q, d, doc in zip(*(ranked.column(c).to_pylist() for c in ("query_id", "doc_id", "document")))}
+    got = {
+        (q, d): doc
+        for q, d, doc in zip(
+            *(ranked.column(c).to_pylist() for c in ("query_id", "doc_id", "document"))
+        )
+    }
     assert got == {(r["query_id"], r["doc_id"]): r["document"] for r in rows}
     assert all(len(doc) == DOC_BYTES for doc in got.values())
 
 
 @pytest.mark.slow
-def test_a_stalled_pipeline_ends_in_one_line_and_resumes(ray_local, dl19_rows, tmp_path, monkeypatch, run_entry_point):
+def test_a_stalled_pipeline_ends_in_one_line_and_resumes(
+    ray_local, dl19_rows, tmp_path, monkeypatch, run_entry_point
+):
     import ray._private.worker
 
     class BlockingScorer(ScoreStage):
@@ -66,7 +88,9 @@ def test_a_stalled_pipeline_ends_in_one_line_and_resumes(ray_local, dl19_rows, t
         class: Ray's pickle sends it by value, the actors need not import this test module."""
 
         def __call__(self, batch):
-            self.on_scored(1, 0)  # the watchdog's clock starts here, not while actors start on a loaded machine
+            self.on_scored(
+                1, 0
+            )  # the watchdog's clock starts here, not while actors start on a loaded machine
             threading.Event().wait()
 
     monkeypatch.setattr(compose, "ScoreStage", BlockingScorer)
@@ -75,9 +99,26 @@ def test_a_stalled_pipeline_ends_in_one_line_and_resumes(ray_local, dl19_rows, t
     monkeypatch.setattr(ray._private.worker, "_worker_logs_enabled", False)
     source = tmp_path / "pairs.parquet"
     pq.write_table(pa.Table.from_pylist(dl19_rows[:600]), source, row_group_size=200)
-    argv = ["--input", source, "--output", tmp_path / "out", "--model", "dummy:tiny", "--set", "io.stall_timeout_s=20",
-            "--set", "progress_interval_s=0.5", "--set", "tokenizer.max_length=64", "--set", "input.rows_per_shard=200",
-            "--set", "tokenizer.batch_size=64", "--set", "scorer.batch_size=64"]
+    argv = [
+        "--input",
+        source,
+        "--output",
+        tmp_path / "out",
+        "--model",
+        "dummy:tiny",
+        "--set",
+        "io.stall_timeout_s=20",
+        "--set",
+        "progress_interval_s=0.5",
+        "--set",
+        "tokenizer.max_length=64",
+        "--set",
+        "input.rows_per_shard=200",
+        "--set",
+        "tokenizer.batch_size=64",
+        "--set",
+        "scorer.batch_size=64",
+    ]
     result = run_entry_point(rerank_main, *argv)
 
     assert result.returncode == 3, result.stderr[-3000:]
@@ -86,12 +127,16 @@ def test_a_stalled_pipeline_ends_in_one_line_and_resumes(ray_local, dl19_rows, t
     assert "io.stall_timeout_s=20" in errors[0] and "rerun the same command" in errors[0], errors[0]
     # Which stage it names depends on how far the run got on a loaded machine (the scorer, once called, blocks;
     # before that, actors may still be starting when the clock runs out).
-    assert (any(f"the {stage}" in errors[0] for stage in ("reader", "tokenizer", "BlockingScorer"))
-            or "could not start" in errors[0]), errors[0]
+    assert (
+        any(f"the {stage}" in errors[0] for stage in ("reader", "tokenizer", "BlockingScorer"))
+        or "could not start" in errors[0]
+    ), errors[0]
     assert "Traceback" not in result.stderr + result.stdout
     assert not (tmp_path / "out" / "summary.json").exists()
     # Ray Data's execution was shut down, not left spinning: its scheduling thread has ended.
-    running = [t for t in threading.enumerate() if t.name.startswith("StreamingExecutor") and t.is_alive()]
+    running = [
+        t for t in threading.enumerate() if t.name.startswith("StreamingExecutor") and t.is_alive()
+    ]
     assert not running, running
 
     # Once the scorer is fixed, the same command finishes the output.
@@ -101,15 +146,28 @@ def test_a_stalled_pipeline_ends_in_one_line_and_resumes(ray_local, dl19_rows, t
     assert json.loads(result.stdout.splitlines()[-1])["scored_rows"] == 600
 
 
-def test_a_pair_bigger_than_a_batch_may_hold_is_refused_before_any_work(dl19_rows, tmp_path, run_entry_point):
+def test_a_pair_bigger_than_a_batch_may_hold_is_refused_before_any_work(
+    dl19_rows, tmp_path, run_entry_point
+):
     # 1/16 of the smallest budget is 1 MB; a 2 MB document cannot travel in any batch.
     source = tmp_path / "huge.parquet"
     pq.write_table(pa.Table.from_pylist(long_documents(dl19_rows, 2, doc_bytes=2 * 2**20)), source)
-    result = run_entry_point(rerank_main, "--input", source, "--output", tmp_path / "out", "--model", "dummy:tiny",
-                             "--set", "io.in_flight_mb=16")
+    result = run_entry_point(
+        rerank_main,
+        "--input",
+        source,
+        "--output",
+        tmp_path / "out",
+        "--model",
+        "dummy:tiny",
+        "--set",
+        "io.in_flight_mb=16",
+    )
 
     assert result.returncode == 2, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "io.in_flight_mb" in errors[0] and "Traceback" not in result.stderr, result.stderr
+    assert (
+        len(errors) == 1 and "io.in_flight_mb" in errors[0] and "Traceback" not in result.stderr
+    ), result.stderr
     assert "raise io.in_flight_mb to at least 33" in errors[0], errors[0]
     assert not Path(tmp_path / "out").exists()  # refused before the output was created

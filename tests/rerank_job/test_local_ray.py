@@ -13,8 +13,10 @@ from pipeline.errors import InfrastructureError
 from pipeline.local_ray import START_ATTEMPTS, init_ray
 from pipeline.processes import tree_pids
 
-TIMED_OUT = ("The current node timed out during startup. This could happen because some of the raylet failed to "
-             "startup or the GCS has become overloaded.")
+TIMED_OUT = (
+    "The current node timed out during startup. This could happen because some of the raylet failed to "
+    "startup or the GCS has become overloaded."
+)
 
 
 class FlakyStart:
@@ -52,7 +54,11 @@ def test_the_last_time_out_is_one_line_saying_what_to_do():
         init_ray("local", init=start)
     assert len(start.calls) == START_ATTEMPTS
     message = str(error.value)
-    assert "\n" not in message and f"{START_ATTEMPTS} time(s)" in message and "ray start --head" in message
+    assert (
+        "\n" not in message
+        and f"{START_ATTEMPTS} time(s)" in message
+        and "ray start --head" in message
+    )
     assert error.value.exit_code == 3
     assert all(_gone(p) for p in start.left_over)
 

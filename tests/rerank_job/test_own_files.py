@@ -34,8 +34,17 @@ def tiny_input(dl19_rows, tmp_path) -> Path:
 
 
 def job_args(input_path, output, *extra) -> list[str]:
-    return ["--input", str(input_path), "--output", str(output), "--model", "dummy:tiny",
-            "--set", "input.rows_per_shard=20", *extra]
+    return [
+        "--input",
+        str(input_path),
+        "--output",
+        str(output),
+        "--model",
+        "dummy:tiny",
+        "--set",
+        "input.rows_per_shard=20",
+        *extra,
+    ]
 
 
 def one_error(result: subprocess.CompletedProcess, code: int, *fragments: str) -> str:
@@ -65,9 +74,17 @@ def completes(result: subprocess.CompletedProcess, output: Path, rows: int = ROW
 
 # -- leases of any shape ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("content", [b"[1,2,3]", b'{"heartbeat": "yesterday"}', b"null", b"\x00\xffgarbage",
-                                     b'{"run_id": "x", "user": "u", "host": "h", "pid": 0, "started": "s", '
-                                     b'"heartbeat": 1e400}'])
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"[1,2,3]",
+        b'{"heartbeat": "yesterday"}',
+        b"null",
+        b"\x00\xffgarbage",
+        b'{"run_id": "x", "user": "u", "host": "h", "pid": 0, "started": "s", "heartbeat": 1e400}',
+    ],
+)
 def test_a_lease_that_is_not_a_lease_is_taken_over_and_logged(content, tmp_path, caplog):
     (tmp_path / LEASE_FILE).write_bytes(content)
     fs = fsspec.filesystem("file")
@@ -75,7 +92,9 @@ def test_a_lease_that_is_not_a_lease_is_taken_over_and_logged(content, tmp_path,
         lease = OutputLease(fs, str(tmp_path), str(tmp_path), heartbeat_s=30).acquire()
     try:
         assert json.loads((tmp_path / LEASE_FILE).read_text())["run_id"] == lease.run_id
-        taken = [r.getMessage() for r in caplog.records if "taking over the lease" in r.getMessage()]
+        taken = [
+            r.getMessage() for r in caplog.records if "taking over the lease" in r.getMessage()
+        ]
         assert len(taken) == 1 and "not a lease, holding" in taken[0], taken
         assert repr(content.decode("utf-8", errors="replace"))[:40] in taken[0]
         assert "None@None" not in taken[0]
@@ -87,19 +106,34 @@ def test_a_lease_that_is_not_a_lease_is_taken_over_and_logged(content, tmp_path,
 def test_a_heartbeat_from_a_clock_ahead_goes_stale_by_the_file_time(tmp_path, caplog):
     fs = fsspec.filesystem("file")
     path = tmp_path / LEASE_FILE
-    ahead = {"run_id": "r1", "user": "u", "host": "elsewhere", "pid": 4242, "pid_start": None, "started": "s",
-             "heartbeat": time.time() + 86_400}
-    path.write_text(json.dumps(ahead))  # just written: its holder may be alive, whatever its clock says
+    ahead = {
+        "run_id": "r1",
+        "user": "u",
+        "host": "elsewhere",
+        "pid": 4242,
+        "pid_start": None,
+        "started": "s",
+        "heartbeat": time.time() + 86_400,
+    }
+    path.write_text(
+        json.dumps(ahead)
+    )  # just written: its holder may be alive, whatever its clock says
     with pytest.raises(Exception) as refused:
         OutputLease(fs, str(tmp_path), str(tmp_path), timeout_s=60).acquire()
-    assert "clock is 86" in str(refused.value) and "-86" not in str(refused.value), str(refused.value)
+    assert "clock is 86" in str(refused.value) and "-86" not in str(refused.value), str(
+        refused.value
+    )
 
-    os.utime(path, (time.time() - 61, time.time() - 61))  # not rewritten for longer than the timeout
+    os.utime(
+        path, (time.time() - 61, time.time() - 61)
+    )  # not rewritten for longer than the timeout
     with caplog.at_level(logging.WARNING, logger="rerank"):
         lease = OutputLease(fs, str(tmp_path), str(tmp_path), timeout_s=60).acquire()
     lease.release()
     messages = " ".join(r.getMessage() for r in caplog.records)
-    assert "clock is" in messages and "ahead" in messages and "no heartbeat for 61 s" in messages, messages
+    assert "clock is" in messages and "ahead" in messages and "no heartbeat for 61 s" in messages, (
+        messages
+    )
     assert not path.exists()
 
 
@@ -114,6 +148,7 @@ def test_a_job_takes_over_a_garbage_lease(ray_local, tiny_input, tmp_path, run_e
 
 
 # -- the job's own files, corrupt -----------------------------------------------------------------------------
+
 
 def _unfinished_output(tiny_input, output, run_entry_point, monkeypatch) -> None:
     """An output whose run scored and ranked everything and stopped just before its commit (as a kill there
@@ -131,27 +166,55 @@ def _unfinished_output(tiny_input, output, run_entry_point, monkeypatch) -> None
 
 
 @pytest.mark.slow
-def test_an_unfinished_runs_files_are_checked_where_read(ray_local, tiny_input, tmp_path, run_entry_point,
-                                                         monkeypatch):
+def test_an_unfinished_runs_files_are_checked_where_read(
+    ray_local, tiny_input, tmp_path, run_entry_point, monkeypatch
+):
     output = tmp_path / "out"
     _unfinished_output(tiny_input, output, run_entry_point, monkeypatch)
     work = output / "_work"
     assert len(list((work / "manifests").glob("shard-*.json"))) == 2
 
     # Other settings over committed shards: refused naming the setting, the shards kept for the resume.
-    one_error(run_entry_point(rerank_main, *job_args(tiny_input, output, "--set", "tokenizer.max_length=64")), 2,
-              "unfinished run", "`tokenizer.max_length` 1024 there, 64 in this run", "2 shard(s) committed")
+    one_error(
+        run_entry_point(
+            rerank_main, *job_args(tiny_input, output, "--set", "tokenizer.max_length=64")
+        ),
+        2,
+        "unfinished run",
+        "`tokenizer.max_length` 1024 there, 64 in this run",
+        "2 shard(s) committed",
+    )
 
     for name, content, fragments in [
-        ("job.json", "{not json", ["is not valid JSON", f"delete {work} to start this output over"]),
-        ("job.json", '{"config_hash": 3}', ["not a valid record of an unfinished run", "`config_hash`"]),
-        ("manifests/shard-00001.json", '{"shard": 1, "pairs": "many", "files": []}', ["`pairs`", "delete it"]),
-        ("manifests/shard-00001.json", '{"shard": 0, "pairs": 1, "rejected": 0, "tokens": 3, "files": []}',
-         ["for shard 0", "delete it"]),
+        (
+            "job.json",
+            "{not json",
+            ["is not valid JSON", f"delete {work} to start this output over"],
+        ),
+        (
+            "job.json",
+            '{"config_hash": 3}',
+            ["not a valid record of an unfinished run", "`config_hash`"],
+        ),
+        (
+            "manifests/shard-00001.json",
+            '{"shard": 1, "pairs": "many", "files": []}',
+            ["`pairs`", "delete it"],
+        ),
+        (
+            "manifests/shard-00001.json",
+            '{"shard": 0, "pairs": 1, "rejected": 0, "tokens": 3, "files": []}',
+            ["for shard 0", "delete it"],
+        ),
     ]:
         original = (work / name).read_bytes()
         (work / name).write_text(content)
-        one_error(run_entry_point(rerank_main, *job_args(tiny_input, output)), 2, str(work / name), *fragments)
+        one_error(
+            run_entry_point(rerank_main, *job_args(tiny_input, output)),
+            2,
+            str(work / name),
+            *fragments,
+        )
         assert (work / name).read_text() == content and not (output / "summary.json").exists()
         (work / name).write_bytes(original)
 
@@ -159,15 +222,25 @@ def test_an_unfinished_runs_files_are_checked_where_read(ray_local, tiny_input, 
     record = sorted((work / "scorers").glob("*.json"))[0]
     original = record.read_bytes()
     record.write_text('{"dtype": 16}')
-    one_error(run_entry_point(rerank_main, *job_args(tiny_input, output)), 2, str(record), "not a valid scorer record")
+    one_error(
+        run_entry_point(rerank_main, *job_args(tiny_input, output)),
+        2,
+        str(record),
+        "not a valid scorer record",
+    )
     assert not (output / "summary.json").exists()
     record.write_bytes(original)
 
     # A ranked bucket's marker, read after the (here empty) scoring phase: do what the line says, delete it.
     marker = work / "ranked" / "bucket-00000.json"
     marker.write_text("[]")
-    one_error(run_entry_point(rerank_main, *job_args(tiny_input, output)), 2, str(marker),
-              "not a valid ranked bucket's marker", "delete it")
+    one_error(
+        run_entry_point(rerank_main, *job_args(tiny_input, output)),
+        2,
+        str(marker),
+        "not a valid ranked bucket's marker",
+        "delete it",
+    )
     assert not (output / "summary.json").exists()
     marker.unlink()
     summary = completes(run_entry_point(rerank_main, *job_args(tiny_input, output)), output)
@@ -175,42 +248,65 @@ def test_an_unfinished_runs_files_are_checked_where_read(ray_local, tiny_input, 
 
 
 @pytest.mark.slow
-def test_a_corrupt_summary_is_one_line_then_the_fix_completes(ray_local, tiny_input, tmp_path, run_entry_point):
+def test_a_corrupt_summary_is_one_line_then_the_fix_completes(
+    ray_local, tiny_input, tmp_path, run_entry_point
+):
     output = tmp_path / "out"
     completes(run_entry_point(rerank_main, *job_args(tiny_input, output)), output)
     (output / "summary.json").write_text('{"input_rows": 40, "model": "dummy:tiny"}')
-    one_error(run_entry_point(rerank_main, *job_args(tiny_input, output)), 2, str(output / "summary.json"),
-              "not a valid summary", "delete")
+    one_error(
+        run_entry_point(rerank_main, *job_args(tiny_input, output)),
+        2,
+        str(output / "summary.json"),
+        "not a valid summary",
+        "delete",
+    )
     subprocess.run(["rm", "-r", str(output)], check=True)
     completes(run_entry_point(rerank_main, *job_args(tiny_input, output)), output)
 
 
 # -- settings that differ, a refusal before any work -----------------------------------------------------------
 
+
 @pytest.mark.slow
-def test_a_finished_output_of_other_settings_names_them(ray_local, tiny_input, tmp_path, run_entry_point):
+def test_a_finished_output_of_other_settings_names_them(
+    ray_local, tiny_input, tmp_path, run_entry_point
+):
     output = tmp_path / "out"
     first = completes(run_entry_point(rerank_main, *job_args(tiny_input, output)), output)
     assert first["settings"]["output"]["top_k"] is None
-    line = one_error(run_entry_point(rerank_main, *job_args(tiny_input, output, "--set", "output.top_k=5")), 2,
-                     "`output.top_k` None there, 5 in this run")
+    line = one_error(
+        run_entry_point(rerank_main, *job_args(tiny_input, output, "--set", "output.top_k=5")),
+        2,
+        "`output.top_k` None there, 5 in this run",
+    )
     assert "model 'dummy:tiny'" not in line
     # A summary written before `settings` was recorded is compared through its whole (redacted) config.
     summary = json.loads((output / "summary.json").read_text())
     del summary["settings"]
     (output / "summary.json").write_text(json.dumps(summary))
-    one_error(run_entry_point(rerank_main, *job_args(tiny_input, output, "--set", "output.top_k=5")), 2,
-              "`output.top_k` None there, 5 in this run")
+    one_error(
+        run_entry_point(rerank_main, *job_args(tiny_input, output, "--set", "output.top_k=5")),
+        2,
+        "`output.top_k` None there, 5 in this run",
+    )
     assert json.loads((output / "summary.json").read_text()) == summary  # untouched
-    completes(run_entry_point(rerank_main, *job_args(tiny_input, tmp_path / "other", "--set", "output.top_k=5")),
-              tmp_path / "other")
+    completes(
+        run_entry_point(
+            rerank_main, *job_args(tiny_input, tmp_path / "other", "--set", "output.top_k=5")
+        ),
+        tmp_path / "other",
+    )
 
 
 @pytest.mark.slow
-def test_a_run_refused_after_planning_does_not_block_a_corrected_rerun(ray_local, tiny_input, tmp_path,
-                                                                       run_entry_point):
+def test_a_run_refused_after_planning_does_not_block_a_corrected_rerun(
+    ray_local, tiny_input, tmp_path, run_entry_point
+):
     output = tmp_path / "out"
-    gpu = job_args(tiny_input, output, "--config", str(ROOT / "configs" / "rerank_gpu_cluster.yaml"))
+    gpu = job_args(
+        tiny_input, output, "--config", str(ROOT / "configs" / "rerank_gpu_cluster.yaml")
+    )
     one_error(run_entry_point(rerank_main, *gpu), 2, "no GPU")
     assert not (output / "summary.json").exists() and not (output / LEASE_FILE).exists()
     result = run_entry_point(rerank_main, *job_args(tiny_input, output))
@@ -220,20 +316,33 @@ def test_a_run_refused_after_planning_does_not_block_a_corrected_rerun(ray_local
 
 # -- a folder holding someone else's files ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("entries, fragment", [
-    (["stats.json", "candidates/part-00000.parquet", "rerank/summary.json"], "a hard-negatives output"),
-    (["metrics.json", "report.html"], "an index-quality output"),
-    (["notes.txt"], "notes.txt"),
-])
-def test_an_output_folder_of_another_job_is_refused(entries, fragment, ray_local, tiny_input, tmp_path,
-                                                   run_entry_point):
+
+@pytest.mark.parametrize(
+    "entries, fragment",
+    [
+        (
+            ["stats.json", "candidates/part-00000.parquet", "rerank/summary.json"],
+            "a hard-negatives output",
+        ),
+        (["metrics.json", "report.html"], "an index-quality output"),
+        (["notes.txt"], "notes.txt"),
+    ],
+)
+def test_an_output_folder_of_another_job_is_refused(
+    entries, fragment, ray_local, tiny_input, tmp_path, run_entry_point
+):
     output = tmp_path / "theirs"
     for entry in entries:
         (output / entry).parent.mkdir(parents=True, exist_ok=True)
         (output / entry).write_text("{}")
     before = sorted(p.relative_to(output) for p in output.rglob("*"))
-    one_error(run_entry_point(rerank_main, *job_args(tiny_input, output)), 2, str(output), fragment,
-              "did not write")
+    one_error(
+        run_entry_point(rerank_main, *job_args(tiny_input, output)),
+        2,
+        str(output),
+        fragment,
+        "did not write",
+    )
     assert sorted(p.relative_to(output) for p in output.rglob("*")) == before  # nothing added
     if entries == ["notes.txt"]:  # the fix: the folder emptied of what is not this job's
         (output / "notes.txt").unlink()
@@ -242,10 +351,18 @@ def test_an_output_folder_of_another_job_is_refused(entries, fragment, ray_local
 
 # -- storage options, buckets ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("override, key", [("storage_options.client_kwargs=notadict", "client_kwargs"),
-                                           ("storage_options.no_such_argument=1", "no_such_argument")],
-                         ids=["notadict", "unknown"])
-def test_bad_s3_options_name_the_key(override, key, tiny_input, s3_bucket, run_entry_point, monkeypatch):
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("storage_options.client_kwargs=notadict", "client_kwargs"),
+        ("storage_options.no_such_argument=1", "no_such_argument"),
+    ],
+    ids=["notadict", "unknown"],
+)
+def test_bad_s3_options_name_the_key(
+    override, key, tiny_input, s3_bucket, run_entry_point, monkeypatch
+):
     bucket, options = s3_bucket
     monkeypatch.setenv("AWS_ENDPOINT_URL", options["endpoint_url"])
     result = run_entry_point(rerank_main, *job_args(tiny_input, f"{bucket}/out", "--set", override))
@@ -254,43 +371,87 @@ def test_bad_s3_options_name_the_key(override, key, tiny_input, s3_bucket, run_e
 
 
 @pytest.mark.slow
-def test_unknown_storage_options_on_a_local_path_are_refused(ray_local, tiny_input, tmp_path, run_entry_point):
-    one_error(run_entry_point(rerank_main, *job_args(tiny_input, tmp_path / "out", "--set",
-                                                     "storage_options.endpoint=x")), 2,
-              "`storage_options.endpoint`", "not an argument of")
+def test_unknown_storage_options_on_a_local_path_are_refused(
+    ray_local, tiny_input, tmp_path, run_entry_point
+):
+    one_error(
+        run_entry_point(
+            rerank_main,
+            *job_args(tiny_input, tmp_path / "out", "--set", "storage_options.endpoint=x"),
+        ),
+        2,
+        "`storage_options.endpoint`",
+        "not an argument of",
+    )
     assert not (tmp_path / "out").exists()
-    completes(run_entry_point(rerank_main, *job_args(tiny_input, tmp_path / "out", "--set",
-                                                     "storage_options.auto_mkdir=true")), tmp_path / "out")
+    completes(
+        run_entry_point(
+            rerank_main,
+            *job_args(tiny_input, tmp_path / "out", "--set", "storage_options.auto_mkdir=true"),
+        ),
+        tmp_path / "out",
+    )
 
 
 @pytest.mark.slow
-def test_a_missing_bucket_is_refused_unless_asked_to_create_it(ray_local, tiny_input, s3_bucket, tmp_path,
-                                                                run_entry_point):
+def test_a_missing_bucket_is_refused_unless_asked_to_create_it(
+    ray_local, tiny_input, s3_bucket, tmp_path, run_entry_point
+):
     _, options = s3_bucket
     # The session's Ray workers started before this test's environment: the job gets its endpoint and keys
     # through storage_options, as on a cluster.
     storage = [a for k, v in options.items() for a in ("--set", f"storage_options.{k}={v}")]
     s3 = s3fs.S3FileSystem(**options)
     missing = "t-no-such-bucket-own-files"
-    one_error(run_entry_point(rerank_main, *job_args(tiny_input, f"s3://{missing}/out", *storage)), 2,
-              f"s3://{missing}", "does not exist", "io.create_bucket=true")
-    one_error(run_entry_point(rerank_main, *job_args(tiny_input, tmp_path / "out", *storage, "--set",
-                                                     f"cache.uri=s3://{missing}-cache/scores")), 2,
-              f"s3://{missing}-cache", "does not exist")
+    one_error(
+        run_entry_point(rerank_main, *job_args(tiny_input, f"s3://{missing}/out", *storage)),
+        2,
+        f"s3://{missing}",
+        "does not exist",
+        "io.create_bucket=true",
+    )
+    one_error(
+        run_entry_point(
+            rerank_main,
+            *job_args(
+                tiny_input,
+                tmp_path / "out",
+                *storage,
+                "--set",
+                f"cache.uri=s3://{missing}-cache/scores",
+            ),
+        ),
+        2,
+        f"s3://{missing}-cache",
+        "does not exist",
+    )
     s3.invalidate_cache()
-    assert not s3.exists(missing) and not s3.exists(f"{missing}-cache") and not (tmp_path / "out").exists()
+    assert (
+        not s3.exists(missing)
+        and not s3.exists(f"{missing}-cache")
+        and not (tmp_path / "out").exists()
+    )
 
-    result = run_entry_point(rerank_main, *job_args(tiny_input, f"s3://{missing}/out", *storage, "--set",
-                                                    "io.create_bucket=true"))
+    result = run_entry_point(
+        rerank_main,
+        *job_args(tiny_input, f"s3://{missing}/out", *storage, "--set", "io.create_bucket=true"),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(s3.cat_file(f"{missing}/out/summary.json"))
-    ranked = sum(pq.ParquetFile(s3.open(p)).metadata.num_rows for p in s3.glob(f"{missing}/out/ranked/*.parquet"))
-    rejected = sum(pq.ParquetFile(s3.open(p)).metadata.num_rows for p in s3.glob(f"{missing}/out/rejected/*.parquet"))
+    ranked = sum(
+        pq.ParquetFile(s3.open(p)).metadata.num_rows
+        for p in s3.glob(f"{missing}/out/ranked/*.parquet")
+    )
+    rejected = sum(
+        pq.ParquetFile(s3.open(p)).metadata.num_rows
+        for p in s3.glob(f"{missing}/out/rejected/*.parquet")
+    )
     assert ranked + rejected == summary["input_rows"] == ROWS
     assert s3.ls(f"{missing}/out", detail=False) and not s3.exists(f"{missing}/out/_work")
 
 
 # -- a full disk names its file ----------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def tmpfs(tmp_path):
@@ -300,7 +461,9 @@ def tmpfs(tmp_path):
     def mount(name: str, size_kb: int) -> Path:
         point = tmp_path / name
         point.mkdir()
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(point)], check=True)
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(point)], check=True
+        )
         mounted.append(point)
         return point
 
@@ -333,8 +496,9 @@ def test_disk_full_on_the_driver_names_the_file(tmpfs):
 
 
 @pytest.mark.slow
-def test_disk_full_in_a_worker_names_the_file_then_a_rerun_completes(ray_local, dl19_rows, tmpfs, tmp_path,
-                                                                     run_entry_point):
+def test_disk_full_in_a_worker_names_the_file_then_a_rerun_completes(
+    ray_local, dl19_rows, tmpfs, tmp_path, run_entry_point
+):
     source = tmp_path / "in.parquet"
     pq.write_table(pa.Table.from_pylist(dl19_rows[:400]), source, row_group_size=200)
     point = tmpfs("worker-full", 2048)

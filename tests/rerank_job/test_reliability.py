@@ -32,11 +32,33 @@ def _ranked_keys(output: Path) -> list:
 @pytest.mark.slow  # kill -9 needs the job in a process of its own (and it starts a Ray)
 def test_resume_after_the_driver_is_killed(dl19_long, tmp_path):
     output = tmp_path / "out"
-    args = [sys.executable, "-m", *JOB, "--input", str(dl19_long), "--output", str(output), "--model", "dummy:tiny",
-            "--set", "input.rows_per_shard=500", "--set", "tokenizer.batch_size=100", "--set", "scorer.batch_size=100",
-            "--set", "io.rows_per_write=100"]
-    proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    args = [
+        sys.executable,
+        "-m",
+        *JOB,
+        "--input",
+        str(dl19_long),
+        "--output",
+        str(output),
+        "--model",
+        "dummy:tiny",
+        "--set",
+        "input.rows_per_shard=500",
+        "--set",
+        "tokenizer.batch_size=100",
+        "--set",
+        "scorer.batch_size=100",
+        "--set",
+        "io.rows_per_write=100",
+    ]
+    proc = subprocess.Popen(
+        args,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     manifests = output / "_work" / "manifests"
     deadline = time.time() + 600
     while time.time() < deadline and not list(manifests.glob("shard-*.json")):
@@ -47,8 +69,17 @@ def test_resume_after_the_driver_is_killed(dl19_long, tmp_path):
     assert 1 <= len(committed) < 9, "the kill must land after the first shard and before the last"
     assert not (output / "summary.json").exists()
 
-    result = run_cli(*JOB, "--input", str(dl19_long), "--output", str(output), "--model", "dummy:tiny",
-                     "--set", "input.rows_per_shard=500")
+    result = run_cli(
+        *JOB,
+        "--input",
+        str(dl19_long),
+        "--output",
+        str(output),
+        "--model",
+        "dummy:tiny",
+        "--set",
+        "input.rows_per_shard=500",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((output / "summary.json").read_text())
     assert summary["shards_resumed"] == len(committed)  # finished shards were not redone
@@ -61,8 +92,16 @@ def test_resume_after_the_driver_is_killed(dl19_long, tmp_path):
 def test_a_scorer_actor_that_dies_mid_batch_is_retried(dl19_long, tmp_path):
     marker = tmp_path / "killed-once"
     output = tmp_path / "out"
-    result = run_cli(*JOB, "--input", str(dl19_long), "--output", str(output), "--model", "dummy:tiny",
-                     env={"RERANK_FAULT_KILL_SCORER_ONCE": str(marker)})
+    result = run_cli(
+        *JOB,
+        "--input",
+        str(dl19_long),
+        "--output",
+        str(output),
+        "--model",
+        "dummy:tiny",
+        env={"RERANK_FAULT_KILL_SCORER_ONCE": str(marker)},
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert marker.exists()  # an actor really died
     keys = _ranked_keys(output)
@@ -76,10 +115,24 @@ def test_object_storage_in_and_out_with_credentials_kept_secret(dl19_long, s3_bu
     bucket, options = s3_bucket
     fs = s3fs.S3FileSystem(**options)
     fs.put(str(dl19_long), f"{bucket[5:]}/in/dl19.parquet")
-    env = {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": options["key"],
-           "AWS_SECRET_ACCESS_KEY": options["secret"], "AWS_DEFAULT_REGION": "us-east-1"}
-    result = run_cli(*JOB, "--input", f"{bucket}/in/", "--output", f"{bucket}/out", "--model", "dummy:tiny",
-                     "--set", "output.top_k=5", env=env)
+    env = {
+        "AWS_ENDPOINT_URL": s3_endpoint,
+        "AWS_ACCESS_KEY_ID": options["key"],
+        "AWS_SECRET_ACCESS_KEY": options["secret"],
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    result = run_cli(
+        *JOB,
+        "--input",
+        f"{bucket}/in/",
+        "--output",
+        f"{bucket}/out",
+        "--model",
+        "dummy:tiny",
+        "--set",
+        "output.top_k=5",
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     summary_text = fs.cat(f"{bucket[5:]}/out/summary.json").decode()
     summary = json.loads(summary_text)
@@ -98,18 +151,40 @@ def test_bad_input_fails_before_work_with_one_line(tmp_path, dl19_long, run_entr
     import pyarrow as pa
 
     bad = tmp_path / "bad.parquet"
-    pq.write_table(pa.table({"query_id": ["q"], "query": ["x"], "doc_id": ["d"], "text": ["y"]}), bad)
-    result = run_entry_point(rerank_main, "--input", bad, "--output", tmp_path / "out", "--model", "dummy:tiny")
+    pq.write_table(
+        pa.table({"query_id": ["q"], "query": ["x"], "doc_id": ["d"], "text": ["y"]}), bad
+    )
+    result = run_entry_point(
+        rerank_main, "--input", bad, "--output", tmp_path / "out", "--model", "dummy:tiny"
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: column `document` not found")
     assert "input.document_column" in result.stderr
     # Found before anything is written: not even the output folder exists.
     assert not (tmp_path / "out").exists()
-    result = run_entry_point(rerank_main, "--input", dl19_long, "--output", tmp_path / "o2", "--model", "dummy:tiny",
-                             "--set", "scorer.max_tokens_per_batch=lots")
+    result = run_entry_point(
+        rerank_main,
+        "--input",
+        dl19_long,
+        "--output",
+        tmp_path / "o2",
+        "--model",
+        "dummy:tiny",
+        "--set",
+        "scorer.max_tokens_per_batch=lots",
+    )
     assert result.returncode == 2 and "scorer.max_tokens_per_batch" in result.stderr
-    result = run_entry_point(rerank_main, "--input", dl19_long, "--output", tmp_path / "o3", "--model", "dummy:tiny",
-                             "--set", "scorer.gpus=2")
+    result = run_entry_point(
+        rerank_main,
+        "--input",
+        dl19_long,
+        "--output",
+        tmp_path / "o3",
+        "--model",
+        "dummy:tiny",
+        "--set",
+        "scorer.gpus=2",
+    )
     assert result.returncode == 2 and "unknown config key `scorer.gpus`" in result.stderr
 
 
@@ -122,7 +197,7 @@ def test_shipped_configs_validate():
     assert "configs/rerank_gpu_cluster.yaml" in manifest["spec"]["entrypoint"]
 
 
-CLUSTER_SCRIPT = r'''
+CLUSTER_SCRIPT = r"""
 import json, sys
 import ray
 from ray.cluster_utils import Cluster
@@ -147,7 +222,7 @@ print(json.dumps({"gpu_node": gpu_node.node_id, "placement": {k: sorted(v) for k
                   "scored": summary["scored_rows"]}))
 ray.shutdown()
 cluster.shutdown()
-'''
+"""
 
 
 @pytest.mark.slow  # a simulated two-node Ray cluster, in a process of its own
@@ -155,8 +230,14 @@ def test_scorers_land_on_the_gpu_node_and_tokenizers_on_cpu_nodes(dl19_long, tmp
     """A simulated two-node cluster: a CPU head and a node declaring one GPU (the scorer falls back to CPU)."""
     script = tmp_path / "cluster.py"
     script.write_text(CLUSTER_SCRIPT)
-    result = subprocess.run([sys.executable, str(script), str(dl19_long), str(tmp_path / "out")], cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=400)
+    result = subprocess.run(
+        [sys.executable, str(script), str(dl19_long), str(tmp_path / "out")],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["scored"] == 4300

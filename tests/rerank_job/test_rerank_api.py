@@ -21,16 +21,22 @@ FAST = ["tokenizer.max_length=96", "output.rows_per_bucket=120"]
 def three_queries(dl19_rows, tmp_path_factory):
     """300 DL19 pairs (3 queries) with a label column and the first stage's rank/score."""
     queries = sorted({r["query_id"] for r in dl19_rows})[:3]
-    rows = [dict(r, label=i % 3) for i, r in enumerate(r for r in dl19_rows if r["query_id"] in queries)]
+    rows = [
+        dict(r, label=i % 3) for i, r in enumerate(r for r in dl19_rows if r["query_id"] in queries)
+    ]
     path = tmp_path_factory.mktemp("api") / "input.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=100)
     return path, rows
 
 
 @pytest.mark.slow  # the rerank job on a local Ray
-def test_rerank_carries_texts_and_columns_and_reads_back_by_part(ray_local, three_queries, tmp_path):
+def test_rerank_carries_texts_and_columns_and_reads_back_by_part(
+    ray_local, three_queries, tmp_path
+):
     path, rows = three_queries
-    config = load_config(RerankConfig, None, [*FAST, "output.carry_texts=true"], model="dummy:tiny", dtype="float32")
+    config = load_config(
+        RerankConfig, None, [*FAST, "output.carry_texts=true"], model="dummy:tiny", dtype="float32"
+    )
     result = rerank(config, str(path), str(tmp_path / "out"))
     assert result.summary["scored_rows"] == len(rows) and result.summary["ranking_buckets"] == 3
 
@@ -48,8 +54,11 @@ def test_rerank_carries_texts_and_columns_and_reads_back_by_part(ray_local, thre
     given = {(r["query_id"], r["doc_id"]): r for r in rows}
     for r in ranked.to_pylist():
         source = given[(r[schema.QUERY_ID], r[schema.DOC_ID])]
-        assert (r[schema.QUERY], r[schema.DOCUMENT], r[schema.LABEL]) == (source["query"], source["document"],
-                                                                            source["label"])
+        assert (r[schema.QUERY], r[schema.DOCUMENT], r[schema.LABEL]) == (
+            source["query"],
+            source["document"],
+            source["label"],
+        )
         assert r[schema.FIRST_STAGE_RANK] == source["rank"]
 
     only = pa.Table.from_batches(list(result.iter_batches([schema.DOC_ID, schema.SCORE])))
@@ -64,17 +73,25 @@ def test_texts_are_dropped_unless_asked(ray_local, three_queries, tmp_path):
     result = rerank(config, str(path), str(tmp_path / "out"))
     names = pq.read_schema(result.parts()[0]).names
     assert schema.DOCUMENT not in names and schema.QUERY not in names and schema.LABEL in names
-    assert pc.sum(pa.array([b.num_rows for b in result.iter_batches([schema.SCORE])])).as_py() == len(rows)
+    assert pc.sum(
+        pa.array([b.num_rows for b in result.iter_batches([schema.SCORE])])
+    ).as_py() == len(rows)
 
 
 @pytest.mark.parametrize("cls", [HardNegativesConfig, IndexQualityConfig])
 def test_both_jobs_embed_the_whole_rerank_section(cls):
-    config = load_config(cls, None, ["rerank.scorer.num_actors=8", "rerank.io.rows_per_write=500"],
-                         rerank__model="dummy:tiny")
+    config = load_config(
+        cls,
+        None,
+        ["rerank.scorer.num_actors=8", "rerank.io.rows_per_write=500"],
+        rerank__model="dummy:tiny",
+    )
     rerank_config = config.rerank_config()
     assert (rerank_config.scorer.num_actors, rerank_config.io.rows_per_write) == (8, 500)
     assert rerank_config.model == "dummy:tiny"
-    assert rerank_config.tokenizer.max_length == RerankConfig().tokenizer.max_length  # the rerank job's defaults
+    assert (
+        rerank_config.tokenizer.max_length == RerankConfig().tokenizer.max_length
+    )  # the rerank job's defaults
     from pipeline.errors import ConfigError
 
     with pytest.raises(ConfigError, match="rerank.scorer.num_actors"):

@@ -30,7 +30,9 @@ def _read_all(path, **config) -> tuple[InputLayout, pa.Table]:
 
 def test_long_input_validation_reasons(tmp_path):
     rows = [
-        dict(query_id="q1", query="what is a cat", doc_id="d1", document="a cat is an animal", rank=1),
+        dict(
+            query_id="q1", query="what is a cat", doc_id="d1", document="a cat is an animal", rank=1
+        ),
         dict(query_id="q1", query="what is a cat", doc_id="d2", document=None, rank=2),
         dict(query_id="q1", query="what is a cat", doc_id="d3", document="   ", rank=3),
         dict(query_id=None, query="x", doc_id="d4", document="y", rank=4),
@@ -40,20 +42,41 @@ def test_long_input_validation_reasons(tmp_path):
     path = tmp_path / "in.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path)
     layout, table = _read_all(path)
-    assert table.column(S.REASON).to_pylist() == [None, "document is null", "empty document", "missing query_id",
-                                                   "empty query", "missing doc_id"]
+    assert table.column(S.REASON).to_pylist() == [
+        None,
+        "document is null",
+        "empty document",
+        "missing query_id",
+        "empty query",
+        "missing doc_id",
+    ]
     # The input's own `rank` is carried as first_stage_rank, so the reranker's rank cannot overwrite it.
     assert table.column(S.FIRST_STAGE_RANK).to_pylist() == [1, 2, 3, 4, 1, 2]
     assert len(set(table.column("_row").to_pylist())) == 6
 
 
 def test_grouped_input_explodes_and_rejects_empty_queries(tmp_path):
-    cand = pa.list_(pa.struct([("doc_id", pa.int64()), ("document", pa.string()), ("rank", pa.int32())]))
-    table = pa.table({
-        "query_id": [7, 8, 9], "query": ["a", "b", "c"], "lang": ["en", "de", "fr"],
-        "candidates": pa.array([[{"doc_id": 1, "document": "x", "rank": 1}, {"doc_id": 2, "document": "y", "rank": 2}],
-                                [], None], type=cand),
-    })
+    cand = pa.list_(
+        pa.struct([("doc_id", pa.int64()), ("document", pa.string()), ("rank", pa.int32())])
+    )
+    table = pa.table(
+        {
+            "query_id": [7, 8, 9],
+            "query": ["a", "b", "c"],
+            "lang": ["en", "de", "fr"],
+            "candidates": pa.array(
+                [
+                    [
+                        {"doc_id": 1, "document": "x", "rank": 1},
+                        {"doc_id": 2, "document": "y", "rank": 2},
+                    ],
+                    [],
+                    None,
+                ],
+                type=cand,
+            ),
+        }
+    )
     path = tmp_path / "grouped.parquet"
     pq.write_table(table, path)
     layout, rows = _read_all(path)
@@ -62,26 +85,83 @@ def test_grouped_input_explodes_and_rejects_empty_queries(tmp_path):
     assert rows.column(S.QUERY_ID).to_pylist() == [7, 7, 8, 9]
     assert rows.column("lang").to_pylist() == ["en", "en", "de", "fr"]
     assert rows.column(S.FIRST_STAGE_RANK).to_pylist() == [1, 2, None, None]
-    assert rows.column(S.REASON).to_pylist() == [None, None, "query has no candidates", "query has no candidates"]
+    assert rows.column(S.REASON).to_pylist() == [
+        None,
+        None,
+        "query has no candidates",
+        "query has no candidates",
+    ]
 
 
 def test_table_level_errors_name_the_column(tmp_path):
     with pytest.raises(InputError, match="column `document` not found.*input.document_column"):
-        InputLayout.from_schemas([pa.schema([("query_id", pa.string()), ("query", pa.string()),
-                                             ("doc_id", pa.string()), ("doc", pa.string())])], InputConfig())
+        InputLayout.from_schemas(
+            [
+                pa.schema(
+                    [
+                        ("query_id", pa.string()),
+                        ("query", pa.string()),
+                        ("doc_id", pa.string()),
+                        ("doc", pa.string()),
+                    ]
+                )
+            ],
+            InputConfig(),
+        )
     # Every missing column in the one line, not one per run.
-    with pytest.raises(InputError, match="columns `query`, `document` not found.*`input.query_column`, "
-                                         "`input.document_column` to the right names"):
-        InputLayout.from_schemas([pa.schema([("query_id", pa.string()), ("doc_id", pa.string())])], InputConfig())
+    with pytest.raises(
+        InputError,
+        match="columns `query`, `document` not found.*`input.query_column`, "
+        "`input.document_column` to the right names",
+    ):
+        InputLayout.from_schemas(
+            [pa.schema([("query_id", pa.string()), ("doc_id", pa.string())])], InputConfig()
+        )
     with pytest.raises(InputError, match="text column `document` has type int64"):
-        InputLayout.from_schemas([pa.schema([("query_id", pa.string()), ("query", pa.string()),
-                                             ("doc_id", pa.string()), ("document", pa.int64())])], InputConfig())
+        InputLayout.from_schemas(
+            [
+                pa.schema(
+                    [
+                        ("query_id", pa.string()),
+                        ("query", pa.string()),
+                        ("doc_id", pa.string()),
+                        ("document", pa.int64()),
+                    ]
+                )
+            ],
+            InputConfig(),
+        )
     with pytest.raises(InputError, match="ids must be integers or strings"):
-        InputLayout.from_schemas([pa.schema([("query_id", pa.float64()), ("query", pa.string()),
-                                             ("doc_id", pa.string()), ("document", pa.string())])], InputConfig())
+        InputLayout.from_schemas(
+            [
+                pa.schema(
+                    [
+                        ("query_id", pa.float64()),
+                        ("query", pa.string()),
+                        ("doc_id", pa.string()),
+                        ("document", pa.string()),
+                    ]
+                )
+            ],
+            InputConfig(),
+        )
     # Mixed id types across files: read as strings, so one query cannot split in two.
-    a = pa.schema([("query_id", pa.int64()), ("query", pa.string()), ("doc_id", pa.int32()), ("document", pa.string())])
-    b = pa.schema([("query_id", pa.string()), ("query", pa.string()), ("doc_id", pa.int64()), ("document", pa.string())])
+    a = pa.schema(
+        [
+            ("query_id", pa.int64()),
+            ("query", pa.string()),
+            ("doc_id", pa.int32()),
+            ("document", pa.string()),
+        ]
+    )
+    b = pa.schema(
+        [
+            ("query_id", pa.string()),
+            ("query", pa.string()),
+            ("doc_id", pa.int64()),
+            ("document", pa.string()),
+        ]
+    )
     layout = InputLayout.from_schemas([a, b], InputConfig())
     assert layout.query_id_type == pa.string() and layout.doc_id_type == pa.int64()
 
@@ -93,32 +173,47 @@ def test_tokenize_then_score_match_the_engine(dl19_long):
     lengths = tokenized.column(S.NUM_TOKENS).to_numpy()
     assert (np.diff(lengths) <= 0).all()  # longest first
     assert tokenized.column(S.QUERY).null_count == 300  # texts dropped once tokenized
-    scored = ScoreStage("dummy:tiny", None, "float32", ScorerConfig(max_tokens_per_batch=2048),
-                        str(dl19_long.parent / "scorers"), {})(tokenized)
+    scored = ScoreStage(
+        "dummy:tiny",
+        None,
+        "float32",
+        ScorerConfig(max_tokens_per_batch=2048),
+        str(dl19_long.parent / "scorers"),
+        {},
+    )(tokenized)
     assert S.INPUT_IDS not in scored.column_names
     engine = CrossEncoder.from_pretrained("dummy:tiny", dtype="float32")
     by_row = dict(zip(scored.column("_row").to_pylist(), scored.column(S.SCORE).to_pylist()))
-    expected = engine.compute_score(list(zip(batch.column(S.QUERY).to_pylist(), batch.column(S.DOCUMENT).to_pylist())),
-                                    max_length=256, return_logits=True)
+    expected = engine.compute_score(
+        list(zip(batch.column(S.QUERY).to_pylist(), batch.column(S.DOCUMENT).to_pylist())),
+        max_length=256,
+        return_logits=True,
+    )
     got = [by_row[r] for r in batch.column("_row").to_pylist()]
     assert np.abs(np.asarray(got) - np.asarray(expected)).max() <= 1e-4
 
 
 def test_rank_rows_ties_duplicates_windows_and_top_k():
-    table = pa.table({
-        S.QUERY_ID: ["q", "q", "q", "q", "q", "r"],
-        S.DOC_ID: ["b", "a", "c", "a", "c", "z"],
-        S.SCORE: pa.array([1.0, 1.0, 0.5, 3.0, 2.0, 0.1], pa.float32()),
-        "_row": pa.array([1, 2, 3, 4, 3, 5], pa.int64()),
-        S.WINDOW: pa.array([0, 0, 0, 0, 1, 0], pa.int32()),
-        "_shard": pa.array([0] * 6, pa.int32()),
-    })
+    table = pa.table(
+        {
+            S.QUERY_ID: ["q", "q", "q", "q", "q", "r"],
+            S.DOC_ID: ["b", "a", "c", "a", "c", "z"],
+            S.SCORE: pa.array([1.0, 1.0, 0.5, 3.0, 2.0, 0.1], pa.float32()),
+            "_row": pa.array([1, 2, 3, 4, 3, 5], pa.int64()),
+            S.WINDOW: pa.array([0, 0, 0, 0, 1, 0], pa.int32()),
+            "_shard": pa.array([0] * 6, pa.int32()),
+        }
+    )
     ranked, duplicates, scored = rank_rows(table, top_k=None)
     # row 4 repeats (q, a) after row 2: rejected; row 3's best window scores 2.0; the 1.0 tie goes to "a".
     assert duplicates.column("_row").to_pylist() == [4]
     assert scored == 4
-    assert list(zip(ranked.column(S.DOC_ID).to_pylist(), ranked.column(S.RANK).to_pylist())) == \
-        [("c", 1), ("a", 2), ("b", 3), ("z", 1)]
+    assert list(zip(ranked.column(S.DOC_ID).to_pylist(), ranked.column(S.RANK).to_pylist())) == [
+        ("c", 1),
+        ("a", 2),
+        ("b", 3),
+        ("z", 1),
+    ]
     assert ranked.column_names[:4] == [S.QUERY_ID, S.DOC_ID, S.SCORE, S.RANK]
     top1, _, scored_top = rank_rows(table, top_k=1)
     assert top1.column(S.DOC_ID).to_pylist() == ["c", "z"] and scored_top == 4
@@ -135,11 +230,20 @@ def test_a_long_scorer_call_sends_heartbeats_the_watchdog_counts(dl19_long, monk
     from pipeline.stages import score
 
     layout, table = _read_all(dl19_long)
-    tokenized = TokenizeStage("dummy:tiny", None, TokenizerConfig(max_length=256))(table.slice(0, 200))
+    tokenized = TokenizeStage("dummy:tiny", None, TokenizerConfig(max_length=256))(
+        table.slice(0, 200)
+    )
     monkeypatch.setattr(score, "HEARTBEAT_S", 0.0)
     counter = ScoreCounter()
-    stage = ScoreStage("dummy:tiny", None, "float32", ScorerConfig(max_tokens_per_batch=512),
-                       str(dl19_long.parent / "scorers-beats"), {}, on_scored=counter.add)
+    stage = ScoreStage(
+        "dummy:tiny",
+        None,
+        "float32",
+        ScorerConfig(max_tokens_per_batch=512),
+        str(dl19_long.parent / "scorers-beats"),
+        {},
+        on_scored=counter.add,
+    )
     stage(tokenized)
     pairs, rejected, beats = counter.get_with_beats()
     assert pairs + rejected == 200 and counter.get() == (pairs, rejected)
