@@ -34,8 +34,8 @@ from collections.abc import Sequence
 from pipeline.benchmark.config import BenchmarkConfig
 from pipeline.benchmark.report import markdown_table, write_report
 from pipeline.benchmark.runner import run_benchmark
-from pipeline.cli import JobArgumentParser, run_main, setup_logging
-from pipeline.config import load_config
+from pipeline.core.cli import JobArgumentParser, run_main, setup_logging
+from pipeline.core.config import load_config
 
 log = logging.getLogger("jobs.benchmark")
 

@@ -35,9 +35,9 @@ import pyarrow.parquet as pq
 
 from pipeline.benchmark.machine import load_average, machine_info
 from pipeline.benchmark.report import write_report
-from pipeline.cli import JobArgumentParser, run_main, setup_logging
+from pipeline.core.cli import JobArgumentParser, run_main, setup_logging
+from pipeline.core.errors import InputError, PipelineError
 from pipeline.datasets.tables import default_data_dir
-from pipeline.errors import InputError, PipelineError
 
 log = logging.getLogger("jobs.benchmark_cache")
 ROOT = Path(__file__).resolve().parents[1]
@@ -234,7 +234,7 @@ def run_benchmark(
 
 def cache_storage(cache: Path) -> dict:
     """The cache's size after the runs, before and after `jobs.cache compact`: bytes per million entries."""
-    from pipeline.cache import bucket_stats, compact_bucket, list_caches
+    from pipeline.rerank.cache import bucket_stats, compact_bucket, list_caches
 
     out = {}
     for stage in ("after the runs", "compacted"):

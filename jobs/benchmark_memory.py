@@ -23,8 +23,8 @@ from collections.abc import Sequence
 
 from pipeline.benchmark.report import write_report
 from pipeline.benchmark.streaming_memory import JOBS, markdown, run_streaming_memory
-from pipeline.cli import JobArgumentParser, run_main, setup_logging
-from pipeline.errors import InputError
+from pipeline.core.cli import JobArgumentParser, run_main, setup_logging
+from pipeline.core.errors import InputError
 
 log = logging.getLogger("jobs.benchmark_memory")
 

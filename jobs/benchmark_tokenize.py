@@ -20,8 +20,8 @@ from collections.abc import Sequence
 
 from pipeline.benchmark.report import write_report
 from pipeline.benchmark.tokenize_rate import H100_BF16_TFLOPS, markdown, run
-from pipeline.cli import JobArgumentParser, run_main, setup_logging
-from pipeline.rerank_config import TokenizerConfig
+from pipeline.core.cli import JobArgumentParser, run_main, setup_logging
+from pipeline.rerank.config import TokenizerConfig
 
 log = logging.getLogger("jobs.benchmark_tokenize")
 

@@ -16,7 +16,11 @@ import re
 import sys
 from collections.abc import Sequence
 
-from pipeline.cache import (
+from pipeline.core.cli import JobArgumentParser, run_main, setup_logging
+from pipeline.core.config import StrictModel, load_config
+from pipeline.core.errors import ConfigError, OutputError
+from pipeline.core.storage import join, map_paths, url_to_fs
+from pipeline.rerank.cache import (
     bucket_stats,
     compact_bucket,
     fingerprint_folders,
@@ -26,11 +30,7 @@ from pipeline.cache import (
     repair_meta,
     verify_bucket,
 )
-from pipeline.cli import JobArgumentParser, run_main, setup_logging
-from pipeline.config import StrictModel, load_config
-from pipeline.errors import ConfigError, OutputError
-from pipeline.lease import LEASE_FILE, OutputLease
-from pipeline.storage import join, map_paths, url_to_fs
+from pipeline.rerank.lease import LEASE_FILE, OutputLease
 
 logger = logging.getLogger("jobs.cache")
 

@@ -41,10 +41,10 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, field_validator, model_validator
 
-from pipeline import schema
 from pipeline.benchmark.fidelity import fidelity
-from pipeline.cli import DTYPES, base_parser, run_main, setup_logging
-from pipeline.config import (
+from pipeline.core import schema
+from pipeline.core.cli import DTYPES, base_parser, run_main, setup_logging
+from pipeline.core.config import (
     StrictModel,
     build_config,
     config_hash,
@@ -53,14 +53,14 @@ from pipeline.config import (
     read_yaml,
     redact,
 )
+from pipeline.core.errors import ConfigError, InputError
+from pipeline.core.storage import url_to_fs, write_json
 from pipeline.datasets import COLLECTIONS, check_arguments, load_collection, sample_queries
-from pipeline.errors import ConfigError, InputError
 from pipeline.model import CrossEncoder
 from pipeline.quality.compare import paired_p_value
 from pipeline.quality.metrics import evaluate, means, parse_measure
 from pipeline.quality.report import BOOTSTRAP_METHOD, CONFIDENCE, bootstrap_interval
 from pipeline.quality.segments import query_segments, segment_means
-from pipeline.storage import url_to_fs, write_json
 
 log = logging.getLogger("jobs.eval_suite")
 

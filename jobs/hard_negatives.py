@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from pipeline.cli import base_parser, check_job_location, run_main, setup_logging
-from pipeline.config import load_config
+from pipeline.core.cli import base_parser, check_job_location, run_main, setup_logging
+from pipeline.core.config import load_config
 from pipeline.hard_negatives.config import HardNegativesConfig
 from pipeline.hard_negatives.job import run_hard_negatives
 from pipeline.hard_negatives.stats import format_summary

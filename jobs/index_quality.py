@@ -28,15 +28,15 @@ from collections.abc import Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.cli import base_parser, check_job_location, run_main, setup_logging
-from pipeline.config import load_config
-from pipeline.errors import InputError
+from pipeline.core.cli import base_parser, check_job_location, run_main, setup_logging
+from pipeline.core.config import load_config
+from pipeline.core.errors import InputError
+from pipeline.core.schema import DOC_ID, DOCUMENT, QUERY, QUERY_ID, RANK, SCORE
+from pipeline.core.storage import arrow_filesystem, join, url_to_fs
+from pipeline.core.trec import is_parquet, read_run
 from pipeline.quality.config import IndexQualityConfig
 from pipeline.quality.nightly import evaluate_night
-from pipeline.rerank_api import rerank
-from pipeline.schema import DOC_ID, DOCUMENT, QUERY, QUERY_ID, RANK, SCORE
-from pipeline.storage import arrow_filesystem, join, url_to_fs
-from pipeline.trec import is_parquet, read_run
+from pipeline.rerank.api import rerank
 
 log = logging.getLogger("jobs.index_quality")
 

@@ -10,10 +10,10 @@ import json
 import math
 from collections.abc import Sequence
 
-from pipeline.cli import base_parser, check_job_location, run_main, setup_logging
-from pipeline.config import load_config
-from pipeline.rerank_config import RerankConfig
-from pipeline.rerank_job import run_rerank
+from pipeline.core.cli import base_parser, check_job_location, run_main, setup_logging
+from pipeline.core.config import load_config
+from pipeline.rerank.config import RerankConfig
+from pipeline.rerank.job import run_rerank
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -96,8 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dry_run(parser, args, config: RerankConfig) -> int:
-    from pipeline.capacity import ASSUMED_MFU
-    from pipeline.dry_run import format_plan, plan_night, write_plan_json
+    from pipeline.rerank.capacity import ASSUMED_MFU
+    from pipeline.rerank.dry_run import format_plan, plan_night, write_plan_json
 
     if not args.dry_run:
         parser.error("--dry-run-json, --gpus and --deadline-hours plan a run: add --dry-run")

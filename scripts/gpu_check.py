@@ -346,8 +346,8 @@ def scorer_throughput(
     """The engine's score_tokens on synthetic token ids (no tokenizer in the timed loop), per dtype and
     workload: lengths drawn (seeded) from each workload's real pair lengths. Timed in chunks; a chunk that
     would start past `deadline` is not run (`cut_short`), and the figures cover the chunks that ran."""
-    from pipeline.benchmark.flops import model_flops
     from pipeline.model import CrossEncoder
+    from pipeline.model.flops import model_flops
     from pipeline.model.fp8 import fp8_kernel_works
 
     cuda = device.startswith("cuda")
@@ -433,8 +433,8 @@ def measure_contender(
     settings: dict,
 ) -> list[dict]:
     from pipeline.benchmark.contenders import load_contender, tune_batch_size
-    from pipeline.benchmark.flops import model_flops
     from pipeline.benchmark.workloads import pair_token_counts
+    from pipeline.model.flops import model_flops
 
     contender = load_contender(
         name,
@@ -515,15 +515,15 @@ def check_fp8(directory: str, pairs, device: str, engine_device: str) -> dict:
 
 
 def check_scorer_stage(directory: str, pairs, device: str, engine_device: str) -> dict:
-    """pipeline.stages.score.ScoreStage on a token batch, against compute_score. Needs its imports (pydantic...)."""
+    """pipeline.rerank.stages.score.ScoreStage on a token batch, against compute_score. Needs its imports (pydantic...)."""
     try:
         import pyarrow as pa
 
-        from pipeline import schema as S
+        from pipeline.core import schema as S
         from pipeline.model.tokenization import PairTokenizer
-        from pipeline.rerank_config import ScorerConfig
-        from pipeline.stages.score import ScoreStage
-        from pipeline.stages.tokenize import list_column
+        from pipeline.rerank.config import ScorerConfig
+        from pipeline.rerank.stages.score import ScoreStage
+        from pipeline.rerank.stages.tokenize import list_column
     except ImportError as e:
         return {"ran": False, "reason": f"import failed on this image: {e}"}
     tokenizer = PairTokenizer.from_dir(directory, return_token_types=False)
@@ -684,7 +684,7 @@ class Check:
 
     def step_checkpoint(self, deadline):
         from pipeline.benchmark.checkpoints import benchmark_checkpoint
-        from pipeline.benchmark.flops import Shape
+        from pipeline.model.flops import Shape
 
         directory = self.args.checkpoint or benchmark_checkpoint(
             self.args.model, self.args.data_dir
@@ -701,7 +701,7 @@ class Check:
         }
 
     def step_peak_gemm(self, deadline):
-        from pipeline.benchmark.flops import gemm_shapes, peak_gemm_flops
+        from pipeline.model.flops import gemm_shapes, peak_gemm_flops
         from pipeline.model.fp8 import fp8_kernel_works
 
         shapes = gemm_shapes(self.state["shape"], self.settings["gemm_tokens"])

@@ -16,8 +16,8 @@ def shared_data() -> Path:
     """The real data folder (read-only; see its README): `$SHARED_DATA`, else `../shared/data` beside the
     project, else `.data/` where `python -m pipeline.datasets fetch` puts it. Without it every test that reads
     it fails with the one message naming that command (the check runs once, its failure is reused)."""
+    from pipeline.core.errors import InputError
     from pipeline.datasets.fetch import locate
-    from pipeline.errors import InputError
 
     try:
         return locate().resolve()
@@ -61,11 +61,11 @@ def s3_bucket(s3_endpoint, monkeypatch, request) -> tuple[str, dict]:
 
 @pytest.fixture
 def run_entry_point(capsys):
-    """`run_entry_point(main, *argv)`: a job's `main` through the shared entry point (`pipeline.cli.run_main`),
+    """`run_entry_point(main, *argv)`: a job's `main` through the shared entry point (`pipeline.core.cli.run_main`),
     in this process, as `python -m jobs.X ARGV` runs it: its exit code, stdout and stderr as a
     `subprocess.CompletedProcess`. For what is decided before any work (bad arguments, config, input; exit codes
     and the one-line `error:`), where a process of its own adds only start-up time."""
-    from pipeline.cli import run_main
+    from pipeline.core.cli import run_main
 
     def run(main, *argv) -> subprocess.CompletedProcess:
         argv = [str(a) for a in argv]

@@ -117,7 +117,7 @@ def test_a_relative_output_under_ray_job_submit_is_refused(
 
 
 def test_a_relative_output_outside_ray_jobs_is_the_users_own(tmp_path, monkeypatch):
-    from pipeline.cli import check_job_location
+    from pipeline.core.cli import check_job_location
 
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
     monkeypatch.delenv("RAY_JOB_ID", raising=False)

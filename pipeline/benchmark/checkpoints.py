@@ -37,11 +37,11 @@ import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from pipeline.core.errors import InputError
 from pipeline.datasets import dl19
 from pipeline.datasets.tables import collection_dir, default_data_dir
 from pipeline.datasets.vaswani import read_documents
 from pipeline.datasets.xquad_r import LANGUAGES, read_language
-from pipeline.errors import InputError
 from pipeline.model.dummy import ARCHITECTURES, build_checkpoint
 
 logger = logging.getLogger(__name__)

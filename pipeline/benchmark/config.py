@@ -9,7 +9,7 @@ from pydantic import Field, field_validator, model_validator
 
 from pipeline.benchmark.checkpoints import REAL_CHECKPOINT_ENV
 from pipeline.benchmark.contenders import CONTENDERS
-from pipeline.config import StrictModel
+from pipeline.core.config import StrictModel
 from pipeline.datasets import WORKLOADS
 from pipeline.model.dummy import ARCHITECTURES
 

@@ -13,7 +13,7 @@ everyone, model loading for no one but the Ray job (which loads the model in its
 | `hf-sorted`     | the same, pairs sorted by token length first (FlagEmbedding's reranker does this)         | bfloat16 |
 | `engine`        | ours, in process: `CrossEncoder.from_pretrained(dir).compute_score(pairs)`               | auto     |
 | `engine-fp32`   | ours in float32 (to compare with `st-default` at equal precision)                        | float32  |
-| `ray-job`       | the whole Ray rerank job (`pipeline.rerank_api.rerank`), Parquet in -> Parquet out        | auto     |
+| `ray-job`       | the whole Ray rerank job (`pipeline.rerank.api.rerank`), Parquet in -> Parquet out        | auto     |
 | `hf-fp32`       | transformers length-sorted in float32: the fidelity reference where `st-default` is not   | float32  |
 | `ort-fp32`      | ONNX Runtime (CPUExecutionProvider) on a `torch.onnx.export` of the model, length-sorted  | float32  |
 | `ort-int8`      | the same export, `quantize_dynamic` per-channel QInt8 weights                             | int8     |
@@ -274,7 +274,7 @@ class EngineContender:
 
 
 class RayJobContender:
-    """`pipeline.rerank_api.rerank` end to end: Parquet in -> Ray Data (read, tokenize, score, write,
+    """`pipeline.rerank.api.rerank` end to end: Parquet in -> Ray Data (read, tokenize, score, write,
     rank) -> Parquet out, in this process as the driver, at the job's default settings plus `overrides`.
 
     Timed: the whole call, Ray's start and the actors' model loading included (the job pays them on every
@@ -306,11 +306,11 @@ class RayJobContender:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from pipeline import schema
         from pipeline.benchmark.workloads import pair_token_counts
-        from pipeline.config import load_config
-        from pipeline.rerank_api import rerank
-        from pipeline.rerank_config import RerankConfig
+        from pipeline.core import schema
+        from pipeline.core.config import load_config
+        from pipeline.rerank.api import rerank
+        from pipeline.rerank.config import RerankConfig
 
         pairs = list(pairs)
         tokens = int(pair_token_counts(self.directory, pairs, self.max_length).sum())

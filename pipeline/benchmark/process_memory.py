@@ -17,7 +17,7 @@ import os
 import threading
 import time
 
-from pipeline.processes import tree_pids
+from pipeline.runtime.processes import tree_pids
 
 
 def _read_int_field(text: str, key: str) -> int | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import posixpath
 
-from pipeline.storage import url_to_fs, write_json
+from pipeline.core.storage import url_to_fs, write_json
 
 
 def write_report(output: str, report: dict, table: str, command: str) -> str:

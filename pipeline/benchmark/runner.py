@@ -48,9 +48,9 @@ from pipeline.benchmark.checkpoints import REAL_CHECKPOINT_ENV, benchmark_checkp
 from pipeline.benchmark.config import BenchmarkConfig
 from pipeline.benchmark.contenders import CONTENDERS
 from pipeline.benchmark.fidelity import fidelity
-from pipeline.benchmark.flops import Shape, gemm_shapes, model_flops, peak_gemm_flops
 from pipeline.benchmark.machine import load_average, machine_info
 from pipeline.benchmark.workloads import pair_token_counts, workload_pairs
+from pipeline.model.flops import Shape, gemm_shapes, model_flops, peak_gemm_flops
 
 logger = logging.getLogger(__name__)
 

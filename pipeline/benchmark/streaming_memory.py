@@ -43,11 +43,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import schema
 from pipeline.benchmark.machine import load_average, machine_info
 from pipeline.benchmark.process_memory import ProcessTreeMemory
+from pipeline.core import schema
+from pipeline.core.errors import InputError
 from pipeline.datasets import trec_dl
-from pipeline.errors import InputError
 
 log = logging.getLogger("benchmark.memory")
 
@@ -61,7 +61,7 @@ MIN_JOB_PROCESSES = 4
 # Ray's own start-up failure (its raylet did not register within its fixed 30 s): the job runs again.
 RAY_START_FAILED = "timed out during startup"
 RAY_START_ATTEMPTS = 3
-# The rerank job's progress line (pipeline/rerank_job.py, Progress): "scored 1,200/4,300 pairs (27.9%), ..."
+# The rerank job's progress line (pipeline/rerank/job.py, Progress): "scored 1,200/4,300 pairs (27.9%), ..."
 PROGRESS = re.compile(r"scored ([\d,]+)/[\d,]+ pairs")
 
 

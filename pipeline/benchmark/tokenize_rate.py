@@ -21,11 +21,11 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from pipeline import schema as S
-from pipeline.benchmark.flops import Shape, model_flops
 from pipeline.benchmark.machine import load_average, machine_info
 from pipeline.benchmark.workloads import workload_pairs
-from pipeline.rerank_config import TokenizerConfig
+from pipeline.core import schema as S
+from pipeline.model.flops import Shape, model_flops
+from pipeline.rerank.config import TokenizerConfig
 
 # NVIDIA H100 SXM, dense bf16 tensor-core peak (the data sheet's 1,979 TFLOP/s is with 2:4 sparsity).
 H100_BF16_TFLOPS = 989.0
@@ -79,7 +79,7 @@ def measure_workload(
     data_dir: str | None = None,
 ) -> dict:
     """Best-of-`repeats` pairs/s and tokens/s of the tokenize stage on this core, and the token counts' FLOPs."""
-    from pipeline.stages.tokenize import TokenizeStage
+    from pipeline.rerank.stages.tokenize import TokenizeStage
 
     stage = TokenizeStage(directory, None, config)
     pairs = workload_pairs(workload, n_pairs, directory, data_dir)

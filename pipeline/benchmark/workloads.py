@@ -13,9 +13,9 @@ from functools import lru_cache
 import numpy as np
 from tokenizers import Tokenizer
 
-from pipeline import schema
+from pipeline.core import schema
+from pipeline.core.errors import InputError
 from pipeline.datasets import WORKLOADS
-from pipeline.errors import InputError
 
 
 @lru_cache(maxsize=4)

@@ -21,13 +21,13 @@ from collections.abc import Sequence
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import schema
-from pipeline.cli import JobArgumentParser, run_main
-from pipeline.config import parse_overrides
+from pipeline.core import schema
+from pipeline.core.cli import JobArgumentParser, run_main
+from pipeline.core.config import parse_overrides
+from pipeline.core.errors import InputError
+from pipeline.core.storage import arrow_filesystem, url_to_fs
+from pipeline.core.trec import write_qrels
 from pipeline.datasets import COLLECTIONS, WORKLOADS, check_arguments, fetch, sample_queries
-from pipeline.errors import InputError
-from pipeline.storage import arrow_filesystem, url_to_fs
-from pipeline.trec import write_qrels
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -19,9 +19,9 @@ from collections.abc import Sequence
 
 import pyarrow as pa
 
-from pipeline import schema
+from pipeline.core import schema
+from pipeline.core.errors import InputError
 from pipeline.datasets.tables import collection_dir, pairs_table, qrels_table
-from pipeline.errors import InputError
 
 SPLITS = ("multiple", "live_multiple")
 SPLIT = "split"

@@ -19,9 +19,9 @@ import zlib
 import numpy as np
 import pyarrow as pa
 
-from pipeline import schema
+from pipeline.core import schema
+from pipeline.core.errors import InputError
 from pipeline.datasets.tables import collection_dir, only_queries, pairs_table, qrels_table
-from pipeline.errors import InputError
 
 
 def cosqa(

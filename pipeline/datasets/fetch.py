@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import InfrastructureError, InputError
+from pipeline.core.errors import InfrastructureError, InputError
 
 MANIFEST = Path(__file__).with_name("data_files.json")
 PROJECT_ROOT = Path(__file__).resolve().parents[2]

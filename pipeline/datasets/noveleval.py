@@ -12,10 +12,10 @@ import os
 
 import pyarrow as pa
 
-from pipeline import schema
+from pipeline.core import schema
+from pipeline.core.errors import InputError
+from pipeline.core.trec import read_qrels
 from pipeline.datasets.tables import collection_dir, only_queries, pairs_table
-from pipeline.errors import InputError
-from pipeline.trec import read_qrels
 
 
 def _read_tsv(path) -> dict[str, str]:

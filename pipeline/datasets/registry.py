@@ -9,6 +9,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from pipeline.core.errors import InputError
 from pipeline.datasets.bfcl import bfcl
 from pipeline.datasets.cosqa import cosqa
 from pipeline.datasets.noveleval import noveleval
@@ -17,7 +18,6 @@ from pipeline.datasets.trec_dl import trec_dl
 from pipeline.datasets.vaswani import vaswani
 from pipeline.datasets.workloads import WORKLOADS
 from pipeline.datasets.xquad_r import xquad_r
-from pipeline.errors import InputError
 
 COLLECTIONS: dict[str, Callable[..., tuple[pa.Table, pa.Table]]] = {
     "trec_dl": trec_dl,

@@ -21,9 +21,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline import schema
+from pipeline.core import schema
+from pipeline.core.errors import InputError
 from pipeline.datasets.tables import collection_dir, pairs_table, qrels_table
-from pipeline.errors import InputError
 
 DB_ID = "db_id"
 # Spider's column types, written as the SQL types a schema dump would show.

@@ -6,7 +6,7 @@ pairs (long format, one row per (query, candidate)):
 qrels (one row per judgement):
     query_id: string, doc_id: string, label: int32 (graded or binary; unjudged pairs are simply absent)
 
-TREC qrels text is read and written by `pipeline.trec` (`read_qrels`, `write_qrels`).
+TREC qrels text is read and written by `pipeline.core.trec` (`read_qrels`, `write_qrels`).
 
 `first_stage_score` keeps the source's float64 precision: trec_eval breaks ties on the run's scores, and
 rounding to float32 would create ties the published figures do not have.
@@ -22,9 +22,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import schema
-from pipeline.errors import InputError
-from pipeline.trec import QRELS_SCHEMA
+from pipeline.core import schema
+from pipeline.core.errors import InputError
+from pipeline.core.trec import QRELS_SCHEMA
 
 PAIRS_SCHEMA = pa.schema(
     [

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from pipeline import schema
+from pipeline.core import schema
+from pipeline.core.errors import InputError
+from pipeline.core.trec import read_qrels
 from pipeline.datasets.bm25 import BM25
 from pipeline.datasets.tables import collection_dir, only_queries, pairs_table
-from pipeline.errors import InputError
-from pipeline.trec import read_qrels
 
 _DOC = re.compile(r"<DOC>\s*<DOCNO>\s*(.*?)\s*</DOCNO>(.*?)</DOC>", re.S)
 _TOPIC = re.compile(r"<top>\s*<num>\s*(.*?)\s*</num>\s*<title>(.*?)</title>\s*</top>", re.S)

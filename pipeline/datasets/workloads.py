@@ -21,12 +21,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import schema
+from pipeline.core import schema
+from pipeline.core.errors import InputError
 from pipeline.datasets.tables import collection_dir, take_pairs
 from pipeline.datasets.trec_dl import trec_dl
 from pipeline.datasets.vaswani import read_documents, vaswani
 from pipeline.datasets.xquad_r import LANGUAGES, xquad_r
-from pipeline.errors import InputError
 
 # Subword tokenizers (WordPiece, XLM-R's SentencePiece) cut this English text into ~1.3 tokens per word.
 TOKENS_PER_WORD = 1.3

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from pipeline import schema
+from pipeline.core import schema
+from pipeline.core.errors import InputError
 from pipeline.datasets.tables import collection_dir, only_queries, pairs_table, qrels_table
-from pipeline.errors import InputError
 
 LANGUAGES = ("ar", "de", "en", "es", "hi", "ru", "th", "zh")
 LANGUAGE = "language"

@@ -21,14 +21,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import schema
+from pipeline.core import schema
+from pipeline.core.storage import atomic_write, join, url_to_fs
 from pipeline.hard_negatives import projections as proj
 from pipeline.hard_negatives.config import HardNegativesConfig
 from pipeline.hard_negatives.io import CANDIDATES, with_run_metadata
 from pipeline.hard_negatives.select import CANONICAL_SCHEMA, select_negatives
 from pipeline.hard_negatives.stats import stats_piece
-from pipeline.stages.write import bucket_of
-from pipeline.storage import atomic_write, join, url_to_fs
+from pipeline.rerank.stages.write import bucket_of
 
 KEY = "_query_id"  # the query of a training row, kept in the fragments so a part can be sorted by query
 FLAGEMBEDDING_LINE = "line"

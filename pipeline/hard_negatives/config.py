@@ -19,8 +19,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pipeline.config import StrictModel
-from pipeline.rerank_config import RerankConfig
+from pipeline.core.config import StrictModel
+from pipeline.rerank.config import RerankConfig
 
 Sampling = Literal["top", "random"]
 Projection = Literal["triplet", "n-tuple", "flagembedding"]

@@ -1,7 +1,7 @@
 """Reading the reranked candidates back with their texts, and writing the outputs (local paths, s3://...).
 
 Input: the rerank job's `ranked/` (scores, texts, first-stage and other carried columns), read through
-`pipeline.rerank_api`: the rerank carries the texts (`output.carry_texts`), so --input is read once, by it.
+`pipeline.rerank.api`: the rerank carries the texts (`output.carry_texts`), so --input is read once, by it.
 
 Output layout under --output (stats.json is written last: its presence means the run finished). The job
 writes parts (part-PPPPP, by hash(query_id); one part, part-00000 / train.jsonl, below
@@ -27,13 +27,13 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.core.storage import join, url_to_fs, write_json
 from pipeline.hard_negatives import projections as proj
 from pipeline.hard_negatives.config import HardNegativesConfig
 from pipeline.hard_negatives.stats import compute_stats
-from pipeline.rerank_config import RerankConfig
-from pipeline.stages.read import read_schemas
-from pipeline.stages.validate import InputLayout
-from pipeline.storage import join, url_to_fs, write_json
+from pipeline.rerank.config import RerankConfig
+from pipeline.rerank.stages.read import read_schemas
+from pipeline.rerank.stages.validate import InputLayout
 
 METADATA_KEY = b"hard_negatives"
 CANDIDATES = "candidates"

@@ -19,17 +19,17 @@ import logging
 
 import pyarrow as pa
 
-from pipeline import schema
-from pipeline.config import redact
-from pipeline.errors import InputError
+from pipeline.core import schema
+from pipeline.core.config import redact
+from pipeline.core.errors import InputError
+from pipeline.core.storage import join, read_json, url_to_fs, write_json
+from pipeline.core.trec import read_qrels
 from pipeline.hard_negatives import buckets, io
 from pipeline.hard_negatives.config import HardNegativesConfig
 from pipeline.hard_negatives.stats import reduce_stats
-from pipeline.rerank_api import RerankResult, ensure_ray, rerank, worker_errors
-from pipeline.rerank_job import settings_hash
-from pipeline.stages.read import list_input_files
-from pipeline.storage import join, read_json, url_to_fs, write_json
-from pipeline.trec import read_qrels
+from pipeline.rerank.api import RerankResult, ensure_ray, rerank, worker_errors
+from pipeline.rerank.job import settings_hash
+from pipeline.rerank.stages.read import list_input_files
 
 log = logging.getLogger("hard_negatives")
 

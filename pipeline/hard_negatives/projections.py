@@ -27,8 +27,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import schema
-from pipeline.errors import InputError
+from pipeline.core import schema
+from pipeline.core.errors import InputError
 from pipeline.hard_negatives.config import ProjectionsConfig, SelectionConfig
 from pipeline.hard_negatives.select import IS_POSITIVE, KEEP
 

@@ -45,9 +45,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import schema
-from pipeline.errors import InputError
-from pipeline.groups import group_positions
+from pipeline.core import schema
+from pipeline.core.errors import InputError
+from pipeline.core.groups import group_positions
 from pipeline.hard_negatives import dedup
 from pipeline.hard_negatives.config import SelectionConfig
 

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import schema
+from pipeline.core import schema
 from pipeline.hard_negatives.config import SelectionConfig
 from pipeline.hard_negatives.select import (
     DROP_REASON,

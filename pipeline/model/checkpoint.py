@@ -29,7 +29,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from pipeline.errors import CheckpointError
+from pipeline.core.errors import CheckpointError
 from pipeline.model.dummy import DUMMY_MARKER, dummy_checkpoint  # noqa: F401 (the marker is re-exported)
 from pipeline.model.model_config import ModelConfig
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from pipeline.errors import CheckpointError
+from pipeline.core.errors import CheckpointError
 from pipeline.model import device as runtime
 from pipeline.model.checkpoint import DUMMY_MARKER, resolve_model_directory
 from pipeline.model.fp8 import Fp8Weights, fp8_kernel_works

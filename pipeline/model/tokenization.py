@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from tokenizers import Encoding, Tokenizer
 
-from pipeline.errors import CheckpointError
+from pipeline.core.errors import CheckpointError
 
 # No piece of the XLM-R sentencepiece or BERT WordPiece vocabularies spans more characters than this,
 # so capping a text at max_length * 32 characters never changes its first max_length tokens.

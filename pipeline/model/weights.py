@@ -14,7 +14,7 @@ import re
 
 import torch
 
-from pipeline.errors import CheckpointError
+from pipeline.core.errors import CheckpointError
 from pipeline.model.checkpoint import (
     DUMMY_MARKER,
     Layout,

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from scipy import stats
 
-from pipeline.schema import QUERY_ID
+from pipeline.core.schema import QUERY_ID
 
 
 @dataclass

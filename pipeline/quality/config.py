@@ -6,10 +6,10 @@ import datetime as dt
 
 from pydantic import Field, field_validator
 
-from pipeline.config import StrictModel
-from pipeline.errors import InputError
+from pipeline.core.config import StrictModel
+from pipeline.core.errors import InputError
 from pipeline.quality.metrics import parse_measure
-from pipeline.rerank_config import RerankConfig
+from pipeline.rerank.config import RerankConfig
 
 
 class InputConfig(StrictModel):

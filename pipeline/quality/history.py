@@ -20,8 +20,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.errors import InputError
-from pipeline.storage import join, url_to_fs
+from pipeline.core.errors import InputError
+from pipeline.core.storage import join, url_to_fs
 
 HISTORY_FILE = "history.parquet"
 PER_QUERY_DIR = "per_query"

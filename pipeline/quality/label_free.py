@@ -30,10 +30,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.errors import InputError
+from pipeline.core.errors import InputError
+from pipeline.core.ranking import query_groups, rank_by_score
+from pipeline.core.schema import DOC_ID, FIRST_STAGE_RANK, QUERY_ID, SCORE
 from pipeline.quality.metrics import ndcg
-from pipeline.quality.ranking import query_groups, rank_by_score
-from pipeline.schema import DOC_ID, FIRST_STAGE_RANK, QUERY_ID, SCORE
 
 RERANKER_RANK = "reranker_rank"
 PREFIX = "judge/"

@@ -36,10 +36,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.errors import InputError
-from pipeline.groups import group_positions
-from pipeline.quality.ranking import rank_by_score
-from pipeline.schema import DOC_ID, LABEL, QUERY_ID, RANK, SCORE
+from pipeline.core.errors import InputError
+from pipeline.core.groups import group_positions
+from pipeline.core.ranking import rank_by_score
+from pipeline.core.schema import DOC_ID, LABEL, QUERY_ID, RANK, SCORE
 
 # name -> whether a cut-off is required (True), optional (None) or not allowed (False)
 MEASURES: dict[str, bool | None] = {

@@ -27,8 +27,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.config import config_hash, redact
-from pipeline.errors import InputError
+from pipeline.core.config import config_hash, redact
+from pipeline.core.errors import InputError
+from pipeline.core.schema import FIRST_STAGE_RANK, QUERY_ID, REASON, SCORE
+from pipeline.core.storage import join, url_to_fs
+from pipeline.core.trec import read_qrels
 from pipeline.quality.compare import Comparison, compare_nights
 from pipeline.quality.config import IndexQualityConfig
 from pipeline.quality.history import NIGHT, History
@@ -48,9 +51,6 @@ from pipeline.quality.parts import (
 from pipeline.quality.report import NightReport, random_weights_warning, write_report
 from pipeline.quality.run_input import no_usable_rows
 from pipeline.quality.segments import segment_means
-from pipeline.schema import FIRST_STAGE_RANK, QUERY_ID, REASON, SCORE
-from pipeline.storage import join, url_to_fs
-from pipeline.trec import read_qrels
 
 log = logging.getLogger(__name__)
 

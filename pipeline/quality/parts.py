@@ -27,7 +27,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.errors import InputError
+from pipeline.core.errors import InputError
+from pipeline.core.schema import CANDIDATES, DOC_ID, FIRST_STAGE_RANK, QUERY_ID, SCORE
+from pipeline.core.storage import join, url_to_fs
+from pipeline.core.trec import is_parquet, read_run
 from pipeline.quality.config import IndexQualityConfig
 from pipeline.quality.label_free import RERANKER_RANK, label_free_measures, rank_both
 from pipeline.quality.metrics import evaluate
@@ -40,10 +43,7 @@ from pipeline.quality.run_input import (
     prepare_run,
 )
 from pipeline.quality.segments import query_segments
-from pipeline.schema import CANDIDATES, DOC_ID, FIRST_STAGE_RANK, QUERY_ID, SCORE
-from pipeline.stages.write import bucket_of
-from pipeline.storage import join, url_to_fs
-from pipeline.trec import is_parquet, read_run
+from pipeline.rerank.stages.write import bucket_of
 
 PARTS = "_parts"
 RUN, JUDGE = "run", "judge"
@@ -464,7 +464,7 @@ def measure_run(
     options = config.storage_options
     use_ray = plan.num_buckets > 1 or ray_is_running()
     if use_ray and not ray_is_running():
-        from pipeline.rerank_api import ensure_ray
+        from pipeline.rerank.api import ensure_ray
 
         ensure_ray(config.rerank_config())
     fs, root = url_to_fs(output, options)

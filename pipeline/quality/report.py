@@ -28,11 +28,11 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
+from pipeline.core.schema import QUERY_ID
+from pipeline.core.storage import join, url_to_fs, write_json
 from pipeline.quality.compare import Comparison
 from pipeline.quality.history import NIGHT
 from pipeline.quality.label_free import PREFIX as JUDGE_PREFIX
-from pipeline.schema import QUERY_ID
-from pipeline.storage import join, url_to_fs, write_json
 
 METRICS_JSON = "metrics.json"
 PER_QUERY_PARQUET = "per_query.parquet"

@@ -1,7 +1,7 @@
 """The index-quality job's `--run`: a TREC run file or the rerank job's Parquet input, as one table.
 
 Accepted:
-- TREC run text (`qid Q0 docno rank score tag`): ordered by score, as trec_eval does (pipeline/trec.py).
+- TREC run text (`qid Q0 docno rank score tag`): ordered by score, as trec_eval does (pipeline/core/trec.py).
 - Parquet, long format (one row per pair: query_id, doc_id, [query, document], first-stage rank and/or score,
   any carried columns such as language), a file or a folder of files.
 - Parquet, grouped format (one row per query: query_id, [query], candidates: list<struct<doc_id, ...>>);
@@ -26,9 +26,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.errors import InputError
-from pipeline.quality.ranking import rank_by_score
-from pipeline.schema import (
+from pipeline.core.errors import InputError
+from pipeline.core.ranking import rank_by_score
+from pipeline.core.schema import (
     CANDIDATES,
     DOC_ID,
     DOCUMENT,
@@ -40,8 +40,8 @@ from pipeline.schema import (
     REASON,
     SCORE,
 )
-from pipeline.storage import url_to_fs
-from pipeline.trec import is_parquet, read_run
+from pipeline.core.storage import url_to_fs
+from pipeline.core.trec import is_parquet, read_run
 
 JUDGE_SCORE = "judge_score"
 ORDER_COLUMNS = (FIRST_STAGE_SCORE, FIRST_STAGE_RANK, SCORE, RANK)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.errors import InputError
-from pipeline.schema import QUERY_ID
+from pipeline.core.errors import InputError
+from pipeline.core.schema import QUERY_ID
 
 NULL_SEGMENT = "(null)"
 NUM_QUERIES = "num_queries"

@@ -11,9 +11,9 @@ import time
 import pytest
 
 from jobs import benchmark_cache
-from pipeline.config import load_config
-from pipeline.rerank_config import RerankConfig
-from pipeline.rerank_job import run_rerank
+from pipeline.core.config import load_config
+from pipeline.rerank.config import RerankConfig
+from pipeline.rerank.job import run_rerank
 
 
 @pytest.fixture(scope="module")

@@ -489,7 +489,7 @@ def test_spread_classifier_gives_logits_of_the_std_asked_for(spread_checkpoint, 
 
 def test_unknown_contender_is_a_config_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        from pipeline.cli import run_main
+        from pipeline.core.cli import run_main
 
         run_main(benchmark.main, ["--contenders", "engine,st-fastest"])
     assert exit_info.value.code == 2

@@ -20,7 +20,7 @@ import pytest
 from jobs import benchmark_memory
 from pipeline.benchmark.process_memory import ProcessTreeMemory, tree_memory_mb, tree_pids
 from pipeline.benchmark.streaming_memory import JOBS, _downsample, write_repeated_pairs
-from pipeline.errors import InputError
+from pipeline.core.errors import InputError
 from pipeline.model.dummy import ARCHITECTURES, build_checkpoint
 
 CHILD = (

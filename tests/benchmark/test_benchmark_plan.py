@@ -21,8 +21,8 @@ from pipeline.benchmark.config import (
 )
 from pipeline.benchmark.contenders import Scored, tune_batch_size
 from pipeline.benchmark.report import markdown_table
-from pipeline.config import load_config
-from pipeline.errors import ConfigError
+from pipeline.core.config import load_config
+from pipeline.core.errors import ConfigError
 from pipeline.model.dummy import ARCHITECTURES, build_checkpoint
 
 FIRST, SECOND = "jina-reranker-v2-base", "bge-reranker-v2-m3"
@@ -123,7 +123,7 @@ def test_a_scope_that_cannot_run_is_one_clear_error(override, message):
 
 
 def test_a_bad_scope_ends_the_job_in_one_error_line_before_any_work(tmp_path, capsys):
-    from pipeline.cli import run_main
+    from pipeline.core.cli import run_main
 
     with pytest.raises(SystemExit) as exit_info:
         run_main(

@@ -9,12 +9,12 @@ import os
 import numpy as np
 import pytest
 
-from pipeline.benchmark.flops import Shape, model_flops
 from pipeline.benchmark.tokenize_rate import _batches, gpu_sizing, markdown, one_core, run
 from pipeline.benchmark.workloads import workload_pairs
 from pipeline.model.checkpoint import resolve_model_directory
-from pipeline.rerank_config import TokenizerConfig
-from pipeline.stages.tokenize import TokenizeStage
+from pipeline.model.flops import Shape, model_flops
+from pipeline.rerank.config import TokenizerConfig
+from pipeline.rerank.stages.tokenize import TokenizeStage
 
 
 @pytest.fixture(scope="module")

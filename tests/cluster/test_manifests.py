@@ -25,11 +25,11 @@ import jsonschema
 import pytest
 import yaml
 
-from pipeline.config import load_config
-from pipeline.errors import InputError
+from pipeline.core.config import load_config
+from pipeline.core.errors import InputError
 from pipeline.quality.config import IndexQualityConfig
-from pipeline.rerank_config import RerankConfig
-from pipeline.rerank_job import _check_pool, label_selector_matches
+from pipeline.rerank.config import RerankConfig
+from pipeline.rerank.job import _check_pool, label_selector_matches
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = Path(__file__).parent / "data"
@@ -263,7 +263,7 @@ def cross_file_problems(job: dict) -> list[str]:
     if not isinstance(
         config.tokenizer.num_actors, int
     ):  # auto: the count the job sizes on these nodes
-        from pipeline.capacity import resolve_tokenizer_actors
+        from pipeline.rerank.capacity import resolve_tokenizer_actors
 
         jina_base = {"hidden_size": 768, "num_hidden_layers": 12, "intermediate_size": 3072}
         config = resolve_tokenizer_actors(config, nodes, jina_base)

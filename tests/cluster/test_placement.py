@@ -6,8 +6,8 @@ import logging
 
 import pytest
 
-from pipeline.errors import InputError
-from pipeline.rerank_job import _check_pool, label_selector_matches
+from pipeline.core.errors import InputError
+from pipeline.rerank.job import _check_pool, label_selector_matches
 
 
 def _node(cpus: float, gpus: float = 0, **labels: str) -> dict:

@@ -11,12 +11,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from pipeline import schema
+from pipeline.core import schema
+from pipeline.core.errors import InputError
+from pipeline.core.trec import QRELS_SCHEMA
 from pipeline.datasets import bfcl, cosqa, noveleval, spider, trec_dl, vaswani, xquad_r
 from pipeline.datasets.spider import create_table_statements
 from pipeline.datasets.xquad_r import LANGUAGES
-from pipeline.errors import InputError
-from pipeline.trec import QRELS_SCHEMA
 
 
 def _queries(table: pa.Table) -> int:

@@ -7,11 +7,11 @@ import math
 import pyarrow.compute as pc
 import pytest
 
-from pipeline import schema
+from pipeline.core import schema
+from pipeline.core.errors import InputError
+from pipeline.core.trec import read_qrels
 from pipeline.datasets import sample_queries, take_pairs, trec_dl
 from pipeline.datasets.bm25 import BM25, analyze
-from pipeline.errors import InputError
-from pipeline.trec import read_qrels
 
 
 @pytest.fixture(scope="module")

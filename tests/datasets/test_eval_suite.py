@@ -8,8 +8,8 @@ import re
 import pytest
 
 from jobs.eval_suite import _ranking, load_suite_config, main, reference_dtype
+from pipeline.core.errors import ConfigError
 from pipeline.datasets import load_collection
-from pipeline.errors import ConfigError
 from pipeline.quality.metrics import evaluate, means
 
 # The release post's table: collection -> its measure.

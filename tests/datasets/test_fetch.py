@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.core.errors import InputError
 from pipeline.datasets.__main__ import main
 from pipeline.datasets.fetch import data_files, locate
-from pipeline.errors import InputError
 
 NOVELEVAL = [
     "noveleval/corpus.tsv",

@@ -7,12 +7,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import schema
+from pipeline.core import schema
+from pipeline.core.errors import InputError
+from pipeline.core.trec import read_qrels
 from pipeline.datasets import dl19, long, multilingual
 from pipeline.datasets.__main__ import main
 from pipeline.datasets.workloads import describe, estimate_tokens
-from pipeline.errors import InputError
-from pipeline.trec import read_qrels
 
 
 def test_dl19_is_the_4300_bm25_pairs(shared_data):

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline import schema
+from pipeline.core import schema
 from pipeline.datasets import trec_dl
 from pipeline.datasets.bm25 import BM25
 

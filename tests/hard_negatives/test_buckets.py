@@ -12,13 +12,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import schema
+from pipeline.core import schema
 from pipeline.hard_negatives.buckets import SelectBucket, WritePart, projection_counts
 from pipeline.hard_negatives.config import HardNegativesConfig
 from pipeline.hard_negatives.io import read_run_metadata
 from pipeline.hard_negatives.select import select_negatives
 from pipeline.hard_negatives.stats import compute_stats, reduce_stats
-from pipeline.stages.write import bucket_of
+from pipeline.rerank.stages.write import bucket_of
 
 RUN = {"model": "bm25-test-scorer", "seed": 7}
 

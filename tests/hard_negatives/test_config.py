@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import load_config
-from pipeline.errors import ConfigError
+from pipeline.core.config import load_config
+from pipeline.core.errors import ConfigError
 from pipeline.hard_negatives.config import HardNegativesConfig
 
 CONFIG_FILE = Path(__file__).resolve().parents[2] / "configs" / "hard_negatives.yaml"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from pipeline import schema
-from pipeline.errors import InputError
+from pipeline.core import schema
+from pipeline.core.errors import InputError
 from pipeline.hard_negatives.config import SelectionConfig
 from pipeline.hard_negatives.select import CANONICAL_SCHEMA, DROP_REASON, KEEP, select_negatives
 from pipeline.hard_negatives.stats import compute_stats

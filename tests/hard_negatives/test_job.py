@@ -13,14 +13,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.hard_negatives import main
-from pipeline import schema
-from pipeline.config import load_config
-from pipeline.errors import InputError
+from pipeline.core import schema
+from pipeline.core.config import load_config
+from pipeline.core.errors import InputError
+from pipeline.core.trec import read_qrels
 from pipeline.hard_negatives.config import HardNegativesConfig
 from pipeline.hard_negatives.io import read_run_metadata
 from pipeline.hard_negatives.job import read_positives
 from pipeline.hard_negatives.select import IS_POSITIVE, KEEP, POS_MIN_SCORE
-from pipeline.trec import read_qrels
 
 # A short max_length keeps the random-weight scoring quick; the pipeline is the same at any length.
 FAST = [

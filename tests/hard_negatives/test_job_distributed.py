@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.hard_negatives import main
-from pipeline import schema
+from pipeline.core import schema
 from tests.hard_negatives.conftest import hn_outputs
 
 FAST = [

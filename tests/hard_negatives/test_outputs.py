@@ -11,7 +11,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import schema
+from pipeline.core import schema
+from pipeline.core.storage import url_to_fs
 from pipeline.hard_negatives.config import HardNegativesConfig
 from pipeline.hard_negatives.io import read_run_metadata, write_outputs
 from pipeline.hard_negatives.select import (
@@ -22,7 +23,6 @@ from pipeline.hard_negatives.select import (
     select_negatives,
 )
 from pipeline.hard_negatives.stats import format_summary
-from pipeline.storage import url_to_fs
 
 
 def job_config(**selection) -> HardNegativesConfig:

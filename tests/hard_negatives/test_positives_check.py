@@ -12,11 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.hard_negatives import main
-from pipeline import schema
-from pipeline.config import load_config
+from pipeline.core import schema
+from pipeline.core.config import load_config
+from pipeline.core.trec import read_qrels
 from pipeline.hard_negatives.config import HardNegativesConfig
 from pipeline.hard_negatives.job import check_positives_meet_input
-from pipeline.trec import read_qrels
 
 
 @pytest.fixture(scope="module")

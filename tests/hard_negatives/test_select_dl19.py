@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from pipeline import schema
+from pipeline.core import schema
 from pipeline.hard_negatives.config import SelectionConfig
 from pipeline.hard_negatives.select import (
     CANONICAL_SCHEMA,

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline import schema
+from pipeline.core import schema
 from pipeline.hard_negatives import projections as proj
 from pipeline.hard_negatives.config import ProjectionsConfig, SelectionConfig
 from pipeline.hard_negatives.dedup import normalize_text

@@ -23,7 +23,7 @@ import json, sys
 import ray
 from ray.cluster_utils import Cluster
 import ray._private.state as state  # GCS actor table; the state API would need the dashboard
-from pipeline.config import load_config
+from pipeline.core.config import load_config
 from pipeline.hard_negatives.config import HardNegativesConfig
 from pipeline.hard_negatives.job import run_hard_negatives
 

@@ -23,7 +23,7 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from pipeline import schema as S
+from pipeline.core import schema as S
 from pipeline.model import CrossEncoder
 from pipeline.model import device as engine_device
 from pipeline.model.modeling import (
@@ -185,9 +185,9 @@ def test_float8_runs_cudas_scaled_mm_contract(monkeypatch):
 
 
 def test_the_score_stage_on_cuda(monkeypatch, tmp_path, reference):
-    from pipeline.rerank_config import ScorerConfig, TokenizerConfig
-    from pipeline.stages.score import ScoreStage
-    from pipeline.stages.tokenize import TokenizeStage
+    from pipeline.rerank.config import ScorerConfig, TokenizerConfig
+    from pipeline.rerank.stages.score import ScoreStage
+    from pipeline.rerank.stages.tokenize import TokenizeStage
 
     runtime = cuda_standins.install(monkeypatch)
     batch = pa.table(

@@ -10,9 +10,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from pipeline.cache import fingerprint
-from pipeline.cli import base_parser
-from pipeline.errors import CheckpointError, ConfigError
+from pipeline.core.cli import base_parser
+from pipeline.core.errors import CheckpointError, ConfigError
 from pipeline.model import CrossEncoder, resolve_dtype
 from pipeline.model.modeling import ONEDNN_INT8
 from pipeline.model.quantization import (
@@ -23,7 +22,8 @@ from pipeline.model.quantization import (
     quantize_per_token,
     weight_qmax,
 )
-from pipeline.rerank_config import RerankConfig
+from pipeline.rerank.cache import fingerprint
+from pipeline.rerank.config import RerankConfig
 
 CPU = torch.device("cpu")
 
@@ -315,8 +315,8 @@ def test_linear_layer_names_are_the_engines(checkpoints):
 
 
 def test_int8_section_is_checked_before_any_work():
-    from pipeline.config import load_config
-    from pipeline.rerank_job import check_model
+    from pipeline.core.config import load_config
+    from pipeline.rerank.job import check_model
 
     def check(*overrides):
         return check_model(load_config(RerankConfig, None, list(overrides), model="dummy:tiny"))
@@ -361,7 +361,7 @@ def test_int8_section_is_checked_before_any_work():
 def test_int8_section_is_a_result_setting_of_int8_only():
     """A resumed run must match it under int8; other dtypes hash as before the section existed, so their
     unfinished outputs keep resuming."""
-    from pipeline.config import load_config
+    from pipeline.core.config import load_config
 
     int8 = lambda *o: load_config(RerankConfig, None, ["dtype=int8", *o]).result_settings()  # noqa: E731
     assert int8()["int8"] == {"smooth_alpha": 0.5, "fp32_layers": []}
@@ -382,7 +382,7 @@ def test_int8_section_is_a_result_setting_of_int8_only():
 
 
 def test_score_cache_fingerprint_follows_int8_options():
-    from pipeline.rerank_job import int8_settings
+    from pipeline.rerank.job import int8_settings
 
     checkpoint = {"model.safetensors": "abc"}
 
@@ -418,8 +418,8 @@ def test_score_cache_fingerprint_follows_int8_options():
 
 
 def test_score_stage_builds_the_configured_int8_options(tmp_path):
-    from pipeline.rerank_config import Int8Config, ScorerConfig
-    from pipeline.stages.score import ScoreStage
+    from pipeline.rerank.config import Int8Config, ScorerConfig
+    from pipeline.rerank.stages.score import ScoreStage
 
     def info(name, int8):
         ScoreStage(

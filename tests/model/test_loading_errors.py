@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.errors import CheckpointError
+from pipeline.core.errors import CheckpointError
 from pipeline.model import CrossEncoder
 from pipeline.model.checkpoint import LAYOUTS, detect_layout
 from pipeline.model.weights import convert_state_dict

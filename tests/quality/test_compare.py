@@ -9,9 +9,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
+from pipeline.core.trec import read_qrels, read_run
 from pipeline.quality.compare import compare_nights, paired_p_value
 from pipeline.quality.metrics import evaluate
-from pipeline.trec import read_qrels, read_run
 
 MEASURES = ["nDCG@10", "AP@100", "R@100"]
 

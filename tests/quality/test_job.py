@@ -12,11 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.index_quality import main
-from pipeline.config import load_config
-from pipeline.errors import ConfigError, InputError
+from pipeline.core.config import load_config
+from pipeline.core.errors import ConfigError, InputError
+from pipeline.core.storage import url_to_fs
 from pipeline.quality.config import IndexQualityConfig
 from pipeline.quality.history import History
-from pipeline.storage import url_to_fs
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("index_quality*.yaml"))
@@ -231,7 +231,7 @@ def test_bad_requests_fail_before_work(dl19_long, tmp_path, extra, error, messag
 
 
 def test_command_line_exit_codes(shared_data, tmp_path, run_entry_point):
-    """`python -m jobs.index_quality`'s entry point (pipeline.cli.run_main), in this process: exit codes, one line."""
+    """`python -m jobs.index_quality`'s entry point (pipeline.core.cli.run_main), in this process: exit codes, one line."""
     dl = shared_data / "trec-dl"
     ok = run_entry_point(
         main,

@@ -19,9 +19,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.errors import InputError
+from pipeline.core.errors import InputError
+from pipeline.core.trec import read_qrels, read_run
 from pipeline.quality.metrics import evaluate, means, parse_measure
-from pipeline.trec import read_qrels, read_run
 
 # trec_eval name -> (our name, how trec_eval's value maps to ours)
 _TREC_NAMES = [

@@ -12,7 +12,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import load_config
+from pipeline.core.config import load_config
+from pipeline.core.trec import read_qrels
 from pipeline.quality.config import IndexQualityConfig
 from pipeline.quality.nightly import _judge_table, evaluate_night, measure
 from pipeline.quality.parts import (
@@ -26,7 +27,6 @@ from pipeline.quality.parts import (
     scatter,
 )
 from pipeline.quality.run_input import load_run
-from pipeline.trec import read_qrels
 
 SETTINGS = [
     "input.judge_score_column=reranker_score",
