@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pipeline.core.cli import JobArgumentParser, run_main, setup_logging
 from pipeline.core.config import StrictModel, load_config
 from pipeline.core.errors import ConfigError, OutputError
-from pipeline.core.storage import join, map_paths, url_to_fs
+from pipeline.core.storage import join, map_paths, protocol_prefix, url_to_fs
 from pipeline.rerank.cache import (
     bucket_stats,
     compact_bucket,
@@ -161,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _shown(uri: str):
     """A storage path as a user names it: with the cache URI's protocol."""
-    protocol = uri.split("://")[0] + "://" if "://" in uri else ""
+    protocol = protocol_prefix(uri)
     return lambda path: protocol + path
 
 
@@ -209,7 +209,7 @@ def _verify(cache_uri: str, caches) -> int:
 
 def _repair(cache_uri: str, storage_options: dict) -> int:
     fs, root = url_to_fs(cache_uri, storage_options)
-    protocol = cache_uri.split("://")[0] + "://" if "://" in cache_uri else ""
+    protocol = protocol_prefix(cache_uri)
     folders = fingerprint_folders(fs, root)
     if not folders:
         raise ConfigError(

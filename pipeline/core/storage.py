@@ -21,6 +21,11 @@ from pydantic import BaseModel, ValidationError
 from pipeline.core.errors import ConfigError, InputError, OutputError
 
 
+def protocol_prefix(uri: str) -> str:
+    """`s3://bucket/x` -> "s3://"; a plain path -> "". Put before a filesystem path to name it as a URI again."""
+    return uri.split("://", 1)[0] + "://" if "://" in uri else ""
+
+
 def url_to_fs(
     uri: str, storage_options: dict | None = None
 ) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -38,7 +43,7 @@ def url_to_fs(
     try:
         return fsspec.core.url_to_fs(uri, **options)
     except (ImportError, ValueError) as e:
-        raise InputError(f"cannot open {uri.split('://')[0]}:// URIs: {e}") from None
+        raise InputError(f"cannot open {protocol_prefix(uri)} URIs: {e}") from None
 
 
 # What every fsspec filesystem accepts besides its own arguments (AbstractFileSystem's caching keywords).
@@ -93,7 +98,7 @@ def check_storage_options(uris: list[str], storage_options: dict | None) -> None
     options = dict(storage_options or {})
     if not options:
         return
-    protocols = sorted({u.split("://")[0] if "://" in u else "file" for u in uris if u})
+    protocols = sorted({protocol_prefix(u)[:-3] or "file" for u in uris if u})
     if set(protocols) - {"file", "local"}:
         # Options shared by a local path and object storage are meant for the latter; a local disk ignores them.
         protocols = [p for p in protocols if p not in ("file", "local")]
@@ -136,9 +141,8 @@ def check_bucket(
         except Exception:  # no permission to look (403): the writes will tell
             return
     if not create:
-        protocol = uri.split("://")[0]
         raise OutputError(
-            f"the bucket {protocol}://{bucket} of {uri} does not exist; check its name, create it, or "
+            f"the bucket {protocol_prefix(uri)}{bucket} of {uri} does not exist; check its name, create it, or "
             f"--set {key}=true to let the job create it"
         )
     fs.mkdir(bucket)

@@ -22,7 +22,7 @@ import pyarrow as pa
 from pipeline.core import schema
 from pipeline.core.config import redact
 from pipeline.core.errors import InputError
-from pipeline.core.storage import join, read_json, url_to_fs, write_json
+from pipeline.core.storage import join, protocol_prefix, read_json, url_to_fs, write_json
 from pipeline.core.trec import read_qrels
 from pipeline.hard_negatives import buckets, io
 from pipeline.hard_negatives.config import HardNegativesConfig
@@ -181,7 +181,7 @@ def select_per_bucket(
     for folder in (*buckets.KINDS, WORK):  # an earlier run's parts, whatever their number
         if fs.exists(join(root, folder)):
             fs.rm(join(root, folder), recursive=True)
-    protocol = output_uri.split("://")[0] + "://" if "://" in output_uri else ""
+    protocol = protocol_prefix(output_uri)
     work_uri = protocol + join(root, WORK)
     num_parts = max(1, -(-result.summary["scored_rows"] // config.output.rows_per_part))
 

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from pipeline.core.errors import InputError
 from pipeline.core.schema import CANDIDATES, DOC_ID, FIRST_STAGE_RANK, QUERY_ID, SCORE
-from pipeline.core.storage import join, url_to_fs
+from pipeline.core.storage import join, protocol_prefix, url_to_fs
 from pipeline.core.trec import is_parquet, read_run
 from pipeline.quality.config import IndexQualityConfig
 from pipeline.quality.label_free import RERANKER_RANK, label_free_measures, rank_both
@@ -87,7 +87,7 @@ class BucketResult:
 
 
 def _with_protocol(uri: str, path: str) -> str:
-    protocol = uri.split("://")[0] + "://" if "://" in uri else ""
+    protocol = protocol_prefix(uri)
     return protocol + path if protocol and not path.startswith(protocol) else path
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.core.storage import join, url_to_fs
+from pipeline.core.storage import join, protocol_prefix, url_to_fs
 from pipeline.rerank.config import RerankConfig
 from pipeline.rerank.job import _ensure_ray, _worker_errors, run_rerank
 
@@ -42,7 +42,7 @@ class RerankResult:
     def parts(self) -> list[str]:
         """The ranked part files, in bucket order, as URIs with the output's protocol."""
         fs, root = url_to_fs(self.ranked_uri, self.storage_options)
-        protocol = self.output_uri.split("://")[0] + "://" if "://" in self.output_uri else ""
+        protocol = protocol_prefix(self.output_uri)
         return [
             protocol + p if protocol and not p.startswith(protocol) else p
             for p in sorted(fs.glob(join(root, "part-*.parquet")))

@@ -56,6 +56,7 @@ from pipeline.core.storage import (
     create_exclusive,
     join,
     map_paths,
+    protocol_prefix,
     read_jsons,
     url_to_fs,
 )
@@ -204,10 +205,6 @@ class OtherFormat(ConfigError):
     """A `_cache.json` of another version of the cache: not ours to read, nor to repair."""
 
 
-def _protocol(uri: str) -> str:
-    return uri.split("://")[0] + "://" if "://" in uri else ""
-
-
 def _bad_meta(shown: str, what: str, cache_uri: str) -> ConfigError:
     return ConfigError(
         f"score cache metadata {shown} {what}; run `{REPAIR} {cache_uri}` to rewrite it from the "
@@ -285,7 +282,7 @@ def open_cache(
     existing folder's `_cache.json` is missing or wrong."""
     check_location(uri, storage_options)
     fs, root = url_to_fs(uri, storage_options)
-    protocol = _protocol(uri)
+    protocol = protocol_prefix(uri)
     folder = join(root, fingerprint_hex)
     meta_path = join(folder, META)
     try:
@@ -335,7 +332,7 @@ def fingerprint_folders(fs, root: str) -> list[str]:
 def list_caches(uri: str, storage_options: dict) -> list[CacheSpec]:
     """Every fingerprint folder under a cache URI, its `_cache.json` validated (one line if one is wrong)."""
     fs, root = url_to_fs(uri, storage_options)
-    protocol = _protocol(uri)
+    protocol = protocol_prefix(uri)
     specs = []
     for folder in fingerprint_folders(fs, root):
         meta = read_meta(fs, folder, uri, protocol)

@@ -49,6 +49,7 @@ from pipeline.core.storage import (
     check_storage_options,
     join,
     map_paths,
+    protocol_prefix,
     read_own_file,
     read_own_files,
     url_to_fs,
@@ -510,7 +511,7 @@ class RunPlan:
 
     @property
     def protocol(self) -> str:
-        return self.output_uri.split("://")[0] + "://" if "://" in self.output_uri else ""
+        return protocol_prefix(self.output_uri)
 
     @property
     def work(self) -> str:
@@ -620,7 +621,7 @@ def run_rerank(config: RerankConfig, input_uri: str, output_uri: str) -> dict:
     start_time, t0 = _now(), time.monotonic()
     check_storage_options([input_uri, output_uri, config.cache.uri], config.storage_options)
     out_fs, out_root = url_to_fs(output_uri, config.storage_options)
-    protocol = output_uri.split("://")[0] + "://" if "://" in output_uri else ""
+    protocol = protocol_prefix(output_uri)
     output_uri = protocol + out_root
     in_fs, files = list_input_files(input_uri, config.storage_options)
     fingerprint = input_fingerprint(in_fs, files)
@@ -717,7 +718,7 @@ def _finished_run(config, out_fs, out_root, output_uri, input_uri, fingerprint) 
     summary_path = join(out_root, "summary.json")
     if not out_fs.exists(summary_path):
         return None
-    protocol = output_uri.split("://")[0] + "://" if "://" in output_uri else ""
+    protocol = protocol_prefix(output_uri)
     summary = read_own_file(
         out_fs,
         summary_path,

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from pipeline.core import schema as S
 from pipeline.core.errors import PipelineError
-from pipeline.core.storage import atomic_write, join, map_paths, url_to_fs
+from pipeline.core.storage import atomic_write, join, map_paths, protocol_prefix, url_to_fs
 from pipeline.rerank import cache as C
 from pipeline.rerank.stages.read import ReadShard, Shard
 from pipeline.rerank.stages.validate import InputLayout
@@ -75,7 +75,7 @@ def record_quarantined(
 ) -> None:
     """Note in the run's staging each cache file this run found unreadable and moved aside (the driver names
     them in a warning and counts them in summary.json); paths with the cache's protocol."""
-    protocol = spec.uri.split("://")[0] + "://" if "://" in spec.uri else ""
+    protocol = protocol_prefix(spec.uri)
     for q in quarantined:
         record = {
             "path": protocol + q["path"],
