@@ -8,6 +8,8 @@ Three layouts are recognised from the *weight names* (not from `architectures`: 
 | `jina_flash`   | jinaai/jina-reranker-v2-base-multilingual   | `roberta.encoder.layers.N.mixer.Wqkv` |
 | `xlm_roberta`  | BAAI/bge-reranker-v2-m3                     | `roberta.encoder.layer.N.attention.self.query` |
 | `bert`         | cross-encoder/ms-marco-MiniLM-L6-v2         | `bert.encoder.layer.N.attention.self.query` |
+| `modernbert`   | Alibaba-NLP/gte-reranker-modernbert-base    | `model.layers.N.attn.Wqkv` |
+| `gte`          | gte-multilingual-reranker-base (transformers' GTE) | `gte.layers.N.self_attn.q_proj` |
 
 Renames are data (`Layout.renames`, first matching pattern wins); the transformers layouts' separate
 query/key/value projections are fused into `Wqkv` rows in q, k, v order, exactly as jina's checkpoint
@@ -32,6 +34,15 @@ from dataclasses import dataclass
 from pipeline.core.errors import CheckpointError
 from pipeline.model.dummy import DUMMY_MARKER, dummy_checkpoint  # noqa: F401 (the marker is re-exported)
 from pipeline.model.model_config import ModelConfig
+from pipeline.model.rope_config import (
+    CONFIG_READERS,
+    GTE_FUSE,
+    GTE_MARKER,
+    GTE_RENAMES,
+    MODERNBERT_MARKER,
+    MODERNBERT_RENAMES,
+    ROTARY_BUFFERS,
+)
 
 
 @dataclass(frozen=True)
@@ -44,6 +55,8 @@ class Layout:
     ] = ()  # regexes of weights that exist in such checkpoints but are unused
     fuse_qkv: bool = False
     roberta_positions: bool = True  # positions start at padding_idx + 1 (RoBERTa) or 0 (BERT)
+    # (fused name, part names): parts stacked by rows into one Linear layer, e.g. GTE's gate and up projections
+    fuse: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 def _transformers_layer_renames(prefix: str) -> tuple[tuple[str, str], ...]:
@@ -91,6 +104,21 @@ LAYOUTS: dict[str, Layout] = {
         fuse_qkv=True,
         roberta_positions=False,
     ),
+    "modernbert": Layout(
+        name="modernbert",
+        marker=MODERNBERT_MARKER,
+        renames=MODERNBERT_RENAMES,
+        ignored=ROTARY_BUFFERS,
+        roberta_positions=False,
+    ),
+    "gte": Layout(
+        name="gte",
+        marker=GTE_MARKER,
+        renames=GTE_RENAMES,
+        ignored=ROTARY_BUFFERS,
+        roberta_positions=False,
+        fuse=GTE_FUSE,
+    ),
 }
 
 
@@ -101,11 +129,15 @@ def detect_layout(names: list[str]) -> Layout:
     sample = ", ".join(sorted(names)[:5])
     raise CheckpointError(
         f"unknown checkpoint layout (weights start with: {sample}, ...); supported: jina-reranker-v2 "
-        "(flash layout), XLM-RoBERTa and BERT sequence classification as saved by transformers"
+        "(flash layout), XLM-RoBERTa, BERT, ModernBERT and GTE sequence classification as saved by "
+        "transformers"
     )
 
 
 def model_config_from_json(config: dict, layout: Layout) -> ModelConfig:
+    if layout.name in CONFIG_READERS:  # the rotary encoders (rope_config.py)
+        return CONFIG_READERS[layout.name](config)
+
     def need(key):
         if key not in config:
             raise CheckpointError(f"config.json lacks `{key}`")

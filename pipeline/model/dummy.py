@@ -25,7 +25,7 @@ DUMMY_MARKER = "rerank_pipeline_dummy"
 
 @dataclass(frozen=True)
 class Architecture:
-    layout: str  # jina_flash | xlm_roberta | bert
+    layout: str  # jina_flash | xlm_roberta | bert | modernbert | gte
     hidden_size: int
     num_hidden_layers: int
     num_attention_heads: int
@@ -44,6 +44,19 @@ ARCHITECTURES: dict[str, Architecture] = {
     "bge-reranker-v2-m3": Architecture("xlm_roberta", 1024, 24, 16, 4096, 8194, 250002),
     # cross-encoder/ms-marco-MiniLM-L6-v2: 22M parameters, BERT.
     "ms-marco-minilm-l6": Architecture("bert", 384, 6, 12, 1536, 512, 30522),
+    # Alibaba-NLP/gte-reranker-modernbert-base, answerdotai/ModernBERT-base fine-tunes (the ms-marco ModernBERT
+    # cross-encoders): 150M parameters; global attention every 3rd layer, the others a 128-token window.
+    "modernbert-base": Architecture("modernbert", 768, 22, 12, 1152, 8192, 50368),
+    "gte-reranker-modernbert-base": Architecture("modernbert", 768, 22, 12, 1152, 8192, 50368),
+    # Alibaba-NLP/gte-multilingual-reranker-base as transformers' native GTE classes save it: 306M parameters.
+    "gte-multilingual-reranker-base": Architecture("gte", 768, 12, 12, 3072, 8192, 250048),
+    # For tests and smoke runs: the ModernBERT and GTE layouts at toy size (layers 0 and 3 global).
+    "tiny-modernbert": Architecture(
+        "modernbert", 64, 4, 4, 96, 8192, None, tokenizer_vocab=2000, initializer_range=0.2
+    ),
+    "tiny-gte": Architecture(
+        "gte", 64, 2, 4, 128, 8192, None, tokenizer_vocab=2000, initializer_range=0.2
+    ),
     # For tests and smoke runs: the jina layout at toy size.
     "tiny": Architecture(
         "jina_flash", 64, 2, 4, 128, 1026, None, tokenizer_vocab=2000, initializer_range=0.2
@@ -70,7 +83,8 @@ DEFAULT_CORPUS = [
 
 
 def train_tokenizer(layout: str, corpus: Iterable[str], vocab_size: int):
-    """A fast tokenizer trained locally: Unigram + Metaspace like XLM-R, or WordPiece like BERT."""
+    """A fast tokenizer trained locally: Unigram + Metaspace like XLM-R (and GTE), WordPiece like BERT, or
+    byte-level BPE like ModernBERT."""
     from tokenizers import (
         Tokenizer,
         decoders,
@@ -95,6 +109,25 @@ def train_tokenizer(layout: str, corpus: Iterable[str], vocab_size: int):
         tok.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]",
             pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+        )
+    elif layout == "modernbert":
+        specials = ["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"]
+        tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.train_from_iterator(
+            texts,
+            trainers.BpeTrainer(
+                vocab_size=vocab_size,
+                special_tokens=specials,
+                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            ),
+        )
+        cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]",
+            pair="[CLS] $A [SEP] $B [SEP]",
             special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
         )
     else:
@@ -125,7 +158,7 @@ def _save_tokenizer(tok, layout: str, directory: str) -> None:
     """tokenizer.json plus the transformers files, so AutoTokenizer (the reference in tests) loads it too."""
     from transformers import PreTrainedTokenizerFast
 
-    if layout == "bert":
+    if layout in ("bert", "modernbert"):
         special = dict(
             unk_token="[UNK]",
             pad_token="[PAD]",
@@ -134,6 +167,8 @@ def _save_tokenizer(tok, layout: str, directory: str) -> None:
             mask_token="[MASK]",
             model_input_names=["input_ids", "token_type_ids", "attention_mask"],
         )
+        if layout == "modernbert":  # no token types
+            special["model_input_names"] = ["input_ids", "attention_mask"]
     else:
         special = dict(
             bos_token="<s>",
@@ -163,6 +198,10 @@ def _reference_model(arch: Architecture, vocab_size: int, pad_token_id: int):
     from transformers import (
         BertConfig,
         BertForSequenceClassification,
+        GteConfig,
+        GteForSequenceClassification,
+        ModernBertConfig,
+        ModernBertForSequenceClassification,
         XLMRobertaConfig,
         XLMRobertaForSequenceClassification,
     )
@@ -179,6 +218,14 @@ def _reference_model(arch: Architecture, vocab_size: int, pad_token_id: int):
         pad_token_id=pad_token_id,
         initializer_range=arch.initializer_range,
     )
+    if arch.layout == "modernbert":
+        # The defaults' special ids are the real vocabulary's (50281...): the trained tokenizer has its own.
+        config = ModernBertConfig(
+            **common, bos_token_id=None, eos_token_id=None, cls_token_id=None, sep_token_id=None
+        )
+        return ModernBertForSequenceClassification(config).eval()
+    if arch.layout == "gte":
+        return GteForSequenceClassification(GteConfig(**common, type_vocab_size=1)).eval()
     if arch.layout == "bert":
         return BertForSequenceClassification(
             BertConfig(**common, type_vocab_size=2, layer_norm_eps=1e-12)
@@ -240,7 +287,7 @@ def build_checkpoint(
         arch.layout, corpus if corpus is not None else DEFAULT_CORPUS, arch.tokenizer_vocab
     )
     _save_tokenizer(tok, arch.layout, directory)
-    pad_id = tok.token_to_id("[PAD]" if arch.layout == "bert" else "<pad>")
+    pad_id = tok.token_to_id("[PAD]" if arch.layout in ("bert", "modernbert") else "<pad>")
     vocab = arch.vocab_size or tok.get_vocab_size()
     model = _reference_model(arch, vocab, pad_id)
     torch_dtype = getattr(torch, dtype)

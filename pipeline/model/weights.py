@@ -26,6 +26,7 @@ from pipeline.model.checkpoint import (
     unreadable_weights,
 )
 from pipeline.model.modeling import CrossEncoderModel
+from pipeline.model.rope_encoders import ROPE_MODELS
 
 logger = logging.getLogger(
     "pipeline.model.checkpoint"
@@ -58,6 +59,16 @@ def convert_state_dict(state: dict[str, torch.Tensor], layout: Layout) -> dict[s
                     f"checkpoint lacks {absent[0]} (needed to fuse query, key, value)"
                 )
             out[q_name.replace(".query.", ".Wqkv.")] = torch.cat([out.pop(n) for n in names], dim=0)
+    for fused, parts in layout.fuse:
+        first = f".{parts[0]}."
+        for name in [n for n in out if first in n]:
+            names = [name.replace(first, f".{p}.") for p in parts]
+            absent = [n for n in names if n not in out]
+            if absent:
+                raise CheckpointError(
+                    f"checkpoint lacks {absent[0]} (needed to fuse {', '.join(parts)})"
+                )
+            out[name.replace(first, f".{fused}.")] = torch.cat([out.pop(n) for n in names], dim=0)
     return out
 
 
@@ -132,7 +143,7 @@ def load_model(
     converted = convert_state_dict(state, layout)
     config = model_config_from_json(raw_config, layout)
     with torch.device("meta"), _no_init():
-        model = CrossEncoderModel(config)
+        model = ROPE_MODELS.get(layout.name, CrossEncoderModel)(config)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     missing = sorted(set(expected) - set(converted))
     if missing:
