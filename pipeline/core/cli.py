@@ -15,10 +15,11 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 
+from pipeline.core import dtypes
 from pipeline.core.errors import ConfigError, PipelineError
 from pipeline.core.faults import explain
 
-DTYPES = ("auto", "float32", "bfloat16", "float16", "int8", "float8")
+DTYPES = dtypes.CHOICES  # --dtype's choices
 DEFAULT_MODEL = "jinaai/jina-reranker-v2-base-multilingual"
 INTERNAL_ERROR_EXIT = 4
 

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from pipeline.core import dtypes
 from pipeline.core.errors import CheckpointError
 from pipeline.model import device as runtime
 from pipeline.model.checkpoint import DUMMY_MARKER, resolve_model_directory
@@ -44,14 +45,9 @@ from pipeline.model.weights import load_model
 
 logger = logging.getLogger(__name__)
 
-# int8 is asked for by name only (`auto` never picks it): int8 Linear layers, everything else float32 (quantization.py).
-DTYPES = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "int8": torch.int8,
-    "float8": torch.float8_e4m3fn,
-}
+# The names `dtype` takes (pipeline/core/dtypes.py). int8 is asked for by name only (`auto` never picks it): int8
+# Linear layers, everything else float32 (quantization.py).
+DTYPES = {name: getattr(torch, attribute) for name, attribute in dtypes.TORCH_NAMES.items()}
 
 
 def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -224,12 +220,15 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         return cpu_auto_dtype()
     if dtype not in DTYPES:
         raise CheckpointError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
-    if DTYPES[dtype] == torch.int8 and (device.type != "cpu" or runtime.is_cuda(device)):
+    kind = "cuda" if runtime.is_cuda(device) else device.type
+    if dtype == "int8" and not dtypes.runs_on(dtype, kind, reference=True):
         raise CheckpointError(
             f"dtype int8 runs on CPU only (oneDNN's int8 linear), not on {device.type}; "
             "use bfloat16 there"
         )
-    if DTYPES[dtype] == torch.float8_e4m3fn and not fp8_kernel_works(device):
+    if dtype == "float8" and not (
+        dtypes.runs_on(dtype, kind, reference=True) and fp8_kernel_works(device)
+    ):
         raise CheckpointError(
             f"dtype float8 needs float8 tensor cores (Hopper or Ada GPUs, torch._scaled_mm), which "
             f"{device.type} here lacks; use bfloat16"

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from pipeline.core.config import StrictModel
+from pipeline.core.dtypes import Dtype
 
 
 class InputConfig(StrictModel):
@@ -147,7 +148,7 @@ class RerankConfig(StrictModel):
     # the encoder's Linear layers in int8, everything else fp32 (pipeline/model/quantization.py).
     # float8 (GPU scorers with float8 tensor cores only, Hopper or Ada; never chosen by auto): the encoder's Linear
     # layers in e4m3 through torch._scaled_mm, everything else bf16 (pipeline/model/fp8.py).
-    dtype: Literal["auto", "float32", "bfloat16", "float16", "int8", "float8"] = "auto"
+    dtype: Dtype = "auto"  # names and which device runs each: pipeline/core/dtypes.py
     int8: Int8Config = Int8Config()  # dtype int8 only
     allow_pickle: bool = False
     input: InputConfig = InputConfig()
