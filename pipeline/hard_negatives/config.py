@@ -20,7 +20,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from pipeline.core.config import StrictModel
-from pipeline.rerank.config import RerankConfig
+from pipeline.rerank.config import RerankConfig, validate_rerank_step
 
 Sampling = Literal["top", "random"]
 Projection = Literal["triplet", "n-tuple", "flagembedding"]
@@ -117,16 +117,11 @@ class HardNegativesConfig(StrictModel):
     @field_validator("rerank")
     @classmethod
     def _rerank_scores_every_candidate(cls, rerank: RerankConfig) -> RerankConfig:
-        if rerank.output.top_k is not None:
-            raise ValueError(
-                "rerank.output.top_k must stay unset: every candidate needs its score (a positive "
-                "ranked below k would go unseen); limit candidates with selection.range_max"
-            )
-        if rerank.storage_options:
-            raise ValueError(
-                "set storage_options at the top level; the rerank step uses the same options"
-            )
-        return rerank
+        return validate_rerank_step(
+            rerank,
+            "every candidate needs its score (a positive ranked below k would go unseen); limit "
+            "candidates with selection.range_max",
+        )
 
     def result_settings(self) -> dict:
         """The settings that change what the job writes (in every file's metadata and stats.json's `run`):

@@ -9,7 +9,7 @@ from pydantic import Field, field_validator
 from pipeline.core.config import StrictModel
 from pipeline.core.errors import InputError
 from pipeline.quality.metrics import parse_measure
-from pipeline.rerank.config import RerankConfig
+from pipeline.rerank.config import RerankConfig, validate_rerank_step
 
 
 class InputConfig(StrictModel):
@@ -103,16 +103,11 @@ class IndexQualityConfig(StrictModel):
     @field_validator("rerank")
     @classmethod
     def _rerank_scores_every_candidate(cls, rerank: RerankConfig) -> RerankConfig:
-        if rerank.output.top_k is not None:
-            raise ValueError(
-                "rerank.output.top_k must stay unset: the label-free measures need every candidate's "
-                "score (an unscored pair counts as unjudged)"
-            )
-        if rerank.storage_options:
-            raise ValueError(
-                "set storage_options at the top level; the rerank step uses the same options"
-            )
-        return rerank
+        return validate_rerank_step(
+            rerank,
+            "the label-free measures need every candidate's score (an unscored pair counts as "
+            "unjudged)",
+        )
 
     def rerank_config(self) -> RerankConfig:
         """The rerank step's settings, with this job's storage options."""

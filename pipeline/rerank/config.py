@@ -207,3 +207,17 @@ class RerankConfig(StrictModel):
                 **({"int8": True} if self.dtype == "int8" else {}),
             },
         )
+
+
+def validate_rerank_step(rerank: RerankConfig, why_every_score: str) -> RerankConfig:
+    """The check on the `rerank:` section of a job that reranks as one of its steps (hard negatives, index
+    quality), for its pydantic `field_validator("rerank")`: such a job needs every candidate's score, so
+    `output.top_k` stays unset (`why_every_score` says what the job would lose), and it passes its own top-level
+    storage options to the step, so the section sets none. Raises ValueError (pydantic's), returns `rerank`."""
+    if rerank.output.top_k is not None:
+        raise ValueError(f"rerank.output.top_k must stay unset: {why_every_score}")
+    if rerank.storage_options:
+        raise ValueError(
+            "set storage_options at the top level; the rerank step uses the same options"
+        )
+    return rerank
