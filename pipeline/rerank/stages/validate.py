@@ -117,114 +117,29 @@ class InputLayout:
     def from_schemas(
         cls, schemas: list[pa.Schema], config: InputConfig, files: list[str] | None = None
     ) -> InputLayout:
+        """The layout of input files with these schemas (one per file, in `files` order), checked in order:
+        required columns present, text columns text, ids integer or string, grouped candidates well formed,
+        extra columns of one type across files and clear of the output's names. Raises InputError."""
         c = config
-        names = set().union(*(s.names for s in schemas))
-        grouped = c.format == "grouped" or (c.format == "auto" and c.candidates_column in names)
-        required = [c.query_id_column, c.query_column] + (
-            [c.candidates_column] if grouped else [c.doc_id_column, c.document_column]
+        grouped = _is_grouped(schemas, c)
+        required = _required_columns(c, grouped)
+        keys = _config_keys(c)
+        _check_required_columns(schemas, required, keys, files)
+        _check_text_columns(
+            schemas, [c.query_column] + ([] if grouped else [c.document_column]), keys
         )
-        keys = {
-            c.query_id_column: "input.query_id_column",
-            c.query_column: "input.query_column",
-            c.doc_id_column: "input.doc_id_column",
-            c.document_column: "input.document_column",
-            c.candidates_column: "input.candidates_column",
-        }
-        for i, s in enumerate(schemas):
-            # Every missing column in one line: a user fixing them one run at a time reruns once per column.
-            missing = [col for col in required if col not in s.names]
-            if missing:
-                where = files[i] if files else f"input file {i + 1}"
-                plural = len(missing) > 1
-                raise InputError(
-                    f"column{'s' if plural else ''} {', '.join(f'`{col}`' for col in missing)} not "
-                    f"found in {where}; columns are {s.names}; set "
-                    f"{', '.join(f'`{keys[col]}`' for col in missing)} to the right "
-                    f"name{'s' if plural else ''}"
-                )
-
-        def types(col):
-            return {s.field(col).type for s in schemas if col in s.names}
-
-        for col in [c.query_column] + ([] if grouped else [c.document_column]):
-            bad = [t for t in types(col) if not (_is_text(t) or pa.types.is_null(t))]
-            if bad:
-                raise InputError(
-                    f"text column `{col}` has type {bad[0]}, not string; cast it to string "
-                    f"or set `{keys[col]}` to the text column"
-                )
         query_id_type = _id_type(
-            c.query_id_column, types(c.query_id_column), keys[c.query_id_column]
+            c.query_id_column, _column_types(schemas, c.query_id_column), keys[c.query_id_column]
         )
-        candidate_carried: list[pa.Field] = []
         if grouped:
-            doc_id_types, doc_types, extra = set(), set(), {}
-            for t in types(c.candidates_column):
-                if not (pa.types.is_list(t) or pa.types.is_large_list(t)) or not pa.types.is_struct(
-                    t.value_type
-                ):
-                    raise InputError(
-                        f"`{c.candidates_column}` has type {t}; grouped input needs "
-                        "list<struct<doc_id, document, ...>>"
-                    )
-                struct = t.value_type
-                for need in (c.doc_id_column, c.document_column):
-                    if struct.get_field_index(need) < 0:
-                        raise InputError(
-                            f"`{c.candidates_column}` structs lack the field `{need}`; fields are "
-                            f"{[f.name for f in struct]}"
-                        )
-                doc_id_types.add(struct.field(c.doc_id_column).type)
-                doc_types.add(struct.field(c.document_column).type)
-                for f in struct:
-                    if f.name not in (c.doc_id_column, c.document_column):
-                        extra[f.name] = f
-            if any(not (_is_text(t) or pa.types.is_null(t)) for t in doc_types):
-                raise InputError(
-                    f"candidate field `{c.document_column}` is not text ({doc_types}); cast it to string"
-                )
-            doc_id_type = _id_type(c.doc_id_column, doc_id_types, keys[c.doc_id_column])
-            candidate_carried = [
-                pa.field(FIRST_STAGE_RENAMES.get(n, n), f.type) for n, f in extra.items()
-            ]
+            doc_id_type, candidate_carried = _candidate_fields(schemas, c, keys)
         else:
-            doc_id_type = _id_type(c.doc_id_column, types(c.doc_id_column), keys[c.doc_id_column])
-
-        skip = set(required)
-        others: dict[str, list[pa.DataType]] = {}
-        for s in schemas:
-            for f in s:
-                if f.name not in skip:
-                    others.setdefault(f.name, []).append(f.type)
-        carried, renamed = [], {}
-        for name, ts in others.items():
-            try:
-                unified = (
-                    pa.unify_schemas(
-                        [pa.schema([pa.field(name, t)]) for t in ts], promote_options="permissive"
-                    )
-                    .field(name)
-                    .type
-                )
-            except (pa.ArrowInvalid, pa.ArrowTypeError):
-                raise InputError(
-                    f"column `{name}` has different types across input files ({sorted(map(str, ts))}); "
-                    "make them agree"
-                ) from None
-            out = FIRST_STAGE_RENAMES.get(name, name)
-            if out != name:
-                if out in others:
-                    out = (
-                        name  # the input already has first_stage_*: keep both under their own names
-                    )
-                else:
-                    renamed[out] = name
-            carried.append(pa.field(out, unified))
-        names_out = [f.name for f in carried] + [f.name for f in candidate_carried]
-        reserved = {S.SCORE, S.RANK, S.REASON, S.QUERY_ID, S.DOC_ID, S.QUERY, S.DOCUMENT}
-        clash = [n for n in names_out if n in reserved or n.startswith("_")]
-        if clash:
-            raise InputError(f"input column(s) {clash} collide with output columns; rename them")
+            doc_id_type = _id_type(
+                c.doc_id_column, _column_types(schemas, c.doc_id_column), keys[c.doc_id_column]
+            )
+            candidate_carried = []
+        carried, renamed = _carried_columns(schemas, set(required))
+        _check_no_clash([f.name for f in carried] + [f.name for f in candidate_carried])
         return cls(grouped, config, query_id_type, doc_id_type, carried, candidate_carried, renamed)
 
     def normalize(self, table: pa.Table) -> pa.Table:
@@ -285,6 +200,142 @@ class InputLayout:
         result = pa.table(out, schema=self.pair_schema.remove_metadata())
         no_candidates = empty.take(parent)
         return result.append_column(S.NO_CANDIDATES_FLAG, no_candidates)
+
+
+def _is_grouped(schemas: list[pa.Schema], c: InputConfig) -> bool:
+    """Grouped input (a candidates list per query): as configured, or, for `auto`, when a file has the column."""
+    names = set().union(*(s.names for s in schemas))
+    return c.format == "grouped" or (c.format == "auto" and c.candidates_column in names)
+
+
+def _required_columns(c: InputConfig, grouped: bool) -> list[str]:
+    return [c.query_id_column, c.query_column] + (
+        [c.candidates_column] if grouped else [c.doc_id_column, c.document_column]
+    )
+
+
+def _config_keys(c: InputConfig) -> dict[str, str]:
+    """{input column: the config key that names it}, for error messages that say what to set."""
+    return {
+        c.query_id_column: "input.query_id_column",
+        c.query_column: "input.query_column",
+        c.doc_id_column: "input.doc_id_column",
+        c.document_column: "input.document_column",
+        c.candidates_column: "input.candidates_column",
+    }
+
+
+def _column_types(schemas: list[pa.Schema], column: str) -> set[pa.DataType]:
+    """The types `column` has across the files that have it."""
+    return {s.field(column).type for s in schemas if column in s.names}
+
+
+def _check_required_columns(
+    schemas: list[pa.Schema], required: list[str], keys: dict[str, str], files: list[str] | None
+) -> None:
+    """Each file has every required column; the first file lacking some names them all."""
+    for i, s in enumerate(schemas):
+        # Every missing column in one line: a user fixing them one run at a time reruns once per column.
+        missing = [col for col in required if col not in s.names]
+        if missing:
+            where = files[i] if files else f"input file {i + 1}"
+            plural = len(missing) > 1
+            raise InputError(
+                f"column{'s' if plural else ''} {', '.join(f'`{col}`' for col in missing)} not "
+                f"found in {where}; columns are {s.names}; set "
+                f"{', '.join(f'`{keys[col]}`' for col in missing)} to the right "
+                f"name{'s' if plural else ''}"
+            )
+
+
+def _check_text_columns(schemas: list[pa.Schema], columns: list[str], keys: dict[str, str]) -> None:
+    """The query (and, long format, document) columns are text in every file (or all null)."""
+    for col in columns:
+        bad = [t for t in _column_types(schemas, col) if not (_is_text(t) or pa.types.is_null(t))]
+        if bad:
+            raise InputError(
+                f"text column `{col}` has type {bad[0]}, not string; cast it to string "
+                f"or set `{keys[col]}` to the text column"
+            )
+
+
+def _candidate_fields(
+    schemas: list[pa.Schema], c: InputConfig, keys: dict[str, str]
+) -> tuple[pa.DataType, list[pa.Field]]:
+    """Grouped input: (doc_id type, the candidate structs' other fields under their output names).
+
+    The candidates column is a list of structs with doc_id and document fields in every file, document text.
+    """
+    doc_id_types, doc_types, extra = set(), set(), {}
+    for t in _column_types(schemas, c.candidates_column):
+        if not (pa.types.is_list(t) or pa.types.is_large_list(t)) or not pa.types.is_struct(
+            t.value_type
+        ):
+            raise InputError(
+                f"`{c.candidates_column}` has type {t}; grouped input needs "
+                "list<struct<doc_id, document, ...>>"
+            )
+        struct = t.value_type
+        for need in (c.doc_id_column, c.document_column):
+            if struct.get_field_index(need) < 0:
+                raise InputError(
+                    f"`{c.candidates_column}` structs lack the field `{need}`; fields are "
+                    f"{[f.name for f in struct]}"
+                )
+        doc_id_types.add(struct.field(c.doc_id_column).type)
+        doc_types.add(struct.field(c.document_column).type)
+        for f in struct:
+            if f.name not in (c.doc_id_column, c.document_column):
+                extra[f.name] = f
+    if any(not (_is_text(t) or pa.types.is_null(t)) for t in doc_types):
+        raise InputError(
+            f"candidate field `{c.document_column}` is not text ({doc_types}); cast it to string"
+        )
+    doc_id_type = _id_type(c.doc_id_column, doc_id_types, keys[c.doc_id_column])
+    return doc_id_type, [pa.field(FIRST_STAGE_RENAMES.get(n, n), f.type) for n, f in extra.items()]
+
+
+def _carried_columns(
+    schemas: list[pa.Schema], required: set[str]
+) -> tuple[list[pa.Field], dict[str, str]]:
+    """(the other columns of any file, each of one type across files, under its output name;
+    {output name: input name} of those renamed to first_stage_*)."""
+    others: dict[str, list[pa.DataType]] = {}
+    for s in schemas:
+        for f in s:
+            if f.name not in required:
+                others.setdefault(f.name, []).append(f.type)
+    carried, renamed = [], {}
+    for name, ts in others.items():
+        try:
+            unified = (
+                pa.unify_schemas(
+                    [pa.schema([pa.field(name, t)]) for t in ts], promote_options="permissive"
+                )
+                .field(name)
+                .type
+            )
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            raise InputError(
+                f"column `{name}` has different types across input files ({sorted(map(str, ts))}); "
+                "make them agree"
+            ) from None
+        out = FIRST_STAGE_RENAMES.get(name, name)
+        if out != name:
+            if out in others:
+                out = name  # the input already has first_stage_*: keep both under their own names
+            else:
+                renamed[out] = name
+        carried.append(pa.field(out, unified))
+    return carried, renamed
+
+
+def _check_no_clash(names_out: list[str]) -> None:
+    """Carried columns may not take an output column's name or a leading underscore (the job's own)."""
+    reserved = {S.SCORE, S.RANK, S.REASON, S.QUERY_ID, S.DOC_ID, S.QUERY, S.DOCUMENT}
+    clash = [n for n in names_out if n in reserved or n.startswith("_")]
+    if clash:
+        raise InputError(f"input column(s) {clash} collide with output columns; rename them")
 
 
 def _binary(t: pa.DataType) -> pa.DataType:
