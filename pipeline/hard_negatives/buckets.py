@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.core import schema
+from pipeline.core.ranking import job_order
 from pipeline.core.storage import atomic_write, join, url_to_fs
 from pipeline.hard_negatives import projections as proj
 from pipeline.hard_negatives.config import HardNegativesConfig
@@ -195,13 +196,7 @@ class WritePart:
                 if table is None:
                     table = self._empty(kind)
                 elif kind == CANDIDATES:
-                    table = table.drop_columns([KEY]).sort_by(
-                        [
-                            (schema.QUERY_ID, "ascending"),
-                            (schema.SCORE, "descending"),
-                            (schema.DOC_ID, "ascending"),
-                        ]
-                    )
+                    table = table.drop_columns([KEY]).sort_by(job_order())
                 else:  # a query's rows come from one fragment, in order: a stable sort by query keeps them so
                     table = table.take(pc.sort_indices(table[KEY])).drop_columns([KEY])
                 table = table.combine_chunks()

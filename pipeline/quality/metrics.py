@@ -9,7 +9,8 @@ Names follow ir_measures notation; each equals a trec_eval measure:
 
 Conventions, pinned to trec_eval 9.0.x (usnistgov/trec_eval@f4253652; its expected outputs in
 `../shared/data/trec-eval/` are the oracle of tests/quality/test_metrics_oracle.py):
-- Order: score descending, ties by doc_id descending; the run's own rank field is ignored (ranking.py).
+- Order: trec_eval's, score descending, ties by doc_id descending (`ranking.trec_eval_order`; the rerank job
+  writes its own ranks with ties by doc_id ascending, see ranking.py for why both); the run's rank field is ignored.
 - Relevant, for the binary measures (P, R, RR, AP, Success, Rprec): label >= `relevance_level` (trec_eval `-l`,
   default 1). R is the number of the query's judged documents with label >= `relevance_level`.
 - nDCG: gain = label where label > 0, whatever `relevance_level` is; discount log2(rank + 1); the ideal DCG

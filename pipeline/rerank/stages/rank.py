@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from pipeline.core import schema as S
 from pipeline.core.errors import InputError, PipelineError
 from pipeline.core.groups import group_positions
+from pipeline.core.ranking import job_order
 from pipeline.core.storage import atomic_write, join, map_paths, url_to_fs
 from pipeline.rerank.stages.read import ROW, SHARD, ReadShard, Shard
 from pipeline.rerank.stages.validate import InputLayout
@@ -47,9 +48,7 @@ def rank_rows(table: pa.Table, top_k: int | None) -> tuple[pa.Table, pa.Table, i
     )
     first = group_positions(by_pair.column(S.QUERY_ID), by_pair.column(S.DOC_ID)).first
     duplicates, table = by_pair.filter(pa.array(~first)), by_pair.filter(pa.array(first))
-    table = table.sort_by(
-        [(S.QUERY_ID, "ascending"), (S.SCORE, "descending"), (S.DOC_ID, "ascending")]
-    )
+    table = table.sort_by(job_order())
     rank = group_positions(table.column(S.QUERY_ID)).position.astype(np.int32)
     table = table.append_column(S.RANK, pa.array(rank))
     scored = table.num_rows
