@@ -19,7 +19,7 @@ from safetensors.numpy import load_file, save_file
 
 from pipeline.model.dummy import dummy_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # What Ray's own printers put on the console: its error channel and workers ("(raylet) ...", "(pid=...)"), its
 # Python logger ("2026-12-07 14:39:40,247\tWARNING x.py:85 -- ..."), its C++ core ("[2026-... E 1 1] x.cc:1:").
