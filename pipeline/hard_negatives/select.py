@@ -48,7 +48,6 @@ import pyarrow.compute as pc
 from pipeline.core import schema
 from pipeline.core.errors import InputError
 from pipeline.core.groups import group_positions
-from pipeline.core.ranking import job_order
 from pipeline.hard_negatives import dedup
 from pipeline.hard_negatives.config import SelectionConfig
 
@@ -125,35 +124,12 @@ def select_negatives(
     groups = group_positions(table[schema.QUERY_ID])
     group, starts, sizes = groups.group, groups.starts, groups.sizes
 
-    label = table[schema.LABEL]
-    is_positive = pc.fill_null(pc.greater_equal(label, config.min_positive_label), False).to_numpy(
-        zero_copy_only=False
-    )
-    pseudo_positive = np.zeros(n, dtype=bool)
-    num_positives = np.add.reduceat(is_positive.astype(np.int64), starts)
-    if config.pseudo_positive_min_score is not None:
-        # The first row of a query is its top-scored candidate (ties: lowest doc_id).
-        promoted = starts[
-            (num_positives == 0) & (score[starts] >= np.float32(config.pseudo_positive_min_score))
-        ]
-        pseudo_positive[promoted] = True
-        is_positive = is_positive | pseudo_positive
-        num_positives = np.add.reduceat(is_positive.astype(np.int64), starts)
+    is_positive, pseudo_positive, num_positives = _positives(table, score, starts, config)
     has_positive = (num_positives > 0)[group]  # (n,)
-
     pos_min = np.minimum.reduceat(
         np.where(is_positive, score, np.float32(np.inf)), starts
     )  # (num_queries,)
     pos_min_row = pos_min[group]  # (n,) +inf where the query has no positive
-
-    hashes = dedup.text_hashes(table[schema.DOCUMENT].to_pylist())
-    positive_texts = {
-        (g, hashes[i]) for i, g in zip(np.flatnonzero(is_positive), group[is_positive].tolist())
-    }
-    duplicate = np.fromiter(
-        ((g, h) in positive_texts for g, h in zip(group.tolist(), hashes)), dtype=bool, count=n
-    )
-    duplicate &= ~is_positive
 
     near_duplicate = np.zeros(n, dtype=bool)
     if config.near_duplicate_threshold is not None:
@@ -161,42 +137,14 @@ def select_negatives(
             table[schema.DOCUMENT].to_pylist(), is_positive, starts, sizes, config
         )
         near_duplicate &= ~is_positive
-
-    rank_window = np.zeros(n, dtype=bool)
-    if config.range_min > 0 or config.range_max is not None:
-        rank = table[schema.FIRST_STAGE_RANK].to_numpy(zero_copy_only=False)
-        rank_window = rank <= config.range_min
-        if config.range_max is not None:
-            rank_window |= rank > config.range_max
-
-    # Threshold arithmetic in float32, written as sentence-transformers writes it (torch float32 tensors), so
-    # candidates on the boundary fall on the same side: removed when score > threshold.
-    margin = np.zeros(n, dtype=bool)
-    with np.errstate(
-        invalid="ignore"
-    ):  # inf - inf for queries without a positive; those rows are no_positive
-        if config.relative_margin is not None:
-            margin |= score > pos_min_row - np.abs(pos_min_row) * np.float32(config.relative_margin)
-        if config.absolute_margin is not None:
-            margin |= score + np.float32(config.absolute_margin) > pos_min_row
-    above_max = (
-        score > np.float32(config.max_score)
-        if config.max_score is not None
-        else np.zeros(n, dtype=bool)
-    )
-    below_min = (
-        score < np.float32(config.min_score)
-        if config.min_score is not None
-        else np.zeros(n, dtype=bool)
-    )
-
-    reasons = [
+    above_max, below_min = _outside_score_bounds(score, config)
+    reasons = [  # in the order of DROP_REASONS, up to not_sampled
         ~has_positive,
         is_positive,
-        duplicate,
+        _duplicates_of_positives(table, is_positive, group),
         near_duplicate,
-        rank_window,
-        margin,
+        _outside_rank_window(table, config),
+        _within_margin(score, pos_min_row, config),
         above_max,
         below_min,
     ]
@@ -208,16 +156,7 @@ def select_negatives(
     quota = np.array(
         [config.quota(int(p)) for p in num_positives], dtype=np.int64
     )  # (num_queries,)
-    if config.sampling == "top":
-        order_key = np.arange(
-            n, dtype=np.uint64
-        )  # rows are already hardest-first within each query
-    else:
-        pairs = zip(table[schema.QUERY_ID].to_pylist(), table[schema.DOC_ID].to_pylist())
-        order_key = np.fromiter(
-            (sample_order_key(config.seed, q, d) for q, d in pairs), dtype=np.uint64, count=n
-        )
-    keep = _take_per_query(survivor, order_key, group, quota)
+    keep = _take_per_query(survivor, _sampling_order(table, config), group, quota)
     reason_code[survivor & ~keep] = DROP_REASONS.index(NOT_SAMPLED)
 
     reason_names = np.array(DROP_REASONS, dtype=object)[np.maximum(reason_code, 0)]
@@ -226,7 +165,7 @@ def select_negatives(
         schema.DOC_ID: table[schema.DOC_ID],
         IS_POSITIVE: pa.array(is_positive),
         PSEUDO_POSITIVE: pa.array(pseudo_positive),
-        schema.LABEL: label,
+        schema.LABEL: table[schema.LABEL],
         schema.FIRST_STAGE_RANK: table[schema.FIRST_STAGE_RANK],
         schema.FIRST_STAGE_SCORE: table[schema.FIRST_STAGE_SCORE],
         schema.SCORE: table[schema.SCORE],
@@ -235,6 +174,103 @@ def select_negatives(
         DROP_REASON: pa.array(reason_names, type=pa.string(), mask=keep),
     }
     return pa.table(columns, schema=CANONICAL_SCHEMA)
+
+
+def _positives(
+    table: pa.Table, score: np.ndarray, starts: np.ndarray, config: SelectionConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(is_positive (n,), pseudo_positive (n,), positives per query (num_queries,)).
+
+    A positive is judged at least `min_positive_label`; with `pseudo_positive_min_score`, a query without one
+    has its top-scored candidate promoted when it scores at least that (RocketQA).
+    """
+    n = table.num_rows
+    is_positive = pc.fill_null(
+        pc.greater_equal(table[schema.LABEL], config.min_positive_label), False
+    ).to_numpy(zero_copy_only=False)
+    pseudo_positive = np.zeros(n, dtype=bool)
+    num_positives = np.add.reduceat(is_positive.astype(np.int64), starts)
+    if config.pseudo_positive_min_score is not None:
+        # The first row of a query is its top-scored candidate (ties: lowest doc_id).
+        promoted = starts[
+            (num_positives == 0) & (score[starts] >= np.float32(config.pseudo_positive_min_score))
+        ]
+        pseudo_positive[promoted] = True
+        is_positive = is_positive | pseudo_positive
+        num_positives = np.add.reduceat(is_positive.astype(np.int64), starts)
+    return is_positive, pseudo_positive, num_positives
+
+
+def _duplicates_of_positives(
+    table: pa.Table, is_positive: np.ndarray, group: np.ndarray
+) -> np.ndarray:
+    """Rows (not positives) whose normalized text equals a positive's of their query. -> bool (n,)"""
+    n = table.num_rows
+    hashes = dedup.text_hashes(table[schema.DOCUMENT].to_pylist())
+    positive_texts = {
+        (g, hashes[i]) for i, g in zip(np.flatnonzero(is_positive), group[is_positive].tolist())
+    }
+    duplicate = np.fromiter(
+        ((g, h) in positive_texts for g, h in zip(group.tolist(), hashes)), dtype=bool, count=n
+    )
+    return duplicate & ~is_positive
+
+
+def _outside_rank_window(table: pa.Table, config: SelectionConfig) -> np.ndarray:
+    """Rows whose first-stage rank is <= range_min or > range_max. -> bool (n,)"""
+    rank_window = np.zeros(table.num_rows, dtype=bool)
+    if config.range_min > 0 or config.range_max is not None:
+        rank = table[schema.FIRST_STAGE_RANK].to_numpy(zero_copy_only=False)
+        rank_window = rank <= config.range_min
+        if config.range_max is not None:
+            rank_window |= rank > config.range_max
+    return rank_window
+
+
+# Threshold arithmetic in float32, written as sentence-transformers writes it (torch float32 tensors), so
+# candidates on the boundary fall on the same side: removed when score > threshold.
+def _within_margin(
+    score: np.ndarray, pos_min_row: np.ndarray, config: SelectionConfig
+) -> np.ndarray:
+    """Rows scoring above the relative or absolute margin below their query's lowest positive. -> bool (n,)"""
+    margin = np.zeros(len(score), dtype=bool)
+    with np.errstate(
+        invalid="ignore"
+    ):  # inf - inf for queries without a positive; those rows are no_positive
+        if config.relative_margin is not None:
+            margin |= score > pos_min_row - np.abs(pos_min_row) * np.float32(config.relative_margin)
+        if config.absolute_margin is not None:
+            margin |= score + np.float32(config.absolute_margin) > pos_min_row
+    return margin
+
+
+def _outside_score_bounds(
+    score: np.ndarray, config: SelectionConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """(score > max_score, score < min_score), each bool (n,); all False for a bound that is not set."""
+    n = len(score)
+    above_max = (
+        score > np.float32(config.max_score)
+        if config.max_score is not None
+        else np.zeros(n, dtype=bool)
+    )
+    below_min = (
+        score < np.float32(config.min_score)
+        if config.min_score is not None
+        else np.zeros(n, dtype=bool)
+    )
+    return above_max, below_min
+
+
+def _sampling_order(table: pa.Table, config: SelectionConfig) -> np.ndarray:
+    """(n,) uint64 key the survivors are taken in: row order for "top", the sha256 sample key for "random"."""
+    n = table.num_rows
+    if config.sampling == "top":
+        return np.arange(n, dtype=np.uint64)  # rows are already hardest-first within each query
+    pairs = zip(table[schema.QUERY_ID].to_pylist(), table[schema.DOC_ID].to_pylist())
+    return np.fromiter(
+        (sample_order_key(config.seed, q, d) for q, d in pairs), dtype=np.uint64, count=n
+    )
 
 
 def _take_per_query(
@@ -326,7 +362,9 @@ def _prepare(candidates: pa.Table, config: SelectionConfig, qrels: pa.Table | No
             f"{[k.replace(_KEY_SEPARATOR, ' / ') for k in repeated]}; give each pair once"
         )
     table = table.append_column(schema.LABEL, _labels(candidates, qrels, keys))
-    return table.sort_by(job_order())
+    return table.sort_by(
+        [(schema.QUERY_ID, "ascending"), (schema.SCORE, "descending"), (schema.DOC_ID, "ascending")]
+    )
 
 
 def _labels(candidates: pa.Table, qrels: pa.Table | None, keys: pa.ChunkedArray) -> pa.ChunkedArray:
