@@ -37,26 +37,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-Pairs = Sequence[tuple[str, str]]
+from pipeline.benchmark.scored import Pairs, Scored
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class Scored:
-    """One timed pass of a contender over a list of pairs."""
-
-    logits: np.ndarray  # (n,) float32, input order
-    seconds: float  # strings in -> logits out
-    real_tokens: int  # tokens of the pairs themselves
-    processed_tokens: int  # tokens that went through the Linear layers (padding included)
-    dtype: str
-    settings: dict = field(default_factory=dict)
 
 
 class TokenCounter:

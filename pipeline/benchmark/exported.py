@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from pipeline.benchmark.contenders import Pairs, Scored
+from pipeline.benchmark.scored import Pairs, Scored
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,6 @@ import time
 import numpy as np
 import torch
 
-from pipeline.benchmark.contenders import Pairs
 from pipeline.benchmark.exported import (
     SortedPaddedScorer,
     example_inputs,
@@ -32,6 +31,7 @@ from pipeline.benchmark.exported import (
     model_input_names,
     require,
 )
+from pipeline.benchmark.scored import Pairs
 
 PRECISIONS = ("f32", "default", "int8")
 OV_TYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
