@@ -48,6 +48,7 @@ import pyarrow.compute as pc
 from pipeline.core import schema
 from pipeline.core.errors import InputError
 from pipeline.core.groups import group_positions
+from pipeline.core.ranking import job_order
 from pipeline.hard_negatives import dedup
 from pipeline.hard_negatives.config import SelectionConfig
 
@@ -362,9 +363,7 @@ def _prepare(candidates: pa.Table, config: SelectionConfig, qrels: pa.Table | No
             f"{[k.replace(_KEY_SEPARATOR, ' / ') for k in repeated]}; give each pair once"
         )
     table = table.append_column(schema.LABEL, _labels(candidates, qrels, keys))
-    return table.sort_by(
-        [(schema.QUERY_ID, "ascending"), (schema.SCORE, "descending"), (schema.DOC_ID, "ascending")]
-    )
+    return table.sort_by(job_order())
 
 
 def _labels(candidates: pa.Table, qrels: pa.Table | None, keys: pa.ChunkedArray) -> pa.ChunkedArray:
