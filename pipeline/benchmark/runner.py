@@ -39,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -258,6 +258,32 @@ def benchmark_model(
 ) -> dict:
     """Every contender of the model's plan: {"runs", "peak_gemm", "info", "errors"}."""
     plan = config.plan(first_model)  # never empty: the config's validation sees to it
+    directory, shape = _checkpoint(config, model)
+    peaks_before = measure_peaks(shape, config.peak_seconds_per_shape, config.device)
+    workloads = _workloads(config, directory, shape)
+    scores_dir = os.path.join(scores_dir, os.path.basename(directory))
+    os.makedirs(scores_dir, exist_ok=True)
+    sweep = _FirstRound(config, model, directory, shape, workloads, scores_dir, plan)
+    sweep.run()
+    runs, errors = sweep.runs, sweep.errors
+    for round_number in range(2, config.rounds + 1):
+        _time_again(round_number, config, model, sweep.order, sweep.specs, runs, errors)
+    for row in _measured(runs):
+        row["pairs_per_s_rounds"] = [row["n_pairs"] / seconds for seconds in row["seconds_rounds"]]
+    peaks_after = measure_peaks(shape, config.peak_seconds_per_shape, config.device)
+    peaks = _conservative_peaks(peaks_before, peaks_after)
+    for row in _measured(runs):
+        row["mfu"] = (
+            row["model_flops_per_s"] / peaks[row["dtype"]]["flops_per_s"]
+            if row["dtype"] in peaks
+            else None
+        )
+    _add_speedups(runs)
+    return {"runs": runs, "peak_gemm": peaks, "info": sweep.info(), "errors": errors}
+
+
+def _checkpoint(config: BenchmarkConfig, model: str) -> tuple[str, Shape]:
+    """(the model's benchmark checkpoint directory, its shape)."""
     directory = benchmark_checkpoint(model, config.data_dir, tokenizer_vocab=config.tokenizer_vocab)
     shape = _shape(directory)
     logger.info(
@@ -268,138 +294,188 @@ def benchmark_model(
         shape.layers,
         shape.intermediate,
     )
-    peaks_before = measure_peaks(shape, config.peak_seconds_per_shape, config.device)
+    return directory, shape
+
+
+@dataclass
+class _Workloads:
+    """One model's workloads, the same pairs for every contender."""
+
+    pairs: dict[str, int]  # workload -> number of pairs
+    seqlens: dict[str, np.ndarray]  # workload -> (n_pairs,) tokens of each pair
+    queries: dict[
+        str, list[str]
+    ]  # workload -> (n_pairs,) query text of each pair (fidelity's groups)
+
+
+def _workloads(config: BenchmarkConfig, directory: str, shape: Shape) -> _Workloads:
     workloads = {w: pairs_for(config, w, shape) for w in config.workloads}
     pairs = {w: workload_pairs(w, n, directory, config.data_dir) for w, n in workloads.items()}
-    seqlens = {w: pair_token_counts(directory, p, config.max_length) for w, p in pairs.items()}
-    queries = {w: [q for q, _ in p] for w, p in pairs.items()}
-    scores_dir = os.path.join(scores_dir, os.path.basename(directory))
-    os.makedirs(scores_dir, exist_ok=True)
-    runs, errors, engine_scores, reference_scores = [], [], {}, {}
-    specs: dict[str, dict] = {}  # each contender's worker spec, for later rounds
-    reference = fidelity_reference(config, plan, directory)
-    # The reference scores every workload any contender scores on this model, whatever its own scope says.
-    needed = [w for w in config.workloads if any(w in ws for ws in plan.values())]
-    plan[reference] = needed
-    # The fidelity reference first, then the engine: every later row is compared with both.
-    order = [reference] + sorted((c for c in plan if c != reference), key=lambda c: c != REFERENCE)
-    logger.info("%s: fidelity reference %s", model, reference)
-    for index, name in enumerate(order):
-        spec = _worker_spec(
-            config, name, directory, {w: workloads[w] for w in plan[name]}, scores_dir, reference
+    return _Workloads(
+        pairs=workloads,
+        seqlens={w: pair_token_counts(directory, p, config.max_length) for w, p in pairs.items()},
+        queries={w: [q for q, _ in p] for w, p in pairs.items()},
+    )
+
+
+def _conservative_peaks(before: dict[str, dict], after: dict[str, dict]) -> dict[str, dict]:
+    """{dtype: {flops_per_s, before, after}}: MFU divides by the higher of the peaks measured before and
+    after the contenders, the conservative figure."""
+    return {
+        dtype: {
+            "flops_per_s": max(before[dtype]["flops_per_s"], after[dtype]["flops_per_s"]),
+            "before": before[dtype],
+            "after": after[dtype],
+        }
+        for dtype in before
+    }
+
+
+@dataclass
+class _FirstRound:
+    """The first sweep over one model's contenders, a worker each: the fidelity reference first, then the engine,
+    so every later row is compared with both. Collects the rows, the errors, each contender's worker spec (later
+    rounds run the same) and the reference's and the engine's scores per workload."""
+
+    config: BenchmarkConfig
+    model: str
+    directory: str
+    shape: Shape
+    workloads: _Workloads
+    scores_dir: str
+    plan: dict[
+        str, list[str]
+    ]  # contender -> its workloads; the reference's set here to every one needed
+    runs: list[dict] = field(default_factory=list)
+    errors: list[dict] = field(default_factory=list)
+    specs: dict[str, dict] = field(default_factory=dict)
+    engine_scores: dict[str, np.ndarray] = field(default_factory=dict)
+    reference_scores: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.reference = fidelity_reference(self.config, self.plan, self.directory)
+        # The reference scores every workload any contender scores on this model, whatever its own scope says.
+        self.needed = [
+            w for w in self.config.workloads if any(w in ws for ws in self.plan.values())
+        ]
+        self.plan[self.reference] = self.needed
+        self.order = [self.reference] + sorted(
+            (c for c in self.plan if c != self.reference), key=lambda c: c != REFERENCE
         )
-        logger.info(
-            "%s / %s: %s",
-            model,
-            name,
-            ", ".join(f"{w['name']} x {w['n_pairs']}" for w in spec["workloads"]),
-        )
-        load_before = load_average()
-        out = run_worker(spec, config.worker_timeout_s)
-        specs[name] = spec
-        if name == reference != FIDELITY_REFERENCE and (
-            "error" in out or out.get("dtype") != "float32"
-        ):
-            # st-default failed or did not compute in float32 (a checkpoint whose config asks for another
-            # dtype): transformers in float32 is the reference after all, run next.
-            logger.warning(
-                "%s: %s cannot be the fidelity reference (%s); running %s for it",
+        logger.info("%s: fidelity reference %s", self.model, self.reference)
+
+    def run(self) -> None:
+        model = self.model
+        for index, name in enumerate(self.order):  # the order may grow: see _hand_over_reference
+            spec = _worker_spec(
+                self.config,
+                name,
+                self.directory,
+                {w: self.workloads.pairs[w] for w in self.plan[name]},
+                self.scores_dir,
+                self.reference,
+            )
+            logger.info(
+                "%s / %s: %s",
                 model,
                 name,
-                out.get("error") or f"it ran {out.get('dtype')}",
-                FIDELITY_REFERENCE,
+                ", ".join(f"{w['name']} x {w['n_pairs']}" for w in spec["workloads"]),
             )
-            reference = FIDELITY_REFERENCE
-            plan[reference] = needed
-            if reference in order:  # also one of the run's contenders: it moves up
-                order.remove(reference)
-            order.insert(index + 1, reference)
-        if "error" in out:
-            if CONTENDERS[
-                name
-            ].optional:  # a missing or broken optional backend: a row that says so
-                logger.warning("%s / %s skipped: %s", model, name, out["error"])
-                runs += [
-                    _skipped(model, name, w["name"], w["n_pairs"], out["error"])
-                    for w in spec["workloads"]
-                ]
+            load_before = load_average()
+            out = run_worker(spec, self.config.worker_timeout_s)
+            self.specs[name] = spec
+            if name == self.reference != FIDELITY_REFERENCE and (
+                "error" in out or out.get("dtype") != "float32"
+            ):
+                self._hand_over_reference(index, name, out)
+            if "error" in out:
+                self._worker_failed(name, spec, out["error"])
                 continue
-            logger.error("%s / %s failed: %s", model, name, out["error"])
-            errors.append({"model": model, "contender": name, "message": out["error"]})
-            continue
-        for result in out["results"]:
-            if "skipped" in result:
-                logger.warning(
-                    "%s / %s / %s skipped: %s", model, name, result["workload"], result["skipped"]
-                )
-                runs.append(
-                    _skipped(model, name, result["workload"], result["n_pairs"], result["skipped"])
-                )
-                continue
-            workload = result["workload"]
-            row = _row(model, name, out, result, load_before)
-            row.update(_figures(result, shape, seqlens[workload]))
-            row["seconds_rounds"] = [result["seconds"]]
-            scores = np.load(result["scores_file"])
-            if name == reference:
-                reference_scores[workload] = scores
-            if name == REFERENCE:
-                engine_scores[workload] = scores
-            elif workload in engine_scores:
-                engine = engine_scores[workload][: len(scores)]
-                row["max_abs_logit_diff_vs_engine"] = float(np.max(np.abs(scores - engine)))
-            if workload in reference_scores:
-                n = min(len(scores), len(reference_scores[workload]))
-                row.update(
-                    fidelity(reference_scores[workload][:n], scores[:n], queries[workload][:n])
-                )
-                row["fidelity_reference"] = reference
-            runs.append(row)
-            logger.info(
-                "  %-12s %-10s %8.2f pairs/s  padding eff %.2f  %.0f GFLOP/s  spearman %s",
-                workload,
-                name,
-                row["pairs_per_s"],
-                row["padding_efficiency"],
-                row["model_flops_per_s"] / 1e9,
-                f"{row['spearman']:.4f}" if "spearman" in row else "n/a",
-            )
-    for round_number in range(2, config.rounds + 1):
-        _time_again(round_number, config, model, order, specs, runs, errors)
-    for row in _measured(runs):
-        row["pairs_per_s_rounds"] = [row["n_pairs"] / seconds for seconds in row["seconds_rounds"]]
-    peaks_after = measure_peaks(shape, config.peak_seconds_per_shape, config.device)
-    # MFU against the higher of the two peaks (before and after the contenders): the conservative figure.
-    peaks = {
-        dtype: {
-            "flops_per_s": max(
-                peaks_before[dtype]["flops_per_s"], peaks_after[dtype]["flops_per_s"]
-            ),
-            "before": peaks_before[dtype],
-            "after": peaks_after[dtype],
-        }
-        for dtype in peaks_before
-    }
-    for row in _measured(runs):
-        row["mfu"] = (
-            row["model_flops_per_s"] / peaks[row["dtype"]]["flops_per_s"]
-            if row["dtype"] in peaks
-            else None
+            for result in out["results"]:
+                self._add_result(name, out, result, load_before)
+
+    def _hand_over_reference(self, index: int, name: str, out: dict) -> None:
+        """st-default failed or did not compute in float32 (a checkpoint whose config asks for another dtype):
+        transformers in float32 is the reference after all, run next."""
+        logger.warning(
+            "%s: %s cannot be the fidelity reference (%s); running %s for it",
+            self.model,
+            name,
+            out.get("error") or f"it ran {out.get('dtype')}",
+            FIDELITY_REFERENCE,
         )
-    _add_speedups(runs)
-    info = {
-        "directory": directory,
-        "shape": asdict(shape),
-        "workload_pairs": workloads,
-        "fidelity_reference": reference,
-        "plan": {name: plan[name] for name in order},
-        "mean_tokens_per_pair": {w: float(s.mean()) for w, s in seqlens.items()},
-        "reference_logit_std": {w: float(np.std(s)) for w, s in reference_scores.items()},
-        "reference_logit_range": {
-            w: [float(s.min()), float(s.max())] for w, s in reference_scores.items()
-        },
-    }
-    return {"runs": runs, "peak_gemm": peaks, "info": info, "errors": errors}
+        self.reference = FIDELITY_REFERENCE
+        self.plan[self.reference] = self.needed
+        if self.reference in self.order:  # also one of the run's contenders: it moves up
+            self.order.remove(self.reference)
+        self.order.insert(index + 1, self.reference)
+
+    def _worker_failed(self, name: str, spec: dict, error: str) -> None:
+        """A missing or broken optional backend gives rows that say so; any other contender, an error."""
+        if CONTENDERS[name].optional:
+            logger.warning("%s / %s skipped: %s", self.model, name, error)
+            self.runs += [
+                _skipped(self.model, name, w["name"], w["n_pairs"], error)
+                for w in spec["workloads"]
+            ]
+            return
+        logger.error("%s / %s failed: %s", self.model, name, error)
+        self.errors.append({"model": self.model, "contender": name, "message": error})
+
+    def _add_result(self, name: str, out: dict, result: dict, load_before: float) -> None:
+        """One workload's row: its figures, and its scores compared with the engine's and the reference's."""
+        model = self.model
+        if "skipped" in result:
+            logger.warning(
+                "%s / %s / %s skipped: %s", model, name, result["workload"], result["skipped"]
+            )
+            self.runs.append(
+                _skipped(model, name, result["workload"], result["n_pairs"], result["skipped"])
+            )
+            return
+        workload = result["workload"]
+        row = _row(model, name, out, result, load_before)
+        row.update(_figures(result, self.shape, self.workloads.seqlens[workload]))
+        row["seconds_rounds"] = [result["seconds"]]
+        scores = np.load(result["scores_file"])
+        if name == self.reference:
+            self.reference_scores[workload] = scores
+        if name == REFERENCE:
+            self.engine_scores[workload] = scores
+        elif workload in self.engine_scores:
+            engine = self.engine_scores[workload][: len(scores)]
+            row["max_abs_logit_diff_vs_engine"] = float(np.max(np.abs(scores - engine)))
+        if workload in self.reference_scores:
+            reference = self.reference_scores[workload]
+            n = min(len(scores), len(reference))
+            row.update(fidelity(reference[:n], scores[:n], self.workloads.queries[workload][:n]))
+            row["fidelity_reference"] = self.reference
+        self.runs.append(row)
+        logger.info(
+            "  %-12s %-10s %8.2f pairs/s  padding eff %.2f  %.0f GFLOP/s  spearman %s",
+            workload,
+            name,
+            row["pairs_per_s"],
+            row["padding_efficiency"],
+            row["model_flops_per_s"] / 1e9,
+            f"{row['spearman']:.4f}" if "spearman" in row else "n/a",
+        )
+
+    def info(self) -> dict:
+        """The model's entry of the report's `models`."""
+        seqlens = self.workloads.seqlens
+        return {
+            "directory": self.directory,
+            "shape": asdict(self.shape),
+            "workload_pairs": self.workloads.pairs,
+            "fidelity_reference": self.reference,
+            "plan": {name: self.plan[name] for name in self.order},
+            "mean_tokens_per_pair": {w: float(s.mean()) for w, s in seqlens.items()},
+            "reference_logit_std": {w: float(np.std(s)) for w, s in self.reference_scores.items()},
+            "reference_logit_range": {
+                w: [float(s.min()), float(s.max())] for w, s in self.reference_scores.items()
+            },
+        }
 
 
 def _time_again(
