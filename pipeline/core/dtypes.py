@@ -1,9 +1,9 @@
 """The compute dtypes a scorer runs in, by the names the command line and the configs take, and which device
 each may run on.
 
-Declared here, without torch, so that the CLI, the rerank config and the driver's preflight read them without
-importing torch (the driver never does: tests/test_imports.py); the engine (`pipeline.model.cross_encoder`)
-maps the same names to torch dtypes through `TORCH_NAMES`.
+Declared here, without torch, so that the CLI, the rerank config and the driver read them without importing
+torch (the driver never does: tests/test_imports.py); the engine (`pipeline.model.cross_encoder`) maps the
+same names to torch dtypes through `TORCH_NAMES` and refuses what `runs_on` refuses.
 """
 
 from __future__ import annotations
