@@ -246,11 +246,7 @@ def evaluate_night(
     night = config.night_or_today()
     plan = plan_run(config, run)
     qrels_table = read_qrels(qrels, options) if qrels else None
-    if qrels_table is None and reranker_parts is None and not config.input.judge_score_column:
-        raise InputError(
-            "nothing to measure: pass --qrels for judged measures, and/or --model (or a run carrying "
-            "reranker scores with `--set input.judge_score_column=<column>`) for label-free measures"
-        )
+    _check_something_to_measure(config, qrels_table, reranker_parts)
     log.info(
         "run %s: %s file(s), about %s pairs, measured in %d part(s) by hash of query_id, first-stage order "
         "from `%s`",
@@ -262,15 +258,13 @@ def evaluate_night(
     )
     measured, combined = measure_in_parts(config, plan, output, qrels_table, reranker_parts)
     segments = combined.segments
-    rejected_rows = 0 if combined.rejected is None else combined.rejected.num_rows
     log.info(
         "run %s: %d pairs over %d queries (%d rows rejected)",
         run,
         combined.pairs,
         segments.num_rows,
-        rejected_rows,
+        _rejected_rows(combined),
     )
-    judged = reranker_parts is not None or bool(config.input.judge_score_column)
 
     store = History(history, options) if history else None
     previous_night, comparisons, previous_segments, previous_per_query = compare_with_previous(
@@ -279,28 +273,8 @@ def evaluate_night(
     per_query = measured.per_query.join(segments, keys=QUERY_ID, join_type="left outer").sort_by(
         QUERY_ID
     )
-
-    facts = {
-        "qrels": qrels,
-        "history": history,
-        "num_queries": segments.num_rows,
-        "num_pairs": combined.pairs,
-        "num_evaluated_queries": measured.per_query.num_rows,
-        "rejected_rows": rejected_rows,
-        "pairs_without_reranker_score": combined.unjudged_pairs if judged else None,
-        "first_stage_order_column": plan.order,
-        "relevance_level": config.metrics.relevance_level,
-        "complete_queries": config.metrics.complete_queries,
-        "label_free_gains": GAIN_NOTE if judged else None,
-        "num_parts": plan.num_buckets,
-        "reranker_model": None if reranker is None else reranker["model"],
-        "reranker_random_weights": None if reranker is None else bool(reranker["random_weights"]),
-        "warning": random_weights_warning(reranker["model"])
-        if reranker and reranker["random_weights"]
-        else None,
-        "config_hash": config_hash(config),
-        "config": redact(config.model_dump(mode="json")),
-    }
+    judged = reranker_parts is not None or bool(config.input.judge_score_column)
+    facts = _run_facts(config, plan, measured, combined, qrels, history, judged, reranker)
     row = {
         NIGHT: night,
         "written_at": dt.datetime.now(dt.timezone.utc),
@@ -332,9 +306,60 @@ def evaluate_night(
         parts=combined.buckets,
     )
     write_report(report, output, options)
-    if rejected_rows:
+    if _rejected_rows(combined):
         fs, root = url_to_fs(output, options)
         pq.write_table(combined.rejected, join(root, REJECTED_PARQUET), filesystem=fs)
     if store:
         store.append(row, per_query)
     return report
+
+
+def _check_something_to_measure(
+    config: IndexQualityConfig, qrels: pa.Table | None, reranker_parts: list[str] | None
+) -> None:
+    """Judgements, reranker parts or a judge score column: without any of them a night measures nothing."""
+    if qrels is None and reranker_parts is None and not config.input.judge_score_column:
+        raise InputError(
+            "nothing to measure: pass --qrels for judged measures, and/or --model (or a run carrying "
+            "reranker scores with `--set input.judge_score_column=<column>`) for label-free measures"
+        )
+
+
+def _rejected_rows(combined: Combined) -> int:
+    return 0 if combined.rejected is None else combined.rejected.num_rows
+
+
+def _run_facts(
+    config: IndexQualityConfig,
+    plan: RunPlan,
+    measured: Measured,
+    combined: Combined,
+    qrels: str | None,
+    history: str | None,
+    judged: bool,
+    reranker: dict | None,
+) -> dict:
+    """The night's facts for metrics.json and the report: inputs, counts, the reranker, the config.
+
+    judged: a reranker scored the run (the rerank job's parts, or a judge score column in the run).
+    """
+    random_weights = bool(reranker and reranker["random_weights"])
+    return {
+        "qrels": qrels,
+        "history": history,
+        "num_queries": combined.segments.num_rows,
+        "num_pairs": combined.pairs,
+        "num_evaluated_queries": measured.per_query.num_rows,
+        "rejected_rows": _rejected_rows(combined),
+        "pairs_without_reranker_score": combined.unjudged_pairs if judged else None,
+        "first_stage_order_column": plan.order,
+        "relevance_level": config.metrics.relevance_level,
+        "complete_queries": config.metrics.complete_queries,
+        "label_free_gains": GAIN_NOTE if judged else None,
+        "num_parts": plan.num_buckets,
+        "reranker_model": None if reranker is None else reranker["model"],
+        "reranker_random_weights": None if reranker is None else bool(reranker["random_weights"]),
+        "warning": random_weights_warning(reranker["model"]) if random_weights else None,
+        "config_hash": config_hash(config),
+        "config": redact(config.model_dump(mode="json")),
+    }
