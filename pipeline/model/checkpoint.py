@@ -148,6 +148,10 @@ def model_config_from_json(config: dict, layout: Layout) -> ModelConfig:
             f"position_embedding_type={config['position_embedding_type']!r} is not supported "
             "(only absolute positions, as in XLM-RoBERTa and BERT)"
         )
+    from pipeline.model.decoder_config import DECODER_LAYOUTS, decoder_config_from_json
+
+    if layout.name in DECODER_LAYOUTS:
+        return decoder_config_from_json(config, layout.name)
     acts = {
         "gelu": "gelu",
         "gelu_new": "gelu_tanh",
@@ -177,6 +181,44 @@ def model_config_from_json(config: dict, layout: Layout) -> ModelConfig:
         position_offset=pad + 1 if layout.roberta_positions else 0,
         hidden_act=acts[config.get("hidden_act", "gelu")],
         num_labels=1,
+    )
+
+
+def _decoder_renames() -> tuple[tuple[str, str], ...]:
+    """transformers' Qwen2/Qwen3 names -> `decoder.DecoderModel`'s (q, k, v fused as for the encoders; gate and
+    up fused, and the score head folded, by `decoder.fold_decoder_state`)."""
+    layer = r"^model\.layers\.(\d+)\."
+    return (
+        (layer + r"self_attn\.q_proj\.", r"layers.\1.mixer.query."),
+        (layer + r"self_attn\.k_proj\.", r"layers.\1.mixer.key."),
+        (layer + r"self_attn\.v_proj\.", r"layers.\1.mixer.value."),
+        (layer + r"self_attn\.o_proj\.", r"layers.\1.mixer.out_proj."),
+        (layer + r"self_attn\.(q_norm|k_norm)\.", r"layers.\1.mixer.\2."),
+        (layer + r"input_layernorm\.", r"layers.\1.norm1."),
+        (layer + r"post_attention_layernorm\.", r"layers.\1.norm2."),
+        (layer + r"mlp\.gate_proj\.", r"layers.\1.mlp.gate."),
+        (layer + r"mlp\.up_proj\.", r"layers.\1.mlp.up."),
+        (layer + r"mlp\.down_proj\.", r"layers.\1.mlp.fc2."),
+        (r"^model\.embed_tokens\.", "embed_tokens."),
+        (r"^model\.norm\.", "norm."),
+        (r"^(lm_head|score)\.", r"\1."),
+    )
+
+
+# Decoder rerankers (`decoder.py`): Qwen/Qwen3-Reranker-* as Qwen3ForCausalLM (lm_head, or the embeddings when
+# tied) or in the converted seq-cls form (a 1-row `score`), recognised by the per-head q/k norms; Qwen2
+# (mxbai-rerank-v2 style) by its q/k/v biases, otherwise the same names.
+for _name, _marker in (
+    ("qwen3", r"^model\.layers\.\d+\.self_attn\.q_norm\.weight$"),
+    ("qwen2", r"^model\.layers\.\d+\.self_attn\.q_proj\.bias$"),
+):
+    LAYOUTS[_name] = Layout(
+        name=_name,
+        marker=_marker,
+        renames=_decoder_renames(),
+        ignored=(r"\.rotary_emb\.inv_freq$",),
+        fuse_qkv=True,
+        roberta_positions=False,
     )
 
 

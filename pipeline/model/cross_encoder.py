@@ -20,7 +20,8 @@ import torch
 from pipeline.core import dtypes
 from pipeline.core.errors import CheckpointError
 from pipeline.model import device as runtime
-from pipeline.model.checkpoint import DUMMY_MARKER, resolve_model_directory
+from pipeline.model.checkpoint import DUMMY_MARKER, inspect_checkpoint, resolve_model_directory
+from pipeline.model.decoder import load_decoder_model
 from pipeline.model.fp8 import Fp8Weights, fp8_kernel_works
 from pipeline.model.modeling import (
     ONEDNN_FUSED,
@@ -40,6 +41,7 @@ from pipeline.model.quantization import (
     Int8Weights,
     smoothing_for,
 )
+from pipeline.model.templates import resolve_template
 from pipeline.model.tokenization import PairTokenizer
 from pipeline.model.weights import load_model
 
@@ -323,8 +325,14 @@ class CrossEncoder:
         attention_backend: str | None = None,
         max_chars_per_token: int | None = None,
         int8: Int8Options | None = None,
+        template: str | None = None,
+        instruction: str | None = None,
     ) -> CrossEncoder:
         """A local directory, a Hugging Face hub id, or `dummy:<architecture>` (random weights, see dummy.py).
+
+        Decoder rerankers (Qwen3-Reranker) read pairs through a prompt template (`templates.py`): `template`
+        names it (None: the checkpoint's known one), `instruction` fills its instruction field (None: the
+        template's default).
 
         dtype "int8": Linear layers in int8 on CPU (see quantization.py), tuned by `int8` (default
         `Int8Options()`: SmoothQuant with alpha 0.5 on `CALIBRATION_PAIRS`, every layer in int8).
@@ -337,14 +345,30 @@ class CrossEncoder:
                 f"int8 options were given for dtype {str(dtype).replace('torch.', '')}; "
                 "pass dtype='int8' or drop them"
             )
-        model, layout, raw_config = load_model(directory, allow_pickle=allow_pickle)
+        layout, _ = inspect_checkpoint(directory, allow_pickle=allow_pickle)
+        prompt = resolve_template(template, name_or_path, directory, layout and layout.name)
+        kwargs = {} if max_chars_per_token is None else {"max_chars_per_token": max_chars_per_token}
+        tokenizer = None
+        if prompt is not None:  # the template's answer tokens pick the LM head's rows
+            tokenizer = PairTokenizer.from_dir(
+                directory,
+                return_token_types=False,
+                prompt=prompt,
+                instruction=instruction,
+                **kwargs,
+            )
+            model, layout, raw_config = load_decoder_model(
+                directory, tokenizer.prompt.answer_ids, allow_pickle=allow_pickle
+            )
+        else:
+            model, layout, raw_config = load_model(directory, allow_pickle=allow_pickle)
         model.to(device=device, dtype=compute_dtype(dtype, device))
         # The head stays float32: two tiny matrices, and the raw logit is the product.
         model.head.float()
-        kwargs = {} if max_chars_per_token is None else {"max_chars_per_token": max_chars_per_token}
-        tokenizer = PairTokenizer.from_dir(
-            directory, return_token_types=model.config.type_vocab_size > 1, **kwargs
-        )
+        if tokenizer is None:
+            tokenizer = PairTokenizer.from_dir(
+                directory, return_token_types=model.config.type_vocab_size > 1, **kwargs
+            )
         encoder = cls(
             model,
             tokenizer,
@@ -383,6 +407,14 @@ class CrossEncoder:
                 "num_parameters": sum(p.numel() for p in self.model.parameters()),
             }
             | ({} if self.int8_options is None else {"int8": self.model.packed_weights.describe()})
+            | (
+                {}
+                if self.tokenizer.prompt is None
+                else {
+                    "template": self.tokenizer.prompt.template.name,
+                    "instruction": self.tokenizer.prompt.instruction,
+                }
+            )
             | (
                 {"float8": self.model.packed_weights.describe()}
                 if self.dtype == torch.float8_e4m3fn

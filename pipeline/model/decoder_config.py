@@ -53,7 +53,8 @@ def decoder_config_from_json(config: dict, layout_name: str) -> DecoderConfig:
         raise CheckpointError(
             f"rope_scaling type {rope_type!r} is not supported (only the default rotary positions)"
         )
-    theta = config.get("rope_theta", rope.get("rope_theta", 1_000_000.0))
+    # transformers 4 writes rope_theta at the top; 5 inside rope_parameters; its default is 10,000.
+    theta = config.get("rope_theta") or rope.get("rope_theta") or 10_000.0
     if config.get("use_sliding_window"):
         raise CheckpointError(
             "use_sliding_window=true is not supported for decoder rerankers (full causal attention only)"
@@ -77,6 +78,7 @@ def decoder_config_from_json(config: dict, layout_name: str) -> DecoderConfig:
         head_size=config.get("head_dim") or hidden // heads,
         rope_theta=float(theta),
         qk_norm=layout_name == "qwen3",
-        attention_bias=bool(config.get("attention_bias", layout_name == "qwen2")),
+        # Qwen2 always has q, k, v biases (its config has no switch); Qwen3 has them only when asked.
+        attention_bias=layout_name == "qwen2" or bool(config.get("attention_bias", False)),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
     )

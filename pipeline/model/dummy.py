@@ -35,6 +35,9 @@ class Architecture:
     tokenizer_vocab: int = 8000
     initializer_range: float = 0.02
     seed: int = 0
+    # Decoders (qwen3, qwen2): grouped-query kv heads and the head size (None: all heads, hidden / heads).
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -60,6 +63,24 @@ ARCHITECTURES: dict[str, Architecture] = {
     # For tests and smoke runs: the jina layout at toy size.
     "tiny": Architecture(
         "jina_flash", 64, 2, 4, 128, 1026, None, tokenizer_vocab=2000, initializer_range=0.2
+    ),
+    # Qwen/Qwen3-Reranker-0.6B: 596M parameters, Qwen3ForCausalLM with tied embeddings, rope_theta 1e6.
+    "qwen3-reranker-0.6b": Architecture(
+        "qwen3", 1024, 28, 16, 3072, 40960, 151669, num_key_value_heads=8, head_dim=128
+    ),
+    # For tests and smoke runs: the Qwen3 reranker at toy size (grouped-query: 4 heads, 2 kv heads).
+    "tiny-qwen3": Architecture(
+        "qwen3",
+        64,
+        2,
+        4,
+        128,
+        40960,
+        None,
+        tokenizer_vocab=2000,
+        initializer_range=0.2,
+        num_key_value_heads=2,
+        head_dim=16,
     ),
 }
 
@@ -279,6 +300,10 @@ def build_checkpoint(
     directory: str, arch: Architecture, corpus: Iterable[str] | None = None, dtype: str = "float32"
 ) -> str:
     """Write a complete random-weight checkpoint for `arch` into `directory` (created)."""
+    if arch.layout in ("qwen3", "qwen2"):  # decoder rerankers
+        from pipeline.model.decoder import build_decoder_checkpoint
+
+        return build_decoder_checkpoint(directory, arch, corpus, dtype)
     import torch
     from safetensors.torch import save_file
 

@@ -23,6 +23,7 @@ import numpy as np
 from tokenizers import Encoding, Tokenizer
 
 from pipeline.core.errors import CheckpointError
+from pipeline.model.templates import PromptEncoder, PromptTemplate
 
 # No piece of the XLM-R sentencepiece or BERT WordPiece vocabularies spans more characters than this,
 # so capping a text at max_length * 32 characters never changes its first max_length tokens.
@@ -115,11 +116,16 @@ class PairTokenizer:
         *,
         return_token_types: bool,
         max_chars_per_token: int = DEFAULT_MAX_CHARS_PER_TOKEN,
+        prompt: PromptTemplate | None = None,
+        instruction: str | None = None,
     ):
+        """prompt: a decoder reranker's template (`templates.py`); pairs are then encoded through it, with
+        `instruction` (None: the template's default)."""
         self.tokenizer = tokenizer
         self.tokenizer.no_padding()
         self.tokenizer.no_truncation()
         self.template = PairTemplate.from_tokenizer(tokenizer)
+        self.prompt = None if prompt is None else PromptEncoder(tokenizer, prompt, instruction)
         self.return_token_types = return_token_types
         self.max_chars_per_token = max_chars_per_token
         self._truncation: int | None = None
@@ -147,6 +153,9 @@ class PairTokenizer:
         self, queries: Sequence[str], documents: Sequence[str], max_length: int
     ) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
         """Token ids (and token types for BERT) per pair, each (seqlen,) with seqlen <= max_length."""
+        if self.prompt is not None:
+            limit = max_length * self.max_chars_per_token
+            return self.prompt.encode_pairs(queries, documents, max_length, limit), None
         min_length = self.template.pair_specials + 2
         if max_length < min_length:
             raise ValueError(
@@ -179,6 +188,11 @@ class PairTokenizer:
         overlap: int = 80,
     ) -> tuple[list[np.ndarray], list[np.ndarray] | None, list[int]]:
         """jina's rerank chunking. Returns (input_ids per window, token types or None, document index per window)."""
+        if self.prompt is not None:
+            raise ValueError(
+                "windows (long_documents=windows, rerank()) are not available with a prompt template; "
+                "long documents are truncated (long_documents=truncate, compute_score)"
+            )
         if max_length < 2 * max_query_length:
             raise ValueError(
                 f"max_length ({max_length}) must be at least 2 * max_query_length ({max_query_length})"

@@ -79,7 +79,9 @@ def _check(ok: bool, message: str) -> None:
 # --- attention ------------------------------------------------------------------------------------------
 
 
-def _check_varlen(kernel, q, k, v, cu_q, cu_k, max_q, max_k) -> None:
+def _check_varlen(kernel, q, k, v, cu_q, cu_k, max_q, max_k, gqa: bool = False) -> None:
+    """gqa: k and v may have fewer heads than q (a divisor of q's), as flash-attn always allows and
+    varlen_attn with enable_gqa=True."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check(
             t.dim() == 3,
@@ -96,7 +98,17 @@ def _check_varlen(kernel, q, k, v, cu_q, cu_k, max_q, max_k) -> None:
         head_dim % 8 == 0 and head_dim <= 256,
         f"{kernel}: head_dim {head_dim} must be a multiple of 8, <= 256",
     )
-    _check(k.shape[1:] == v.shape[1:] == q.shape[1:], f"{kernel}: q, k, v heads/head_dim differ")
+    if gqa:
+        _check(
+            k.shape[1:] == v.shape[1:]
+            and k.shape[-1] == q.shape[-1]
+            and q.shape[1] % k.shape[1] == 0,
+            f"{kernel}: k, v heads must divide q's and head_dims match",
+        )
+    else:
+        _check(
+            k.shape[1:] == v.shape[1:] == q.shape[1:], f"{kernel}: q, k, v heads/head_dim differ"
+        )
     for name, cu in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
         _check(
             isinstance(cu, torch.Tensor) and cu.dtype == torch.int32,
@@ -125,15 +137,24 @@ def _check_varlen(kernel, q, k, v, cu_q, cu_k, max_q, max_k) -> None:
     )
 
 
-def _reference_varlen(q, k, v, cu_q, cu_k, scale):
+def _reference_varlen(q, k, v, cu_q, cu_k, scale, causal: bool = False):
+    """Exact attention per sequence in float32; `causal` aligned bottom-right as flash-attn (>= 2.1) does:
+    query i of n sees key j of m when j <= i + m - n."""
     out = torch.zeros_like(q)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     for b in range(cu_q.numel() - 1):
         qs, qe, ks, ke = cu_q[b].item(), cu_q[b + 1].item(), cu_k[b].item(), cu_k[b + 1].item()
+        mask = None
+        if causal:
+            n, m = qe - qs, ke - ks
+            mask = torch.arange(m)[None, :] <= torch.arange(n)[:, None] + (m - n)
         o = F.scaled_dot_product_attention(
             q[qs:qe].float().transpose(0, 1),
             k[ks:ke].float().transpose(0, 1),
             v[ks:ke].float().transpose(0, 1),
+            attn_mask=mask,
             scale=scale,
         )
         out[qs:qe] = o.transpose(0, 1).to(q.dtype)
@@ -159,13 +180,25 @@ def flash_attn_varlen_func(
     return_attn_probs=False,
     block_table=None,
 ):
-    """flash-attn 2's `flash_attn_varlen_func`, forward only (inference), non-causal."""
+    """flash-attn 2's `flash_attn_varlen_func`, forward only (inference), causal or not, grouped-query
+    heads allowed (as the real kernel)."""
     _check_varlen(
-        "flash_attn_varlen_func", q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
+        "flash_attn_varlen_func",
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        gqa=True,
     )
-    _check(not causal and dropout_p == 0.0, "stand-in: only non-causal inference is implemented")
+    _check(
+        dropout_p == 0.0 and tuple(window_size) == (-1, -1),
+        "stand-in: only inference without a window is implemented",
+    )
     CALLS["flash_attn_varlen_func"] += 1
-    return _reference_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale)
+    return _reference_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal=causal)
 
 
 @_kernel
@@ -186,11 +219,17 @@ def varlen_attn(
     block_table=None,
     num_splits=None,
 ):
-    """torch.nn.attention.varlen.varlen_attn as torch 2.13 has it (same signature)."""
-    _check_varlen("varlen_attn", query, key, value, cu_seq_q, cu_seq_k, max_q, max_k)
+    """torch.nn.attention.varlen.varlen_attn as torch 2.13 has it (same signature); window_size (-1, -1)
+    (full) or (-1, 0) (causal)."""
+    _check_varlen(
+        "varlen_attn", query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, gqa=enable_gqa
+    )
     _check(num_splits in (None, 1), "stand-in: num_splits other than 1")
+    _check(tuple(window_size) in ((-1, -1), (-1, 0)), "stand-in: only full or causal windows")
     CALLS["varlen_attn"] += 1
-    return _reference_varlen(query, key, value, cu_seq_q, cu_seq_k, scale)
+    return _reference_varlen(
+        query, key, value, cu_seq_q, cu_seq_k, scale, causal=tuple(window_size) == (-1, 0)
+    )
 
 
 @_kernel
@@ -199,9 +238,8 @@ def varlen_attn_without_scale(
 ):
     """torch 2.9's varlen_attn (its documented signature): no `scale` (always 1/sqrt(head_dim)), no `num_splits`."""
     _check_varlen("varlen_attn", query, key, value, cu_seq_q, cu_seq_k, max_q, max_k)
-    _check(not is_causal, "stand-in: only non-causal attention is implemented")
     CALLS["varlen_attn"] += 1
-    return _reference_varlen(query, key, value, cu_seq_q, cu_seq_k, None)
+    return _reference_varlen(query, key, value, cu_seq_q, cu_seq_k, None, causal=is_causal)
 
 
 # --- float8 GEMM ----------------------------------------------------------------------------------------

@@ -1,0 +1,231 @@
+"""Prompt templates of decoder rerankers, as data, and the pair encoding they imply (no torch).
+
+A decoder reranker (Qwen3-Reranker) reads each (query, document) pair as one chat prompt and is scored at the
+prompt's last token: logit("yes") - logit("no") there. The prompt is
+
+    prefix + body.format(instruction, query, document) + suffix
+
+where the body ends with the document, and the suffix opens the assistant's turn (with Qwen3's empty think
+block), so the model's next token is its answer. Encoding follows the model card's reference code: prefix and
+suffix are tokenized alone, the body as one text. A body over budget loses tokens from its end, i.e. the
+document's tail; when the query alone leaves no room, the query is cut and the document dropped. Prefix,
+suffix and the field labels are never cut: a truncated pair still ends where the model reads its answer.
+
+Which template a checkpoint takes: `tokenizer.template` (a built-in name or a JSON file of the fields below);
+unset, the checkpoint's config.json key `rerank_pipeline_template` (dummy checkpoints write it), else the
+model's name (a hub id or folder containing "qwen3-reranker"). A decoder checkpoint with none of these is
+refused: its scores would mean nothing without the prompt it was trained on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.core.errors import CheckpointError, ConfigError
+
+FIELDS = ("instruction", "query", "document")
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    name: str
+    prefix: str  # before the fields: system turn, start of the user turn
+    body: str  # the fields {instruction}, {query}, {document}, in that order, the document last
+    suffix: (
+        str  # after the fields: end of the user turn, start of the assistant's (its answer follows)
+    )
+    yes_token: str  # the score is logit(yes_token) - logit(no_token) at the last token
+    no_token: str | None  # None: the score is logit(yes_token) alone
+    default_instruction: str
+
+    def __post_init__(self):
+        found = re.findall(r"{(\w*)}", self.body)
+        if tuple(found) != FIELDS or not self.body.endswith("{document}"):
+            raise ConfigError(
+                f"prompt template {self.name!r}: its body must hold {{instruction}}, {{query}} and "
+                f"{{document}} once each, in that order, and end with {{document}} (found {found})"
+            )
+
+    def as_dict(self) -> dict:
+        """Every field: what the score cache's fingerprint and a job's summary record."""
+        return dataclasses.asdict(self)
+
+
+QWEN3_RERANKER = PromptTemplate(
+    name="qwen3-reranker",
+    # Verbatim from the Qwen/Qwen3-Reranker-0.6B model card's usage code (same for 4B and 8B).
+    prefix=(
+        "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and "
+        'the Instruct provided. Note that the answer can only be "yes" or "no".<|im_end|>\n'
+        "<|im_start|>user\n"
+    ),
+    body="<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {document}",
+    suffix="<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n",
+    yes_token="yes",
+    no_token="no",
+    default_instruction="Given a web search query, retrieve relevant passages that answer the query",
+)
+
+TEMPLATES: dict[str, PromptTemplate] = {QWEN3_RERANKER.name: QWEN3_RERANKER}
+# Checkpoint names (hub id, folder, dummy name) whose template is known without being told.
+KNOWN_BY_NAME: tuple[tuple[str, str], ...] = ((r"(?i)qwen3[-_]reranker", "qwen3-reranker"),)
+CONFIG_KEY = "rerank_pipeline_template"  # config.json key naming a checkpoint's template
+
+
+def _from_file(path: str) -> PromptTemplate:
+    try:
+        with open(os.path.expanduser(path)) as f:
+            fields = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"prompt template file {path!r} does not read as JSON ({e})") from None
+    names = {f.name for f in dataclasses.fields(PromptTemplate)} - {"name"}
+    if not isinstance(fields, dict) or set(fields) - {"name"} != names:
+        raise ConfigError(
+            f"prompt template file {path!r} must be a JSON object with exactly the keys "
+            f"{', '.join(sorted(names))} (and optionally name)"
+        )
+    return PromptTemplate(**{"name": os.path.basename(path)} | fields)
+
+
+def template_named(setting: str) -> PromptTemplate:
+    """A built-in template by name, or a JSON file of a template's fields."""
+    if setting in TEMPLATES:
+        return TEMPLATES[setting]
+    if setting.endswith(".json"):
+        return _from_file(setting)
+    raise ConfigError(
+        f"unknown prompt template {setting!r}; built in: {', '.join(sorted(TEMPLATES))}, or give "
+        "a JSON file of the fields (prefix, body, suffix, yes_token, no_token, default_instruction)"
+    )
+
+
+def resolve_template(
+    setting: str | None, model: str, directory: str, layout: str | None
+) -> PromptTemplate | None:
+    """The template pairs of `model` (checkpoint in `directory`, of `layout`) are encoded with; None for a
+    cross-encoder, which reads pairs without a prompt. `setting`: `tokenizer.template` (None: known one)."""
+    from pipeline.model.checkpoint import read_config
+    from pipeline.model.decoder_config import DECODER_LAYOUTS
+
+    decoder = layout in DECODER_LAYOUTS
+    if layout is None and setting is not None:  # pickle-only: its layout is found when it loads
+        return template_named(setting)
+    if not decoder:
+        if setting is not None:
+            raise ConfigError(
+                f"tokenizer.template is set, but {model} is a cross-encoder ({layout} layout), which "
+                "reads pairs without a prompt; remove tokenizer.template"
+            )
+        return None
+    if setting is not None:
+        return template_named(setting)
+    raw_config = read_config(directory)
+    if raw_config.get(CONFIG_KEY):
+        return template_named(raw_config[CONFIG_KEY])
+    for pattern, name in KNOWN_BY_NAME:
+        if re.search(pattern, model):
+            return TEMPLATES[name]
+    raise CheckpointError(
+        f"{model} is a decoder reranker ({layout} layout) and its prompt template is not known; name "
+        f"one with `--set tokenizer.template=<name>` (built in: {', '.join(sorted(TEMPLATES))}) or "
+        "give a JSON file of the fields (prefix, body, suffix, yes_token, no_token, "
+        "default_instruction)"
+    )
+
+
+class PromptEncoder:
+    """Encodes (query, document) pairs through a template on the checkpoint's fast tokenizer."""
+
+    def __init__(self, tokenizer, template: PromptTemplate, instruction: str | None = None):
+        """tokenizer: a `tokenizers.Tokenizer` (no padding, no truncation)."""
+        self.tokenizer = tokenizer
+        self.template = template
+        self.instruction = template.default_instruction if instruction is None else instruction
+        self.prefix_ids = self._ids(template.prefix)
+        self.suffix_ids = self._ids(template.suffix)
+        # The body split at its fields: text before {query}, between {query} and {document}.
+        before_query, rest = template.body.split("{query}")
+        self.query_head = before_query.format(instruction=self.instruction)
+        self.document_label = rest.split("{document}")[0]
+        self.document_label_ids = self._ids(self.document_label)
+        self.answer_ids = self._answer_ids()
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def _answer_ids(self) -> tuple[int, int | None]:
+        def one(token: str) -> int:
+            token_id = self.tokenizer.token_to_id(token)
+            if token_id is None:
+                raise CheckpointError(
+                    f"prompt template {self.template.name!r} reads the answer token {token!r}, which "
+                    "this checkpoint's tokenizer does not have as one token; is it the right template?"
+                )
+            return token_id
+
+        no = self.template.no_token
+        return one(self.template.yes_token), (None if no is None else one(no))
+
+    @property
+    def min_length(self) -> int:
+        """The shortest max_length that leaves a token for the query and one for the document."""
+        fixed = len(self.prefix_ids) + len(self.suffix_ids)
+        return fixed + len(self._ids(self.query_head + self.document_label)) + 2
+
+    def encode_pairs(
+        self,
+        queries: Sequence[str],
+        documents: Sequence[str],
+        max_length: int,
+        max_chars: int | None = None,
+    ) -> list[np.ndarray]:
+        """Token ids per pair, each (seqlen,) int32 with seqlen <= max_length, ending with the suffix.
+
+        `max_chars`: texts are cut to this many characters first (see `PairTokenizer`)."""
+        if max_length < self.min_length:
+            raise ValueError(
+                f"max_length={max_length} leaves no room for text in the "
+                f"{self.template.name} prompt; use at least {self.min_length}"
+            )
+
+        def cap(text: str) -> str:
+            return text if max_chars is None or len(text) <= max_chars else text[:max_chars]
+
+        queries = [cap(q) for q in queries]
+        documents = [cap(d) for d in documents]
+        bodies = [self.query_head + q + self.document_label + d for q, d in zip(queries, documents)]
+        budget = max_length - len(self.prefix_ids) - len(self.suffix_ids)
+        encodings = self.tokenizer.encode_batch(bodies, add_special_tokens=False)
+        out = []
+        for query, encoding in zip(queries, encodings):
+            ids = encoding.ids
+            if len(ids) > budget:
+                document_start = len(self.query_head) + len(query) + len(self.document_label)
+                # Tokens ending by the document's first character belong to the head (the label's space
+                # merges into the document's first word, so that token counts as the document's).
+                head = sum(1 for _, end in encoding.offsets if end <= document_start)
+                if head < budget:
+                    ids = ids[:budget]  # the document's tail goes, as in the model card's code
+                else:
+                    ids = self._cut_query(encoding, query, budget)
+            out.append(np.asarray(self.prefix_ids + ids + self.suffix_ids, dtype=np.int32))
+        return out
+
+    def _cut_query(self, encoding, query: str, budget: int) -> list[int]:
+        """Instruction and query label, the query's first tokens, the document label, no document."""
+        query_start, query_end = len(self.query_head), len(self.query_head) + len(query)
+        head = [i for i, (_, end) in zip(encoding.ids, encoding.offsets) if end <= query_start]
+        query_ids = [
+            i
+            for i, (start, end) in zip(encoding.ids, encoding.offsets)
+            if end > query_start and start < query_end
+        ]
+        room = max(0, budget - len(head) - len(self.document_label_ids))
+        return head + query_ids[:room] + self.document_label_ids
