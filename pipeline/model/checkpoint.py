@@ -10,6 +10,8 @@ Three layouts are recognised from the *weight names* (not from `architectures`: 
 | `bert`         | cross-encoder/ms-marco-MiniLM-L6-v2         | `bert.encoder.layer.N.attention.self.query` |
 | `modernbert`   | Alibaba-NLP/gte-reranker-modernbert-base    | `model.layers.N.attn.Wqkv` |
 | `gte`          | gte-multilingual-reranker-base (transformers' GTE) | `gte.layers.N.self_attn.q_proj` |
+| `qwen3`        | Qwen/Qwen3-Reranker-0.6B (decoder, `decoder.py`) | `model.layers.N.self_attn.q_norm` |
+| `qwen2`        | Qwen2-based decoder rerankers               | `model.layers.N.self_attn.q_proj.bias` |
 
 Renames are data (`Layout.renames`, first matching pattern wins); the transformers layouts' separate
 query/key/value projections are fused into `Wqkv` rows in q, k, v order, exactly as jina's checkpoint
@@ -32,6 +34,7 @@ import re
 from dataclasses import dataclass
 
 from pipeline.core.errors import CheckpointError
+from pipeline.model.decoder_config import DECODER_LAYOUTS, decoder_config_from_json
 from pipeline.model.dummy import DUMMY_MARKER, dummy_checkpoint  # noqa: F401 (the marker is re-exported)
 from pipeline.model.model_config import ModelConfig
 from pipeline.model.rope_config import (
@@ -130,7 +133,7 @@ def detect_layout(names: list[str]) -> Layout:
     raise CheckpointError(
         f"unknown checkpoint layout (weights start with: {sample}, ...); supported: jina-reranker-v2 "
         "(flash layout), XLM-RoBERTa, BERT, ModernBERT and GTE sequence classification as saved by "
-        "transformers"
+        "transformers, and Qwen3 / Qwen2 decoder rerankers (causal LM or seq-cls)"
     )
 
 
@@ -148,8 +151,6 @@ def model_config_from_json(config: dict, layout: Layout) -> ModelConfig:
             f"position_embedding_type={config['position_embedding_type']!r} is not supported "
             "(only absolute positions, as in XLM-RoBERTa and BERT)"
         )
-    from pipeline.model.decoder_config import DECODER_LAYOUTS, decoder_config_from_json
-
     if layout.name in DECODER_LAYOUTS:
         return decoder_config_from_json(config, layout.name)
     acts = {
