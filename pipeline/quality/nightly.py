@@ -275,14 +275,7 @@ def evaluate_night(
     )
     judged = reranker_parts is not None or bool(config.input.judge_score_column)
     facts = _run_facts(config, plan, measured, combined, qrels, history, judged, reranker)
-    row = {
-        NIGHT: night,
-        "written_at": dt.datetime.now(dt.timezone.utc),
-        "run": run,
-        "num_queries": segments.num_rows,
-        "config_hash": facts["config_hash"],
-        **measured.means,
-    }
+    row = _history_row(night, run, measured, facts)
     trend_measures, segment_measure = _report_measures(config, list(measured.means))
     report = NightReport(
         night=night,
@@ -362,4 +355,16 @@ def _run_facts(
         "warning": random_weights_warning(reranker["model"]) if random_weights else None,
         "config_hash": config_hash(config),
         "config": redact(config.model_dump(mode="json")),
+    }
+
+
+def _history_row(night: str, run: str, measured: Measured, facts: dict) -> dict:
+    """Tonight's row of the history: when and what was measured, and every measure's mean."""
+    return {
+        NIGHT: night,
+        "written_at": dt.datetime.now(dt.timezone.utc),
+        "run": run,
+        "num_queries": facts["num_queries"],
+        "config_hash": facts["config_hash"],
+        **measured.means,
     }
