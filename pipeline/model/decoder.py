@@ -32,6 +32,7 @@ from torch import nn
 
 from pipeline.core.errors import CheckpointError
 from pipeline.model import device as runtime
+from pipeline.model.checkpoint import DUMMY_MARKER, detect_layout, read_config
 from pipeline.model.decoder_config import DecoderConfig, decoder_config_from_json
 from pipeline.model.modeling import (
     FLASH_ATTN,
@@ -53,6 +54,7 @@ from pipeline.model.modeling import (
     select_attention_backend,
     select_linear_kernel,
 )
+from pipeline.model.weights import _no_init, convert_state_dict, logger, read_weights
 
 
 class RMSNorm(nn.Module):
@@ -409,9 +411,6 @@ def load_decoder_model(
 ) -> tuple[DecoderModel, object, dict]:
     """Build a decoder reranker from a checkpoint directory, checking every key and shape (as
     `weights.load_model` does for the encoders). Returns (model, layout, config.json)."""
-    from pipeline.model.checkpoint import DUMMY_MARKER, detect_layout, read_config
-    from pipeline.model.weights import _no_init, convert_state_dict, logger, read_weights
-
     raw_config = read_config(directory)
     state = read_weights(directory, allow_pickle)
     layout = detect_layout(list(state))
@@ -442,101 +441,3 @@ def load_decoder_model(
             "RANDOM WEIGHTS: %s is a dummy checkpoint; its scores mean nothing", directory
         )
     return model.eval(), layout, raw_config
-
-
-# -- random-weight checkpoints (the `dummy` load format, tests) -------------------------------------------
-
-# Qwen's special tokens; `<think>` and `</think>` are ordinary added tokens there, as are `yes` and `no` here
-# (the trained vocabulary need not hold them, and the template reads them as single tokens).
-DECODER_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-DECODER_ADDED = ["<think>", "</think>", "yes", "no"]
-
-
-def train_decoder_tokenizer(corpus, vocab_size: int):
-    """A byte-level BPE tokenizer like Qwen's (no BOS, no post-processor), trained on `corpus`."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(
-        list(corpus),
-        trainers.BpeTrainer(
-            vocab_size=vocab_size,
-            special_tokens=DECODER_SPECIALS,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        ),
-    )
-    tok.add_tokens(DECODER_ADDED)
-    return tok
-
-
-def build_decoder_checkpoint(
-    directory: str,
-    arch,
-    corpus=None,
-    dtype: str = "float32",
-    *,
-    form: str = "causal_lm",
-    tie_word_embeddings: bool = True,
-) -> str:
-    """A complete random-weight Qwen3 (or Qwen2) reranker checkpoint for `dummy.Architecture` `arch`, saved by
-    transformers' own classes: `form` "causal_lm" (Qwen3ForCausalLM, as Qwen/Qwen3-Reranker-* ship) or
-    "seq_cls" (ForSequenceClassification with one label, as the converted checkpoints)."""
-    import json
-    import os
-    from dataclasses import asdict
-
-    import transformers
-    from transformers import PreTrainedTokenizerFast
-
-    from pipeline.model.dummy import DEFAULT_CORPUS, DUMMY_MARKER
-    from pipeline.model.templates import CONFIG_KEY, QWEN3_RERANKER
-
-    os.makedirs(directory, exist_ok=True)
-    tok = train_decoder_tokenizer(
-        corpus if corpus is not None else DEFAULT_CORPUS, arch.tokenizer_vocab
-    )
-    PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        model_max_length=arch.max_position_embeddings,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        padding_side="left",
-    ).save_pretrained(directory)
-    pad_id = tok.token_to_id("<|endoftext|>")
-    family = "Qwen3" if arch.layout == "qwen3" else "Qwen2"
-    kwargs = dict(
-        vocab_size=arch.vocab_size or tok.get_vocab_size(),
-        hidden_size=arch.hidden_size,
-        intermediate_size=arch.intermediate_size,
-        num_hidden_layers=arch.num_hidden_layers,
-        num_attention_heads=arch.num_attention_heads,
-        num_key_value_heads=arch.num_key_value_heads or arch.num_attention_heads,
-        max_position_embeddings=arch.max_position_embeddings,
-        initializer_range=arch.initializer_range,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=tie_word_embeddings and form == "causal_lm",
-        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
-        pad_token_id=pad_id,
-        eos_token_id=tok.token_to_id("<|im_end|>"),
-    )
-    if arch.layout == "qwen3":
-        kwargs["head_dim"] = arch.head_dim or arch.hidden_size // arch.num_attention_heads
-    if form == "seq_cls":
-        kwargs["num_labels"] = 1
-    config = getattr(transformers, f"{family}Config")(**kwargs)
-    head = "ForCausalLM" if form == "causal_lm" else "ForSequenceClassification"
-    torch.manual_seed(arch.seed)
-    model = getattr(transformers, family + head)(config).eval()
-    model.to(getattr(torch, dtype)).save_pretrained(directory, safe_serialization=True)
-    path = os.path.join(directory, "config.json")
-    with open(path) as f:
-        saved = json.load(f)
-    saved[DUMMY_MARKER] = True
-    saved["rerank_pipeline_architecture"] = asdict(arch)
-    saved[CONFIG_KEY] = QWEN3_RERANKER.name
-    with open(path, "w") as f:
-        json.dump(saved, f, indent=2)
-    return directory

@@ -301,9 +301,11 @@ def build_checkpoint(
 ) -> str:
     """Write a complete random-weight checkpoint for `arch` into `directory` (created)."""
     if arch.layout in ("qwen3", "qwen2"):  # decoder rerankers
-        from pipeline.model.decoder import build_decoder_checkpoint
+        from pipeline.model.decoder_dummy import build_decoder_checkpoint
 
-        return build_decoder_checkpoint(directory, arch, corpus, dtype)
+        marker = {DUMMY_MARKER: True, "rerank_pipeline_architecture": asdict(arch)}
+        text = corpus if corpus is not None else DEFAULT_CORPUS
+        return build_decoder_checkpoint(directory, arch, text, dtype, config_keys=marker)
     import torch
     from safetensors.torch import save_file
 

@@ -29,6 +29,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.core.errors import CheckpointError, ConfigError
+from pipeline.model.checkpoint import read_config
+from pipeline.model.decoder_config import DECODER_LAYOUTS
+from pipeline.model.decoder_dummy import TEMPLATE_KEY
 
 FIELDS = ("instruction", "query", "document")
 
@@ -76,7 +79,7 @@ QWEN3_RERANKER = PromptTemplate(
 TEMPLATES: dict[str, PromptTemplate] = {QWEN3_RERANKER.name: QWEN3_RERANKER}
 # Checkpoint names (hub id, folder, dummy name) whose template is known without being told.
 KNOWN_BY_NAME: tuple[tuple[str, str], ...] = ((r"(?i)qwen3[-_]reranker", "qwen3-reranker"),)
-CONFIG_KEY = "rerank_pipeline_template"  # config.json key naming a checkpoint's template
+CONFIG_KEY = TEMPLATE_KEY  # config.json key naming a checkpoint's template
 
 
 def _from_file(path: str) -> PromptTemplate:
@@ -111,9 +114,6 @@ def resolve_template(
 ) -> PromptTemplate | None:
     """The template pairs of `model` (checkpoint in `directory`, of `layout`) are encoded with; None for a
     cross-encoder, which reads pairs without a prompt. `setting`: `tokenizer.template` (None: known one)."""
-    from pipeline.model.checkpoint import read_config
-    from pipeline.model.decoder_config import DECODER_LAYOUTS
-
     decoder = layout in DECODER_LAYOUTS
     if layout is None and setting is not None:  # pickle-only: its layout is found when it loads
         return template_named(setting)

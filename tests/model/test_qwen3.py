@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from pipeline.core.errors import CheckpointError, ConfigError
 from pipeline.model import CrossEncoder
-from pipeline.model.decoder import build_decoder_checkpoint
+from pipeline.model.decoder_dummy import build_decoder_checkpoint
 from pipeline.model.dummy import ARCHITECTURES
 from pipeline.model.modeling import FLASH_ATTN, ONEDNN_INT8, SDPA_GROUPED, TORCH_VARLEN
 from pipeline.model.templates import QWEN3_RERANKER
@@ -31,7 +31,9 @@ FORMS = {
     "qwen3_seq_cls": ("qwen3", "seq_cls", False),
     "qwen2": ("qwen2", "causal_lm", False),
 }
-MAX_LENGTH = 448  # the template alone is ~130 tokens with this small vocabulary: long documents are cut
+MAX_LENGTH = (
+    448  # the template alone is ~130 tokens with this small vocabulary: long documents are cut
+)
 
 
 @pytest.fixture(scope="module")
