@@ -132,22 +132,14 @@ def select_negatives(
     )  # (num_queries,)
     pos_min_row = pos_min[group]  # (n,) +inf where the query has no positive
 
-    near_duplicate = np.zeros(n, dtype=bool)
-    if config.near_duplicate_threshold is not None:
-        near_duplicate = _near_duplicates(
-            table[schema.DOCUMENT].to_pylist(), is_positive, starts, sizes, config
-        )
-        near_duplicate &= ~is_positive
-    above_max, below_min = _outside_score_bounds(score, config)
     reasons = [  # in the order of DROP_REASONS, up to not_sampled
         ~has_positive,
         is_positive,
         _duplicates_of_positives(table, is_positive, group),
-        near_duplicate,
+        _near_duplicates_of_positives(table, is_positive, starts, sizes, config),
         _outside_rank_window(table, config),
         _within_margin(score, pos_min_row, config),
-        above_max,
-        below_min,
+        *_outside_score_bounds(score, config),  # max_score, min_score
     ]
     reason_code = np.full(n, -1, dtype=np.int64)
     for code in reversed(range(len(reasons))):  # the earliest rule in DROP_REASONS wins
@@ -215,6 +207,22 @@ def _duplicates_of_positives(
         ((g, h) in positive_texts for g, h in zip(group.tolist(), hashes)), dtype=bool, count=n
     )
     return duplicate & ~is_positive
+
+
+def _near_duplicates_of_positives(
+    table: pa.Table,
+    is_positive: np.ndarray,
+    starts: np.ndarray,
+    sizes: np.ndarray,
+    config: SelectionConfig,
+) -> np.ndarray:
+    """Rows (not positives) near-duplicating a positive of their query; none when the rule is off. -> bool (n,)"""
+    if config.near_duplicate_threshold is None:
+        return np.zeros(table.num_rows, dtype=bool)
+    near_duplicate = _near_duplicates(
+        table[schema.DOCUMENT].to_pylist(), is_positive, starts, sizes, config
+    )
+    return near_duplicate & ~is_positive
 
 
 def _outside_rank_window(table: pa.Table, config: SelectionConfig) -> np.ndarray:
