@@ -1,4 +1,5 @@
-"""Fixtures of the rerank job tests: a real local Ray, real DL19 pairs as Parquet, a subprocess runner."""
+"""Fixtures of the rerank job tests: real DL19 pairs as Parquet, a subprocess runner (the session's local Ray,
+`ray_local`, is in tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -13,24 +14,6 @@ import pyarrow.parquet as pq
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="session")
-def ray_local():
-    """One real local Ray instance for the in-process job tests (2 CPUs, like the CI machine)."""
-    import ray
-
-    # address="local": a fresh Ray of this process, never a cluster another test started with `ray start`
-    # (ray.init() with no address joins the one named in /tmp/ray/ray_current_cluster).
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        ignore_reinit_error=True,
-    )
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="session")
