@@ -25,6 +25,19 @@ from pipeline.model.rope_config import gte_config
 MAX_LENGTH = 256
 
 
+def _unit_vectors_made_random(directory: str) -> None:
+    """Norm weights start as ones and biases as zeros: made random, so that a wrong rename among them (final
+    norm vs the head's, say) changes the logits instead of swapping equal vectors."""
+    path = Path(directory) / "model.safetensors"
+    generator = torch.Generator().manual_seed(0)
+    state = load_file(path)
+    for name, tensor in state.items():
+        if tensor.dim() == 1:
+            noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32)
+            state[name] = (tensor.float() + 0.2 * noise).to(tensor.dtype)
+    save_file(state, path, metadata={"format": "pt"})
+
+
 @pytest.fixture(scope="module")
 def gte(tmp_path_factory, corpus) -> dict[str, str]:
     """`saved`: as transformers writes it (rotary base 1,000: positions turn the keys a lot); `in_memory`: the
@@ -32,6 +45,7 @@ def gte(tmp_path_factory, corpus) -> dict[str, str]:
     root = tmp_path_factory.mktemp("gte")
     arch = replace(ARCHITECTURES["tiny-gte"], seed=6)
     saved = build_checkpoint(str(root / "saved"), arch, corpus)
+    _unit_vectors_made_random(saved)
     config_path = Path(saved) / "config.json"
     config = json.loads(config_path.read_text())
     config["rope_parameters"] = {"rope_type": "default", "rope_theta": 1000.0}

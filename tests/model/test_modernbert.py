@@ -38,12 +38,26 @@ def _edit_config(directory: str, **changes) -> None:
     path.write_text(json.dumps(config, indent=2))
 
 
+def _unit_vectors_made_random(directory: str) -> None:
+    """Norm weights start as ones and biases as zeros: made random, so that a wrong rename among them (final
+    norm vs the head's, say) changes the logits instead of swapping equal vectors."""
+    path = Path(directory) / "model.safetensors"
+    generator = torch.Generator().manual_seed(0)
+    state = load_file(path)
+    for name, tensor in state.items():
+        if tensor.dim() == 1:
+            noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32)
+            state[name] = (tensor.float() + 0.2 * noise).to(tensor.dtype)
+    save_file(state, path, metadata={"format": "pt"})
+
+
 @pytest.fixture(scope="module")
 def modernbert(tmp_path_factory, corpus) -> dict[str, str]:
     """variant -> checkpoint directory: `cls` (last layer global), `mean`, `local_last` (same weights)."""
     root = tmp_path_factory.mktemp("modernbert")
     arch = replace(ARCHITECTURES["tiny-modernbert"], seed=5)
     base = build_checkpoint(str(root / "cls"), arch, corpus)
+    _unit_vectors_made_random(base)
     _edit_config(
         base,
         local_attention=16,
