@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 from tokenizers import Encoding, Tokenizer
 
-from pipeline.core.errors import CheckpointError
-from pipeline.model.templates import PromptEncoder, PromptTemplate
+from pipeline.core.errors import CheckpointError, ConfigError
+from pipeline.model.templates import PromptEncoder, PromptTemplate, resolve_template
 
 # No piece of the XLM-R sentencepiece or BERT WordPiece vocabularies spans more characters than this,
 # so capping a text at max_length * 32 characters never changes its first max_length tokens.
@@ -228,3 +228,39 @@ def _chunks(doc_ids: list[int], window: int, overlap: int) -> list[list[int]]:
         chunks.append(doc_ids[start:end])
         start = end - overlap
     return chunks
+
+
+def check_prompt(
+    template: str | None,
+    instruction: str | None,
+    model: str,
+    directory: str,
+    layout: str | None,
+    max_length: int,
+    long_documents: str,
+) -> dict | None:
+    """The driver's check of a job's prompt settings before any work, and what of them changes a score (the
+    template's fields and the instruction, for the score cache's fingerprint); None for a cross-encoder.
+
+    Raises (one line each): a decoder without a known template, a template or instruction for a
+    cross-encoder, windows mode with a prompt, a max_length that leaves the prompt no room for text."""
+    prompt = resolve_template(template, model, directory, layout)
+    if prompt is None:
+        if instruction is not None:
+            raise ConfigError(
+                f"tokenizer.instruction is set, but {model} is a cross-encoder, which reads pairs "
+                "without a prompt; remove tokenizer.instruction"
+            )
+        return None
+    if long_documents == "windows":
+        raise ConfigError(
+            f"tokenizer.long_documents=windows is not available for {model}, a decoder reranker "
+            "read through a prompt; use long_documents=truncate (the document's tail is cut)"
+        )
+    encoder = PromptEncoder(load_tokenizer(directory), prompt, instruction)
+    if max_length < encoder.min_length:
+        raise ConfigError(
+            f"tokenizer.max_length={max_length} leaves no room for text in the {prompt.name} prompt "
+            f"(with this instruction); use at least {encoder.min_length}"
+        )
+    return prompt.as_dict() | {"instruction": encoder.instruction}

@@ -212,6 +212,7 @@ def scoring_dataset(
             storage_options=config.storage_options,
             allow_pickle=config.allow_pickle,
             int8=config.int8 if (dtype or config.dtype) == "int8" else None,
+            template=config.tokenizer.template,
             on_scored=None
             if progress_counter is None
             else functools.partial(report_to, progress_counter),

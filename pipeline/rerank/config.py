@@ -41,6 +41,13 @@ class TokenizerConfig(StrictModel):
     )
     max_query_length: int = Field(512, ge=1)  # windows mode only
     overlap: int = Field(80, ge=0)  # windows mode only
+    # Decoder rerankers (Qwen3-Reranker) read each pair through a prompt template: a built-in name
+    # (qwen3-reranker) or a JSON file of its fields (pipeline/model/templates.py). null: the checkpoint's own,
+    # known from its name or config.json; a decoder without one is refused. Cross-encoders take none.
+    template: str | None = None
+    # The template's instruction (what relevant means for this job's pairs). null: the template's default,
+    # "Given a web search query, retrieve relevant passages that answer the query" for Qwen3-Reranker.
+    instruction: str | None = None
     # Tokenizer actors. auto (or null): sized at start from the cluster the job finds, enough to keep the GPU
     # scorers fed at their measured (else FLOPs-estimated) rate, capped by the CPUs of the nodes matching
     # label_selector (pipeline/rerank/capacity.py); the decision is logged in one line with its inputs.
@@ -194,12 +201,18 @@ class RerankConfig(StrictModel):
                     "candidates_column",
                     "rows_per_shard",
                 },
+                # The prompt settings only when set, so outputs written before they existed still resume.
                 "tokenizer": {
                     "max_length",
                     "max_chars_per_token",
                     "long_documents",
                     "max_query_length",
                     "overlap",
+                }
+                | {
+                    key
+                    for key in ("template", "instruction")
+                    if getattr(self.tokenizer, key) is not None
                 },
                 "output": True,
                 # Only int8 reads them (other dtypes must leave them at their defaults), so outputs of other dtypes

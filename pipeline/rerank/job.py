@@ -57,6 +57,7 @@ from pipeline.core.storage import (
 )
 from pipeline.model.checkpoint import inspect_checkpoint, resolve_model_directory
 from pipeline.model.model_config import linear_layer_names
+from pipeline.model.tokenization import check_prompt
 from pipeline.rerank.cache import CacheSpec
 from pipeline.rerank.config import RerankConfig
 from pipeline.rerank.job_files import (
@@ -134,12 +135,23 @@ def check_model(config: RerankConfig) -> dict:
             + ") at least twice "
             f"tokenizer.max_query_length ({t.max_query_length}); lower max_query_length"
         )
+    # A decoder reranker's template and instruction (None for a cross-encoder): refused here, before any work.
+    prompt = check_prompt(
+        t.template,
+        t.instruction,
+        config.model,
+        directory,
+        layout and layout.name,
+        max_length,
+        t.long_documents,
+    )
     return {
         "directory": directory,
         "revision": revision,
         "layout": layout.name if layout else None,
         "max_length": max_length,
         "fp32_layers": fp32_layers,
+        "prompt": prompt,
     }
 
 
@@ -902,6 +914,8 @@ def _open_cache(plan: RunPlan) -> None:
     }
     if dtype == "int8":
         settings["int8"] = int8_settings(config, plan.model["fp32_layers"], **_scorer_int8())
+    if plan.model.get("prompt"):  # a decoder reranker's template and instruction
+        settings["prompt"] = plan.model["prompt"]
     checkpoint = checkpoint_digest(plan.model["directory"])
     name = fingerprint(checkpoint, settings)
     plan.cache = open_cache(

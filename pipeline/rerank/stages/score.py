@@ -53,9 +53,11 @@ class ScoreStage:
         allow_pickle: bool = False,
         on_scored: Callable[[int, int], None] | None = None,
         int8: Int8Config | None = None,
+        template: str | None = None,
     ):
         """`on_scored(pairs, rejected)` is called after each batch (progress); `allow_pickle` lets a pickle-only
-        checkpoint load (the job's opt-in, checked on the driver); `int8`: the job's int8 section, dtype int8 only."""
+        checkpoint load (the job's opt-in, checked on the driver); `int8`: the job's int8 section, dtype int8 only;
+        `template`: `tokenizer.template` (a decoder reranker's answer tokens pick its score head)."""
         # Imported here, in the actor: the driver builds the plan with this class and never needs torch.
         import torch
 
@@ -85,6 +87,7 @@ class ScoreStage:
             revision=revision,
             allow_pickle=allow_pickle,
             int8=options,
+            template=template,
         )
         self.on_scored = on_scored
         self.max_tokens = config.max_tokens_per_batch

@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 
 from pipeline.core import schema as S
 from pipeline.model.checkpoint import inspect_checkpoint, resolve_model_directory
+from pipeline.model.templates import resolve_template
 from pipeline.model.tokenization import PairTokenizer
 from pipeline.rerank.config import TokenizerConfig
 
@@ -47,12 +48,15 @@ class TokenizeStage:
         """keep_texts: leave valid rows' texts in place (`output.carry_texts`) instead of nulling them."""
         directory, _ = resolve_model_directory(model, revision)
         # Headers and config.json only (never unpickles): whether pickles may load is the scorer's question.
-        _, model_config = inspect_checkpoint(directory, allow_pickle=True)
+        layout, model_config = inspect_checkpoint(directory, allow_pickle=True)
         self.return_token_types = model_config.type_vocab_size > 1
         self.tokenizer = PairTokenizer.from_dir(
             directory,
             return_token_types=self.return_token_types,
             max_chars_per_token=config.max_chars_per_token,
+            # A decoder reranker's prompt template (None for cross-encoders).
+            prompt=resolve_template(config.template, model, directory, layout and layout.name),
+            instruction=config.instruction,
         )
         self.config = config
         self.keep_texts = keep_texts
