@@ -14,9 +14,11 @@ from pipeline.core.cli import base_parser, check_job_location, run_main, setup_l
 from pipeline.core.config import load_config
 from pipeline.rerank.config import RerankConfig
 from pipeline.rerank.job import run_rerank
+from pipeline.rerank.plan import StageClasses
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, stages: StageClasses | None = None) -> int:
+    """The command; `stages` replaces the class of a step (a test injecting a fault at it)."""
     parser = base_parser(
         "python -m jobs.rerank", " ".join(__doc__.split("\n\n")[1].split()), model_required=False
     )
@@ -81,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.dry_run or args.dry_run_json or args.deadline_hours is not None or args.gpus:
         return _dry_run(parser, args, config)
-    summary = run_rerank(config, args.input, args.output)
+    summary = run_rerank(config, args.input, args.output, stages=stages)
     line = {
         "model": summary["model"],
         **{k: summary[k] for k in ("input_rows", "scored_rows", "rejected_rows", "pairs_per_s")},

@@ -28,7 +28,7 @@ from pipeline.hard_negatives import buckets, io
 from pipeline.hard_negatives.config import HardNegativesConfig
 from pipeline.hard_negatives.stats import reduce_stats
 from pipeline.rerank.api import RerankResult, ensure_ray, rerank, worker_errors
-from pipeline.rerank.job import settings_hash
+from pipeline.rerank.plan import settings_hash
 from pipeline.rerank.stages.read import list_input_files
 
 log = logging.getLogger("hard_negatives")

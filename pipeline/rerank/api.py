@@ -22,9 +22,10 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.core.storage import join, protocol_prefix, url_to_fs
+from pipeline.core.storage import arrow_filesystem, join, protocol_prefix, url_to_fs
 from pipeline.rerank.config import RerankConfig
-from pipeline.rerank.job import _ensure_ray, _worker_errors, run_rerank
+from pipeline.rerank.job import run_rerank
+from pipeline.runtime import ray_runtime
 
 RANKED = "ranked"
 
@@ -58,8 +59,6 @@ class RerankResult:
     def dataset(self, columns: Sequence[str] | None = None):
         """ranked/ as a Ray Dataset (read on the cluster's workers, not on the driver)."""
         import ray
-
-        from pipeline.core.storage import arrow_filesystem
 
         fs, _ = url_to_fs(self.ranked_uri, self.storage_options)
         paths = [url_to_fs(uri, self.storage_options)[1] for uri in self.parts()]
@@ -101,9 +100,9 @@ def rerank(config: RerankConfig, input_uri: str, output_uri: str) -> RerankResul
 def ensure_ray(config: RerankConfig) -> None:
     """The Ray the rerank runs on (started or joined as the job does), for consumers that work on ranked/ with
     their own actors, also when the rerank had nothing left to do."""
-    _ensure_ray(config)
+    ray_runtime.ensure_ray(config.ray_address)
 
 
 def worker_errors(batches):
     """Batches of a consumer's Ray Dataset, with a fault inside a worker re-raised as one line, as in the job."""
-    return _worker_errors(batches)
+    return ray_runtime.worker_errors(batches)

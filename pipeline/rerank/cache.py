@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import posixpath
 import time
@@ -51,6 +52,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.core.errors import ConfigError, PipelineError
+from pipeline.core.faults import explain
 from pipeline.core.storage import (
     atomic_write,
     create_exclusive,
@@ -166,8 +168,6 @@ def digest_of(*arrays: pa.Array | np.ndarray) -> str:
 
 
 def _unusable(uri: str, e: OSError) -> PipelineError:
-    from pipeline.core.faults import explain
-
     known = explain(e)
     if known is not None:
         return known
@@ -345,8 +345,6 @@ def infer_buckets(fs, folder: str) -> tuple[int | None, int]:
     it rests on. A key's first 8 bytes modulo the count is its folder's number, so the count divides
     (head - bucket) of every key: their gcd is the count times the gcd of the quotients, which is 1 with
     overwhelming odds once there are a few dozen keys. None when the folder holds too few keys to tell."""
-    import math
-
     gcd, keys, highest = 0, 0, -1
     for bucket in bucket_folders(fs, folder):
         paths = list_bucket(fs, folder, bucket) + list_bucket(fs, folder, bucket, "hits")

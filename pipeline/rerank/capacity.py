@@ -211,7 +211,7 @@ def size_tokenizers(
     at least 1, at most what the CPUs of the nodes matching tokenizer.label_selector hold once the scorers
     placed there and the read and write pools have theirs. Without GPUs (CPU scorers) one actor: a CPU scorer
     is ~100x slower than its tokenizer."""
-    from pipeline.rerank.job import label_selector_matches
+    from pipeline.rerank.preflight import label_selector_matches
 
     t, s, io = config.tokenizer, config.scorer, config.io
     alive = [n for n in nodes if n.get("Alive", True)]

@@ -1,36 +1,37 @@
-"""The rerank pipeline on Ray Data, read top to bottom like its data-flow diagram.
+"""The rerank pipeline on Ray Data, read top to bottom like its data-flow diagram: each phase is a short table
+of stages (class, constructor arguments, rows per call, how many actors, where they run), built by `build`.
 
 Fault tolerance is Ray Data's own: its actor pools restart a dead actor and retry its tasks
 (max_restarts=-1, max_task_retries=-1 by default); exactly-once output is ours (see job.py).
 
     [score cache: shards -> read + keys -> write keys; cache buckets -> join with the cache -> write found]
-    shards -> read + validate -> tokenize (CPU actors) -> score (GPU or CPU actors) -> write staging
+    shards -> read + validate [+ what the lookup found] -> tokenize (CPU actors) -> score (GPU or CPU actors;
+    a pair the cache answered keeps its score) -> write staging
     [score cache: cache buckets -> publish new entries, fill repeated pairs]
     buckets -> rank -> write ranked/
 
-Stages are plain classes (pipeline/rerank/stages/); this module only says where each runs and how many.
+Stages are plain classes (pipeline/rerank/stages/). Which class runs each step, and which variant of the
+pipeline (with the score cache or not, int8 or not), is the plan's (`plan.RunPlan`): this module only says
+where each stage runs and how many. `ray` is imported where a dataset is built: the driver refuses a bad input
+before it waits for `import ray.data`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-from dataclasses import dataclass
-
-import ray
-from ray.data import ActorPoolStrategy
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pipeline.core.errors import ConfigError
-from pipeline.rerank.cache import CacheSpec
 from pipeline.rerank.config import RerankConfig
 from pipeline.rerank.progress import report_to
-from pipeline.rerank.stages.lookup import JoinBucket, KeysOfShard, PublishBucket, ReadShardCached
-from pipeline.rerank.stages.rank import RankBucket
-from pipeline.rerank.stages.read import ReadShard, Shard
-from pipeline.rerank.stages.score import ScoreStage
-from pipeline.rerank.stages.tokenize import TokenizeStage
-from pipeline.rerank.stages.validate import InputLayout
-from pipeline.rerank.stages.write import WriteScored
+
+if TYPE_CHECKING:
+    import ray.data
+
+    from pipeline.rerank.plan import RunPlan
 
 # Ray Data merges a task's outputs into blocks of up to DataContext.target_max_block_size (128 MiB by
 # default) and a downstream task gets whole blocks. Our rows are small once tokenized (a DL19 pair is
@@ -106,10 +107,48 @@ def hand_offs(config: RerankConfig, input_row_bytes: int, max_length: int) -> Ha
     )
 
 
+@dataclass(frozen=True)
+class Stage:
+    """One row of a phase's table: `cls(**kwargs)` on `actors` actors, each called with `batch_size` rows and
+    holding `resources` (Ray's num_cpus / num_gpus / label_selector: where it runs)."""
+
+    cls: type
+    kwargs: dict
+    batch_size: int
+    actors: int
+    resources: dict = field(default_factory=dict)
+    max_tasks_in_flight_per_actor: int | None = None
+
+
+def build(items: list[dict], stages: Sequence[Stage], config: RerankConfig) -> ray.data.Dataset:
+    """A dataset of one input row per item in `items` (a shard, a bucket), through `stages` in order."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    with _streaming(config):
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+    for stage in stages:
+        pool = (
+            {}
+            if stage.max_tasks_in_flight_per_actor is None
+            else {"max_tasks_in_flight_per_actor": stage.max_tasks_in_flight_per_actor}
+        )
+        ds = ds.map_batches(
+            stage.cls,
+            fn_constructor_kwargs=stage.kwargs,
+            batch_size=stage.batch_size,
+            batch_format="pyarrow",
+            compute=ActorPoolStrategy(size=stage.actors, **pool),
+            **stage.resources,
+        )
+    return ds
+
+
 @contextlib.contextmanager
 def _streaming(config: RerankConfig):
     """Datasets created inside keep BLOCK_BYTES blocks and an object-store limit of `io.in_flight_mb`
     (Ray copies the current DataContext into a new dataset); the caller's own DataContext is left as it was."""
+    import ray
     from ray.data import ExecutionResources
 
     ctx = ray.data.DataContext.get_current()
@@ -126,6 +165,8 @@ def _streaming(config: RerankConfig):
 
 def scorer_pool(config: RerankConfig) -> tuple[int, dict]:
     """Fixed pool size and per-actor resources: one actor per GPU (all start together), else CPU actors."""
+    import ray
+
     s = config.scorer
     gpus = ray.cluster_resources().get("GPU", 0) if s.device in ("auto", "cuda") else 0
     if gpus:
@@ -134,206 +175,152 @@ def scorer_pool(config: RerankConfig) -> tuple[int, dict]:
     return s.num_actors or 1, {"num_cpus": s.num_cpus}
 
 
-def scoring_dataset(
-    shards: list[Shard],
-    layout: InputLayout,
-    config: RerankConfig,
-    input_uri: str,
-    work_uri: str,
-    num_buckets: int,
-    rank_per_shard: bool,
-    progress_counter=None,
-    cache: CacheSpec | None = None,
-    dtype: str | None = None,
-    batches: HandOffs | None = None,
-) -> ray.data.Dataset:
-    """Yields one report row per staging file written (see stages/write.py). `batches`: rows per batch of each
-    stage (`hand_offs`), else the configured ones. Scorers report each batch to
-    `progress_counter` (a `progress.ScoreCounter` actor), if given. With `cache`, the read stage attaches what
-    the lookup found (`lookup_datasets` ran first) and the writer stages new entries. `dtype`: the scorers'
-    dtype when the driver resolved `auto` (the cache's fingerprint names it)."""
-    size, resources = scorer_pool(config)
-    tokenizers = config.tokenizer.num_actors
-    if not isinstance(
-        tokenizers, int
-    ):  # auto, where the caller did not size it (the job does, before its checks)
-        from pipeline.model.checkpoint import resolve_model_directory
-        from pipeline.rerank.capacity import model_config_of, resolve_tokenizer_actors
+def _io(plan: RunPlan) -> dict:
+    """Where the read, write, lookup and rank stages run: `io.num_actors` actors of `io.num_cpus`."""
+    io = plan.config.io
+    return dict(actors=io.num_actors, resources={"num_cpus": io.num_cpus})
 
-        directory, _ = resolve_model_directory(config.model, config.revision)
-        tokenizers = resolve_tokenizer_actors(
-            config, ray.nodes(), model_config_of(directory)
-        ).tokenizer.num_actors
-    if batches is None:
-        batches = HandOffs(
-            config.tokenizer.batch_size, config.scorer.batch_size, config.io.rows_per_write, 0, {}
-        )
-    with _streaming(config):
-        ds = ray.data.from_items([s.to_item() for s in shards], override_num_blocks=len(shards))
-    read, read_kwargs = (
-        ReadShard,
-        dict(layout=layout, storage_options=config.storage_options, uri=input_uri),
-    )
-    if cache is not None:
-        read, read_kwargs = (
-            ReadShardCached,
-            read_kwargs | dict(spec=cache, lookup_uri=f"{work_uri}/lookup"),
-        )
-    ds = ds.map_batches(
-        read,
-        fn_constructor_kwargs=read_kwargs,
-        batch_size=1,
-        batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=config.io.num_actors),
-        num_cpus=config.io.num_cpus,
-    )
-    ds = ds.map_batches(
-        TokenizeStage,
-        fn_constructor_kwargs=dict(
-            model=config.model,
-            revision=config.revision,
-            config=config.tokenizer,
-            keep_texts=config.output.carry_texts,
-        ),
-        batch_size=batches.tokenizer,
-        batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=tokenizers),
-        num_cpus=config.tokenizer.num_cpus,
-        label_selector=config.tokenizer.label_selector,
-    )
-    ds = ds.map_batches(
-        ScoreStage,
-        fn_constructor_kwargs=dict(
-            model=config.model,
-            revision=config.revision,
-            dtype=dtype or config.dtype,
-            config=config.scorer,
-            scorers_uri=f"{work_uri}/scorers",
-            storage_options=config.storage_options,
-            allow_pickle=config.allow_pickle,
-            int8=config.int8 if (dtype or config.dtype) == "int8" else None,
-            template=config.tokenizer.template,
-            on_scored=None
-            if progress_counter is None
-            else functools.partial(report_to, progress_counter),
-        ),
-        batch_size=batches.scorer,
-        batch_format="pyarrow",
-        compute=ActorPoolStrategy(
-            size=size, max_tasks_in_flight_per_actor=config.scorer.max_tasks_in_flight_per_actor
-        ),
-        **resources,
-    )
-    return ds.map_batches(
-        WriteScored,
-        fn_constructor_kwargs=dict(
-            work_uri=work_uri,
-            storage_options=config.storage_options,
-            num_buckets=num_buckets,
-            bucket_by_shard=rank_per_shard,
-            keep_texts=config.output.carry_texts,
-            cache_buckets=None if cache is None else cache.buckets,
-        ),
-        batch_size=batches.writer,
-        batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=config.io.num_actors),
-        num_cpus=config.io.num_cpus,
+
+def _per_item(plan: RunPlan, cls: type, **kwargs) -> Stage:
+    """`cls(**kwargs)` on the io actors, called with one item (a shard, a bucket) at a time."""
+    return Stage(cls, kwargs, batch_size=1, **_io(plan))
+
+
+def scoring_dataset(plan: RunPlan, batches: HandOffs, progress_counter=None) -> ray.data.Dataset:
+    """The scoring phase over the plan's pending shards: one report row per staging file written (see
+    stages/write.py). `batches`: rows per call of each stage (`hand_offs`). Scorers report each batch to
+    `progress_counter` (a `progress.ScoreCounter` actor), if given."""
+    config, work_uri, classes = plan.config, plan.work_uri, plan.stages
+    size, resources = scorer_pool(config)
+    return build(
+        [s.to_item() for s in plan.pending],
+        [
+            _per_item(
+                plan,
+                plan.reader,
+                layout=plan.layout,
+                storage_options=config.storage_options,
+                uri=plan.input_uri,
+                **plan.reader_cache_args,
+            ),
+            Stage(
+                classes.tokenize,
+                dict(
+                    model=config.model,
+                    revision=config.revision,
+                    config=config.tokenizer,
+                    keep_texts=config.output.carry_texts,
+                ),
+                batch_size=batches.tokenizer,
+                actors=config.tokenizer.num_actors,
+                resources=dict(
+                    num_cpus=config.tokenizer.num_cpus,
+                    label_selector=config.tokenizer.label_selector,
+                ),
+            ),
+            Stage(
+                classes.score,
+                dict(
+                    model=config.model,
+                    revision=config.revision,
+                    dtype=plan.scorer_dtype,
+                    config=config.scorer,
+                    scorers_uri=f"{work_uri}/scorers",
+                    storage_options=config.storage_options,
+                    allow_pickle=config.allow_pickle,
+                    int8=plan.int8,
+                    template=config.tokenizer.template,
+                    on_scored=None
+                    if progress_counter is None
+                    else functools.partial(report_to, progress_counter),
+                ),
+                batch_size=batches.scorer,
+                actors=size,
+                resources=resources,
+                max_tasks_in_flight_per_actor=config.scorer.max_tasks_in_flight_per_actor,
+            ),
+            Stage(
+                classes.write,
+                dict(
+                    work_uri=work_uri,
+                    storage_options=config.storage_options,
+                    num_buckets=plan.num_buckets,
+                    bucket_by_shard=plan.rank_per_shard,
+                    keep_texts=config.output.carry_texts,
+                    cache_buckets=plan.cache_buckets,
+                ),
+                batch_size=batches.writer,
+                **_io(plan),
+            ),
+        ],
+        config,
     )
 
 
 def ranking_dataset(
+    plan: RunPlan,
     buckets: list[dict],
-    config: RerankConfig,
-    output_uri: str,
     rejected_schema,
-    shards: list[Shard],
-    layout: InputLayout,
-    input_uri: str,
     file_metadata: dict | None = None,
     fill_files: list[str] | None = None,
 ) -> ray.data.Dataset:
-    """Yields one report row per bucket ranked. `shards` is the whole plan: a duplicate pair's input row is
-    re-read from its shard, committed in this run or an earlier one. `file_metadata` goes on every file."""
-    with _streaming(config):
-        ds = ray.data.from_items(buckets, override_num_blocks=len(buckets))
-    return ds.map_batches(
-        RankBucket,
-        fn_constructor_kwargs=dict(
-            output_uri=output_uri,
-            storage_options=config.storage_options,
-            top_k=config.output.top_k,
-            rejected_schema=rejected_schema,
-            shards=[s.to_item() for s in shards],
-            layout=layout,
-            input_uri=input_uri,
-            file_metadata=file_metadata,
-            fill_files=fill_files,
-        ),
-        batch_size=1,
-        batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=config.io.num_actors),
-        num_cpus=config.io.num_cpus,
+    """The ranking phase over `buckets` ([{bucket, files}]): one report row per bucket ranked. A duplicate
+    pair's input row is re-read from its shard (any of the plan's, committed in this run or an earlier one).
+    `file_metadata` goes on every file; `fill_files` are the scores the cache's publish gave waiting pairs."""
+    config = plan.config
+    rank = _per_item(
+        plan,
+        plan.stages.rank,
+        output_uri=plan.output_uri,
+        storage_options=config.storage_options,
+        top_k=config.output.top_k,
+        rejected_schema=rejected_schema,
+        shards=[s.to_item() for s in plan.shards],
+        layout=plan.layout,
+        input_uri=plan.input_uri,
+        file_metadata=file_metadata,
+        fill_files=fill_files,
+    )
+    return build(buckets, [rank], config)
+
+
+def lookup_datasets(plan: RunPlan):
+    """The score cache's lookup, in two datasets: `keys()` yields one report per key file written (per pending
+    shard and cache bucket); `join(buckets)`, given [{bucket, files}], one report per cache bucket joined."""
+    config, lookup_uri = plan.config, f"{plan.work_uri}/lookup"
+    keys_of_shard = _per_item(
+        plan,
+        plan.stages.keys,
+        layout=plan.layout,
+        storage_options=config.storage_options,
+        uri=plan.input_uri,
+        spec=plan.cache,
+        lookup_uri=lookup_uri,
+    )
+    join_bucket = _per_item(
+        plan,
+        plan.stages.join,
+        spec=plan.cache,
+        lookup_uri=lookup_uri,
+        storage_options=config.storage_options,
     )
 
-
-def lookup_datasets(
-    shards: list[Shard],
-    layout: InputLayout,
-    config: RerankConfig,
-    input_uri: str,
-    work_uri: str,
-    cache: CacheSpec,
-):
-    """The score cache's lookup, in two datasets: `keys(shards)` yields one report per key file written (per
-    shard and cache bucket); `join(buckets)`, given [{bucket, files}], one report per cache bucket joined."""
-    io = dict(compute=ActorPoolStrategy(size=config.io.num_actors), num_cpus=config.io.num_cpus)
-
     def keys() -> ray.data.Dataset:
-        with _streaming(config):
-            ds = ray.data.from_items([s.to_item() for s in shards], override_num_blocks=len(shards))
-        return ds.map_batches(
-            KeysOfShard,
-            fn_constructor_kwargs=dict(
-                layout=layout,
-                storage_options=config.storage_options,
-                uri=input_uri,
-                spec=cache,
-                lookup_uri=f"{work_uri}/lookup",
-            ),
-            batch_size=1,
-            batch_format="pyarrow",
-            **io,
-        )
+        return build([s.to_item() for s in plan.pending], [keys_of_shard], config)
 
     def join(buckets: list[dict]) -> ray.data.Dataset:
-        with _streaming(config):
-            ds = ray.data.from_items(buckets, override_num_blocks=len(buckets))
-        return ds.map_batches(
-            JoinBucket,
-            fn_constructor_kwargs=dict(
-                spec=cache, lookup_uri=f"{work_uri}/lookup", storage_options=config.storage_options
-            ),
-            batch_size=1,
-            batch_format="pyarrow",
-            **io,
-        )
+        return build(buckets, [join_bucket], config)
 
     return keys, join
 
 
-def publish_dataset(
-    buckets: list[dict], config: RerankConfig, work_uri: str, cache: CacheSpec
-) -> ray.data.Dataset:
+def publish_dataset(plan: RunPlan, buckets: list[dict]) -> ray.data.Dataset:
     """Given [{bucket, new_files, waiting_files}] per cache bucket: publishes new entries, writes fill files."""
-    with _streaming(config):
-        ds = ray.data.from_items(buckets, override_num_blocks=len(buckets))
-    return ds.map_batches(
-        PublishBucket,
-        fn_constructor_kwargs=dict(
-            spec=cache, work_uri=work_uri, storage_options=config.storage_options
-        ),
-        batch_size=1,
-        batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=config.io.num_actors),
-        num_cpus=config.io.num_cpus,
+    publish = _per_item(
+        plan,
+        plan.stages.publish,
+        spec=plan.cache,
+        work_uri=plan.work_uri,
+        storage_options=plan.config.storage_options,
     )
+    return build(buckets, [publish], plan.config)

@@ -187,7 +187,8 @@ def plan_night(
 ) -> dict:
     """The dry run's plan (what `format_plan` prints). Reads the input and the model; writes nothing."""
     from pipeline.core.storage import check_storage_options
-    from pipeline.rerank.job import check_model, input_fingerprint
+    from pipeline.rerank.plan import input_fingerprint
+    from pipeline.rerank.preflight import check_model
     from pipeline.rerank.stages.read import list_input_files, plan_shards, read_schemas
     from pipeline.rerank.stages.validate import InputLayout
 

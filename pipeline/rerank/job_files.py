@@ -25,7 +25,7 @@ class _OwnFile(BaseModel):
 
 
 class Fingerprint(BaseModel):
-    """`pipeline.rerank.job.input_fingerprint`: the input's files, bytes and a digest of their listing."""
+    """`pipeline.rerank.plan.input_fingerprint`: the input's files, bytes and a digest of their listing."""
 
     files: int = Count
     bytes: int = Count

@@ -29,7 +29,7 @@ from pipeline.core.config import load_config
 from pipeline.core.errors import InputError
 from pipeline.quality.config import IndexQualityConfig
 from pipeline.rerank.config import RerankConfig
-from pipeline.rerank.job import _check_pool, label_selector_matches
+from pipeline.rerank.preflight import check_pool, label_selector_matches
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = Path(__file__).parent / "data"
@@ -279,7 +279,7 @@ def cross_file_problems(job: dict) -> list[str]:
         ("scorer", scorers, {"CPU": s.num_cpus, "GPU": s.num_gpus_per_actor}, None),
     ):
         try:
-            _check_pool(*pool, nodes, True, "the counts")
+            check_pool(*pool, nodes, True, "the counts")
         except InputError as e:
             problems.append(str(e))
     if t.label_selector:

@@ -1,4 +1,4 @@
-"""The preflight's placement check (`_check_pool`) on Ray node records as `ray.nodes()` gives them: no Ray needed."""
+"""The preflight's placement check (`check_pool`) on Ray node records as `ray.nodes()` gives them: no Ray needed."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from pipeline.core.errors import InputError
-from pipeline.rerank.job import _check_pool, label_selector_matches
+from pipeline.rerank.preflight import check_pool, label_selector_matches
 
 
 def _node(cpus: float, gpus: float = 0, **labels: str) -> dict:
@@ -51,8 +51,8 @@ CLUSTER = [
 
 
 def test_a_pool_the_nodes_hold_passes():
-    _check_pool("tokenizer", 8, {"CPU": 1}, {"role": "tokenizer"}, CLUSTER, True, "the counts")
-    _check_pool("scorer", 1, {"CPU": 1, "GPU": 1}, None, CLUSTER, True, "the counts")
+    check_pool("tokenizer", 8, {"CPU": 1}, {"role": "tokenizer"}, CLUSTER, True, "the counts")
+    check_pool("scorer", 1, {"CPU": 1, "GPU": 1}, None, CLUSTER, True, "the counts")
 
 
 def test_a_selector_no_node_carries_is_refused_naming_the_labels_there_are():
@@ -61,9 +61,9 @@ def test_a_selector_no_node_carries_is_refused_naming_the_labels_there_are():
         match=r"matches no node .*role=scorer, role=tokenizer\); start the tokenizer "
         r"machines with `ray start --labels role=cpu`",
     ):
-        _check_pool("tokenizer", 1, {"CPU": 1}, {"role": "cpu"}, CLUSTER, False, "the counts")
+        check_pool("tokenizer", 1, {"CPU": 1}, {"role": "cpu"}, CLUSTER, False, "the counts")
     with pytest.raises(InputError, match="`ray start --labels with labels that match it`"):
-        _check_pool("tokenizer", 1, {"CPU": 1}, {"role": "in(a,b)"}, CLUSTER, False, "the counts")
+        check_pool("tokenizer", 1, {"CPU": 1}, {"role": "in(a,b)"}, CLUSTER, False, "the counts")
 
 
 def test_an_actor_bigger_than_every_node_is_refused_even_where_the_cluster_may_grow():
@@ -72,14 +72,14 @@ def test_an_actor_bigger_than_every_node_is_refused_even_where_the_cluster_may_g
         InputError,
         match=r"a scorer actor asks for 1 CPU, 2 GPU .*the most any of its nodes has: 4 CPU, 1 GPU",
     ):
-        _check_pool(
+        check_pool(
             "scorer", 1, {"CPU": 1, "GPU": 2}, None, CLUSTER, False, "scorer.num_gpus_per_actor"
         )
     with pytest.raises(
         InputError,
         match=r"a tokenizer actor asks for 5 CPU .* labelled \{'role': 'tokenizer'\} has: 4 CPU",
     ):
-        _check_pool(
+        check_pool(
             "tokenizer", 1, {"CPU": 5}, {"role": "tokenizer"}, CLUSTER, False, "tokenizer.num_cpus"
         )
 
@@ -93,9 +93,9 @@ def test_more_actors_than_the_nodes_hold_is_an_error_on_a_fixed_ray_and_a_warnin
         ("tokenizer", 9, {"CPU": 1}, {"role": "tokenizer"}),
     ):
         with pytest.raises(InputError, match=f"the {pool[0]} pool needs {pool[1]} actors"):
-            _check_pool(*pool, CLUSTER, True, "the counts")
+            check_pool(*pool, CLUSTER, True, "the counts")
         with caplog.at_level(logging.WARNING, logger="rerank"):
-            _check_pool(*pool, CLUSTER, False, "the counts")
+            check_pool(*pool, CLUSTER, False, "the counts")
         assert (
             f"the {pool[0]} pool needs {pool[1]} actors" in caplog.text
             and "autoscaler" in caplog.text

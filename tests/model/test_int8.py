@@ -316,7 +316,7 @@ def test_linear_layer_names_are_the_engines(checkpoints):
 
 def test_int8_section_is_checked_before_any_work():
     from pipeline.core.config import load_config
-    from pipeline.rerank.job import check_model
+    from pipeline.rerank.preflight import check_model
 
     def check(*overrides):
         return check_model(load_config(RerankConfig, None, list(overrides), model="dummy:tiny"))
@@ -382,7 +382,7 @@ def test_int8_section_is_a_result_setting_of_int8_only():
 
 
 def test_score_cache_fingerprint_follows_int8_options():
-    from pipeline.rerank.job import int8_settings
+    from pipeline.rerank.cache_phases import int8_settings
 
     checkpoint = {"model.safetensors": "abc"}
 

@@ -4,6 +4,7 @@ one line instead of waiting forever."""
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from pathlib import Path
@@ -14,9 +15,9 @@ import pytest
 
 from jobs.rerank import main as rerank_main
 from pipeline.core.config import load_config
-from pipeline.rerank import compose
 from pipeline.rerank.config import RerankConfig
 from pipeline.rerank.job import run_rerank
+from pipeline.rerank.plan import StageClasses
 from pipeline.rerank.stages.score import ScoreStage
 
 DOC_BYTES = 16 * 2**10
@@ -93,7 +94,6 @@ def test_a_stalled_pipeline_ends_in_one_line_and_resumes(
             )  # the watchdog's clock starts here, not while actors start on a loaded machine
             threading.Event().wait()
 
-    monkeypatch.setattr(compose, "ScoreStage", BlockingScorer)
     # The job's own process keeps Ray's error channel ("(raylet) Task ... failed") off the console
     # (local_ray.quiet_ray_console, before ray.init); this run shares the session's Ray, so it does the same.
     monkeypatch.setattr(ray._private.worker, "_worker_logs_enabled", False)
@@ -119,7 +119,8 @@ def test_a_stalled_pipeline_ends_in_one_line_and_resumes(
         "--set",
         "scorer.batch_size=64",
     ]
-    result = run_entry_point(rerank_main, *argv)
+    blocking = functools.partial(rerank_main, stages=StageClasses(score=BlockingScorer))
+    result = run_entry_point(blocking, *argv)
 
     assert result.returncode == 3, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -140,7 +141,6 @@ def test_a_stalled_pipeline_ends_in_one_line_and_resumes(
     assert not running, running
 
     # Once the scorer is fixed, the same command finishes the output.
-    monkeypatch.setattr(compose, "ScoreStage", ScoreStage)
     result = run_entry_point(rerank_main, *argv)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.splitlines()[-1])["scored_rows"] == 600

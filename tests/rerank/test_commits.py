@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.core.errors import PipelineError
-from pipeline.rerank.job import ShardCommits
+from pipeline.rerank.commits import ShardCommits
 from pipeline.rerank.stages.read import Shard
 
 

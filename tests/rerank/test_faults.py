@@ -490,7 +490,9 @@ def test_the_object_store_going_away_mid_run_then_a_rerun_resumes(dl19_long, tmp
 # -- two runs on one output ------------------------------------------------------------------------------
 
 
-def test_a_second_run_on_a_busy_output_is_refused_naming_the_owner(dl19_long, tmp_path):
+def test_a_second_run_on_a_busy_output_is_refused_naming_the_owner(
+    dl19_long, tmp_path, run_entry_point
+):
     output = tmp_path / "out"
     args = [
         sys.executable,
@@ -524,8 +526,9 @@ def test_a_second_run_on_a_busy_output_is_refused_naming_the_owner(dl19_long, tm
         # the second reads the lease. A stopped process is alive, and the lease's 120 s heartbeat timeout is far.
         os.kill(first.pid, signal.SIGSTOP)
         try:
-            second = run_cli(
-                *JOB, "--input", str(dl19_long), "--output", str(output), "--model", "dummy:tiny"
+            # Refused before any work (no Ray): the second run's command, in this process.
+            second = run_entry_point(
+                rerank_main, "--input", dl19_long, "--output", output, "--model", "dummy:tiny"
             )
         finally:
             os.kill(first.pid, signal.SIGCONT)
@@ -736,16 +739,16 @@ import ray
 from pipeline.core.config import load_config
 from pipeline.core.errors import InputError
 from pipeline.rerank.config import RerankConfig
-from pipeline.rerank.job import _check_cluster
+from pipeline.rerank.preflight import check_cluster
 
 ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)  # a GPU as Ray counts it
 for overrides in (["dtype=int8"], ["dtype=int8", "scorer.device=cuda"]):
     try:
-        _check_cluster(load_config(RerankConfig, None, overrides, model="dummy:tiny"), "")
+        check_cluster(load_config(RerankConfig, None, overrides, model="dummy:tiny"), "")
         print("accepted", overrides)
     except InputError as e:
         print("refused:", e)
-_check_cluster(load_config(RerankConfig, None, ["dtype=int8", "scorer.device=cpu"], model="dummy:tiny"), "")
+check_cluster(load_config(RerankConfig, None, ["dtype=int8", "scorer.device=cpu"], model="dummy:tiny"), "")
 print("cpu scorers accepted")
 """
 

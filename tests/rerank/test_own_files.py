@@ -158,7 +158,7 @@ def _unfinished_output(tiny_input, output, run_entry_point, monkeypatch) -> None
     def stop(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(job, "_commit", stop)
+    monkeypatch.setattr(job, "commit", stop)
     result = run_entry_point(rerank_main, *job_args(tiny_input, output))
     assert result.returncode == 130, result.stderr[-2000:]
     monkeypatch.undo()

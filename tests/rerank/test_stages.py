@@ -254,10 +254,10 @@ def test_a_long_scorer_call_sends_heartbeats_the_watchdog_counts(dl19_long, monk
 def test_a_scorer_idle_after_its_last_call_counts_as_idle():
     """A scorer's record is written inside its calls only; the summary counts a scorer of this run up to the
     end of the scoring phase, so one that waited for tokens after its last call does not look busy."""
-    from pipeline.rerank.job import _busy
+    from pipeline.rerank.summary import busy
 
     record = {"busy_s": 10.0, "wall_s": 10.0, "ready_unix": 1000.0}
-    assert _busy(record)["busy_fraction"] == 1.0  # what the record alone says
-    assert _busy(record, (990.0, 1040.0)) == {"busy_s": 10.0, "wall_s": 40.0, "busy_fraction": 0.25}
+    assert busy(record)["busy_fraction"] == 1.0  # what the record alone says
+    assert busy(record, (990.0, 1040.0)) == {"busy_s": 10.0, "wall_s": 40.0, "busy_fraction": 0.25}
     # a record of an earlier run of the same output (ready before this run's scoring) keeps its own figures
-    assert _busy(record, (2000.0, 2100.0))["busy_fraction"] == 1.0
+    assert busy(record, (2000.0, 2100.0))["busy_fraction"] == 1.0
