@@ -93,7 +93,7 @@ def test_a_scorer_actor_that_dies_mid_batch_is_retried(dl19_long, tmp_path):
     marker = tmp_path / "killed-once"
     output = tmp_path / "out"
     result = run_cli(
-        *JOB,
+        "tests.rerank.scorer_killed_once",  # jobs.rerank with a scorer that dies mid-batch once
         "--input",
         str(dl19_long),
         "--output",

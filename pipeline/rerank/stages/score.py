@@ -25,9 +25,6 @@ from pipeline.rerank.config import Int8Config, ScorerConfig
 from pipeline.rerank.stages.tokenize import list_to_numpy
 from pipeline.runtime.heap import release_free_heap
 
-# Chaos hook for the reliability test: when set to a path that does not exist yet, the first actor to
-# receive a batch creates it and dies mid-batch (a real process exit, as an OOM kill would be).
-FAULT_ENV = "RERANK_FAULT_KILL_SCORER_ONCE"
 RECORD_EVERY_S = 10.0
 HEARTBEAT_S = (
     10.0  # a long call reports "still working" to the progress counter this often (see _heartbeat)
@@ -137,10 +134,6 @@ class ScoreStage:
             self.on_scored(0, 0)
 
     def _score(self, batch: pa.Table) -> pa.Table:
-        marker = os.environ.get(FAULT_ENV)
-        if marker and not os.path.exists(marker):
-            open(marker, "w").close()
-            os._exit(1)
         valid = pc.is_null(batch.column(S.REASON)).to_numpy(zero_copy_only=False)
         cached = (
             batch.column(S.CACHED).to_numpy()
