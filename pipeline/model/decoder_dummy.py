@@ -91,6 +91,11 @@ def build_decoder_checkpoint(
     head = "ForCausalLM" if form == "causal_lm" else "ForSequenceClassification"
     torch.manual_seed(arch.seed)
     model = getattr(transformers, family + head)(config).eval()
+    # RMSNorm weights start at ones: drawn instead, so that a rename between two norms changes the scores.
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("norm.weight"):
+                parameter.uniform_(0.5, 1.5)
     model.to(getattr(torch, dtype)).save_pretrained(directory, safe_serialization=True)
     path = os.path.join(directory, "config.json")
     with open(path) as f:
