@@ -16,24 +16,6 @@ from pipeline.rerank.config import RerankConfig
 from pipeline.rerank.job import run_rerank
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    """A real local Ray for this module's in-process jobs, stopped after it (later test folders start their own)."""
-    import ray
-
-    # address="local": a fresh Ray of this process, never a cluster another test started with `ray start`
-    # (ray.init() with no address joins the one named in /tmp/ray/ray_current_cluster).
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        ignore_reinit_error=True,
-    )
-    yield ray
-    ray.shutdown()
-
-
 def _in_process(model, input_path, output, cache, overrides, timeout) -> dict:
     """run_job's report, from the same job run in this process."""
     config = load_config(

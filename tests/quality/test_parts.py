@@ -142,23 +142,18 @@ def test_a_bad_part_is_one_line_on_the_driver(tmp_path):
 
 @pytest.mark.slow  # the parts measured on Ray tasks, in worker processes
 def test_the_job_measures_its_parts_on_ray_tasks_and_the_driver_gets_queries_by_measures(
-    dl19_long, dl19_qrels, whole, tmp_path
+    ray_local, dl19_long, dl19_qrels, whole, tmp_path
 ):
-    import ray
-
     reference, _ = whole
-    try:
-        config = _config(
-            "workers.rows_per_bucket=500",
-            "workers.num_cpus=0.5",
-            "workers.max_in_flight=3",
-            "night=2024-05-01",
-        )
-        report = evaluate_night(
-            config, run=str(dl19_long), output=str(tmp_path / "out"), qrels=str(dl19_qrels)
-        )
-    finally:
-        ray.shutdown()
+    config = _config(
+        "workers.rows_per_bucket=500",
+        "workers.num_cpus=0.5",
+        "workers.max_in_flight=3",
+        "night=2024-05-01",
+    )
+    report = evaluate_night(
+        config, run=str(dl19_long), output=str(tmp_path / "out"), qrels=str(dl19_qrels)
+    )
     # Nine parts, every one read and measured in a Ray worker, none in this (the driver's) process.
     assert len(report.parts) == 9 and report.extra["num_parts"] == 9
     assert all(p["pid"] != os.getpid() for p in report.parts)

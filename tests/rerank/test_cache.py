@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from jobs.rerank import main as rerank_main
 from pipeline.core.config import load_config
 from pipeline.rerank import cache as C
 from pipeline.rerank.config import RerankConfig
@@ -230,7 +231,9 @@ def test_a_pair_repeated_in_one_input_is_scored_once(ray_local, dl19_rows, tmp_p
 
 
 @pytest.mark.slow
-def test_a_killed_run_leaves_no_entry_and_the_rerun_is_exact(dl19_rows, tmp_path):
+def test_a_killed_run_leaves_no_entry_and_the_rerun_is_exact(
+    ray_local, dl19_rows, tmp_path, run_entry_point
+):
     cache, output = tmp_path / "cache", tmp_path / "out"
     pq.write_table(
         pa.Table.from_pylist(_rows(dl19_rows, 1000)), tmp_path / "in.parquet", row_group_size=250
@@ -272,13 +275,9 @@ def test_a_killed_run_leaves_no_entry_and_the_rerun_is_exact(dl19_rows, tmp_path
             os.killpg(proc.pid, signal.SIGKILL)
     # Committed shards' scores wait in the output's staging; nothing reached the cache.
     assert _entries(cache) == 0
-    result = subprocess.run(
-        [sys.executable, "-m", *JOB, "--input", str(dl19_long), "--output", str(output), *common],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=600,
+    # Only the killed run needed a process of its own: the rerun runs on the session's Ray.
+    result = run_entry_point(
+        rerank_main, "--input", str(dl19_long), "--output", str(output), *common
     )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((output / "summary.json").read_text())

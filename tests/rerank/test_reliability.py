@@ -30,7 +30,7 @@ def _ranked_keys(output: Path) -> list:
 
 
 @pytest.mark.slow  # kill -9 needs the job in a process of its own (and it starts a Ray)
-def test_resume_after_the_driver_is_killed(dl19_long, tmp_path):
+def test_resume_after_the_driver_is_killed(ray_local, dl19_long, tmp_path, run_entry_point):
     output = tmp_path / "out"
     args = [
         sys.executable,
@@ -69,8 +69,9 @@ def test_resume_after_the_driver_is_killed(dl19_long, tmp_path):
     assert 1 <= len(committed) < 9, "the kill must land after the first shard and before the last"
     assert not (output / "summary.json").exists()
 
-    result = run_cli(
-        *JOB,
+    # Only the killed driver needed a process of its own: the resume runs on the session's Ray.
+    result = run_entry_point(
+        rerank_main,
         "--input",
         str(dl19_long),
         "--output",
