@@ -149,6 +149,18 @@ def test_int8_ranks_like_float32(gte, sample, expected):
     assert 0 < error.max() <= 0.15 * spread and error.mean() <= 0.05 * spread
 
 
+def test_float8_ranks_like_float32(gte, sample, expected):
+    """float8 Linear layers (torch._scaled_mm; on CPU as the reference for Hopper GPUs), every one of them."""
+    pairs = sample[:13] + sample[-3:]
+    reference = expected[list(range(13)) + [-3, -2, -1]]
+    fp8 = CrossEncoder.from_pretrained(gte["saved"], device="cpu", dtype="float8")
+    assert fp8.describe()["float8"]["layers"] == 4 * fp8.model.config.num_hidden_layers
+    got = np.asarray(fp8.compute_score(pairs, max_length=MAX_LENGTH, return_logits=True))
+    error = np.abs(got - reference)
+    assert np.corrcoef(np.argsort(np.argsort(got)), np.argsort(np.argsort(reference)))[0, 1] > 0.8
+    assert 0 < error.max() < 0.5 * (reference.max() - reference.min())
+
+
 @pytest.mark.parametrize(
     "flash_attn, varlen, backend",
     [("ok", "current", FLASH_ATTN), (None, "current", TORCH_VARLEN), (None, None, SDPA_GROUPED)],
