@@ -327,7 +327,10 @@ def inspect_checkpoint(
     if not allow_pickle:
         refuse_pickles(directory, pickles)
     # Only the position numbering matters before the weights are read (it bounds max_length).
-    positions = LAYOUTS["bert" if raw_config.get("model_type") == "bert" else "xlm_roberta"]
+    model_type = raw_config.get("model_type")
+    if model_type in CONFIG_READERS:  # rotary positions: no table, no offset
+        return None, CONFIG_READERS[model_type](raw_config)
+    positions = LAYOUTS["bert" if model_type == "bert" else "xlm_roberta"]
     return None, model_config_from_json(raw_config, positions)
 
 

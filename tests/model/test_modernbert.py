@@ -23,9 +23,10 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from pipeline.core.errors import CheckpointError
 from pipeline.model import CrossEncoder
+from pipeline.model.checkpoint import inspect_checkpoint
 from pipeline.model.dummy import ARCHITECTURES, build_checkpoint
 from pipeline.model.modeling import ATEN_LINEAR, FLASH_ATTN, SDPA_GROUPED, TORCH_VARLEN
-from pipeline.model.rope_config import modernbert_config
+from pipeline.model.rope_config import RopeEncoderConfig, modernbert_config
 
 MAX_LENGTH = 256
 GLOBAL_THETA, LOCAL_THETA = 10_000.0, 500.0
@@ -349,3 +350,17 @@ def test_strict_loading_names_the_weight(modernbert, tmp_path):
     )
     with pytest.raises(CheckpointError, match=r"layers\.1\.mlp\.fc1\.weight has shape \(96, 64\)"):
         CrossEncoder.from_pretrained(shape, device="cpu", dtype="float32")
+
+
+def test_a_pickle_checkpoint_is_sized_from_its_config_alone(modernbert, tmp_path):
+    """The driver bounds max_length before any scorer unpickles the weights: by ModernBERT's own config."""
+    directory = shutil.copytree(modernbert["cls"], tmp_path / "pickle")
+    torch.save(load_file(directory / "model.safetensors"), directory / "pytorch_model.bin")
+    (directory / "model.safetensors").unlink()
+    layout, config = inspect_checkpoint(str(directory), allow_pickle=True)
+    assert layout is None and isinstance(config, RopeEncoderConfig)
+    assert config.max_tokens_per_sequence == 8192 and config.local_window == 8
+    encoder = CrossEncoder.from_pretrained(
+        str(directory), device="cpu", dtype="float32", allow_pickle=True
+    )
+    assert encoder.layout == "modernbert"
