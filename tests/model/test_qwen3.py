@@ -238,3 +238,25 @@ def test_template_errors_and_custom_template(decoders, checkpoints, tmp_path):
     )
     assert told.describe()["instruction"] == "Find recipes"
     assert told.compute_score(pairs) != known.compute_score(pairs)
+
+
+def test_rotary_positions_restart_per_sequence(decoders, sample, monkeypatch):
+    """Each packed sequence's rotary positions count from 0, as the reference numbers a prompt run alone.
+    Rotary attention depends on position differences only, so a wrong offset shows in the scores just
+    through rounding at large positions (1.4e-5 here in float32, caught by batch invariance barely): hence
+    this direct check of the positions the model rotates by."""
+    from pipeline.model import decoder
+
+    seen = []
+    original = decoder.rotary_tables
+    monkeypatch.setattr(
+        decoder,
+        "rotary_tables",
+        lambda positions, *args: seen.append(positions.clone()) or original(positions, *args),
+    )
+    ours = CrossEncoder.from_pretrained(decoders["qwen3_tied"], device="cpu", dtype="float32")
+    ids = _ids(ours, sample[:6])
+    ours.score_tokens(ids)
+    assert len(seen) == 1
+    expected = torch.cat([torch.arange(len(x)) for x in sorted(ids, key=len, reverse=True)])
+    assert torch.equal(seen[0], expected)
