@@ -50,7 +50,9 @@ def base_parser(
         required=model_required,
         default=None,
         help="local checkpoint directory, Hugging Face hub id, or dummy:<architecture>"
-        + ("" if model_required else f" (default: the config's model, {DEFAULT_MODEL})"),
+        + ("" if model_required else f" (default: the config's model, {DEFAULT_MODEL})")
+        + "; a decoder reranker (Qwen3-Reranker) reads pairs through its prompt template, whose "
+        f"instruction the config key {set_example.partition('scorer.')[0]}tokenizer.instruction sets",
     )
     parser.add_argument(
         "--dtype",
