@@ -3,8 +3,9 @@
 Random weights in the shapes of the real rerankers (`pipeline.model.dummy.ARCHITECTURES`), saved in the
 stock transformers XLM-RoBERTa layout so sentence-transformers and `AutoModelForSequenceClassification`
 load the very same directory our engine loads (jina's flash layout differs only in weight *names*; the
-FLOPs are the same). Weights are float32 on disk, like bge-reranker-v2-m3's real checkpoint, so a library
-left at its defaults computes in float32, as it would for the real model.
+FLOPs are the same); the ModernBERT and GTE shapes are saved in their own layouts, which sentence-transformers
+loads through their own transformers classes. Weights are float32 on disk, like bge-reranker-v2-m3's real
+checkpoint, so a library left at its defaults computes in float32, as it would for the real model.
 
 The tokenizer is trained on the workloads' own text (TREC DL 2019 passages and queries, Vaswani
 abstracts, XQuAD-R sentences and questions in eight languages) with a 32,000-piece vocabulary: token
@@ -47,6 +48,8 @@ from pipeline.model.dummy import ARCHITECTURES, build_checkpoint
 logger = logging.getLogger(__name__)
 
 BENCHMARK_LAYOUT = "xlm_roberta"
+# Layouts saved as themselves: their transformers classes are what sentence-transformers loads for them.
+OWN_LAYOUTS = ("modernbert", "gte")
 TOKENIZER_VOCAB = 32000
 REAL_CHECKPOINT_ENV = "RERANKER_CHECKPOINT"
 INITIALIZER_RANGE = 0.05
@@ -88,8 +91,12 @@ def benchmark_checkpoint(
     if model not in ARCHITECTURES:
         raise InputError(f"unknown model {model!r}; choose from {sorted(ARCHITECTURES)}")
     overrides = {"initializer_range": INITIALIZER_RANGE, **overrides}
+    layout = ARCHITECTURES[model].layout
     arch = replace(
-        ARCHITECTURES[model], layout=BENCHMARK_LAYOUT, tokenizer_vocab=tokenizer_vocab, **overrides
+        ARCHITECTURES[model],
+        layout=layout if layout in OWN_LAYOUTS else BENCHMARK_LAYOUT,
+        tokenizer_vocab=tokenizer_vocab,
+        **overrides,
     )
     corpus = tokenizer_corpus(data_dir)
     head = {
@@ -140,7 +147,8 @@ def spread_classifier(
     logit_std: float = LOGIT_STD,
     max_length: int = HEAD_MAX_LENGTH,
 ) -> dict:
-    """Refit the output layer of a transformers-layout checkpoint's classifier head (`classifier.out_proj`) so
+    """Refit the output layer of a transformers-layout checkpoint's classifier head (`classifier.out_proj`, or
+    `classifier` itself where the head's other layers have their own names, as in ModernBERT and GTE) so
     its logits on `pairs` have std `logit_std` and mean 0, reading the first principal component of the
     head's pooled features (the tanh of its dense layer) on those pairs. Rewrites model.safetensors in place;
     returns {"logit_std", "explained_variance"} (the component's share of the features' variance)."""
@@ -155,9 +163,12 @@ def spread_classifier(
     ).eval()
     tokenizer = AutoTokenizer.from_pretrained(directory)
     pooled = []
-    hook = model.classifier.out_proj.register_forward_pre_hook(
-        lambda module, args: pooled.append(args[0])
+    out_layer, out_name = (
+        (model.classifier.out_proj, "classifier.out_proj")
+        if hasattr(model.classifier, "out_proj")
+        else (model.classifier, "classifier")
     )
+    hook = out_layer.register_forward_pre_hook(lambda module, args: pooled.append(args[0]))
     with torch.inference_mode():
         for start in range(0, len(pairs), 16):
             chunk = pairs[start : start + 16]
@@ -180,9 +191,9 @@ def spread_classifier(
     weight = direction * logit_std / projected.std()
     bias = -float(features.mean(axis=0) @ weight)
     state = load_file(path)
-    dtype = state["classifier.out_proj.weight"].dtype
-    state["classifier.out_proj.weight"] = torch.from_numpy(weight).reshape(1, -1).to(dtype)
-    state["classifier.out_proj.bias"] = torch.tensor([bias], dtype=dtype)
+    dtype = state[f"{out_name}.weight"].dtype
+    state[f"{out_name}.weight"] = torch.from_numpy(weight).reshape(1, -1).to(dtype)
+    state[f"{out_name}.bias"] = torch.tensor([bias], dtype=dtype)
     save_file(state, path, metadata={"format": "pt"})
     explained = float(singular[0] ** 2 / (singular**2).sum())
     logger.info(

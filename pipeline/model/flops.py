@@ -14,6 +14,10 @@ contender, so padding, recomputation and the last layer's unneeded rows count as
         attention       4 * n * h                      # one query row against n keys
     head: 2 * (h*h + h*num_labels)
 
+Gated MLPs (ModernBERT's GeGLU, GTE's): fc1 is 2f wide, so `2*h*f` above is `3*h*f`. ModernBERT's local layers see
+at most 2w + 1 keys per query (w = local_attention / 2): n^2 above is the count of (query, key) pairs in the band;
+its last layer (and every layer of a mean-pooled one) runs whole when it is local or the pooling reads every token.
+
 Embedding lookups, LayerNorm, GELU, softmax and residual adds are left out (not GEMMs; < 1% of the
 FLOPs at these sizes). A contender that runs the whole last layer or pads does more arithmetic than this,
 and that shows as a lower MFU: the figure says how much of the machine went into the answer.
@@ -35,32 +39,71 @@ class Shape:
     layers: int
     intermediate: int
     num_labels: int = 1
+    gated: bool = False  # fc1 is 2 * intermediate wide (GeGLU)
+    # Per layer: whether it attends only within `local_window` tokens on either side.
+    local_layers: tuple[bool, ...] = ()
+    local_window: int = 0
+    cls_last: bool = True  # the last layer computes the first token's rows only
 
     @classmethod
     def from_config(cls, config: dict) -> Shape:
         """From a transformers-style config.json dict."""
-        return cls(
+        shape = cls(
             config["hidden_size"],
             config["num_hidden_layers"],
             config["intermediate_size"],
             config.get("num_labels", len(config.get("id2label", {0: 0}))),
         )
+        if config.get("model_type") in ("modernbert", "gte"):
+            from dataclasses import replace
+
+            from pipeline.model.rope_config import CONFIG_READERS
+
+            rope = CONFIG_READERS[config["model_type"]](config)
+            local = rope.local_layers
+            shape = replace(
+                shape,
+                gated=True,
+                local_layers=local,
+                local_window=rope.local_window,
+                cls_last=rope.pooling == "cls" and not (local and local[-1]),
+            )
+        return shape
+
+
+def _attended_pairs(n: np.ndarray, window: int | None) -> float:
+    """(query, key) pairs attention computes over sequences of lengths n: all, or those within the band."""
+    if window is None:
+        return float((n**2).sum())
+    wide = n > window + 1
+    band = n * (2 * window + 1) - window * (window + 1)
+    return float(np.where(wide, band, n**2).sum())
 
 
 def model_flops(shape: Shape, seqlens: Sequence[int] | np.ndarray) -> float:
     """FLOPs to score sequences of the given real token counts (formula in the module docstring)."""
     n = np.asarray(seqlens, dtype=np.float64)
     h, f, layers = shape.hidden, shape.intermediate, shape.layers
-    full_layer = n.sum() * 2 * (4 * h * h + 2 * h * f) + 4 * h * (n**2).sum()
-    last_layer = n.sum() * 2 * (2 * h * h) + len(n) * 2 * (2 * h * h + 2 * h * f) + 4 * h * n.sum()
+    mlp = (3 if shape.gated else 2) * h * f
+    local = shape.local_layers or (False,) * layers
+
+    def full_layer(i: int) -> float:
+        window = shape.local_window if local[i] else None
+        return n.sum() * 2 * (4 * h * h + mlp) + 4 * h * _attended_pairs(n, window)
+
+    if shape.cls_last:
+        last_layer = n.sum() * 2 * (2 * h * h) + len(n) * 2 * (2 * h * h + mlp) + 4 * h * n.sum()
+    else:
+        last_layer = full_layer(layers - 1)
     head = len(n) * 2 * (h * h + h * shape.num_labels)
-    return float((layers - 1) * full_layer + last_layer + head)
+    return float(sum(full_layer(i) for i in range(layers - 1)) + last_layer + head)
 
 
 def gemm_shapes(shape: Shape, tokens: int = 4096) -> list[tuple[int, int, int]]:
     """(m, k, n) of the model's own Linear layers at `tokens` rows, plus a square one."""
     h, f = shape.hidden, shape.intermediate
-    return [(tokens, h, 3 * h), (tokens, h, f), (tokens, f, h), (2048, 2048, 2048)]
+    fc1 = 2 * f if shape.gated else f
+    return [(tokens, h, 3 * h), (tokens, h, fc1), (tokens, f, h), (2048, 2048, 2048)]
 
 
 def _gemm_kernels(device: str, dtype: torch.dtype) -> dict:
