@@ -490,6 +490,14 @@ def test_the_object_store_going_away_mid_run_then_a_rerun_resumes(dl19_long, tmp
 # -- two runs on one output ------------------------------------------------------------------------------
 
 
+def _lease_pid(output: Path) -> int | None:
+    """The pid the output's lease names, once the lease is written (not only created)."""
+    try:
+        return json.loads((output / "_lease.json").read_text())["pid"]
+    except (FileNotFoundError, ValueError, KeyError):
+        return None
+
+
 def test_a_second_run_on_a_busy_output_is_refused_naming_the_owner(
     dl19_long, tmp_path, run_entry_point
 ):
@@ -519,9 +527,11 @@ def test_a_second_run_on_a_busy_output_is_refused_naming_the_owner(
     )
     try:
         deadline = time.time() + 600
-        while time.time() < deadline and not (output / "_lease.json").exists():
+        while time.time() < deadline and _lease_pid(output) != first.pid:
             time.sleep(0.05)
-        assert (output / "_lease.json").exists(), "the first run took no lease in 600 s"
+        # The lease written, not only created: a run stopped between the two leaves an empty file, which the
+        # second run takes over as "not a well-formed lease".
+        assert _lease_pid(output) == first.pid, "the first run took no lease in 600 s"
         # Hold the first run still while the second tries: on a loaded machine it could otherwise finish before
         # the second reads the lease. A stopped process is alive, and the lease's 120 s heartbeat timeout is far.
         os.kill(first.pid, signal.SIGSTOP)
