@@ -14,6 +14,9 @@ contender, so padding, recomputation and the last layer's unneeded rows count as
         attention       4 * n * h                      # one query row against n keys
     head: 2 * (h*h + h*num_labels)
 
+Decoder rerankers (Qwen3): queries heads*head_dim wide and keys, values kv_heads*head_dim (grouped-query), so
+`h*3h + h*h` is `h*q + 2*h*kv + q*h`; causal attention counts n(n+1)/2 (query, key) pairs; the last token is the
+one the head reads; the head is one row (2*h).
 Gated MLPs (ModernBERT's GeGLU, GTE's): fc1 is 2f wide, so `2*h*f` above is `3*h*f`. ModernBERT's local layers see
 at most 2w + 1 keys per query (w = local_attention / 2): n^2 above is the count of (query, key) pairs in the band;
 its last layer (and every layer of a mean-pooled one) runs whole when it is local or the pooling reads every token.
@@ -32,6 +35,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipeline.model.decoder_config import DECODER_LAYOUTS, decoder_config_from_json
+
 
 @dataclass(frozen=True)
 class Shape:
@@ -44,6 +49,11 @@ class Shape:
     local_layers: tuple[bool, ...] = ()
     local_window: int = 0
     cls_last: bool = True  # the last layer computes the first token's rows only
+    # Decoder rerankers (Qwen3): query width heads * head_dim and key/value width kv_heads * head_dim (0: hidden),
+    # causal attention (each query sees its own and earlier tokens), a one-row score head without a dense layer.
+    query_width: int = 0
+    kv_width: int = 0
+    decoder: bool = False
 
     @classmethod
     def from_config(cls, config: dict) -> Shape:
@@ -54,6 +64,18 @@ class Shape:
             config["intermediate_size"],
             config.get("num_labels", len(config.get("id2label", {0: 0}))),
         )
+        if config.get("model_type") in DECODER_LAYOUTS:
+            from dataclasses import replace
+
+            decoder = decoder_config_from_json(config, config["model_type"])
+            return replace(
+                shape,
+                num_labels=1,
+                gated=True,
+                query_width=decoder.num_attention_heads * decoder.head_dim,
+                kv_width=decoder.num_key_value_heads * decoder.head_dim,
+                decoder=True,
+            )
         if config.get("model_type") in ("modernbert", "gte"):
             from dataclasses import replace
 
@@ -82,21 +104,35 @@ def _attended_pairs(n: np.ndarray, window: int | None) -> float:
 
 def model_flops(shape: Shape, seqlens: Sequence[int] | np.ndarray) -> float:
     """FLOPs to score sequences of the given real token counts (formula in the module docstring)."""
+    return sum(linear_and_attention_flops(shape, seqlens))
+
+
+def linear_and_attention_flops(
+    shape: Shape, seqlens: Sequence[int] | np.ndarray
+) -> tuple[float, float]:
+    """`model_flops` in its two parts: (Linear layers and head, attention's QK^T and PV)."""
     n = np.asarray(seqlens, dtype=np.float64)
     h, f, layers = shape.hidden, shape.intermediate, shape.layers
+    q, kv = shape.query_width or h, shape.kv_width or h
     mlp = (3 if shape.gated else 2) * h * f
+    projections = h * q + 2 * h * kv + q * h  # q, k, v and out_proj (4h^2 for an encoder)
     local = shape.local_layers or (False,) * layers
-
-    def full_layer(i: int) -> float:
+    # A causal query sees its own and earlier tokens: n(n + 1) / 2 pairs per sequence.
+    causal_pairs = float((n * (n + 1) / 2).sum())
+    linear = attention = 0.0
+    for i in range(layers - 1):
         window = shape.local_window if local[i] else None
-        return n.sum() * 2 * (4 * h * h + mlp) + 4 * h * _attended_pairs(n, window)
-
-    if shape.cls_last:
-        last_layer = n.sum() * 2 * (2 * h * h) + len(n) * 2 * (2 * h * h + mlp) + 4 * h * n.sum()
+        linear += n.sum() * 2 * (projections + mlp)
+        attention += 4 * q * (causal_pairs if shape.decoder else _attended_pairs(n, window))
+    if shape.cls_last:  # keys and values of every token; query, out_proj and MLP of one token
+        linear += n.sum() * 2 * (2 * h * kv) + len(n) * 2 * (2 * h * q + mlp)
+        attention += 4 * q * n.sum()
     else:
-        last_layer = full_layer(layers - 1)
-    head = len(n) * 2 * (h * h + h * shape.num_labels)
-    return float(sum(full_layer(i) for i in range(layers - 1)) + last_layer + head)
+        window = shape.local_window if local[layers - 1] else None
+        linear += n.sum() * 2 * (projections + mlp)
+        attention += 4 * q * _attended_pairs(n, window)
+    head = len(n) * 2 * (h if shape.decoder else h * h + h * shape.num_labels)
+    return float(linear + head), float(attention)
 
 
 def gemm_shapes(shape: Shape, tokens: int = 4096) -> list[tuple[int, int, int]]:
