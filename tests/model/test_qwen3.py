@@ -191,6 +191,7 @@ def test_cuda_attention_paths_through_standins(
         assert cuda_standins.CALLS["varlen_attn"] > 0
 
 
+@pytest.mark.slow  # SmoothQuant's calibration pass, then the int8 run: 35 s on the loaded 2-core machine
 def test_int8_tracks_float32(decoders, sample):
     """dtype int8: the decoder's Linear layers (named as the encoders') run in int8 on CPU."""
     directory = decoders["qwen3_lm_head"]
