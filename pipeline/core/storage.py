@@ -11,11 +11,13 @@ import inspect
 import json
 import os
 import posixpath
+import tempfile
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import fsspec
 import pyarrow.fs as pafs
+from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, ValidationError
 
 from pipeline.core.errors import ConfigError, InputError, OutputError
@@ -202,7 +204,13 @@ def write_json(fs: fsspec.AbstractFileSystem, path: str, payload: Any) -> None:
 def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
     """Write `path` only if it does not exist; False if it does. Mode "xb" is atomic on local disks (O_EXCL)
     and on S3 (s3fs sends a conditional PUT, `If-None-Match: *`). Filesystems that do not know "xb" fall back
-    to check-then-write, which two writers racing within one round trip can both pass."""
+    to check-then-write, which two writers racing within one round trip can both pass.
+
+    On a local disk the bytes are written to a temporary file first and hard-linked into place (`link` fails
+    when `path` exists): a reader never sees the file empty or half written, as it could between an O_EXCL
+    create and its write, where another run would take an empty lease for a broken one and take it over."""
+    if isinstance(fs, LocalFileSystem):
+        return _link_exclusive(path, data)
     try:
         with fs.open(path, "xb") as f:
             f.write(data)
@@ -219,6 +227,26 @@ def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> b
             return False
         fs.pipe_file(path, data)
         return True
+
+
+def _link_exclusive(path: str, data: bytes) -> bool:
+    directory = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="-" + os.path.basename(path))
+    try:
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise with_filename(e, path) from e
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        os.unlink(tmp)
 
 
 def with_filename(e: BaseException, path: str) -> BaseException:
