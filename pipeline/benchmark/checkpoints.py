@@ -16,9 +16,8 @@ every pair would be ~3x longer than in real use.
 Scores that spread like a real reranker's: with transformers' default initializer range (0.02) a random
 model's logits span ~0.1 (std ~0.02) and bf16 rounding alone reorders them, so a rank correlation against
 fp32 measures noise. The benchmark checkpoints are built with a wider initializer range (0.05: the pairs'
-logits differ ~10x more, while rounding the weights to bf16 still keeps Spearman at 0.998 on 32 DL19 pairs
-with the jina shape, measured 2026-11-30 on an AVX2-only AMD EPYC; at 0.2 the 12 random layers turn chaotic
-and the same rounding drops it to 0.61), and a classifier head fitted to them (`spread_classifier`): its
+logits differ ~10x more while bf16 rounding still keeps the ranking; at 0.2 the 12 random layers turn chaotic;
+figures in results/performance.md), and a classifier head fitted to them (`spread_classifier`): its
 output layer reads the direction in which the pooled features of DL19 pairs vary most (their first
 principal component; the pairs are from queries after the ones the benchmark times), scaled to a logit
 std of 3 with mean 0, which is the range of real cross-encoders' logits.

@@ -34,12 +34,8 @@ class Scope(StrictModel):
 # The default run's plan: every contender on the jina shape's DL19 pairs; sentence-transformers (its default,
 # the fidelity reference, and its best) and the engine also on long and multilingual pairs; the bge shape (the
 # release post's size claim) with those three on DL19. Why: the full matrix (13 contenders x 2 models x 3 workloads)
-# would take ~40 minutes on 2 cores. Measured 2026-12-01 on a 2-core Xeon VM (AMX), from an empty cache: this
-# plan 13.9 minutes wall (2.1 of them building the two checkpoints, which later runs reuse); a wider one, with
-# transformers padded/sorted and the Ray job on all three workloads and the bge shape on all three, 18.8
-# minutes, of which the five CPU runtimes on DL19 took 4.3 (ONNX export, OpenVINO conversions, int8 calibration
-# and batch tuning included), transformers padded/sorted and the Ray job 3.2, and the bge shape's three
-# contenders on long and multilingual pairs ~2.5 (float32 on its long pairs: 35 s for 8 pairs).
+# would take ~40 minutes on 2 cores, this plan about a third of it (the measured minutes per part:
+# results/performance.md, "Figures behind choices in the benchmark's code").
 # An explicit --models, --workloads or --contenders runs exactly that selection, everything on everything.
 DEFAULT_SCOPE: dict[str, dict] = {
     **{name: {"other_models": ["dl19"]} for name in ["st-default", "st-best", "engine"]},

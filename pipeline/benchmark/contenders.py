@@ -511,10 +511,9 @@ def tune_batch_size(
 ) -> tuple[int, dict[int, float]]:
     """The batch size with the most pairs/s on `pairs` (a sample of the workload), and the pairs/s of every
     size tried: sizes in increasing order, stopping at the first one slower than the best so far. On CPUs
-    pairs/s rises with the batch size up to a point and falls after it: in the 21 tuned rows of the results
-    files measured 2026-11-30/12-01 (2-core EPYC and Xeon CPUs, sizes 2-16), stopping early picks the same
-    size as trying all in 20 and loses 7% in one (OpenVINO bf16 on a Xeon VM whose speed drifted), while
-    trying 2-3 sizes instead of 4: ~20 s less per workload for a float32 runtime.
+    pairs/s rises with the batch size up to a point and falls after it, so stopping early nearly always picks
+    the size trying all would, in less time (the figures: results/performance.md, "Figures behind choices in
+    the benchmark's code").
     """
     speeds: dict[int, float] = {}
     for size in sorted(set(batch_sizes)):

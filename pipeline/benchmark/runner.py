@@ -493,8 +493,8 @@ def _time_again(
     first round picked, so every round times the same batches (and the fidelity columns stay theirs).
 
     Why sweeps, not repeats in place: on a shared or throttled host (a cloud VM's neighbours, AMX's power
-    limits) throughput drifts over minutes: on a 2-core Xeon VM with AMX (2026-12-01) the same bf16 GEMM
-    measured 811 GFLOP/s before a run and 2,478 after it, and whole contenders 1.0-1.25x apart between sweeps.
+    limits) throughput drifts over minutes, about 3x for the same GEMM within one run (results/performance.md,
+    "Figures behind choices in the benchmark's code").
     A contender timed twice in a row sees one such minute; sweeps give every contender a draw of each part of
     the run, and the best of them is the figure least touched by the neighbours, for all alike.
     """
