@@ -28,6 +28,12 @@ def protocol_prefix(uri: str) -> str:
     return uri.split("://", 1)[0] + "://" if "://" in uri else ""
 
 
+def absolute_uri(uri: str) -> str:
+    """A local path made absolute (the driver's folder, not a Ray worker's); a URI with a protocol unchanged.
+    What the driver hands to Ray workers must not depend on the folder each worker runs in."""
+    return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
+
+
 def url_to_fs(
     uri: str, storage_options: dict | None = None
 ) -> tuple[fsspec.AbstractFileSystem, str]:

@@ -22,7 +22,14 @@ import pyarrow as pa
 from pipeline.core import schema
 from pipeline.core.config import redact
 from pipeline.core.errors import InputError
-from pipeline.core.storage import join, protocol_prefix, read_json, url_to_fs, write_json
+from pipeline.core.storage import (
+    absolute_uri,
+    join,
+    protocol_prefix,
+    read_json,
+    url_to_fs,
+    write_json,
+)
 from pipeline.core.trec import read_qrels
 from pipeline.hard_negatives import buckets, io
 from pipeline.hard_negatives.config import HardNegativesConfig
@@ -131,6 +138,9 @@ def run_hard_negatives(
     config: HardNegativesConfig, input_uri: str, positives_uri: str | None, output_uri: str
 ) -> dict:
     """Mine `input_uri` into `output_uri`; returns the stats (also written to stats.json)."""
+    output_uri = absolute_uri(
+        output_uri
+    )  # the selection's workers write under it, wherever they run
     qrels = read_positives(config, input_uri, positives_uri)
     coverage = (
         None

@@ -215,3 +215,21 @@ def test_bad_input_is_one_line_and_exit_code_2(dl19_input, tmp_path, run_entry_p
     assert result.stderr.strip().startswith("error: ") and "missing-qrels.txt" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()  # refused before any work
+
+
+@pytest.mark.slow  # the whole job on a local Ray
+def test_a_relative_output_lands_under_the_drivers_folder(
+    dl19_input, tmp_path, monkeypatch, ray_local
+):
+    # The shared Ray was started from another folder: its workers must not resolve the relative path there.
+    source, qrels = dl19_input
+    workers_folder = Path.cwd()
+    monkeypatch.chdir(tmp_path)
+    assert (
+        main(["--input", str(source), "--positives", str(qrels), "--output", "rel-out", *FAST]) == 0
+    )
+    written = {
+        p.relative_to(tmp_path / "rel-out").parts[0] for p in (tmp_path / "rel-out").rglob("*")
+    }
+    assert {"candidates", "triplet", "stats.json", "rerank"} <= written
+    assert not (workers_folder / "rel-out").exists()
