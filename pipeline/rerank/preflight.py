@@ -10,6 +10,7 @@ import posixpath
 import re
 from fnmatch import fnmatchcase
 
+from pipeline.core.dtypes import runs_on
 from pipeline.core.errors import ConfigError, InputError, OutputError
 from pipeline.core.faults import explain
 from pipeline.core.storage import check_bucket, url_to_fs
@@ -181,14 +182,16 @@ def check_cluster(config: RerankConfig, protocol: str) -> None:
     # Counts beyond the alive nodes' total are refused on a Ray of this machine alone, which cannot grow;
     # attached to a remote cluster they are a warning, since its autoscaler may add more nodes of a kind it has.
     size, resources = scorer_pool(config)
-    if config.dtype == "int8" and resources.get("num_gpus"):
+    # What the dtype-device rule (pipeline/core/dtypes.py) refuses, told in this job's terms.
+    device = "cuda" if resources.get("num_gpus") else "cpu"
+    if not runs_on(config.dtype, device) and device == "cuda":
         raise InputError(
-            "dtype int8 runs on CPU scorers only, and this cluster's GPUs would take the scorers; set "
-            "scorer.device=cpu, or use dtype auto (bfloat16 on a GPU)"
+            f"dtype {config.dtype} runs on CPU scorers only, and this cluster's GPUs would take the scorers; "
+            "set scorer.device=cpu, or use dtype auto (bfloat16 on a GPU)"
         )
-    if config.dtype == "float8" and not resources.get("num_gpus"):
+    if not runs_on(config.dtype, device):
         raise InputError(
-            "dtype float8 runs on GPU scorers with float8 tensor cores (Hopper or Ada) only, and this "
+            f"dtype {config.dtype} runs on GPU scorers with float8 tensor cores (Hopper or Ada) only, and this "
             "cluster's scorers would run on CPU; use dtype auto (or float32/bfloat16), or add GPUs"
         )
     fixed = len(hosts) == 1 and not (config.ray_address or os.environ.get("RAY_ADDRESS"))
