@@ -196,9 +196,9 @@ def prepare(source: Path, target: Path) -> int:
 
 def environment(device: str) -> dict:
     from pipeline.benchmark.machine import machine_info
-    from pipeline.model.modeling import _torch_varlen_attn, _varlen_options
+    from pipeline.model.modeling import torch_varlen_attn, varlen_options
 
-    varlen = _torch_varlen_attn()
+    varlen = torch_varlen_attn()
     cuda = device.startswith("cuda")
     info = {
         "python": platform.python_version(),
@@ -207,7 +207,7 @@ def environment(device: str) -> dict:
         "device_name": torch.cuda.get_device_name(0) if cuda else machine_info()["cpu"],
         "compute_capability": list(torch.cuda.get_device_capability(0)) if cuda else None,
         "torch_varlen_attn": varlen is not None,
-        "varlen_num_splits": varlen is not None and bool(_varlen_options(varlen)),
+        "varlen_num_splits": varlen is not None and bool(varlen_options(varlen)),
         "cuda": torch.version.cuda,
     }
     for lib in ("transformers", "sentence_transformers", "tokenizers", "pyarrow", "flash_attn"):

@@ -25,36 +25,37 @@ import functools
 import inspect
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pipeline.core.errors import CheckpointError
 from pipeline.model import device as runtime
-from pipeline.model.checkpoint import DUMMY_MARKER, detect_layout, read_config
+from pipeline.model.checkpoint import detect_layout, read_config
 from pipeline.model.decoder_config import DecoderConfig, decoder_config_from_json
 from pipeline.model.modeling import (
     FLASH_ATTN,
     GEMM_ROWS_MULTIPLE,
     ONEDNN_FUSED,
-    ONEDNN_INT8,
-    SCALED_MM_FP8,
     SDPA_GROUPED,
     TORCH_VARLEN,
-    _equal_length_runs,
-    _flash_attn_varlen,
-    _PackedView,
-    _pad_rows,
-    _padded_groups,
-    _torch_varlen_attn,
-    _varlen_options,
+    PackedView,
+    equal_length_runs,
+    flash_attn_varlen,
     linear,
+    pack_view,
     packed_position_ids,
-    select_attention_backend,
-    select_linear_kernel,
+    pad_rows,
+    padded_groups,
+    torch_varlen_attn,
+    varlen_options,
 )
-from pipeline.model.weights import _no_init, convert_state_dict, logger, read_weights
+from pipeline.model.weights import (
+    assign_checked,
+    convert_state_dict,
+    read_weights,
+    warn_if_dummy,
+)
 
 
 class RMSNorm(nn.Module):
@@ -103,7 +104,7 @@ def _repeat_kv(x, groups: int):
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
-def _sdpa_causal_runs(q, k, v, packed: _PackedView, last_only: bool, scale: float):
+def _sdpa_causal_runs(q, k, v, packed: PackedView, last_only: bool, scale: float):
     """Causal attention per sequence with SDPA on zero-copy views of equal-length runs (CPU).
 
     q: (total_tokens, heads, head_dim), or (batch, heads, head_dim) when `last_only`;
@@ -115,7 +116,7 @@ def _sdpa_causal_runs(q, k, v, packed: _PackedView, last_only: bool, scale: floa
     starts, seqlens = packed.starts, packed.seqlens
     if not last_only:
         out[starts[-1] + seqlens[-1] :] = 0  # rows past the last sequence (GEMM_ROWS_MULTIPLE)
-    for first, last in _equal_length_runs(seqlens):
+    for first, last in equal_length_runs(seqlens):
         m, n, start = last - first, seqlens[first], starts[first]
         end = start + m * n
         k_run = k[start:end].view(m, n, kv_heads, head_dim).transpose(1, 2)  # (m, kv_heads, n, d)
@@ -133,11 +134,11 @@ def _sdpa_causal_runs(q, k, v, packed: _PackedView, last_only: bool, scale: floa
     return out
 
 
-def _sdpa_causal_padded(q, k, v, packed: _PackedView, last_only: bool, scale: float):
+def _sdpa_causal_padded(q, k, v, packed: PackedView, last_only: bool, scale: float):
     """Causal attention with SDPA over padded length groups (CUDA without a varlen kernel). Padding sits
     after each sequence's end, so a causal query never sees it; the last-token queries use the key mask."""
     if packed.padded_groups is None:
-        packed.padded_groups = _padded_groups(packed.starts, packed.seqlens, k.device)
+        packed.padded_groups = padded_groups(packed.starts, packed.seqlens, k.device)
     out = torch.empty_like(q)
     heads, head_dim = q.shape[1], q.shape[2]
     gqa = heads != k.shape[1]
@@ -159,7 +160,7 @@ def _sdpa_causal_padded(q, k, v, packed: _PackedView, last_only: bool, scale: fl
     return out
 
 
-def causal_attention(backend: str, q, k, v, packed: _PackedView, last_only: bool, scale: float):
+def causal_attention(backend: str, q, k, v, packed: PackedView, last_only: bool, scale: float):
     """softmax(q k^T * scale) v within each packed sequence, each query seeing its own and earlier tokens.
 
     q: (total_tokens, heads, head_dim), or (batch, heads, head_dim) when `last_only` (one query per sequence,
@@ -180,12 +181,12 @@ def causal_attention(backend: str, q, k, v, packed: _PackedView, last_only: bool
         cu_q, max_q = cu_k, max_k
     causal = not last_only  # a last-token query sees every key of its sequence
     if backend == FLASH_ATTN:  # grouped-query heads natively
-        return _flash_attn_varlen()(
+        return flash_attn_varlen()(
             q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=causal
         )
     if backend != TORCH_VARLEN:
         raise ValueError(f"unknown attention backend {backend!r}")
-    fn = _torch_varlen_attn()
+    fn = torch_varlen_attn()
     parameters = _varlen_parameters(fn)
     if "enable_gqa" in parameters:
         kwargs = {"enable_gqa": q.shape[1] != k.shape[1]}
@@ -202,7 +203,7 @@ def causal_attention(backend: str, q, k, v, packed: _PackedView, last_only: bool
         raise ValueError(
             "this torch's varlen_attn has no `scale` argument and the model needs a non-default one"
         )
-    return fn(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs, **_varlen_options(fn))
+    return fn(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs, **varlen_options(fn))
 
 
 class DecoderAttention(nn.Module):
@@ -221,7 +222,7 @@ class DecoderAttention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x, packed: _PackedView, rope, last_only: bool, residual):
+    def forward(self, x, packed: PackedView, rope, last_only: bool, residual):
         """out_proj(attention(x)) + residual: x (total_tokens, hidden) -> (total_q, hidden).
 
         rope: (cos, sin) each (total_tokens, head_dim); `last_only`: queries of the last tokens alone."""
@@ -287,7 +288,7 @@ class DecoderLayer(nn.Module):
         self.norm2 = RMSNorm(config.hidden_size, config.layer_norm_eps)
         self.mlp = SwiGLU(config)
 
-    def forward(self, hidden, packed: _PackedView, rope, last_only: bool = False):
+    def forward(self, hidden, packed: PackedView, rope, last_only: bool = False):
         """(total_tokens, hidden) -> (total_tokens, hidden), or (batch, hidden) when `last_only`."""
         residual = hidden[packed.cls_index] if last_only else hidden
         hidden = self.mixer(self.norm1(hidden), packed, rope, last_only, residual)
@@ -320,35 +321,17 @@ class DecoderModel(nn.Module):
         seqlens: list[int] | None = None,
     ):
         """input_ids (total_tokens,), cu_seqlens (batch+1,) int32 -> scores (batch,) float32 (token types unused)."""
-        if max_seqlen > self.config.max_tokens_per_sequence:
-            raise ValueError(
-                f"a sequence of {max_seqlen} tokens exceeds the model's "
-                f"{self.config.max_tokens_per_sequence}-token limit; truncate it first"
-            )
-        param = self.norm.weight
-        backend = self.attention_backend or select_attention_backend(param.device, param.dtype)
-        if seqlens is None:
-            seqlens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-        starts = np.concatenate(([0], np.cumsum(seqlens[:-1], dtype=np.int64))).tolist()
-        kernel = self.linear_kernel or select_linear_kernel(param.device, param.dtype)
-        packed = _PackedView(
-            cu_seqlens,
-            max_seqlen,
-            seqlens,
-            starts,
-            cu_seqlens[1:].long()
-            - 1,  # `cls_index` here is each sequence's last token: where it answers
-            backend,
-            kernel,
-            self.packed_weights if kernel in (ONEDNN_FUSED, ONEDNN_INT8, SCALED_MM_FP8) else None,
-        )
+        # A decoder answers at each sequence's last token: that is the one the head reads.
+        last_index = cu_seqlens[1:].long() - 1
+        packed = pack_view(self, self.norm.weight, cu_seqlens, max_seqlen, seqlens, last_index)
+        kernel = packed.linear_kernel
         total = input_ids.numel()
         positions = packed_position_ids(cu_seqlens, total, 0)  # restart at 0 per sequence
         hidden = self.embed_tokens(input_ids)  # (total_tokens, hidden)
         rope = rotary_tables(positions, self.config.head_dim, self.config.rope_theta, hidden.dtype)
         if kernel == ONEDNN_FUSED:
-            hidden = _pad_rows(hidden, GEMM_ROWS_MULTIPLE)
-            rope = tuple(_pad_rows(t, GEMM_ROWS_MULTIPLE) for t in rope)
+            hidden = pad_rows(hidden, GEMM_ROWS_MULTIPLE)
+            rope = tuple(pad_rows(t, GEMM_ROWS_MULTIPLE) for t in rope)
         for layer in self.layers[:-1]:
             hidden = layer(hidden, packed, rope)
         # Only the last token is scored, so the last layer computes its query, MLP and norms alone.
@@ -416,28 +399,6 @@ def load_decoder_model(
     layout = detect_layout(list(state))
     config = decoder_config_from_json(raw_config, layout.name)
     converted = fold_decoder_state(convert_state_dict(state, layout), config, answer_ids)
-    with torch.device("meta"), _no_init():
-        model = DecoderModel(config)
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    missing = sorted(set(expected) - set(converted))
-    if missing:
-        raise CheckpointError(
-            f"checkpoint lacks weight(s) for the {layout.name} layout: {', '.join(missing[:5])}"
-        )
-    extra = sorted(set(converted) - set(expected))
-    if extra:
-        raise CheckpointError(
-            f"unexpected weight(s) for a {config.num_hidden_layers}-layer {layout.name} model: "
-            f"{', '.join(extra[:5])}"
-        )
-    for name, shape in expected.items():
-        if tuple(converted[name].shape) != shape:
-            raise CheckpointError(
-                f"weight {name} has shape {tuple(converted[name].shape)}, the config implies {shape}"
-            )
-    model.load_state_dict(converted, assign=True)
-    if raw_config.get(DUMMY_MARKER):
-        logger.warning(
-            "RANDOM WEIGHTS: %s is a dummy checkpoint; its scores mean nothing", directory
-        )
+    model = assign_checked(DecoderModel, config, converted, layout)
+    warn_if_dummy(raw_config, directory)
     return model.eval(), layout, raw_config

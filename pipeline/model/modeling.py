@@ -50,7 +50,7 @@ _logged_choices: set[tuple] = set()
 _probes: dict[tuple, tuple[bool, str]] = {}
 
 
-def _torch_varlen_attn():
+def torch_varlen_attn():
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
@@ -58,13 +58,13 @@ def _torch_varlen_attn():
     return varlen_attn
 
 
-def _flash_attn_varlen():
+def flash_attn_varlen():
     """flash-attn's varlen kernel; raises ImportError (or whatever a broken build raises) when unusable."""
     return importlib.import_module("flash_attn").flash_attn_varlen_func
 
 
 @functools.cache
-def _varlen_options(varlen_attn) -> dict:
+def varlen_options(varlen_attn) -> dict:
     """num_splits=1 where this torch offers it: no split-KV, so a sequence's attention is computed the same
     way whatever else is in the batch (batch invariance); split-KV only pays off for a handful of
     sequences, never for scoring batches of thousands."""
@@ -72,7 +72,7 @@ def _varlen_options(varlen_attn) -> dict:
 
 
 @functools.cache
-def _varlen_takes_scale(varlen_attn) -> bool:
+def varlen_takes_scale(varlen_attn) -> bool:
     """torch releases before 2.10 have a varlen_attn without `scale` (it always divides by sqrt(head_dim))."""
     return "scale" in inspect.signature(varlen_attn).parameters
 
@@ -80,13 +80,13 @@ def _varlen_takes_scale(varlen_attn) -> bool:
 def _call_varlen(kernel: str, fn, q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float):
     if kernel == FLASH_ATTN:
         return fn(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale)
-    if _varlen_takes_scale(fn):
-        return fn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, **_varlen_options(fn))
+    if varlen_takes_scale(fn):
+        return fn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, **varlen_options(fn))
     if not math.isclose(scale, 1.0 / math.sqrt(q.shape[-1])):
         raise ValueError(
             "this torch's varlen_attn has no `scale` argument and the model needs a non-default one"
         )
-    return fn(q, k, v, cu_q, cu_k, max_q, max_k, **_varlen_options(fn))
+    return fn(q, k, v, cu_q, cu_k, max_q, max_k, **varlen_options(fn))
 
 
 def _probe_varlen(kernel: str, device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
@@ -98,7 +98,7 @@ def _probe_varlen(kernel: str, device: torch.device, dtype: torch.dtype) -> tupl
     key = (runtime.RUNTIME, kernel, device.type, dtype)
     if key not in _probes:
         try:
-            fn = _flash_attn_varlen() if kernel == FLASH_ATTN else _torch_varlen_attn()
+            fn = flash_attn_varlen() if kernel == FLASH_ATTN else torch_varlen_attn()
             if fn is None:
                 raise ImportError(
                     "torch.nn.attention.varlen.varlen_attn is missing (torch older than 2.9)"
@@ -179,7 +179,7 @@ def _length_groups(seqlens: list[int], min_fill: float = 0.8) -> list[list[int]]
     return groups
 
 
-def _equal_length_runs(seqlens: list[int]) -> list[tuple[int, int]]:
+def equal_length_runs(seqlens: list[int]) -> list[tuple[int, int]]:
     """[first, last) index ranges of consecutive sequences that share one length."""
     runs, first = [], 0
     for i in range(1, len(seqlens) + 1):
@@ -199,7 +199,7 @@ def _equal_length_runs(seqlens: list[int]) -> list[tuple[int, int]]:
 GEMM_ROWS_MULTIPLE = 64
 
 
-def _pad_rows(hidden: torch.Tensor, multiple: int) -> torch.Tensor:
+def pad_rows(hidden: torch.Tensor, multiple: int) -> torch.Tensor:
     """(total_tokens, hidden) -> (ceil(total_tokens / multiple) * multiple, hidden), zero rows appended."""
     pad = -hidden.shape[0] % multiple
     return F.pad(hidden, (0, 0, 0, pad)) if pad else hidden
@@ -224,7 +224,7 @@ def _sdpa_equal_length_runs(q, k, v, starts, seqlens, cls_only, scale):
         out[starts[-1] + seqlens[-1] :] = (
             0  # rows past the last sequence (GEMM_ROWS_MULTIPLE): no attention
         )
-    for first, last in _equal_length_runs(seqlens):
+    for first, last in equal_length_runs(seqlens):
         m, n, start = last - first, seqlens[first], starts[first]
         end = start + m * n
         k_run = k[start:end].view(m, n, heads, head_dim).transpose(1, 2)  # (m, heads, n, head_dim)
@@ -264,7 +264,7 @@ class _PaddedGroup:
     rows: torch.Tensor
 
 
-def _padded_groups(
+def padded_groups(
     starts: list[int], seqlens: list[int], device: torch.device
 ) -> list[_PaddedGroup]:
     """`_length_groups` of a packed batch as `_PaddedGroup`s on `device` (host arithmetic, pinned copies)."""
@@ -298,19 +298,19 @@ def _padded_groups(
     return groups
 
 
-def _sdpa_grouped(q, k, v, packed: _PackedView, cls_only, scale):
+def _sdpa_grouped(q, k, v, packed: PackedView, cls_only, scale):
     """Exact attention per sequence with torch SDPA over length-grouped sub-batches.
 
     q: (total_tokens, heads, head_dim), or (batch, heads, head_dim) when `cls_only`;
     k, v: (total_tokens, heads, head_dim). Returns q's shape.
 
     On CPU the groups are runs of equal length (`_sdpa_equal_length_runs`: no padding at all, no copies);
-    on CUDA, where every call is a kernel launch, fewer and padded groups win (`_padded_groups`).
+    on CUDA, where every call is a kernel launch, fewer and padded groups win (`padded_groups`).
     """
     if not runtime.is_cuda(k.device):
         return _sdpa_equal_length_runs(q, k, v, packed.starts, packed.seqlens, cls_only, scale)
     if packed.padded_groups is None:
-        packed.padded_groups = _padded_groups(packed.starts, packed.seqlens, k.device)
+        packed.padded_groups = padded_groups(packed.starts, packed.seqlens, k.device)
     out = torch.empty_like(q)
     heads, head_dim = k.shape[1], k.shape[2]
     for group in packed.padded_groups:
@@ -331,7 +331,7 @@ def _sdpa_grouped(q, k, v, packed: _PackedView, cls_only, scale):
     return out
 
 
-def varlen_attention(backend, q, k, v, packed: _PackedView, cls_only: bool, scale: float):
+def varlen_attention(backend, q, k, v, packed: PackedView, cls_only: bool, scale: float):
     """softmax(q k^T * scale) v within each packed sequence.
 
     q: (total_tokens, heads, head_dim), or (batch, heads, head_dim) when `cls_only` (one query per
@@ -349,9 +349,9 @@ def varlen_attention(backend, q, k, v, packed: _PackedView, cls_only: bool, scal
     else:
         cu_q, max_q = cu_seqlens, max_seqlen
     if backend == FLASH_ATTN:
-        fn = _flash_attn_varlen()
+        fn = flash_attn_varlen()
     elif backend == TORCH_VARLEN:
-        fn = _torch_varlen_attn()
+        fn = torch_varlen_attn()
     else:
         raise ValueError(f"unknown attention backend {backend!r}")
     return _call_varlen(backend, fn, q, k, v, cu_q, cu_seqlens, max_q, max_seqlen, scale)
@@ -540,7 +540,7 @@ class SelfAttention(nn.Module):
         self.Wqkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.out_proj = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, hidden, packed: _PackedView, cls_only: bool, residual):
+    def forward(self, hidden, packed: PackedView, cls_only: bool, residual):
         """out_proj(attention) + residual: (total_tokens, hidden) -> (total_q, hidden)."""
         heads, head_dim, width = self.num_heads, self.head_dim, self.num_heads * self.head_dim
         if cls_only:
@@ -604,7 +604,7 @@ class Layer(nn.Module):
         self.mlp = Mlp(config)
         self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, hidden, packed: _PackedView, cls_only: bool = False):
+    def forward(self, hidden, packed: PackedView, cls_only: bool = False):
         """(total_tokens, hidden) -> (total_tokens, hidden), or (batch, hidden) when `cls_only`."""
         residual = hidden[packed.cls_index] if cls_only else hidden
         hidden = self.norm1(self.mixer(hidden, packed, cls_only, residual))
@@ -626,7 +626,7 @@ class ClassificationHead(nn.Module):
 
 
 @dataclass
-class _PackedView:
+class PackedView:
     cu_seqlens: torch.Tensor  # (batch + 1,) int32
     max_seqlen: int
     seqlens: list[int]  # host copies of the lengths and starts: attention never reads them back
@@ -653,6 +653,45 @@ def packed_position_ids(cu_seqlens: torch.Tensor, total_tokens: int, offset: int
     token_index = torch.arange(total_tokens, device=cu_seqlens.device)
     # output_size: without it repeat_interleave reads the lengths' sum back from the device (a sync).
     return token_index - torch.repeat_interleave(starts, seqlens, output_size=total_tokens) + offset
+
+
+def pack_view(
+    model: nn.Module,
+    weight: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    seqlens: list[int] | None,
+    cls_index: torch.Tensor,
+) -> PackedView:
+    """The per-batch view every layer of `model` reads: attention backend, Linear kernel, lengths and starts.
+
+    `model` has `config.max_tokens_per_sequence`, `attention_backend`, `linear_kernel` and `packed_weights`
+    (None: chosen for `weight`'s device and dtype). cu_seqlens (batch + 1,) int32; `seqlens` the host's
+    copy of the lengths (None: read back from cu_seqlens, which on a GPU waits for the device);
+    `cls_index` (batch,) int64: the token each sequence is scored at (its first for an encoder, its last
+    for a decoder). Raises ValueError when a sequence is longer than the model takes.
+    """
+    limit = model.config.max_tokens_per_sequence
+    if max_seqlen > limit:
+        raise ValueError(
+            f"a sequence of {max_seqlen} tokens exceeds the model's "
+            f"{limit}-token limit; truncate it first"
+        )
+    backend = model.attention_backend or select_attention_backend(weight.device, weight.dtype)
+    if seqlens is None:
+        seqlens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    starts = np.concatenate(([0], np.cumsum(seqlens[:-1], dtype=np.int64))).tolist()
+    kernel = model.linear_kernel or select_linear_kernel(weight.device, weight.dtype)
+    return PackedView(
+        cu_seqlens,
+        max_seqlen,
+        seqlens,
+        starts,
+        cls_index,
+        backend,
+        kernel,
+        model.packed_weights if kernel in (ONEDNN_FUSED, ONEDNN_INT8, SCALED_MM_FP8) else None,
+    )
 
 
 class CrossEncoderModel(nn.Module):
@@ -684,28 +723,10 @@ class CrossEncoderModel(nn.Module):
         `seqlens`: the host's copy of the lengths (cu_seqlens[1:] - cu_seqlens[:-1]); without it they are read
         back from cu_seqlens, which on a GPU waits for the device.
         """
-        if max_seqlen > self.config.max_tokens_per_sequence:
-            raise ValueError(
-                f"a sequence of {max_seqlen} tokens exceeds the model's "
-                f"{self.config.max_tokens_per_sequence}-token limit; truncate it first"
-            )
-        param = self.emb_ln.weight
-        backend = self.attention_backend or select_attention_backend(param.device, param.dtype)
-        if seqlens is None:
-            seqlens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-        starts = np.concatenate(([0], np.cumsum(seqlens[:-1], dtype=np.int64))).tolist()
-        kernel = self.linear_kernel or select_linear_kernel(param.device, param.dtype)
-        packed = _PackedView(
-            cu_seqlens,
-            max_seqlen,
-            seqlens,
-            starts,
-            cu_seqlens[:-1].long(),
-            backend,
-            kernel,
-            self.packed_weights if kernel in (ONEDNN_FUSED, ONEDNN_INT8, SCALED_MM_FP8) else None,
+        packed = pack_view(
+            self, self.emb_ln.weight, cu_seqlens, max_seqlen, seqlens, cu_seqlens[:-1].long()
         )
-
+        kernel = packed.linear_kernel
         position_ids = packed_position_ids(
             cu_seqlens, input_ids.numel(), self.config.position_offset
         )
@@ -713,7 +734,7 @@ class CrossEncoderModel(nn.Module):
             self.embeddings(input_ids, position_ids, token_type_ids)
         )  # (total_tokens, hidden)
         if kernel == ONEDNN_FUSED:
-            hidden = _pad_rows(hidden, GEMM_ROWS_MULTIPLE)
+            hidden = pad_rows(hidden, GEMM_ROWS_MULTIPLE)
         for layer in self.layers[:-1]:
             hidden = layer(hidden, packed)
         # Only the first token feeds the head, so the last layer computes queries, the MLP and the norms

@@ -24,7 +24,6 @@ import functools
 import inspect
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,23 +33,20 @@ from pipeline.model.modeling import (
     FLASH_ATTN,
     GEMM_ROWS_MULTIPLE,
     ONEDNN_FUSED,
-    ONEDNN_INT8,
-    SCALED_MM_FP8,
     TORCH_VARLEN,
     ClassificationHead,
-    _equal_length_runs,
-    _flash_attn_varlen,
-    _PackedView,
-    _pad_rows,
-    _padded_groups,
-    _torch_varlen_attn,
-    _varlen_options,
-    _varlen_takes_scale,
+    PackedView,
+    equal_length_runs,
+    flash_attn_varlen,
     linear,
+    pack_view,
     packed_position_ids,
-    select_attention_backend,
-    select_linear_kernel,
+    pad_rows,
+    padded_groups,
+    torch_varlen_attn,
     varlen_attention,
+    varlen_options,
+    varlen_takes_scale,
 )
 from pipeline.model.rope_config import RopeEncoderConfig
 
@@ -101,13 +97,13 @@ def _band(n: int, window: int, device: torch.device) -> torch.Tensor:
     return (index[:, None] - index[None, :]).abs() <= window
 
 
-def _sdpa_banded_runs(q, k, v, packed: _PackedView, window: int, scale: float) -> torch.Tensor:
+def _sdpa_banded_runs(q, k, v, packed: PackedView, window: int, scale: float) -> torch.Tensor:
     """Banded attention with SDPA on zero-copy views of each run of equal-length sequences (CPU)."""
     out = torch.empty_like(q)
     starts, seqlens = packed.starts, packed.seqlens
     heads, head_dim = k.shape[1], k.shape[2]
     out[starts[-1] + seqlens[-1] :] = 0  # rows past the last sequence (GEMM_ROWS_MULTIPLE)
-    for first, last in _equal_length_runs(seqlens):
+    for first, last in equal_length_runs(seqlens):
         m, n, start = last - first, seqlens[first], starts[first]
         end = start + m * n
         q_run, k_run, v_run = (
@@ -119,10 +115,10 @@ def _sdpa_banded_runs(q, k, v, packed: _PackedView, window: int, scale: float) -
     return out
 
 
-def _sdpa_banded_padded(q, k, v, packed: _PackedView, window: int, scale: float) -> torch.Tensor:
+def _sdpa_banded_padded(q, k, v, packed: PackedView, window: int, scale: float) -> torch.Tensor:
     """Banded attention with SDPA over padded length groups (CUDA without a windowed varlen kernel)."""
     if packed.padded_groups is None:
-        packed.padded_groups = _padded_groups(packed.starts, packed.seqlens, k.device)
+        packed.padded_groups = padded_groups(packed.starts, packed.seqlens, k.device)
     out = torch.empty_like(q)
     heads, head_dim = k.shape[1], k.shape[2]
     for group in packed.padded_groups:
@@ -136,7 +132,7 @@ def _sdpa_banded_padded(q, k, v, packed: _PackedView, window: int, scale: float)
     return out
 
 
-def banded_attention(backend: str, q, k, v, packed: _PackedView, window: int, scale: float):
+def banded_attention(backend: str, q, k, v, packed: PackedView, window: int, scale: float):
     """softmax(q k^T * scale) v within each packed sequence, token i seeing only tokens j with |i - j| <= window.
 
     q, k, v: (total_tokens, heads, head_dim) -> (total_tokens, heads, head_dim).
@@ -145,12 +141,12 @@ def banded_attention(backend: str, q, k, v, packed: _PackedView, window: int, sc
         return varlen_attention(backend, q, k, v, packed, False, scale)
     cu, max_len = packed.cu_seqlens, packed.max_seqlen
     if backend == FLASH_ATTN:
-        return _flash_attn_varlen()(
+        return flash_attn_varlen()(
             q, k, v, cu, cu, max_len, max_len, softmax_scale=scale, window_size=(window, window)
         )
     if backend == TORCH_VARLEN:
-        fn = _torch_varlen_attn()
-        if _varlen_takes_window(fn) and _varlen_takes_scale(fn):
+        fn = torch_varlen_attn()
+        if _varlen_takes_window(fn) and varlen_takes_scale(fn):
             return fn(
                 q,
                 k,
@@ -161,7 +157,7 @@ def banded_attention(backend: str, q, k, v, packed: _PackedView, window: int, sc
                 max_len,
                 scale=scale,
                 window_size=(window, window),
-                **_varlen_options(fn),
+                **varlen_options(fn),
             )
     if not runtime.is_cuda(k.device):
         return _sdpa_banded_runs(q, k, v, packed, window, scale)
@@ -210,7 +206,7 @@ class RopeSelfAttention(nn.Module):
         self.out_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=bias)
 
     def forward(
-        self, hidden, packed: _PackedView, rotary, window: int | None, cls_only: bool, residual
+        self, hidden, packed: PackedView, rotary, window: int | None, cls_only: bool, residual
     ):
         """out_proj(attention) + residual: (rows, hidden) -> (rows, hidden), or (batch, hidden) when `cls_only`.
 
@@ -283,7 +279,7 @@ class RopeLayer(nn.Module):
         self.local = bool(config.local_layers[index]) if config.local_layers else False
         self.window = config.local_window if self.local else None
 
-    def forward(self, hidden, packed: _PackedView, rotary, cls_only: bool = False):
+    def forward(self, hidden, packed: PackedView, rotary, cls_only: bool = False):
         """(rows, hidden) -> (rows, hidden), or (batch, hidden) when `cls_only`."""
         residual = hidden[packed.cls_index] if cls_only else hidden
         kernel, weights = packed.linear_kernel, packed.weights
@@ -347,32 +343,15 @@ class RopeCrossEncoderModel(nn.Module):
         seqlens: list[int] | None = None,
     ):
         """input_ids (total_tokens,), cu_seqlens (batch+1,) int32 -> logits (batch,) float32."""
-        if max_seqlen > self.config.max_tokens_per_sequence:
-            raise ValueError(
-                f"a sequence of {max_seqlen} tokens exceeds the model's "
-                f"{self.config.max_tokens_per_sequence}-token limit; truncate it first"
-            )
-        param = self.emb_ln.weight
-        backend = self.attention_backend or select_attention_backend(param.device, param.dtype)
-        if seqlens is None:
-            seqlens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-        starts = np.concatenate(([0], np.cumsum(seqlens[:-1], dtype=np.int64))).tolist()
-        kernel = self.linear_kernel or select_linear_kernel(param.device, param.dtype)
-        packed = _PackedView(
-            cu_seqlens,
-            max_seqlen,
-            seqlens,
-            starts,
-            cu_seqlens[:-1].long(),
-            backend,
-            kernel,
-            self.packed_weights if kernel in (ONEDNN_FUSED, ONEDNN_INT8, SCALED_MM_FP8) else None,
+        packed = pack_view(
+            self, self.emb_ln.weight, cu_seqlens, max_seqlen, seqlens, cu_seqlens[:-1].long()
         )
+        kernel = packed.linear_kernel
         total = input_ids.numel()
         hidden = self.emb_ln(self.embeddings(input_ids, token_type_ids))  # (total_tokens, hidden)
         positions = packed_position_ids(cu_seqlens, total, 0)
         if kernel == ONEDNN_FUSED:
-            hidden = _pad_rows(hidden, GEMM_ROWS_MULTIPLE)
+            hidden = pad_rows(hidden, GEMM_ROWS_MULTIPLE)
             positions = F.pad(positions, (0, hidden.shape[0] - total))
         rotary = self._rotary(positions)
         last = self.layers[-1]
@@ -394,7 +373,7 @@ class RopeCrossEncoderModel(nn.Module):
         return self.head(pooled.to(self.head.dense.weight.dtype))[:, 0].float()
 
     @staticmethod
-    def _mean(hidden, packed: _PackedView, seqlens: list[int]) -> torch.Tensor:
+    def _mean(hidden, packed: PackedView, seqlens: list[int]) -> torch.Tensor:
         """Mean of each sequence's rows: (total_tokens, hidden) -> (batch, hidden) float32."""
         batch = len(seqlens)
         lengths = torch.tensor(seqlens, dtype=torch.float32).to(hidden.device, non_blocking=True)

@@ -133,17 +133,14 @@ def _no_init():
             setattr(torch.nn.init, name, function)
 
 
-def load_model(
-    directory: str, allow_pickle: bool = False
-) -> tuple[CrossEncoderModel, Layout, dict]:
-    """Build the model from a checkpoint directory, checking every key and shape. Returns (model, layout, config.json)."""
-    raw_config = read_config(directory)
-    state = read_weights(directory, allow_pickle)
-    layout = detect_layout(list(state))
-    converted = convert_state_dict(state, layout)
-    config = model_config_from_json(raw_config, layout)
+def assign_checked(model_class, config, converted: dict[str, torch.Tensor], layout: Layout):
+    """`model_class(config)` holding the `converted` weights, every key and shape checked against it first.
+
+    Built on the meta device without random initialisation: the weights are assigned, not copied.
+    Raises CheckpointError naming the missing, unexpected or misshapen weight.
+    """
     with torch.device("meta"), _no_init():
-        model = ROPE_MODELS.get(layout.name, CrossEncoderModel)(config)
+        model = model_class(config)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     missing = sorted(set(expected) - set(converted))
     if missing:
@@ -153,7 +150,8 @@ def load_model(
     extra = sorted(set(converted) - set(expected))
     if extra:
         raise CheckpointError(
-            f"unexpected weight(s) for a {config.num_hidden_layers}-layer model: {', '.join(extra[:5])}"
+            f"unexpected weight(s) for a {config.num_hidden_layers}-layer {layout.name} model: "
+            f"{', '.join(extra[:5])}"
         )
     for name, shape in expected.items():
         if tuple(converted[name].shape) != shape:
@@ -161,8 +159,28 @@ def load_model(
                 f"weight {name} has shape {tuple(converted[name].shape)}, the config implies {shape}"
             )
     model.load_state_dict(converted, assign=True)
+    return model
+
+
+def warn_if_dummy(raw_config: dict, directory: str) -> None:
+    """Logs the RANDOM WEIGHTS warning when config.json marks a dummy checkpoint."""
     if raw_config.get(DUMMY_MARKER):
         logger.warning(
             "RANDOM WEIGHTS: %s is a dummy checkpoint; its scores mean nothing", directory
         )
+
+
+def load_model(
+    directory: str, allow_pickle: bool = False
+) -> tuple[CrossEncoderModel, Layout, dict]:
+    """Build the model from a checkpoint directory, checking every key and shape. Returns (model, layout, config.json)."""
+    raw_config = read_config(directory)
+    state = read_weights(directory, allow_pickle)
+    layout = detect_layout(list(state))
+    converted = convert_state_dict(state, layout)
+    config = model_config_from_json(raw_config, layout)
+    model = assign_checked(
+        ROPE_MODELS.get(layout.name, CrossEncoderModel), config, converted, layout
+    )
+    warn_if_dummy(raw_config, directory)
     return model.eval(), layout, raw_config

@@ -32,7 +32,7 @@ from pipeline.model.modeling import (
     SCALED_MM_FP8,
     SDPA_GROUPED,
     TORCH_VARLEN,
-    _PackedView,
+    PackedView,
     varlen_attention,
 )
 
@@ -116,7 +116,7 @@ def test_padded_sdpa_groups_are_exact_and_read_nothing_back(monkeypatch):
     q, k, v = (torch.randn(total, heads, head_dim, dtype=torch.bfloat16) for _ in range(3))
     cu = torch.tensor([0] + np.cumsum(seqlens).tolist(), dtype=torch.int32)
     expected = cuda_standins._reference_varlen(q, k, v, cu, cu, None)
-    packed = _PackedView(cu, max(seqlens), seqlens, starts, cu[:-1].long(), SDPA_GROUPED)
+    packed = PackedView(cu, max(seqlens), seqlens, starts, cu[:-1].long(), SDPA_GROUPED)
     with cuda_standins.count_host_reads(runtime) as reads:
         out = varlen_attention(SDPA_GROUPED, q, k, v, packed, cls_only=False, scale=head_dim**-0.5)
         first = varlen_attention(

@@ -70,9 +70,9 @@ def test_gemm_rows_are_rounded_up_with_zero_rows_that_change_no_score(
     from pipeline.model import modeling
 
     hidden = torch.randn(130, 8)
-    padded = modeling._pad_rows(hidden, 64)
+    padded = modeling.pad_rows(hidden, 64)
     assert padded.shape == (192, 8) and torch.equal(padded[:130], hidden) and not padded[130:].any()
-    assert modeling._pad_rows(hidden[:128], 64).shape == (128, 8)  # already a multiple: unchanged
+    assert modeling.pad_rows(hidden[:128], 64).shape == (128, 8)  # already a multiple: unchanged
 
     ce = CrossEncoder.from_pretrained(checkpoints["jina_flash"], device="cpu", dtype="float32")
     rows = []  # the rows the first layer's attention block gets, per micro-batch
