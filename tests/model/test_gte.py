@@ -13,8 +13,9 @@ import cuda_standins
 import numpy as np
 import pytest
 import torch
+from reference import checkpoint_logits, sample_pairs, unit_vectors_made_random
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification
 
 from pipeline.core.errors import CheckpointError
 from pipeline.model import CrossEncoder
@@ -25,19 +26,6 @@ from pipeline.model.rope_config import gte_config
 MAX_LENGTH = 256
 
 
-def _unit_vectors_made_random(directory: str) -> None:
-    """Norm weights start as ones and biases as zeros: made random, so that a wrong rename among them (final
-    norm vs the head's, say) changes the logits instead of swapping equal vectors."""
-    path = Path(directory) / "model.safetensors"
-    generator = torch.Generator().manual_seed(0)
-    state = load_file(path)
-    for name, tensor in state.items():
-        if tensor.dim() == 1:
-            noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32)
-            state[name] = (tensor.float() + 0.2 * noise).to(tensor.dtype)
-    save_file(state, path, metadata={"format": "pt"})
-
-
 @pytest.fixture(scope="module")
 def gte(tmp_path_factory, corpus) -> dict[str, str]:
     """`saved`: as transformers writes it (rotary base 1,000: positions turn the keys a lot); `in_memory`: the
@@ -45,7 +33,7 @@ def gte(tmp_path_factory, corpus) -> dict[str, str]:
     root = tmp_path_factory.mktemp("gte")
     arch = replace(ARCHITECTURES["tiny-gte"], seed=6)
     saved = build_checkpoint(str(root / "saved"), arch, corpus)
-    _unit_vectors_made_random(saved)
+    unit_vectors_made_random(saved)
     config_path = Path(saved) / "config.json"
     config = json.loads(config_path.read_text())
     config["rope_parameters"] = {"rope_type": "default", "rope_theta": 1000.0}
@@ -66,31 +54,7 @@ def gte(tmp_path_factory, corpus) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def sample(dl19_pairs):
-    rng = np.random.default_rng(2)
-    picked = [dl19_pairs[i] for i in rng.choice(len(dl19_pairs), 40, replace=False)]
-    return picked + [
-        (picked[0][0], picked[1][1] * 8),
-        ("a", "b"),
-        (picked[2][1] * 3, picked[3][1] * 3),
-    ]
-
-
-def _reference_logits(directory, pairs, dtype=torch.float32) -> np.ndarray:
-    model = AutoModelForSequenceClassification.from_pretrained(directory).eval().to(dtype)
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    out = []
-    for i in range(0, len(pairs), 16):
-        batch = tokenizer(
-            [q for q, _ in pairs[i : i + 16]],
-            [d for _, d in pairs[i : i + 16]],
-            padding=True,
-            truncation=True,
-            max_length=MAX_LENGTH,
-            return_tensors="pt",
-        )
-        with torch.inference_mode():
-            out.append(model(**batch).logits[:, 0].float().numpy())
-    return np.concatenate(out)
+    return sample_pairs(dl19_pairs, seed=2, count=40)
 
 
 def _ours(directory, pairs, **kwargs) -> np.ndarray:
@@ -101,7 +65,7 @@ def _ours(directory, pairs, **kwargs) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def expected(gte, sample) -> np.ndarray:
-    return _reference_logits(gte["saved"], sample)
+    return checkpoint_logits(gte["saved"], sample, MAX_LENGTH)
 
 
 def test_saved_names_are_the_hubs(gte):
@@ -119,7 +83,7 @@ def test_float32_parity(gte, sample, expected, names):
 
 def test_bfloat16_within_reference_error(gte, sample, expected):
     reference_error = np.abs(
-        _reference_logits(gte["saved"], sample, torch.bfloat16) - expected
+        checkpoint_logits(gte["saved"], sample, MAX_LENGTH, torch.bfloat16) - expected
     ).max()
     got = _ours(gte["saved"], sample, dtype="bfloat16")
     assert reference_error > 0

@@ -17,9 +17,9 @@ import cuda_standins
 import numpy as np
 import pytest
 import torch
+from reference import checkpoint_logits, sample_pairs, unit_vectors_made_random
 from safetensors.torch import load_file, save_file
 from scipy.stats import spearmanr
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from pipeline.core.errors import CheckpointError
 from pipeline.model import CrossEncoder
@@ -39,26 +39,13 @@ def _edit_config(directory: str, **changes) -> None:
     path.write_text(json.dumps(config, indent=2))
 
 
-def _unit_vectors_made_random(directory: str) -> None:
-    """Norm weights start as ones and biases as zeros: made random, so that a wrong rename among them (final
-    norm vs the head's, say) changes the logits instead of swapping equal vectors."""
-    path = Path(directory) / "model.safetensors"
-    generator = torch.Generator().manual_seed(0)
-    state = load_file(path)
-    for name, tensor in state.items():
-        if tensor.dim() == 1:
-            noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32)
-            state[name] = (tensor.float() + 0.2 * noise).to(tensor.dtype)
-    save_file(state, path, metadata={"format": "pt"})
-
-
 @pytest.fixture(scope="module")
 def modernbert(tmp_path_factory, corpus) -> dict[str, str]:
     """variant -> checkpoint directory: `cls` (last layer global), `mean`, `local_last` (same weights)."""
     root = tmp_path_factory.mktemp("modernbert")
     arch = replace(ARCHITECTURES["tiny-modernbert"], seed=5)
     base = build_checkpoint(str(root / "cls"), arch, corpus)
-    _unit_vectors_made_random(base)
+    unit_vectors_made_random(base)
     _edit_config(
         base,
         local_attention=16,
@@ -86,32 +73,7 @@ def modernbert(tmp_path_factory, corpus) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def sample(dl19_pairs):
-    rng = np.random.default_rng(1)
-    picked = [dl19_pairs[i] for i in rng.choice(len(dl19_pairs), 40, replace=False)]
-    # Pairs truncated at MAX_LENGTH (longer than the window many times over) and a near-empty one.
-    return picked + [
-        (picked[0][0], picked[1][1] * 8),
-        ("a", "b"),
-        (picked[2][1] * 3, picked[3][1] * 3),
-    ]
-
-
-def _reference_logits(directory, pairs, dtype=torch.float32) -> np.ndarray:
-    model = AutoModelForSequenceClassification.from_pretrained(directory).eval().to(dtype)
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    out = []
-    for i in range(0, len(pairs), 16):
-        batch = tokenizer(
-            [q for q, _ in pairs[i : i + 16]],
-            [d for _, d in pairs[i : i + 16]],
-            padding=True,
-            truncation=True,
-            max_length=MAX_LENGTH,
-            return_tensors="pt",
-        )
-        with torch.inference_mode():
-            out.append(model(**batch).logits[:, 0].float().numpy())
-    return np.concatenate(out)
+    return sample_pairs(dl19_pairs, seed=1, count=40)
 
 
 def _ours(directory, pairs, **kwargs) -> np.ndarray:
@@ -131,7 +93,7 @@ def test_the_checkpoint_is_what_the_tests_need(modernbert, sample):
 
 @pytest.mark.parametrize("variant", ["cls", "mean", "local_last"])
 def test_float32_parity(modernbert, sample, variant):
-    expected = _reference_logits(modernbert[variant], sample)
+    expected = checkpoint_logits(modernbert[variant], sample, MAX_LENGTH)
     got = _ours(modernbert[variant], sample, dtype="float32")
     assert expected.std() > 0.05, "random logits must differ between pairs to compare anything"
     assert np.abs(got - expected).max() <= 1e-4
@@ -140,9 +102,9 @@ def test_float32_parity(modernbert, sample, variant):
 @pytest.mark.slow
 def test_bfloat16_within_reference_error(modernbert, sample):
     """bf16 error bound: a few times transformers' own bf16 error against its fp32 output."""
-    fp32 = _reference_logits(modernbert["cls"], sample)
+    fp32 = checkpoint_logits(modernbert["cls"], sample, MAX_LENGTH)
     reference_error = np.abs(
-        _reference_logits(modernbert["cls"], sample, torch.bfloat16) - fp32
+        checkpoint_logits(modernbert["cls"], sample, MAX_LENGTH, torch.bfloat16) - fp32
     ).max()
     got = _ours(modernbert["cls"], sample, dtype="bfloat16")
     assert reference_error > 0

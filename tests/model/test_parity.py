@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from reference import reference_logits, sample_pairs
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -25,34 +26,9 @@ def _reference(layout: str, directory: str):
     return AutoModelForSequenceClassification.from_pretrained(directory).eval()
 
 
-def _reference_logits(model, tokenizer, pairs, max_length, dtype=torch.float32) -> np.ndarray:
-    model = model.to(dtype)
-    out = []
-    for i in range(0, len(pairs), 16):
-        batch = tokenizer(
-            [q for q, _ in pairs[i : i + 16]],
-            [d for _, d in pairs[i : i + 16]],
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-            return_tensors="pt",
-        )
-        with torch.inference_mode():
-            out.append(model(**batch).logits[:, 0].float().numpy())
-    model.float()
-    return np.concatenate(out)
-
-
 @pytest.fixture(scope="module")
 def sample(dl19_pairs):
-    rng = np.random.default_rng(0)
-    picked = [dl19_pairs[i] for i in rng.choice(len(dl19_pairs), 48, replace=False)]
-    # Add pairs that need truncation and a near-empty one.
-    return picked + [
-        (picked[0][0], picked[1][1] * 8),
-        ("a", "b"),
-        (picked[2][1] * 3, picked[3][1] * 3),
-    ]
+    return sample_pairs(dl19_pairs, seed=0, count=48)
 
 
 @pytest.mark.parametrize("layout", ["jina_flash", "xlm_roberta", "bert"])
@@ -63,7 +39,7 @@ def test_float32_parity(layout, checkpoints, sample):
     reference = _reference(layout, directory)
     tokenizer = AutoTokenizer.from_pretrained(directory)
     max_length = min(256, ours.max_length)
-    expected = _reference_logits(reference, tokenizer, sample, max_length)
+    expected = reference_logits(reference, tokenizer, sample, max_length)
     got = np.asarray(ours.compute_score(sample, max_length=max_length, return_logits=True))
     assert expected.std() > 0.05, (
         "random logits must differ between pairs for the comparison to mean anything"
@@ -77,8 +53,8 @@ def test_bfloat16_within_reference_error(layout, checkpoints, sample):
     directory = checkpoints[layout]
     reference = _reference(layout, directory)
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    fp32 = _reference_logits(reference, tokenizer, sample, 256)
-    ref_bf16 = _reference_logits(reference, tokenizer, sample, 256, dtype=torch.bfloat16)
+    fp32 = reference_logits(reference, tokenizer, sample, 256)
+    ref_bf16 = reference_logits(reference, tokenizer, sample, 256, dtype=torch.bfloat16)
     ours = CrossEncoder.from_pretrained(directory, device="cpu", dtype="bfloat16")
     got = np.asarray(ours.compute_score(sample, max_length=256, return_logits=True))
     reference_error = np.abs(ref_bf16 - fp32).max()

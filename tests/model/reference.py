@@ -1,0 +1,65 @@
+"""transformers' own classes as the reference our models are compared with, and the inputs of that comparison."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+BATCH = 16
+
+
+def sample_pairs(dl19_pairs: list[tuple[str, str]], seed: int, count: int) -> list[tuple[str, str]]:
+    """`count` real pairs picked at random, then three that test the edges: a document cut by truncation,
+    a near-empty pair, and a long query with a long document."""
+    rng = np.random.default_rng(seed)
+    picked = [dl19_pairs[i] for i in rng.choice(len(dl19_pairs), count, replace=False)]
+    return picked + [
+        (picked[0][0], picked[1][1] * 8),
+        ("a", "b"),
+        (picked[2][1] * 3, picked[3][1] * 3),
+    ]
+
+
+def reference_logits(model, tokenizer, pairs, max_length: int, dtype=torch.float32) -> np.ndarray:
+    """transformers' first logit per pair, (len(pairs),) float32, computed in `dtype` (the model is put
+    back in float32 afterwards), in padded batches of 16."""
+    model = model.to(dtype)
+    out = []
+    for i in range(0, len(pairs), BATCH):
+        batch = tokenizer(
+            [q for q, _ in pairs[i : i + BATCH]],
+            [d for _, d in pairs[i : i + BATCH]],
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
+        with torch.inference_mode():
+            out.append(model(**batch).logits[:, 0].float().numpy())
+    model.float()
+    return np.concatenate(out)
+
+
+def checkpoint_logits(directory: str, pairs, max_length: int, dtype=torch.float32) -> np.ndarray:
+    """`reference_logits` of the checkpoint in `directory`, loaded by transformers' Auto classes."""
+    model = AutoModelForSequenceClassification.from_pretrained(directory).eval()
+    return reference_logits(
+        model, AutoTokenizer.from_pretrained(directory), pairs, max_length, dtype
+    )
+
+
+def unit_vectors_made_random(directory: str) -> None:
+    """Norm weights start as ones and biases as zeros: made random, so that a wrong rename among them (final
+    norm vs the head's, say) changes the logits instead of swapping equal vectors."""
+    path = Path(directory) / "model.safetensors"
+    generator = torch.Generator().manual_seed(0)
+    state = load_file(path)
+    for name, tensor in state.items():
+        if tensor.dim() == 1:
+            noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32)
+            state[name] = (tensor.float() + 0.2 * noise).to(tensor.dtype)
+    save_file(state, path, metadata={"format": "pt"})
