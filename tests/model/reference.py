@@ -63,3 +63,26 @@ def unit_vectors_made_random(directory: str) -> None:
             noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32)
             state[name] = (tensor.float() + 0.2 * noise).to(tensor.dtype)
     save_file(state, path, metadata={"format": "pt"})
+
+
+def assert_alone_as_packed(encoder, pairs, max_length: int) -> None:
+    """Each pair scored alone gets the logit it gets packed among the others: no attention across
+    sequences, no position leaking from one to the next."""
+    together = np.asarray(encoder.compute_score(pairs, max_length=max_length, return_logits=True))
+    alone = np.asarray(
+        [encoder.compute_score([p], max_length=max_length, return_logits=True) for p in pairs]
+    )
+    assert together.std() > 0.05, (
+        "logits must differ between pairs for the comparison to mean anything"
+    )
+    assert np.abs(together - alone).max() <= 1e-5
+
+
+def assert_float8_ranks_like(fp8, pairs, reference: np.ndarray, max_length: int) -> None:
+    """`fp8` (an encoder loaded with dtype="float8") runs every Linear layer in float8 and ranks `pairs`
+    as the float32 `reference` logits (len(pairs),) do, within float8's error."""
+    assert fp8.describe()["float8"]["layers"] == 4 * fp8.model.config.num_hidden_layers
+    got = np.asarray(fp8.compute_score(pairs, max_length=max_length, return_logits=True))
+    error = np.abs(got - reference)
+    assert np.corrcoef(np.argsort(np.argsort(got)), np.argsort(np.argsort(reference)))[0, 1] > 0.8
+    assert 0 < error.max() < 0.5 * (reference.max() - reference.min())
