@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from pipeline.core import dtypes
-from pipeline.core.errors import CheckpointError
+from pipeline.core.errors import CheckpointError, ConfigError
 from pipeline.model import device as runtime
 from pipeline.model.checkpoint import DUMMY_MARKER, inspect_checkpoint, resolve_model_directory
 from pipeline.model.decoder import load_decoder_model
@@ -347,6 +347,11 @@ class CrossEncoder:
             )
         layout, _ = inspect_checkpoint(directory, allow_pickle=allow_pickle)
         prompt = resolve_template(template, name_or_path, directory, layout and layout.name)
+        if prompt is None and instruction is not None:
+            raise ConfigError(
+                f"an instruction was given, but {name_or_path} is read without a prompt template "
+                "(a cross-encoder reads the bare pair); drop the instruction"
+            )
         kwargs = {} if max_chars_per_token is None else {"max_chars_per_token": max_chars_per_token}
         tokenizer = None
         if prompt is not None:  # the template's answer tokens pick the LM head's rows
@@ -577,14 +582,26 @@ class CrossEncoder:
 
         Long documents are split into overlapping windows (see `PairTokenizer.windows`); a document's score
         is the best of its windows. Ties keep input order. An empty document is scored, not an error.
+
+        A decoder reranker (read through a prompt template) scores each document once, as `compute_score`
+        does: a document over `max_length` loses its tail, and `max_query_length` and `overlap` (the windows'
+        settings) are unused. The reference code of these models (the Qwen3-Reranker model card,
+        mxbai-rerank, FlagEmbedding) reads one prompt per pair and cuts a long document's tail; a maximum
+        over windows, each a prompt of its own, is a scoring they were neither trained nor evaluated with.
         """
         documents = list(documents)
         if not documents:
             return []
         max_length = min(max_length, self.max_length)
-        ids, types, owners = self.tokenizer.windows(
-            query, documents, max_length, max_query_length, overlap
-        )
+        if self.tokenizer.prompt is not None:
+            ids, types = self.tokenizer.encode_pairs(
+                [query] * len(documents), documents, max_length
+            )
+            owners = list(range(len(documents)))
+        else:
+            ids, types, owners = self.tokenizer.windows(
+                query, documents, max_length, max_query_length, overlap
+            )
         window_scores = _sigmoid(self.score_tokens(ids, types, max_batch_size=batch_size))
         best = np.full(len(documents), -np.inf)
         np.maximum.at(best, np.asarray(owners), window_scores)

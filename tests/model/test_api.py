@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.core.errors import ConfigError
 from pipeline.model import CrossEncoder
 from pipeline.model.cross_encoder import cpu_auto_dtype, resolve_dtype
 from pipeline.model.modeling import SDPA_GROUPED
@@ -63,6 +64,34 @@ def test_rerank_best_first_with_max_over_windows(encoder, dl19_pairs):
         for r in encoder.rerank(query, docs, max_length=128, max_query_length=32, top_n=3)
     ] == [r["index"] for r in result[:3]]
     assert encoder.rerank(query, []) == []
+
+
+def test_rerank_of_a_decoder_scores_each_document_once_through_its_prompt(dl19_pairs):
+    """A decoder reranker (Qwen3's layout and prompt) ranks by compute_score's scores: one prompt per
+    document, a long one cut to max_length (no windows), best first, ties in input order."""
+    encoder = CrossEncoder.from_pretrained("dummy:tiny-qwen3", device="cpu", dtype="float32")
+    query = dl19_pairs[0][0]
+    docs = [d for _, d in dl19_pairs[:6]] + [" ".join(d for _, d in dl19_pairs[6:20]), ""]
+    result = encoder.rerank(query, docs, max_length=256, max_query_length=32, overlap=16)
+    assert sorted(r["index"] for r in result) == list(range(len(docs)))
+    scores = [r["relevance_score"] for r in result]
+    assert scores == sorted(scores, reverse=True) and len(set(scores)) > 4
+    expected = encoder.compute_score([(query, d) for d in docs], max_length=256)
+    for r in result:
+        assert r["document"] == docs[r["index"]]
+        assert r["relevance_score"] == pytest.approx(expected[r["index"]], abs=1e-6)
+    long_ids = encoder.tokenizer.encode_pairs([query], [docs[6]], 256)[0][0]
+    assert len(long_ids) == 256  # the long document was cut, once, not split into windows
+    top = encoder.rerank(query, docs, max_length=256, top_n=3)
+    assert [r["index"] for r in top] == [r["index"] for r in result[:3]]
+    assert encoder.rerank(query, []) == []
+
+
+def test_an_instruction_for_a_cross_encoder_is_refused(checkpoints):
+    with pytest.raises(ConfigError, match="read without a prompt template.*drop the instruction"):
+        CrossEncoder.from_pretrained(
+            checkpoints["bert"], device="cpu", dtype="float32", instruction="Find answers"
+        )
 
 
 def test_auto_dtype_and_backend_on_this_cpu():
