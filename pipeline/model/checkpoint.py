@@ -12,6 +12,7 @@ Three layouts are recognised from the *weight names* (not from `architectures`: 
 | `gte`          | gte-multilingual-reranker-base (transformers' GTE) | `gte.layers.N.self_attn.q_proj` |
 | `qwen3`        | Qwen/Qwen3-Reranker-0.6B (decoder, `decoder.py`) | `model.layers.N.self_attn.q_norm` |
 | `qwen2`        | Qwen2-based decoder rerankers               | `model.layers.N.self_attn.q_proj.bias` |
+| `gemma`        | BAAI/bge-reranker-v2-gemma (decoder)        | `model.layers.N.self_attn.q_proj` and config.json's model_type "gemma" |
 
 Renames are data (`Layout.renames`, first matching pattern wins); the transformers layouts' separate
 query/key/value projections are fused into `Wqkv` rows in q, k, v order, exactly as jina's checkpoint
@@ -133,7 +134,7 @@ def detect_layout(names: list[str]) -> Layout:
     raise CheckpointError(
         f"unknown checkpoint layout (weights start with: {sample}, ...); supported: jina-reranker-v2 "
         "(flash layout), XLM-RoBERTa, BERT, ModernBERT and GTE sequence classification as saved by "
-        "transformers, and Qwen3 / Qwen2 decoder rerankers (causal LM or seq-cls)"
+        "transformers, and Qwen3 / Qwen2 / Gemma decoder rerankers (causal LM or seq-cls)"
     )
 
 
@@ -208,10 +209,13 @@ def _decoder_renames() -> tuple[tuple[str, str], ...]:
 
 # Decoder rerankers (`decoder.py`): Qwen/Qwen3-Reranker-* as Qwen3ForCausalLM (lm_head, or the embeddings when
 # tied) or in the converted seq-cls form (a 1-row `score`), recognised by the per-head q/k norms; Qwen2
-# (mxbai-rerank-v2 style) by its q/k/v biases, otherwise the same names.
+# (mxbai-rerank-v2 style) by its q/k/v biases, otherwise the same names. Gemma (bge-reranker-v2-gemma) has
+# neither: checked last, its names are also Llama's, so `decoder_config_from_json` refuses a config.json
+# whose model_type is not "gemma".
 for _name, _marker in (
     ("qwen3", r"^model\.layers\.\d+\.self_attn\.q_norm\.weight$"),
     ("qwen2", r"^model\.layers\.\d+\.self_attn\.q_proj\.bias$"),
+    ("gemma", r"^model\.layers\.\d+\.self_attn\.q_proj\.weight$"),
 ):
     LAYOUTS[_name] = Layout(
         name=_name,

@@ -1,15 +1,21 @@
-"""Decoder rerankers (Qwen3-Reranker, Qwen2-based), inference only, on packed (unpadded) sequences.
+"""Decoder rerankers (Qwen3-Reranker, Qwen2-based, bge-reranker-v2-gemma), inference only, on packed sequences.
 
 A pre-norm causal transformer read at each sequence's last token (the prompt's end, `templates.py`):
 
-    x = embed(ids); per layer: x += attn(rmsnorm(x)); x += mlp(rmsnorm(x)); score = head . rmsnorm(x)[last]
+    x = embed(ids) * embed_scale; per layer: x += attn(rmsnorm(x)); x += mlp(rmsnorm(x));
+    score = head . rmsnorm(x)[last]
 
-- attention: grouped-query (`num_key_value_heads` < heads), q/k RMSNorm per head (Qwen3) or q/k/v biases
-  (Qwen2), rotary positions that restart at 0 for every packed sequence, causal within each sequence;
-- MLP: SwiGLU, down(silu(gate(x)) * up(x)), gate and up fused into one GEMM (`mlp.fc1`, gate rows first);
+- attention: grouped-query (`num_key_value_heads` < heads; Gemma-2B: one kv head), q/k RMSNorm per head
+  (Qwen3) or q/k/v biases (Qwen2), rotary positions that restart at 0 for every packed sequence, causal
+  within each sequence;
+- MLP: gated, down(act(gate(x)) * up(x)) with act silu (SwiGLU: Qwen) or tanh-approximated GELU (GeGLU:
+  Gemma), gate and up fused into one GEMM (`mlp.fc1`, gate rows first);
+- RMSNorm: x / rms(x) * weight (Qwen), or * (1 + weight) in float32 (Gemma); Gemma's embeddings are scaled
+  by sqrt(hidden_size). These differences are `DecoderConfig` data, not other classes;
 - head: one row, `(hidden,) -> ()`. For a causal LM checkpoint it is lm_head[yes] - lm_head[no] (or
-  lm_head[yes] alone), folded at load: the vocabulary projection never runs. sigmoid(row . h) is the
-  reference's softmax over the two tokens. A converted "seq-cls" checkpoint's 1-row `score` is that row.
+  lm_head[yes] alone: bge-reranker-v2-gemma's logit("Yes")), folded at load: the vocabulary projection
+  never runs. sigmoid(row . h) is the reference's softmax over the two tokens. A converted "seq-cls"
+  checkpoint's 1-row `score` is that row.
 
 Packed inputs as in `modeling.py`: input_ids (total_tokens,), cu_seqlens (batch + 1,) int32, max_seqlen.
 Attention backends are `modeling`'s: flash-attn varlen with causal=True, torch's varlen_attn with a causal
@@ -59,17 +65,23 @@ from pipeline.model.weights import (
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, the mean square taken in float32 (as transformers' Qwen3RMSNorm)."""
+    """x / rms(x) * (offset + weight), the mean square taken in float32.
 
-    def __init__(self, size: int, eps: float):
+    offset 0 (transformers' Qwen3RMSNorm): the normalised x is cast to x's dtype, then scaled there;
+    offset 1 (GemmaRMSNorm, whose weights are stored as scale - 1): scaled in float32, then cast."""
+
+    def __init__(self, size: int, eps: float, offset: float = 0.0):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
+        self.offset = offset
 
     def forward(self, x):
         """(..., size) -> (..., size) in x's dtype."""
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (normed * (self.offset + self.weight.float())).to(x.dtype)
         return self.weight * normed.to(x.dtype)
 
 
@@ -262,19 +274,27 @@ class DecoderAttention(nn.Module):
         )
 
 
-class SwiGLU(nn.Module):
-    """fc2(silu(gate) * up), gate and up the two halves of fc1's output (gate first)."""
+# `DecoderConfig.hidden_act` -> the gate's activation: SwiGLU (Qwen) or GeGLU (Gemma's gelu_pytorch_tanh).
+GATE_ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
+}
+
+
+class GatedMLP(nn.Module):
+    """fc2(act(gate) * up), gate and up the two halves of fc1's output (gate first)."""
 
     def __init__(self, config: DecoderConfig):
         super().__init__()
         self.intermediate = config.intermediate_size
+        self.act = GATE_ACTIVATIONS[config.hidden_act]
         self.fc1 = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x, kernel: str, residual, packed=None):
         """(tokens, hidden) -> (tokens, hidden), plus residual."""
         gate_up = linear(kernel, x, self.fc1, packed=packed)
-        inner = F.silu(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate :]
+        inner = self.act(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate :]
         return linear(kernel, inner, self.fc2, residual=residual, packed=packed)
 
 
@@ -283,10 +303,10 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, config: DecoderConfig):
         super().__init__()
-        self.norm1 = RMSNorm(config.hidden_size, config.layer_norm_eps)
+        self.norm1 = RMSNorm(config.hidden_size, config.layer_norm_eps, config.norm_offset)
         self.mixer = DecoderAttention(config)
-        self.norm2 = RMSNorm(config.hidden_size, config.layer_norm_eps)
-        self.mlp = SwiGLU(config)
+        self.norm2 = RMSNorm(config.hidden_size, config.layer_norm_eps, config.norm_offset)
+        self.mlp = GatedMLP(config)
 
     def forward(self, hidden, packed: PackedView, rope, last_only: bool = False):
         """(total_tokens, hidden) -> (total_tokens, hidden), or (batch, hidden) when `last_only`."""
@@ -305,7 +325,7 @@ class DecoderModel(nn.Module):
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.layer_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.layer_norm_eps, config.norm_offset)
         self.head = nn.Linear(config.hidden_size, 1, bias=False)
         self.attention_backend: str | None = None
         self.linear_kernel: str | None = None
@@ -328,6 +348,8 @@ class DecoderModel(nn.Module):
         total = input_ids.numel()
         positions = packed_position_ids(cu_seqlens, total, 0)  # restart at 0 per sequence
         hidden = self.embed_tokens(input_ids)  # (total_tokens, hidden)
+        if self.config.embed_scale != 1.0:  # Gemma: the scale rounded to the model's dtype first
+            hidden = hidden * torch.tensor(self.config.embed_scale, dtype=hidden.dtype)
         rope = rotary_tables(positions, self.config.head_dim, self.config.rope_theta, hidden.dtype)
         if kernel == ONEDNN_FUSED:
             hidden = pad_rows(hidden, GEMM_ROWS_MULTIPLE)

@@ -25,7 +25,7 @@ DUMMY_MARKER = "rerank_pipeline_dummy"
 
 @dataclass(frozen=True)
 class Architecture:
-    layout: str  # jina_flash | xlm_roberta | bert | modernbert | gte
+    layout: str  # jina_flash | xlm_roberta | bert | modernbert | gte | qwen3 | qwen2 | gemma
     hidden_size: int
     num_hidden_layers: int
     num_attention_heads: int
@@ -35,7 +35,7 @@ class Architecture:
     tokenizer_vocab: int = 8000
     initializer_range: float = 0.02
     seed: int = 0
-    # Decoders (qwen3, qwen2): grouped-query kv heads and the head size (None: all heads, hidden / heads).
+    # Decoders (qwen3, qwen2, gemma): grouped-query kv heads and the head size (None: all heads, hidden / heads).
     num_key_value_heads: int | None = None
     head_dim: int | None = None
 
@@ -81,6 +81,25 @@ ARCHITECTURES: dict[str, Architecture] = {
         initializer_range=0.2,
         num_key_value_heads=2,
         head_dim=16,
+    ),
+    # BAAI/bge-reranker-v2-gemma: google/gemma-2b's shape, 2.5B parameters (0.5B of them the tied 256k x 2,048
+    # embeddings), one kv head for 8 query heads of 256.
+    "bge-reranker-v2-gemma": Architecture(
+        "gemma", 2048, 18, 8, 16384, 8192, 256000, num_key_value_heads=1, head_dim=256
+    ),
+    # For tests and smoke runs: Gemma at toy size (multi-query: 4 heads of 32 on a 64-wide stream, 1 kv head).
+    "tiny-gemma": Architecture(
+        "gemma",
+        64,
+        2,
+        4,
+        128,
+        8192,
+        None,
+        tokenizer_vocab=2000,
+        initializer_range=0.2,
+        num_key_value_heads=1,
+        head_dim=32,
     ),
 }
 
@@ -300,7 +319,7 @@ def build_checkpoint(
     directory: str, arch: Architecture, corpus: Iterable[str] | None = None, dtype: str = "float32"
 ) -> str:
     """Write a complete random-weight checkpoint for `arch` into `directory` (created)."""
-    if arch.layout in ("qwen3", "qwen2"):  # decoder rerankers
+    if arch.layout in ("qwen3", "qwen2", "gemma"):  # decoder rerankers
         from pipeline.model.decoder_dummy import build_decoder_checkpoint
 
         marker = {DUMMY_MARKER: True, "rerank_pipeline_architecture": asdict(arch)}

@@ -1,20 +1,24 @@
 """Prompt templates of decoder rerankers, as data, and the pair encoding they imply (no torch).
 
-A decoder reranker (Qwen3-Reranker) reads each (query, document) pair as one chat prompt and is scored at the
-prompt's last token: logit("yes") - logit("no") there. The prompt is
+A decoder reranker (Qwen3-Reranker, bge-reranker-v2-gemma) reads each (query, document) pair as one prompt and
+is scored at the prompt's last token: logit("yes") - logit("no") there (or logit("Yes") alone). The prompt is
 
-    prefix + body.format(instruction, query, document) + suffix
+    prefix + body(query, document) + suffix
 
-where the body ends with the document, and the suffix opens the assistant's turn (with Qwen3's empty think
-block), so the model's next token is its answer. Encoding follows the model card's reference code: prefix and
-suffix are tokenized alone, the body as one text. A body over budget loses tokens from its end, i.e. the
-document's tail; when the query alone leaves no room, the query is cut and the document dropped. Prefix,
-suffix and the field labels are never cut: a truncated pair still ends where the model reads its answer.
+where the body ends with the document, and the suffix is where the model is asked for its answer (Qwen3: the
+assistant's turn with its empty think block; bge-reranker-v2-gemma: its question), so the model's next token
+is its answer. The instruction field sits in the body (Qwen3's `<Instruct>`) or in the suffix (Gemma's
+question). Encoding follows each model's reference code: prefix and suffix are tokenized alone, the body as
+one text, or, where the reference tokenizes it in pieces (FlagEmbedding: query, separator, passage, each
+alone), piece by piece (a template field given as a list of texts). A body over budget loses tokens from its
+end, i.e. the document's tail; when the query alone leaves no room, the query is cut and the document
+dropped. Prefix, suffix and the field labels are never cut: a truncated pair still ends where the model
+reads its answer.
 
 Which template a checkpoint takes: `tokenizer.template` (a built-in name or a JSON file of the fields below);
 unset, the checkpoint's config.json key `rerank_pipeline_template` (dummy checkpoints write it), else the
-model's name (a hub id or folder containing "qwen3-reranker"). A decoder checkpoint with none of these is
-refused: its scores would mean nothing without the prompt it was trained on.
+model's name (a hub id or folder containing "qwen3-reranker" or "bge-reranker-v2-gemma"). A decoder
+checkpoint with none of these is refused: its scores would mean nothing without the prompt it was trained on.
 """
 
 from __future__ import annotations
@@ -34,26 +38,59 @@ from pipeline.model.decoder_config import DECODER_LAYOUTS
 from pipeline.model.decoder_dummy import TEMPLATE_KEY
 
 FIELDS = ("instruction", "query", "document")
+FIELD = re.compile(r"{(instruction|query|document)}")
+
+# A template text: one string, tokenized whole, or pieces tokenized one by one and their ids concatenated.
+Text = str | tuple[str, ...]
+
+
+def pieces(text: Text) -> tuple[str, ...]:
+    """A template text as its pieces (one for a plain string)."""
+    return (text,) if isinstance(text, str) else tuple(text)
+
+
+def _fields(text: Text) -> list[str]:
+    """The {field} names in a template text, piece by piece (a field split across two pieces is none)."""
+    return [name for piece in pieces(text) for name in re.findall(r"{(\w*)}", piece)]
 
 
 @dataclass(frozen=True)
 class PromptTemplate:
     name: str
-    prefix: str  # before the fields: system turn, start of the user turn
-    body: str  # the fields {instruction}, {query}, {document}, in that order, the document last
-    suffix: (
-        str  # after the fields: end of the user turn, start of the assistant's (its answer follows)
-    )
+    prefix: Text  # before the fields: system turn, start of the user turn, BOS
+    body: Text  # {query} then {document}, the document last; {instruction} before them, or in the suffix
+    suffix: Text  # after the fields: where the model is asked for its answer (its answer follows)
     yes_token: str  # the score is logit(yes_token) - logit(no_token) at the last token
     no_token: str | None  # None: the score is logit(yes_token) alone
     default_instruction: str
 
     def __post_init__(self):
-        found = re.findall(r"{(\w*)}", self.body)
-        if tuple(found) != FIELDS or not self.body.endswith("{document}"):
+        for field in ("prefix", "body", "suffix"):  # a JSON file gives lists: kept as tuples
+            value = getattr(self, field)
+            if not isinstance(value, str):
+                if (
+                    not isinstance(value, list | tuple)
+                    or not value
+                    or not all(isinstance(p, str) for p in value)
+                ):
+                    raise ConfigError(
+                        f"prompt template {self.name!r}: {field} must be a text or a non-empty list "
+                        "of texts"
+                    )
+                object.__setattr__(self, field, tuple(value))
+        body = _fields(self.body)
+        suffix = _fields(self.suffix)
+        prefix = _fields(self.prefix)
+        placed = tuple(body) in (FIELDS, FIELDS[1:]) and tuple(body + suffix) in (
+            FIELDS,
+            FIELDS[1:] + FIELDS[:1],
+        )
+        if not placed or prefix or not pieces(self.body)[-1].endswith("{document}"):
             raise ConfigError(
-                f"prompt template {self.name!r}: its body must hold {{instruction}}, {{query}} and "
-                f"{{document}} once each, in that order, and end with {{document}} (found {found})"
+                f"prompt template {self.name!r}: its body must hold {{query}} and {{document}} once "
+                "each, in that order, and end with {document}; {instruction} once, before {query} "
+                "or in the suffix; the prefix holds no field (found body "
+                f"{body}, suffix {suffix}, prefix {prefix})"
             )
 
     def as_dict(self) -> dict:
@@ -76,9 +113,32 @@ QWEN3_RERANKER = PromptTemplate(
     default_instruction="Given a web search query, retrieve relevant passages that answer the query",
 )
 
-TEMPLATES: dict[str, PromptTemplate] = {QWEN3_RERANKER.name: QWEN3_RERANKER}
+# FlagEmbedding's BaseLLMReranker (FlagLLMReranker), FlagEmbedding/inference/reranker/decoder_only/base.py:
+# BOS, then tokenizer("A: " + query), tokenizer("\n"), tokenizer("B: " + passage), each tokenized alone
+# (query_instruction_for_rerank "A: ", passage_instruction_for_rerank "B: " with the format "{}{}") and
+# truncated from the passage's end ('only_second'), then tokenizer("\n") and tokenizer(prompt) appended
+# whole; the score is the logit of tokenizer("Yes")[0] at the last token. Its `prompt` argument (our
+# instruction) replaces the default question. FlagEmbedding also caps the query at 3/4 of max_length first;
+# here the query is cut only when it alone leaves the passage no room.
+BGE_RERANKER_V2_GEMMA = PromptTemplate(
+    name="bge-reranker-v2-gemma",
+    prefix="<bos>",
+    body=("A: {query}", "\n", "B: {document}"),
+    suffix=("\n", "{instruction}"),
+    yes_token="Yes",
+    no_token=None,
+    default_instruction=(
+        "Given a query A and a passage B, determine whether the passage contains an answer to the "
+        "query by providing a prediction of either 'Yes' or 'No'."
+    ),
+)
+
+TEMPLATES: dict[str, PromptTemplate] = {t.name: t for t in (QWEN3_RERANKER, BGE_RERANKER_V2_GEMMA)}
 # Checkpoint names (hub id, folder, dummy name) whose template is known without being told.
-KNOWN_BY_NAME: tuple[tuple[str, str], ...] = ((r"(?i)qwen3[-_]reranker", "qwen3-reranker"),)
+KNOWN_BY_NAME: tuple[tuple[str, str], ...] = (
+    (r"(?i)qwen3[-_]reranker", "qwen3-reranker"),
+    (r"(?i)bge[-_]reranker[-_]v2[-_]gemma", "bge-reranker-v2-gemma"),
+)
 CONFIG_KEY = TEMPLATE_KEY  # config.json key naming a checkpoint's template
 
 
@@ -148,17 +208,35 @@ class PromptEncoder:
         self.tokenizer = tokenizer
         self.template = template
         self.instruction = template.default_instruction if instruction is None else instruction
-        self.prefix_ids = self._ids(template.prefix)
-        self.suffix_ids = self._ids(template.suffix)
+        self.prefix_ids = self._text_ids(template.prefix)
+        self.suffix_ids = self._text_ids(template.suffix)
+        self.body_pieces = pieces(template.body)
         # The body split at its fields: text before {query}, between {query} and {document}.
-        before_query, rest = template.body.split("{query}")
-        self.query_head = before_query.format(instruction=self.instruction)
+        before_query, rest = "".join(self.body_pieces).split("{query}")
+        self.query_head = self._fill(before_query)
         self.document_label = rest.split("{document}")[0]
-        self.document_label_ids = self._ids(self.document_label)
+        self.document_label_ids = self._label_ids()
         self.answer_ids = self._answer_ids()
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def _fill(self, text: str, query: str = "", document: str = "") -> str:
+        """`text` with its fields filled in one pass (a query holding "{document}" stays as it is)."""
+        values = {"instruction": self.instruction, "query": query, "document": document}
+        return FIELD.sub(lambda m: values[m.group(1)], text)
+
+    def _text_ids(self, text: Text, query: str = "", document: str = "") -> list[int]:
+        """Token ids of a template text with its fields filled, its pieces tokenized one by one."""
+        return [i for piece in pieces(text) for i in self._ids(self._fill(piece, query, document))]
+
+    def _label_ids(self) -> list[int]:
+        """The document label's ids (the text between {query} and {document}), piece by piece."""
+        body = self.body_pieces
+        first = next(i for i, piece in enumerate(body) if "{query}" in piece)
+        parts = [body[first].split("{query}")[1]] + list(body[first + 1 :])
+        parts[-1] = parts[-1].split("{document}")[0]  # the body's last piece holds {document}
+        return [i for part in parts if part for i in self._ids(part)]
 
     def _answer_ids(self) -> tuple[int, int | None]:
         def one(token: str) -> int:
@@ -177,7 +255,7 @@ class PromptEncoder:
     def min_length(self) -> int:
         """The shortest max_length that leaves a token for the query and one for the document."""
         fixed = len(self.prefix_ids) + len(self.suffix_ids)
-        return fixed + len(self._ids(self.query_head + self.document_label)) + 2
+        return fixed + len(self._text_ids(self.template.body)) + 2
 
     def encode_pairs(
         self,
@@ -200,32 +278,48 @@ class PromptEncoder:
 
         queries = [cap(q) for q in queries]
         documents = [cap(d) for d in documents]
-        bodies = [self.query_head + q + self.document_label + d for q, d in zip(queries, documents)]
+        n = len(self.body_pieces)
+        texts = [
+            self._fill(piece, q, d)
+            for q, d in zip(queries, documents)
+            for piece in self.body_pieces
+        ]
         budget = max_length - len(self.prefix_ids) - len(self.suffix_ids)
-        encodings = self.tokenizer.encode_batch(bodies, add_special_tokens=False)
+        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
         out = []
-        for query, encoding in zip(queries, encodings):
-            ids = encoding.ids
+        for k, query in enumerate(queries):
+            parts = list(zip(texts[k * n : (k + 1) * n], encodings[k * n : (k + 1) * n]))
+            ids = parts[0][1].ids if n == 1 else [i for _, e in parts for i in e.ids]
             if len(ids) > budget:
+                offsets = _joined_offsets(parts)  # character spans in the filled body
                 document_start = len(self.query_head) + len(query) + len(self.document_label)
                 # Tokens ending by the document's first character belong to the head (the label's space
                 # merges into the document's first word, so that token counts as the document's).
-                head = sum(1 for _, end in encoding.offsets if end <= document_start)
+                head = sum(1 for _, end in offsets if end <= document_start)
                 if head < budget:
                     ids = ids[:budget]  # the document's tail goes, as in the model card's code
                 else:
-                    ids = self._cut_query(encoding, query, budget)
+                    ids = self._cut_query(ids, offsets, query, budget)
             out.append(np.asarray(self.prefix_ids + ids + self.suffix_ids, dtype=np.int32))
         return out
 
-    def _cut_query(self, encoding, query: str, budget: int) -> list[int]:
+    def _cut_query(self, ids, offsets, query: str, budget: int) -> list[int]:
         """Instruction and query label, the query's first tokens, the document label, no document."""
         query_start, query_end = len(self.query_head), len(self.query_head) + len(query)
-        head = [i for i, (_, end) in zip(encoding.ids, encoding.offsets) if end <= query_start]
+        head = [i for i, (_, end) in zip(ids, offsets) if end <= query_start]
         query_ids = [
-            i
-            for i, (start, end) in zip(encoding.ids, encoding.offsets)
-            if end > query_start and start < query_end
+            i for i, (start, end) in zip(ids, offsets) if end > query_start and start < query_end
         ]
         room = max(0, budget - len(head) - len(self.document_label_ids))
         return head + query_ids[:room] + self.document_label_ids
+
+
+def _joined_offsets(parts) -> list[tuple[int, int]]:
+    """(start, end) character spans of each token in the concatenation of separately tokenized texts.
+
+    parts: (text, tokenizers.Encoding) per piece, in order."""
+    offsets, shift = [], 0
+    for text, encoding in parts:
+        offsets.extend((start + shift, end + shift) for start, end in encoding.offsets)
+        shift += len(text)
+    return offsets

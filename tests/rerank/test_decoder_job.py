@@ -1,5 +1,6 @@
-"""The rerank job with a decoder reranker (Qwen3-Reranker's layout and prompt): the engine's scores end to end,
-the prompt's instruction in the score cache's fingerprint, and the refusals decided before any work."""
+"""The rerank job with a decoder reranker (Qwen3-Reranker's layout and prompt, bge-reranker-v2-gemma's): the
+engine's scores end to end, the prompt's instruction in the score cache's fingerprint, and the refusals decided
+before any work."""
 
 from __future__ import annotations
 
@@ -24,11 +25,11 @@ from .conftest import read_dir
 MODEL = "dummy:tiny-qwen3"
 
 
-def _config(cache: str, instruction: str | None) -> RerankConfig:
+def _config(cache: str, instruction: str | None, model: str = MODEL) -> RerankConfig:
     return build_config(
         RerankConfig,
         {
-            "model": MODEL,
+            "model": model,
             "dtype": "float32",
             "progress_interval_s": 1.0,
             "tokenizer": {"max_length": 512, "instruction": instruction},
@@ -80,6 +81,32 @@ def test_qwen3_job_scores_like_the_engine_and_the_instruction_keys_the_cache(
         <= 1e-4
     )
     assert np.abs(np.asarray(expected_told) - expected).max() > 1e-3
+
+
+def test_gemma_job_ranks_with_the_engines_scores(ray_local, dl19_rows, tmp_path):
+    """dummy:tiny-gemma (bge-reranker-v2-gemma's layout and FlagEmbedding's prompt) through the rerank job:
+    every row scored as the engine scores it, ranked per query."""
+    model = "dummy:tiny-gemma"
+    rows = dl19_rows[:5] + dl19_rows[100:105]  # two queries, 5 candidates each
+    path = tmp_path / "in.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    summary = run_rerank(
+        _config(str(tmp_path / "cache"), None, model), str(path), str(tmp_path / "a")
+    )
+    ranked = read_dir(tmp_path / "a" / "ranked").to_pylist()
+    assert summary["scored_rows"] == 10 and summary["rejected_rows"] == 0 and len(ranked) == 10
+    assert summary["layout"] == "gemma" and summary["random_weights"]
+    engine = CrossEncoder.from_pretrained(model, device="cpu", dtype="float32")
+    expected = engine.compute_score(
+        [(r["query"], r["document"]) for r in rows], max_length=512, return_logits=True
+    )
+    by_doc = {(r[S.QUERY_ID], r[S.DOC_ID]): r for r in ranked}
+    got = [by_doc[(r["query_id"], r["doc_id"])][S.SCORE] for r in rows]
+    assert np.abs(np.asarray(got) - expected).max() <= 1e-4 and np.std(expected) > 0.05
+    for query_id in {r["query_id"] for r in rows}:
+        ours = sorted((r for r in ranked if r[S.QUERY_ID] == query_id), key=lambda r: r[S.RANK])
+        assert [r[S.RANK] for r in ours] == list(range(1, 6))
+        assert all(a[S.SCORE] >= b[S.SCORE] for a, b in zip(ours, ours[1:]))
 
 
 def test_decoder_refusals_are_one_line_before_any_work(run_entry_point, tmp_path):

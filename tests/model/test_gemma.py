@@ -1,0 +1,247 @@
+"""bge-reranker-v2-gemma (the Gemma decoder layout): our packed engine against transformers' GemmaForCausalLM.
+
+A tiny random-weight GemmaForCausalLM (tied LM head, one kv head, head_dim unlike hidden / heads, RMSNorm
+weights drawn around 0 so that the "+1" matters) saved by transformers, with a SentencePiece-like BPE tokenizer
+trained on real text. The reference runs each prompt alone (no padding) and reads logit("Yes") at its last
+token, as FlagEmbedding's FlagLLMReranker does.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+
+import cuda_standins
+import numpy as np
+import pytest
+import torch
+from reference import assert_alone_as_packed
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pipeline.core.errors import CheckpointError
+from pipeline.model import CrossEncoder
+from pipeline.model.decoder_dummy import build_decoder_checkpoint
+from pipeline.model.dummy import ARCHITECTURES
+from pipeline.model.modeling import FLASH_ATTN, ONEDNN_INT8, SDPA_GROUPED, TORCH_VARLEN
+from pipeline.model.templates import BGE_RERANKER_V2_GEMMA
+
+TINY = replace(ARCHITECTURES["tiny-gemma"], seed=7)
+MAX_LENGTH = (
+    256  # the prompt alone is ~100 tokens with this small vocabulary: long documents are cut
+)
+
+
+@pytest.fixture(scope="module")
+def gemma(tmp_path_factory, corpus) -> str:
+    return build_decoder_checkpoint(
+        str(tmp_path_factory.mktemp("gemma") / "tiny"), TINY, corpus[:800]
+    )
+
+
+@pytest.fixture(scope="module")
+def sample(dl19_pairs):
+    rng = np.random.default_rng(1)
+    picked = [dl19_pairs[i] for i in rng.choice(len(dl19_pairs), 16, replace=False)]
+    return picked + [
+        (picked[0][0], picked[1][1] * 6),  # the passage is cut
+        ("a", "b"),
+        (picked[2][1] * 4, picked[3][1]),  # the query alone is over budget: cut, passage dropped
+    ]
+
+
+def _reference(directory: str, dtype=torch.float32):
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
+
+
+def _reference_scores(model, ids, yes) -> np.ndarray:
+    """logit("Yes") at the last token, each prompt run alone."""
+    with torch.inference_mode():
+        return np.asarray(
+            [
+                float(model(torch.as_tensor(x, dtype=torch.int64)[None]).logits[0, -1, yes])
+                for x in ids
+            ]
+        )
+
+
+def _ids(encoder, pairs, max_length=MAX_LENGTH):
+    queries, passages = [q for q, _ in pairs], [d for _, d in pairs]
+    return encoder.tokenizer.encode_pairs(queries, passages, max_length)[0]
+
+
+def test_float32_parity_with_transformers(gemma, sample):
+    ours = CrossEncoder.from_pretrained(gemma, device="cpu", dtype="float32")
+    assert ours.layout == "gemma" and ours.describe()["template"] == "bge-reranker-v2-gemma"
+    tokenizer = AutoTokenizer.from_pretrained(gemma)
+    yes = tokenizer("Yes", add_special_tokens=False)["input_ids"][0]  # FlagEmbedding's yes_loc
+    ids = _ids(ours, sample)
+    assert len({len(x) for x in ids}) > 5  # a ragged packed batch
+    expected = _reference_scores(_reference(gemma), ids, yes)
+    got = np.asarray(ours.compute_score(sample, max_length=MAX_LENGTH, return_logits=True))
+    assert expected.std() > 0.05, "random scores must differ between pairs to compare anything"
+    assert np.abs(got - expected).max() <= 1e-4
+    # FlagEmbedding's normalize=True: sigmoid of that logit.
+    normalized = ours.compute_score(sample[:3], max_length=MAX_LENGTH)
+    assert np.abs(np.asarray(normalized) - 1 / (1 + np.exp(-expected[:3]))).max() <= 1e-5
+
+
+def test_prompt_is_flagembeddings_and_truncation_keeps_the_question(gemma, sample):
+    """Untruncated pairs are token for token FlagEmbedding's encoding: BOS, tokenizer("A: " + query),
+    tokenizer("\\n"), tokenizer("B: " + passage), tokenizer("\\n"), tokenizer(prompt), each piece alone. A cut
+    pair loses the passage's tail (then the query's), never the question: it still ends with it."""
+    ours = CrossEncoder.from_pretrained(gemma, device="cpu", dtype="float32")
+    tokenizer = AutoTokenizer.from_pretrained(gemma)
+
+    def tok(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    sep, prompt = tok("\n"), tok(BGE_RERANKER_V2_GEMMA.default_instruction)
+    suffix = sep + prompt
+    budget = MAX_LENGTH - 1 - len(suffix)
+    ids = _ids(ours, sample)
+    cut = 0
+    for (query, passage), got in zip(sample, ids):
+        got = list(got)
+        body = tok("A: " + query) + sep + tok("B: " + passage)
+        assert len(got) <= MAX_LENGTH and got[0] == tokenizer.bos_token_id
+        assert got[-len(suffix) :] == suffix
+        if len(body) <= budget:
+            assert got == [tokenizer.bos_token_id] + body + suffix
+        elif (query, passage) != sample[-1]:  # FlagEmbedding's truncation='only_second'
+            assert got == [tokenizer.bos_token_id] + body[:budget] + suffix
+            cut += 1
+    assert cut >= 2
+    label = sep + tok("B: ")  # the long query: cut, the passage's label kept, then the question
+    last = list(ids[-1])
+    assert len(last) == MAX_LENGTH and last[-len(suffix) - len(label) : -len(suffix)] == label
+    # The instruction setting replaces FlagEmbedding's default question (its `prompt` argument).
+    asked = "Is passage B relevant to query A? Answer 'Yes' or 'No'."
+    told = CrossEncoder.from_pretrained(gemma, device="cpu", dtype="float32", instruction=asked)
+    pair = sample[:1]
+    assert list(_ids(told, pair)[0][-len(sep + tok(asked)) :]) == sep + tok(asked)
+    assert told.compute_score(pair) != ours.compute_score(pair)
+
+
+def test_pair_alone_equals_pair_packed(gemma, sample):
+    ours = CrossEncoder.from_pretrained(gemma, device="cpu", dtype="float32")
+    assert_alone_as_packed(ours, sample[:8] + sample[-3:], MAX_LENGTH)
+    together = np.asarray(ours.compute_score(sample, max_length=MAX_LENGTH, return_logits=True))
+    small = np.asarray(
+        ours.compute_score(
+            sample, max_length=MAX_LENGTH, return_logits=True, max_tokens_per_batch=300
+        )
+    )
+    assert np.abs(together - small).max() <= 1e-5
+
+
+def test_bfloat16_within_reference_error(gemma, sample):
+    ours32 = CrossEncoder.from_pretrained(gemma, device="cpu", dtype="float32")
+    yes = AutoTokenizer.from_pretrained(gemma).convert_tokens_to_ids("Yes")
+    ids = _ids(ours32, sample)
+    fp32 = _reference_scores(_reference(gemma), ids, yes)
+    ref_bf16 = _reference_scores(_reference(gemma, torch.bfloat16), ids, yes)
+    ours = CrossEncoder.from_pretrained(gemma, device="cpu", dtype="bfloat16")
+    got = np.asarray(ours.compute_score(sample, max_length=MAX_LENGTH, return_logits=True))
+    reference_error = np.abs(ref_bf16 - fp32).max()
+    assert reference_error > 0
+    assert np.abs(got - fp32).max() <= 3 * reference_error
+
+
+@pytest.mark.parametrize(
+    "flash_attn, varlen, backend",
+    [
+        ("ok", "current", FLASH_ATTN),  # flash-attn varlen, causal=True, one kv head for 4 queries
+        (None, "current", TORCH_VARLEN),  # torch varlen_attn, window (-1, 0), enable_gqa
+        (
+            None,
+            "no_scale",
+            TORCH_VARLEN,
+        ),  # torch 2.9's varlen_attn: is_causal, the kv head repeated
+        (None, None, SDPA_GROUPED),  # padded causal SDPA groups
+    ],
+)
+def test_cuda_attention_paths_through_standins(
+    flash_attn, varlen, backend, gemma, sample, monkeypatch
+):
+    """The CUDA attention paths with Gemma's multi-query heads, on CPU tensors with the kernels' stand-ins
+    (tests/model/cuda_standins.py): the CPU engine's bf16 scores within bf16 rounding."""
+    pairs = sample[:8] + sample[-3:]
+    cpu = CrossEncoder.from_pretrained(gemma, device="cpu", dtype="bfloat16")
+    reference = np.asarray(cpu.compute_score(pairs, max_length=MAX_LENGTH, return_logits=True))
+    cuda_standins.install(monkeypatch, flash_attn=flash_attn, varlen=varlen)
+    encoder = CrossEncoder.from_pretrained(gemma, device="cuda", dtype="bfloat16")
+    assert encoder.model.attention_backend == backend
+    got = np.asarray(encoder.compute_score(pairs, max_length=MAX_LENGTH, return_logits=True))
+    spread = reference.max() - reference.min()
+    assert spread > 0.1 and np.abs(got - reference).max() < 0.05 * spread
+    if backend == FLASH_ATTN:
+        assert cuda_standins.CALLS["flash_attn_varlen_func"] > 0
+    if backend == TORCH_VARLEN:
+        assert cuda_standins.CALLS["varlen_attn"] > 0
+
+
+@pytest.mark.slow  # SmoothQuant's calibration pass, then the int8 run
+def test_int8_tracks_float32(gemma, sample):
+    """dtype int8: Gemma's Linear layers (named as the encoders') run in int8 on CPU."""
+    fp32 = CrossEncoder.from_pretrained(gemma, device="cpu", dtype="float32")
+    expected = np.asarray(fp32.compute_score(sample, max_length=MAX_LENGTH, return_logits=True))
+    try:
+        int8 = CrossEncoder.from_pretrained(gemma, device="cpu", dtype="int8")
+    except CheckpointError as e:  # a torch build without oneDNN's int8 linear: refused in one line
+        assert "int8" in str(e)
+        return
+    assert int8.model.linear_kernel == ONEDNN_INT8 and int8.describe()["int8"]["fp32_layers"] == []
+    got = np.asarray(int8.compute_score(sample, max_length=MAX_LENGTH, return_logits=True))
+    assert np.corrcoef(got, expected)[0, 1] > 0.98
+
+
+def test_config_variants_and_refusals(gemma, tmp_path):
+    """What real Gemma configs say loads as transformers reads it: the legacy hidden_act "gelu" (the tanh
+    approximation) and no tie_word_embeddings key (tied). The template is known from the model's name. A
+    Llama checkpoint (Gemma's weight names) and another activation are refused in one line."""
+    pairs = [("capital of france", "paris is the capital of france"), ("a b", "c d e")]
+    expected = CrossEncoder.from_pretrained(gemma, device="cpu", dtype="float32").compute_score(
+        pairs, return_logits=True
+    )
+    local = tmp_path / "bge-reranker-v2-gemma"
+    shutil.copytree(gemma, local)
+    config = json.loads((local / "config.json").read_text())
+    del config["rerank_pipeline_template"], config["tie_word_embeddings"]
+    config["hidden_act"] = "gelu"
+
+    def write(**changes):
+        (local / "config.json").write_text(json.dumps(config | changes))
+
+    write()
+    legacy = CrossEncoder.from_pretrained(str(local), device="cpu", dtype="float32")
+    assert legacy.describe()["template"] == "bge-reranker-v2-gemma"
+    assert np.abs(np.asarray(legacy.compute_score(pairs, return_logits=True)) - expected).max() == 0
+    write(model_type="llama")
+    with pytest.raises(CheckpointError, match="model_type='llama'.*only Gemma"):
+        CrossEncoder.from_pretrained(str(local), device="cpu")
+    write(hidden_act="relu")
+    with pytest.raises(CheckpointError, match="hidden_act='relu' is not supported for the gemma"):
+        CrossEncoder.from_pretrained(str(local), device="cpu")
+
+
+def test_model_flops_count_gemmas_linear_layers(gemma):
+    """The FLOPs formula (dry-run estimates, MFU) for Gemma: its Linear layers' count equals what torch's flop
+    counter sees the model multiply (4 query heads of 32 and one kv head, GeGLU, the last token alone)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pipeline.model.flops import Shape, linear_and_attention_flops
+    from pipeline.model.modeling import ATEN_LINEAR
+
+    ours = CrossEncoder.from_pretrained(gemma, device="cpu", dtype="float32")
+    ours.model.linear_kernel = ATEN_LINEAR  # F.linear: GEMMs the counter sees, on real rows only
+    ids = [(np.arange(n, dtype=np.int32) % 200) + 10 for n in (37, 64, 90)]
+    with FlopCounterMode(display=False) as counter:
+        ours.score_tokens(ids)
+    counts = counter.get_flop_counts()["Global"]
+    gemms = sum(v for op, v in counts.items() if str(op) in ("aten.mm", "aten.addmm"))
+    with open(f"{gemma}/config.json") as f:
+        shape = Shape.from_config(json.load(f))
+    linear, _ = linear_and_attention_flops(shape, [len(x) for x in ids])
+    assert shape.decoder and shape.query_width == 128 and shape.kv_width == 32
+    assert gemms == linear
