@@ -10,7 +10,9 @@ Each `configs/eval/<name>.yaml` names a converter of `pipeline.datasets` and its
 (ir_measures notation, trec_eval's conventions, see `pipeline.quality.metrics`; the first is the table's
 column) and optional segments. The suite scores every (query, candidate) pair with
 `CrossEncoder.compute_score` in-process, ranks by the raw logit and evaluates against the collection's qrels;
-where the candidates come with a first-stage score (TREC DL's BM25) that ranking is evaluated too.
+where the candidates come with a first-stage score (TREC DL's BM25) that ranking is evaluated too. A decoder
+reranker reads each pair through its prompt template: `scoring.template` and `scoring.instruction` set them as
+the rerank job's `tokenizer.template` and `tokenizer.instruction` do.
 It prints the table and writes everything to `--output` as JSON (a local path or an object-storage URI).
 With `--model dummy:tiny` (random weights) it runs anywhere in seconds; the numbers then mean nothing.
 
@@ -119,6 +121,10 @@ class ScoringConfig(StrictModel):
     max_tokens_per_batch: int | None = Field(
         None, ge=1
     )  # None: the engine's default for the device
+    # Decoder rerankers (Qwen3-Reranker...): the prompt template and its instruction, as the rerank job's
+    # tokenizer.template and tokenizer.instruction (null: the model's own, and the template's default).
+    template: str | None = None
+    instruction: str | None = None
 
 
 class SuiteConfig(StrictModel):
@@ -165,6 +171,25 @@ def load_suite_config(
     if output:
         data["output"] = output
     return build_config(SuiteConfig, data)
+
+
+def load_encoder(model: str, dtype: str | None, scoring: ScoringConfig) -> CrossEncoder:
+    """The model as `scoring` asks for it, refused in one line when a decoder's prompt leaves
+    `scoring.max_length` no room for text (it would fail at the first pair, after loading the data)."""
+    encoder = CrossEncoder.from_pretrained(
+        model,
+        device=scoring.device,
+        dtype=dtype,
+        template=scoring.template,
+        instruction=scoring.instruction,
+    )
+    prompt = encoder.tokenizer.prompt
+    if prompt is not None and min(scoring.max_length, encoder.max_length) < prompt.min_length:
+        raise ConfigError(
+            f"scoring.max_length={scoring.max_length} leaves no room for text in the "
+            f"{prompt.template.name} prompt of {model}; use at least {prompt.min_length}"
+        )
+    return encoder
 
 
 def _ranking(pairs: pa.Table, scores) -> pa.Table:
@@ -358,7 +383,12 @@ def format_table(model: str, results: dict[str, dict], reference_dtype: str | No
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = base_parser("python -m jobs.eval_suite", " ".join(__doc__.split("\n\n")[0].split()))
+    parser = base_parser(
+        "python -m jobs.eval_suite",
+        " ".join(__doc__.split("\n\n")[0].split()),
+        set_example="scoring.max_tokens_per_batch=8192",
+        instruction_key="scoring.instruction",
+    )
     parser.add_argument(
         "--collections",
         default=None,
@@ -415,17 +445,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # A bad output location should fail before minutes of scoring, not after.
     fs, output_path = url_to_fs(config.output)
     fs.makedirs(posixpath.dirname(output_path), exist_ok=True)
-    encoder = CrossEncoder.from_pretrained(
-        args.model, device=config.scoring.device, dtype=args.dtype
-    )
+    encoder = load_encoder(args.model, args.dtype, config.scoring)
     # Loaded once for the whole suite: a second copy of the weights, at the reference's dtype.
     compare_with = reference_dtype(args.dtype, args.reference_dtype)
     reference = (
-        None
-        if compare_with is None
-        else CrossEncoder.from_pretrained(
-            args.model, device=config.scoring.device, dtype=compare_with
-        )
+        None if compare_with is None else load_encoder(args.model, compare_with, config.scoring)
     )
     results = {
         name: evaluate_collection(encoder, entry, config.scoring, config.data_dir, reference)

@@ -41,9 +41,14 @@ def base_parser(
     model_required: bool = True,
     formatter_class=argparse.HelpFormatter,
     set_example: str = "scorer.max_tokens_per_batch=8192",
+    instruction_key: str | None = None,
 ) -> JobArgumentParser:
     """`set_example`: a key of this job's config for --set's help (the jobs that run a rerank step keep its
-    settings under `rerank.`)."""
+    settings under `rerank.`). `instruction_key`: the config key of a decoder's instruction (default: the
+    rerank settings' tokenizer.instruction, under the prefix `set_example` has)."""
+    instruction_key = (
+        instruction_key or f"{set_example.partition('scorer.')[0]}tokenizer.instruction"
+    )
     parser = JobArgumentParser(prog=prog, description=description, formatter_class=formatter_class)
     parser.add_argument(
         "--model",
@@ -52,7 +57,7 @@ def base_parser(
         help="local checkpoint directory, Hugging Face hub id, or dummy:<architecture>"
         + ("" if model_required else f" (default: the config's model, {DEFAULT_MODEL})")
         + "; a decoder reranker (Qwen3-Reranker) reads pairs through its prompt template, whose "
-        f"instruction the config key {set_example.partition('scorer.')[0]}tokenizer.instruction sets",
+        f"instruction the config key {instruction_key} sets",
     )
     parser.add_argument(
         "--dtype",
