@@ -17,8 +17,9 @@ reads its answer.
 
 Which template a checkpoint takes: `tokenizer.template` (a built-in name or a JSON file of the fields below);
 unset, the checkpoint's config.json key `rerank_pipeline_template` (dummy checkpoints write it), else the
-model's name (a hub id or folder containing "qwen3-reranker" or "bge-reranker-v2-gemma"). A decoder
-checkpoint with none of these is refused: its scores would mean nothing without the prompt it was trained on.
+model's name (a hub id or folder containing "qwen3-reranker", "bge-reranker-v2-gemma" or
+"mxbai-rerank-<size>-v2"). A decoder checkpoint with none of these is refused: its scores would mean nothing
+without the prompt it was trained on.
 """
 
 from __future__ import annotations
@@ -118,8 +119,11 @@ QWEN3_RERANKER = PromptTemplate(
 # (query_instruction_for_rerank "A: ", passage_instruction_for_rerank "B: " with the format "{}{}") and
 # truncated from the passage's end ('only_second'), then tokenizer("\n") and tokenizer(prompt) appended
 # whole; the score is the logit of tokenizer("Yes")[0] at the last token. Its `prompt` argument (our
-# instruction) replaces the default question. FlagEmbedding also caps the query at 3/4 of max_length first;
-# here the query is cut only when it alone leaves the passage no room.
+# instruction) replaces the default question. Lengths are counted otherwise: FlagEmbedding's max_length=N caps
+# "A: " + query at 3/4 N tokens, "B: " + passage at N, and BOS + query + "\n" + passage at N + S (S: the tokens
+# of "\n" and the question), then appends those S; here max_length bounds the whole prompt, and the passage's
+# tail goes first (the query is cut only when it alone leaves no room). A passage cut there is cut here alike
+# at the same total length.
 BGE_RERANKER_V2_GEMMA = PromptTemplate(
     name="bge-reranker-v2-gemma",
     prefix="<bos>",
@@ -133,11 +137,43 @@ BGE_RERANKER_V2_GEMMA = PromptTemplate(
     ),
 )
 
-TEMPLATES: dict[str, PromptTemplate] = {t.name: t for t in (QWEN3_RERANKER, BGE_RERANKER_V2_GEMMA)}
+# mixedbread-ai/mxbai-rerank-base-v2 and -large-v2 (Qwen2 causal LMs), as mxbai_rerank/mxbai_rerank_v2.py of
+# github.com/mixedbread-ai/mxbai-rerank encodes a pair (MxbaiRerankV2.prepare_inputs, concat_input_ids): the
+# chat prefix, tokenizer("query: " + query), tokenizer("\n"), tokenizer("document: " + document), each alone,
+# then tokenizer("\n"), the task prompt and the chat suffix; the score is logit("1") - logit("0") at the last
+# token. Its instruction is optional: given, the query's text becomes "instruction: {instruction}\nquery:
+# {query}", still one text; here the instruction field is that text's start, empty by default, so an
+# instruction is given with its label and newline ("instruction: Find code that ...\n") to be read as
+# mxbai's. Lengths are counted otherwise: mxbai's max_length excludes the template and caps the query at 3/4
+# of it; here max_length bounds the whole prompt and the document's tail goes first.
+MXBAI_RERANK_V2 = PromptTemplate(
+    name="mxbai-rerank-v2",
+    prefix=(
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+        "<|im_end|>\n<|im_start|>user\n"
+    ),
+    body=("{instruction}query: {query}", "\n", "document: {document}"),
+    suffix=(
+        "\n",
+        "You are a search relevance expert who evaluates how well documents match search queries. "
+        "For each query-document pair, carefully analyze the semantic relationship between them, "
+        "then provide your binary relevance judgment (0 for not relevant, 1 for relevant).\n"
+        "Relevance:",
+        "<|im_end|>\n<|im_start|>assistant\n",
+    ),
+    yes_token="1",
+    no_token="0",
+    default_instruction="",
+)
+
+TEMPLATES: dict[str, PromptTemplate] = {
+    t.name: t for t in (QWEN3_RERANKER, BGE_RERANKER_V2_GEMMA, MXBAI_RERANK_V2)
+}
 # Checkpoint names (hub id, folder, dummy name) whose template is known without being told.
 KNOWN_BY_NAME: tuple[tuple[str, str], ...] = (
     (r"(?i)qwen3[-_]reranker", "qwen3-reranker"),
     (r"(?i)bge[-_]reranker[-_]v2[-_]gemma", "bge-reranker-v2-gemma"),
+    (r"(?i)mxbai[-_]rerank[-_]\w+[-_]v2", "mxbai-rerank-v2"),
 )
 CONFIG_KEY = TEMPLATE_KEY  # config.json key naming a checkpoint's template
 

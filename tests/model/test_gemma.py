@@ -123,6 +123,42 @@ def test_prompt_is_flagembeddings_and_truncation_keeps_the_question(gemma, sampl
     assert told.compute_score(pair) != ours.compute_score(pair)
 
 
+def _flagembedding_ids(
+    tokenizer, query: str, passage: str, max_length: int, prompt: str
+) -> list[int]:
+    """FlagLLMReranker's encoding of one pair (FlagEmbedding/inference/reranker/decoder_only/base.py,
+    compute_score_single_gpu) written out: the query capped at 3/4 of max_length and the passage at
+    max_length, BOS + query and "\n" + passage truncated 'only_second' to max_length + len("\n" + prompt),
+    then "\n" and the prompt appended."""
+
+    def tok(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    query_ids, passage_ids = tok("A: " + query)[: max_length * 3 // 4], tok("B: " + passage)
+    sep, asked = tok("\n"), tok(prompt)
+    first, second = [tokenizer.bos_token_id] + query_ids, sep + passage_ids[:max_length]
+    room = max_length + len(sep) + len(asked) - len(first)
+    assert room > 0  # a query that leaves no room: FlagEmbedding's prepare_for_model would refuse
+    return first + second[:room] + sep + asked
+
+
+def test_a_passage_flagembedding_cuts_is_cut_alike_at_the_same_length(gemma, sample):
+    """FlagEmbedding counts lengths otherwise (templates.py), but where it cuts a passage (max_length 60
+    here), our encoding at that pair's total length is the same tokens: the passage's tail goes, and
+    nothing of the prompt."""
+    ours = CrossEncoder.from_pretrained(gemma, device="cpu", dtype="float32")
+    tokenizer = AutoTokenizer.from_pretrained(gemma)
+    prompt = BGE_RERANKER_V2_GEMMA.default_instruction
+    cut = 0
+    for query, passage in sample[:-1]:  # not the query longer than FlagEmbedding's 3/4 cap
+        expected = _flagembedding_ids(tokenizer, query, passage, 60, prompt)
+        length = max(len(expected), ours.tokenizer.prompt.min_length)  # ("a", "b") is shorter
+        got = _ids(ours, [(query, passage)], max_length=length)[0]
+        assert list(got) == expected
+        cut += len(tokenizer("B: " + passage, add_special_tokens=False)["input_ids"]) > 60
+    assert cut >= 5
+
+
 def test_pair_alone_equals_pair_packed(gemma, sample):
     ours = CrossEncoder.from_pretrained(gemma, device="cpu", dtype="float32")
     assert_alone_as_packed(ours, sample[:8] + sample[-3:], MAX_LENGTH)
@@ -223,6 +259,20 @@ def test_config_variants_and_refusals(gemma, tmp_path):
     write(hidden_act="relu")
     with pytest.raises(CheckpointError, match="hidden_act='relu' is not supported for the gemma"):
         CrossEncoder.from_pretrained(str(local), device="cpu")
+
+
+def test_template_as_a_json_file_with_pieces(gemma, tmp_path):
+    """The template as a JSON file of its fields, pieces as lists: the built-in template's scores."""
+    fields = BGE_RERANKER_V2_GEMMA.as_dict()
+    fields.pop("name")
+    path = tmp_path / "gemma-prompt.json"
+    path.write_text(json.dumps(fields))
+    assert isinstance(json.loads(path.read_text())["body"], list)
+    pairs = [("capital of france", "paris is the capital of france"), ("a b", "c d e")]
+    known = CrossEncoder.from_pretrained(gemma, device="cpu", dtype="float32")
+    custom = CrossEncoder.from_pretrained(gemma, device="cpu", dtype="float32", template=str(path))
+    assert custom.describe()["template"] == "gemma-prompt.json"
+    assert custom.compute_score(pairs) == known.compute_score(pairs)
 
 
 def test_model_flops_count_gemmas_linear_layers(gemma):
