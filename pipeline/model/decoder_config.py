@@ -1,4 +1,4 @@
-"""The shape of a decoder reranker (Qwen3-Reranker, Qwen2-based, bge-reranker-v2-gemma) from its config.json, no torch.
+"""A decoder reranker's shape (Qwen3-Reranker, Qwen2-based, bge-reranker-v2-gemma) from config.json, no torch.
 
 A decoder reranker is a causal language model read at each prompt's last token. The driver and the tokenize
 stage need its numbers (layers for int8 patterns, the position limit for max_length) without loading torch,
@@ -42,9 +42,8 @@ class DecoderConfig(ModelConfig):
     # RMSNorm's scale is norm_offset + weight. Gemma (offset 1) applies it in float32 before the cast back to the
     # model's dtype; Qwen (offset 0) casts first and multiplies in the model's dtype, as transformers does each.
     norm_offset: float = 0.0
-    embed_scale: float = (
-        1.0  # Gemma: sqrt(hidden_size), rounded to the model's dtype as transformers does
-    )
+    # The embeddings' multiplier. Gemma: sqrt(hidden_size), rounded to the model's dtype as transformers does.
+    embed_scale: float = 1.0
 
     @property
     def head_dim(self) -> int:
