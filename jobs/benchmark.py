@@ -13,6 +13,11 @@ cores). An explicit --models, --workloads or --contenders runs exactly that sele
 
     python -m jobs.benchmark --models jina-reranker-v2-base --workloads dl19,long --contenders engine,ort-int8,ov-default,ov-int8
 
+Decoder rerankers and ModernBERT side by side with the libraries (a Qwen3-Reranker seq-cls checkpoint: every
+contender scores the same prompts, none truncated; the ONNX Runtime and OpenVINO rows say skipped):
+
+    python -m jobs.benchmark --models qwen3-reranker-0.6b,modernbert-base --workloads dl19 --contenders engine,st-default,st-best,hf-padded,hf-sorted
+
 Every contender loads the same random-weight checkpoint (the real model's shape, a tokenizer trained on the
 workloads' text; `RERANKER_CHECKPOINT=<dir>` benchmarks a real checkpoint instead) and scores the same
 pairs in a process of its own. Per contender and workload: pairs/s, real tokens/s, padding efficiency,
@@ -57,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--models",
         type=_names,
         default=None,
-        help="comma-separated dummy architectures: jina-reranker-v2-base,bge-reranker-v2-m3,...",
+        help="comma-separated dummy architectures: jina-reranker-v2-base,bge-reranker-v2-m3,"
+        "modernbert-base,gte-multilingual-reranker-base,qwen3-reranker-0.6b,...",
     )
     parser.add_argument(
         "--contenders",

@@ -22,6 +22,15 @@ output layer reads the direction in which the pooled features of DL19 pairs vary
 principal component; the pairs are from queries after the ones the benchmark times), scaled to a logit
 std of 3 with mean 0, which is the range of real cross-encoders' logits.
 
+Decoder rerankers (the Qwen3-Reranker shape) are saved as a "seq-cls" conversion, the form sentence-
+transformers' CrossEncoder and `AutoModelForSequenceClassification` load (Qwen3ForSequenceClassification:
+the causal LM's layers and a 1-row `score` head read at the last non-pad token, `pad_token_id` set, the
+tokenizer padding on the left as Qwen's does); our engine loads the same directory, the `score` row as its
+head. The tokenizer is byte-level BPE like Qwen's, trained on the same corpus; the checkpoint names its
+prompt template (qwen3-reranker), which every contender applies (`workloads.prompt_pairs`). Its head is
+refitted like the encoders' on the features at the prompts' last token; the `score` layer has no bias, so
+the logits' mean is whatever the features' mean gives (their spread is still 3).
+
 `RERANKER_CHECKPOINT=<dir>` replaces the random-weight checkpoint of every benchmarked model with that
 directory (a real checkpoint in the transformers layout, e.g. a local copy of BAAI/bge-reranker-v2-m3).
 """
@@ -42,7 +51,9 @@ from pipeline.datasets import dl19
 from pipeline.datasets.tables import collection_dir, default_data_dir
 from pipeline.datasets.vaswani import read_documents
 from pipeline.datasets.xquad_r import LANGUAGES, read_language
-from pipeline.model.dummy import ARCHITECTURES, build_checkpoint
+from pipeline.model.decoder_config import DECODER_LAYOUTS
+from pipeline.model.decoder_dummy import build_decoder_checkpoint
+from pipeline.model.dummy import ARCHITECTURES, DUMMY_MARKER, build_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +66,9 @@ INITIALIZER_RANGE = 0.05
 LOGIT_STD = 3.0
 HEAD_PAIRS = 64  # DL19 pairs the classifier is fitted on (rows 2,000 and up, 23 queries)
 HEAD_MAX_LENGTH = 128
+# A decoder's prompt adds ~70 tokens of template to every pair: the head is fitted on whole prompts.
+DECODER_HEAD_MAX_LENGTH = 512
+DECODER_FORM = "seq_cls"
 
 
 def tokenizer_corpus(data_dir: str | os.PathLike | None = None) -> list[str]:
@@ -91,9 +105,10 @@ def benchmark_checkpoint(
         raise InputError(f"unknown model {model!r}; choose from {sorted(ARCHITECTURES)}")
     overrides = {"initializer_range": INITIALIZER_RANGE, **overrides}
     layout = ARCHITECTURES[model].layout
+    decoder = layout in DECODER_LAYOUTS
     arch = replace(
         ARCHITECTURES[model],
-        layout=layout if layout in OWN_LAYOUTS else BENCHMARK_LAYOUT,
+        layout=layout if layout in OWN_LAYOUTS or decoder else BENCHMARK_LAYOUT,
         tokenizer_vocab=tokenizer_vocab,
         **overrides,
     )
@@ -101,8 +116,9 @@ def benchmark_checkpoint(
     head = {
         "logit_std": LOGIT_STD,
         "pairs": HEAD_PAIRS,
-        "max_length": HEAD_MAX_LENGTH,
+        "max_length": DECODER_HEAD_MAX_LENGTH if decoder else HEAD_MAX_LENGTH,
         "fit": "first principal component",
+        **({"form": DECODER_FORM} if decoder else {}),
     }
     recipe = json.dumps(
         [asdict(arch), hashlib.sha256("\n".join(corpus).encode()).hexdigest(), head], sort_keys=True
@@ -121,8 +137,14 @@ def benchmark_checkpoint(
         target,
     )
     staging = tempfile.mkdtemp(dir=os.path.dirname(target), prefix=f".{model}-")
-    build_checkpoint(staging, arch, corpus, dtype="float32")
-    spread_classifier(staging, head_pairs(data_dir))
+    if decoder:
+        marker = {DUMMY_MARKER: True, "rerank_pipeline_architecture": asdict(arch)}
+        build_decoder_checkpoint(
+            staging, arch, corpus, "float32", form=DECODER_FORM, config_keys=marker
+        )
+    else:
+        build_checkpoint(staging, arch, corpus, dtype="float32")
+    spread_classifier(staging, head_pairs(data_dir), max_length=head["max_length"])
     try:
         os.rename(staging, target)  # atomic: a concurrent builder either wins or finds ours
     except OSError:
@@ -147,40 +169,53 @@ def spread_classifier(
     max_length: int = HEAD_MAX_LENGTH,
 ) -> dict:
     """Refit the output layer of a transformers-layout checkpoint's classifier head (`classifier.out_proj`, or
-    `classifier` itself where the head's other layers have their own names, as in ModernBERT and GTE) so
-    its logits on `pairs` have std `logit_std` and mean 0, reading the first principal component of the
-    head's pooled features (the tanh of its dense layer) on those pairs. Rewrites model.safetensors in place;
-    returns {"logit_std", "explained_variance"} (the component's share of the features' variance)."""
+    `classifier` itself where the head's other layers have their own names, as in ModernBERT and GTE; a
+    decoder's `score` row) so its logits on `pairs` have std `logit_std` and mean 0 (a decoder's `score` has
+    no bias: std only), reading the first principal component of the head's pooled features (the tanh of its
+    dense layer; a decoder's last-token hidden state) on those pairs, through the checkpoint's prompt for a
+    decoder. Rewrites model.safetensors in place; returns {"logit_std", "explained_variance"} (the
+    component's share of the features' variance)."""
     import numpy as np
     import torch
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from pipeline.benchmark.workloads import prompt_pairs, prompt_template
 
     path = os.path.join(directory, "model.safetensors")
     model = AutoModelForSequenceClassification.from_pretrained(
         directory, dtype=torch.float32
     ).eval()
     tokenizer = AutoTokenizer.from_pretrained(directory)
+    template = prompt_template(directory)
+    if template is not None:
+        pairs = prompt_pairs(template, pairs)
     pooled = []
-    out_layer, out_name = (
-        (model.classifier.out_proj, "classifier.out_proj")
-        if hasattr(model.classifier, "out_proj")
-        else (model.classifier, "classifier")
-    )
+    if template is not None:  # the score row runs on every position; the model reads the last one
+        out_layer, out_name = model.score, "score"
+    elif hasattr(model.classifier, "out_proj"):
+        out_layer, out_name = model.classifier.out_proj, "classifier.out_proj"
+    else:
+        out_layer, out_name = model.classifier, "classifier"
     hook = out_layer.register_forward_pre_hook(lambda module, args: pooled.append(args[0]))
     with torch.inference_mode():
         for start in range(0, len(pairs), 16):
             chunk = pairs[start : start + 16]
-            model(
-                **tokenizer(
-                    [q for q, _ in chunk],
-                    [d for _, d in chunk],
-                    padding=True,
-                    truncation=True,
-                    max_length=max_length,
-                    return_tensors="pt",
-                )
+            features = tokenizer(
+                [q for q, _ in chunk],
+                [d for _, d in chunk],
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
             )
+            model(**features)
+            if (
+                template is not None
+            ):  # (batch, seq, hidden) -> the last real token's (batch, hidden)
+                mask = features["attention_mask"]
+                last = (torch.arange(mask.shape[1]) * mask).argmax(-1)
+                pooled[-1] = pooled[-1][torch.arange(len(chunk)), last]
     hook.remove()
     features = torch.cat(pooled).double().numpy()  # (pairs, hidden)
     centered = features - features.mean(axis=0)
@@ -192,7 +227,8 @@ def spread_classifier(
     state = load_file(path)
     dtype = state[f"{out_name}.weight"].dtype
     state[f"{out_name}.weight"] = torch.from_numpy(weight).reshape(1, -1).to(dtype)
-    state[f"{out_name}.bias"] = torch.tensor([bias], dtype=dtype)
+    if f"{out_name}.bias" in state:
+        state[f"{out_name}.bias"] = torch.tensor([bias], dtype=dtype)
     save_file(state, path, metadata={"format": "pt"})
     explained = float(singular[0] ** 2 / (singular**2).sum())
     logger.info(

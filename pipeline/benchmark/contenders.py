@@ -28,6 +28,12 @@ slower); the row names the dtype it resolved to.
 ONNX Runtime and OpenVINO are optional (the `dev` extra installs them); where one is missing or fails, its
 rows say `skipped: <reason>` (`onnx_runtime.py`, `openvino.py`, `exported.py`).
 
+Decoder rerankers (a Qwen3-Reranker seq-cls checkpoint): sentence-transformers and transformers score the
+pairs formatted through the checkpoint's prompt template as its model card does (`workloads.prompt_pairs`,
+the formatting inside the timed pass), padded on the left as the checkpoint's tokenizer says (transformers'
+seq-cls head reads the last non-pad token, so either side would do); the engine and the Ray job apply the
+template themselves. ONNX Runtime and OpenVINO are not run on decoders (their rows say skipped).
+
 sentence-transformers sorts pairs by character length before batching; the transformers contenders use
 the model's default attention (SDPA). Tokens are counted where each contender's model sees them (a
 forward pre-hook), so padding efficiency is measured, not modelled.
@@ -43,6 +49,7 @@ import numpy as np
 import torch
 
 from pipeline.benchmark.scored import Pairs, Scored
+from pipeline.benchmark.workloads import prompt_pairs, prompt_template
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -102,12 +109,14 @@ class SentenceTransformersContender:
         inner = next(m for m in self.model.modules() if isinstance(m, PreTrainedModel))
         self.dtype = str(next(inner.parameters()).dtype).replace("torch.", "")
         self.counter = TokenCounter(inner)
+        self.template = prompt_template(directory)
 
     def score(self, pairs: Pairs, batch_size: int = 32) -> Scored:
         self.counter.reset()
+        template = self.template
         logits, seconds = _timed(
             lambda: self.model.predict(
-                list(pairs),
+                list(pairs) if template is None else prompt_pairs(template, list(pairs)),
                 batch_size=batch_size,
                 show_progress_bar=False,
                 activation_fn=torch.nn.Identity(),
@@ -145,6 +154,7 @@ class TransformersContender:
         self.length_sorted = length_sorted
         self.dtype = dtype
         self.counter = TokenCounter(self.model)
+        self.template = prompt_template(directory)
 
     @torch.inference_mode()
     def _forward(self, features) -> np.ndarray:
@@ -188,7 +198,10 @@ class TransformersContender:
         pairs = list(pairs)
         self.counter.reset()
         run = self._sorted if self.length_sorted else self._input_order
-        logits, seconds = _timed(lambda: run(pairs, batch_size))
+        template = self.template
+        logits, seconds = _timed(
+            lambda: run(pairs if template is None else prompt_pairs(template, pairs), batch_size)
+        )
         return Scored(
             logits,
             seconds,
@@ -199,6 +212,7 @@ class TransformersContender:
                 "batch_size": batch_size,
                 "length_sorted": self.length_sorted,
                 "attention": self.model.config._attn_implementation,
+                "padding_side": self.tokenizer.padding_side,
             },
         )
 
@@ -488,6 +502,8 @@ def load_contender(
     precision is in their name)."""
     spec = CONTENDERS[name]
     dtype = dtype or spec.dtype
+    if spec.optional and prompt_template(directory) is not None:
+        raise ValueError(f"{name} is not benchmarked on decoder rerankers (prompt-formatted pairs)")
     if spec.library == "onnxruntime":
         from pipeline.benchmark.onnx_runtime import OnnxRuntimeContender
 

@@ -98,6 +98,20 @@ def markdown_table(report: dict) -> str:
     ]
     if spreads:
         lines += ["", "Fidelity reference's logit spread (std): " + "; ".join(spreads) + "."]
+    prompts = [
+        f"{model} through the {info['prompt_template']} template"
+        for model, info in report.get("models", {}).items()
+        if info.get("prompt_template")
+    ]
+    if prompts:
+        lines += [
+            "",
+            "Decoder prompts: "
+            + "; ".join(prompts)
+            + ", the same prompt tokens for every contender (the libraries get the pairs formatted as the "
+            f"seq-cls model cards do); none truncated at max_length={report['config']['max_length']} "
+            "(checked before the run).",
+        ]
     plans = [
         _plan(model, info) for model, info in report.get("models", {}).items() if info.get("plan")
     ]

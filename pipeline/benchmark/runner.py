@@ -49,7 +49,13 @@ from pipeline.benchmark.config import BenchmarkConfig
 from pipeline.benchmark.contenders import CONTENDERS
 from pipeline.benchmark.fidelity import fidelity
 from pipeline.benchmark.machine import load_average, machine_info
-from pipeline.benchmark.workloads import pair_token_counts, workload_pairs
+from pipeline.benchmark.workloads import (
+    pair_token_counts,
+    prompt_template,
+    untruncated_token_counts,
+    workload_pairs,
+)
+from pipeline.core.errors import InputError
 from pipeline.model.flops import Shape, gemm_shapes, model_flops, peak_gemm_flops
 
 logger = logging.getLogger(__name__)
@@ -311,11 +317,30 @@ class _Workloads:
 def _workloads(config: BenchmarkConfig, directory: str, shape: Shape) -> _Workloads:
     workloads = {w: pairs_for(config, w, shape) for w in config.workloads}
     pairs = {w: workload_pairs(w, n, directory, config.data_dir) for w, n in workloads.items()}
+    if shape.decoder:
+        for workload, chosen in pairs.items():
+            check_untruncated(directory, workload, chosen, config.max_length)
     return _Workloads(
         pairs=workloads,
         seqlens={w: pair_token_counts(directory, p, config.max_length) for w, p in pairs.items()},
         queries={w: [q for q, _ in p] for w, p in pairs.items()},
     )
+
+
+def check_untruncated(
+    directory: str, workload: str, pairs: list[tuple[str, str]], max_length: int
+) -> None:
+    """A decoder's pairs must all fit `max_length` whole: the engine truncates inside the prompt (the
+    document's tail goes, the template's suffix stays) and the libraries cut the pair's end, so a truncated
+    pair would be a different input for each (`workloads.py`)."""
+    lengths = untruncated_token_counts(directory, pairs)
+    over = int((lengths > max_length).sum())
+    if over:
+        raise InputError(
+            f"max_length={max_length} would truncate {over} of the {len(pairs)} {workload} pairs in the "
+            f"decoder's prompt (the longest has {int(lengths.max())} tokens), and the contenders truncate "
+            f"prompts differently; use --set max_length={int(lengths.max())} or fewer pairs"
+        )
 
 
 def _conservative_peaks(before: dict[str, dict], after: dict[str, dict]) -> dict[str, dict]:
@@ -464,8 +489,11 @@ class _FirstRound:
     def info(self) -> dict:
         """The model's entry of the report's `models`."""
         seqlens = self.workloads.seqlens
+        template = prompt_template(self.directory)
         return {
             "directory": self.directory,
+            # A decoder's pairs are scored through this prompt, none truncated (`check_untruncated`).
+            "prompt_template": None if template is None else template.name,
             "shape": asdict(self.shape),
             "workload_pairs": self.workloads.pairs,
             "fidelity_reference": self.reference,
@@ -566,7 +594,12 @@ def run_benchmark(config: BenchmarkConfig) -> dict:
             report["targets"] += _targets(result["runs"], model)
     finally:
         shutil.rmtree(scores_dir, ignore_errors=True)
-    report["cross_model"] = _cross_model(report["runs"], models)
+    # Engine-on-one-model over others-on-another is the claim for models of one kind (the jina and bge
+    # shapes): between a decoder and an encoder it compares the models, not the ways of running them.
+    kind = {m: info["shape"].get("decoder", False) for m, info in report["models"].items()}
+    report["cross_model"] = _cross_model(
+        report["runs"], [m for m in models if kind.get(m) == kind.get(models[0])]
+    )
     report["machine"]["load_average_after"] = load_average()
     report["seconds"] = time.time() - started
     return report
@@ -581,7 +614,7 @@ def _cross_model(runs: list[dict], models: list[str]) -> list[dict]:
     ratios = []
     for (model, workload, contender), speed in by.items():
         engine = by.get((models[0], workload, REFERENCE))
-        if model != models[0] and engine:
+        if model in models[1:] and engine:
             ratios.append(
                 {
                     "workload": workload,
