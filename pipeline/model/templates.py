@@ -232,7 +232,8 @@ def resolve_template(
         f"{model} is a decoder reranker ({layout} layout) and its prompt template is not known; name "
         f"one with `--set tokenizer.template=<name>` (built in: {', '.join(sorted(TEMPLATES))}) or "
         "give a JSON file of the fields (prefix, body, suffix, yes_token, no_token, "
-        "default_instruction)"
+        "default_instruction); the key is rerank.tokenizer.template in the jobs that rerank as a "
+        "step, scoring.template in the evaluation suite, template= in Python"
     )
 
 

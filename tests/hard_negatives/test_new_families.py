@@ -6,6 +6,7 @@ qrels. The scores in candidates/ are the engine's own for those pairs. (The cros
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pyarrow.compute as pc
@@ -19,6 +20,8 @@ from pipeline.datasets import trec_dl
 from pipeline.hard_negatives.io import read_run_metadata
 from pipeline.hard_negatives.select import IS_POSITIVE, KEEP
 from pipeline.model import CrossEncoder
+from pipeline.model.checkpoint import resolve_model_directory
+from pipeline.model.decoder_dummy import TEMPLATE_KEY
 
 INSTRUCTION = "Given a question, retrieve web passages that answer it"
 MAX_LENGTH = (
@@ -89,3 +92,23 @@ def test_mines_with_a_qwen3_reranker_and_its_instruction(ray_local, small_input,
     assert stats["kept_negatives"] == pc.sum(canonical[KEEP]).as_py()
     assert not [r for r in rows if r[KEEP] and r[IS_POSITIVE]]
     assert pq.read_table(output / "triplet").num_rows == stats["projections"]["triplet_rows"]
+
+
+def test_a_decoder_folder_without_a_known_template_is_refused_before_scoring(
+    small_input, tmp_path, run_entry_point
+):
+    """By path: a Qwen3 checkpoint whose name and config.json name no template is refused in one line that
+    says how to name one, before any score is written."""
+    source, qrels, _ = small_input
+    folder = tmp_path / "my-reranker"
+    shutil.copytree(resolve_model_directory("dummy:tiny-qwen3")[0], folder)
+    config = json.loads((folder / "config.json").read_text())
+    del config[TEMPLATE_KEY]
+    (folder / "config.json").write_text(json.dumps(config))
+    output = tmp_path / "out"
+    argv = ["--input", source, "--positives", qrels, "--output", output, "--model", folder]
+    result = run_entry_point(main, *argv, "--set", "selection.min_positive_label=2")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr
+    assert "prompt template is not known" in errors[0] and "rerank.tokenizer.template" in errors[0]
+    assert not (output / "stats.json").exists() and not (output / "rerank" / "ranked").exists()
