@@ -161,7 +161,7 @@ def test_a_passage_flagembedding_cuts_is_cut_alike_at_the_same_length(gemma, sam
 
 def test_pair_alone_equals_pair_packed(gemma, sample):
     ours = CrossEncoder.from_pretrained(gemma, device="cpu", dtype="float32")
-    assert_alone_as_packed(ours, sample[:8] + sample[-3:], MAX_LENGTH)
+    assert_alone_as_packed(ours, sample[:4] + sample[-3:], MAX_LENGTH)  # ragged, cut, tiny
     together = np.asarray(ours.compute_score(sample, max_length=MAX_LENGTH, return_logits=True))
     small = np.asarray(
         ours.compute_score(
