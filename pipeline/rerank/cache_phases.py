@@ -87,9 +87,28 @@ def int8_settings(
     }
 
 
+# What a task on the cluster found, per (cluster, question): a driver that runs several jobs on one Ray (the
+# Python API, the hard-negatives and index-quality jobs, a test session) asks once. Each answer costs a worker
+# that imports torch and, for the dtype, a GEMM probe: about a second per job otherwise.
+_ASKED: dict[tuple, object] = {}
+
+
+def _once_per_cluster(question: tuple, ask):
+    import ray
+
+    key = (ray.get_runtime_context().gcs_address, *question)
+    if key not in _ASKED:
+        _ASKED[key] = ask()
+    return _ASKED[key]
+
+
 def _scorer_int8() -> dict:
     """What a scorer's CPU and the engine decide about int8: the weights' range (63 on CPUs without VNNI, 127
     with it, so the two never share entries) and a digest of the pairs SmoothQuant calibrates on."""
+    return dict(_once_per_cluster(("int8",), _ask_scorer_int8))
+
+
+def _ask_scorer_int8() -> dict:
     import ray
 
     @ray.remote(num_cpus=0)
@@ -105,9 +124,14 @@ def _scorer_int8() -> dict:
 
 def _scorer_dtype(device: str, resources: dict) -> str:
     """What `dtype: auto` resolves to where a scorer runs (a GPU node, or any CPU node)."""
+    gpus = resources.get("num_gpus", 0)
+    return _once_per_cluster(("dtype", device, gpus), lambda: _ask_scorer_dtype(device, gpus))
+
+
+def _ask_scorer_dtype(device: str, gpus: float) -> str:
     import ray
 
-    @ray.remote(num_cpus=0, num_gpus=resources.get("num_gpus", 0) and 0.01)
+    @ray.remote(num_cpus=0, num_gpus=gpus and 0.01)
     def resolve(device: str) -> str:
         import torch
 
