@@ -56,8 +56,8 @@ def base_parser(
         default=None,
         help="local checkpoint directory, Hugging Face hub id, or dummy:<architecture>"
         + ("" if model_required else f" (default: the config's model, {DEFAULT_MODEL})")
-        + "; a decoder reranker (Qwen3-Reranker) reads pairs through its prompt template, whose "
-        f"instruction the config key {instruction_key} sets",
+        + "; a decoder reranker (Qwen3-Reranker, bge-reranker-v2-gemma) reads pairs through its prompt "
+        f"template, whose instruction the config key {instruction_key} sets",
     )
     parser.add_argument(
         "--dtype",

@@ -41,12 +41,14 @@ class TokenizerConfig(StrictModel):
     )
     max_query_length: int = Field(512, ge=1)  # windows mode only
     overlap: int = Field(80, ge=0)  # windows mode only
-    # Decoder rerankers (Qwen3-Reranker) read each pair through a prompt template: a built-in name
-    # (qwen3-reranker) or a JSON file of its fields (pipeline/model/templates.py). null: the checkpoint's own,
-    # known from its name or config.json; a decoder without one is refused. Cross-encoders take none.
+    # Decoder rerankers (Qwen3-Reranker, bge-reranker-v2-gemma) read each pair through a prompt template: a
+    # built-in name (qwen3-reranker, bge-reranker-v2-gemma) or a JSON file of its fields
+    # (pipeline/model/templates.py). null: the checkpoint's own, known from its name or config.json; a decoder
+    # without one is refused. Cross-encoders take none.
     template: str | None = None
     # The template's instruction (what relevant means for this job's pairs). null: the template's default,
     # "Given a web search query, retrieve relevant passages that answer the query" for Qwen3-Reranker.
+    # (bge-reranker-v2-gemma's is the question after the passage, which this text then replaces.)
     instruction: str | None = None
     # Tokenizer actors. auto (or null): sized at start from the cluster the job finds, enough to keep the GPU
     # scorers fed at their measured (else FLOPs-estimated) rate, capped by the CPUs of the nodes matching
@@ -83,10 +85,11 @@ class ScorerConfig(StrictModel):
 class IoConfig(StrictModel):
     """The storage-bound stages: reading shards, writing staging files, ranking buckets (one pool each)."""
 
-    # Actors per pool. One keeps up with a CPU scorer or a few GPUs; with many GPUs the single writer
-    # becomes the queue (each scorer call's rows are a Parquet write), so give it more.
+    # Ray tasks at a time per stage (the key's name is older than the tasks). One keeps up with a CPU scorer
+    # or a few GPUs; with many GPUs the single writer becomes the queue (each scorer call's rows are a Parquet
+    # write), so give it more.
     num_actors: int = Field(1, ge=1)
-    num_cpus: float = Field(0.25, gt=0)  # per actor: I/O waits, so a fraction of a core
+    num_cpus: float = Field(0.25, gt=0)  # per task: I/O waits, so a fraction of a core
     # Scored rows the writer gathers before writing staging files. Each write makes one file per (shard,
     # ranking bucket) it touches, so small writes multiply files (and PUTs, manifest entries, ranking reads);
     # a shard commits with the write that completes it. Stages upstream stream in small blocks whatever this is.
