@@ -42,6 +42,15 @@ def dl19_long(dl19_rows, tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def dl19_1000(dl19_rows, tmp_path_factory) -> Path:
+    """The first 1,000 DL19 pairs (10 queries) in the long format, in 100-row row groups: as many shards as a
+    test asks for with input.rows_per_shard, at a quarter of dl19_long's scoring."""
+    path = tmp_path_factory.mktemp("dl19-1000") / "dl19_1000.parquet"
+    pq.write_table(pa.Table.from_pylist(dl19_rows[:1000]), path, row_group_size=100)
+    return path
+
+
 def read_dir(path) -> pa.Table:
     files = sorted(Path(path).glob("*.parquet"))
     return (
