@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING
 
 from pipeline.core.errors import ConfigError
 from pipeline.rerank.config import RerankConfig
-from pipeline.rerank.progress import report_to
 
 if TYPE_CHECKING:
     import ray.data
@@ -209,10 +208,10 @@ def _per_item(plan: RunPlan, cls: type, **kwargs) -> Stage:
     return Stage(cls, kwargs, batch_size=1, **_io(plan))
 
 
-def scoring_dataset(plan: RunPlan, batches: HandOffs, progress_counter=None) -> ray.data.Dataset:
+def scoring_dataset(plan: RunPlan, batches: HandOffs, on_scored=None) -> ray.data.Dataset:
     """The scoring phase over the plan's pending shards: one report row per staging file written (see
     stages/write.py). `batches`: rows per call of each stage (`hand_offs`). Scorers report each batch to
-    `progress_counter` (a `progress.ScoreCounter` actor), if given."""
+    `on_scored(pairs, rejected)` (a `progress.Progress.reporter()`), if given."""
     config, work_uri, classes = plan.config, plan.work_uri, plan.stages
     size, resources = scorer_pool(config)
     return build(
@@ -253,9 +252,7 @@ def scoring_dataset(plan: RunPlan, batches: HandOffs, progress_counter=None) -> 
                     allow_pickle=config.allow_pickle,
                     int8=plan.int8,
                     template=config.tokenizer.template,
-                    on_scored=None
-                    if progress_counter is None
-                    else functools.partial(report_to, progress_counter),
+                    on_scored=on_scored,
                 ),
                 batch_size=batches.scorer,
                 actors=size,

@@ -181,7 +181,7 @@ def _score(plan: RunPlan, lease: OutputLease) -> dict:
     )
     commits = ShardCommits(pending)
     try:
-        ds = compose.scoring_dataset(plan, batches, progress_counter=progress.counter)
+        ds = compose.scoring_dataset(plan, batches, on_scored=progress.reporter())
         for report in worker_errors(watched(ds, progress, plan.config, batches), lease.check):
             progress.moved()
             for row in report.to_pylist():

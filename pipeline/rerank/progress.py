@@ -14,47 +14,78 @@ one), or a staging file written (the driver calls `moved`).
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
+import uuid
 
 logger = logging.getLogger("rerank")
 
 
 class ScoreCounter:
-    """Running totals, held by a Ray actor (see `start`); `add` is called fire-and-forget by the scorers."""
+    """Running totals per run, held by a Ray actor (see `shared_counter`); `add` is called fire-and-forget by
+    the scorers. One actor serves every run of a driver on a cluster (the Python API, the hard-negatives and
+    index-quality jobs, a test session run many): an actor of its own per run started a worker process each."""
 
     def __init__(self):
-        self.pairs = self.rejected = self.beats = 0
+        self.runs: dict[str, list[int]] = {}
 
-    def add(self, pairs: int, rejected: int) -> None:
-        self.pairs += pairs
-        self.rejected += rejected
-        self.beats += 1
+    def ping(self) -> bool:
+        return True
 
-    def get(self) -> tuple[int, int]:
-        return self.pairs, self.rejected
+    def add(self, run: str, pairs: int, rejected: int) -> None:
+        totals = self.runs.setdefault(run, [0, 0, 0])
+        totals[0] += pairs
+        totals[1] += rejected
+        totals[2] += 1
 
-    def get_with_beats(self) -> tuple[int, int, int]:
+    def get(self, run: str) -> tuple[int, int]:
+        pairs, rejected, _ = self.runs.get(run, (0, 0, 0))
+        return pairs, rejected
+
+    def get_with_beats(self, run: str) -> tuple[int, int, int]:
         """(pairs, rejected, beats): `beats` counts every report, empty ones included, so the watchdog sees a
         scorer that is still working through one long call (see `report_to`)."""
-        return self.pairs, self.rejected, self.beats
+        return tuple(self.runs.get(run, (0, 0, 0)))
+
+    def drop(self, run: str) -> None:
+        self.runs.pop(run, None)
 
 
-def report_to(counter, pairs: int, rejected: int) -> None:
+_COUNTERS: dict[
+    str, object
+] = {}  # the counter actor of each cluster this driver joined, by GCS address
+
+
+def shared_counter():
+    """This driver's counter actor on the current cluster, started on first use, or again if it died."""
+    import ray
+
+    address = ray.get_runtime_context().gcs_address
+    counter = _COUNTERS.get(address)
+    if counter is not None:
+        try:
+            ray.get(counter.ping.remote(), timeout=30)
+            return counter
+        except Exception:  # noqa: BLE001 - dead or unreachable: a new one
+            pass
+    counter = _COUNTERS[address] = ray.remote(num_cpus=0)(ScoreCounter).remote()
+    return counter
+
+
+def report_to(counter, run: str, pairs: int, rejected: int) -> None:
     """What a scorer calls after each batch, and with (0, 0) while inside a long one (bound to a counter
-    actor with functools.partial)."""
-    counter.add.remote(pairs, rejected)
+    actor and a run with functools.partial)."""
+    counter.add.remote(run, pairs, rejected)
 
 
 class Progress:
     """Prints the progress line from a `ScoreCounter` actor every `interval` seconds until `stop`."""
 
     def __init__(self, total: int, done_before: int, interval: float):
-        import ray
-
         self.total, self.done_before, self.interval = total, done_before, interval
-        self.counter = ray.remote(num_cpus=0)(ScoreCounter).remote()
+        self.counter, self.run = shared_counter(), uuid.uuid4().hex
         self.start = time.monotonic()
         self._last = (0, 0)  # nothing is printed until something is scored
         self._polled = (0, 0, 0)
@@ -84,7 +115,7 @@ class Progress:
         while not self._stop.wait(self.interval):
             try:
                 *counts, beats = ray.get(
-                    self.counter.get_with_beats.remote(), timeout=self.interval
+                    self.counter.get_with_beats.remote(self.run), timeout=self.interval
                 )
             except Exception:  # noqa: BLE001 - progress must never fail the job
                 continue
@@ -92,6 +123,10 @@ class Progress:
                 self._polled = (*counts, beats)
                 self.moved()
             self._print(*counts)
+
+    def reporter(self):
+        """What the scorers call after each batch: `report_to` bound to this run's counter."""
+        return functools.partial(report_to, self.counter, self.run)
 
     def moved(self) -> None:
         """Something was scored or written just now."""
@@ -102,12 +137,10 @@ class Progress:
         return time.monotonic() - self._moved
 
     def close(self) -> None:
-        import ray
-
         self._stop.set()
         self._thread.join(timeout=self.interval + 5)
         try:
-            ray.kill(self.counter)
+            self.counter.drop.remote(self.run)
         except Exception:  # noqa: BLE001 - Ray may already be shutting down
             pass
 

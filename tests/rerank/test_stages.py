@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -242,11 +244,11 @@ def test_a_long_scorer_call_sends_heartbeats_the_watchdog_counts(dl19_long, monk
         ScorerConfig(max_tokens_per_batch=512),
         str(dl19_long.parent / "scorers-beats"),
         {},
-        on_scored=counter.add,
+        on_scored=functools.partial(counter.add, "run"),
     )
     stage(tokenized)
-    pairs, rejected, beats = counter.get_with_beats()
-    assert pairs + rejected == 200 and counter.get() == (pairs, rejected)
+    pairs, rejected, beats = counter.get_with_beats("run")
+    assert pairs + rejected == 200 and counter.get("run") == (pairs, rejected)
     # 200 pairs of up to 256 tokens under a 512-token budget: dozens of micro-batches, a beat after each
     assert beats > 20, beats
 
