@@ -2,7 +2,8 @@
 of stages (class, constructor arguments, rows per call, how many actors, where they run), built by `build`.
 
 Fault tolerance is Ray Data's own: its actor pools restart a dead actor and retry its tasks
-(max_restarts=-1, max_task_retries=-1 by default); exactly-once output is ours (see job.py).
+(max_restarts=-1, max_task_retries=-1 by default), and a task whose worker died runs again (max_retries=-1);
+exactly-once output is ours (see job.py).
 
     [score cache: shards -> read + keys -> write keys; cache buckets -> join with the cache -> write found]
     shards -> read + validate [+ what the lookup found] -> tokenize (CPU actors) -> score (GPU or CPU actors;
@@ -204,7 +205,7 @@ def _io(plan: RunPlan) -> dict:
 
 
 def _per_item(plan: RunPlan, cls: type, **kwargs) -> Stage:
-    """`cls(**kwargs)` on the io actors, called with one item (a shard, a bucket) at a time."""
+    """`cls(**kwargs)` as io tasks, called with one item (a shard, a bucket) at a time."""
     return Stage(cls, kwargs, batch_size=1, **_io(plan))
 
 
