@@ -607,36 +607,37 @@ def test_corrupt_file_stops_the_job_with_one_line(
 
 @pytest.mark.slow
 def test_corrupt_row_groups_rejected_and_their_shard_commits(ray_local, dl19_rows, tmp_path):
-    rows = _long_rows(dl19_rows, 1500)
-    pq.write_table(pa.Table.from_pylist(rows[:500]), tmp_path / "a.parquet")
-    pq.write_table(pa.Table.from_pylist(rows[500:]), tmp_path / "b.parquet", row_group_size=500)
+    rows = _long_rows(dl19_rows, 300)
+    pq.write_table(pa.Table.from_pylist(rows[:100]), tmp_path / "a.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[100:]), tmp_path / "b.parquet", row_group_size=100)
     _corrupt(tmp_path / "b.parquet", 1, "document")  # b's second row group is a shard of its own
     summary, ranked, rejected = _reconciled(
-        _run(tmp_path, tmp_path / "out", input__on_unreadable="reject"), 1500
+        _run(tmp_path, tmp_path / "out", input__on_unreadable="reject", input__rows_per_shard=100),
+        300,
     )
-    assert summary["shards"] == 3 and summary["rejected_by_reason"] == {"unreadable_file": 500}
-    assert sorted(rejected.column(S.DOC_ID).to_pylist()) == sorted(r["doc_id"] for r in rows[1000:])
-    assert rejected.column(S.DOCUMENT).null_count == 500
-    assert sorted(ranked.column(S.DOC_ID).to_pylist()) == sorted(r["doc_id"] for r in rows[:1000])
+    assert summary["shards"] == 3 and summary["rejected_by_reason"] == {"unreadable_file": 100}
+    assert sorted(rejected.column(S.DOC_ID).to_pylist()) == sorted(r["doc_id"] for r in rows[200:])
+    assert rejected.column(S.DOCUMENT).null_count == 100
+    assert sorted(ranked.column(S.DOC_ID).to_pylist()) == sorted(r["doc_id"] for r in rows[:200])
 
     # Grouped input whose doc ids cannot be read: each of its queries is one rejected row.
-    queries = _grouped(_long_rows(dl19_rows, 600))
-    pq.write_table(pa.Table.from_pylist(queries), tmp_path / "g.parquet", row_group_size=2)
+    queries = _grouped(_long_rows(dl19_rows, 300))  # 3 queries of 100 candidates
+    pq.write_table(pa.Table.from_pylist(queries), tmp_path / "g.parquet", row_group_size=1)
     _corrupt(tmp_path / "g.parquet", 1, "candidates.list.element.doc_id")
     summary, ranked, rejected = _reconciled(
         _run(
             tmp_path / "g.parquet",
             tmp_path / "out-g",
             input__on_unreadable="reject",
-            input__rows_per_shard=200,
+            input__rows_per_shard=100,
         ),
-        402,
+        201,
     )
-    assert summary["rejected_by_reason"] == {"unreadable_file": 2}
+    assert summary["rejected_by_reason"] == {"unreadable_file": 1}
     assert rejected.select([S.QUERY_ID, S.DOC_ID, S.REASON]).to_pylist() == [
-        dict(query_id=q["query_id"], doc_id=None, reason="unreadable_file") for q in queries[2:4]
+        dict(query_id=q["query_id"], doc_id=None, reason="unreadable_file") for q in queries[1:2]
     ]
-    assert ranked.num_rows == 400
+    assert ranked.num_rows == 200
 
 
 @pytest.mark.slow
