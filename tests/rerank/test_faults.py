@@ -58,7 +58,7 @@ def accounted(output: Path) -> tuple[int, int, dict]:
 @pytest.fixture
 def small_input(dl19_rows, tmp_path) -> Path:
     path = tmp_path / "in.parquet"
-    pq.write_table(pa.Table.from_pylist(dl19_rows[:300]), path, row_group_size=100)
+    pq.write_table(pa.Table.from_pylist(dl19_rows[:150]), path, row_group_size=50)
     return path
 
 
@@ -204,7 +204,7 @@ def test_allow_pickle_reaches_the_scorers(ray_local, small_input, tmp_path, caps
     )
     assert code == 0
     pickled, safe = read_dir(tmp_path / "pickle" / "ranked"), read_dir(tmp_path / "safe" / "ranked")
-    assert pickled.num_rows == safe.num_rows == 300
+    assert pickled.num_rows == safe.num_rows == 150
     # Same weights through the other loader: the same scores, up to float rounding of another batch packing.
     assert pickled.column("doc_id").to_pylist() == safe.column("doc_id").to_pylist()
     assert pickled.column("score").to_pylist() == pytest.approx(
@@ -486,7 +486,7 @@ def _lease_pid(output: Path) -> int | None:
 
 
 def test_a_second_run_on_a_busy_output_is_refused_naming_the_owner(
-    dl19_1000, tmp_path, run_entry_point
+    small_input, tmp_path, run_entry_point
 ):
     output = tmp_path / "out"
     args = [
@@ -494,7 +494,7 @@ def test_a_second_run_on_a_busy_output_is_refused_naming_the_owner(
         "-m",
         *JOB,
         "--input",
-        str(dl19_1000),
+        str(small_input),
         "--output",
         str(output),
         "--model",
@@ -525,7 +525,7 @@ def test_a_second_run_on_a_busy_output_is_refused_naming_the_owner(
         try:
             # Refused before any work (no Ray): the second run's command, in this process.
             second = run_entry_point(
-                rerank_main, "--input", dl19_1000, "--output", output, "--model", "dummy:tiny"
+                rerank_main, "--input", small_input, "--output", output, "--model", "dummy:tiny"
             )
         finally:
             os.kill(first.pid, signal.SIGCONT)
@@ -537,7 +537,7 @@ def test_a_second_run_on_a_busy_output_is_refused_naming_the_owner(
     assert_one_error_line(second.stderr, "being written by another run", f"pid {first.pid}")
     assert first.returncode == 0, err[-3000:]
     ranked, rejected, summary = accounted(output)
-    assert ranked == summary["scored_rows"] == 1000 and rejected == 0
+    assert ranked == summary["scored_rows"] == 150 and rejected == 0
     assert not (output / "_lease.json").exists()  # released at the end
     assert sorted(p.name for p in output.iterdir()) == ["ranked", "rejected", "summary.json"]
 
@@ -707,12 +707,12 @@ def test_a_rerun_is_not_confused_by_the_ray_a_killed_driver_left(dl19_1000, tmp_
 # -- progress --------------------------------------------------------------------------------------------
 
 
-def test_progress_follows_scoring_not_commits(ray_local, dl19_long, tmp_path, capsys):
+def test_progress_follows_scoring_not_commits(ray_local, dl19_1000, tmp_path, capsys):
     # One shard and one staging write for the whole input: commits come only at the end, progress must not.
     code, err = run_inline(
         capsys,
         "--input",
-        str(dl19_long),
+        str(dl19_1000),
         "--output",
         str(tmp_path / "out"),
         "--model",
@@ -720,13 +720,13 @@ def test_progress_follows_scoring_not_commits(ray_local, dl19_long, tmp_path, ca
         "--set",
         "progress_interval_s=0.2",
         "--set",
-        "scorer.batch_size=200",
+        "scorer.batch_size=50",
     )
     assert code == 0, err[-3000:]
     lines = [line for line in err.splitlines() if "INFO rerank: scored " in line]
     done = [int(line.split("scored ")[1].split("/")[0].replace(",", "")) for line in lines]
     assert len(done) >= 3, lines
-    assert done == sorted(done) and done[0] < 4300 and done[-1] == 4300
+    assert done == sorted(done) and done[0] < 1000 and done[-1] == 1000
 
 
 # -- int8 where the scorers would be GPUs ---------------------------------------------------------------
