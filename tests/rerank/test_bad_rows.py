@@ -370,19 +370,19 @@ def _ordered(table: pa.Table, columns: list[str]) -> list[dict]:
 
 @pytest.mark.slow
 def test_invalid_utf8_is_rejected_end_to_end(ray_local, dl19_rows, tmp_path):
-    rows = _long_rows(dl19_rows, 600)
+    rows = _long_rows(dl19_rows, 300)
     cols = {k: [r[k] for r in rows] for k in ("query_id", "query", "doc_id", "document")}
     long = pa.table(
         {
             "query_id": _strings(cols["query_id"], {10: b"\x80"}),
             "query": _strings(cols["query"], {20: b"caf\xe9"}),
-            "doc_id": _strings(cols["doc_id"], {530: b"\xc3("}),
-            "document": _strings(cols["document"], {540: b"\xff" * 3}),
+            "doc_id": _strings(cols["doc_id"], {130: b"\xc3("}),
+            "document": _strings(cols["document"], {140: b"\xff" * 3}),
         }
     )
-    pq.write_table(long, tmp_path / "long.parquet", row_group_size=500)
+    pq.write_table(long.slice(0, 200), tmp_path / "long.parquet", row_group_size=100)
     summary, ranked, rejected = _reconciled(
-        _run(tmp_path / "long.parquet", tmp_path / "out-long"), 600
+        _run(tmp_path / "long.parquet", tmp_path / "out-long", input__rows_per_shard=100), 200
     )
     assert summary["rejected_by_reason"] == {"invalid_utf8": 4}
     assert _ordered(rejected, [S.QUERY_ID, S.QUERY, S.DOC_ID, S.REASON]) == _ordered(
@@ -401,15 +401,15 @@ def test_invalid_utf8_is_rejected_end_to_end(ray_local, dl19_rows, tmp_path):
                     reason="invalid_utf8",
                 ),
                 dict(
-                    query_id=rows[530]["query_id"],
-                    query=rows[530]["query"],
+                    query_id=rows[130]["query_id"],
+                    query=rows[130]["query"],
                     doc_id=f"{REPLACED}(",
                     reason="invalid_utf8",
                 ),
                 dict(
-                    query_id=rows[540]["query_id"],
-                    query=rows[540]["query"],
-                    doc_id=rows[540]["doc_id"],
+                    query_id=rows[140]["query_id"],
+                    query=rows[140]["query"],
+                    doc_id=rows[140]["doc_id"],
                     reason="invalid_utf8",
                 ),
             ]
@@ -417,7 +417,9 @@ def test_invalid_utf8_is_rejected_end_to_end(ray_local, dl19_rows, tmp_path):
         [S.QUERY_ID, S.QUERY, S.DOC_ID, S.REASON],
     )
     assert set(zip(ranked.column(S.QUERY_ID).to_pylist(), ranked.column(S.DOC_ID).to_pylist())) == {
-        (r["query_id"], r["doc_id"]) for i, r in enumerate(rows) if i not in (10, 20, 530, 540)
+        (r["query_id"], r["doc_id"])
+        for i, r in enumerate(rows[:200])
+        if i not in (10, 20, 130, 140)
     }
 
     # Grouped: a bad query rejects its 100 pairs, a bad candidate document only its own pair.
@@ -467,20 +469,25 @@ def _run(path: Path, output: Path, **overrides) -> Path:
 
 @pytest.mark.slow
 def test_duplicates_keep_their_input_columns_long(ray_local, dl19_rows, tmp_path):
-    rows = [dict(r, source="first") for r in _long_rows(dl19_rows, 1000)]
+    rows = [dict(r, source="first") for r in _long_rows(dl19_rows, 400)]
     # Repeats of earlier pairs with texts and carried values of their own: each is rejected with its own row.
-    rows[700] = dict(rows[10], document="a second copy", rank=701, source="repeat")  # across shards
-    rows[999] = dict(
-        rows[998], query="same pair, other query text", rank=1000, source="repeat"
+    rows[300] = dict(rows[10], document="a second copy", rank=301, source="repeat")  # across shards
+    rows[399] = dict(
+        rows[398], query="same pair, other query text", rank=400, source="repeat"
     )  # same shard
-    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "in.parquet", row_group_size=250)
-    out = _run(tmp_path / "in.parquet", tmp_path / "out", output__rows_per_bucket=300)
-    summary, ranked, rejected = _reconciled(out, 1000)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "in.parquet", row_group_size=100)
+    out = _run(
+        tmp_path / "in.parquet",
+        tmp_path / "out",
+        input__rows_per_shard=200,
+        output__rows_per_bucket=120,
+    )
+    summary, ranked, rejected = _reconciled(out, 400)
     assert summary["shards"] == 2 and summary["ranking_buckets"] == 4
     assert summary["rejected_by_reason"] == {"duplicate (query_id, doc_id)": 2}
     expected = [
         dict(rows[i], first_stage_rank=rows[i]["rank"], reason="duplicate (query_id, doc_id)")
-        for i in (700, 999)
+        for i in (300, 399)
     ]
     columns = [S.QUERY_ID, S.QUERY, S.DOC_ID, S.DOCUMENT, S.FIRST_STAGE_RANK, "source", S.REASON]
     assert _ordered(rejected, columns) == _ordered(pa.Table.from_pylist(expected), columns)
@@ -708,29 +715,29 @@ def test_every_fault_in_windows_mode(ray_local, dl19_rows, tmp_path):
 def test_resumed_run_counts_every_bad_row_once(ray_local, dl19_rows, tmp_path):
     """A run that dies after scoring (its ranking cannot write) is resumed: the committed shards' rejected
     rows are counted once, and their duplicates are re-read from the input by the rerun's rankers."""
-    rows = _long_rows(dl19_rows, 1000)
-    rows[600] = dict(rows[5], document="a later copy")
+    rows = _long_rows(dl19_rows, 200)
+    rows[150] = dict(rows[5], document="a later copy")
     cols = {k: [r[k] for r in rows] for k in ("query_id", "query", "doc_id", "document", "rank")}
     table = pa.table(
         {
             **{k: cols[k] for k in ("query_id", "query", "doc_id")},
-            "document": _strings(cols["document"], {7: b"\xff", 800: b"\xc3"}),
+            "document": _strings(cols["document"], {7: b"\xff", 180: b"\xc3"}),
             "rank": cols["rank"],
         }
     )
-    pq.write_table(table, tmp_path / "in.parquet", row_group_size=500)
+    pq.write_table(table, tmp_path / "in.parquet", row_group_size=100)
     out = tmp_path / "out"
     out.mkdir()
     (out / "ranked").write_text("a file where the ranked folder should be")
     with pytest.raises(Exception, match="ranked"):
-        run_rerank(_config(), str(tmp_path / "in.parquet"), str(out))
+        run_rerank(_config(input__rows_per_shard=100), str(tmp_path / "in.parquet"), str(out))
     assert (
         len(list((out / "_work" / "manifests").glob("shard-*.json"))) == 2
     )  # scoring had finished
     (out / "ranked").unlink()
-    summary = run_rerank(_config(), str(tmp_path / "in.parquet"), str(out))
+    summary = run_rerank(_config(input__rows_per_shard=100), str(tmp_path / "in.parquet"), str(out))
     assert summary["shards_resumed"] == 2
-    summary, ranked, rejected = _reconciled(out, 1000)
+    summary, ranked, rejected = _reconciled(out, 200)
     assert summary["rejected_by_reason"] == {"duplicate (query_id, doc_id)": 1, "invalid_utf8": 2}
     assert _ordered(rejected, [S.DOC_ID, S.DOCUMENT, S.REASON]) == _ordered(
         pa.Table.from_pylist(
@@ -741,7 +748,7 @@ def test_resumed_run_counts_every_bad_row_once(ray_local, dl19_rows, tmp_path):
                     reason="duplicate (query_id, doc_id)",
                 ),
                 dict(doc_id=rows[7]["doc_id"], document=REPLACED, reason="invalid_utf8"),
-                dict(doc_id=rows[800]["doc_id"], document=REPLACED, reason="invalid_utf8"),
+                dict(doc_id=rows[180]["doc_id"], document=REPLACED, reason="invalid_utf8"),
             ]
         ),
         [S.DOC_ID, S.DOCUMENT, S.REASON],
