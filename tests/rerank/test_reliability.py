@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import s3fs
@@ -170,7 +171,6 @@ def test_object_storage_in_and_out_with_credentials_kept_secret(dl19_1000, s3_bu
 
 def test_bad_input_fails_before_work_with_one_line(tmp_path, dl19_long, run_entry_point):
     """Found before Ray starts: the entry point in this process gives the command's exit code and stderr."""
-    import pyarrow as pa
 
     bad = tmp_path / "bad.parquet"
     pq.write_table(
@@ -250,12 +250,14 @@ cluster.shutdown()
 
 
 @pytest.mark.slow  # a simulated two-node Ray cluster, in a process of its own
-def test_scorers_land_on_the_gpu_node_and_tokenizers_on_cpu_nodes(dl19_1000, tmp_path):
+def test_scorers_land_on_the_gpu_node_and_tokenizers_on_cpu_nodes(dl19_rows, tmp_path):
     """A simulated two-node cluster: a CPU head and a node declaring one GPU (the scorer falls back to CPU)."""
     script = tmp_path / "cluster.py"
     script.write_text(CLUSTER_SCRIPT)
+    source = tmp_path / "in.parquet"  # one query's pairs: where the actors run needs no more
+    pq.write_table(pa.Table.from_pylist(dl19_rows[:100]), source)
     result = subprocess.run(
-        [sys.executable, str(script), str(dl19_1000), str(tmp_path / "out")],
+        [sys.executable, str(script), str(source), str(tmp_path / "out")],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         capture_output=True,
@@ -264,6 +266,6 @@ def test_scorers_land_on_the_gpu_node_and_tokenizers_on_cpu_nodes(dl19_1000, tmp
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["scored"] == 1000
+    assert report["scored"] == 100
     assert report["placement"]["ScoreStage"] == [report["gpu_node"]]
     assert report["gpu_node"] not in report["placement"]["TokenizeStage"]
