@@ -73,9 +73,20 @@ def engine():
     return CrossEncoder.from_pretrained("dummy:tiny", dtype="float32")
 
 
+@pytest.fixture(scope="module")
+def dl19_sample(dl19_rows, tmp_path_factory) -> tuple[list[dict], object]:
+    """The first 1,500 DL19 pairs (15 whole queries) in the long format, in 300-row row groups: with 300 rows a
+    shard, five shards, as many as the whole 4,300 pairs make in 1,000-row shards."""
+    rows = dl19_rows[:1500]
+    path = tmp_path_factory.mktemp("dl19-sample") / "dl19.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=300)
+    return rows, path
+
+
 def test_dl19_long_format_every_pair_once_with_engine_scores(
-    ray_local, dl19_long, dl19_rows, engine, tmp_path
+    ray_local, dl19_sample, engine, tmp_path
 ):
+    rows, path = dl19_sample
     output = tmp_path / "out"
     # Two actors in each storage-bound pool and five ranking buckets: parallel readers, writers and rankers
     # must still give each pair exactly once. Tokenizers sized by the job (auto: one for a CPU scorer).
@@ -83,10 +94,11 @@ def test_dl19_long_format_every_pair_once_with_engine_scores(
         _config(
             io__num_actors=2,
             io__num_cpus=0.1,
-            output__rows_per_bucket=1000,
+            input__rows_per_shard=300,
+            output__rows_per_bucket=300,
             tokenizer__num_actors="auto",
         ),
-        str(dl19_long),
+        str(path),
         str(output),
     )
     assert summary["config"]["tokenizer"]["num_actors"] == 1
@@ -96,7 +108,7 @@ def test_dl19_long_format_every_pair_once_with_engine_scores(
         busy and all(0 < b <= 1 for b in busy) and all(s["busy_s"] > 0 for s in summary["scorers"])
     )
     assert summary["scorer_busy_fraction"] == round(sum(busy) / len(busy), 3)
-    _check_reconciles(output, 4300)
+    _check_reconciles(output, 1500)
     assert (
         summary["rejected_rows"] == 0 and summary["shards"] == 5 and summary["ranking_buckets"] == 5
     )
@@ -106,17 +118,17 @@ def test_dl19_long_format_every_pair_once_with_engine_scores(
     assert summary["pairs_per_s"] > 0 and summary["tokens_per_s"] > 0
     ranked = read_dir(output / "ranked")
     keys = list(zip(ranked.column(S.QUERY_ID).to_pylist(), ranked.column(S.DOC_ID).to_pylist()))
-    assert len(keys) == len(set(keys)) == 4300
-    assert set(keys) == {(r["query_id"], r["doc_id"]) for r in dl19_rows}
+    assert len(keys) == len(set(keys)) == 1500
+    assert set(keys) == {(r["query_id"], r["doc_id"]) for r in rows}
     _assert_ranks_agree_with_scores(ranked)
     # First-stage columns are carried under their own names.
     assert {S.FIRST_STAGE_RANK, S.FIRST_STAGE_SCORE} <= set(ranked.column_names)
     # Scores are the engine's logits, whatever batch each pair landed in.
     expected = engine.compute_score(
-        [(r["query"], r["document"]) for r in dl19_rows], max_length=512, return_logits=True
+        [(r["query"], r["document"]) for r in rows], max_length=512, return_logits=True
     )
     by_key = dict(zip(keys, ranked.column(S.SCORE).to_pylist()))
-    got = np.asarray([by_key[(r["query_id"], r["doc_id"])] for r in dl19_rows])
+    got = np.asarray([by_key[(r["query_id"], r["doc_id"])] for r in rows])
     assert np.abs(got - np.asarray(expected)).max() <= 1e-4
 
 
