@@ -270,6 +270,8 @@ def test_a_killed_run_leaves_no_entry_and_the_rerun_is_exact(
         "io.rows_per_write=100",
         "--set",
         "scorer.batch_size=100",
+        "--set",
+        "tokenizer.max_length=64",  # what is tested is which pairs are scored, not their scores
     ]
     proc = subprocess.Popen(
         [sys.executable, "-m", *JOB, "--input", str(dl19_long), "--output", str(output), *common],
@@ -317,6 +319,7 @@ def test_two_jobs_append_to_one_cache_at_once_then_compaction(dl19_rows, tmp_pat
     b = _write(rows[100:], tmp_path / "b.parquet")  # 100 pairs in common
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     args = ["--model", "dummy:tiny", "--set", f"cache.uri={cache}", "--set", "cache.buckets=4"]
+    args += ["--set", "tokenizer.max_length=64"]  # which pairs are scored matters, not their scores
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", *JOB, "--input", src, "--output", str(tmp_path / name), *args],
