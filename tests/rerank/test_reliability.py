@@ -47,7 +47,7 @@ def test_resume_after_the_driver_is_killed(ray_local, dl19_1000, tmp_path, run_e
         "--model",
         "dummy:tiny",
         "--set",
-        "input.rows_per_shard=100",
+        "input.rows_per_shard=200",
         "--set",
         "tokenizer.batch_size=100",
         "--set",
@@ -70,7 +70,7 @@ def test_resume_after_the_driver_is_killed(ray_local, dl19_1000, tmp_path, run_e
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started, mid-run
     proc.wait()
     committed = {p.name: p.stat().st_mtime_ns for p in manifests.glob("shard-*.json")}
-    assert 1 <= len(committed) < 10, "the kill must land after the first shard and before the last"
+    assert 1 <= len(committed) < 5, "the kill must land after the first shard and before the last"
     assert not (output / "summary.json").exists()
 
     # Only the killed driver needed a process of its own: the resume runs on the session's Ray.
@@ -83,12 +83,12 @@ def test_resume_after_the_driver_is_killed(ray_local, dl19_1000, tmp_path, run_e
         "--model",
         "dummy:tiny",
         "--set",
-        "input.rows_per_shard=100",
+        "input.rows_per_shard=200",
     )
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((output / "summary.json").read_text())
     assert summary["shards_resumed"] == len(committed)  # finished shards were not redone
-    assert summary["pairs_this_run"] == 1000 - 100 * len(committed)
+    assert summary["pairs_this_run"] == 1000 - 200 * len(committed)
     keys = _ranked_keys(output)
     assert len(keys) == len(set(keys)) == 1000 == summary["scored_rows"]
 
