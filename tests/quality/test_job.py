@@ -329,6 +329,8 @@ def test_trec_run_with_texts_and_model(dl19_long, dl19_qrels, shared_data, tmp_p
             str(tmp_path / "texts.parquet"),
             "--set",
             "metrics.relevance_level=2",
+            "--set",
+            "rerank.tokenizer.max_length=64",  # which pairs get a score is tested, not the scores
         ]
     )
     assert code == 0
