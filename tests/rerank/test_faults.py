@@ -419,7 +419,8 @@ def test_the_object_store_going_away_mid_run_then_a_rerun_resumes(
         "dummy:tiny",
         *storage,
     ]
-    args += ["--set", "input.rows_per_shard=200"]
+    # pairs cut at 64 tokens: where the run stops and resumes is tested, not the scores
+    args += ["--set", "input.rows_per_shard=200", "--set", "tokenizer.max_length=64"]
 
     # The endpoint goes away right after the first shard is committed (its manifest written): the other shards
     # are still being scored or written, or their manifests are still to be written.
@@ -503,6 +504,8 @@ def test_a_second_run_on_a_busy_output_is_refused_naming_the_owner(
         "scorer.batch_size=50",
         "--set",
         "io.rows_per_write=50",
+        "--set",
+        "tokenizer.max_length=64",
     ]
     first = subprocess.Popen(
         args,
@@ -656,6 +659,8 @@ def test_a_rerun_is_not_confused_by_the_ray_a_killed_driver_left(dl19_1000, tmp_
         "--set",
         "input.rows_per_shard=200",
         "--set",
+        "tokenizer.max_length=64",
+        "--set",
         "io.rows_per_write=100",
         "--set",
         "scorer.batch_size=100",
@@ -690,6 +695,8 @@ def test_a_rerun_is_not_confused_by_the_ray_a_killed_driver_left(dl19_1000, tmp_
             "dummy:tiny",
             "--set",
             "input.rows_per_shard=200",
+            "--set",
+            "tokenizer.max_length=64",
         )
         assert result.returncode == 0, result.stderr[-3000:]
         ranked, rejected, summary = accounted(output)

@@ -49,6 +49,8 @@ def test_resume_after_the_driver_is_killed(ray_local, dl19_1000, tmp_path, run_e
         "--set",
         "input.rows_per_shard=200",
         "--set",
+        "tokenizer.max_length=64",
+        "--set",
         "tokenizer.batch_size=100",
         "--set",
         "scorer.batch_size=100",
@@ -84,6 +86,8 @@ def test_resume_after_the_driver_is_killed(ray_local, dl19_1000, tmp_path, run_e
         "dummy:tiny",
         "--set",
         "input.rows_per_shard=200",
+        "--set",
+        "tokenizer.max_length=64",
     )
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((output / "summary.json").read_text())
@@ -124,6 +128,8 @@ def test_a_scorer_actor_that_dies_mid_batch_is_retried(
         "input.rows_per_shard=200",
         "--set",
         "scorer.batch_size=100",
+        "--set",
+        "tokenizer.max_length=64",
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert marker.exists()  # an actor really died
