@@ -203,7 +203,7 @@ def test_the_job_reports_every_size(tiny_model, shared_data, tmp_path):
     code = benchmark_memory.main(
         [
             "--pairs",
-            "6000,2000",
+            "3000,1000",
             "--model",
             tiny_model,
             "--output",
@@ -213,9 +213,9 @@ def test_the_job_reports_every_size(tiny_model, shared_data, tmp_path):
             "--interval",
             "0.5",
             "--set",
-            "input.rows_per_shard=1000",
+            "input.rows_per_shard=500",
             "--set",
-            "io.rows_per_write=1000",
+            "io.rows_per_write=500",
             "--set",
             "progress_interval_s=0.1",
         ]
@@ -223,7 +223,7 @@ def test_the_job_reports_every_size(tiny_model, shared_data, tmp_path):
     assert code == 0
     report = json.loads(output.read_text())
     runs = report["runs"]
-    assert [r["n_pairs"] for r in runs] == [2000, 6000]  # every size, smallest first
+    assert [r["n_pairs"] for r in runs] == [1000, 3000]  # every size, smallest first
     for r in runs:
         # Every row accounted for, as the job's own summary counted them.
         assert r["input_rows"] == r["n_pairs"] == r["scored_rows"] + r["rejected_rows"]
@@ -277,27 +277,27 @@ def test_the_job_reports_every_size(tiny_model, shared_data, tmp_path):
     # The job's progress lines were followed: pairs only go up, to all of them; the peak so far never falls.
     progress = runs[1]["running_peak"]
     pairs = [p["pairs"] for p in progress]
-    assert pairs and pairs == sorted(pairs) and pairs[-1] == 6000
+    assert pairs and pairs == sorted(pairs) and pairs[-1] == 3000
     assert [p["seconds"] for p in progress] == sorted(p["seconds"] for p in progress)
     peaks = [p["peak_pss_mb"] for p in progress]
     assert all(p is None or p > 0 for p in peaks) and peaks == sorted(peaks)
     assert peaks[-1] <= runs[1]["peak_pss_mb"] + 0.05  # timeline values are rounded to 0.1
     # Both flatness ratios are the quotients of the peaks they are reported from, and "met" is their verdict.
     flat = report["flatness"]
-    assert flat["metric"] == "peak_pss_mb" and (flat["smallest"], flat["largest"]) == (2000, 6000)
+    assert flat["metric"] == "peak_pss_mb" and (flat["smallest"], flat["largest"]) == (1000, 3000)
     across = flat["across_runs"]
     assert across["ratio"] == runs[1]["peak_pss_mb"] / runs[0]["peak_pss_mb"]
     assert across["met"] == (across["ratio"] <= flat["goal"])
     within = flat["within_largest"]
     assert within["peak_at_smallest_mb"] == next(
-        p["peak_pss_mb"] for p in progress if p["pairs"] >= 2000
+        p["peak_pss_mb"] for p in progress if p["pairs"] >= 1000
     )
     assert within["peak_at_end_mb"] == runs[1]["peak_pss_mb"]
     assert within["ratio"] == within["peak_at_end_mb"] / within["peak_at_smallest_mb"]
     assert within["met"] == (within["ratio"] <= flat["goal"])
     table = output.with_suffix(".md").read_text()
-    assert "| 2,000 |" in table and "| 6,000 |" in table and "--pairs 6000,2000" in table
-    assert "grew most during the 6,000-pair run" in table
+    assert "| 1,000 |" in table and "| 3,000 |" in table and "--pairs 3000,1000" in table
+    assert "grew most during the 3,000-pair run" in table
     assert f"{across['ratio']:.2f}x" in table and f"{within['ratio']:.2f}x" in table
 
 
@@ -309,7 +309,7 @@ def test_the_hard_negative_job_reports_every_size_and_its_driver(tiny_model, sha
             "--job",
             "hard-negatives",
             "--pairs",
-            "5000,2000",
+            "2500,1000",
             "--model",
             tiny_model,
             "--output",
@@ -319,13 +319,13 @@ def test_the_hard_negative_job_reports_every_size_and_its_driver(tiny_model, sha
             "--interval",
             "0.5",
             "--set",
-            "rerank.input.rows_per_shard=1000",
+            "rerank.input.rows_per_shard=500",
             "--set",
-            "rerank.io.rows_per_write=1000",
+            "rerank.io.rows_per_write=500",
             "--set",
             "rerank.progress_interval_s=0.1",
             "--set",
-            "rerank.output.rows_per_bucket=2000",
+            "rerank.output.rows_per_bucket=1000",
         ]
     )
     assert code == 0
@@ -334,9 +334,9 @@ def test_the_hard_negative_job_reports_every_size_and_its_driver(tiny_model, sha
     assert (
         report["overrides"][0] == "rerank.output.rows_per_bucket=100000"
     )  # the job's own, then --set's
-    assert report["overrides"][-1] == "rerank.output.rows_per_bucket=2000"
+    assert report["overrides"][-1] == "rerank.output.rows_per_bucket=1000"
     runs = report["runs"]
-    assert [r["n_pairs"] for r in runs] == [2000, 5000]
+    assert [r["n_pairs"] for r in runs] == [1000, 2500]
     for r in runs:
         # Every row accounted for: by the rerank's summary, and every scored row labelled in candidates/.
         assert r["input_rows"] == r["n_pairs"] == r["scored_rows"] + r["rejected_rows"]
@@ -353,9 +353,9 @@ def test_the_hard_negative_job_reports_every_size_and_its_driver(tiny_model, sha
         assert r["pairs_per_s"] == r["n_pairs"] / r["seconds"] and r["attempts"] in (1, 2, 3)
     assert (
         runs[1]["ranked_parts"] > runs[0]["ranked_parts"]
-    )  # 2,000 rows per bucket: more buckets at 5,000
+    )  # 1,000 rows per bucket: more buckets at 2,500
     progress = runs[1]["running_peak"]
-    assert progress and [p["pairs"] for p in progress][-1] == 5000
+    assert progress and [p["pairs"] for p in progress][-1] == 2500
     drivers = [p["driver_peak_rss_mb"] for p in progress if p["driver_peak_rss_mb"] is not None]
     assert drivers and drivers == sorted(drivers) and drivers[-1] <= runs[1]["driver_peak_rss_mb"]
     flat = report["flatness"]
@@ -370,12 +370,12 @@ def test_the_hard_negative_job_reports_every_size_and_its_driver(tiny_model, sha
     assert driver["across_runs"]["met"] == (driver["across_runs"]["ratio"] <= flat["goal"])
     within = driver["within_largest"]
     assert within["peak_at_smallest_mb"] == next(
-        p["driver_peak_rss_mb"] for p in progress if p["pairs"] >= 2000
+        p["driver_peak_rss_mb"] for p in progress if p["pairs"] >= 1000
     )
     assert within["ratio"] == within["peak_at_end_mb"] / within["peak_at_smallest_mb"]
     assert driver["limit_mb"] == 1024.0 and driver["under_limit"] == (driver["largest_mb"] < 1024.0)
     table = output.with_suffix(".md").read_text()
-    assert "| 2,000 |" in table and "| 5,000 |" in table and "--job hard-negatives" in table
+    assert "| 1,000 |" in table and "| 2,500 |" in table and "--job hard-negatives" in table
     assert f"{driver['across_runs']['ratio']:.2f}x" in table and "Job: hard-negatives" in table
 
 
