@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
-import pyarrow as pa
 import pytest
 
 from jobs.eval_suite import load_suite_config, main
-from pipeline.core import schema
 from pipeline.datasets import load_collection, sample_queries
-from pipeline.model import CrossEncoder
 from pipeline.quality.metrics import evaluate, means
+from tests.engine_ranking import engine_ranking
 
 INSTRUCTION = "Given a question, retrieve web passages that answer it"
 MAX_LENGTH = (
@@ -49,21 +46,7 @@ def test_suite_scores_with_the_model_named(
     entry = load_suite_config().collections["trec_dl19"]
     pairs, qrels = load_collection(entry.collection, shared_data, **entry.arguments)
     pairs, qrels = sample_queries(pairs, qrels, 1, entry.seed)
-    engine = CrossEncoder.from_pretrained(
-        model, device="cpu", dtype="float32", instruction=instruction
-    )
-    scores = engine.compute_score(
-        list(zip(pairs[schema.QUERY].to_pylist(), pairs[schema.DOCUMENT].to_pylist())),
-        max_length=MAX_LENGTH,
-        return_logits=True,
-    )
-    ranking = pa.table(
-        {
-            schema.QUERY_ID: pairs[schema.QUERY_ID],
-            schema.DOC_ID: pairs[schema.DOC_ID],
-            schema.SCORE: pa.array(np.asarray(scores, dtype=np.float64)),
-        }
-    )
+    ranking = engine_ranking(model, pairs, MAX_LENGTH, instruction)
     expected = means(evaluate(ranking, qrels, entry.measures, entry.relevance_level))
     assert result["measures"] == pytest.approx(expected, abs=1e-9)
     assert result["measures"] != result["first_stage_measures"]  # the model's order, not BM25's

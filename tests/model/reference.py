@@ -86,3 +86,47 @@ def assert_float8_ranks_like(fp8, pairs, reference: np.ndarray, max_length: int)
     error = np.abs(got - reference)
     assert np.corrcoef(np.argsort(np.argsort(got)), np.argsort(np.argsort(reference)))[0, 1] > 0.8
     assert 0 < error.max() < 0.5 * (reference.max() - reference.min())
+
+
+def assert_cuda_paths_score_as_cpu(
+    directory: str, pairs, max_length: int, flash_attn, varlen, backend: str, monkeypatch
+) -> None:
+    """The CUDA attention path named `backend` (flash-attn varlen, torch's varlen attention, or padded SDPA),
+    run on CPU tensors with the kernels' stand-ins (cuda_standins.py, `flash_attn`/`varlen` as there): the
+    CPU engine's bf16 scores within bf16 rounding, the kernel really called."""
+    import cuda_standins
+
+    from pipeline.model import CrossEncoder
+    from pipeline.model.modeling import FLASH_ATTN, TORCH_VARLEN
+
+    cpu = CrossEncoder.from_pretrained(directory, device="cpu", dtype="bfloat16")
+    reference = np.asarray(cpu.compute_score(pairs, max_length=max_length, return_logits=True))
+    cuda_standins.install(monkeypatch, flash_attn=flash_attn, varlen=varlen)
+    encoder = CrossEncoder.from_pretrained(directory, device="cuda", dtype="bfloat16")
+    assert encoder.model.attention_backend == backend
+    got = np.asarray(encoder.compute_score(pairs, max_length=max_length, return_logits=True))
+    spread = reference.max() - reference.min()
+    assert spread > 0.1 and np.abs(got - reference).max() < 0.05 * spread
+    if backend == FLASH_ATTN:
+        assert cuda_standins.CALLS["flash_attn_varlen_func"] > 0
+    if backend == TORCH_VARLEN:
+        assert cuda_standins.CALLS["varlen_attn"] > 0
+
+
+def assert_int8_tracks_float32(directory: str, pairs, max_length: int) -> None:
+    """dtype int8: every Linear layer of a decoder (named as the encoders') in int8 on CPU (oneDNN), scores
+    correlated with float32's; a torch build without oneDNN's int8 linear refuses in one line instead."""
+    from pipeline.core.errors import CheckpointError
+    from pipeline.model import CrossEncoder
+    from pipeline.model.modeling import ONEDNN_INT8
+
+    fp32 = CrossEncoder.from_pretrained(directory, device="cpu", dtype="float32")
+    expected = np.asarray(fp32.compute_score(pairs, max_length=max_length, return_logits=True))
+    try:
+        int8 = CrossEncoder.from_pretrained(directory, device="cpu", dtype="int8")
+    except CheckpointError as e:
+        assert "int8" in str(e)
+        return
+    assert int8.model.linear_kernel == ONEDNN_INT8 and int8.describe()["int8"]["fp32_layers"] == []
+    got = np.asarray(int8.compute_score(pairs, max_length=max_length, return_logits=True))
+    assert np.corrcoef(got, expected)[0, 1] > 0.98

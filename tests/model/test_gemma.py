@@ -12,18 +12,21 @@ import json
 import shutil
 from dataclasses import replace
 
-import cuda_standins
 import numpy as np
 import pytest
 import torch
-from reference import assert_alone_as_packed
+from reference import (
+    assert_alone_as_packed,
+    assert_cuda_paths_score_as_cpu,
+    assert_int8_tracks_float32,
+)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.core.errors import CheckpointError
 from pipeline.model import CrossEncoder
 from pipeline.model.decoder_dummy import build_decoder_checkpoint
 from pipeline.model.dummy import ARCHITECTURES
-from pipeline.model.modeling import FLASH_ATTN, ONEDNN_INT8, SDPA_GROUPED, TORCH_VARLEN
+from pipeline.model.modeling import FLASH_ATTN, SDPA_GROUPED, TORCH_VARLEN
 from pipeline.model.templates import BGE_RERANKER_V2_GEMMA
 
 TINY = replace(ARCHITECTURES["tiny-gemma"], seed=7)
@@ -200,36 +203,17 @@ def test_bfloat16_within_reference_error(gemma, sample):
 def test_cuda_attention_paths_through_standins(
     flash_attn, varlen, backend, gemma, sample, monkeypatch
 ):
-    """The CUDA attention paths with Gemma's multi-query heads, on CPU tensors with the kernels' stand-ins
-    (tests/model/cuda_standins.py): the CPU engine's bf16 scores within bf16 rounding."""
+    """The CUDA attention paths with Gemma's multi-query heads, on CPU tensors with the kernels' stand-ins."""
     pairs = sample[:8] + sample[-3:]
-    cpu = CrossEncoder.from_pretrained(gemma, device="cpu", dtype="bfloat16")
-    reference = np.asarray(cpu.compute_score(pairs, max_length=MAX_LENGTH, return_logits=True))
-    cuda_standins.install(monkeypatch, flash_attn=flash_attn, varlen=varlen)
-    encoder = CrossEncoder.from_pretrained(gemma, device="cuda", dtype="bfloat16")
-    assert encoder.model.attention_backend == backend
-    got = np.asarray(encoder.compute_score(pairs, max_length=MAX_LENGTH, return_logits=True))
-    spread = reference.max() - reference.min()
-    assert spread > 0.1 and np.abs(got - reference).max() < 0.05 * spread
-    if backend == FLASH_ATTN:
-        assert cuda_standins.CALLS["flash_attn_varlen_func"] > 0
-    if backend == TORCH_VARLEN:
-        assert cuda_standins.CALLS["varlen_attn"] > 0
+    assert_cuda_paths_score_as_cpu(
+        gemma, pairs, MAX_LENGTH, flash_attn, varlen, backend, monkeypatch
+    )
 
 
 @pytest.mark.slow  # SmoothQuant's calibration pass, then the int8 run
 def test_int8_tracks_float32(gemma, sample):
     """dtype int8: Gemma's Linear layers (named as the encoders') run in int8 on CPU."""
-    fp32 = CrossEncoder.from_pretrained(gemma, device="cpu", dtype="float32")
-    expected = np.asarray(fp32.compute_score(sample, max_length=MAX_LENGTH, return_logits=True))
-    try:
-        int8 = CrossEncoder.from_pretrained(gemma, device="cpu", dtype="int8")
-    except CheckpointError as e:  # a torch build without oneDNN's int8 linear: refused in one line
-        assert "int8" in str(e)
-        return
-    assert int8.model.linear_kernel == ONEDNN_INT8 and int8.describe()["int8"]["fp32_layers"] == []
-    got = np.asarray(int8.compute_score(sample, max_length=MAX_LENGTH, return_logits=True))
-    assert np.corrcoef(got, expected)[0, 1] > 0.98
+    assert_int8_tracks_float32(gemma, sample, MAX_LENGTH)
 
 
 def test_config_variants_and_refusals(gemma, tmp_path):

@@ -10,17 +10,17 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
-import cuda_standins
 import numpy as np
 import pytest
 import torch
+from reference import assert_cuda_paths_score_as_cpu, assert_int8_tracks_float32
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from pipeline.core.errors import CheckpointError, ConfigError
 from pipeline.model import CrossEncoder
 from pipeline.model.decoder_dummy import build_decoder_checkpoint
 from pipeline.model.dummy import ARCHITECTURES
-from pipeline.model.modeling import FLASH_ATTN, ONEDNN_INT8, SDPA_GROUPED, TORCH_VARLEN
+from pipeline.model.modeling import FLASH_ATTN, SDPA_GROUPED, TORCH_VARLEN
 from pipeline.model.templates import QWEN3_RERANKER
 
 TINY = replace(ARCHITECTURES["tiny-qwen3"], seed=5)
@@ -174,37 +174,16 @@ def test_bfloat16_within_reference_error(decoders, sample):
 def test_cuda_attention_paths_through_standins(
     flash_attn, varlen, backend, decoders, sample, monkeypatch
 ):
-    """The CUDA attention paths, run on CPU tensors with the kernels' stand-ins (tests/model/cuda_standins.py):
-    the same scores as the CPU engine in bf16, within bf16 rounding."""
-    directory = decoders["qwen3_tied"]
-    cpu = CrossEncoder.from_pretrained(directory, device="cpu", dtype="bfloat16")
-    reference = np.asarray(cpu.compute_score(sample, max_length=MAX_LENGTH, return_logits=True))
-    cuda_standins.install(monkeypatch, flash_attn=flash_attn, varlen=varlen)
-    encoder = CrossEncoder.from_pretrained(directory, device="cuda", dtype="bfloat16")
-    assert encoder.model.attention_backend == backend
-    got = np.asarray(encoder.compute_score(sample, max_length=MAX_LENGTH, return_logits=True))
-    spread = reference.max() - reference.min()
-    assert spread > 0.1 and np.abs(got - reference).max() < 0.05 * spread
-    if backend == FLASH_ATTN:
-        assert cuda_standins.CALLS["flash_attn_varlen_func"] > 0
-    if backend == TORCH_VARLEN:
-        assert cuda_standins.CALLS["varlen_attn"] > 0
+    """The CUDA attention paths, run on CPU tensors with the kernels' stand-ins."""
+    assert_cuda_paths_score_as_cpu(
+        decoders["qwen3_tied"], sample, MAX_LENGTH, flash_attn, varlen, backend, monkeypatch
+    )
 
 
 @pytest.mark.slow  # SmoothQuant's calibration pass, then the int8 run: 35 s on the loaded 2-core machine
 def test_int8_tracks_float32(decoders, sample):
     """dtype int8: the decoder's Linear layers (named as the encoders') run in int8 on CPU."""
-    directory = decoders["qwen3_lm_head"]
-    fp32 = CrossEncoder.from_pretrained(directory, device="cpu", dtype="float32")
-    expected = np.asarray(fp32.compute_score(sample, max_length=MAX_LENGTH, return_logits=True))
-    try:
-        int8 = CrossEncoder.from_pretrained(directory, device="cpu", dtype="int8")
-    except CheckpointError as e:  # a torch build without oneDNN's int8 linear: refused in one line
-        assert "int8" in str(e)
-        return
-    assert int8.model.linear_kernel == ONEDNN_INT8 and int8.describe()["int8"]["fp32_layers"] == []
-    got = np.asarray(int8.compute_score(sample, max_length=MAX_LENGTH, return_logits=True))
-    assert np.corrcoef(got, expected)[0, 1] > 0.98
+    assert_int8_tracks_float32(decoders["qwen3_lm_head"], sample, MAX_LENGTH)
 
 
 def test_template_errors_and_custom_template(decoders, checkpoints, tmp_path):

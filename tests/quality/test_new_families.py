@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -15,8 +14,8 @@ import pytest
 from jobs.index_quality import main
 from pipeline.core import schema
 from pipeline.core.trec import read_qrels
-from pipeline.model import CrossEncoder
 from pipeline.quality.metrics import evaluate, means
+from tests.engine_ranking import engine_ranking
 
 MODEL = "dummy:tiny-qwen3"
 INSTRUCTION = "Given a question, retrieve web passages that answer it"
@@ -52,21 +51,7 @@ def test_reranks_the_run_with_a_qwen3_reranker(ray_local, dl19_long, dl19_qrels,
     assert metrics["label_free"]["score_summary"]["count"] == 20
 
     # What reranking would add: the measures of the engine's own scores for these pairs.
-    engine = CrossEncoder.from_pretrained(
-        MODEL, device="cpu", dtype="float32", instruction=INSTRUCTION
-    )
-    scores = engine.compute_score(
-        list(zip(small[schema.QUERY].to_pylist(), small[schema.DOCUMENT].to_pylist())),
-        max_length=MAX_LENGTH,
-        return_logits=True,
-    )
-    ranking = pa.table(
-        {
-            schema.QUERY_ID: small[schema.QUERY_ID],
-            schema.DOC_ID: small[schema.DOC_ID],
-            schema.SCORE: pa.array(np.asarray(scores, dtype=np.float64)),
-        }
-    )
+    ranking = engine_ranking(MODEL, small, MAX_LENGTH, INSTRUCTION)
     expected = means(evaluate(ranking, read_qrels(str(dl19_qrels)), ["nDCG@10", "RR@10"], 2))
     assert metrics["reranked"]["reranked/nDCG@10"] == pytest.approx(expected["nDCG@10"], abs=1e-6)
     assert metrics["reranked"]["reranked/RR@10"] == pytest.approx(expected["RR@10"], abs=1e-6)
