@@ -20,7 +20,6 @@ before it waits for `import ray.data`.
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -129,9 +128,15 @@ class Stage:
     stateless: bool = False
 
 
-def call_stage(cls: type, kwargs: dict, batch):
-    """A stateless stage's task: `cls(**kwargs)(batch)`."""
-    return cls(**kwargs)(batch)
+def stage_task(cls: type, kwargs: dict):
+    """A stateless stage's task function, `batch -> cls(**kwargs)(batch)`, named as the class: Ray Data names
+    the operator after it (`MapBatches(WriteScored)`), and the stall watchdog names the stage by that."""
+
+    def task(batch):
+        return cls(**kwargs)(batch)
+
+    task.__name__ = task.__qualname__ = cls.__name__
+    return task
 
 
 def build(items: list[dict], stages: Sequence[Stage], config: RerankConfig) -> ray.data.Dataset:
@@ -144,7 +149,7 @@ def build(items: list[dict], stages: Sequence[Stage], config: RerankConfig) -> r
     for stage in stages:
         if stage.stateless:
             ds = ds.map_batches(
-                functools.partial(call_stage, stage.cls, stage.kwargs),
+                stage_task(stage.cls, stage.kwargs),
                 batch_size=stage.batch_size,
                 batch_format="pyarrow",
                 compute=TaskPoolStrategy(size=stage.actors),

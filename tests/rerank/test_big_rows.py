@@ -132,6 +132,10 @@ def test_a_stalled_pipeline_ends_in_one_line_and_resumes(
         any(f"the {stage}" in errors[0] for stage in ("reader", "tokenizer", "BlockingScorer"))
         or "could not start" in errors[0]
     ), errors[0]
+    if (
+        "the BlockingScorer has been running" in errors[0]
+    ):  # the stage after it named as users know it
+        assert "the writer waits on it" in errors[0], errors[0]
     assert "Traceback" not in result.stderr + result.stdout
     assert not (tmp_path / "out" / "summary.json").exists()
     # Ray Data's execution was shut down, not left spinning: its scheduling thread has ended.
