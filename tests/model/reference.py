@@ -130,3 +130,28 @@ def assert_int8_tracks_float32(directory: str, pairs, max_length: int) -> None:
     assert int8.model.linear_kernel == ONEDNN_INT8 and int8.describe()["int8"]["fp32_layers"] == []
     got = np.asarray(int8.compute_score(pairs, max_length=max_length, return_logits=True))
     assert np.corrcoef(got, expected)[0, 1] > 0.98
+
+
+def counted_gemm_flops(directory: str, lengths=(37, 64, 90)):
+    """torch's FLOP counter over the engine's float32 forward of token rows of `lengths` (F.linear, so every
+    GEMM is seen, on real rows only), with flops.py's count for the same rows: (counted GEMM FLOPs, the model's
+    Shape, its linear FLOPs, its attention FLOPs)."""
+    import json
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pipeline.model import CrossEncoder
+    from pipeline.model.flops import Shape, linear_and_attention_flops
+    from pipeline.model.modeling import ATEN_LINEAR
+
+    ours = CrossEncoder.from_pretrained(directory, device="cpu", dtype="float32")
+    ours.model.linear_kernel = ATEN_LINEAR
+    ids = [(np.arange(n, dtype=np.int32) % 200) + 10 for n in lengths]
+    with FlopCounterMode(display=False) as counter:
+        ours.score_tokens(ids)
+    counts = counter.get_flop_counts()["Global"]
+    gemms = sum(v for op, v in counts.items() if str(op) in ("aten.mm", "aten.addmm"))
+    with open(f"{directory}/config.json") as f:
+        shape = Shape.from_config(json.load(f))
+    linear, attention = linear_and_attention_flops(shape, list(lengths))
+    return gemms, shape, linear, attention

@@ -19,6 +19,7 @@ from reference import (
     assert_alone_as_packed,
     assert_cuda_paths_score_as_cpu,
     assert_int8_tracks_float32,
+    counted_gemm_flops,
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -262,20 +263,6 @@ def test_template_as_a_json_file_with_pieces(gemma, tmp_path):
 def test_model_flops_count_gemmas_linear_layers(gemma):
     """The FLOPs formula (dry-run estimates, MFU) for Gemma: its Linear layers' count equals what torch's flop
     counter sees the model multiply (4 query heads of 32 and one kv head, GeGLU, the last token alone)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from pipeline.model.flops import Shape, linear_and_attention_flops
-    from pipeline.model.modeling import ATEN_LINEAR
-
-    ours = CrossEncoder.from_pretrained(gemma, device="cpu", dtype="float32")
-    ours.model.linear_kernel = ATEN_LINEAR  # F.linear: GEMMs the counter sees, on real rows only
-    ids = [(np.arange(n, dtype=np.int32) % 200) + 10 for n in (37, 64, 90)]
-    with FlopCounterMode(display=False) as counter:
-        ours.score_tokens(ids)
-    counts = counter.get_flop_counts()["Global"]
-    gemms = sum(v for op, v in counts.items() if str(op) in ("aten.mm", "aten.addmm"))
-    with open(f"{gemma}/config.json") as f:
-        shape = Shape.from_config(json.load(f))
-    linear, _ = linear_and_attention_flops(shape, [len(x) for x in ids])
+    gemms, shape, linear, _ = counted_gemm_flops(gemma)
     assert shape.decoder and shape.query_width == 128 and shape.kv_width == 32
     assert gemms == linear

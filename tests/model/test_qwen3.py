@@ -13,7 +13,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from reference import assert_cuda_paths_score_as_cpu, assert_int8_tracks_float32
+from reference import (
+    assert_cuda_paths_score_as_cpu,
+    assert_int8_tracks_float32,
+    counted_gemm_flops,
+)
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from pipeline.core.errors import CheckpointError, ConfigError
@@ -245,22 +249,7 @@ def test_rotary_positions_restart_per_sequence(decoders, sample, monkeypatch):
 def test_model_flops_count_the_decoders_linear_layers(decoders):
     """The FLOPs formula (dry-run estimates, MFU) for a decoder: its Linear layers' count equals what torch's
     flop counter sees the model multiply (grouped-query widths, SwiGLU, the last token alone, one-row head)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from pipeline.model.flops import Shape, linear_and_attention_flops
-    from pipeline.model.modeling import ATEN_LINEAR
-
-    directory = decoders["qwen3_lm_head"]
-    ours = CrossEncoder.from_pretrained(directory, device="cpu", dtype="float32")
-    ours.model.linear_kernel = ATEN_LINEAR  # F.linear: GEMMs the counter sees, on real rows only
-    ids = [(np.arange(n, dtype=np.int32) % 200) + 10 for n in (37, 64, 90)]
-    with FlopCounterMode(display=False) as counter:
-        ours.score_tokens(ids)
-    counts = counter.get_flop_counts()["Global"]
-    gemms = sum(v for op, v in counts.items() if str(op) in ("aten.mm", "aten.addmm"))
-    with open(f"{directory}/config.json") as f:
-        shape = Shape.from_config(json.load(f))
-    linear, attention = linear_and_attention_flops(shape, [len(x) for x in ids])
+    gemms, shape, linear, attention = counted_gemm_flops(decoders["qwen3_lm_head"])
     assert shape.decoder and gemms == linear
     assert attention == 4 * shape.query_width * (
         (TINY.num_hidden_layers - 1) * sum(n * (n + 1) / 2 for n in (37, 64, 90)) + (37 + 64 + 90)
