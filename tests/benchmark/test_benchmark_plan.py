@@ -412,3 +412,10 @@ def test_a_scope_that_leaves_a_model_without_contenders_is_an_error(monkeypatch)
             ["contender_scope={engine: {workloads: [], other_models: [dl19]}}"],
             contenders=["engine", "st-best"],
         )
+
+
+def test_a_decoder_whose_prompt_is_tokenized_in_pieces_is_refused_before_any_work():
+    """Gemma's prompt cannot be handed to the libraries as text with the engine's tokens: refused by the
+    config, before its checkpoint is built."""
+    with pytest.raises(ConfigError, match="bge-reranker-v2-gemma.*tokenized in pieces"):
+        load_config(BenchmarkConfig, None, [], models=["bge-reranker-v2-gemma"])
