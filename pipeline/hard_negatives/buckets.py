@@ -1,5 +1,5 @@
-"""Selection per ranking bucket on actors, then output parts merged by query: the two stages of the job's
-distributed path, plain classes (no Ray import; `job.py` runs them on actor pools).
+"""Selection per ranking bucket in Ray tasks, then output parts merged by query: the two stages of the job's
+distributed path, plain classes (no Ray import; `job.py` runs them as Ray tasks).
 
     ranked/part-BBBBB.parquet --SelectBucket--> <work>/{kind}/part-PPPPP/bucket-BBBBB.parquet + a stats piece
     <work>/{kind}/part-PPPPP/*  --WritePart-->   candidates/, triplet/, n-tuple/ part-PPPPP.parquet,
@@ -9,7 +9,7 @@ A ranked part holds whole queries (the rerank job buckets by hash(query_id)), so
 query, runs on one part without seeing any other. Output parts are not the rerank's buckets: a query goes to
 output part hash(query_id) % num_parts, num_parts coming from the number of scored rows alone, and each part
 is sorted by query (the canonical order: query_id, score descending, doc_id). So the files are the same bytes
-whatever the number of buckets (output.rows_per_bucket) or actors.
+whatever the number of buckets (output.rows_per_bucket) or tasks.
 """
 
 from __future__ import annotations

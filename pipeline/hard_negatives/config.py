@@ -89,15 +89,16 @@ class ProjectionsConfig(StrictModel):
 
 
 class WorkersConfig(StrictModel):
-    """The actors that select per ranking bucket and then write the output parts (one pool each)."""
+    """The Ray tasks that select per ranking bucket and then write the output parts: at most `num_actors`
+    run at a time in each step (the name kept from when they were actor pools), `num_cpus` each."""
 
     num_actors: int = Field(default=1, ge=1)
-    num_cpus: float = Field(default=0.5, gt=0)  # per actor
+    num_cpus: float = Field(default=0.5, gt=0)  # per task
 
 
 class OutputConfig(StrictModel):
     # Rows of the canonical table per output part (about: a part holds the queries hashed to it). The number
-    # of parts comes from the scored rows alone, never from the rerank's buckets or the actors, so the files
+    # of parts comes from the scored rows alone, never from the rerank's buckets or the tasks, so the files
     # are the same bytes however the work was spread.
     rows_per_part: int = Field(default=1_000_000, ge=1)
 

@@ -2,8 +2,8 @@
 
     positives (qrels, or the input's label column) checked first, before any scoring
     -> rerank(input -> <output>/rerank/)            the rerank pipeline and engine, texts carried to ranked/
-    -> per ranked part (whole queries), on actors: select_negatives + training rows -> fragments by output part
-    -> per output part, on actors: fragments merged in query order -> candidates/, triplet/, n-tuple/, flagembedding/
+    -> per ranked part (whole queries), in Ray tasks: select_negatives + training rows -> fragments by output part
+    -> per output part, in Ray tasks: fragments merged in query order -> candidates/, triplet/, n-tuple/, flagembedding/
     -> stats.json (last), reduced here from each bucket's small stats piece
 
 <output>/rerank/ is the rerank job's own output, so its resume applies: an interrupted run continues where it
@@ -37,6 +37,7 @@ from pipeline.hard_negatives.stats import reduce_stats
 from pipeline.rerank.api import RerankResult, ensure_ray, rerank, worker_errors
 from pipeline.rerank.plan import settings_hash
 from pipeline.rerank.stages.read import list_input_files
+from pipeline.runtime.ray_runtime import stage_task
 
 log = logging.getLogger("hard_negatives")
 
@@ -178,11 +179,13 @@ def select_per_bucket(
     run: dict,
     coverage: dict | None = None,
 ) -> dict:
-    """Select on actors, one ranked part (whole queries) per task, then merge the output parts on actors;
+    """Select in Ray tasks, one ranked part (whole queries) per task, then merge the output parts in tasks;
     only the stats pieces (counts and a few scores per query) reach this process. Returns the stats.
+    Both steps hold nothing between calls, so they run as tasks (at most `workers.num_actors` at a time) in
+    Ray's pooled workers rather than on an actor pool each, which would start its own worker processes.
     coverage: `check_positives_meet_input`'s counts, added to stats.json's qrels section."""
     import ray
-    from ray.data import ActorPoolStrategy
+    from ray.data import TaskPoolStrategy
 
     fs, root = url_to_fs(output_uri, config.storage_options)
     fs.makedirs(root, exist_ok=True)
@@ -205,7 +208,7 @@ def select_per_bucket(
             f"CPUs but the Ray cluster has {have:g}; lower workers.num_actors or workers.num_cpus"
         )
     pool = dict(
-        compute=ActorPoolStrategy(size=workers.num_actors),
+        compute=TaskPoolStrategy(size=workers.num_actors),
         num_cpus=workers.num_cpus,
         batch_size=1,
         batch_format="pyarrow",
@@ -214,9 +217,9 @@ def select_per_bucket(
     pieces = []
     if items:
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            buckets.SelectBucket,
-            fn_constructor_kwargs=dict(
-                config=config, qrels=qrels, work_uri=work_uri, num_parts=num_parts
+            stage_task(
+                buckets.SelectBucket,
+                dict(config=config, qrels=qrels, work_uri=work_uri, num_parts=num_parts),
             ),
             **pool,
         )
@@ -225,9 +228,15 @@ def select_per_bucket(
     ds = ray.data.from_items(
         [{"part": p} for p in range(num_parts)], override_num_blocks=num_parts
     ).map_batches(
-        buckets.WritePart,
-        fn_constructor_kwargs=dict(
-            config=config, work_uri=work_uri, output_uri=output_uri, num_parts=num_parts, run=run
+        stage_task(
+            buckets.WritePart,
+            dict(
+                config=config,
+                work_uri=work_uri,
+                output_uri=output_uri,
+                num_parts=num_parts,
+                run=run,
+            ),
         ),
         **pool,
     )

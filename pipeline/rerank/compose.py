@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from pipeline.core.errors import ConfigError
 from pipeline.rerank.config import RerankConfig
+from pipeline.runtime.ray_runtime import stage_task
 
 if TYPE_CHECKING:
     import ray.data
@@ -126,17 +127,6 @@ class Stage:
     resources: dict = field(default_factory=dict)
     max_tasks_in_flight_per_actor: int | None = None
     stateless: bool = False
-
-
-def stage_task(cls: type, kwargs: dict):
-    """A stateless stage's task function, `batch -> cls(**kwargs)(batch)`, named as the class: Ray Data names
-    the operator after it (`MapBatches(WriteScored)`), and the stall watchdog names the stage by that."""
-
-    def task(batch):
-        return cls(**kwargs)(batch)
-
-    task.__name__ = task.__qualname__ = cls.__name__
-    return task
 
 
 def build(items: list[dict], stages: Sequence[Stage], config: RerankConfig) -> ray.data.Dataset:

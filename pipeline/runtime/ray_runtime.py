@@ -47,6 +47,20 @@ def ensure_ray(address: str | None = None) -> None:
     quiet_ray_data_console()
 
 
+def stage_task(cls: type, kwargs: dict) -> Callable:
+    """A stateless stage's task function, `batch -> cls(**kwargs)(batch)`, named as the class: Ray Data names
+    the operator after it (`MapBatches(WriteScored)`), and the stall watchdog names the stage by that.
+
+    Why a task and not an actor pool: an actor pool starts a worker process per dataset, while tasks run in
+    Ray's pooled workers; a stage whose constructor is cheap (no model, no tokenizer) loses nothing."""
+
+    def task(batch):
+        return cls(**kwargs)(batch)
+
+    task.__name__ = task.__qualname__ = cls.__name__
+    return task
+
+
 def quiet_ray_data_console() -> None:
     """Ray Data prints each worker failure's full stack trace on the console; the job reports the fault in
     one line instead (`faults.explain`). Its log file in the Ray session folder keeps everything, and -v

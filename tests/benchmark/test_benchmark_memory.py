@@ -250,7 +250,9 @@ def test_the_job_reports_every_size(tiny_model, shared_data, tmp_path):
         # fail on an exact half such as 2295.25, which Python rounds to 2295.2).
         assert max(p[2] for p in r["timeline"] if p[2] is not None) == round(r["peak_pss_mb"], 1)
         assert max(p[1] for p in r["timeline"]) <= round(r["peak_rss_sum_mb"], 1)
-        assert max(p[1] for p in r["timeline"]) == round(r["peak_rss_sum_mb"], 1) or not whole_timeline
+        assert (
+            max(p[1] for p in r["timeline"]) == round(r["peak_rss_sum_mb"], 1) or not whole_timeline
+        )
         # The processes that grew most, largest growth first, each growth its own last minus first PSS.
         growth = r["growth_by_process"]
         assert 1 <= len(growth) <= 8 and [p["growth_mb"] for p in growth] == sorted(
