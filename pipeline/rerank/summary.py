@@ -203,6 +203,9 @@ def commit(plan: RunPlan, manifests, bucket_reports, lease, this_run: dict, star
         "scorer_busy_fraction": mean_busy(scorers, this_run.get("score_window_unix")),
         "random_weights": bool(engine.get("random_weights", config.model.startswith("dummy:"))),
         "max_length": plan.model["max_length"],
+        # A decoder reranker's prompt as it ran: the template's every field and the instruction, the default one
+        # included when tokenizer.instruction was left null (null for a cross-encoder).
+        "prompt": plan.model.get("prompt"),
         "long_documents": config.tokenizer.long_documents,
         "top_k": config.output.top_k,
         **cache_summary(plan, manifests, this_run, scorers),

@@ -17,6 +17,7 @@ from pipeline.core import schema as S
 from pipeline.core.config import build_config
 from pipeline.model import CrossEncoder
 from pipeline.model.checkpoint import resolve_model_directory
+from pipeline.model.templates import QWEN3_RERANKER
 from pipeline.rerank.config import RerankConfig
 from pipeline.rerank.job import run_rerank
 
@@ -52,6 +53,11 @@ def test_qwen3_job_scores_like_the_engine_and_the_instruction_keys_the_cache(
     ranked = read_dir(tmp_path / "a" / "ranked")
     assert first["scored_rows"] == 40 and first["rejected_rows"] == 0 and ranked.num_rows == 40
     assert first["layout"] == "qwen3"
+    # The prompt it ran with is recorded, the template's default instruction included.
+    assert first["settings"]["tokenizer"].get("instruction") is None
+    assert first["prompt"]["name"] == "qwen3-reranker" and first["prompt"]["instruction"] == (
+        QWEN3_RERANKER.default_instruction
+    )
     by_doc = {(r[S.QUERY_ID], r[S.DOC_ID]): r for r in ranked.to_pylist()}
     got = np.asarray([by_doc[(r["query_id"], r["doc_id"])][S.SCORE] for r in rows])
     engine = CrossEncoder.from_pretrained(MODEL, device="cpu", dtype="float32")
@@ -70,6 +76,7 @@ def test_qwen3_job_scores_like_the_engine_and_the_instruction_keys_the_cache(
     assert second["cache_hits"] == 0 and second["pairs_scored"] == 40
     assert second["cache"]["fingerprint"] != first["cache"]["fingerprint"]
     assert second["settings"]["tokenizer"]["instruction"] == told
+    assert second["prompt"]["instruction"] == told
     again = read_dir(tmp_path / "b" / "ranked").to_pylist()
     told_engine = CrossEncoder.from_pretrained(
         MODEL, device="cpu", dtype="float32", instruction=told
@@ -96,6 +103,7 @@ def test_gemma_job_ranks_with_the_engines_scores(ray_local, dl19_rows, tmp_path)
     ranked = read_dir(tmp_path / "a" / "ranked").to_pylist()
     assert summary["scored_rows"] == 10 and summary["rejected_rows"] == 0 and len(ranked) == 10
     assert summary["layout"] == "gemma" and summary["random_weights"]
+    assert summary["prompt"]["name"] == "bge-reranker-v2-gemma"
     engine = CrossEncoder.from_pretrained(model, device="cpu", dtype="float32")
     expected = engine.compute_score(
         [(r["query"], r["document"]) for r in rows], max_length=512, return_logits=True

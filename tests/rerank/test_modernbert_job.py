@@ -32,6 +32,7 @@ def test_job_ranks_every_pair_with_the_engines_scores(ray_local, dl19_rows, tmp_
     )
     summary = run_rerank(config, str(path), str(tmp_path / "out"))
     assert summary["layout"] == "modernbert" and summary["random_weights"] is True
+    assert summary["prompt"] is None  # a cross-encoder reads the pair without a prompt template
     assert summary["scored_rows"] == len(rows) and summary["rejected_rows"] == 0
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["scored_rows"] == len(rows)
     ranked = read_dir(tmp_path / "out" / "ranked").to_pylist()
