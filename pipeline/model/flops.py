@@ -135,6 +135,15 @@ def linear_and_attention_flops(
     return float(linear + head), float(attention)
 
 
+def linear_flops_per_token(shape: Shape) -> float:
+    """FLOPs of every layer's Linear layers for one token (q, k, v, out_proj and the MLP, gated or not, the
+    grouped-query widths of a decoder): what a model costs per token, attention and the last layer's shortcut
+    left out, to size work by model."""
+    h, f = shape.hidden, shape.intermediate
+    q, kv = shape.query_width or h, shape.kv_width or h
+    return 2.0 * (h * q + 2 * h * kv + q * h + (3 if shape.gated else 2) * h * f) * shape.layers
+
+
 def gemm_shapes(shape: Shape, tokens: int = 4096) -> list[tuple[int, int, int]]:
     """(m, k, n) of the model's own Linear layers at `tokens` rows, plus a square one."""
     h, f = shape.hidden, shape.intermediate

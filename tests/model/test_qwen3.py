@@ -24,6 +24,7 @@ from pipeline.core.errors import CheckpointError, ConfigError
 from pipeline.model import CrossEncoder
 from pipeline.model.decoder_dummy import build_decoder_checkpoint
 from pipeline.model.dummy import ARCHITECTURES
+from pipeline.model.flops import linear_and_attention_flops, linear_flops_per_token
 from pipeline.model.modeling import FLASH_ATTN, SDPA_GROUPED, TORCH_VARLEN
 from pipeline.model.templates import QWEN3_RERANKER
 
@@ -254,3 +255,6 @@ def test_model_flops_count_the_decoders_linear_layers(decoders):
     assert attention == 4 * shape.query_width * (
         (TINY.num_hidden_layers - 1) * sum(n * (n + 1) / 2 for n in (37, 64, 90)) + (37 + 64 + 90)
     )
+    # The per-token figure the benchmark sizes its pairs by is the same Linear layers, every layer run whole.
+    whole, _ = linear_and_attention_flops(replace(shape, cls_last=False), [37, 64, 90])
+    assert linear_flops_per_token(shape) * (37 + 64 + 90) + 3 * 2 * shape.hidden == whole
