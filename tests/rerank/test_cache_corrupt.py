@@ -101,7 +101,10 @@ def test_a_warm_run_over_a_corrupt_cache_file_quarantines_it_and_scores_its_pair
         any(str(bad) in w for w in warnings) for bad in (garbled, truncated)
     )
     quarantine = cache / garbled.parent.parent.name / "_quarantine"
-    assert not garbled.exists() and not truncated.exists()
+    # Each bad file has left its path. A part file is named after its content, so the pairs scored again may be
+    # published under the same name when the new scores have the same bits: then that path reads whole.
+    for bad in (garbled, truncated):
+        assert not bad.exists() or pq.read_table(bad).num_rows > 0
     assert (quarantine / garbled.parent.name / garbled.name).exists()
     assert (quarantine / truncated.parent.name / truncated.name).exists()
     summary = json.loads((tmp_path / "warm" / "summary.json").read_text())
