@@ -27,7 +27,13 @@ from torch import nn
 
 from pipeline.model.cross_encoder import cpu_has_bf16_matrix_units
 from pipeline.model.modeling import ONEDNN_FUSED, PackedWeights, linear
-from pipeline.model.quantization import Int8Linear, quantize_per_channel, weight_qmax
+from pipeline.model.quantization import (
+    ACTIVATION_ZERO_POINT,
+    Int8Linear,
+    quantize_per_channel,
+    unsigned_activations,
+    weight_qmax,
+)
 
 HIDDEN, INTERMEDIATE = 768, 3072
 SHAPES = {
@@ -79,7 +85,8 @@ class Case:
         self.int8_smooth = Int8Linear(
             self.layer.weight, self.layer.bias, torch.rand(d_in) + 0.5, qmax, tokens
         )
-        self.q_x = torch.randint(-127, 128, (tokens, d_in), dtype=torch.int8)
+        # Unsigned, as oneDNN's fast kernels take them (quantization.unsigned_activations).
+        self.q_x = unsigned_activations(torch.randint(-127, 128, (tokens, d_in), dtype=torch.int8))
         # The engine's bf16 path on the same layer (what `dtype: auto` runs where the CPU has bf16 units).
         self.x_bf16 = self.x.bfloat16()
         self.layer_bf16 = copy.deepcopy(self.layer).bfloat16()
@@ -131,13 +138,13 @@ def int8_per_tensor_fused(case: Case):
     """Per-tensor scale (not batch invariant), with oneDNN's own GELU / sum post-ops."""
     lo, hi = torch.aminmax(case.x)
     scale = max(float(hi), -float(lo)) / 127
-    q_x = torch.div(case.x, scale).round_().to(torch.int8)
+    q_x = unsigned_activations(torch.div(case.x, scale).round_().to(torch.int8))
     i8, zero_points = case.int8, case.int8.zero_points
     if case.post == "add":
         return torch.ops.onednn.qlinear_pointwise.binary(
             q_x,
             scale,
-            0,
+            ACTIVATION_ZERO_POINT,
             i8.packed,
             i8.weight_scale,
             zero_points,
@@ -157,7 +164,7 @@ def int8_per_tensor_fused(case: Case):
     return torch.ops.onednn.qlinear_pointwise(
         q_x,
         scale,
-        0,
+        ACTIVATION_ZERO_POINT,
         i8.packed,
         i8.weight_scale,
         zero_points,
@@ -177,7 +184,7 @@ def int8_gemm_only(case: Case):
     return torch.ops.onednn.qlinear_pointwise(
         case.q_x,
         1.0,
-        0,
+        ACTIVATION_ZERO_POINT,
         i8.packed,
         i8.weight_scale,
         i8.zero_points,

@@ -67,6 +67,14 @@ Whole engine (`python -m jobs.benchmark --workloads dl19,long --rounds 2`, same 
 best of two sweeps; `results/benchmark-cpu-runtimes-amx.md`): int8 16.7 pairs/s on DL19 against bf16 27.2 and
 float32 9.5 (attention and LayerNorm stay float32 under int8). int8 is the choice only on CPUs with VNNI and
 without bf16 matrix units (AVX512-VNNI Xeons before Sapphire Rapids, AVX-VNNI desktop parts); not measured on one.
+Measured on an AVX512-VNNI + AVX512-BF16 CPU without AMX (`python -m pipeline.model.int8_kernels --repeats 3`,
+2026-12-08, "AMD EPYC" in /proc/cpuinfo, 2 cores of a shared VM; two runs a minute apart moved by up to 1.5x), GOP/s
+relative to the float32 oneDNN fused linear (~420-460 GOP/s there), 512 / 2,048 / 4,096 tokens:
+  oneDNN int8, per-token activations (this module)            2.89x / 1.77-2.72x / 1.42x
+  oneDNN int8 matmul alone                                    4.17x / 4.18-4.24x / 3.1x
+  bf16 oneDNN fused linear (the engine's bf16, dtype auto)    2.00x / 2.03-2.06x / 2.23x
+Before the activations went to oneDNN as unsigned (see `ACTIVATION_ZERO_POINT`) the int8 matmul ran oneDNN's
+reference kernel on this CPU, at ~0.3 GOP/s: int8 there was three orders of magnitude slower than float32.
 What would help next: a static per-tensor activation scale from calibration (batch invariant, and lets oneDNN
 fuse bias, GELU and the residual add, and hand int8 straight to the next layer), at the price of clipping inputs
 outside the calibrated range. Its fused form alone (the per-tensor row above) only draws level with bf16 on AMX;
@@ -185,12 +193,39 @@ def smoothing_factors(input_amax: torch.Tensor, weight: torch.Tensor, alpha: flo
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _qlinear(
+# oneDNN's fast int8 matmuls take unsigned activations. Signed ones are handed over as q + 128 (uint8) with a source
+# zero point of 128, which oneDNN subtracts back in int32: the same products, exactly. Given int8 activations as
+# they are, a CPU with AVX512-VNNI but no AMX (AMD EPYC Zen 4) gets oneDNN's reference kernel (`ref_int8` in
+# ONEDNN_VERBOSE): measured 2026-12-08 on a 2-core "AMD EPYC" VM (AVX512-VNNI, no AMX), torch 2.13.0, a
+# (2,048 x 768) x (768 x 768) matmul: int8 source 0.3 GOP/s, uint8 + zero point 805 GOP/s (`brg_matmul`),
+# float32 ~230 GFLOP/s. A zero point of 0 with the correction subtracted afterwards ran the kernel 2.3x faster
+# still, but in float32, where int32 sums above 2^24 are no longer exact: not used.
+ACTIVATION_ZERO_POINT = 128
+
+
+def unsigned_activations(q_x: torch.Tensor) -> torch.Tensor:
+    """int8 (n, in) -> uint8 (n, in) holding q_x + 128: flipping the sign bit of two's complement adds 128."""
+    return q_x.view(torch.uint8).bitwise_xor(ACTIVATION_ZERO_POINT)
+
+
+def int8_matmul(
     q_x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor, zero_points: torch.Tensor
 ):
     """(q_x @ q_w^T) * weight_scale: int8 (n, in) x prepacked int8 (in, out) -> float32 (n, out)."""
     return torch.ops.onednn.qlinear_pointwise(
-        q_x, 1.0, 0, packed, weight_scale, zero_points, None, 1.0, 0, torch.float32, "none", [], ""
+        unsigned_activations(q_x),
+        1.0,
+        ACTIVATION_ZERO_POINT,
+        packed,
+        weight_scale,
+        zero_points,
+        None,
+        1.0,
+        0,
+        torch.float32,
+        "none",
+        [],
+        "",
     )
 
 
@@ -202,7 +237,7 @@ def int8_kernel_works() -> bool:
         return False
     try:
         q = torch.ones(4, 8, dtype=torch.int8)
-        y = _qlinear(
+        y = int8_matmul(
             torch.ones(2, 8, dtype=torch.int8),
             ops.qlinear_prepack(q, [2, 8]),
             torch.ones(4),
@@ -221,7 +256,7 @@ def weight_qmax() -> int:
     sum; AVX2's int16 pair-adds saturate there (see the module docstring).
     """
     k = 64
-    y = _qlinear(
+    y = int8_matmul(
         torch.full((2, k), 127, dtype=torch.int8),
         torch.ops.onednn.qlinear_prepack(torch.full((4, k), 127, dtype=torch.int8), [2, k]),
         torch.ones(4),
@@ -277,7 +312,7 @@ class Int8Linear:
         if self.inv_smooth is not None:
             x = x * self.inv_smooth
         q_x, x_scale = quantize_per_token(x.contiguous())  # (n, in) int8, (n, 1)
-        out = _qlinear(
+        out = int8_matmul(
             q_x, self.packed, self.weight_scale, self.zero_points
         )  # (n, out), still / x_scale
         if residual is not None:

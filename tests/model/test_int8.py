@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,11 +17,14 @@ from pipeline.core.errors import CheckpointError, ConfigError
 from pipeline.model import CrossEncoder, resolve_dtype
 from pipeline.model.modeling import ONEDNN_INT8
 from pipeline.model.quantization import (
+    ACTIVATION_ZERO_POINT,
     Int8Linear,
     Int8Options,
     dequantize,
+    int8_matmul,
     quantize_per_channel,
     quantize_per_token,
+    unsigned_activations,
     weight_qmax,
 )
 from pipeline.rerank.cache import fingerprint
@@ -145,6 +150,52 @@ def test_int8_kernel_computes_exactly_on_the_quantized_values():
         dequantize(q_x, x_scale).double() @ dequantize(layer.qweight, layer.weight_scale).double().T
     )
     assert torch.allclose(layer(x).double(), exact, rtol=1e-5, atol=1e-4)
+
+
+def test_activations_reach_onednn_unsigned_with_every_value_kept():
+    """oneDNN's fast int8 kernels take unsigned activations (signed ones fall back to its reference kernel on some
+    CPUs): q + 128 as uint8 with a zero point of 128 gives the int32 products of the signed values, exactly, over
+    the whole range of both operands."""
+    every = torch.arange(-128, 128, dtype=torch.int8)
+    assert torch.equal(unsigned_activations(every).long(), every.long() + ACTIVATION_ZERO_POINT)
+    assert unsigned_activations(every).dtype == torch.uint8
+    qmax = weight_qmax()
+    q_x = every[1:].reshape(3, 85)  # -127..127
+    q_w = torch.randint(
+        -qmax, qmax + 1, (16, 85), dtype=torch.int8, generator=torch.Generator().manual_seed(3)
+    )
+    q_w[:, :2] = qmax  # the largest sums the probe allows
+    out = int8_matmul(
+        q_x,
+        torch.ops.onednn.qlinear_prepack(q_w, [3, 85]),
+        torch.ones(16),
+        torch.zeros(16, dtype=torch.int64),
+    )
+    assert torch.equal(out.double(), (q_x.double() @ q_w.double().T))
+
+
+def test_the_int8_matmul_runs_a_jit_kernel_not_onednns_reference_one():
+    """What the unsigned activations are for, asked of oneDNN itself (ONEDNN_VERBOSE names the implementation of
+    every primitive it runs): the reference kernel is three orders of magnitude slower than float32."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from pipeline.model.quantization import Int8Linear\n"
+        "Int8Linear(torch.randn(192, 64), torch.randn(192))(torch.randn(256, 64), 'none')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).resolve().parents[2],
+        env={**os.environ, "ONEDNN_VERBOSE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    matmuls = [line for line in result.stdout.splitlines() if ",exec,cpu,matmul," in line]
+    assert matmuls and not any(",ref" in line for line in matmuls), matmuls
 
 
 def test_smoothing_keeps_the_product():
