@@ -239,7 +239,7 @@ def test_the_job_reports_every_size(tiny_model, shared_data, tmp_path):
         assert len(r["timeline"]) == r["samples"] if whole_timeline else len(r["timeline"]) <= 400
         times = [p[0] for p in r["timeline"]]
         # Sample times are rounded to 0.01 s; the run's seconds are not.
-        assert times == sorted(times) and times[0] >= 0 and times[-1] <= r["seconds"] + 0.005
+        assert times == sorted(times) and times[0] >= 0 and times[-1] <= round(r["seconds"], 2)
         # A sample's PSS is None where a process ended between its two reads (a partial sum is never reported);
         # a sample taken once the job had exited finds no process.
         assert all(p[1] >= 0 and (p[2] is None or p[2] >= 0) and p[3] >= 0 for p in r["timeline"])
