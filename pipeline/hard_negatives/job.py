@@ -216,6 +216,8 @@ def select_per_bucket(
     items = [{"bucket": b, "uri": uri} for b, uri in enumerate(result.parts())]
     pieces = []
     if items:
+        # The positives travel inside the task function, which Ray Data puts in the object store once per
+        # operator; each task reads them from there (Arrow buffers, not copied per row).
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             stage_task(
                 buckets.SelectBucket,
