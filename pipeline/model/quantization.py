@@ -27,10 +27,13 @@ x86 Inductor int8 path lowers to (not deprecated). Its activation scale is one n
 and the bias are applied after it (one fused multiply-add pass over the output), and GELU / the residual add run
 as their own ops: the fused epilogue of the float32 path (`modeling.select_linear_kernel`) is lost.
 
-Weight range. Without VNNI (AVX2-only CPUs) oneDNN multiplies u8 x s8 with `vpmaddubsw`, which adds pairs of
-products into int16 and saturates: 2 * 255 * 127 > 32767 (oneDNN shifts s8 activations by +128 to u8). Weights
-are then quantized to [-63, 63] (fbgemm's `reduce_range`, on the weight side), which keeps every sum exact;
-on VNNI / AMX CPUs they use [-127, 127]. `weight_qmax` finds out with a probe, not from CPU flags.
+Weight range. Without VNNI (AVX2-only CPUs, AVX-512 ones before Cascade Lake) oneDNN multiplies u8 x s8 with
+`vpmaddubsw`, which adds pairs of products into int16 and saturates: 2 * 255 * 127 > 32767 (the activations reach
+it as u8, see `ACTIVATION_ZERO_POINT`). Weights are then quantized to [-63, 63] (fbgemm's `reduce_range`, on the
+weight side), which keeps every sum exact; on VNNI / AMX CPUs they use [-127, 127]. `weight_qmax` finds out with a
+probe, not from CPU flags. (With s8 activations an AVX-512 CPU without VNNI ran oneDNN's exact but reference
+kernel, so the probe said 127 there; with u8 it runs the fast kernel and says 63, simulated with
+ONEDNN_MAX_CPU_ISA=AVX512_CORE.)
 
 Measured (`python -m pipeline.model.int8_kernels --repeats 7`, 2026-11-30, "AMD EPYC" in /proc/cpuinfo, 2 cores,
 AVX2 only: no AVX512, VNNI or AMX; other jobs loaded the machine (load average 3-7), so only ratios mean
