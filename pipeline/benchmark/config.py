@@ -174,7 +174,7 @@ class BenchmarkConfig(StrictModel):
         # The libraries are given a decoder's prompt as two texts (workloads.prompt_pairs), which reproduces the
         # engine's tokens only for a template tokenized whole; Gemma's is tokenized in pieces, as FlagEmbedding
         # does. Refused here, before minutes of building its checkpoint.
-        pieced = [n for n in names if ARCHITECTURES[n].layout in PIECED_TEMPLATE_LAYOUTS]
+        pieced = [n for n in names if _dummy_template_pieced(ARCHITECTURES[n].layout)]
         if pieced:
             raise ValueError(
                 f"{pieced} cannot be benchmarked against the libraries yet: its prompt is tokenized in "
@@ -189,8 +189,13 @@ class BenchmarkConfig(StrictModel):
         return _known(names, CONTENDERS, "contender")
 
 
-# Decoder layouts whose prompt template is tokenized in pieces (pipeline/model/templates.py).
-PIECED_TEMPLATE_LAYOUTS = ("gemma",)
+def _dummy_template_pieced(layout: str) -> bool:
+    """Whether the prompt template a dummy checkpoint of `layout` names is tokenized in pieces (False for a
+    cross-encoder)."""
+    from pipeline.model.decoder_dummy import FAMILIES
+    from pipeline.model.templates import TEMPLATES
+
+    return layout in FAMILIES and TEMPLATES[FAMILIES[layout][1]].pieced
 
 
 def _known(names: list[str], known, what: str) -> list[str]:

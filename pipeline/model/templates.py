@@ -94,6 +94,11 @@ class PromptTemplate:
                 f"{body}, suffix {suffix}, prefix {prefix})"
             )
 
+    @property
+    def pieced(self) -> bool:
+        """Whether a text of it is tokenized in pieces (a plain-text encoding of the pair would differ)."""
+        return any(not isinstance(getattr(self, f), str) for f in ("prefix", "body", "suffix"))
+
     def as_dict(self) -> dict:
         """Every field: what the score cache's fingerprint and a job's summary record."""
         return dataclasses.asdict(self)
